@@ -1,0 +1,1 @@
+"""vinterp's OpenAI-compatible FastAPI server."""
