@@ -1,0 +1,22 @@
+"""Shared fixtures: offline models, provisioned once per session (cached in $VINTERP_HOME)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from vinterp.models import resolve_model
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """Directory of the float32 SmolLM2-135M-Instruct model."""
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> Callable[[str], Path]:
+    """Factory: ``tiny_model_path("tiny-llama")`` → directory of that tiny random model."""
+    return resolve_model

@@ -1,0 +1,45 @@
+"""The `vinterp` CLI: models list / pull, and clean errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from vinterp.cli import main
+
+CLI = [sys.executable, "-m", "vinterp.cli"]
+
+
+def test_models_list_shows_names_and_paths(tmp_path):
+    env = {**os.environ, "VINTERP_HOME": str(tmp_path)}
+    proc = subprocess.run([*CLI, "models", "list"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    for name in ["smollm2-135m", "tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-gptneox"]:
+        assert name in proc.stdout
+        assert str(tmp_path / "models" / name) in proc.stdout
+
+
+def test_models_list_shows_provisioned(smollm2_path, capsys):
+    assert main(["models", "list"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "smollm2-135m" in ln)
+    assert "ready" in line and str(smollm2_path) in line
+
+
+def test_pull_unknown_model_exit_2_on_stderr(tmp_path):
+    env = {**os.environ, "VINTERP_HOME": str(tmp_path)}
+    start = time.monotonic()
+    proc = subprocess.run([*CLI, "models", "pull", "gpt-5"], capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert time.monotonic() - start < 10
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("vinterp: error: model 'gpt-5' is neither a known vinterp")
+    assert "vinterp models pull" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_pull_known_model_is_quick_when_present(smollm2_path, capsys):
+    assert main(["models", "pull", "smollm2-135m"]) == 0
+    assert str(smollm2_path) in capsys.readouterr().out
