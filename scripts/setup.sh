@@ -18,6 +18,12 @@ fi
 HASH=$(cat "$REQS" pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 STAMP="$VENV/.vinterp-setup-$HASH"
 
+# pip as set up on some machines warns about every missing local index folder; keep the
+# output readable without hiding real errors (pip's exit status is kept).
+pip_q() {
+    "$PY" -m pip "$@" 2> >(grep -v "WARNING: Location '.*' is ignored" >&2)
+}
+
 if [ ! -x "$PY" ]; then
     PYTHON=${PYTHON:-python3.11}
     if ! command -v "$PYTHON" >/dev/null 2>&1; then
@@ -31,13 +37,13 @@ fi
 if [ ! -f "$STAMP" ]; then
     echo "setup: installing $REQS (first run takes a few minutes)"
     rm -f "$VENV"/.vinterp-setup-*
-    "$PY" -m pip install -q --upgrade pip setuptools wheel
-    "$PY" -m pip install -q -r "$REQS"
-    "$PY" -m pip install -q -e . --no-deps
+    pip_q install -q --upgrade pip setuptools wheel
+    pip_q install -q -r "$REQS"
+    pip_q install -q -e . --no-deps
     # vllm(-cpu) depends on PyPI torchvision/torchaudio/torchcodec built against another torch;
     # with them present transformers' model classes fail to import ("operator torchvision::nms
     # does not exist"). vLLM's text models do not need them.
-    "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    pip_q uninstall -q -y torchvision torchaudio torchcodec || true
     if ! "$PY" -c "import transformers, vllm; from transformers import LlamaForCausalLM" \
         >/tmp/vinterp-setup-check.log 2>&1; then
         echo "setup: ERROR: the environment cannot import transformers + vllm model classes." >&2
