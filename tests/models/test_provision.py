@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,8 +76,3 @@ def test_tiny_model_loads_in_vllm(tiny_model_path, name, monkeypatch):
         import gc
 
         gc.collect()
-
-
-def test_vllm_env_for_tests():
-    # `make test` exports this; documents why the vLLM tests start engines quickly.
-    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") == "0"

@@ -16,6 +16,8 @@ def test_local_directory_is_returned_as_is(tmp_path):
 def test_known_name_resolves_to_cache(smollm2_path):
     assert resolve_model("smollm2-135m") == smollm2_path
     assert (smollm2_path / "config.json").is_file()
+    # Pulls build in a temporary directory renamed into place: nothing half-built is left.
+    assert not list(smollm2_path.parent.glob(".tmp-*"))
 
 
 def test_unknown_name_gives_offline_error_fast():
@@ -48,3 +50,49 @@ def test_list_models_reports_paths(tmp_path, monkeypatch):
         assert r["path"] == str(tmp_path / "models" / r["name"])
         assert r["provisioned"] is False
         assert r["description"]
+
+
+_builds: list[str] = []
+
+
+def _fake_builder(out_dir):
+    _builds.append(str(out_dir))
+    time.sleep(0.3)  # long enough for a concurrent pull to wait on the lock
+    (out_dir / "config.json").write_text("{}")
+
+
+def _failing_builder(out_dir):
+    (out_dir / "model.safetensors").write_text("half")
+    raise RuntimeError("interrupted")
+
+
+def _fake_spec(monkeypatch, tmp_path, builder):
+    from vinterp.models import registry
+
+    monkeypatch.setenv("VINTERP_HOME", str(tmp_path))
+    spec = registry.ModelSpec("fake", "test model", f"{__name__}:{builder}")
+    monkeypatch.setitem(registry.KNOWN_MODELS, "fake", spec)
+    return registry
+
+
+def test_concurrent_pulls_build_once(tmp_path, monkeypatch):
+    import threading
+
+    registry = _fake_spec(monkeypatch, tmp_path, "_fake_builder")
+    _builds.clear()
+    threads = [threading.Thread(target=registry.pull, args=("fake",)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(_builds) == 1
+    assert resolve_model("fake", pull=False) == tmp_path / "models" / "fake"
+
+
+def test_failed_pull_leaves_nothing(tmp_path, monkeypatch):
+    registry = _fake_spec(monkeypatch, tmp_path, "_failing_builder")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        registry.pull("fake")
+    assert not registry.is_provisioned("fake")
+    assert not (tmp_path / "models" / "fake").exists()
+    assert not list((tmp_path / "models").glob(".tmp-*"))
