@@ -24,7 +24,14 @@ pip_q() {
     "$PY" -m pip "$@" 2> >(grep -v "WARNING: Location '.*' is ignored" >&2)
 }
 
-if [ ! -x "$PY" ]; then
+if [ ! -f "$STAMP" ]; then
+    # Several people (or make invocations) may run setup at once: one installs, others wait.
+    mkdir -p "$VENV"
+    exec 9>"$VENV/.setup.lock"
+    flock 9
+fi
+
+if [ ! -f "$STAMP" ] && [ ! -x "$PY" ]; then
     PYTHON=${PYTHON:-python3.11}
     if ! command -v "$PYTHON" >/dev/null 2>&1; then
         echo "setup: $PYTHON not found; vinterp needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2
@@ -45,10 +52,10 @@ if [ ! -f "$STAMP" ]; then
     # does not exist"). vLLM's text models do not need them.
     pip_q uninstall -q -y torchvision torchaudio torchcodec || true
     if ! "$PY" -c "import transformers, vllm; from transformers import LlamaForCausalLM" \
-        >/tmp/vinterp-setup-check.log 2>&1; then
+        >"$VENV/.setup-check.log" 2>&1; then
         echo "setup: ERROR: the environment cannot import transformers + vllm model classes." >&2
-        echo "setup: check output (see /tmp/vinterp-setup-check.log):" >&2
-        tail -n 20 /tmp/vinterp-setup-check.log >&2
+        echo "setup: check output (full log: $VENV/.setup-check.log):" >&2
+        tail -n 20 "$VENV/.setup-check.log" >&2
         echo "setup: if it mentions torchvision, run: $PY -m pip uninstall -y torchvision torchaudio torchcodec" >&2
         exit 1
     fi
