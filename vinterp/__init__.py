@@ -1,3 +1,49 @@
-"""vinterp: an intervention engine for language models (Hugging Face and vLLM backends)."""
+"""vinterp: an intervention engine for language models.
+
+nnsight-style deferred tracing compiled to a serializable intervention graph, run on Hugging
+Face models or inside vLLM's continuous batch.
+
+Example::
+
+    from vinterp import LanguageModel
+    model = LanguageModel("smollm2-135m")
+    with model.trace("The capital of France is"):
+        hidden = model.layers[5].output.save()
+"""
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+
+def save(obj: Any) -> Any:
+    """Save every proxy inside ``obj`` (a proxy, or lists/tuples/dicts of them); returns ``obj``.
+
+    Example::
+
+        with model.trace("Hi"):
+            outs = vinterp.save([model.layers[i].output for i in range(2)])
+    """
+    from vinterp.tracing.proxy import Proxy
+
+    if isinstance(obj, Proxy):
+        return obj.save()
+    if isinstance(obj, list):
+        return [save(x) for x in obj]
+    if isinstance(obj, tuple):
+        return tuple(save(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: save(v) for k, v in obj.items()}
+    return obj
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so `import vinterp` (CLI, IR-only clients) does not pay for torch/transformers.
+    if name == "LanguageModel":
+        from vinterp.language_model import LanguageModel
+
+        return LanguageModel
+    raise AttributeError(f"module 'vinterp' has no attribute {name!r}")
+
+
+__all__ = ["LanguageModel", "save", "__version__"]

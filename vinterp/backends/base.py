@@ -1,0 +1,47 @@
+"""What every backend implements: run a validated intervention graph, return what it saved.
+
+The tracing front end compiles a trace to a :class:`~vinterp.ir.Graph` (prompts already
+tokenized into ``graph.invokes``) and hands it to a backend. HF hooks, the vLLM plugin and the
+remote server all sit behind this one interface, so user code never changes between them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vinterp.ir import Graph
+
+NOT_ON_VLLM = "not available on the vllm backend; use backend='hf'"
+
+
+@dataclass
+class RunResult:
+    """What a run returns.
+
+    ``saves`` maps save-node ids to values (a list with one entry per step for saves inside
+    generation scopes). ``generated`` holds, for ``generate``, one 1-D LongTensor per prompt:
+    prompt ids followed by generated ids, no padding.
+    """
+
+    saves: dict[int, Any] = field(default_factory=dict)
+    generated: list[torch.Tensor] | None = None
+
+
+class Backend(ABC):
+    """A place graphs run. ``module_tree`` is the HF module tree users address."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def run(self, graph: Graph) -> RunResult:
+        """Execute ``graph`` (already validated) and return its saves."""
+
+    def check(self, graph: Graph) -> None:  # noqa: B027 - optional hook
+        """Raise a clear error at trace time for points or ops this backend cannot run."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release engines, processes, memory."""

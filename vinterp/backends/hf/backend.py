@@ -1,0 +1,319 @@
+"""The Hugging Face backend: runs intervention graphs with forward hooks on an HF model.
+
+Only modules the graph touches get hooks (plus the root, which marks generation steps), so a
+trace costs little more than a plain forward. Invokes are packed as left-padded rows with true
+position ids (see :mod:`.batching`); each invoke sees exactly its own rows (see :mod:`.views`).
+
+Example::
+
+    from vinterp import LanguageModel
+    model = LanguageModel("tiny-llama", backend="hf")
+    with model.trace("Hello world"):
+        h = model.layers[0].output.save()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from vinterp.backends.base import Backend, RunResult
+from vinterp.backends.hf import attention
+from vinterp.backends.hf.batching import BatchLayout
+from vinterp.backends.hf.views import assign, cut
+from vinterp.ir import Graph
+from vinterp.ir.interpreter import GraphRunner, NeedsPhases, RunState, StopForward, invoke_phases
+from vinterp.models.architectures import Architecture
+
+#: generate() names accepted besides HF's own: vLLM SamplingParams spellings.
+_VLLM_TO_HF = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}
+_HF_GENERATE_KEYS = {
+    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k",
+    "repetition_penalty", "num_beams", "seed", "ignore_eos",
+}
+
+
+class _Event:
+    """A point reached during the forward: per-invoke views of the batched value."""
+
+    def __init__(self, run: _Run, module: str, kind: str, value: Any) -> None:
+        self.run = run
+        self.module = module
+        self.kind = kind
+        self.step = run.step
+        self.value = value
+        self.replaced = False
+
+    def _dims(self, invoke: int) -> tuple[slice, int, int, int]:
+        layout = self.run.layout
+        key_len = layout.width + self.step
+        return layout.rows(invoke), layout.offset(invoke), key_len, layout.input_ids.shape[0]
+
+    def _target(self) -> Any:
+        if self.kind == "input":
+            return self.run.first_arg(self.value)
+        return self.value
+
+    def get(self, invoke: int) -> Any:
+        return cut(self._target(), *self._dims(invoke))
+
+    def set(self, invoke: int, new: Any) -> None:
+        where = f"{self.module or 'model'}.{self.kind}"
+        out_of_place = torch.is_grad_enabled()
+        if self.kind == "input":
+            args, kwargs = self.value
+            first = assign(self.run.first_arg(self.value), new, *self._dims(invoke), where,
+                           out_of_place)
+            self.value = self.run.with_first_arg(self.value, first)
+        else:
+            self.value = assign(self.value, new, *self._dims(invoke), where, out_of_place)
+        self.replaced = True
+
+    def row_positions(self, invoke: int) -> torch.Tensor:
+        return self.run.layout.row_positions(invoke, self.step)
+
+    def prompt_lens(self, invoke: int) -> torch.Tensor:
+        return self.run.layout.prompt_lens(invoke)
+
+
+class _Run:
+    """One forward (or one generate call) of one phase."""
+
+    def __init__(self, backend: HfBackend, runner: GraphRunner, layout: BatchLayout) -> None:
+        self.backend = backend
+        self.runner = runner
+        self.layout = layout
+        self.step = 0
+
+    def first_arg(self, value: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+        args, kwargs = value
+        if args:
+            return args[0]
+        return kwargs.get(self._first_name, next(iter(kwargs.values()), None))
+
+    def with_first_arg(self, value: Any, first: Any) -> Any:
+        args, kwargs = value
+        if args:
+            return (first, *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs[self._first_name if self._first_name in kwargs else next(iter(kwargs))] = first
+        return args, kwargs
+
+    _first_name = ""
+
+    def event(self, module: str, kind: str, value: Any) -> Any:
+        ev = _Event(self, module, kind, value)
+        if kind == "input":
+            self._first_name = self.backend.first_param(module)
+        self.runner.on_event(ev)
+        return ev
+
+
+class HfBackend(Backend):
+    """Executes graphs on a ``transformers`` causal LM through hooks."""
+
+    name = "hf"
+
+    def __init__(self, model: nn.Module, architecture: Architecture | None, pad_id: int,
+                 eos_id: int | None = None) -> None:
+        self.model = model
+        self.arch = architecture
+        self.pad_id = pad_id
+        self.eos_id = eos_id
+        self.paths = {name: mod for name, mod in model.named_modules()}
+        self._first_params: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def first_param(self, module: str) -> str:
+        name = self._first_params.get(module)
+        if name is None:
+            params = list(inspect.signature(self.paths[module].forward).parameters)
+            name = self._first_params[module] = params[0] if params else ""
+        return name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _needs_eager(self, graph: Graph) -> bool:
+        drop = self.arch.attn_dropout if self.arch else None
+        for n in graph.nodes:
+            if n.op in ("read", "write"):
+                m = n.kwargs["module"]
+                if m.endswith(".probs") or (drop and m.endswith(f".{drop}")):
+                    return True
+        return False
+
+    def check(self, graph: Graph) -> None:
+        for n in graph.nodes:
+            if n.op in ("read", "write"):
+                m = n.kwargs["module"]
+                base = m[: -len(".probs")] if m.endswith(".probs") else m
+                if base not in self.paths:
+                    raise AttributeError(f"the model has no module {base!r}")
+
+    # ------------------------------------------------------------------ hooks
+    @contextlib.contextmanager
+    def _hooks(self, run_ref: list[_Run], graph: Graph, eager: bool) -> Iterator[None]:
+        handles = []
+        points: dict[str, set[str]] = {}
+        for n in graph.nodes:
+            if n.op in ("read", "write"):
+                points.setdefault(n.kwargs["module"], set()).add(n.kwargs["kind"])
+
+        def pre_hook(path: str, kinds: set[str]) -> Any:
+            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                run = run_ref[0]
+                if path == "":
+                    run.runner.begin_step(run.step)
+                replaced = None
+                for kind in ("input", "inputs"):
+                    if kind in kinds:
+                        ev = run.event(path, kind, (args, kwargs))
+                        if ev.replaced:
+                            args, kwargs = replaced = ev.value
+                return replaced
+            return hook
+
+        def post_hook(path: str) -> Any:
+            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     output: Any) -> Any:
+                run = run_ref[0]
+                ev = run.event(path, "output", output)
+                if path == "":
+                    run.runner.end_step()
+                    run.step += 1
+                return ev.value if ev.replaced else None
+            return hook
+
+        root_kinds = points.get("", set())
+        handles.append(self.model.register_forward_pre_hook(pre_hook("", root_kinds),
+                                                            with_kwargs=True))
+        handles.append(self.model.register_forward_hook(post_hook(""), with_kwargs=True))
+        probs: dict[int, str] = {}
+        for path, kinds in points.items():
+            if path == "":
+                continue
+            if path.endswith(".probs"):
+                probs[id(self.paths[path[: -len(".probs")]])] = path
+                continue
+            module = self.paths[path]
+            if kinds & {"input", "inputs"}:
+                handles.append(module.register_forward_pre_hook(pre_hook(path, kinds),
+                                                                with_kwargs=True))
+            if "output" in kinds:
+                handles.append(module.register_forward_hook(post_hook(path), with_kwargs=True))
+
+        def on_probs(module: nn.Module, weights: torch.Tensor) -> torch.Tensor:
+            path = probs.get(id(module))
+            if path is None:
+                return weights
+            ev = run_ref[0].event(path, "output", weights)
+            return ev.value
+
+        config = self.model.config
+        previous = config._attn_implementation
+        token = attention.probs_callback.set(on_probs if probs else None)
+        if eager:
+            config._attn_implementation = attention.IMPLEMENTATION
+        try:
+            yield
+        finally:
+            config._attn_implementation = previous
+            attention.probs_callback.reset(token)
+            for h in handles:
+                h.remove()
+
+    # ------------------------------------------------------------------ running
+    def run(self, graph: Graph) -> RunResult:
+        state = RunState()
+        try:
+            generated = self._run_phase(graph, state, None)
+        except NeedsPhases:
+            state = RunState()
+            generated = [None] * sum(len(inv.prompts) for inv in graph.invokes)
+            for group in invoke_phases(graph):
+                out = self._run_phase(graph, state, group)
+                if out is not None:
+                    layout_rows = _rows_of(graph, group)
+                    for row, ids in zip(layout_rows, out, strict=True):
+                        generated[row] = ids
+            if graph.mode != "generate":
+                generated = None
+        runner = GraphRunner(graph, state=state)
+        return RunResult(saves=runner.results(), generated=generated)
+
+    def _run_phase(self, graph: Graph, state: RunState, invokes: list[int] | None
+                   ) -> list[torch.Tensor] | None:
+        runner = GraphRunner(graph, state=state, active_invokes=invokes)
+        prompts = [inv.prompts for inv in graph.invokes]
+        layout = BatchLayout.build(prompts, self.pad_id, invokes)
+        run = _Run(self, runner, layout)
+        device = self.device
+        grad = torch.enable_grad() if runner.wants_grad else torch.no_grad()
+        with self._hooks([run], graph, self._needs_eager(graph)), grad:
+            try:
+                if graph.mode == "generate":
+                    return self._generate(graph, layout, device)
+                self.model(input_ids=layout.input_ids.to(device),
+                           attention_mask=layout.attention_mask.to(device),
+                           position_ids=layout.position_ids.to(device))
+            except StopForward:
+                pass
+        return None
+
+    def _generate(self, graph: Graph, layout: BatchLayout, device: torch.device
+                  ) -> list[torch.Tensor]:
+        kwargs = _generation_kwargs(graph)
+        seed = kwargs.pop("seed", None)
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        if kwargs.pop("ignore_eos", False):
+            kwargs["eos_token_id"] = None
+        out = self.model.generate(
+            input_ids=layout.input_ids.to(device),
+            attention_mask=layout.attention_mask.to(device),
+            pad_token_id=self.pad_id, **kwargs,
+        )
+        eos = kwargs.get("eos_token_id", self.eos_id) if "eos_token_id" in kwargs else self.eos_id
+        width = layout.width
+        result = []
+        for b in range(out.shape[0]):
+            prompt = out[b, width - int(layout.lengths[b]):width]
+            new = out[b, width:]
+            if eos is not None:
+                hits = (new == eos).nonzero()
+                if len(hits):
+                    new = new[: int(hits[0]) + 1]
+            result.append(torch.cat([prompt, new]).cpu())
+        return result
+
+
+def _rows_of(graph: Graph, group: list[int]) -> list[int]:
+    starts, pos = [], 0
+    for inv in graph.invokes:
+        starts.append(pos)
+        pos += len(inv.prompts)
+    return [starts[i] + k for i in group for k in range(len(graph.invokes[i].prompts))]
+
+
+def _generation_kwargs(graph: Graph) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for key, value in graph.generation.items():
+        key = _VLLM_TO_HF.get(key, key)
+        if key not in _HF_GENERATE_KEYS:
+            raise ValueError(f"generate() got {key!r}, which the hf backend does not take; "
+                             f"supported: {sorted(_HF_GENERATE_KEYS | set(_VLLM_TO_HF))}")
+        kwargs[key] = value
+    kwargs.setdefault("max_new_tokens", 20)
+    if not kwargs.get("do_sample", False):
+        kwargs["do_sample"] = False
+        kwargs.setdefault("temperature", None)
+        kwargs.setdefault("top_p", None)
+        kwargs.setdefault("top_k", None)
+    return kwargs

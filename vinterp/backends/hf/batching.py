@@ -1,0 +1,82 @@
+"""Batch layout for the HF backend: invokes packed as left-padded rows with true positions.
+
+Left padding lets batched generation append tokens at the end of every row; explicit
+``position_ids`` (counting from each row's first real token) make every row's values equal
+running that prompt alone — the bug nnsight's issue #672 is about.
+
+Example::
+
+    >>> layout = BatchLayout.build([((1, 2, 3),), ((4,), (5, 6))], pad_id=0)
+    >>> layout.input_ids.tolist()
+    [[1, 2, 3], [0, 0, 4], [0, 5, 6]]
+    >>> layout.rows(1), layout.offset(1)
+    (slice(1, 3, None), 1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BatchLayout:
+    """Rows of each invoke in the padded batch, their padding and prompt lengths."""
+
+    input_ids: torch.Tensor        # [B, T] left-padded
+    attention_mask: torch.Tensor   # [B, T]
+    position_ids: torch.Tensor     # [B, T] (0 at each row's first real token; pads at 0)
+    lengths: torch.Tensor          # [B] prompt length per row
+    invoke_rows: dict[int, slice]  # invoke index -> its rows
+
+    @classmethod
+    def build(cls, prompts_by_invoke: Sequence[tuple[tuple[int, ...], ...]], pad_id: int,
+              invokes: Sequence[int] | None = None) -> BatchLayout:
+        """Pack the given invokes (all by default) in order."""
+        chosen = list(range(len(prompts_by_invoke))) if invokes is None else list(invokes)
+        rows: list[tuple[int, ...]] = []
+        invoke_rows: dict[int, slice] = {}
+        for i in chosen:
+            start = len(rows)
+            rows.extend(prompts_by_invoke[i])
+            invoke_rows[i] = slice(start, len(rows))
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("a prompt has no tokens; pass at least one token per prompt")
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[b, width - len(r):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        return cls(ids, mask, positions, lengths, invoke_rows)
+
+    @property
+    def width(self) -> int:
+        return self.input_ids.shape[1]
+
+    def rows(self, invoke: int) -> slice:
+        """Batch rows of ``invoke``."""
+        return self.invoke_rows[invoke]
+
+    def offset(self, invoke: int) -> int:
+        """Columns of left padding every row of ``invoke`` has (its window starts here)."""
+        lens = self.lengths[self.invoke_rows[invoke]]
+        return self.width - int(lens.max())
+
+    def row_positions(self, invoke: int, step: int) -> torch.Tensor:
+        """Absolute positions of the invoke's rows at ``step``: ``[n, seq]`` (pads are -1)."""
+        lens = self.lengths[self.invoke_rows[invoke]]
+        if step == 0:
+            window = self.width - self.offset(invoke)
+            cols = torch.arange(window).unsqueeze(0)
+            pad = (window - lens).unsqueeze(1)
+            return torch.where(cols >= pad, cols - pad, torch.full((1,), -1))
+        return (lens + step - 1).unsqueeze(1)
+
+    def prompt_lens(self, invoke: int) -> torch.Tensor:
+        """Prompt length of each of the invoke's rows, ``[n, 1]``."""
+        return self.lengths[self.invoke_rows[invoke]].unsqueeze(1)

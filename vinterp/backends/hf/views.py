@@ -1,0 +1,84 @@
+"""Per-invoke views of batched HF values, and writing replacements back into the batch.
+
+A point's batched value (a tensor, a tuple such as attention's ``(out, weights)``, an HF
+``ModelOutput``, or a module's ``(args, kwargs)``) is cut to one invoke's rows and to its
+sequence window: sequence dims are dim 1 of 2-D/3-D tensors and dims 2-3 of 4-D ones
+(``[batch, heads, q, k]``), cut only where their size is the current key length (so decode
+steps, with one query row, keep their single row). Views share storage with the batch, so
+in-place edits write through.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_SEQ_DIMS = {2: (1,), 3: (1,), 4: (2, 3)}
+
+
+def cut(value: Any, rows: slice, offset: int, key_len: int, batch: int) -> Any:
+    """The view of ``value`` for rows ``rows`` and sequence window ``[offset:key_len]``."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 or value.shape[0] != batch:
+            return value
+        out = value[rows]
+        if offset:
+            for d in _SEQ_DIMS.get(value.dim(), ()):
+                if out.shape[d] == key_len:
+                    out = out.narrow(d, offset, key_len - offset)
+        return out
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(cut(v, rows, offset, key_len, batch) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(cut(v, rows, offset, key_len, batch) for v in value)
+    if isinstance(value, dict):
+        fields = {k: cut(v, rows, offset, key_len, batch) for k, v in value.items()
+                  if isinstance(v, torch.Tensor)}
+        try:
+            return type(value)(**fields)
+        except TypeError:
+            return fields
+    return value
+
+
+def assign(full: Any, new: Any, rows: slice, offset: int, key_len: int, batch: int,
+           where: str, out_of_place: bool) -> Any:
+    """Write ``new`` into ``full``'s region for one invoke; returns the (maybe new) full value.
+
+    In place under ``no_grad`` (cheap); out of place when autograd is recording, so tensors
+    saved for backward are never modified.
+    """
+    if isinstance(full, torch.Tensor):
+        if not isinstance(new, torch.Tensor):
+            new = torch.as_tensor(new, dtype=full.dtype, device=full.device)
+        target = full.clone() if out_of_place else full
+        region = cut(target, rows, offset, key_len, batch)
+        if region is target and target.dim() > 0 and target.shape[0] != batch:
+            region = target
+        try:
+            region.copy_(new.expand_as(region) if new.shape != region.shape else new)
+        except RuntimeError:
+            raise ValueError(
+                f"cannot set {where} to a value of shape {list(new.shape)}: the invoke's "
+                f"value there has shape {list(region.shape)}") from None
+        return target
+    if isinstance(full, (list, tuple)):
+        if not isinstance(new, (list, tuple)) or len(new) != len(full):
+            raise ValueError(f"cannot set {where}: it is a {type(full).__name__} of "
+                             f"{len(full)} items; assign one with the same structure")
+        items = [
+            f if (n is None or n is f) else assign(f, n, rows, offset, key_len, batch,
+                                                   f"{where}[{i}]", out_of_place)
+            for i, (f, n) in enumerate(zip(full, new, strict=True))
+        ]
+        return type(full)(*items) if hasattr(full, "_fields") else type(full)(items)
+    if isinstance(full, dict):
+        if not isinstance(new, dict):
+            raise ValueError(f"cannot set {where}: assign a mapping with the same fields")
+        for k, v in new.items():
+            if k in full and isinstance(full[k], torch.Tensor) and v is not None:
+                full[k] = assign(full[k], v, rows, offset, key_len, batch, f"{where}.{k}",
+                                 out_of_place)
+        return full
+    raise ValueError(f"cannot set {where}: its value is a {type(full).__name__}")

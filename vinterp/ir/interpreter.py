@@ -1,0 +1,487 @@
+"""Runs an intervention graph against the events of a forward pass, on any backend.
+
+A backend (HF hooks, the vLLM plugin) tells the runner when the forward reaches a point
+(``module`` + ``output``/``input``/``inputs``) by calling :meth:`GraphRunner.on_event` with a
+:class:`PointEvent` that can read and replace each invoke's HF-shaped value there. The runner
+keeps one cursor per invoke over that invoke's nodes (program order) and advances every cursor
+as far as the values available allow, invokes in the order they were written — so a later
+invoke can use an earlier invoke's value from the same point with no barrier.
+
+If a cursor is still waiting when the forward ends because it needed another invoke's value
+that came later in the forward, the backend gets :class:`NeedsPhases` and reruns the invokes in
+dependency order (see :func:`invoke_phases`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from vinterp.ir import ops
+from vinterp.ir.schema import (
+    DictV, DTypeV, EllipsisV, Graph, ListV, Node, Ref, SliceV, TensorRef, TupleV, Value,
+)
+from vinterp.ir.tensors import decode_tensor, torch_dtype
+from vinterp.ir.validate import iter_refs, node_values
+from vinterp.steering import apply_steering
+
+#: largest tensor a graph may allocate with torch.zeros & co. (elements)
+MAX_CONSTRUCTED_NUMEL = 64 * 2**20
+
+
+class InterventionError(RuntimeError):
+    """An intervention failed while running; the message names the node and the user's line."""
+
+
+class StopForward(Exception):  # noqa: N818 - control flow, not an error
+    """Raised from inside the forward once ``tracer.stop()`` is reached and nothing is pending."""
+
+
+class NeedsPhases(Exception):  # noqa: N818 - control flow, not an error
+    """A cross-invoke dependency could not be met in one forward; rerun by phases."""
+
+
+class PointEvent(Protocol):
+    """What a backend hands the runner when the forward reaches a point."""
+
+    module: str
+    kind: str
+    step: int
+
+    def get(self, invoke: int) -> Any:
+        """The invoke's HF-shaped value here (views: in-place edits write through)."""
+
+    def set(self, invoke: int, value: Any) -> None:
+        """Replace the invoke's value here."""
+
+    def row_positions(self, invoke: int) -> torch.Tensor:
+        """Absolute token position of each sequence row of the invoke's value, ``[n, seq]``."""
+
+    def prompt_lens(self, invoke: int) -> torch.Tensor:
+        """Prompt length of each of the invoke's sequences, ``[n, 1]``."""
+
+
+@dataclass
+class _Lane:
+    invoke: int
+    nodes: list[Node]
+    cursor: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.cursor >= len(self.nodes)
+
+    @property
+    def waiting(self) -> Node | None:
+        return None if self.done else self.nodes[self.cursor]
+
+
+@dataclass
+class _Saved:
+    snapshot: Any
+    live: Any
+
+
+@dataclass
+class RunState:
+    """Everything a run accumulates; survives phase reruns for finished invokes."""
+
+    env: dict[int, Any] = field(default_factory=dict)
+    env_step: dict[int, int] = field(default_factory=dict)
+    saves: dict[int, list[_Saved]] = field(default_factory=dict)
+    positions: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def snapshot(value: Any) -> Any:
+    """A copy of ``value`` unaffected by later in-place edits (tensors cloned, nesting kept)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # named tuple (topk, max, ...)
+        return type(value)(*(snapshot(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(v) for v in value)
+    if isinstance(value, dict):
+        out = {k: snapshot(v) for k, v in value.items()}
+        try:
+            return type(value)(**out)  # HF ModelOutput and plain dicts
+        except TypeError:
+            return out
+    return value
+
+
+def _first_device(values: Iterable[Any]) -> torch.device | None:
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v.device
+        if isinstance(v, (list, tuple)):
+            d = _first_device(v)
+            if d is not None:
+                return d
+    return None
+
+
+def _constructor_numel(fn: str, args: list[Any], kwargs: dict[str, Any]) -> int:
+    if fn == "torch.arange":
+        nums = [a for a in args if isinstance(a, (int, float))]
+        start, end, step = (0, nums[0], 1) if len(nums) == 1 else (nums + [1])[:3]
+        return max(0, math.ceil((end - start) / step)) if step else 0
+    if fn == "torch.eye":
+        n = int(args[0])
+        return n * int(args[1] if len(args) > 1 and isinstance(args[1], int) else n)
+    size = kwargs.get("size", args[0] if args else ())
+    if isinstance(size, int):
+        size = [a for a in args if isinstance(a, int)] if fn != "torch.full" else [size]
+    return math.prod(int(s) for s in size)
+
+
+def invoke_phases(graph: Graph) -> list[list[int]]:
+    """Group invokes so each depends only on invokes in earlier groups."""
+    owner = {n.id: n.invoke for n in graph.nodes}
+    deps: dict[int, set[int]] = {i: set() for i in range(max(1, len(graph.invokes)))}
+    for n in graph.nodes:
+        if n.invoke < 0:
+            continue
+        for v in node_values(n):
+            for r in iter_refs(v):
+                if owner[r] >= 0 and owner[r] != n.invoke:
+                    deps[n.invoke].add(owner[r])
+    phase: dict[int, int] = {}
+
+    def depth(i: int, stack: tuple[int, ...] = ()) -> int:
+        if i in phase:
+            return phase[i]
+        if i in stack:
+            raise InterventionError(f"invokes {list(stack)} depend on each other in a cycle")
+        phase[i] = max((depth(d, stack + (i,)) + 1 for d in deps[i]), default=0)
+        return phase[i]
+
+    for i in deps:
+        depth(i)
+    groups: list[list[int]] = [[] for _ in range(max(phase.values(), default=0) + 1)]
+    for i in sorted(phase):
+        groups[phase[i]].append(i)
+    return groups
+
+
+class GraphRunner:
+    """Executes a validated :class:`Graph` as a backend reports point events.
+
+    Example (what a backend does)::
+
+        runner = GraphRunner(graph)
+        runner.begin_step(0)
+        # ... forward hooks call runner.on_event(event) at each needed point ...
+        runner.end_step()
+        saved = runner.results()    # {save node id: value (list per step in scopes)}
+    """
+
+    def __init__(self, graph: Graph, *, state: RunState | None = None,
+                 active_invokes: Iterable[int] | None = None) -> None:
+        self.graph = graph
+        self.state = state or RunState()
+        n_inv = max(1, len(graph.invokes))
+        self.active = sorted(active_invokes) if active_invokes is not None else list(range(n_inv))
+        self._constants: dict[int, torch.Tensor] = {}
+        self.points: set[tuple[str, str]] = {
+            (n.kwargs["module"], n.kwargs["kind"]) for n in graph.nodes if n.op in ops.POINT_OPS
+        }
+        self.wants_grad = any(
+            n.op in ("backward", "retain_grad", "requires_grad")
+            or (n.op == "getattr" and n.kwargs.get("name") == "grad")
+            for n in graph.nodes
+        )
+        self.has_stop = any(n.op == "stop" for n in graph.nodes)
+        self.max_step = max(
+            (n.steps.stop if n.steps.stop is not None else math.inf) for n in graph.nodes
+        ) if graph.nodes else 1
+        self._lanes: list[_Lane] = []
+        self._step = 0
+        self._stop = False
+        self._fired: set[tuple[str, str]] = set()
+
+    # ----------------------------------------------------------------- scheduling
+    def _active_at(self, node: Node, step: int) -> bool:
+        s = node.steps
+        return s.start <= step and (s.stop is None or step < s.stop) and (
+            node.invoke < 0 or node.invoke in self.active)
+
+    def begin_step(self, step: int) -> None:
+        """Start forward number ``step`` (0 = the prompt)."""
+        self._step = step
+        self._fired = set()
+        lanes = [_Lane(i, []) for i in self.active] + [_Lane(-1, [])]
+        index = {lane.invoke: lane for lane in lanes}
+        for n in self.graph.nodes:
+            if self._active_at(n, step):
+                index[n.invoke].nodes.append(n)
+        self._lanes = [lane for lane in lanes if lane.nodes]
+        self._advance(None)
+
+    def on_event(self, ev: PointEvent) -> None:
+        """The forward reached ``(ev.module, ev.kind)``: run everything that can run now."""
+        self._fired.add((ev.module, ev.kind))
+        self._advance(ev)
+        if self._stop and all(lane.done for lane in self._lanes):
+            raise StopForward
+
+    def end_step(self) -> None:
+        """The forward ended: every cursor must be done, else explain why not."""
+        self._advance(None)
+        pending = [lane for lane in self._lanes if not lane.done]
+        if not pending:
+            return
+        for lane in pending:
+            node = lane.waiting
+            assert node is not None
+            if node.op in ops.POINT_OPS:
+                point = (node.kwargs["module"], node.kwargs["kind"])
+                if point in self._fired:
+                    raise self._error(node, (
+                        f"{_point_name(point)} was used after a module that runs later in the "
+                        f"forward; within one invoke, access modules in the order the model "
+                        f"runs them"))
+                if self._stop:
+                    continue
+                raise self._error(node, (
+                    f"{_point_name(point)} was never reached in forward step {self._step}"
+                    " (the module did not run, or the generation ended before this step)"))
+        if any(self._blocked_on_other_invoke(lane) for lane in pending):
+            raise NeedsPhases
+        if not self._stop:
+            node = pending[0].waiting
+            assert node is not None
+            raise self._error(node, "could not run: a value it needs was never computed")
+
+    def _blocked_on_other_invoke(self, lane: _Lane) -> bool:
+        owner = {n.id: n.invoke for n in self.graph.nodes}
+        for n in lane.nodes[lane.cursor:]:
+            for v in node_values(n):
+                if any(owner[r] not in (lane.invoke, -1) for r in iter_refs(v)):
+                    return True
+        return False
+
+    def _ready(self, node: Node) -> bool:
+        env, env_step = self.state.env, self.state.env_step
+        for v in node_values(node):
+            for r in iter_refs(v):
+                if r not in env:
+                    return False
+                src = self._node(r)
+                if self._active_at(src, self._step) and env_step[r] != self._step:
+                    return False
+        return True
+
+    def _node(self, node_id: int) -> Node:
+        try:
+            return self._by_id[node_id]
+        except AttributeError:
+            self._by_id = {n.id: n for n in self.graph.nodes}
+            return self._by_id[node_id]
+
+    def _advance(self, ev: PointEvent | None) -> None:
+        progress = True
+        while progress:
+            progress = False
+            for lane in self._lanes:
+                while not lane.done:
+                    node = lane.nodes[lane.cursor]
+                    if node.op in ops.POINT_OPS:
+                        at_point = ev is not None and (ev.module, ev.kind) == (
+                            node.kwargs["module"], node.kwargs["kind"])
+                        if not at_point or not self._ready(node):
+                            break
+                    elif not self._ready(node):
+                        break
+                    self._run(node, ev)
+                    lane.cursor += 1
+                    progress = True
+
+    # ----------------------------------------------------------------- execution
+    def _error(self, node: Node, msg: str) -> InterventionError:
+        where = f" (at {node.line})" if node.line else ""
+        return InterventionError(f"intervention node {node.id} [{_describe(node)}]{where}: {msg}")
+
+    def _constant(self, idx: int, device: torch.device | None) -> torch.Tensor:
+        t = self._constants.get(idx)
+        if t is None:
+            t = self._constants[idx] = decode_tensor(self.graph.tensors[idx])
+        if device is not None and t.device != device:
+            t = self._constants[idx] = t.to(device)
+        return t
+
+    def _resolve(self, v: Value, device: torch.device | None) -> Any:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, Ref):
+            return self.state.env[v.ref]
+        if isinstance(v, TensorRef):
+            return self._constant(v.tensor, device)
+        if isinstance(v, SliceV):
+            return slice(*(self._resolve(x, device) for x in v.slice))
+        if isinstance(v, EllipsisV):
+            return Ellipsis
+        if isinstance(v, ListV):
+            return [self._resolve(x, device) for x in v.list]
+        if isinstance(v, TupleV):
+            return tuple(self._resolve(x, device) for x in v.tuple)
+        if isinstance(v, DictV):
+            return {k: self._resolve(x, device) for k, x in v.mapping.items()}
+        if isinstance(v, DTypeV):
+            return torch_dtype(v.dtype)
+        raise TypeError(f"unknown IR value {v!r}")
+
+    def _device_of(self, node: Node) -> torch.device | None:
+        refs = [self.state.env[r] for v in node_values(node) for r in iter_refs(v)]
+        return _first_device(refs)
+
+    def _run(self, node: Node, ev: PointEvent | None) -> None:
+        try:
+            value = self._execute(node, ev)
+        except (StopForward, NeedsPhases, InterventionError):
+            raise
+        except Exception as exc:  # any failure is reported against the user's line
+            raise self._error(node, f"{type(exc).__name__}: {exc}") from exc
+        self.state.env[node.id] = value
+        self.state.env_step[node.id] = self._step
+
+    def _execute(self, node: Node, ev: PointEvent | None) -> Any:
+        op = node.op
+        device = self._device_of(node)
+        args = [self._resolve(a, device) for a in node.args]
+        kwargs = {k: self._resolve(v, device) for k, v in node.kwargs.items()}
+        if op == "read":
+            assert ev is not None
+            self.state.positions[node.id] = (ev.row_positions(node.invoke),
+                                             ev.prompt_lens(node.invoke))
+            return ev.get(node.invoke)
+        if op == "write":
+            assert ev is not None
+            ev.set(node.invoke, args[0])
+            return args[0]
+        if op == "save":
+            saved = self.state.saves.setdefault(node.id, [])
+            saved.append(_Saved(snapshot(args[0]), args[0]))
+            src = node.args[0]
+            if isinstance(src, Ref) and src.ref in self.state.positions:
+                self.state.positions[node.id] = self.state.positions[src.ref]
+            return args[0]
+        if op in ops.BINARY_OPS:
+            return ops.BINARY_OPS[op](args[0], args[1])
+        if op in ops.UNARY_OPS:
+            return ops.UNARY_OPS[op](args[0])
+        if op in ops.INPLACE_OPS:
+            target = args[0]
+            if isinstance(target, torch.Tensor):
+                return getattr(target, ops.INPLACE_OPS[op])(args[1])
+            return ops.BINARY_OPS[op[1:]](target, args[1])
+        if op == "getitem":
+            return args[0][args[1]]
+        if op == "setitem":
+            target, key, val = args
+            self._setitem(node, target, key, val)
+            return target
+        if op == "getattr":
+            return getattr(args[0], kwargs["name"])
+        if op == "method":
+            name = kwargs.pop("name")
+            return getattr(args[0], name)(*args[1:], **kwargs)
+        if op == "call":
+            fn = kwargs.pop("fn")
+            if fn in ops.CONSTRUCTORS:
+                numel = _constructor_numel(fn, args, kwargs)
+                if numel > MAX_CONSTRUCTED_NUMEL:
+                    raise ValueError(f"{fn} would allocate {numel} elements; the limit is "
+                                     f"{MAX_CONSTRUCTED_NUMEL}")
+            return ops.TORCH_FUNCTIONS[fn](*args, **kwargs)
+        if op in ops.STEERING_OPS:
+            return self._steer(node, args[0], kwargs)
+        if op == "backward":
+            args[0].backward(**kwargs)
+            return None
+        if op == "retain_grad":
+            args[0].retain_grad()
+            return args[0]
+        if op == "requires_grad":
+            t = args[0]
+            if t.is_leaf:
+                t.requires_grad_(True)
+            return t
+        if op == "stop":
+            self._stop = True
+            return None
+        raise ValueError(f"op {op!r} cannot run here")
+
+    def _setitem(self, node: Node, target: Any, key: Any, val: Any) -> None:
+        try:
+            target[key] = val
+        except RuntimeError as exc:
+            if isinstance(val, torch.Tensor) and isinstance(target, torch.Tensor):
+                region = target[key]
+                raise ValueError(
+                    f"cannot assign a value of shape {list(val.shape)} to a region of shape "
+                    f"{list(region.shape)} of {self._origin(node)} "
+                    f"(full shape {list(target.shape)})") from exc
+            raise
+
+    def _origin(self, node: Node) -> str:
+        """The module point a value came from, for error messages."""
+        seen = node
+        while True:
+            if seen.op == "read":
+                return _point_name((seen.kwargs["module"], seen.kwargs["kind"]))
+            refs = [r for v in node_values(seen) for r in iter_refs(v)]
+            if not refs:
+                return "the value"
+            seen = self._node(refs[0])
+
+    def _steer(self, node: Node, target: Any, kwargs: dict[str, Any]) -> Any:
+        src = node.args[0]
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"{node.op} needs a tensor (e.g. a decoder layer's output), got "
+                            f"{type(target).__name__}")
+        if isinstance(src, Ref) and src.ref in self.state.positions:
+            row_pos, plens = self.state.positions[src.ref]
+        elif kwargs.get("positions") in (None, "all"):
+            row_pos = torch.arange(target.shape[-2]).expand(target.shape[:-1])
+            plens = torch.tensor(target.shape[-2])
+        else:
+            raise ValueError(f"{node.op}(positions=...) needs a module's value directly (e.g. "
+                             f"model.layers[i].output), not a value derived from it")
+        apply_steering(node.op, target, row_pos, plens, **kwargs)
+        return target
+
+    # ----------------------------------------------------------------- results
+    def results(self) -> dict[int, Any]:
+        """Saved values by save-node id: one value, or a list (one per step) in scopes."""
+        out: dict[int, Any] = {}
+        for node in self.graph.nodes:
+            if node.op != "save" or node.id not in self.state.saves:
+                continue
+            values = [_final(s) for s in self.state.saves[node.id]]
+            multi = node.steps.stop is None or node.steps.stop - node.steps.start > 1
+            out[node.id] = values if multi else values[-1]
+        return out
+
+
+def _final(saved: _Saved) -> Any:
+    # A saved tensor whose gradient the user asked for is returned live, so .grad is there.
+    live = saved.live
+    if isinstance(live, torch.Tensor) and (live.retains_grad or (live.is_leaf and live.requires_grad)):
+        return live
+    return saved.snapshot
+
+
+def _point_name(point: tuple[str, str]) -> str:
+    module, kind = point
+    return f"{module or 'model'}.{kind}"
+
+
+def _describe(node: Node) -> str:
+    if node.op in ops.POINT_OPS:
+        return f"{node.op} {_point_name((node.kwargs['module'], node.kwargs['kind']))}"
+    name = node.kwargs.get("name") or node.kwargs.get("fn")
+    return f"{node.op} {name}" if isinstance(name, str) else node.op

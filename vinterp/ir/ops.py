@@ -1,0 +1,150 @@
+"""The allowlist of operations an intervention graph may contain, and how each one runs.
+
+Everything a graph can do is named here. Anything else is rejected by :func:`vinterp.ir.load`
+before it runs, which is what makes it safe to execute graphs sent by untrusted users.
+
+Op families (``Node.op``):
+
+* ``read`` / ``write`` — a module's value at a point (``kwargs: module, kind``); run by backends.
+* ``save`` — snapshot a value to return to the caller.
+* operators (``add``, ``getitem``, ``setitem``, ``iadd``, ``lt`` ...), allowlisted tensor
+  methods (``method`` with ``kwargs.name``), torch functions (``call`` with ``kwargs.fn``),
+  attributes (``getattr`` with ``kwargs.name``).
+* steering ops (``steer``, ``scale``, ``ablate``, ``clamp``, ``replace``): IR nodes of their own
+  so the vLLM plugin can vectorize them across requests.
+* ``backward``, ``retain_grad``, ``requires_grad``, ``stop``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+POINT_OPS = frozenset({"read", "write"})
+POINT_KINDS = frozenset({"output", "input", "inputs"})
+STEERING_OPS = frozenset({"steer", "scale", "ablate", "clamp", "replace"})
+CONTROL_OPS = frozenset({"save", "backward", "retain_grad", "requires_grad", "stop"})
+
+BINARY_OPS: dict[str, Callable[[Any, Any], Any]] = {
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul,
+    "truediv": operator.truediv, "floordiv": operator.floordiv, "mod": operator.mod,
+    "pow": operator.pow, "matmul": operator.matmul,
+    "and_": operator.and_, "or_": operator.or_, "xor": operator.xor,
+    "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
+    "eq": operator.eq, "ne": operator.ne,
+}
+UNARY_OPS: dict[str, Callable[[Any], Any]] = {
+    "neg": operator.neg, "pos": operator.pos, "abs": operator.abs, "invert": operator.invert,
+}
+#: in-place operators: they mutate their first argument (a module's tensor writes through).
+INPLACE_OPS: dict[str, str] = {
+    "iadd": "add_", "isub": "sub_", "imul": "mul_", "itruediv": "div_",
+    "ipow": "pow_", "iand": "bitwise_and_", "ior": "bitwise_or_",
+}
+ITEM_OPS = frozenset({"getitem", "setitem"})
+
+#: tensor methods a graph may call (``x.mean(dim=-1)`` → ``method`` node, ``name="mean"``).
+TENSOR_METHODS = frozenset({
+    "abs", "add", "add_", "all", "amax", "amin", "any", "argmax", "argmin", "argsort",
+    "bfloat16", "ceil", "chunk", "clamp", "clamp_", "clip", "clone", "contiguous", "copy_",
+    "cos", "cpu", "cumsum", "detach", "diff", "dim", "div", "div_", "dot", "double", "eq",
+    "exp", "expand", "expand_as", "fill_", "flatten", "flip", "float", "floor", "gather", "ge",
+    "gt", "half", "index_select", "le", "log", "log_softmax", "logsumexp", "lt", "masked_fill",
+    "masked_fill_", "matmul", "max", "mean", "min", "mul", "mul_", "narrow", "ne", "neg",
+    "norm", "numel", "permute", "pow", "prod", "reciprocal", "relu", "repeat", "reshape",
+    "roll", "round", "rsqrt", "select", "sigmoid", "sign", "sin", "size", "softmax", "sort",
+    "split", "sqrt", "square", "squeeze", "std", "sub", "sub_", "sum", "t", "tanh", "to",
+    "topk", "transpose", "type_as", "unsqueeze", "var", "view", "view_as", "where", "zero_",
+    "unbind",
+})
+
+#: attributes a graph may read: tensor metadata, HF output fields, named-tuple fields.
+ATTRIBUTES = frozenset({
+    "shape", "dtype", "ndim", "T", "mT", "grad", "device", "real", "imag",
+    "logits", "last_hidden_state", "hidden_states", "attentions", "past_key_values",
+    "values", "indices", "loss",
+})
+
+#: torch functions a graph may call, by the dotted name users write.
+TORCH_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "torch.softmax": torch.softmax, "torch.log_softmax": torch.log_softmax,
+    "torch.cat": torch.cat, "torch.stack": torch.stack, "torch.where": torch.where,
+    "torch.einsum": torch.einsum, "torch.matmul": torch.matmul, "torch.bmm": torch.bmm,
+    "torch.mm": torch.mm, "torch.outer": torch.outer, "torch.dot": torch.dot,
+    "torch.norm": torch.norm, "torch.linalg.norm": torch.linalg.norm,
+    "torch.linalg.vector_norm": torch.linalg.vector_norm,
+    "torch.abs": torch.abs, "torch.exp": torch.exp, "torch.log": torch.log,
+    "torch.sqrt": torch.sqrt, "torch.tanh": torch.tanh, "torch.sigmoid": torch.sigmoid,
+    "torch.relu": torch.relu, "torch.clamp": torch.clamp, "torch.sum": torch.sum,
+    "torch.mean": torch.mean, "torch.max": torch.max, "torch.min": torch.min,
+    "torch.argmax": torch.argmax, "torch.argmin": torch.argmin, "torch.topk": torch.topk,
+    "torch.sort": torch.sort, "torch.cumsum": torch.cumsum, "torch.diff": torch.diff,
+    "torch.zeros_like": torch.zeros_like, "torch.ones_like": torch.ones_like,
+    "torch.full_like": torch.full_like, "torch.randn_like": torch.randn_like,
+    "torch.rand_like": torch.rand_like, "torch.cosine_similarity": torch.cosine_similarity,
+    "torch.flip": torch.flip, "torch.roll": torch.roll, "torch.logsumexp": torch.logsumexp,
+    "torch.gather": torch.gather, "torch.index_select": torch.index_select,
+    "torch.masked_fill": torch.masked_fill, "torch.square": torch.square,
+    "torch.transpose": torch.transpose, "torch.permute": torch.permute,
+    "torch.reshape": torch.reshape, "torch.flatten": torch.flatten,
+    "torch.squeeze": torch.squeeze, "torch.unsqueeze": torch.unsqueeze,
+    "torch.chunk": torch.chunk, "torch.split": torch.split, "torch.tensordot": torch.tensordot,
+    "torch.isfinite": torch.isfinite, "torch.isnan": torch.isnan,
+    "torch.zeros": torch.zeros, "torch.ones": torch.ones, "torch.full": torch.full,
+    "torch.arange": torch.arange, "torch.eye": torch.eye, "torch.randn": torch.randn,
+    "torch.rand": torch.rand,
+    "torch.nn.functional.softmax": F.softmax, "torch.nn.functional.log_softmax": F.log_softmax,
+    "torch.nn.functional.gelu": F.gelu, "torch.nn.functional.relu": F.relu,
+    "torch.nn.functional.silu": F.silu, "torch.nn.functional.sigmoid": F.sigmoid,
+    "torch.nn.functional.tanh": F.tanh, "torch.nn.functional.layer_norm": F.layer_norm,
+    "torch.nn.functional.rms_norm": F.rms_norm, "torch.nn.functional.normalize": F.normalize,
+    "torch.nn.functional.cosine_similarity": F.cosine_similarity,
+    "torch.nn.functional.cross_entropy": F.cross_entropy, "torch.nn.functional.nll_loss": F.nll_loss,
+    "torch.nn.functional.kl_div": F.kl_div, "torch.nn.functional.mse_loss": F.mse_loss,
+    "torch.nn.functional.one_hot": F.one_hot, "torch.nn.functional.linear": F.linear,
+    "torch.nn.functional.pad": F.pad,
+}
+#: functions that allocate from sizes given in the graph: their results are size-checked.
+CONSTRUCTORS = frozenset({
+    "torch.zeros", "torch.ones", "torch.full", "torch.arange", "torch.eye", "torch.randn",
+    "torch.rand",
+})
+
+#: ops whose result depends on values at other positions of the sequence (reductions over
+#: positions). The vLLM plugin needs the whole prompt in one chunk for graphs that use them.
+SEQUENCE_MIXING = frozenset({"matmul", "cumsum", "softmax", "log_softmax", "sum", "mean"})
+
+
+def known_op(op: str) -> bool:
+    """True if ``op`` is a node op the IR allows."""
+    return (
+        op in POINT_OPS or op in STEERING_OPS or op in CONTROL_OPS or op in BINARY_OPS
+        or op in UNARY_OPS or op in INPLACE_OPS or op in ITEM_OPS
+        or op in {"method", "call", "getattr"}
+    )
+
+
+def check_call(node_op: str, kwargs: dict[str, Any]) -> str | None:
+    """Return an error message if a ``method``/``call``/``getattr``/point node is not allowed."""
+    if node_op == "method":
+        name = kwargs.get("name")
+        if name not in TENSOR_METHODS:
+            return f"tensor method {name!r} is not in the allowlist"
+    elif node_op == "call":
+        fn = kwargs.get("fn")
+        if fn not in TORCH_FUNCTIONS:
+            return f"function {fn!r} is not in the allowlist"
+    elif node_op == "getattr":
+        name = kwargs.get("name")
+        if name not in ATTRIBUTES:
+            return f"attribute {name!r} is not in the allowlist"
+    elif node_op in POINT_OPS:
+        if not isinstance(kwargs.get("module"), str):
+            return "point op needs a string 'module' (an HF module path, '' for the model)"
+        if kwargs.get("kind") not in POINT_KINDS:
+            return f"point kind must be one of {sorted(POINT_KINDS)}, got {kwargs.get('kind')!r}"
+    return None

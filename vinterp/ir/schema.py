@@ -1,0 +1,152 @@
+"""The intervention graph (IR): the one contract between library, vLLM plugin and server.
+
+A trace compiles to a :class:`Graph`: an ordered list of :class:`Node` s, each an allowlisted op
+whose arguments are JSON values, references to earlier nodes, or tensor constants held in the
+graph's tensor table. There is no code, pickle or callable anywhere in it, so a server can run
+graphs sent by strangers.
+
+Example::
+
+    >>> from vinterp.ir import Graph, Node, Ref
+    >>> g = Graph(nodes=[
+    ...     Node(id=0, op="read", kwargs={"module": "model.layers.3", "kind": "output"}),
+    ...     Node(id=1, op="save", args=[Ref(ref=0)]),
+    ... ])
+    >>> Graph.model_validate_json(g.model_dump_json()) == g
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+IR_VERSION = 1
+
+#: dtypes a tensor constant may have (names as in ``torch``).
+DTYPES = (
+    "float16", "bfloat16", "float32", "float64",
+    "int8", "int16", "int32", "int64", "uint8", "bool",
+)
+
+DType = Literal[
+    "float16", "bfloat16", "float32", "float64",
+    "int8", "int16", "int32", "int64", "uint8", "bool",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Ref(_Strict):
+    """A reference to the value of an earlier node."""
+
+    ref: int
+
+
+class TensorRef(_Strict):
+    """A reference to a constant in :attr:`Graph.tensors` (the blob section)."""
+
+    tensor: int
+
+
+class SliceV(_Strict):
+    """A Python ``slice(start, stop, step)``; entries may be node references."""
+
+    slice: tuple[Value, Value, Value]
+
+
+class EllipsisV(_Strict):
+    """Python's ``...`` inside an index."""
+
+    ellipsis: Literal[True] = True
+
+
+class ListV(_Strict):
+    """A list of values (kept distinct from tuples: indexing treats them differently)."""
+
+    list: tuple[Value, ...]
+
+
+class TupleV(_Strict):
+    """A tuple of values."""
+
+    tuple: tuple[Value, ...]
+
+
+class DictV(_Strict):
+    """A dict with string keys (JSON: ``{"mapping": {...}}``)."""
+
+    mapping: dict[str, Value]
+
+
+class DTypeV(_Strict):
+    """A torch dtype, e.g. as the argument of ``.to(torch.float16)``."""
+
+    dtype: DType
+
+
+Value = Union[None, bool, int, float, str, Ref, TensorRef, SliceV, EllipsisV, ListV, TupleV,
+              DictV, DTypeV]
+SliceV.model_rebuild()
+ListV.model_rebuild()
+TupleV.model_rebuild()
+DictV.model_rebuild()
+
+
+class TensorData(_Strict):
+    """A tensor constant: dtype, shape and the raw little-endian bytes in base64."""
+
+    dtype: DType
+    shape: tuple[int, ...]
+    data: str = Field(description="base64 of the contiguous little-endian bytes")
+
+
+class Steps(_Strict):
+    """The generation steps a node runs at: ``start <= step < stop`` (``stop=None``: all).
+
+    Step 0 is the forward over the whole prompt; step s produces new token s+1.
+    """
+
+    start: int = 0
+    stop: int | None = 1
+
+
+class Node(_Strict):
+    """One operation of the graph.
+
+    ``op`` names an allowlisted operation (see :mod:`vinterp.ir.ops`); ``invoke`` says which
+    prompt group (``tracer.invoke``) the node belongs to; ``steps`` which generation steps it
+    runs at. ``line`` is the user's source location, kept for error messages only.
+    """
+
+    id: int
+    op: str
+    args: tuple[Value, ...] = ()
+    kwargs: dict[str, Value] = Field(default_factory=dict)
+    invoke: int = 0
+    steps: Steps = Steps()
+    line: str | None = None
+
+
+class Invoke(_Strict):
+    """One ``tracer.invoke``: its prompts as token ids (one list per prompt)."""
+
+    prompts: tuple[tuple[int, ...], ...]
+
+
+class Graph(_Strict):
+    """A whole trace: invokes (inputs), nodes in program order, tensor constants.
+
+    ``mode`` is ``"trace"`` (one forward) or ``"generate"``; ``generation`` holds the
+    generation arguments (HF or vLLM names) and is empty for ``"trace"``.
+    """
+
+    version: Literal[1] = IR_VERSION
+    mode: Literal["trace", "generate"] = "trace"
+    invokes: tuple[Invoke, ...] = ()
+    nodes: tuple[Node, ...] = ()
+    tensors: tuple[TensorData, ...] = ()
+    generation: dict[str, Value] = Field(default_factory=dict)

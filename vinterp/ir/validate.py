@@ -1,0 +1,186 @@
+"""Loading and validating graphs: the gate every graph passes before it runs.
+
+``load`` rejects unknown ops, dangling or forward references (which also rules out cycles),
+malformed tensors, oversize constants and bad point specs, each with a message naming the node.
+
+Example::
+
+    >>> from vinterp.ir import load
+    >>> load({"nodes": [{"id": 0, "op": "exec", "kwargs": {}}]})
+    Traceback (most recent call last):
+    ...
+    vinterp.ir.validate.GraphError: node 0: unknown op 'exec' (not in the IR allowlist)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import ValidationError
+
+from vinterp.ir import ops
+from vinterp.ir.schema import (
+    DictV, Graph, ListV, Node, Ref, SliceV, TensorRef, TupleV, Value,
+)
+from vinterp.ir.tensors import nbytes
+
+#: default limits; servers may pass stricter ones.
+MAX_TENSOR_BYTES = 256 * 2**20
+MAX_TOTAL_TENSOR_BYTES = 1024 * 2**20
+MAX_NODES = 200_000
+
+
+class GraphError(ValueError):
+    """A graph failed validation; the message names the node and what is wrong."""
+
+
+def iter_refs(value: Value) -> Iterator[int]:
+    """All node ids referenced (at any depth) by an argument value."""
+    if isinstance(value, Ref):
+        yield value.ref
+    elif isinstance(value, (ListV, TupleV)):
+        for v in (value.list if isinstance(value, ListV) else value.tuple):
+            yield from iter_refs(v)
+    elif isinstance(value, SliceV):
+        for v in value.slice:
+            yield from iter_refs(v)
+    elif isinstance(value, DictV):
+        for v in value.mapping.values():
+            yield from iter_refs(v)
+
+
+def iter_tensor_refs(value: Value) -> Iterator[int]:
+    """All tensor-constant indices referenced by an argument value."""
+    if isinstance(value, TensorRef):
+        yield value.tensor
+    elif isinstance(value, (ListV, TupleV)):
+        for v in (value.list if isinstance(value, ListV) else value.tuple):
+            yield from iter_tensor_refs(v)
+    elif isinstance(value, SliceV):
+        for v in value.slice:
+            yield from iter_tensor_refs(v)
+    elif isinstance(value, DictV):
+        for v in value.mapping.values():
+            yield from iter_tensor_refs(v)
+
+
+def node_values(node: Node) -> Iterator[Value]:
+    """Every argument value of a node (positional then keyword)."""
+    yield from node.args
+    yield from node.kwargs.values()
+
+
+def load(
+    data: str | bytes | dict[str, Any] | Graph,
+    *,
+    max_tensor_bytes: int = MAX_TENSOR_BYTES,
+    max_total_tensor_bytes: int = MAX_TOTAL_TENSOR_BYTES,
+    max_nodes: int = MAX_NODES,
+) -> Graph:
+    """Parse (JSON text, dict or Graph) and validate an intervention graph.
+
+    Example::
+
+        >>> from vinterp.ir import load
+        >>> g = load('{"nodes": [{"id": 0, "op": "read", '
+        ...          '"kwargs": {"module": "model.layers.0", "kind": "output"}}]}')
+        >>> g.nodes[0].op
+        'read'
+    """
+    if isinstance(data, Graph):
+        graph = data
+    else:
+        try:
+            if isinstance(data, (str, bytes)):
+                graph = Graph.model_validate_json(data)
+            else:
+                graph = Graph.model_validate(data)
+        except ValidationError as exc:
+            raise GraphError(f"malformed intervention graph: {exc}") from None
+    validate(graph, max_tensor_bytes=max_tensor_bytes,
+             max_total_tensor_bytes=max_total_tensor_bytes, max_nodes=max_nodes)
+    return graph
+
+
+def validate(
+    graph: Graph,
+    *,
+    max_tensor_bytes: int = MAX_TENSOR_BYTES,
+    max_total_tensor_bytes: int = MAX_TOTAL_TENSOR_BYTES,
+    max_nodes: int = MAX_NODES,
+) -> None:
+    """Check a parsed graph; raise :class:`GraphError` naming the first bad node."""
+    if len(graph.nodes) > max_nodes:
+        raise GraphError(f"graph has {len(graph.nodes)} nodes; the limit is {max_nodes}")
+    total = 0
+    for i, td in enumerate(graph.tensors):
+        size = nbytes(td)
+        if size > max_tensor_bytes:
+            raise GraphError(
+                f"tensor constant {i} ({td.dtype}{list(td.shape)}) is {size} bytes; "
+                f"the limit is {max_tensor_bytes}"
+            )
+        total += size
+        # base64 length must match the shape (4 chars per 3 bytes, padded)
+        expected = 4 * ((size + 2) // 3)
+        if len(td.data) != expected:
+            raise GraphError(
+                f"tensor constant {i}: {len(td.data)} base64 characters do not match "
+                f"dtype {td.dtype} and shape {list(td.shape)} (expected {expected})"
+            )
+    if total > max_total_tensor_bytes:
+        raise GraphError(
+            f"tensor constants total {total} bytes; the limit is {max_total_tensor_bytes}"
+        )
+    n_invokes = len(graph.invokes)
+    seen: set[int] = set()
+    for pos, node in enumerate(graph.nodes):
+        where = f"node {node.id}" + (f" ({node.line})" if node.line else "")
+        if node.id in seen:
+            raise GraphError(f"{where}: duplicate node id")
+        if not ops.known_op(node.op):
+            raise GraphError(f"{where}: unknown op {node.op!r} (not in the IR allowlist)")
+        problem = ops.check_call(node.op, node.kwargs)
+        if problem:
+            raise GraphError(f"{where}: {problem}")
+        if n_invokes and not (-1 <= node.invoke < n_invokes):
+            raise GraphError(f"{where}: invoke {node.invoke} does not exist "
+                             f"(the graph has {n_invokes})")
+        if node.steps.stop is not None and node.steps.stop <= node.steps.start:
+            raise GraphError(f"{where}: empty step range [{node.steps.start}, "
+                             f"{node.steps.stop})")
+        for value in node_values(node):
+            for ref in iter_refs(value):
+                if ref not in seen:
+                    # Only references to earlier nodes are allowed: this also excludes cycles.
+                    kind = "a later node (cycle)" if ref in {n.id for n in graph.nodes} \
+                        else "a node that does not exist"
+                    raise GraphError(f"{where}: argument refers to node {ref}, {kind}")
+            for t in iter_tensor_refs(value):
+                if not 0 <= t < len(graph.tensors):
+                    raise GraphError(f"{where}: tensor constant {t} does not exist")
+        seen.add(node.id)
+
+
+def dumps(graph: Graph, *, indent: int | None = None) -> str:
+    """Serialize a graph to its versioned JSON encoding."""
+    return graph.model_dump_json(indent=indent)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the IR, for clients written in other languages.
+
+    Example::
+
+        >>> from vinterp.ir import json_schema
+        >>> json_schema()["title"]
+        'Graph'
+    """
+    return Graph.model_json_schema()
+
+
+def to_dict(graph: Graph) -> dict[str, Any]:
+    """The graph as plain JSON-compatible data."""
+    return json.loads(dumps(graph))

@@ -1,0 +1,76 @@
+"""The shape of an architecture table: where the standard points live in the HF module tree.
+
+Each supported architecture is one :class:`Architecture` value in its own module; nothing
+else in vinterp branches on the model type. Backends read these tables to map the standard
+aliases (``model.layers[i]``, ``.attn``, ``.mlp``, ``model.embed``, ``model.final_norm``,
+``model.lm_head``, ``model.logits``) onto real module paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class VllmMapping:
+    """Where the standard points live inside vLLM's implementation of an architecture.
+
+    vLLM fuses the residual add into the next norm: a decoder layer returns
+    ``(hidden_states, residual)`` and the residual stream users mean (HF's layer output) is
+    their sum. Paths are relative to vLLM's top-level ``*ForCausalLM`` module.
+
+    Example::
+
+        >>> from vinterp.models.architectures import for_model_type
+        >>> for_model_type("llama").vllm.layers
+        'model.layers'
+    """
+
+    layers: str = "model.layers"
+    attn: str = "self_attn"
+    mlp: str = "mlp"
+    embed: str = "model.embed_tokens"
+    #: vLLM's final norm takes ``(hidden, residual)`` and returns ``(normed, residual)``.
+    final_norm: str = "model.norm"
+    #: a decoder layer takes ``(positions, hidden, residual)`` and returns
+    #: ``(hidden, residual)``: the residual stream is ``hidden + residual``.
+    residual_pair: bool = True
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where the standard points of one HF architecture live.
+
+    Example::
+
+        >>> from vinterp.models.architectures import for_model_type
+        >>> for_model_type("llama").layer(5)
+        'model.layers.5'
+    """
+
+    model_types: tuple[str, ...]
+    layers: str            # the ModuleList of decoder layers
+    attn: str              # attention, relative to a layer
+    mlp: str               # MLP, relative to a layer
+    embed: str             # token embedding
+    final_norm: str        # norm before the LM head
+    lm_head: str           # LM head (its output is the logits)
+    #: the attention module's dropout applied to probabilities, relative to ``attn`` (GPT-2).
+    attn_dropout: str | None = None
+    #: other names inside a layer that users commonly reach for, relative to the layer.
+    layer_extras: dict[str, str] = field(default_factory=dict)
+    #: how the points map into vLLM's model; ``None``: the vllm backend refuses this model.
+    vllm: VllmMapping | None = None
+
+    def layer(self, i: int) -> str:
+        """Module path of decoder layer ``i``."""
+        return f"{self.layers}.{i}"
+
+    def aliases(self) -> dict[str, str]:
+        """Model-level alias → real module path."""
+        return {"embed": self.embed, "final_norm": self.final_norm, "lm_head": self.lm_head,
+                "layers": self.layers}
+
+    def layer_aliases(self) -> dict[str, str]:
+        """Layer-level alias → path relative to the layer."""
+        return {"attn": self.attn, "mlp": self.mlp, **self.layer_extras}

@@ -1,0 +1,14 @@
+"""Llama: where the standard points live in its HF module tree."""
+
+from vinterp.models.architectures.base import Architecture, VllmMapping
+
+ARCHITECTURE = Architecture(
+    model_types=("llama",),
+    layers="model.layers",
+    attn="self_attn",
+    mlp="mlp",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    vllm=VllmMapping(),
+)
