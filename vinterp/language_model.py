@@ -84,17 +84,22 @@ class LanguageModel:
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(self.config)
+        # This check reads token values (impossible on meta tensors) only to print a warning.
+        for module in model.modules():
+            if hasattr(module, "warn_if_padding_and_no_attention_mask"):
+                module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
         return model.eval()
 
-    def _make_hf_backend(self, model: nn.Module) -> Backend:
+    def _make_hf_backend(self, model: nn.Module, scan: bool = False) -> Backend:
         from vinterp.backends.hf import HfBackend
 
-        return HfBackend(model, self.architecture, self._pad_id, self.tokenizer.eos_token_id)
+        return HfBackend(model, self.architecture, self._pad_id, self.tokenizer.eos_token_id,
+                         scan=scan)
 
     def _scan_backend(self) -> Backend:
         if self._meta_backend is None:
-            self._meta_backend = self._make_hf_backend(
-                self._model if self.backend_name != "hf" else self._meta_model())
+            meta = self._model if self.backend_name != "hf" else self._meta_model()
+            self._meta_backend = self._make_hf_backend(meta, scan=True)
         return self._meta_backend
 
     # ------------------------------------------------------------------ tracing API

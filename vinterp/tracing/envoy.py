@@ -60,9 +60,18 @@ class Envoy:
         """``(args, kwargs)`` of the module's forward."""
         return self._read("inputs")
 
+    def _virtual(self, name: str) -> str | None:
+        if name in VIRTUAL_ATTENTION and self._lm._is_attention(self._path):
+            return f"{self._path}.{name}"
+        return None
+
     def __setattr__(self, name: str, value: Any) -> None:
         if name in POINTS:
             self._lm._current_tracer(f"{self._name()}.{name}").write(self._path, name, value)
+            return
+        virtual = self._virtual(name)
+        if virtual is not None:
+            self._lm._current_tracer(f"{self._name()}.{name}").write(virtual, "output", value)
             return
         raise TracingError(f"cannot set {name!r} on {self._name()}; only .output, .input and "
                            ".inputs can be assigned")
@@ -81,8 +90,6 @@ class Envoy:
             alias = self._lm._layer_alias(self._path, name)
             if alias is not None:
                 return self._child(alias) if "." not in alias else self._descend(alias)
-            if name in VIRTUAL_ATTENTION and self._lm._is_attention(self._path):
-                return Envoy(self._lm, path, None)
         raise AttributeError(self._missing(name))
 
     def _descend(self, rel: str) -> Envoy:
@@ -102,6 +109,10 @@ class Envoy:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
+        virtual = self._virtual(name)
+        if virtual is not None:
+            # attention probabilities [batch, heads, q, k]: a value, not a module
+            return self._lm._current_tracer(f"{self._name()}.{name}").read(virtual, "output")
         try:
             return self._child(name)
         except AttributeError:

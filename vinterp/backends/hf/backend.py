@@ -48,6 +48,9 @@ class _Event:
         self.step = run.step
         self.value = value
         self.replaced = False
+        # views handed out while autograd records: routed back into the batch afterwards so
+        # gradients reach them (see _Run.event)
+        self.handed: dict[int, torch.Tensor] = {}
 
     def _dims(self, invoke: int) -> tuple[slice, int, int, int]:
         layout = self.run.layout
@@ -60,11 +63,16 @@ class _Event:
         return self.value
 
     def get(self, invoke: int) -> Any:
-        return cut(self._target(), *self._dims(invoke))
+        target = self._target()
+        view = cut(target, *self._dims(invoke))
+        if torch.is_grad_enabled() and isinstance(view, torch.Tensor) and view is not target:
+            self.handed[invoke] = view
+        return view
 
     def set(self, invoke: int, new: Any) -> None:
         where = f"{self.module or 'model'}.{self.kind}"
         out_of_place = torch.is_grad_enabled()
+        self.handed.pop(invoke, None)
         if self.kind == "input":
             args, kwargs = self.value
             first = assign(self.run.first_arg(self.value), new, *self._dims(invoke), where,
@@ -111,6 +119,9 @@ class _Run:
         if kind == "input":
             self._first_name = self.backend.first_param(module)
         self.runner.on_event(ev)
+        for invoke, view in list(ev.handed.items()):
+            # make the batch depend on each invoke's view, so view.grad is filled on backward
+            ev.set(invoke, view)
         return ev
 
 
@@ -120,8 +131,11 @@ class HfBackend(Backend):
     name = "hf"
 
     def __init__(self, model: nn.Module, architecture: Architecture | None, pad_id: int,
-                 eos_id: int | None = None) -> None:
+                 eos_id: int | None = None, *, scan: bool = False) -> None:
         self.model = model
+        # scan: the model lives on the meta device; only shapes flow, so the attention mask
+        # (whose creation inspects values) is left out
+        self.scan = scan
         self.arch = architecture
         self.pad_id = pad_id
         self.eos_id = eos_id
@@ -260,8 +274,8 @@ class HfBackend(Backend):
             try:
                 if graph.mode == "generate":
                     return self._generate(graph, layout, device)
-                self.model(input_ids=layout.input_ids.to(device),
-                           attention_mask=layout.attention_mask.to(device),
+                mask = None if self.scan else layout.attention_mask.to(device)
+                self.model(input_ids=layout.input_ids.to(device), attention_mask=mask,
                            position_ids=layout.position_ids.to(device))
             except StopForward:
                 pass

@@ -22,6 +22,8 @@ def cut(value: Any, rows: slice, offset: int, key_len: int, batch: int) -> Any:
     if isinstance(value, torch.Tensor):
         if value.dim() == 0 or value.shape[0] != batch:
             return value
+        if offset == 0 and rows.start == 0 and rows.stop == batch:
+            return value  # the invoke is the whole batch: the tensor itself (keeps autograd)
         out = value[rows]
         if offset:
             for d in _SEQ_DIMS.get(value.dim(), ()):
