@@ -1,0 +1,137 @@
+"""Reading and writing a point's rows in vLLM's tensors, presented the way HF shapes them.
+
+Two views of the same hook arguments:
+
+* :func:`point_rows` — ``get(rows) -> [R, hidden]`` copies and ``put(rows, new)`` for the
+  vectorized path (any rows of the batch at once).
+* :class:`RowsEvent` — one request's contiguous rows as an HF-shaped value (``[1, seq, hidden]``,
+  attention as ``(out, None)``, logits, model output) for the general graph runner.
+
+At a fused decoder layer the residual stream is ``hidden + residual``; a write stores the new
+stream in ``hidden`` and zeroes ``residual`` for those rows, so the next fused add gives exactly
+the new value (``x + 0 == x``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from vinterp_vllm.layout import RowSpan
+from vinterp_vllm.points import VllmPoint
+
+
+def _pair(args: tuple, kwargs: dict, out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden, residual) of a fused layer at its input (pre-hook) or output."""
+    if out is not None:
+        return out[0], out[1]
+    hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
+    residual = args[2] if len(args) > 2 else kwargs.get("residual")
+    return hidden, residual
+
+
+def _tensor(value: str, args: tuple, kwargs: dict, out: Any) -> torch.Tensor:
+    """The plain tensor at a non-residual point."""
+    if out is None:
+        return args[0] if args else kwargs["hidden_states"]
+    if isinstance(out, (tuple, list)):  # vLLM's final norm returns (normed, residual)
+        return out[0]
+    return out
+
+
+def point_rows(value: str, args: tuple, kwargs: dict, out: Any) -> tuple[
+        Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor, torch.Tensor], None]]:
+    """Row accessors for the vectorized path at a point whose value kind is ``value``."""
+    if value == "residual":
+        h, r = _pair(args, kwargs, out)
+
+        def get(idx: torch.Tensor) -> torch.Tensor:
+            return h.index_select(0, idx) if r is None else \
+                h.index_select(0, idx) + r.index_select(0, idx)
+
+        def put(idx: torch.Tensor, new: torch.Tensor) -> None:
+            h.index_copy_(0, idx, new.to(h.dtype))
+            if r is not None:
+                r.index_fill_(0, idx, 0)
+        return get, put
+    x = _tensor(value, args, kwargs, out)
+
+    def get_t(idx: torch.Tensor) -> torch.Tensor:
+        return x.index_select(0, idx)
+
+    def put_t(idx: torch.Tensor, new: torch.Tensor) -> None:
+        x.index_copy_(0, idx, new.to(x.dtype))
+    return get_t, put_t
+
+
+class RowsEvent:
+    """A :class:`~vinterp.ir.interpreter.PointEvent` over one request's rows of the batch."""
+
+    def __init__(self, point: VllmPoint, span: RowSpan, step: int, args: tuple, kwargs: dict,
+                 out: Any, model: Any, *, trace: bool) -> None:
+        self.module, self.kind, self.step = point.hf_module, point.hf_kind, step
+        self._p, self._span, self._trace = point, span, trace
+        self._args, self._kwargs, self._out, self._model = args, kwargs, out, model
+        self._value: Any = None
+        self._dirty = False
+        self._first_row = span.start
+        a, b = span.start, span.stop
+        v = point.value
+        if v == "residual":
+            h, r = _pair(args, kwargs, out)
+            self._value = (h[a:b] if r is None else h[a:b] + r[a:b]).unsqueeze(0)
+            self._dirty = True  # a fresh sum: always written back (exact, see module doc)
+        elif v in ("tensor", "norm"):
+            self._value = _tensor(v, args, kwargs, out)[a:b].unsqueeze(0)  # a view
+        elif v == "attn":
+            self._value = (_tensor(v, args, kwargs, out)[a:b].unsqueeze(0), None)
+        else:
+            normed = _tensor(v, args, kwargs, out)
+            rows = normed[a:b] if trace else normed[b - 1:b]
+            self._first_row = a if trace else b - 1
+            logits = model.compute_logits(rows).unsqueeze(0)
+            if v == "logits":
+                self._value = logits
+            else:
+                from transformers.modeling_outputs import CausalLMOutputWithPast
+
+                self._value = CausalLMOutputWithPast(logits=logits)
+
+    def get(self, invoke: int) -> Any:
+        return self._value
+
+    def set(self, invoke: int, value: Any) -> None:
+        if self._p.value in ("logits", "model_output"):
+            raise ValueError("writing logits is not supported on the vllm backend yet "
+                             "(vLLM samples from its own logits); use backend='hf'")
+        if self._p.value == "attn" and isinstance(value, tuple):
+            value = value[0]
+        old = self._value[0] if isinstance(self._value, tuple) else self._value
+        value = torch.as_tensor(value).to(old.dtype)
+        if value.shape != old.shape:
+            value = value.expand_as(old)  # raises a clear shape error when it cannot
+        if self._p.value == "residual":
+            self._value = value.clone()
+        else:
+            old.copy_(value)
+        self._dirty = True
+
+    def row_positions(self, invoke: int) -> torch.Tensor:
+        s = self._span
+        first = s.first_pos + (self._first_row - s.start)
+        return torch.arange(first, s.last_pos + 1).unsqueeze(0)
+
+    def prompt_lens(self, invoke: int) -> torch.Tensor:
+        return torch.tensor([[self._span.prompt_len]])
+
+    def write_back(self) -> None:
+        """Store a residual-stream value (edited in place or replaced) into vLLM's tensors."""
+        if self._p.value != "residual" or not self._dirty:
+            return
+        a, b = self._span.start, self._span.stop
+        h, r = _pair(self._args, self._kwargs, self._out)
+        h[a:b] = self._value[0]
+        if r is not None:
+            r[a:b] = 0

@@ -1,0 +1,76 @@
+"""The per-request payload: what a vLLM request carries in ``SamplingParams.extra_args``.
+
+Everything is plain JSON (strings, ints, dicts) so it crosses vLLM's msgpack transport, the
+HTTP server and ``AsyncLLM`` unchanged. The graph travels as IR JSON and is validated again in
+the worker (``vinterp.ir.load``): a worker never trusts a payload.
+
+Example::
+
+    >>> p = Payload(key="run1/0/0", graph_json='{"nodes": []}', invoke=0, mode="trace")
+    >>> Payload.from_extra_args(p.to_extra_args()) == p
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: the key under ``SamplingParams.extra_args`` that holds a vinterp payload.
+EXTRA_ARGS_KEY = "vinterp"
+#: default cap on what one request may capture (bytes).
+DEFAULT_CAPTURE_CAP = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One request's intervention: the graph, which invoke's nodes are its own, and limits.
+
+    ``key`` is the caller's own request key (vLLM appends random suffixes to request ids);
+    captures are drained from the worker under it. ``imports`` holds values of other invokes'
+    nodes (cross-invoke dependencies, already computed in an earlier phase) as IR tensor
+    dicts; ``exports`` lists node ids whose values the caller needs back for a later phase.
+    """
+
+    key: str
+    graph_json: str
+    invoke: int = 0
+    mode: str = "trace"
+    capture_cap: int = DEFAULT_CAPTURE_CAP
+    imports: dict[str, Any] = field(default_factory=dict)
+    exports: tuple[int, ...] = ()
+
+    def to_extra_args(self) -> dict[str, Any]:
+        """The ``extra_args`` entry for ``SamplingParams``."""
+        return {EXTRA_ARGS_KEY: {
+            "key": self.key, "graph": self.graph_json, "invoke": self.invoke,
+            "mode": self.mode, "capture_cap": self.capture_cap, "imports": self.imports,
+            "exports": list(self.exports),
+        }}
+
+    @classmethod
+    def from_extra_args(cls, extra: dict[str, Any] | None) -> Payload | None:
+        """The payload in ``extra_args``, or ``None`` for a plain request."""
+        if not extra or EXTRA_ARGS_KEY not in extra:
+            return None
+        d = extra[EXTRA_ARGS_KEY]
+        return cls(key=str(d["key"]), graph_json=d["graph"], invoke=int(d.get("invoke", 0)),
+                   mode=d.get("mode", "trace"),
+                   capture_cap=int(d.get("capture_cap", DEFAULT_CAPTURE_CAP)),
+                   imports=dict(d.get("imports") or {}),
+                   exports=tuple(int(x) for x in d.get("exports") or ()))
+
+
+@dataclass
+class Outcome:
+    """What the worker hands back for one request key.
+
+    ``saves``: save-node id → value (list per step inside scopes). ``error``: why the request's
+    intervention failed (the request itself still finished). ``retry_alone``: the failure was
+    only a scheduling accident (its prompt was split across chunks) and running it alone fixes it.
+    """
+
+    saves: dict[int, Any] = field(default_factory=dict)
+    exports: dict[int, Any] = field(default_factory=dict)
+    error: str | None = None
+    retry_alone: bool = False

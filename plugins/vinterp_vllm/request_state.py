@@ -1,0 +1,197 @@
+"""Worker-side state of one intervened request: its plan or graph runner, captures, errors.
+
+A request runs either the vectorized plan (steering + captures, see ``fastpath.py``) or a
+:class:`~vinterp.ir.interpreter.GraphRunner` on its own rows. Any failure is recorded here and
+the request's interventions stop; the engine and other requests go on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vinterp.ir import load
+from vinterp.ir.interpreter import GraphRunner, RunState, snapshot
+from vinterp.ir.tensors import decode_tensor
+from vinterp.models.architectures import Architecture
+from vinterp_vllm.fastpath import Action, plan_for
+from vinterp_vllm.layout import RowSpan
+from vinterp_vllm.payload import Outcome, Payload
+from vinterp_vllm.points import VllmPoint, resolve_point
+
+
+def _nbytes(v: Any) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, (list, tuple)):
+        return sum(_nbytes(x) for x in v)
+    if isinstance(v, dict):
+        return sum(_nbytes(x) for x in v.values())
+    return 0
+
+
+class RequestState:
+    """Everything the worker keeps for one request until the caller drains it."""
+
+    def __init__(self, payload: Payload, arch: Architecture, dtype: torch.dtype,
+                 hidden: int) -> None:
+        self.payload = payload
+        self.outcome = Outcome()
+        self.mask_cache: dict[tuple[Any, ...], list[int]] = {}
+        self.plan: dict[tuple[str, str], list[Action]] | None = None
+        self.runner: GraphRunner | None = None
+        self.points: dict[tuple[str, str], VllmPoint] = {}
+        self.captured_bytes = 0
+        # fast captures: save id -> step -> [(first position, rows tensor)]
+        self._chunks: dict[int, dict[int, list[tuple[int, torch.Tensor]]]] = {}
+        self._next_pos: dict[int, int] = {}
+        self.max_pos_seen = -1
+        self.open_step: int | None = None
+        try:
+            self.graph = load(payload.graph_json)
+            for n in self.graph.nodes:
+                if n.op in ("read", "write") and n.invoke in (payload.invoke, -1):
+                    key = (n.kwargs["module"], n.kwargs["kind"])
+                    if key not in self.points:
+                        self.points[key] = resolve_point(arch, *key)
+            kinds = {k: p.value for k, p in self.points.items()}
+            self.plan = plan_for(self.graph, payload.invoke, kinds, dtype)
+            for actions in (self.plan or {}).values():
+                for a in actions:
+                    if a.vector is not None and a.vector.shape[-1] != hidden:
+                        raise ValueError(
+                            f"node {a.node.id} ({a.op}): vector has {a.vector.shape[-1]} "
+                            f"entries but the model's hidden size is {hidden}")
+            if self.plan is None:
+                state = RunState()
+                for nid, td in payload.imports.items():
+                    state.env[int(nid)] = decode_tensor(_tensor_data(td))
+                    state.env_step[int(nid)] = -1
+                self.runner = GraphRunner(self.graph, state=state,
+                                          active_invokes=[payload.invoke])
+        except Exception as exc:  # a bad graph fails this request only
+            self.fail(f"{type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------------ status
+    @property
+    def failed(self) -> bool:
+        return self.outcome.error is not None
+
+    def fail(self, message: str, *, retry_alone: bool = False) -> None:
+        if self.outcome.error is None:
+            self.outcome.error = message
+            self.outcome.retry_alone = retry_alone
+        self.runner = None
+        self.plan = None
+
+    def _account(self, value: Any) -> None:
+        self.captured_bytes += _nbytes(value)
+        if self.captured_bytes > self.payload.capture_cap:
+            self.fail(f"captures exceeded this request's cap of {self.payload.capture_cap} "
+                      f"bytes; save fewer points or positions (e.g. x[:, -1]) or raise "
+                      f"capture_cap")
+
+    # ------------------------------------------------------------------ fast captures
+    def add_capture(self, action: Action, span: RowSpan, rows: list[int],
+                    values: torch.Tensor) -> None:
+        """Record captured rows (copies); rows already captured (recomputation) are skipped."""
+        sid = action.node.id
+        nxt = self._next_pos.get(sid, 0)
+        per_step = self._chunks.setdefault(sid, {})
+        # rows are consecutive positions within one step except across the prompt's end
+        for i, r in enumerate(rows):
+            pos = span.first_pos + (r - span.start)
+            if pos < nxt:
+                continue
+            step = max(0, pos - span.prompt_len + 1)
+            per_step.setdefault(step, []).append((pos, values[i]))
+            nxt = pos + 1
+        self._next_pos[sid] = nxt
+        self._account(values)
+
+    def fast_saves(self) -> dict[int, Any]:
+        out: dict[int, Any] = {}
+        assert self.plan is not None
+        for point, actions in self.plan.items():
+            wrap = self.points[point].value == "attn"  # HF attention returns (out, weights)
+            for a in actions:
+                if a.op != "capture":
+                    continue
+                steps = self._chunks.get(a.node.id, {})
+                vals: list[Any] = [torch.stack([v for _, v in steps[s]]).unsqueeze(0)
+                                   for s in sorted(steps)]
+                if wrap:
+                    vals = [(v, None) for v in vals]
+                multi = a.node.steps.stop is None or a.node.steps.stop - a.node.steps.start > 1
+                if multi:
+                    out[a.node.id] = vals
+                elif vals:
+                    out[a.node.id] = vals[-1]
+        return out
+
+    # ------------------------------------------------------------------ general path
+    def begin(self, span: RowSpan) -> bool:
+        """Start this request's step for the general runner; False if nothing to run."""
+        runner = self.runner
+        if runner is None:
+            return False
+        if span.first_pos <= self.max_pos_seen:
+            self.fail("the request was preempted and recomputed; general interventions cannot "
+                      "be replayed. Give the engine more KV cache (kv_cache_memory_bytes)")
+            return False
+        self.max_pos_seen = span.last_pos
+        if span.first_pos < span.prompt_len:
+            if span.first_pos != 0 or span.n < span.prompt_len:
+                self.fail(f"the prompt ({span.prompt_len} tokens) was split across forward "
+                          f"chunks by chunked prefill; this graph indexes or mixes positions and "
+                          f"needs the whole prompt in one forward", retry_alone=True)
+                return False
+            step = 0
+        else:
+            step = span.first_pos - span.prompt_len + 1
+        if step >= runner.max_step:
+            return False
+        try:
+            runner.begin_step(step)
+        except Exception as exc:
+            self.fail(str(exc))
+            return False
+        self.open_step = step
+        return True
+
+    def end(self) -> None:
+        """End the open step of the general runner; record exports."""
+        runner = self.runner
+        self.open_step = None
+        if runner is None:
+            return
+        try:
+            runner.end_step()
+        except Exception as exc:
+            self.fail(str(exc))
+            return
+        for nid in self.payload.exports:
+            if nid in runner.state.env:
+                self.outcome.exports[nid] = snapshot(runner.state.env[nid])
+
+    def finish(self) -> Outcome:
+        """The outcome to hand back (saves assembled)."""
+        if not self.failed:
+            try:
+                if self.plan is not None:
+                    self.outcome.saves = self.fast_saves()
+                elif self.runner is not None:
+                    self.outcome.saves = self.runner.results()
+                    self._account(self.outcome.saves)
+            except Exception as exc:
+                self.fail(f"{type(exc).__name__}: {exc}")
+        if self.failed:
+            self.outcome.saves = {}
+        return self.outcome
+
+
+def _tensor_data(td: Any) -> Any:
+    from vinterp.ir.schema import TensorData
+
+    return td if isinstance(td, TensorData) else TensorData.model_validate(td)

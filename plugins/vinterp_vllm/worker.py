@@ -1,0 +1,226 @@
+"""The worker extension: hooks in vLLM's model that run every request's interventions.
+
+vLLM mixes this class into its worker (``LLM(worker_extension_cls=WORKER_EXTENSION)``) and the
+caller reaches it with ``collective_rpc``:
+
+* ``vinterp_install(model_type)`` — install the hooks (once; idempotent).
+* ``vinterp_drain(keys)`` — hand back and free the outcomes (saves, errors) of finished
+  requests by the caller's own keys; ``vinterp_release(keys)`` frees without returning.
+
+Each forward: a pre-hook on the model works out which rows belong to which intervened request
+(``layout.py``), builds the vectorized groups per point (``fastpath.py``) and starts the steps
+of general graphs; the point hooks apply them; a post-hook closes the steps. Requests without a
+payload are never touched: their rows are bit-identical to plain vLLM.
+
+Example::
+
+    llm = LLM(model, worker_extension_cls=WORKER_EXTENSION, enforce_eager=True)
+    llm.collective_rpc("vinterp_install", args=("llama",))
+    llm.generate(prompts, [SamplingParams(extra_args=payload.to_extra_args()), ...])
+    outcomes = llm.collective_rpc("vinterp_drain", args=(keys,))[0]
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vinterp_vllm.events import RowsEvent, point_rows
+from vinterp_vllm.fastpath import Group, build_groups
+from vinterp_vllm.layout import RowSpan, batch_spans
+from vinterp_vllm.payload import Outcome, Payload
+from vinterp_vllm.points import VllmPoint
+from vinterp_vllm.request_state import RequestState
+
+WORKER_EXTENSION = "vinterp_vllm.worker.VinterpWorkerExtension"
+log = logging.getLogger("vinterp_vllm")
+
+#: HF point value kinds served at one vLLM hook, in the order the HF model produces them
+_ORDER = {"residual": 0, "tensor": 0, "attn": 0, "norm": 0, "logits": 1, "model_output": 2}
+
+
+class VinterpWorkerExtension:
+    """Methods vLLM mixes into its worker; state lives on the worker instance."""
+
+    # ------------------------------------------------------------------ RPC
+    def vinterp_install(self, model_type: str) -> bool:
+        """Install the hooks on vLLM's model (V1 model runner, eager mode)."""
+        if getattr(self, "_vinterp", None) is not None:
+            return True
+        from vinterp.models.architectures import for_model_type
+
+        runner = self.model_runner  # type: ignore[attr-defined]
+        if not hasattr(runner, "input_batch"):
+            raise RuntimeError("vinterp needs vLLM's V1 model runner; set "
+                               "VLLM_USE_V2_MODEL_RUNNER=0")
+        arch = for_model_type(model_type)
+        self._vinterp = _Hooks(runner, arch)
+        return True
+
+    def vinterp_drain(self, keys: list[str]) -> dict[str, Outcome]:
+        """Outcomes of the given request keys (finished requests), freeing their state."""
+        return self._vinterp.drain(keys)
+
+    def vinterp_release(self, keys: list[str]) -> None:
+        """Forget requests (aborted or no longer wanted)."""
+        self._vinterp.drain(keys)
+
+
+class _Hooks:
+    def __init__(self, runner: Any, arch: Any) -> None:
+        self.runner = runner
+        self.arch = arch
+        self.model = runner.model
+        self.dtype = next(self.model.parameters()).dtype
+        self.hidden = int(runner.model_config.get_hidden_size())
+        self.by_req: dict[str, RequestState | None] = {}
+        self.by_key: dict[str, RequestState] = {}
+        self.step_fast: dict[tuple[str, str], list[Group]] = {}   # vLLM hook → groups
+        self.step_general: list[tuple[RequestState, RowSpan]] = []
+        self.general_points: dict[tuple[str, str], list[tuple[RequestState, RowSpan,
+                                                              VllmPoint]]] = {}
+        self.active_hooks: set[tuple[str, str]] = set()
+        self.mode_trace: dict[str, bool] = {}
+        self._install()
+
+    # ------------------------------------------------------------------ hooks
+    def _install(self) -> None:
+        vm = self.arch.vllm
+        mods = dict(self.model.named_modules())
+        n_layers = len(mods[vm.layers])
+        targets = [vm.embed, vm.final_norm]
+        for i in range(n_layers):
+            layer = f"{vm.layers}.{i}"
+            targets += [layer, f"{layer}.{vm.attn}", f"{layer}.{vm.mlp}"]
+        for name in targets:
+            mod = mods[name]
+            mod.register_forward_pre_hook(self._make_hook(name, "input"), with_kwargs=True)
+            mod.register_forward_hook(self._make_hook(name, "output"), with_kwargs=True)
+        self.model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
+        self.model.register_forward_hook(self._end_forward, with_kwargs=True)
+
+    def _make_hook(self, name: str, side: str) -> Any:
+        key = (name, side)
+        if side == "input":
+            def pre(mod: Any, args: tuple, kwargs: dict) -> None:
+                if key in self.active_hooks:
+                    self._at_point(mod, key, args, kwargs, None)
+            return pre
+
+        def post(mod: Any, args: tuple, kwargs: dict, out: Any) -> None:
+            if key in self.active_hooks:
+                self._at_point(mod, key, args, kwargs, out)
+        return post
+
+    # ------------------------------------------------------------------ per forward
+    def _state(self, req_id: str) -> RequestState | None:
+        if req_id in self.by_req:
+            return self.by_req[req_id]
+        req = self.runner.requests.get(req_id)
+        payload = None if req is None or req.sampling_params is None else \
+            Payload.from_extra_args(req.sampling_params.extra_args)
+        st = None
+        if payload is not None:
+            st = self.by_key.get(payload.key)
+            if st is None:
+                st = RequestState(payload, self.arch, self.dtype, self.hidden)
+                self.by_key[payload.key] = st
+        self.by_req[req_id] = st
+        return st
+
+    def _begin_forward(self, mod: Any, args: tuple, kwargs: dict) -> None:
+        self.step_fast, self.step_general, self.general_points = {}, [], {}
+        self.active_hooks = set()
+        batch = self.runner.input_batch
+        ids = [r for r in batch.req_ids[:batch.num_reqs] if r is not None]
+        wanted = {r for r in ids if self._state(r) is not None}
+        if not wanted:
+            return
+        positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        spans = batch_spans(batch, positions, wanted)
+        fast: dict[tuple[str, str], list[tuple[RequestState, RowSpan, list]]] = {}
+        for span in spans:
+            st = self.by_req[span.req_id]
+            if st is None or st.failed:
+                continue
+            st.mask_cache = {}
+            if st.plan is not None:
+                for hf_key, actions in st.plan.items():
+                    p = st.points[hf_key]
+                    fast.setdefault((p.vllm_module, p.side, p.value), []).append(
+                        (st, span, actions))
+            elif st.begin(span):
+                self.step_general.append((st, span))
+                for p in st.points.values():
+                    hook = (p.vllm_module, p.side)
+                    self.general_points.setdefault(hook, []).append((st, span, p))
+                    self.active_hooks.add(hook)
+        device = positions.device
+        for (vmod, side, value), entries in fast.items():
+            try:
+                groups = build_groups(entries, device)
+            except Exception as exc:  # never take the step down: fail these requests only
+                for st, _, _ in entries:
+                    st.fail(f"{type(exc).__name__}: {exc}")
+                continue
+            if groups:
+                self.step_fast.setdefault((vmod, side), []).extend(
+                    (value, g) for g in groups)  # type: ignore[arg-type]
+                self.active_hooks.add((vmod, side))
+        for lst in self.general_points.values():
+            lst.sort(key=lambda e: _ORDER[e[2].value])
+
+    def _end_forward(self, mod: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        for st, _ in self.step_general:
+            st.end()
+        self.active_hooks = set()
+
+    def _at_point(self, mod: Any, key: tuple[str, str], args: tuple, kwargs: dict,
+                  out: Any) -> None:
+        for value, g in self.step_fast.get(key, ()):  # type: ignore[misc]
+            get, put = point_rows(value, args, kwargs, out)
+            try:
+                if g.op == "capture":
+                    vals = get(g.rows)
+                    at = 0
+                    for st, action, span, rows in g.captures:
+                        st.add_capture(action, span, rows, vals[at:at + len(rows)])
+                        at += len(rows)
+                else:
+                    put(g.rows, g.apply(get(g.rows)))
+            except Exception as exc:  # e.g. a vector of the wrong hidden size
+                msg = f"{type(exc).__name__}: {exc}"
+                for st in g.owners:
+                    st.fail(msg)
+                log.warning("vinterp: vectorized %s at %s failed: %s", g.op, key, msg)
+        for st, span, p in self.general_points.get(key, ()):
+            if st.failed or st.runner is None or st.open_step is None:
+                continue
+            ev = RowsEvent(p, span, st.open_step, args, kwargs, out, self.model,
+                           trace=st.payload.mode == "trace")
+            try:
+                st.runner.on_event(ev)
+                ev.write_back()
+            except Exception as exc:
+                from vinterp.ir.interpreter import StopForward
+
+                if isinstance(exc, StopForward):
+                    continue
+                st.fail(f"{type(exc).__name__}: {exc}" if not str(exc).startswith(
+                    "intervention") else str(exc))
+
+    # ------------------------------------------------------------------ results
+    def drain(self, keys: list[str]) -> dict[str, Outcome]:
+        out: dict[str, Outcome] = {}
+        for key in keys:
+            st = self.by_key.pop(key, None)
+            if st is None:
+                continue
+            out[key] = st.finish()
+        live = set(self.by_key.values())
+        self.by_req = {r: s for r, s in self.by_req.items() if s is None or s in live}
+        # plain request ids leave the cache once vLLM forgets them
+        self.by_req = {r: s for r, s in self.by_req.items()
+                       if s is not None or r in self.runner.requests}
+        return out
+

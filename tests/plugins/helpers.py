@@ -1,0 +1,84 @@
+"""Small builders for hand-made graphs and raw-hook HF references."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vinterp.ir import Graph, Invoke, Node, Ref, Steps, TensorRef, encode_tensor
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-based relative error."""
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def capture_graph(prompts: list[list[int]], points: list[str], mode: str = "trace",
+                  generation: dict[str, Any] | None = None) -> tuple[Graph, list[int]]:
+    """One invoke per prompt, each saving the output of every module in ``points``."""
+    nodes, saves, nid = [], [], 0
+    for i in range(len(prompts)):
+        for p in points:
+            nodes.append(Node(id=nid, op="read", kwargs={"module": p, "kind": "output"},
+                              invoke=i))
+            nodes.append(Node(id=nid + 1, op="save", args=(Ref(ref=nid),), invoke=i))
+            saves.append(nid + 1)
+            nid += 2
+    g = Graph(mode=mode, invokes=tuple(Invoke(prompts=(tuple(p),)) for p in prompts),
+              nodes=tuple(nodes), generation=generation or {})
+    return g, saves
+
+
+def steer_graph(prompts: list[list[int]], specs: list[dict[str, Any] | None],
+                max_new_tokens: int = 8) -> Graph:
+    """One invoke per prompt; spec = {layer, vector, scale, positions, op} or None (plain)."""
+    nodes, tensors, nid = [], [], 0
+    for i, spec in enumerate(specs):
+        if spec is None:
+            continue
+        op = spec.get("op", "steer")
+        kw: dict[str, Any] = {}
+        if op in ("steer", "replace"):
+            kw["vector"] = TensorRef(tensor=len(tensors))
+            tensors.append(encode_tensor(spec["vector"]))
+        if op in ("ablate", "clamp"):
+            kw["direction"] = TensorRef(tensor=len(tensors))
+            tensors.append(encode_tensor(spec["vector"]))
+        if op == "steer":
+            kw["scale"] = spec.get("scale", 1.0)
+        if op == "scale":
+            kw["factor"] = spec.get("factor", 1.0)
+        if op == "clamp":
+            kw["min"], kw["max"] = spec.get("min"), spec.get("max")
+        if spec.get("positions") is not None:
+            kw["positions"] = spec["positions"]
+        module = f"model.layers.{spec['layer']}"
+        steps = Steps(start=0, stop=None)
+        nodes.append(Node(id=nid, op="read", kwargs={"module": module, "kind": "output"},
+                          invoke=i, steps=steps))
+        nodes.append(Node(id=nid + 1, op=op, args=(Ref(ref=nid),), kwargs=kw, invoke=i,
+                          steps=steps))
+        nid += 2
+    return Graph(mode="generate", invokes=tuple(Invoke(prompts=(tuple(p),)) for p in prompts),
+                 nodes=tuple(nodes), tensors=tuple(tensors),
+                 generation={"max_new_tokens": max_new_tokens, "do_sample": False})
+
+
+def hf_capture(model: torch.nn.Module, ids: list[int], points: list[str]) -> dict[str, Any]:
+    """Raw forward hooks on the HF model: each point's output for one prompt."""
+    got: dict[str, Any] = {}
+    handles = []
+    mods = dict(model.named_modules())
+    for p in points:
+        def hook(m, a, out, p=p):
+            got[p] = out[0] if isinstance(out, tuple) else out
+        handles.append(mods[p].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor([ids]))
+    finally:
+        for h in handles:
+            h.remove()
+    got["lm_head"] = out.logits
+    return got

@@ -1,0 +1,62 @@
+"""Building the vLLM engine the plugin runs in.
+
+Defaults chosen for interventions: in-process engine core (user scripts need no
+``if __name__ == "__main__":`` guard), eager mode (hooks do not fire under torch.compile or CUDA
+graphs), the checkpoint's float32 unless told otherwise (so numbers match the HF backend),
+an explicit KV cache size, and the V1 model runner on CUDA (untested here).
+
+Example::
+
+    llm = build_engine(resolve_model("tiny-llama"), dtype="float32", max_num_batched_tokens=32)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+#: default KV cache for the models vinterp ships (plenty for smollm2-135m)
+DEFAULT_KV_CACHE_BYTES = 1 * 2**30
+
+
+def model_type(model_path: pathlib.Path) -> str:
+    """The HF ``model_type`` of a local checkpoint."""
+    return json.loads((pathlib.Path(model_path) / "config.json").read_text())["model_type"]
+
+
+def build_engine(model_path: pathlib.Path, *, dtype: str | None = None,
+                 **engine_kwargs: Any) -> Any:
+    """A ``vllm.LLM`` with vinterp's worker extension installed and hooked."""
+    from vinterp.models.architectures import for_model_type
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    tp = int(engine_kwargs.get("tensor_parallel_size", 1) or 1)
+    if tp > 1 or int(engine_kwargs.get("pipeline_parallel_size", 1) or 1) > 1:
+        raise ValueError("the vllm backend supports tensor_parallel_size=1 and "
+                         "pipeline_parallel_size=1 only for now (per-request hooks are not "
+                         "sharded yet); use one device per replica")
+    mtype = model_type(model_path)
+    arch = for_model_type(mtype)
+    if arch.vllm is None:
+        raise ValueError(f"model type {mtype!r} is not supported on the vllm backend yet (no "
+                         f"VllmMapping in vinterp/models/architectures/); use backend='hf'")
+    if engine_kwargs.get("enforce_eager") is False:
+        raise ValueError("the vllm backend needs enforce_eager=True: hooks do not fire under "
+                         "torch.compile or CUDA graphs")
+    from vllm import LLM
+
+    from vinterp_vllm.worker import WORKER_EXTENSION
+
+    kwargs: dict[str, Any] = dict(
+        model=str(model_path), dtype=dtype or "float32", enforce_eager=True,
+        worker_extension_cls=WORKER_EXTENSION, seed=0,
+    )
+    if "gpu_memory_utilization" not in engine_kwargs:
+        kwargs["kv_cache_memory_bytes"] = DEFAULT_KV_CACHE_BYTES
+    kwargs.update(engine_kwargs)
+    llm = LLM(**kwargs)
+    llm.collective_rpc("vinterp_install", args=(mtype,))
+    return llm
