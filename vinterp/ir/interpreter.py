@@ -234,6 +234,9 @@ class GraphRunner:
         pending = [lane for lane in self._lanes if not lane.done]
         if not pending:
             return
+        if len(self.active) > 1 and any(self._blocked_on_other_invoke(lane) for lane in pending):
+            # a value from another invoke comes later in this forward: rerun by phases
+            raise NeedsPhases
         for lane in pending:
             node = lane.waiting
             assert node is not None
@@ -258,7 +261,9 @@ class GraphRunner:
 
     def _blocked_on_other_invoke(self, lane: _Lane) -> bool:
         owner = {n.id: n.invoke for n in self.graph.nodes}
-        for n in lane.nodes[lane.cursor:]:
+        # all of the lane's nodes: one that already ran may have waited past the point that
+        # its invoke needed next (e.g. a layer-0 write using another invoke's layer-1 value)
+        for n in lane.nodes:
             for v in node_values(n):
                 if any(owner[r] not in (lane.invoke, -1) for r in iter_refs(v)):
                     return True
@@ -470,7 +475,8 @@ class GraphRunner:
 def _final(saved: _Saved) -> Any:
     # A saved tensor whose gradient the user asked for is returned live, so .grad is there.
     live = saved.live
-    if isinstance(live, torch.Tensor) and (live.retains_grad or (live.is_leaf and live.requires_grad)):
+    if isinstance(live, torch.Tensor) and (
+            live.retains_grad or (live.is_leaf and live.requires_grad)):
         return live
     return saved.snapshot
 

@@ -35,8 +35,8 @@ def cut(value: Any, rows: slice, offset: int, key_len: int, batch: int) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(cut(v, rows, offset, key_len, batch) for v in value)
     if isinstance(value, dict):
-        fields = {k: cut(v, rows, offset, key_len, batch) for k, v in value.items()
-                  if isinstance(v, torch.Tensor)}
+        # every entry (a module's kwargs hold tuples, caches, flags, None too)
+        fields = {k: cut(v, rows, offset, key_len, batch) for k, v in value.items()}
         try:
             return type(value)(**fields)
         except TypeError:

@@ -9,5 +9,5 @@ ARCHITECTURE = Architecture(
     mlp="mlp",
     embed="gpt_neox.embed_in",
     final_norm="gpt_neox.final_layer_norm",
-    lm_head="embed_out",
+    lm_head="lm_head",  # transformers 5 renamed embed_out
 )

@@ -1,0 +1,262 @@
+"""HF backend: values equal raw PyTorch forward hooks exactly (fp32), aliases, attention points,
+invokes of different lengths, cross-invoke flow (including backwards dependencies)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY = ["tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-gptneox"]
+PROMPT = "The quick brown fox jumps over"
+
+
+def _paths(model):
+    arch = model.architecture
+    return {
+        "layer0": arch.layer(0), "layer1": arch.layer(1),
+        "attn1": f"{arch.layer(1)}.{arch.attn}", "mlp1": f"{arch.layer(1)}.{arch.mlp}",
+        "embed": arch.embed, "norm": arch.final_norm, "head": arch.lm_head,
+    }
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_values_equal_raw_forward_hooks(hf_model, raw_run, roundtrip, name):
+    model = hf_model(name)
+    p = _paths(model)
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    raw = raw_run(model, ids, list(p.values()))
+    root = model._root
+    with model.trace(PROMPT) as tracer:
+        embed = root._descend(p["embed"]).output.save()
+        attn_in = root._descend(p["attn1"]).input.save()
+        attn_inputs = root._descend(p["attn1"]).inputs.save()
+        attn = root._descend(p["attn1"]).output.save()
+        mlp = root._descend(p["mlp1"]).output.save()
+        layer1 = root._descend(p["layer1"]).output.save()
+        norm = root._descend(p["norm"]).output.save()
+        head = root._descend(p["head"]).output.save()
+        logits_alias = model.logits.save()
+        logits = model.output.logits.save()
+    assert layer1.shape == (1, len(ids), model.config.hidden_size)
+    assert torch.equal(layer1, raw.outputs[p["layer1"]])
+    # attention keeps HF's (out, weights) structure
+    assert isinstance(attn, tuple) and len(attn) == len(raw.outputs[p["attn1"]])
+    assert torch.equal(attn[0], raw.outputs[p["attn1"]][0])
+    assert torch.equal(mlp, raw.outputs[p["mlp1"]])
+    assert torch.equal(embed, raw.outputs[p["embed"]])
+    assert torch.equal(norm, raw.outputs[p["norm"]])
+    assert torch.equal(head, raw.logits)
+    assert torch.equal(logits, raw.logits)
+    assert torch.equal(logits_alias, raw.logits)
+    # HF calls the attention module with keywords only: .input is still the first parameter
+    raw_args, raw_kwargs = raw.args[p["attn1"]], raw.kwargs[p["attn1"]]
+    if name == "tiny-llama":
+        assert raw_args == ()  # keywords only
+        first = raw_kwargs["hidden_states"]
+    else:
+        first = raw_args[0]
+    assert torch.equal(attn_in, first)
+    args, kwargs = attn_inputs
+    assert len(args) == len(raw_args) and set(kwargs) == set(raw_kwargs)
+    assert torch.equal(args[0] if args else kwargs["hidden_states"], first)
+    roundtrip(model, tracer)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_aliases_resolve_to_real_hf_paths(hf_model, raw_run, name):
+    model = hf_model(name)
+    p = _paths(model)
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    raw = raw_run(model, ids, list(p.values()))
+    with model.trace(PROMPT) as tracer:
+        embed = model.embed.output.save()
+        attn = model.layers[1].attn.output.save()
+        mlp = model.layers[1].mlp.output.save()
+        layer = model.layers[1].output.save()
+        norm = model.final_norm.output.save()
+        head = model.lm_head.output.save()
+        logits = model.logits.save()
+    reads = {n.kwargs["module"] for n in tracer.graph.nodes if n.op == "read"}
+    assert reads == {p["layer1"], p["attn1"], p["mlp1"], p["embed"], p["norm"], p["head"]}
+    assert len(model.layers) == model.config.num_hidden_layers
+    assert torch.equal(layer, raw.outputs[p["layer1"]])
+    assert torch.equal(attn[0], raw.outputs[p["attn1"]][0])
+    assert torch.equal(mlp, raw.outputs[p["mlp1"]])
+    assert torch.equal(embed, raw.outputs[p["embed"]])
+    assert torch.equal(norm, raw.outputs[p["norm"]])
+    assert torch.equal(head, raw.logits)
+    assert torch.equal(logits, raw.logits)
+
+
+def test_hf_module_paths_mirror_the_tree(hf_model):
+    model = hf_model("tiny-gpt2")
+    assert model.transformer.h[1]._module is model._model.transformer.h[1]
+    assert model.layers[-1]._module is model._model.transformer.h[-1]
+    assert "GPT2LMHeadModel" in repr(model)
+    with pytest.raises(IndexError):
+        model.layers[99]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_invokes_of_different_lengths_equal_each_alone(hf_model, roundtrip, name):
+    model = hf_model(name)
+    prompts = ["Hello", "The Eiffel Tower is in the city of", "One two three"]
+    with model.trace() as tracer:
+        together = []
+        for prompt in prompts:
+            with tracer.invoke(prompt):
+                together.append((model.layers[-1].output.save(), model.logits.save()))
+    roundtrip(model, tracer)
+    for prompt, (hid, logit) in zip(prompts, together, strict=True):
+        n = len(model.tokenizer(prompt)["input_ids"])
+        with model.trace(prompt):
+            h_alone = model.layers[-1].output.save()
+            l_alone = model.logits.save()
+        assert hid.shape == (1, n, model.config.hidden_size) == h_alone.shape
+        assert (hid - h_alone).abs().max() <= 1e-5
+        assert (logit - l_alone).abs().max() <= 1e-5
+
+
+def test_prompt_list_in_one_invoke(hf_model):
+    model = hf_model("tiny-llama")
+    prompts = ["Hi", "A much longer prompt than the first"]
+    with model.trace(prompts):
+        logits = model.logits.save()
+    assert logits.shape[0] == 2
+    for b, prompt in enumerate(prompts):
+        n = len(model.tokenizer(prompt)["input_ids"])
+        with model.trace(prompt):
+            alone = model.logits.save()
+        assert (logits[b, -n:] - alone[0]).abs().max() <= 1e-5
+
+
+def test_token_ids_and_tensor_inputs(hf_model):
+    model = hf_model("tiny-llama")
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    with model.trace(PROMPT):
+        a = model.logits.save()
+    with model.trace(ids):
+        b = model.logits.save()
+    with model.trace(torch.tensor([ids])):
+        c = model.logits.save()
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_attention_probs_point(hf_model, roundtrip, name):
+    model = hf_model(name)
+    n = len(model.tokenizer(PROMPT)["input_ids"])
+    with model.trace(PROMPT) as tracer:
+        probs = model.layers[0].attn.probs.save()
+        out = model.logits.save()
+    heads = model.config.num_attention_heads
+    assert probs.shape == (1, heads, n, n)
+    assert torch.allclose(probs.sum(-1), torch.ones(1, heads, n), atol=1e-5)
+    assert torch.all(probs.triu(1) == 0)  # causal
+    with model.trace(PROMPT):
+        plain = model.logits.save()
+    assert (out - plain).abs().max() <= 1e-5  # the eager path gives the same logits
+    roundtrip(model, tracer)
+
+
+def test_gpt2_attn_dropout_input_is_the_attention_pattern(hf_model):
+    model = hf_model("tiny-gpt2")
+    n = len(model.tokenizer(PROMPT)["input_ids"])
+    with model.trace(PROMPT):
+        pattern = model.transformer.h[1].attn.attn_dropout.input.save()
+        probs = model.layers[1].attn.probs.save()
+    assert pattern.shape == (1, model.config.n_head, n, n)
+    assert torch.equal(pattern, probs)
+    assert torch.allclose(pattern.sum(-1), torch.ones(1, model.config.n_head, n), atol=1e-5)
+
+
+def test_writing_attention_probs_changes_the_output(hf_model):
+    model = hf_model("tiny-llama")
+    n = len(model.tokenizer(PROMPT)["input_ids"])
+    uniform = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1).unsqueeze(1)
+    with model.trace(PROMPT):
+        model.layers[0].attn.probs = uniform.expand(1, model.config.num_attention_heads, n, n)
+        got = model.layers[0].attn.probs.save()
+        logits = model.logits.save()
+    with model.trace(PROMPT):
+        plain = model.logits.save()
+    assert torch.allclose(got[0, 0], uniform)
+    assert not torch.allclose(logits, plain)
+
+
+def test_cross_invoke_value_flow_in_written_order(hf_model, roundtrip):
+    model = hf_model("tiny-gpt2")
+    a, b = "The cat sat on the", "The dog ran through the long"
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            cat = model.transformer.h[0].output.save()
+        with tracer.invoke(b):
+            model.transformer.h[0].output[:, -1] = cat[:, -1]
+            patched = model.logits.save()
+    roundtrip(model, tracer)
+    with model.trace(b):
+        model.transformer.h[0].output[:, -1] = cat[:, -1]
+        ref = model.logits.save()
+    assert (patched - ref).abs().max() <= 1e-5
+
+
+def test_backwards_cross_invoke_dependency_runs_by_phases(hf_model, roundtrip):
+    """Invoke 1 at layer 0 needs invoke 0's layer-1 value, which comes later in the forward."""
+    model = hf_model("tiny-llama")
+    a, b = "The cat sat on the", "A dog"
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            late = model.layers[1].output.save()
+        with tracer.invoke(b):
+            model.layers[0].output[:, -1] = late[:, -1]
+            out = model.logits.save()
+    roundtrip(model, tracer)
+    with model.trace(a):
+        late_ref = model.layers[1].output.save()
+    with model.trace(b):
+        model.layers[0].output[:, -1] = late_ref[:, -1]
+        ref = model.logits.save()
+    assert (late - late_ref).abs().max() <= 1e-5
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def test_output_replacement_and_input_replacement(hf_model, roundtrip):
+    model = hf_model("tiny-llama")
+    with model.trace(PROMPT):
+        h0 = model.layers[0].output.save()
+    with model.trace(PROMPT) as tracer:
+        model.layers[1].input = torch.zeros_like(h0)
+        seen = model.layers[1].input.save()
+        model.layers[1].output = model.layers[1].output * 2
+        l1 = model.layers[1].output.save()
+    assert torch.equal(seen, torch.zeros_like(h0))
+    # reference: raw hooks that do the same
+    m = model._model
+    hs = [
+        m.model.layers[1].register_forward_pre_hook(
+            lambda mod, args, kw: ((torch.zeros_like(args[0]),) + args[1:], kw)
+            if args else (args, {**kw, "hidden_states": torch.zeros_like(kw["hidden_states"])}),
+            with_kwargs=True),
+        m.model.layers[1].register_forward_hook(lambda mod, args, out: out * 2),
+    ]
+    try:
+        got = {}
+        hs.append(m.model.layers[1].register_forward_hook(
+            lambda mod, args, out: got.__setitem__("l1", out)))
+        with torch.no_grad():
+            m(input_ids=torch.tensor([model.tokenizer(PROMPT)["input_ids"]]))
+    finally:
+        for h in hs:
+            h.remove()
+    assert torch.equal(l1, got["l1"])
+    roundtrip(model, tracer)
+
+
+def test_remote_true_needs_a_server(hf_model):
+    from vinterp.tracing.errors import TracingError
+
+    model = hf_model("tiny-gpt2")
+    with pytest.raises(TracingError, match="needs a vinterp server"):
+        model.trace(PROMPT, remote=True)
+    with pytest.raises(TracingError, match="needs a vinterp server"):
+        model.generate(PROMPT, remote=True, max_new_tokens=2)
