@@ -23,7 +23,7 @@ def tiny_vllm(tiny_path):
     from vinterp.backends.vllm import VllmBackend
 
     return VllmBackend(tiny_path, max_num_batched_tokens=32, enable_prefix_caching=True,
-                       max_num_seqs=64, max_model_len=256)
+                       max_num_seqs=32, max_model_len=256)
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,21 @@ from typing import Any
 
 import torch
 
-from vinterp.ir import Graph, Invoke, Node, Ref, Steps, TensorRef, encode_tensor
+from vinterp.ir import Graph, Invoke, ListV, Node, Ref, SliceV, Steps, TensorRef, encode_tensor
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Norm-based relative error."""
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def ir_value(v: Any) -> Any:
+    """A Python position spec as an IR value (lists and slices have their own IR types)."""
+    if isinstance(v, list):
+        return ListV(list=tuple(v))
+    if isinstance(v, slice):
+        return SliceV(slice=(v.start, v.stop, v.step))
+    return v
 
 
 def capture_graph(prompts: list[list[int]], points: list[str], mode: str = "trace",
@@ -52,7 +61,7 @@ def steer_graph(prompts: list[list[int]], specs: list[dict[str, Any] | None],
         if op == "clamp":
             kw["min"], kw["max"] = spec.get("min"), spec.get("max")
         if spec.get("positions") is not None:
-            kw["positions"] = spec["positions"]
+            kw["positions"] = ir_value(spec["positions"])
         module = f"model.layers.{spec['layer']}"
         steps = Steps(start=0, stop=None)
         nodes.append(Node(id=nid, op="read", kwargs={"module": module, "kind": "output"},
