@@ -1,0 +1,121 @@
+"""Every error of issue 3: clear messages that say what to do instead."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vinterp.ir.interpreter import InterventionError
+from vinterp.tracing.errors import TracingError
+
+PROMPT = "Hello there friend"
+
+
+@pytest.fixture(scope="module")
+def model(hf_model):
+    return hf_model("tiny-llama")
+
+
+def test_unknown_module_path_lists_nearest_names(model):
+    with pytest.raises(AttributeError) as info:
+        with model.trace(PROMPT):
+            model.model.layers[0].self_atn.output.save()
+    msg = str(info.value)
+    assert "self_atn" in msg and "did you mean self_attn" in msg
+    with pytest.raises(AttributeError, match="did you mean.*mlp"):
+        with model.trace(PROMPT):
+            model.layers[0].mpl.output.save()
+    with pytest.raises(AttributeError, match="layers"):
+        model.model.layerz  # noqa: B018
+
+
+def test_unsaved_proxy_after_trace_names_save(model):
+    with model.trace(PROMPT):
+        h = model.layers[0].output
+        kept = model.layers[0].output.save()
+    assert isinstance(kept, torch.Tensor)
+    with pytest.raises(TracingError, match=r"\.save\(\)"):
+        h.shape  # noqa: B018
+    with pytest.raises(TracingError, match=r"\.save\(\)"):
+        h + 1  # noqa: B018
+    with pytest.raises(TracingError, match=r"\.save\(\)"):
+        h.mean()
+    assert ".save()" in repr(h)
+
+
+@pytest.mark.parametrize("what", ["item", "bool", "len", "iter", "if", "int"])
+def test_data_dependent_python_is_refused(model, what):
+    with pytest.raises(TracingError) as info:
+        with model.trace(PROMPT):
+            h = model.layers[0].output
+            if what == "item":
+                h.sum().item()
+            elif what == "bool":
+                bool(h.sum() > 0)
+            elif what == "len":
+                len(h)
+            elif what == "iter":
+                for _ in h:
+                    pass
+            elif what == "if":
+                if h.sum() > 0:
+                    pass
+            else:
+                int(h.sum())
+    msg = str(info.value)
+    assert "does not exist until the model runs" in msg
+    assert "torch.where" in msg and ".save()" in msg  # the alternatives
+
+
+def test_setitem_shape_mismatch_names_module_and_shapes(model):
+    with pytest.raises(InterventionError) as info:
+        with model.trace(PROMPT):
+            model.layers[1].output[:, 0, :] = torch.zeros(3, 7)
+    msg = str(info.value)
+    assert "model.layers.1.output" in msg
+    assert "[3, 7]" in msg and "[1, 64]" in msg
+    assert "test_errors.py:" in msg  # points at the user's line
+
+
+def test_output_assignment_shape_mismatch(model):
+    with pytest.raises(InterventionError) as info:
+        with model.trace(PROMPT):
+            model.layers[1].output = torch.zeros(2, 2, 5)
+    msg = str(info.value)
+    assert "model.layers.1.output" in msg and "[2, 2, 5]" in msg
+
+
+def test_out_of_order_access_explains(model):
+    with pytest.raises(InterventionError, match="order the model runs them"):
+        with model.trace(PROMPT):
+            model.layers[1].output.save()
+            model.layers[0].output.save()
+
+
+def test_module_access_outside_invoke_and_trace(model):
+    with pytest.raises(TracingError, match="outside any invoke"):
+        with model.trace():
+            model.layers[0].output.save()
+    with pytest.raises(TracingError, match="only available inside"):
+        model.layers[0].output  # noqa: B018
+
+
+def test_cannot_set_attributes_on_proxies_or_envoys(model):
+    with pytest.raises(TracingError):
+        with model.trace(PROMPT):
+            model.layers[0].output.foo = 1
+    with pytest.raises(TracingError, match="only .output, .input"):
+        with model.trace(PROMPT):
+            model.layers[0].weight = 1
+
+
+def test_remote_needs_server(model):
+    with pytest.raises(TracingError, match="needs a vinterp server"):
+        with model.trace(PROMPT, remote=True):
+            pass
+
+
+def test_unsupported_value_in_graph(model):
+    with pytest.raises(TracingError, match="cannot be part of an intervention graph"):
+        with model.trace(PROMPT):
+            model.layers[0].output + object()
