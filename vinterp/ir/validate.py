@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +31,7 @@ from vinterp.ir.tensors import nbytes
 MAX_TENSOR_BYTES = 256 * 2**20
 MAX_TOTAL_TENSOR_BYTES = 1024 * 2**20
 MAX_NODES = 200_000
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
 class GraphError(ValueError):
@@ -125,6 +127,8 @@ def validate(
         total += size
         # base64 length must match the shape (4 chars per 3 bytes, padded)
         expected = 4 * ((size + 2) // 3)
+        if not _BASE64.fullmatch(td.data):
+            raise GraphError(f"tensor constant {i}: data is not valid base64")
         if len(td.data) != expected:
             raise GraphError(
                 f"tensor constant {i}: {len(td.data)} base64 characters do not match "

@@ -1,0 +1,106 @@
+"""``vinterp.ir.load`` rejects bad graphs with messages naming the node."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from vinterp import ir
+from vinterp.ir import GraphError
+
+
+def _read(i=0):
+    return {"id": i, "op": "read", "kwargs": {"module": "model.layers.0", "kind": "output"}}
+
+
+def test_unknown_op():
+    with pytest.raises(GraphError, match=r"node 0: unknown op 'exec'"):
+        ir.load({"nodes": [{"id": 0, "op": "exec"}]})
+
+
+@pytest.mark.parametrize("node,msg", [
+    ({"id": 1, "op": "method", "args": [{"ref": 0}], "kwargs": {"name": "__reduce__"}},
+     "tensor method '__reduce__'"),
+    ({"id": 1, "op": "call", "args": [{"ref": 0}], "kwargs": {"fn": "os.system"}},
+     "function 'os.system'"),
+    ({"id": 1, "op": "getattr", "args": [{"ref": 0}], "kwargs": {"name": "__class__"}},
+     "attribute '__class__'"),
+    ({"id": 1, "op": "read", "kwargs": {"module": "x", "kind": "weights"}}, "point kind"),
+])
+def test_non_allowlisted_names(node, msg):
+    with pytest.raises(GraphError, match=r"node 1: .*" + msg):
+        ir.load({"nodes": [_read(), node]})
+
+
+def test_dangling_reference():
+    with pytest.raises(GraphError, match=r"node 1: argument refers to node 7, a node that does"):
+        ir.load({"nodes": [_read(), {"id": 1, "op": "save", "args": [{"ref": 7}]}]})
+
+
+def test_cycle_forward_reference():
+    nodes = [_read(), {"id": 1, "op": "add", "args": [{"ref": 0}, {"ref": 2}]},
+             {"id": 2, "op": "add", "args": [{"ref": 1}, 1]}]
+    with pytest.raises(GraphError, match=r"node 1: .*node 2, a later node \(cycle\)"):
+        ir.load({"nodes": nodes})
+    with pytest.raises(GraphError, match="node 0: .*cycle|node 0: .*does not exist"):
+        ir.load({"nodes": [{"id": 0, "op": "add", "args": [{"ref": 0}, 1]}]})
+
+
+def test_duplicate_ids_and_bad_invoke():
+    with pytest.raises(GraphError, match="node 0: duplicate"):
+        ir.load({"nodes": [_read(), _read()]})
+    with pytest.raises(GraphError, match="node 0: invoke 3 does not exist"):
+        ir.load({"invokes": [{"prompts": [[1]]}], "nodes": [{**_read(), "invoke": 3}]})
+
+
+def test_wrong_dtype():
+    with pytest.raises(GraphError, match="dtype"):
+        ir.load({"tensors": [{"dtype": "complex128", "shape": [1], "data": "AAAAAAAAAAA="}]})
+
+
+def test_oversize_constant():
+    data = base64.b64encode(bytes(4 * 1000)).decode()
+    td = {"dtype": "float32", "shape": [1000], "data": data}
+    ir.load({"tensors": [td]})
+    with pytest.raises(GraphError, match=r"tensor constant 0 .* 4000 bytes; the limit is 100"):
+        ir.load({"tensors": [td]}, max_tensor_bytes=100)
+    with pytest.raises(GraphError, match="total"):
+        ir.load({"tensors": [td, td]}, max_total_tensor_bytes=5000)
+
+
+def test_malformed_base64_and_length_mismatch():
+    with pytest.raises(GraphError, match="tensor constant 0: .*base64"):
+        ir.load({"tensors": [{"dtype": "float32", "shape": [2], "data": "AAAA"}]})
+    bad = {"dtype": "float32", "shape": [2], "data": "!!!!!!!!!!!!"}  # right length
+    with pytest.raises(GraphError, match="tensor constant 0: data is not valid base64"):
+        ir.load({"tensors": [bad]})
+    good = {"dtype": "float32", "shape": [2], "data": base64.b64encode(bytes(8)).decode()}
+    assert ir.load({"tensors": [good]}).tensors[0].shape == (2,)
+
+
+def test_missing_tensor_constant():
+    with pytest.raises(GraphError, match="node 1: tensor constant 4 does not exist"):
+        ir.load({"nodes": [_read(), {"id": 1, "op": "add", "args": [{"ref": 0}, {"tensor": 4}]}]})
+
+
+def test_too_many_nodes_and_empty_steps():
+    with pytest.raises(GraphError, match="limit"):
+        ir.load({"nodes": [_read(i) for i in range(3)]}, max_nodes=2)
+    with pytest.raises(GraphError, match="empty step range"):
+        ir.load({"nodes": [{**_read(), "steps": {"start": 3, "stop": 2}}]})
+
+
+def test_messages_name_the_user_line():
+    with pytest.raises(GraphError, match=r"node 0 \(script.py:12\): unknown op"):
+        ir.load({"nodes": [{"id": 0, "op": "eval", "line": "script.py:12"}]})
+
+
+def test_trace_graph_validates(hf_model):
+    model = hf_model("tiny-gpt2")
+    with model.trace("Hello") as tracer:
+        model.layers[0].output.save()
+    g = tracer.graph
+    assert [n.op for n in g.nodes] == ["read", "save"]
+    assert g.nodes[0].kwargs == {"module": "transformer.h.0", "kind": "output"}
+    assert ir.load(tracer.to_json()) == g
