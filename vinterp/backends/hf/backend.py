@@ -59,7 +59,7 @@ class _Event:
 
     def _target(self) -> Any:
         if self.kind == "input":
-            return self.run.first_arg(self.value)
+            return self.run.backend.first_arg(self.module, self.value)
         return self.value
 
     def get(self, invoke: int) -> Any:
@@ -74,10 +74,10 @@ class _Event:
         out_of_place = torch.is_grad_enabled()
         self.handed.pop(invoke, None)
         if self.kind == "input":
-            args, kwargs = self.value
-            first = assign(self.run.first_arg(self.value), new, *self._dims(invoke), where,
-                           out_of_place)
-            self.value = self.run.with_first_arg(self.value, first)
+            backend = self.run.backend
+            first = assign(backend.first_arg(self.module, self.value), new, *self._dims(invoke),
+                           where, out_of_place)
+            self.value = backend.with_first_arg(self.module, self.value, first)
         else:
             self.value = assign(self.value, new, *self._dims(invoke), where, out_of_place)
         self.replaced = True
@@ -98,26 +98,8 @@ class _Run:
         self.layout = layout
         self.step = 0
 
-    def first_arg(self, value: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
-        args, kwargs = value
-        if args:
-            return args[0]
-        return kwargs.get(self._first_name, next(iter(kwargs.values()), None))
-
-    def with_first_arg(self, value: Any, first: Any) -> Any:
-        args, kwargs = value
-        if args:
-            return (first, *args[1:]), kwargs
-        kwargs = dict(kwargs)
-        kwargs[self._first_name if self._first_name in kwargs else next(iter(kwargs))] = first
-        return args, kwargs
-
-    _first_name = ""
-
     def event(self, module: str, kind: str, value: Any) -> Any:
         ev = _Event(self, module, kind, value)
-        if kind == "input":
-            self._first_name = self.backend.first_param(module)
         self.runner.on_event(ev)
         for invoke, view in list(ev.handed.items()):
             # make the batch depend on each invoke's view, so view.grad is filled on backward
@@ -142,13 +124,29 @@ class HfBackend(Backend):
         self.paths = {name: mod for name, mod in model.named_modules()}
         self._first_params: dict[str, str] = {}
 
-    # ------------------------------------------------------------------ helpers
-    def first_param(self, module: str) -> str:
+    # ------------------------------------------------------------------ .input
+    def _first_param(self, module: str) -> str:
         name = self._first_params.get(module)
         if name is None:
-            params = list(inspect.signature(self.paths[module].forward).parameters)
+            forward = (self.model if module == "" else self.paths[module]).forward
+            params = list(inspect.signature(forward).parameters)
             name = self._first_params[module] = params[0] if params else ""
         return name
+
+    def first_arg(self, module: str, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+        """A module's ``.input``: its forward's first argument, positional or keyword."""
+        args, kwargs = inputs
+        if args:
+            return args[0]
+        return kwargs.get(self._first_param(module))
+
+    def with_first_arg(self, module: str, inputs: tuple[tuple[Any, ...], dict[str, Any]],
+                       first: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``inputs`` with the first argument replaced (where the module received it)."""
+        args, kwargs = inputs
+        if args:
+            return (first, *args[1:]), kwargs
+        return args, {**kwargs, self._first_param(module): first}
 
     @property
     def device(self) -> torch.device:

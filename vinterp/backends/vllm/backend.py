@@ -84,8 +84,11 @@ class VllmBackend(Backend):
         kinds = {(n.kwargs["module"], n.kwargs["kind"]):
                  resolve_point(self.arch, n.kwargs["module"], n.kwargs["kind"]).value
                  for n in graph.nodes if n.op in ("read", "write")}
+        linked = set(rq.cross_refs(graph))
+        owner = {n.id: n.invoke for n in graph.nodes}
+        linked |= {owner[r] for refs in rq.cross_refs(graph).values() for r in refs}
         for i, inv in enumerate(graph.invokes):
-            if plan_for(graph, i, kinds, self.dtype) is not None:
+            if i not in linked and plan_for(graph, i, kinds, self.dtype) is not None:
                 continue
             longest = max((len(p) for p in inv.prompts), default=0)
             if longest > self.max_batched_tokens:
