@@ -56,7 +56,9 @@ class RequestState:
                     if key not in self.points:
                         self.points[key] = resolve_point(arch, *key)
             kinds = {k: p.value for k, p in self.points.items()}
-            self.plan = plan_for(self.graph, payload.invoke, kinds, dtype)
+            # values handed to other invokes come from the graph runner's environment
+            no_fast = bool(payload.exports or payload.imports)
+            self.plan = None if no_fast else plan_for(self.graph, payload.invoke, kinds, dtype)
             for actions in (self.plan or {}).values():
                 for a in actions:
                     if a.vector is not None and a.vector.shape[-1] != hidden:
