@@ -46,7 +46,12 @@ class NeedsPhases(Exception):  # noqa: N818 - control flow, not an error
 
 
 class PointEvent(Protocol):
-    """What a backend hands the runner when the forward reaches a point."""
+    """What a backend hands the runner when the forward reaches a point.
+
+    An event that serves several kinds at once (a pre-hook is both ``.input`` and
+    ``.inputs``) may also have a ``kinds`` attribute (a set); the runner then passes
+    ``kind=`` to ``get`` and ``set``.
+    """
 
     module: str
     kind: str
@@ -223,7 +228,8 @@ class GraphRunner:
 
     def on_event(self, ev: PointEvent) -> None:
         """The forward reached ``(ev.module, ev.kind)``: run everything that can run now."""
-        self._fired.add((ev.module, ev.kind))
+        for kind in getattr(ev, "kinds", (ev.kind,)):
+            self._fired.add((ev.module, kind))
         self._advance(ev)
         if self._stop and all(lane.done for lane in self._lanes):
             raise StopForward
@@ -295,9 +301,7 @@ class GraphRunner:
                 while not lane.done:
                     node = lane.nodes[lane.cursor]
                     if node.op in ops.POINT_OPS:
-                        at_point = ev is not None and (ev.module, ev.kind) == (
-                            node.kwargs["module"], node.kwargs["kind"])
-                        if not at_point or not self._ready(node):
+                        if not _at_point(ev, node) or not self._ready(node):
                             break
                     elif not self._ready(node):
                         break
@@ -362,10 +366,10 @@ class GraphRunner:
             assert ev is not None
             self.state.positions[node.id] = (ev.row_positions(node.invoke),
                                              ev.prompt_lens(node.invoke))
-            return ev.get(node.invoke)
+            return ev.get(node.invoke, **_kind_arg(ev, node))
         if op == "write":
             assert ev is not None
-            ev.set(node.invoke, args[0])
+            ev.set(node.invoke, args[0], **_kind_arg(ev, node))
             return args[0]
         if op == "save":
             saved = self.state.saves.setdefault(node.id, [])
@@ -479,6 +483,16 @@ def _final(saved: _Saved) -> Any:
             live.retains_grad or (live.is_leaf and live.requires_grad)):
         return live
     return saved.snapshot
+
+
+def _at_point(ev: PointEvent | None, node: Node) -> bool:
+    if ev is None or ev.module != node.kwargs["module"]:
+        return False
+    return node.kwargs["kind"] in getattr(ev, "kinds", (ev.kind,))
+
+
+def _kind_arg(ev: PointEvent, node: Node) -> dict[str, str]:
+    return {"kind": node.kwargs["kind"]} if hasattr(ev, "kinds") else {}
 
 
 def _point_name(point: tuple[str, str]) -> str:

@@ -45,6 +45,8 @@ class _Event:
         self.run = run
         self.module = module
         self.kind = kind
+        # a pre-hook event is both .input and .inputs (one point, two views of it)
+        self.kinds = ("input", "inputs") if kind == "inputs" else (kind,)
         self.step = run.step
         self.value = value
         self.replaced = False
@@ -57,23 +59,23 @@ class _Event:
         key_len = layout.width + self.step
         return layout.rows(invoke), layout.offset(invoke), key_len, layout.input_ids.shape[0]
 
-    def _target(self) -> Any:
-        if self.kind == "input":
+    def _target(self, kind: str) -> Any:
+        if kind == "input":
             return self.run.backend.first_arg(self.module, self.value)
         return self.value
 
-    def get(self, invoke: int) -> Any:
-        target = self._target()
+    def get(self, invoke: int, kind: str = "output") -> Any:
+        target = self._target(kind)
         view = cut(target, *self._dims(invoke))
         if torch.is_grad_enabled() and isinstance(view, torch.Tensor) and view is not target:
             self.handed[invoke] = view
         return view
 
-    def set(self, invoke: int, new: Any) -> None:
-        where = f"{self.module or 'model'}.{self.kind}"
+    def set(self, invoke: int, new: Any, kind: str = "output") -> None:
+        where = f"{self.module or 'model'}.{kind}"
         out_of_place = torch.is_grad_enabled()
         self.handed.pop(invoke, None)
-        if self.kind == "input":
+        if kind == "input":
             backend = self.run.backend
             first = assign(backend.first_arg(self.module, self.value), new, *self._dims(invoke),
                            where, out_of_place)
@@ -103,7 +105,7 @@ class _Run:
         self.runner.on_event(ev)
         for invoke, view in list(ev.handed.items()):
             # make the batch depend on each invoke's view, so view.grad is filled on backward
-            ev.set(invoke, view)
+            ev.set(invoke, view, "input" if kind == "inputs" else kind)
         return ev
 
 
@@ -183,13 +185,8 @@ class HfBackend(Backend):
                 run = run_ref[0]
                 if path == "":
                     run.runner.begin_step(run.step)
-                replaced = None
-                for kind in ("input", "inputs"):
-                    if kind in kinds:
-                        ev = run.event(path, kind, (args, kwargs))
-                        if ev.replaced:
-                            args, kwargs = replaced = ev.value
-                return replaced
+                ev = run.event(path, "inputs", (args, kwargs))
+                return ev.value if ev.replaced else None
             return hook
 
         def post_hook(path: str) -> Any:
