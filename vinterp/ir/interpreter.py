@@ -190,6 +190,7 @@ class GraphRunner:
         self.state = state or RunState()
         n_inv = max(1, len(graph.invokes))
         self.active = sorted(active_invokes) if active_invokes is not None else list(range(n_inv))
+        self._phased = len(self.active) < n_inv
         self._constants: dict[int, torch.Tensor] = {}
         self.points: set[tuple[str, str]] = {
             (n.kwargs["module"], n.kwargs["kind"]) for n in graph.nodes if n.op in ops.POINT_OPS
@@ -220,8 +221,10 @@ class GraphRunner:
         self._fired = set()
         lanes = [_Lane(i, []) for i in self.active] + [_Lane(-1, [])]
         index = {lane.invoke: lane for lane in lanes}
+        env_step = self.state.env_step
         for n in self.graph.nodes:
-            if self._active_at(n, step):
+            # (a node already run at this step in an earlier phase is not run again)
+            if self._active_at(n, step) and env_step.get(n.id, -1) != step:
                 index[n.invoke].nodes.append(n)
         self._lanes = [lane for lane in lanes if lane.nodes]
         self._advance(None)
@@ -231,6 +234,15 @@ class GraphRunner:
         for kind in getattr(ev, "kinds", (ev.kind,)):
             self._fired.add((ev.module, kind))
         self._advance(ev)
+        for lane in self._lanes:
+            node = lane.waiting
+            if lane.invoke >= 0 and node is not None and node.op not in ops.POINT_OPS:
+                # It waits for another invoke's value that the forward computes later. Running
+                # it later would edit this invoke's value after the model has used it, so
+                # the invokes run one after another instead (dependency phases).
+                if self._phased:
+                    raise self._error(node, "a value it needs from another invoke is missing")
+                raise NeedsPhases
         if self._stop and all(lane.done for lane in self._lanes):
             raise StopForward
 
@@ -258,10 +270,15 @@ class GraphRunner:
                 raise self._error(node, (
                     f"{_point_name(point)} was never reached in forward step {self._step}"
                     " (the module did not run, or the generation ended before this step)"))
-        if any(self._blocked_on_other_invoke(lane) for lane in pending):
+        waiting = [lane for lane in pending if lane.waiting is not None
+                   and lane.waiting.op not in ops.POINT_OPS]
+        if waiting and self._phased:
+            # running by phases: values from invokes of later phases are still to come
+            return
+        if any(self._blocked_on_other_invoke(lane) for lane in waiting):
             raise NeedsPhases
-        if not self._stop:
-            node = pending[0].waiting
+        if waiting and not self._stop:
+            node = waiting[0].waiting
             assert node is not None
             raise self._error(node, "could not run: a value it needs was never computed")
 
