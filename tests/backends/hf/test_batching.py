@@ -1,0 +1,50 @@
+"""BatchLayout: left padding, true position ids, per-invoke rows and positions."""
+
+from __future__ import annotations
+
+import torch
+
+from vinterp.backends.hf.batching import BatchLayout
+
+
+def test_layout_left_pads_with_true_positions():
+    layout = BatchLayout.build([((1, 2, 3),), ((4,), (5, 6))], pad_id=0)
+    assert layout.input_ids.tolist() == [[1, 2, 3], [0, 0, 4], [0, 5, 6]]
+    assert layout.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert layout.position_ids.tolist() == [[0, 1, 2], [0, 0, 0], [0, 0, 1]]
+    assert layout.lengths.tolist() == [3, 1, 2]
+    assert layout.rows(0) == slice(0, 1) and layout.rows(1) == slice(1, 3)
+    assert layout.offset(0) == 0 and layout.offset(1) == 1
+    assert layout.prompt_lens(1).tolist() == [[1], [2]]
+
+
+def test_row_positions_prompt_and_decode_steps():
+    layout = BatchLayout.build([((1, 2, 3),), ((4,), (5, 6))], pad_id=0)
+    assert layout.row_positions(0, 0).tolist() == [[0, 1, 2]]
+    assert layout.row_positions(1, 0).tolist() == [[-1, 0], [0, 1]]
+    assert layout.row_positions(1, 2).tolist() == [[2], [3]]
+
+
+def test_subset_of_invokes():
+    layout = BatchLayout.build([((1, 2, 3),), ((4,),)], pad_id=9, invokes=[1])
+    assert layout.input_ids.tolist() == [[4]]
+    assert layout.rows(1) == slice(0, 1)
+
+
+def test_empty_prompt_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="no tokens"):
+        BatchLayout.build([((),)], pad_id=0)
+
+
+def test_padded_batch_equals_alone_on_the_raw_model(hf_model):
+    model = hf_model("tiny-gptneox")
+    prompts = [(5, 6, 7, 8, 9), (10, 11)]
+    layout = BatchLayout.build([(p,) for p in prompts], model._pad_id)
+    with torch.no_grad():
+        batched = model._model(input_ids=layout.input_ids, attention_mask=layout.attention_mask,
+                               position_ids=layout.position_ids).logits
+        for b, p in enumerate(prompts):
+            alone = model._model(input_ids=torch.tensor([p])).logits
+            assert (batched[b, -len(p):] - alone[0]).abs().max() <= 1e-5
