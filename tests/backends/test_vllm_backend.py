@@ -1,0 +1,94 @@
+"""The vllm backend through LanguageModel on smollm2-135m: the seed workflows equal HF's."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+from vinterp import LanguageModel  # noqa: E402
+from vinterp.backends.base import NOT_ON_VLLM  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models():
+    hf = LanguageModel("smollm2-135m")
+    vl = LanguageModel("smollm2-135m", backend="vllm", max_model_len=512)
+    yield {"hf": hf, "vllm": vl}
+    vl._backend.close()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _patch(model):
+    with model.trace("The Eiffel Tower is in the city of"):
+        clean = model.model.layers[8].output.save()
+    with model.trace("The Colosseum is in the city of"):
+        model.model.layers[8].output[:] = clean
+        logits = model.output.logits.save()
+    paris = model.tokenizer.encode(" Paris")[0]
+    return clean, torch.softmax(logits[0, -1], dim=-1)[paris].item()
+
+
+def test_patching_known_answer(models):
+    clean_hf, p_hf = _patch(models["hf"])
+    clean_vl, p_vl = _patch(models["vllm"])
+    assert _rel(clean_vl, clean_hf) < 1e-4
+    assert abs(p_vl - p_hf) < 1e-3
+    assert 0.6 < p_vl < 0.7  # seed: P(" Paris") rises from ~1e-4 to ~0.66
+
+
+def test_cross_prompt_and_greedy_known_answer(models):
+    out = {}
+    for name, model in models.items():
+        with model.trace() as tracer:
+            with tracer.invoke("The cat sat on the"):
+                cat = model.model.layers[6].output.save()
+            with tracer.invoke("The dog ran through the"):
+                model.model.layers[6].output[:] = cat
+                dog = model.output.logits.save()
+        with model.generate("The capital of France is", max_new_tokens=3) as tracer:
+            pass
+        out[name] = (dog, model.tokenizer.decode(tracer.result[0]))
+    assert _rel(out["vllm"][0], out["hf"][0]) < 1e-4
+    assert out["vllm"][1] == out["hf"][1]
+    assert out["vllm"][1].startswith("The capital of France is Paris")
+
+
+def test_steered_generation_tokens_and_step_logits(models):
+    g = torch.Generator().manual_seed(0)
+    vectors = [torch.randn(576, generator=g) * s for s in (2.0, 4.0, 8.0)]
+    prompts = ["The capital of France is", "Once upon a time", "def fib(n):"]
+    res = {}
+    for name, model in models.items():
+        res[name] = []
+        for v in vectors:
+            with model.generate(max_new_tokens=16) as tracer:
+                for p in prompts:
+                    with tracer.invoke(p):
+                        model.model.layers[5].output.steer(v, scale=1.0)
+                        with tracer.all():
+                            logits = model.logits.save()
+            res[name].append(([t.tolist() for t in tracer.result], logits))
+    for (tok_hf, lg_hf), (tok_vl, lg_vl) in zip(res["hf"], res["vllm"], strict=True):
+        assert tok_vl == tok_hf
+        assert len(lg_vl) == len(lg_hf) == 16
+        assert max(_rel(a, b) for a, b in zip(lg_vl, lg_hf, strict=True)) < 1e-4
+
+
+def test_fused_points_and_gradients_refused(models):
+    model = models["vllm"]
+    with pytest.raises(Exception, match="not available on the vllm backend"):
+        with model.trace("hello"):
+            model.model.layers[0].self_attn.q_proj.output.save()
+    with pytest.raises(Exception, match="not available on the vllm backend"):
+        with model.trace("hello"):
+            h = model.model.layers[0].output.save()
+            h.retain_grad()
+            model.output.logits.sum().backward()
+    assert NOT_ON_VLLM
