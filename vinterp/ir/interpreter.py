@@ -2,14 +2,21 @@
 
 A backend (HF hooks, the vLLM plugin) tells the runner when the forward reaches a point
 (``module`` + ``output``/``input``/``inputs``) by calling :meth:`GraphRunner.on_event` with a
-:class:`PointEvent` that can read and replace each invoke's HF-shaped value there. The runner
-keeps one cursor per invoke over that invoke's nodes (program order) and advances every cursor
-as far as the values available allow, invokes in the order they were written — so a later
-invoke can use an earlier invoke's value from the same point with no barrier.
+:class:`PointEvent` that can read and replace each invoke's HF-shaped value there.
 
-If a cursor is still waiting when the forward ends because it needed another invoke's value
-that came later in the forward, the backend gets :class:`NeedsPhases` and reruns the invokes in
-dependency order (see :func:`invoke_phases`).
+Scheduling is dataflow within each invoke: a node runs as soon as its point is reached (for
+``read``/``write``) and its inputs exist, scanning in program order — so users may read
+modules in any order (the seed reads every layer, then every attention), while nodes at the
+same point keep the order they were written (a save before an edit sees the unedited value).
+``backward`` is a barrier: nothing written after it runs before it. Invokes are served in the
+order they were written, so a later invoke can use an earlier invoke's value from the same
+point with no barrier.
+
+An edit (a write, ``setitem``, an in-place op, a steering op) must run while the forward is at
+the point its target came from. If it cannot because it needs another invoke's value that the
+forward computes later, the backend gets :class:`NeedsPhases` and reruns the invokes in
+dependency order (see :func:`invoke_phases`); if it needs a value its own invoke computes later,
+that is an error.
 """
 
 from __future__ import annotations
@@ -72,17 +79,14 @@ class PointEvent(Protocol):
 
 @dataclass
 class _Lane:
+    """One invoke's (or the global, ``-1``) nodes still to run at this step, in program order."""
+
     invoke: int
     nodes: list[Node]
-    cursor: int = 0
 
     @property
     def done(self) -> bool:
-        return self.cursor >= len(self.nodes)
-
-    @property
-    def waiting(self) -> Node | None:
-        return None if self.done else self.nodes[self.cursor]
+        return not self.nodes
 
 
 @dataclass
@@ -208,6 +212,7 @@ class GraphRunner:
         self._step = 0
         self._stop = False
         self._fired: set[tuple[str, str]] = set()
+        self._targets: dict[int, tuple[str, str] | None] = {}
 
     # ----------------------------------------------------------------- scheduling
     def _active_at(self, node: Node, step: int) -> bool:
@@ -231,66 +236,88 @@ class GraphRunner:
 
     def on_event(self, ev: PointEvent) -> None:
         """The forward reached ``(ev.module, ev.kind)``: run everything that can run now."""
-        for kind in getattr(ev, "kinds", (ev.kind,)):
+        kinds = getattr(ev, "kinds", (ev.kind,))
+        for kind in kinds:
             self._fired.add((ev.module, kind))
         self._advance(ev)
         for lane in self._lanes:
-            node = lane.waiting
-            if lane.invoke >= 0 and node is not None and node.op not in ops.POINT_OPS:
-                # It waits for another invoke's value that the forward computes later. Running
-                # it later would edit this invoke's value after the model has used it, so
-                # the invokes run one after another instead (dependency phases).
-                if self._phased:
-                    raise self._error(node, "a value it needs from another invoke is missing")
-                raise NeedsPhases
+            if lane.invoke < 0:
+                continue
+            for node in lane.nodes:
+                target = self._target_point(node)
+                if target is None or target[0] != ev.module or target[1] not in kinds:
+                    continue
+                # An edit of this point could not run while the model is here; later would be
+                # too late (the model has used the value).
+                if self._needs_other_invoke(node) and not self._phased:
+                    raise NeedsPhases
+                raise self._error(node, (
+                    f"it edits {_point_name(target)} but needs a value computed later in "
+                    "the forward (or after a backward); an edit must only use values "
+                    "available when the model reaches that point"))
         if self._stop and all(lane.done for lane in self._lanes):
             raise StopForward
 
     def end_step(self) -> None:
-        """The forward ended: every cursor must be done, else explain why not."""
+        """The forward ended: every node must have run, else explain why not."""
         self._advance(None)
-        pending = [lane for lane in self._lanes if not lane.done]
-        if not pending:
-            return
-        if len(self.active) > 1 and any(self._blocked_on_other_invoke(lane) for lane in pending):
-            # a value from another invoke comes later in this forward: rerun by phases
-            raise NeedsPhases
-        for lane in pending:
-            node = lane.waiting
-            assert node is not None
-            if node.op in ops.POINT_OPS:
-                point = (node.kwargs["module"], node.kwargs["kind"])
-                if point in self._fired:
+        for lane in self._lanes:
+            for node in lane.nodes:
+                if node.op in ops.POINT_OPS:
+                    point = (node.kwargs["module"], node.kwargs["kind"])
+                    if self._stop:
+                        continue
+                    if point in self._fired:
+                        raise self._error(node, (
+                            f"{_point_name(point)} was reached while this access waited for "
+                            "an earlier backward() in your code; access modules before "
+                            "calling backward()"))
                     raise self._error(node, (
-                        f"{_point_name(point)} was used after a module that runs later in the "
-                        f"forward; within one invoke, access modules in the order the model "
-                        f"runs them"))
-                if self._stop:
-                    continue
-                raise self._error(node, (
-                    f"{_point_name(point)} was never reached in forward step {self._step}"
-                    " (the module did not run, or the generation ended before this step)"))
-        waiting = [lane for lane in pending if lane.waiting is not None
-                   and lane.waiting.op not in ops.POINT_OPS]
-        if waiting and self._phased:
-            # running by phases: values from invokes of later phases are still to come
-            return
-        if any(self._blocked_on_other_invoke(lane) for lane in waiting):
-            raise NeedsPhases
-        if waiting and not self._stop:
-            node = waiting[0].waiting
-            assert node is not None
-            raise self._error(node, "could not run: a value it needs was never computed")
+                        f"{_point_name(point)} was never reached in forward step {self._step}"
+                        " (the module did not run, or the generation ended before this step)"))
+                if lane.invoke < 0 and self._phased:
+                    continue  # combines invokes of later phases: runs when they have run
+                if self._needs_other_invoke(node) and not self._phased:
+                    raise NeedsPhases
+                if not self._stop:
+                    raise self._error(node, "could not run: a value it needs was never computed")
 
-    def _blocked_on_other_invoke(self, lane: _Lane) -> bool:
-        owner = {n.id: n.invoke for n in self.graph.nodes}
-        # all of the lane's nodes: one that already ran may have waited past the point that
-        # its invoke needed next (e.g. a layer-0 write using another invoke's layer-1 value)
-        for n in lane.nodes:
+    def _needs_other_invoke(self, node: Node) -> bool:
+        """Whether ``node`` (or what it waits on) needs a value of another invoke."""
+        env = self.state.env
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n.id in seen:
+                continue
+            seen.add(n.id)
             for v in node_values(n):
-                if any(owner[r] not in (lane.invoke, -1) for r in iter_refs(v)):
-                    return True
+                for r in iter_refs(v):
+                    src = self._node(r)
+                    if src.invoke >= 0 and src.invoke != node.invoke and r not in env:
+                        return True
+                    if r not in env:
+                        stack.append(src)
         return False
+
+    def _target_point(self, node: Node) -> tuple[str, str] | None:
+        """The point an editing node changes (``None`` for nodes that edit nothing)."""
+        cache = self._targets
+        if node.id in cache:
+            return cache[node.id]
+        target: tuple[str, str] | None = None
+        if node.op == "write":
+            target = (node.kwargs["module"], node.kwargs["kind"])
+        elif ops.is_edit(node.op, node.kwargs.get("name")) and node.args \
+                and isinstance(node.args[0], Ref):
+            src = self._node(node.args[0].ref)
+            while src.op != "read" and src.args and isinstance(src.args[0], Ref) \
+                    and ops.is_view(src.op, src.kwargs.get("name")):
+                src = self._node(src.args[0].ref)
+            if src.op == "read":
+                target = (src.kwargs["module"], src.kwargs["kind"])
+        cache[node.id] = target
+        return target
 
     def _ready(self, node: Node) -> bool:
         env, env_step = self.state.env, self.state.env_step
@@ -315,16 +342,19 @@ class GraphRunner:
         while progress:
             progress = False
             for lane in self._lanes:
-                while not lane.done:
-                    node = lane.nodes[lane.cursor]
-                    if node.op in ops.POINT_OPS:
-                        if not _at_point(ev, node) or not self._ready(node):
-                            break
-                    elif not self._ready(node):
-                        break
-                    self._run(node, ev)
-                    lane.cursor += 1
-                    progress = True
+                remaining: list[Node] = []
+                blocked = False
+                for node in lane.nodes:
+                    runnable = not blocked and self._ready(node) and (
+                        node.op not in ops.POINT_OPS or _at_point(ev, node))
+                    if runnable:
+                        self._run(node, ev)
+                        progress = True
+                    else:
+                        remaining.append(node)
+                        # nothing written after a pending backward may run before it
+                        blocked = blocked or node.op == "backward"
+                lane.nodes = remaining
 
     # ----------------------------------------------------------------- execution
     def _error(self, node: Node, msg: str) -> InterventionError:

@@ -120,6 +120,26 @@ CONSTRUCTORS = frozenset({
 SEQUENCE_MIXING = frozenset({"matmul", "cumsum", "softmax", "log_softmax", "sum", "mean"})
 
 
+#: ops whose result may be a view of their first argument (edits through them reach it).
+VIEW_METHODS = frozenset({
+    "view", "view_as", "reshape", "transpose", "permute", "squeeze", "unsqueeze", "narrow",
+    "select", "expand", "expand_as", "t", "flatten", "contiguous", "detach",
+})
+
+
+def is_view(op: str, method_name: Any = None) -> bool:
+    """Whether a node's result may share storage with its first argument."""
+    return op in ("getitem", "save") or (op == "method" and method_name in VIEW_METHODS)
+
+
+def is_edit(op: str, method_name: str | None = None) -> bool:
+    """Whether a node changes its first argument in place."""
+    return (
+        op in ("setitem", "write") or op in INPLACE_OPS or op in STEERING_OPS
+        or (op == "method" and isinstance(method_name, str) and method_name.endswith("_"))
+    )
+
+
 def known_op(op: str) -> bool:
     """True if ``op`` is a node op the IR allows."""
     return (
