@@ -80,10 +80,7 @@ def _forward_order(model, prompt, n_layers):
 
 
 @pytest.mark.parametrize("order", [
-    pytest.param(_seed_order, id="seed-order", marks=pytest.mark.xfail(
-        strict=True, reason="core bug: within one invoke, reading a point that runs earlier "
-        "in the forward than one already read raises 'access modules in the order the model "
-        "runs them'; the seed reads all layer outputs before the attention patterns")),
+    pytest.param(_seed_order, id="seed-order"),
     pytest.param(_forward_order, id="forward-order"),
 ])
 def test_multi_layer_norms_and_top5(gpt2, order):

@@ -85,11 +85,22 @@ def test_output_assignment_shape_mismatch(model):
     assert "model.layers.1.output" in msg and "[2, 2, 5]" in msg
 
 
-def test_out_of_order_access_explains(model):
-    with pytest.raises(InterventionError, match="order the model runs them"):
+def test_reads_in_any_order_equal_forward_order(model):
+    # the seed reads every layer's output, then every attention: order of access is free
+    with model.trace(PROMPT):
+        late_first = model.layers[1].output.save()
+        early_second = model.layers[0].output.save()
+    with model.trace(PROMPT):
+        early = model.layers[0].output.save()
+        late = model.layers[1].output.save()
+    assert torch.equal(late_first, late) and torch.equal(early_second, early)
+
+
+def test_edit_needing_a_later_value_of_its_own_invoke_explains(model):
+    with pytest.raises(InterventionError, match="needs a value computed later"):
         with model.trace(PROMPT):
-            model.layers[1].output.save()
-            model.layers[0].output.save()
+            late = model.layers[1].output
+            model.layers[0].output[:] = late
 
 
 def test_module_access_outside_invoke_and_trace(model):
