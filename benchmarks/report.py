@@ -1,0 +1,215 @@
+"""Turn a results JSON into benchmarks/RESULTS.md (tables, ratios, targets) and a PNG plot."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+# Baseline case of plain vLLM for each workload: plain vLLM cannot steer or capture, so the
+# ratio is to what the same engine does with no intervention (issue 4's definition).
+VLLM_BASE_CASE = {"steer_generate": "none", "capture": "prefill", "many_users": "none"}
+NNSIGHT_BATCHED = ("invokes", "invokes_per_layer", "invokes_to_longest", "trace")
+NNSIGHT_SERIAL = ("one_at_a_time", "seed_loop")
+
+
+def speed(row: dict[str, Any]) -> float:
+    """Higher is better: tokens/s, or runs per second for wall-time rows."""
+    return row["median"] if row["metric"] == "tokens_per_s" else 1.0 / row["median"]
+
+
+def _find(rows: list[dict], system: str, workload: str, case: str | None,
+          variants: tuple[str, ...] | None = None) -> dict | None:
+    for r in rows:
+        if (r["system"] == system and r["workload"] == workload
+                and (case is None or r["case"] == case)
+                and (variants is None or r["variant"] in variants)):
+            return r
+    return None
+
+
+def ratios(row: dict[str, Any], rows: list[dict]) -> dict[str, float | None]:
+    """Speed ratios (>1 = faster than the baseline) to each baseline in the same run."""
+    w, c = row["workload"], row["case"]
+    out: dict[str, float | None] = {}
+    for name in ("vllm_eager", "vllm_compiled"):
+        base = _find(rows, name, w, VLLM_BASE_CASE.get(w, "-"))
+        out[name] = speed(row) / speed(base) if base and row["system"] != name else None
+    nn = None if c == "plain_forward" else _find(rows, "nnsight", w, c, NNSIGHT_BATCHED)
+    out["nnsight"] = speed(row) / speed(nn) if nn and row is not nn else None
+    serial_case = None if w in ("many_users", "patch_sweep") else c
+    ser = _find(rows, "nnsight", w, serial_case, NNSIGHT_SERIAL)
+    if ser and w == "steer_generate" and c not in ("distinct_1layer",):
+        ser = None
+    out["nnsight_serial"] = speed(row) / speed(ser) if ser and row is not ser else None
+    out["own_plain_forward"] = None
+    if w == "trace_overhead":  # time relative to the same worker's plain forward
+        base = _find(rows, row["system"], w, "plain_forward")
+        out["own_plain_forward"] = row["median"] / base["median"] if base else None
+    return out
+
+
+def _fmt_value(row: dict[str, Any], v: float) -> str:
+    if row["metric"] == "tokens_per_s":
+        return f"{v:.1f}"
+    return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "" if x is None or not math.isfinite(x) else f"{x:.2f}×"
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    rows = result["rows"]
+    lines = [
+        "| workload | case | system | variant | unit | median | min | max | reps "
+        "| × vLLM eager | × vLLM compiled | × nnsight batched | × nnsight serial "
+        "| × own plain fwd | dtype |",
+        "|" + "---|" * 16,
+    ]
+    for r in rows:
+        q = ratios(r, rows)
+        unit = "tok/s" if r["metric"] == "tokens_per_s" else (
+            "per call" if r["workload"] == "trace_overhead" else "wall")
+        lines.append(
+            f"| {r['workload']} | {r['case']} | {r['system']} | {r['variant']} | {unit} "
+            f"| {_fmt_value(r, r['median'])} | {_fmt_value(r, r['min'])} "
+            f"| {_fmt_value(r, r['max'])} | {r['reps']} | {_fmt_ratio(q['vllm_eager'])} "
+            f"| {_fmt_ratio(q['vllm_compiled'])} | {_fmt_ratio(q['nnsight'])} "
+            f"| {_fmt_ratio(q['nnsight_serial'])} | {_fmt_ratio(q['own_plain_forward'])} "
+            f"| {r.get('dtype')} |")
+    return lines
+
+
+def targets(result: dict[str, Any]) -> list[str]:
+    """Issue 3/4/5 targets against this run (informational; never asserted in tests)."""
+    rows = result["rows"]
+    out = ["| target | system | measured | met |", "|---|---|---|---|"]
+
+    def add(label: str, system: str, workload: str, case: str, key: str, bound: float,
+            higher: bool = True, variant: tuple[str, ...] | None = None) -> None:
+        r = _find(rows, system, workload, case, variant)
+        val = ratios(r, rows)[key] if r else None
+        if val is None:
+            out.append(f"| {label} | {system} | not measured | |")
+            return
+        ok = val >= bound if higher else val <= bound
+        out.append(f"| {label} | {system} | {val:.2f}× | {'yes' if ok else 'no'} |")
+
+    for base in ("vllm_eager", "vllm_compiled"):
+        add(f"1c distinct vector, 1 layer ≥ 0.95× plain ({base})", "vinterp_vllm",
+            "steer_generate", "distinct_1layer", base, 0.95)
+        add(f"1d distinct vectors, all layers ≥ 0.8× plain ({base})", "vinterp_vllm",
+            "steer_generate", "distinct_all_layers", base, 0.8)
+        add(f"2 last-token capture, all layers ≥ 0.8× plain prefill ({base})", "vinterp_vllm",
+            "capture", "last_all_layers", base, 0.8)
+    for sys_ in ("vinterp_vllm", "vinterp_hf"):
+        add("1c ≥ 10× nnsight one at a time", sys_, "steer_generate", "distinct_1layer",
+            "nnsight_serial", 10)
+        add("1c ≥ 1× nnsight invokes", sys_, "steer_generate", "distinct_1layer", "nnsight", 1)
+        add("4 ≥ 10× nnsight one at a time", sys_, "many_users", "steered", "nnsight_serial", 10)
+        add("4 ≥ 1× nnsight invokes", sys_, "many_users", "steered", "nnsight", 1)
+        add("3 ≥ 4× nnsight seed loop", sys_, "patch_sweep", "grid", "nnsight_serial", 4)
+        add("3 ≥ 1× nnsight invokes per layer", sys_, "patch_sweep", "grid", "nnsight", 1)
+    add("5 12-save trace ≤ 1.1× plain forward", "vinterp_hf", "trace_overhead", "save_12",
+        "own_plain_forward", 1.1, higher=False)
+    r_v = _find(rows, "vinterp_hf", "trace_overhead", "save_12")
+    r_n = _find(rows, "nnsight", "trace_overhead", "save_12")
+    if r_v and r_n:
+        ov_v = ratios(r_v, rows)["own_plain_forward"]
+        ov_n = ratios(r_n, rows)["own_plain_forward"]
+        out.append(f"| 5 12-save overhead below nnsight's | vinterp_hf | {ov_v:.2f}× vs "
+                   f"nnsight {ov_n:.2f}× | {'yes' if ov_v < ov_n else 'no'} |")
+    return out
+
+
+def write_report(result: dict[str, Any], report_dir: Path) -> None:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    m = result["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated by `python -m benchmarks run` from the results JSON; do not edit by hand.",
+        "See benchmarks/README.md for what each workload measures.",
+        "",
+        f"- date: {result['date']}; model: {result['model']}; wall time {result['wall_s']:.0f} s",
+        f"- machine: {m.get('cpu', '?')}, {m.get('cpu_count')} CPUs"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU") + f"; {m.get('platform')}",
+        f"- load average (1/5/15 min) at start {m.get('loadavg_at_start')}, at end "
+        f"{m.get('loadavg')}: anything above 0 is other work sharing these cores",
+        f"- repetitions: {result['reps']} timed, interleaved across systems, after one "
+        "warm-up each" + (" — **--quick run: smaller sizes and fewer repetitions**"
+                          if result["quick"] else ""),
+        f"- threads per worker: {result.get('threads')}; sizes: {result['sizes']}",
+        "",
+        "Ratios are speed ratios in this run (> 1 = faster than the baseline): tokens/s over "
+        "the baseline's tokens/s, or the baseline's wall time over this row's. Plain vLLM "
+        "cannot intervene, so its baseline is the same engine on the same prompts with no "
+        "intervention (prefill only for capture). \"× own plain fwd\" is a trace's time over a "
+        "plain `model(ids)` forward in the same process (lower is better).",
+        "",
+        "## Versions",
+        "",
+    ]
+    for name, info in result["systems"].items():
+        vers = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items())
+        lines.append(f"- {name}: {vers}; dtype {info.get('dtype')}")
+    lines += ["", "## Results", ""] + table(result)
+    lines += ["", "## Targets (issues 3, 4, 5)", ""] + targets(result)
+    if result["skipped"]:
+        lines += ["", "## Skipped", ""]
+        lines += [f"- {s['system']} {s['what']}: {s['reason'][:400]}" for s in result["skipped"]]
+    (report_dir / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    try:
+        plot(result, report_dir / "results.png")
+    except ImportError:  # matplotlib missing: the table is the result, the plot a view of it
+        pass
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Throughput against concurrency (requests in flight) and every row's speed ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6))
+    for workload, case, marker in (("steer_generate", "distinct_1layer", "o"),
+                                   ("many_users", None, "s")):
+        for r in rows:
+            if r["workload"] != workload or (case and r["case"] not in (case, "none")):
+                continue
+            if r["metric"] != "tokens_per_s":
+                continue
+            conc = 1 if r["variant"] == "one_at_a_time" else r["items"]
+            ax1.scatter(conc, r["median"], marker=marker)
+            ax1.errorbar(conc, r["median"], yerr=[[r["median"] - r["min"]],
+                                                  [r["max"] - r["median"]]], fmt="none")
+            ax1.annotate(f"{r['system']}/{r['variant']} ({workload})", (conc, r["median"]),
+                         fontsize=6)
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("requests in flight")
+    ax1.set_ylabel("tokens/s (median, min–max)")
+    ax1.set_title("Throughput vs concurrency")
+    labels, vals_v, vals_n = [], [], []
+    for r in rows:
+        q = ratios(r, rows)
+        if q["vllm_eager"] is None and q["nnsight"] is None:
+            continue
+        labels.append(f"{r['workload']}/{r['case']}/{r['system']}/{r['variant']}")
+        vals_v.append(q["vllm_eager"] or 0.0)
+        vals_n.append(q["nnsight"] or 0.0)
+    y = range(len(labels))
+    ax2.barh([i - 0.2 for i in y], vals_v, height=0.4, label="× plain vLLM eager")
+    ax2.barh([i + 0.2 for i in y], vals_n, height=0.4, label="× nnsight batched")
+    ax2.axvline(1.0, color="k", lw=0.8)
+    ax2.set_yticks(list(y), labels, fontsize=6)
+    ax2.set_xscale("log")
+    ax2.set_title("Speed ratios (log scale, > 1 = faster)")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"vinterp benchmarks, {result['model']}, {result['date']}"
+                 + (" (quick)" if result["quick"] else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

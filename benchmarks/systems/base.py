@@ -1,0 +1,69 @@
+"""The interface every benchmarked system implements inside its worker process."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.workloads import WorkloadConfig
+
+
+class NotAvailable(Exception):
+    """A system (or one of its tasks) cannot run here; the message is recorded as the reason."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One measured unit: a workload case as one system runs it.
+
+    ``variant`` distinguishes ways of running the same case on one system (nnsight's seed loop
+    vs invokes, one request at a time vs batched). ``metric`` is ``"tokens_per_s"`` (higher is
+    better; tokens / seconds) or ``"seconds"`` (wall time per run, lower is better).
+    """
+
+    workload: str
+    case: str
+    variant: str = "batched"
+    metric: str = "tokens_per_s"
+
+    @property
+    def key(self) -> str:
+        return f"{self.workload}/{self.case}/{self.variant}"
+
+
+class Timer:
+    """Wall-clock timer (``time.perf_counter``) used as ``with Timer() as t: ...; t.seconds``."""
+
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+class System:
+    """Base class: load the model once in ``setup``, then run tasks on request.
+
+    ``run`` returns ``{"seconds": float, "tokens": int | None, "items": int}``: ``tokens`` are
+    the generated (or, for prefill/capture, prompt) tokens that the throughput divides by;
+    ``items`` the number of requests/prompts/calls the time covers (per-item time in reports).
+    """
+
+    name = "base"
+
+    def setup(self, cfg: WorkloadConfig) -> dict[str, Any]:
+        """Load the model; return info recorded in the results (versions, dtype, load time)."""
+        raise NotImplementedError
+
+    def tasks(self) -> list[Task]:
+        """The tasks this system runs (after ``setup``)."""
+        raise NotImplementedError
+
+    def skipped(self) -> dict[str, str]:
+        """Workloads or task keys this system would run but cannot here, with the reason."""
+        return {}
+
+    def run(self, task: Task) -> dict[str, Any]:
+        raise NotImplementedError

@@ -1,0 +1,178 @@
+"""Plain Hugging Face transformers with raw forward hooks: what users write without a library.
+
+Batched (left-padded) ``generate`` and forwards, with ``register_forward_hook`` doing the same
+steering and capture as the other systems. No tracing, no graph: the floor a library's
+overhead is measured against on the HF side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from benchmarks.systems.base import System, Task, Timer
+from benchmarks.systems.hf_common import hf_versions, load_hf, replace_residual, residual
+from benchmarks.workloads import (
+    CLEAN_PROMPT,
+    CORRUPT_PROMPT,
+    STEER_CASES,
+    TARGET_TOKEN,
+    WorkloadConfig,
+    layer_vectors,
+    vectors,
+)
+
+
+@contextlib.contextmanager
+def hooks(model: Any, fns: dict[int, Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator:
+    """Install ``fns[layer](hidden) -> new hidden or None`` on decoder layers for the block."""
+    handles = []
+    for layer, fn in fns.items():
+        def hook(_m: Any, _i: Any, out: Any, fn: Callable = fn) -> Any:
+            new = fn(residual(out))
+            return None if new is None else replace_residual(out, new)
+
+        handles.append(model.model.layers[layer].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class HFHooksSystem(System):
+    def setup(self, cfg: WorkloadConfig) -> dict[str, Any]:
+        self.cfg = cfg
+        self.model, self.tok, load_s = load_hf(cfg)
+        self.dtype = getattr(torch, cfg.dtype)
+        return {"load_s": load_s, "dtype": cfg.dtype, "versions": hf_versions()}
+
+    def tasks(self) -> list[Task]:
+        t = [Task("steer_generate", c) for c in STEER_CASES]
+        t += [Task("capture", "last_all_layers"), Task("capture", "full_4layers")]
+        t += [Task("patch_sweep", "grid", "one_batch", "seconds")]
+        t += [Task("many_users", "steered", "batched_to_longest")]
+        t += [Task("trace_overhead", c, "raw_hooks", "seconds")
+              for c in ("plain_forward", "save_1", "save_12")]
+        return t
+
+    # -- workloads ---------------------------------------------------------------------------
+    def _steer_fns(self, case: str, n: int) -> dict[int, Callable]:
+        cfg = self.cfg
+        if case == "none":
+            return {}
+        if case == "shared_1layer":
+            v = vectors(cfg, 1, 0, self.dtype)[0]
+            return {cfg.steer_layer: lambda h: h + v}
+        if case == "distinct_1layer":
+            v = vectors(cfg, n, 1, self.dtype)[:, None, :]
+            return {cfg.steer_layer: lambda h: h + v}
+        if case == "distinct_all_layers":
+            lv = layer_vectors(cfg, n, self.dtype)[:, :, None, :]
+            return {i: (lambda h, i=i: h + lv[i]) for i in range(cfg.num_layers)}
+        raise ValueError(case)
+
+    def _generate(self, prompts: list[str], new_tokens: int, fns: dict) -> tuple[float, int]:
+        enc = self.tok(prompts, return_tensors="pt", padding=True)
+        with torch.no_grad(), hooks(self.model, fns), Timer() as t:
+            out = self.model.generate(
+                **enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                pad_token_id=self.tok.pad_token_id,
+            )
+        return t.seconds, (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+
+    def _capture(self, case: str) -> dict[str, Any]:
+        cfg = self.cfg
+        saved: list[torch.Tensor] = []
+        if case == "last_all_layers":
+            fns = {i: (lambda h: saved.append(h[:, -1].clone())) for i in range(cfg.num_layers)}
+        else:
+            fns = {i: (lambda h: saved.append(h.clone())) for i in cfg.sizes.capture_full_layers}
+        enc = self.tok(cfg.capture_prompts, return_tensors="pt", padding=True)
+        with torch.no_grad(), hooks(self.model, fns), Timer() as t:
+            self.model(**enc)
+        assert len(saved) == len(fns)
+        tokens = int(enc["attention_mask"].sum())
+        return {"seconds": t.seconds, "tokens": tokens, "items": len(cfg.capture_prompts)}
+
+    def _patch_sweep(self) -> dict[str, Any]:
+        """The whole layer × position grid as one batch: row (l, p) patches position p at l."""
+        layers = self.cfg.sizes.sweep_layers
+        target = self.tok(TARGET_TOKEN, add_special_tokens=False)["input_ids"][0]
+        with torch.no_grad(), Timer() as t:
+            clean_ids = self.tok(CLEAN_PROMPT, return_tensors="pt")["input_ids"]
+            corrupt_ids = self.tok(CORRUPT_PROMPT, return_tensors="pt")["input_ids"]
+            clean: dict[int, torch.Tensor] = {}
+            cap = {i: (lambda h, i=i: clean.__setitem__(i, h[0].clone())) for i in range(layers)}
+            with hooks(self.model, cap):
+                self.model(clean_ids)
+            seq = clean_ids.shape[1]
+            rows = torch.arange(seq)
+
+            def patch(h: torch.Tensor, layer: int) -> torch.Tensor:
+                h = h.clone()
+                h[layer * seq + rows, rows] = clean[layer][rows]
+                return h
+
+            fns = {i: (lambda h, i=i: patch(h, i)) for i in range(layers)}
+            with hooks(self.model, fns):
+                logits = self.model(corrupt_ids.repeat(layers * seq, 1)).logits
+            grid = logits[:, -1].softmax(-1)[:, target].view(layers, seq)
+        return {"seconds": t.seconds, "tokens": None, "items": 1,
+                "check": {"max_p_target": float(grid.max())}}
+
+    def _many_users(self) -> dict[str, Any]:
+        """One left-padded batch generated to the longest max_tokens (HF has one per batch);
+        only the tokens each user asked for count."""
+        cfg = self.cfg
+        users = cfg.users
+        v = vectors(cfg, len(users), 2, self.dtype)
+        by_layer: dict[int, list[int]] = {}
+        for u in users:
+            by_layer.setdefault(u["layer"], []).append(u["index"])
+
+        def steer(h: torch.Tensor, rows: list[int]) -> torch.Tensor:
+            h = h.clone()
+            h[rows] += v[rows][:, None, :]
+            return h
+
+        fns = {layer: (lambda h, r=rows: steer(h, r)) for layer, rows in by_layer.items()}
+        longest = max(u["max_tokens"] for u in users)
+        seconds, _ = self._generate([u["prompt"] for u in users], longest, fns)
+        return {"seconds": seconds, "tokens": sum(u["max_tokens"] for u in users),
+                "items": len(users)}
+
+    def _overhead(self, case: str) -> dict[str, Any]:
+        n = self.cfg.sizes.overhead_calls
+        ids = self.tok(CLEAN_PROMPT, return_tensors="pt")["input_ids"]
+        layers = {"plain_forward": [], "save_1": [self.cfg.steer_layer],
+                  "save_12": list(range(12))}[case]
+        saved: list[torch.Tensor] = []
+        fns = {i: (lambda h: saved.append(h.clone())) for i in layers}
+        with torch.no_grad():
+            self.model(ids)  # warm-up outside the timing
+            with Timer() as t:
+                for _ in range(n):
+                    with hooks(self.model, fns):
+                        self.model(ids)
+        return {"seconds": t.seconds, "tokens": None, "items": n}
+
+    def run(self, task: Task) -> dict[str, Any]:
+        cfg = self.cfg
+        if task.workload == "steer_generate":
+            n = len(cfg.gen_prompts)
+            s, toks = self._generate(cfg.gen_prompts, cfg.sizes.gen_new_tokens,
+                                     self._steer_fns(task.case, n))
+            return {"seconds": s, "tokens": toks, "items": n}
+        if task.workload == "capture":
+            return self._capture(task.case)
+        if task.workload == "patch_sweep":
+            return self._patch_sweep()
+        if task.workload == "many_users":
+            return self._many_users()
+        if task.workload == "trace_overhead":
+            return self._overhead(task.case)
+        raise ValueError(task.key)

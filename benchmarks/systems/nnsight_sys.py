@@ -1,0 +1,210 @@
+"""nnsight (the PyPI release, from .bench-venv): the library users would otherwise use.
+
+Written the way nnsight's docs and the seed workflows write it: ``LanguageModel`` traces,
+``tracer.invoke`` per prompt for batching, ``tracer.all()`` to steer every generation step.
+Runs requests one at a time as well (how NDIF serves them), on a subset, reported per request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from benchmarks.systems.base import NotAvailable, System, Task, Timer
+from benchmarks.workloads import (
+    CLEAN_PROMPT,
+    CORRUPT_PROMPT,
+    STEER_CASES,
+    TARGET_TOKEN,
+    WorkloadConfig,
+    layer_vectors,
+    vectors,
+)
+
+
+class NnsightSystem(System):
+    def setup(self, cfg: WorkloadConfig) -> dict[str, Any]:
+        try:
+            import nnsight
+            from nnsight import LanguageModel
+        except ImportError as e:
+            raise NotAvailable(f"nnsight not installed ({e}); run `make bench-setup`") from e
+        import transformers
+
+        self.cfg = cfg
+        self.dtype = getattr(torch, cfg.dtype)
+        with Timer() as t:
+            self.m = LanguageModel(cfg.model_path, dtype=self.dtype, dispatch=True)
+        self.layers = self.m.model.layers
+        return {"load_s": t.seconds, "dtype": cfg.dtype,
+                "versions": {"nnsight": nnsight.__version__, "torch": torch.__version__,
+                             "transformers": transformers.__version__}}
+
+    def tasks(self) -> list[Task]:
+        t = [Task("steer_generate", c, "invokes") for c in STEER_CASES]
+        t += [Task("steer_generate", "distinct_1layer", "one_at_a_time")]
+        t += [Task("capture", c, "invokes") for c in ("last_all_layers", "full_4layers")]
+        t += [Task("patch_sweep", "grid", "seed_loop", "seconds"),
+              Task("patch_sweep", "grid", "invokes_per_layer", "seconds")]
+        t += [Task("many_users", "steered", "one_at_a_time"),
+              Task("many_users", "steered", "invokes_to_longest")]
+        t += [Task("trace_overhead", c, "trace", "seconds")
+              for c in ("plain_forward", "empty", "save_1", "save_12")]
+        return t
+
+    # -- steered generation ------------------------------------------------------------------
+    def _steer_generate(self, case: str) -> dict[str, Any]:
+        cfg, m, layers = self.cfg, self.m, self.layers
+        prompts, n_new = cfg.gen_prompts, cfg.sizes.gen_new_tokens
+        n, L = len(prompts), cfg.steer_layer
+        shared = vectors(cfg, 1, 0, self.dtype)[0]
+        distinct = vectors(cfg, n, 1, self.dtype)
+        per_layer = layer_vectors(cfg, n, self.dtype) if case == "distinct_all_layers" else None
+        with Timer() as t:
+            with m.generate(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False) as tr:
+                for i, p in enumerate(prompts):
+                    with tr.invoke(p):
+                        if case != "none":
+                            with tr.all():
+                                if case == "shared_1layer":
+                                    layers[L].output = layers[L].output + shared
+                                elif case == "distinct_1layer":
+                                    layers[L].output = layers[L].output + distinct[i]
+                                else:
+                                    for j in range(cfg.num_layers):
+                                        layers[j].output = layers[j].output + per_layer[j, i]
+        return {"seconds": t.seconds, "tokens": n * n_new, "items": n}
+
+    def _one_at_a_time(self, reqs: list[tuple[str, int, int, torch.Tensor]]) -> dict[str, Any]:
+        """Each request (prompt, max_tokens, layer, vector) in its own generate, in turn."""
+        m, layers = self.m, self.layers
+        with Timer() as t:
+            for prompt, n_new, layer, vec in reqs:
+                with m.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new,
+                                do_sample=False) as tr:
+                    with tr.all():
+                        layers[layer].output = layers[layer].output + vec
+        return {"seconds": t.seconds, "tokens": sum(r[1] for r in reqs), "items": len(reqs)}
+
+    # -- capture -----------------------------------------------------------------------------
+    def _capture(self, case: str) -> dict[str, Any]:
+        cfg, m, layers = self.cfg, self.m, self.layers
+        saved: list[Any] = []
+        with Timer() as t:
+            with m.trace() as tr:
+                for p in cfg.capture_prompts:
+                    with tr.invoke(p):
+                        if case == "last_all_layers":
+                            for j in range(cfg.num_layers):
+                                saved.append(layers[j].output[:, -1].save())
+                        else:
+                            for j in cfg.sizes.capture_full_layers:
+                                saved.append(layers[j].output.save())
+        tokens = sum(len(m.tokenizer(p)["input_ids"]) for p in cfg.capture_prompts)
+        return {"seconds": t.seconds, "tokens": tokens, "items": len(cfg.capture_prompts)}
+
+    # -- patching sweep ----------------------------------------------------------------------
+    def _clean_cache(self, n_layers: int) -> dict[int, Any]:
+        clean: dict[int, Any] = {}
+        with self.m.trace(CLEAN_PROMPT):
+            for i in range(n_layers):
+                clean[i] = self.layers[i].output.save()
+        return clean
+
+    def _patch_sweep(self, variant: str) -> dict[str, Any]:
+        m, layers = self.m, self.layers
+        n_layers = self.cfg.sizes.sweep_layers
+        target = m.tokenizer.encode(TARGET_TOKEN, add_special_tokens=False)[0]
+        with Timer() as t:
+            clean = self._clean_cache(n_layers)
+            seq = clean[0].shape[1]
+            results = torch.zeros(n_layers, seq)
+            if variant == "seed_loop":  # the seed's patch_sweep, verbatim but for names
+                for layer in range(n_layers):
+                    for pos in range(seq):
+                        with m.trace(CORRUPT_PROMPT):
+                            current = layers[layer].output
+                            current[:, pos, :] = clean[layer][:, pos, :]
+                            logits = m.output.logits.save()
+                        probs = torch.softmax(logits[0, -1], dim=-1)
+                        results[layer, pos] = probs[target].item()
+            else:  # one trace per layer, one invoke per position
+                for layer in range(n_layers):
+                    row = []
+                    with m.trace() as tr:
+                        for pos in range(seq):
+                            with tr.invoke(CORRUPT_PROMPT):
+                                layers[layer].output[:, pos, :] = clean[layer][:, pos, :]
+                                row.append(m.output.logits[:, -1].softmax(-1)[0, target].save())
+                    results[layer] = torch.stack([torch.as_tensor(r) for r in row])
+        return {"seconds": t.seconds, "tokens": None, "items": 1,
+                "check": {"max_p_target": float(results.max())}}
+
+    # -- many users --------------------------------------------------------------------------
+    def _many_users(self, variant: str) -> dict[str, Any]:
+        cfg, m, layers = self.cfg, self.m, self.layers
+        v = vectors(cfg, len(cfg.users), 2, self.dtype)
+        if variant == "one_at_a_time":
+            sub = cfg.users[: cfg.sizes.serial_subset]
+            return self._one_at_a_time(
+                [(u["prompt"], u["max_tokens"], u["layer"], v[u["index"]]) for u in sub])
+        # Invokes share one generate call, hence one max_new_tokens: generate to the longest
+        # and count only the tokens each user asked for.
+        longest = max(u["max_tokens"] for u in cfg.users)
+        with Timer() as t:
+            with m.generate(max_new_tokens=longest, min_new_tokens=longest,
+                            do_sample=False) as tr:
+                for u in cfg.users:
+                    with tr.invoke(u["prompt"]):
+                        with tr.all():
+                            lay = layers[u["layer"]]
+                            lay.output = lay.output + v[u["index"]]
+        return {"seconds": t.seconds, "tokens": sum(u["max_tokens"] for u in cfg.users),
+                "items": len(cfg.users)}
+
+    # -- trace overhead ----------------------------------------------------------------------
+    def _overhead(self, case: str) -> dict[str, Any]:
+        m, layers, n = self.m, self.layers, self.cfg.sizes.overhead_calls
+        ids = m.tokenizer(CLEAN_PROMPT, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            m._module(ids)  # warm-up
+        keep: list[Any] = []  # appended to, not rebound: nnsight runs the body elsewhere
+        with Timer() as t:
+            for _ in range(n):
+                keep.clear()
+                if case == "plain_forward":
+                    with torch.no_grad():
+                        m._module(ids)
+                elif case == "empty":
+                    with m.trace(CLEAN_PROMPT):
+                        pass
+                elif case == "save_1":
+                    with m.trace(CLEAN_PROMPT):
+                        keep.append(layers[self.cfg.steer_layer].output.save())
+                else:
+                    with m.trace(CLEAN_PROMPT):
+                        for j in range(12):
+                            keep.append(layers[j].output.save())
+        assert case in ("plain_forward", "empty") or len(keep) in (1, 12)
+        return {"seconds": t.seconds, "tokens": None, "items": n}
+
+    def run(self, task: Task) -> dict[str, Any]:
+        cfg = self.cfg
+        if task.workload == "steer_generate":
+            if task.variant == "one_at_a_time":
+                sub = cfg.gen_prompts[: cfg.sizes.serial_subset]
+                v = vectors(cfg, len(cfg.gen_prompts), 1, self.dtype)
+                return self._one_at_a_time(
+                    [(p, cfg.sizes.gen_new_tokens, cfg.steer_layer, v[i])
+                     for i, p in enumerate(sub)])
+            return self._steer_generate(task.case)
+        if task.workload == "capture":
+            return self._capture(task.case)
+        if task.workload == "patch_sweep":
+            return self._patch_sweep(task.variant)
+        if task.workload == "many_users":
+            return self._many_users(task.variant)
+        if task.workload == "trace_overhead":
+            return self._overhead(task.case)
+        raise ValueError(task.key)

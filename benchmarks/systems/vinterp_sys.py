@@ -1,0 +1,199 @@
+"""vinterp, on the HF backend or on the vLLM backend (plugin inside the continuous batch).
+
+The same user code for both backends, written against vinterp's public API only
+(``LanguageModel``, ``trace``/``generate``, ``tracer.invoke``, ``tracer.all()``, ``.steer``,
+``.save()``): the whole batch is one trace, which the backend runs as one batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from benchmarks.systems.base import NotAvailable, System, Task, Timer
+from benchmarks.workloads import (
+    CLEAN_PROMPT,
+    CORRUPT_PROMPT,
+    STEER_CASES,
+    TARGET_TOKEN,
+    WorkloadConfig,
+    layer_vectors,
+    vectors,
+)
+
+
+class VinterpSystem(System):
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    def setup(self, cfg: WorkloadConfig) -> dict[str, Any]:
+        import transformers
+
+        import vinterp
+        from vinterp import language_model
+
+        if self.backend == "vllm":
+            try:
+                import vinterp.backends.vllm  # noqa: F401
+            except ImportError as e:
+                raise NotAvailable(f"vinterp's vLLM backend is not there yet ({e})") from e
+        self.cfg = cfg
+        self.dtype = getattr(torch, cfg.dtype)
+        kwargs: dict[str, Any] = {}
+        if self.backend == "vllm":
+            from benchmarks.systems.vllm_common import engine_kwargs
+
+            # Same engine settings as plain vLLM eager (hooks need eager mode).
+            kwargs = {k: v for k, v in engine_kwargs(cfg, True).items()
+                      if k not in ("model", "dtype")}
+        with Timer() as t:
+            self.m = language_model.LanguageModel(cfg.model_path, backend=self.backend,
+                                                  dtype=self.dtype, **kwargs)
+        versions = {"vinterp": vinterp.__version__, "torch": torch.__version__,
+                    "transformers": transformers.__version__}
+        if self.backend == "vllm":
+            import vllm
+
+            versions["vllm"] = vllm.__version__
+        # Does invoke take per-request generation settings (mixed max_tokens in one batch)?
+        from vinterp.tracing.tracer import Tracer
+
+        self.per_invoke_max = "max_new_tokens" in inspect.signature(Tracer.invoke).parameters
+        return {"load_s": t.seconds, "dtype": cfg.dtype, "backend": self.backend,
+                "versions": versions}
+
+    def tasks(self) -> list[Task]:
+        t = [Task("steer_generate", c) for c in STEER_CASES]
+        t += [Task("capture", c) for c in ("last_all_layers", "full_4layers")]
+        t += [Task("patch_sweep", "grid", "one_batch", "seconds")]
+        t += [Task("many_users", "steered",
+                   "own_max_tokens" if self.per_invoke_max else "invokes_to_longest")]
+        if self.backend == "hf":
+            t += [Task("trace_overhead", c, "trace", "seconds")
+                  for c in ("plain_forward", "empty", "save_1", "save_12")]
+        return t
+
+    def _gen_kwargs(self, n_new: int) -> dict[str, Any]:
+        # Every system generates exactly n_new tokens per prompt (EOS never ends one early).
+        if self.backend == "vllm":
+            return {"max_new_tokens": n_new, "do_sample": False, "ignore_eos": True}
+        return {"max_new_tokens": n_new, "min_new_tokens": n_new, "do_sample": False}
+
+    def _generated(self, tracer: Any, prompts: list[str]) -> int:
+        """Tokens actually generated, from ``tracer.result`` (prompt ids + generated ids)."""
+        tok = self.m.tokenizer
+        return sum(len(r) - len(tok(p)["input_ids"]) for r, p in zip(tracer.result, prompts,
+                                                                     strict=True))
+
+    def _steer_generate(self, case: str) -> dict[str, Any]:
+        cfg, m = self.cfg, self.m
+        prompts, n, L = cfg.gen_prompts, len(cfg.gen_prompts), cfg.steer_layer
+        shared = vectors(cfg, 1, 0, self.dtype)[0]
+        distinct = vectors(cfg, n, 1, self.dtype)
+        per_layer = layer_vectors(cfg, n, self.dtype) if case == "distinct_all_layers" else None
+        with Timer() as t:
+            with m.generate(**self._gen_kwargs(cfg.sizes.gen_new_tokens)) as tr:
+                for i, p in enumerate(prompts):
+                    with tr.invoke(p):
+                        if case == "none":
+                            continue
+                        with tr.all():
+                            if case == "shared_1layer":
+                                m.layers[L].output.steer(shared)
+                            elif case == "distinct_1layer":
+                                m.layers[L].output.steer(distinct[i])
+                            else:
+                                for j in range(cfg.num_layers):
+                                    m.layers[j].output.steer(per_layer[j, i])
+        return {"seconds": t.seconds, "tokens": self._generated(tr, prompts), "items": n}
+
+    def _capture(self, case: str) -> dict[str, Any]:
+        cfg, m = self.cfg, self.m
+        saved: list[Any] = []
+        with Timer() as t:
+            with m.trace() as tr:
+                for p in cfg.capture_prompts:
+                    with tr.invoke(p):
+                        if case == "last_all_layers":
+                            for j in range(cfg.num_layers):
+                                saved.append(m.layers[j].output[:, -1].save())
+                        else:
+                            for j in cfg.sizes.capture_full_layers:
+                                saved.append(m.layers[j].output.save())
+        assert all(isinstance(s, torch.Tensor) for s in saved[:1])
+        tokens = sum(len(m.tokenizer(p)["input_ids"]) for p in cfg.capture_prompts)
+        return {"seconds": t.seconds, "tokens": tokens, "items": len(cfg.capture_prompts)}
+
+    def _patch_sweep(self) -> dict[str, Any]:
+        """The whole grid in one trace: a clean invoke, then one invoke per (layer, position)
+        reading the clean invoke's value (cross-invoke, no barrier)."""
+        m, n_layers = self.m, self.cfg.sizes.sweep_layers
+        target = m.tokenizer(TARGET_TOKEN, add_special_tokens=False)["input_ids"][0]
+        seq = len(m.tokenizer(CLEAN_PROMPT)["input_ids"])
+        probs: list[Any] = []
+        with Timer() as t:
+            with m.trace() as tr:
+                with tr.invoke(CLEAN_PROMPT):
+                    clean = [m.layers[i].output for i in range(n_layers)]
+                for layer in range(n_layers):
+                    for pos in range(seq):
+                        with tr.invoke(CORRUPT_PROMPT):
+                            m.layers[layer].output[:, pos, :] = clean[layer][:, pos, :]
+                            probs.append(m.logits[0, -1].softmax(-1)[target].save())
+            grid = torch.stack([torch.as_tensor(p) for p in probs]).view(n_layers, seq)
+        return {"seconds": t.seconds, "tokens": None, "items": 1,
+                "check": {"max_p_target": float(grid.max())}}
+
+    def _many_users(self) -> dict[str, Any]:
+        cfg, m = self.cfg, self.m
+        v = vectors(cfg, len(cfg.users), 2, self.dtype)
+        longest = max(u["max_tokens"] for u in cfg.users)
+        with Timer() as t:
+            with m.generate(**self._gen_kwargs(longest)) as tr:
+                for u in cfg.users:
+                    extra = {"max_new_tokens": u["max_tokens"]} if self.per_invoke_max else {}
+                    with tr.invoke(u["prompt"], **extra):
+                        with tr.all():
+                            m.layers[u["layer"]].output.steer(v[u["index"]])
+        # Without per-invoke limits the batch runs to the longest; only asked-for tokens count.
+        return {"seconds": t.seconds, "tokens": sum(u["max_tokens"] for u in cfg.users),
+                "items": len(cfg.users)}
+
+    def _overhead(self, case: str) -> dict[str, Any]:
+        m, n = self.m, self.cfg.sizes.overhead_calls
+        ids = m.tokenizer(CLEAN_PROMPT, return_tensors="pt")["input_ids"]
+        hf_model = m._model  # the wrapped transformers model: the plain-forward baseline
+        with torch.no_grad():
+            hf_model(ids)  # warm-up
+        keep: list[Any] = []
+        with Timer() as t:
+            for _ in range(n):
+                if case == "plain_forward":
+                    with torch.no_grad():
+                        hf_model(ids)
+                elif case == "empty":
+                    with m.trace(CLEAN_PROMPT):
+                        pass
+                elif case == "save_1":
+                    with m.trace(CLEAN_PROMPT):
+                        keep = [m.layers[self.cfg.steer_layer].output.save()]
+                else:
+                    with m.trace(CLEAN_PROMPT):
+                        keep = [m.layers[j].output.save() for j in range(12)]
+        assert case in ("plain_forward", "empty") or len(keep) in (1, 12)
+        return {"seconds": t.seconds, "tokens": None, "items": n}
+
+    def run(self, task: Task) -> dict[str, Any]:
+        if task.workload == "steer_generate":
+            return self._steer_generate(task.case)
+        if task.workload == "capture":
+            return self._capture(task.case)
+        if task.workload == "patch_sweep":
+            return self._patch_sweep()
+        if task.workload == "many_users":
+            return self._many_users()
+        if task.workload == "trace_overhead":
+            return self._overhead(task.case)
+        raise ValueError(task.key)
