@@ -75,3 +75,22 @@ def test_steered_greedy_equals_hf(tiny_vllm, tiny_hf):
     for k, (ids, spec) in enumerate(jobs):
         want = _hf_steered_greedy(tiny_hf, ids, spec, 8)
         assert res.generated[k].tolist() == want, (k, spec["op"] if "op" in spec else "steer")
+
+
+def test_general_graph_whole_prompt_despite_chunking(tiny_vllm, tiny_hf):
+    """Last-token saves index positions: prompts split by the 32-token budget are rerun alone."""
+    from vinterp.ir import Graph, Invoke, Node, Ref, SliceV, TupleV
+
+    prompts = _prompts([20, 20, 20, 9], seed=3)  # 69 tokens: some prompt gets split
+    key = TupleV(tuple=(SliceV(slice=(None, None, None)), -1, SliceV(slice=(None, None, None))))
+    nodes = []
+    for i in range(len(prompts)):
+        nodes += [Node(id=3 * i, op="read", kwargs={"module": "model.layers.1", "kind": "output"},
+                       invoke=i),
+                  Node(id=3 * i + 1, op="getitem", args=(Ref(ref=3 * i), key), invoke=i),
+                  Node(id=3 * i + 2, op="save", args=(Ref(ref=3 * i + 1),), invoke=i)]
+    graph = Graph(invokes=tuple(Invoke(prompts=(tuple(p),)) for p in prompts), nodes=tuple(nodes))
+    res = tiny_vllm.run(graph)
+    for i, ids in enumerate(prompts):
+        ref = hf_capture(tiny_hf, ids, ["model.layers.1"])["model.layers.1"][:, -1, :]
+        assert rel_err(res.saves[3 * i + 2], ref) < 1e-4
