@@ -22,7 +22,7 @@ that is an error.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -102,7 +102,9 @@ class RunState:
     env: dict[int, Any] = field(default_factory=dict)
     env_step: dict[int, int] = field(default_factory=dict)
     saves: dict[int, list[_Saved]] = field(default_factory=dict)
-    positions: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    #: per read node: () -> (row positions, prompt lengths) of its value
+    positions: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = field(
+        default_factory=dict)
 
 
 def snapshot(value: Any) -> Any:
@@ -196,15 +198,11 @@ class GraphRunner:
         self.active = sorted(active_invokes) if active_invokes is not None else list(range(n_inv))
         self._phased = len(self.active) < n_inv
         self._constants: dict[int, torch.Tensor] = {}
-        self.points: set[tuple[str, str]] = {
-            (n.kwargs["module"], n.kwargs["kind"]) for n in graph.nodes if n.op in ops.POINT_OPS
-        }
         self.wants_grad = any(
             n.op in ("backward", "retain_grad", "requires_grad")
             or (n.op == "getattr" and n.kwargs.get("name") == "grad")
             for n in graph.nodes
         )
-        self.has_stop = any(n.op == "stop" for n in graph.nodes)
         self.max_step = max(
             (n.steps.stop if n.steps.stop is not None else math.inf) for n in graph.nodes
         ) if graph.nodes else 1
@@ -213,6 +211,9 @@ class GraphRunner:
         self._stop = False
         self._fired: set[tuple[str, str]] = set()
         self._targets: dict[int, tuple[str, str] | None] = {}
+        self._by_id = {n.id: n for n in graph.nodes}
+        self._refs = {n.id: tuple(r for v in node_values(n) for r in iter_refs(v))
+                      for n in graph.nodes}
 
     # ----------------------------------------------------------------- scheduling
     def _active_at(self, node: Node, step: int) -> bool:
@@ -320,22 +321,17 @@ class GraphRunner:
         return target
 
     def _ready(self, node: Node) -> bool:
-        env, env_step = self.state.env, self.state.env_step
-        for v in node_values(node):
-            for r in iter_refs(v):
-                if r not in env:
-                    return False
-                src = self._node(r)
-                if self._active_at(src, self._step) and env_step[r] != self._step:
-                    return False
+        env, env_step, step = self.state.env, self.state.env_step, self._step
+        for r in self._refs[node.id]:
+            if r not in env:
+                return False
+            # a value from this step is needed if its node also runs at this step
+            if env_step[r] != step and self._active_at(self._by_id[r], step):
+                return False
         return True
 
     def _node(self, node_id: int) -> Node:
-        try:
-            return self._by_id[node_id]
-        except AttributeError:
-            self._by_id = {n.id: n for n in self.graph.nodes}
-            return self._by_id[node_id]
+        return self._by_id[node_id]
 
     def _advance(self, ev: PointEvent | None) -> None:
         progress = True
@@ -345,8 +341,9 @@ class GraphRunner:
                 remaining: list[Node] = []
                 blocked = False
                 for node in lane.nodes:
-                    runnable = not blocked and self._ready(node) and (
-                        node.op not in ops.POINT_OPS or _at_point(ev, node))
+                    runnable = not blocked and (
+                        node.op not in ops.POINT_OPS or _at_point(ev, node)
+                    ) and self._ready(node)
                     if runnable:
                         self._run(node, ev)
                         progress = True
@@ -411,8 +408,8 @@ class GraphRunner:
         kwargs = {k: self._resolve(v, device) for k, v in node.kwargs.items()}
         if op == "read":
             assert ev is not None
-            self.state.positions[node.id] = (ev.row_positions(node.invoke),
-                                             ev.prompt_lens(node.invoke))
+            # positions are only needed by steering ops: computed on first use
+            self.state.positions[node.id] = _lazy_positions(ev, node.invoke)
             return ev.get(node.invoke, **_kind_arg(ev, node))
         if op == "write":
             assert ev is not None
@@ -500,7 +497,7 @@ class GraphRunner:
             raise TypeError(f"{node.op} needs a tensor (e.g. a decoder layer's output), got "
                             f"{type(target).__name__}")
         if isinstance(src, Ref) and src.ref in self.state.positions:
-            row_pos, plens = self.state.positions[src.ref]
+            row_pos, plens = self.state.positions[src.ref]()
         elif kwargs.get("positions") in (None, "all"):
             row_pos = torch.arange(target.shape[-2]).expand(target.shape[:-1])
             plens = torch.tensor(target.shape[-2])
@@ -513,14 +510,19 @@ class GraphRunner:
     # ----------------------------------------------------------------- results
     def results(self) -> dict[int, Any]:
         """Saved values by save-node id: one value, or a list (one per step) in scopes."""
-        out: dict[int, Any] = {}
-        for node in self.graph.nodes:
-            if node.op != "save" or node.id not in self.state.saves:
-                continue
-            values = [_final(s) for s in self.state.saves[node.id]]
-            multi = node.steps.stop is None or node.steps.stop - node.steps.start > 1
-            out[node.id] = values if multi else values[-1]
-        return out
+        return collect_results(self.graph, self.state)
+
+
+def collect_results(graph: Graph, state: RunState) -> dict[int, Any]:
+    """Saved values of a finished run (all phases) by save-node id."""
+    out: dict[int, Any] = {}
+    for node in graph.nodes:
+        if node.op != "save" or node.id not in state.saves:
+            continue
+        values = [_final(s) for s in state.saves[node.id]]
+        multi = node.steps.stop is None or node.steps.stop - node.steps.start > 1
+        out[node.id] = values if multi else values[-1]
+    return out
 
 
 def _final(saved: _Saved) -> Any:
@@ -530,6 +532,17 @@ def _final(saved: _Saved) -> Any:
             live.retains_grad or (live.is_leaf and live.requires_grad)):
         return live
     return saved.snapshot
+
+
+def _lazy_positions(ev: PointEvent, invoke: int) -> Callable[[], tuple[torch.Tensor,
+                                                                         torch.Tensor]]:
+    cached: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def positions() -> tuple[torch.Tensor, torch.Tensor]:
+        if not cached:
+            cached.append((ev.row_positions(invoke), ev.prompt_lens(invoke)))
+        return cached[0]
+    return positions
 
 
 def _at_point(ev: PointEvent | None, node: Node) -> bool:

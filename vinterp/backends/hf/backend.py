@@ -27,7 +27,9 @@ from vinterp.backends.hf import attention
 from vinterp.backends.hf.batching import BatchLayout
 from vinterp.backends.hf.views import assign, cut
 from vinterp.ir import Graph
-from vinterp.ir.interpreter import GraphRunner, NeedsPhases, RunState, StopForward, invoke_phases
+from vinterp.ir.interpreter import (
+    GraphRunner, NeedsPhases, RunState, StopForward, collect_results, invoke_phases,
+)
 from vinterp.models.architectures import Architecture
 
 #: generate() names accepted besides HF's own: vLLM SamplingParams spellings.
@@ -254,8 +256,7 @@ class HfBackend(Backend):
                         generated[row] = ids
             if graph.mode != "generate":
                 generated = None
-        runner = GraphRunner(graph, state=state)
-        return RunResult(saves=runner.results(), generated=generated)
+        return RunResult(saves=collect_results(graph, state), generated=generated)
 
     def _run_phase(self, graph: Graph, state: RunState, invokes: list[int] | None
                    ) -> list[torch.Tensor] | None:

@@ -64,8 +64,10 @@ class BatchLayout:
 
     def offset(self, invoke: int) -> int:
         """Columns of left padding every row of ``invoke`` has (its window starts here)."""
-        lens = self.lengths[self.invoke_rows[invoke]]
-        return self.width - int(lens.max())
+        cache = self.__dict__.setdefault("_offsets", {})
+        if invoke not in cache:
+            cache[invoke] = self.width - int(self.lengths[self.invoke_rows[invoke]].max())
+        return cache[invoke]
 
     def row_positions(self, invoke: int, step: int) -> torch.Tensor:
         """Absolute positions of the invoke's rows at ``step``: ``[n, seq]`` (pads are -1)."""
