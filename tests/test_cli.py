@@ -16,7 +16,8 @@ def test_models_list_shows_names_and_paths(tmp_path):
     env = {**os.environ, "VINTERP_HOME": str(tmp_path)}
     proc = subprocess.run([*CLI, "models", "list"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
-    for name in ["smollm2-135m", "tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-gptneox"]:
+    for name in ["smollm2-135m", "tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2",
+                 "tiny-gptneox"]:
         assert name in proc.stdout
         assert str(tmp_path / "models" / name) in proc.stdout
 

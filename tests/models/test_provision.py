@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vinterp.models.provision import smollm2_gguf_path
 
-TINY = ["tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-gptneox"]
+TINY = ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gptneox"]
 
 
 def test_smollm2_equals_transformers_gguf_loader_bit_for_bit(smollm2_path):

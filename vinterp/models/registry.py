@@ -71,6 +71,13 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
             needs=("smollm2-135m",),
         ),
         ModelSpec(
+            "tiny-mistral",
+            "random MistralForCausalLM, 2 layers, hidden 64, SmolLM2 tokenizer "
+            "(tests)",
+            "vinterp.models.tiny:build_tiny_mistral",
+            needs=("smollm2-135m",),
+        ),
+        ModelSpec(
             "tiny-gptneox",
             "random GPTNeoXForCausalLM, 2 layers, hidden 64, SmolLM2 tokenizer (tests)",
             "vinterp.models.tiny:build_tiny_gptneox",

@@ -73,6 +73,20 @@ def build_tiny_llama(out_dir: Path) -> None:
     _build(out_dir, LlamaForCausalLM, config, tok)
 
 
+def build_tiny_mistral(out_dir: Path) -> None:
+    """MistralForCausalLM with grouped-query attention (1 KV head), untied embeddings."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tok = _tokenizer()
+    config = MistralConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=1,
+        head_dim=HIDDEN // HEADS, max_position_embeddings=MAX_POSITIONS,
+        sliding_window=None, tie_word_embeddings=False, **_special_ids(tok),
+    )
+    _build(out_dir, MistralForCausalLM, config, tok)
+
+
 def build_tiny_qwen2(out_dir: Path) -> None:
     """Qwen2ForCausalLM with grouped-query attention (1 KV head) and tied embeddings."""
     from transformers import Qwen2Config, Qwen2ForCausalLM

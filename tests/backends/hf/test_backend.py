@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-TINY = ["tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-gptneox"]
+TINY = ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gptneox"]
 PROMPT = "The quick brown fox jumps over"
 
 
