@@ -38,34 +38,31 @@ class GraphError(ValueError):
     """A graph failed validation; the message names the node and what is wrong."""
 
 
+def _leaves(value: Value) -> Iterator[Value]:
+    """Every non-container value inside ``value`` (lists, tuples, slices, dicts walked)."""
+    if isinstance(value, ListV):
+        children: tuple[Value, ...] = value.list
+    elif isinstance(value, TupleV):
+        children = value.tuple
+    elif isinstance(value, SliceV):
+        children = value.slice
+    elif isinstance(value, DictV):
+        children = tuple(value.mapping.values())
+    else:
+        yield value
+        return
+    for child in children:
+        yield from _leaves(child)
+
+
 def iter_refs(value: Value) -> Iterator[int]:
     """All node ids referenced (at any depth) by an argument value."""
-    if isinstance(value, Ref):
-        yield value.ref
-    elif isinstance(value, (ListV, TupleV)):
-        for v in (value.list if isinstance(value, ListV) else value.tuple):
-            yield from iter_refs(v)
-    elif isinstance(value, SliceV):
-        for v in value.slice:
-            yield from iter_refs(v)
-    elif isinstance(value, DictV):
-        for v in value.mapping.values():
-            yield from iter_refs(v)
+    return (v.ref for v in _leaves(value) if isinstance(v, Ref))
 
 
 def iter_tensor_refs(value: Value) -> Iterator[int]:
     """All tensor-constant indices referenced by an argument value."""
-    if isinstance(value, TensorRef):
-        yield value.tensor
-    elif isinstance(value, (ListV, TupleV)):
-        for v in (value.list if isinstance(value, ListV) else value.tuple):
-            yield from iter_tensor_refs(v)
-    elif isinstance(value, SliceV):
-        for v in value.slice:
-            yield from iter_tensor_refs(v)
-    elif isinstance(value, DictV):
-        for v in value.mapping.values():
-            yield from iter_tensor_refs(v)
+    return (v.tensor for v in _leaves(value) if isinstance(v, TensorRef))
 
 
 def node_values(node: Node) -> Iterator[Value]:
