@@ -32,6 +32,9 @@ from benchmarks.workloads import WORKLOADS, SizeConfig, WorkloadConfig, build_co
 REPO = Path(__file__).resolve().parent.parent
 BENCH_VENV_PY = REPO / ".bench-venv" / "bin" / "python"
 # vLLM compiles on start (minutes of torch.compile on 2 CPU cores): left out of --quick.
+# Variants that are many identical small calls in a row (warm after the first) and the slowest
+# tasks of the run: they get no separate warm-up repetition.
+SELF_WARMING = frozenset({"one_at_a_time", "seed_loop"})
 QUICK_EXCLUDED = {"vllm_compiled": "left out of --quick (torch.compile start-up time)"}
 
 
@@ -245,8 +248,11 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
             for rep in range(-1, sizes.reps):
                 for w in live:
                     for t in w.tasks:
-                        if t["workload"] == workload:
-                            run_once(w, t, record=rep >= 0)
+                        if t["workload"] != workload:
+                            continue
+                        if rep < 0 and t["variant"] in SELF_WARMING:
+                            continue
+                        run_once(w, t, record=rep >= 0)
                 print(f"bench: {workload} rep {rep + 1}/{sizes.reps} done "
                       f"({time.time() - started:.0f} s)", flush=True)
     finally:
