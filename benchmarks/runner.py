@@ -230,8 +230,11 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
         key = (w.system, f"{t['workload']}/{t['case']}/{t['variant']}")
         if key in failed:
             return
-        w.send({"op": "run", "task": t})
-        r = w.recv()
+        try:
+            w.send({"op": "run", "task": t})
+            r = w.recv()
+        except OSError as e:  # the worker died earlier (crash, OOM): record, carry on
+            r = {"ok": False, "error": f"worker gone: {e}"}
         if not r.get("ok"):
             reason = r.get("skip") or f"failed: {r.get('error')}"
             skipped.append({"system": w.system, "what": key[1], "reason": reason})
