@@ -132,6 +132,8 @@ class _Hooks:
         self.step_fast, self.step_general, self.general_points = {}, [], {}
         self.active_hooks = set()
         batch = self.runner.input_batch
+        if len(self.by_req) > 8192:  # forget request ids vLLM no longer knows (plain ones)
+            self.by_req = {r: s for r, s in self.by_req.items() if r in self.runner.requests}
         ids = [r for r in batch.req_ids[:batch.num_reqs] if r is not None]
         wanted = {r for r in ids if self._state(r) is not None}
         if not wanted:
