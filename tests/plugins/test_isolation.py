@@ -21,7 +21,7 @@ def _with_capture(graph: Graph, invoke: int, layer: int) -> tuple[Graph, int]:
 
 def test_batch_equals_alone_and_plain_rows_untouched(tiny_vllm):
     g = torch.Generator().manual_seed(7)
-    n = 24
+    n = 64
     prompts = [torch.randint(3, 500, (int(torch.randint(3, 45, (1,), generator=g)),),
                              generator=g).tolist() for _ in range(n)]
     prompts[5] = prompts[4][:]  # same prompt, different intervention: prefix cache must not mix
