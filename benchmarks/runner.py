@@ -88,8 +88,10 @@ class Worker:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
+            code = self.proc.wait()
             tail = self.log_path.read_text(errors="replace")[-1500:]
-            return {"ok": False, "error": f"worker exited (code {self.proc.poll()}): ...{tail}"}
+            why = " (SIGKILL: most likely the kernel's out-of-memory killer)" if code == -9 else ""
+            return {"ok": False, "error": f"worker exited (code {code}){why}: ...{tail}"}
         return json.loads(line)
 
     def close(self) -> None:
