@@ -288,11 +288,19 @@ class Tracer:
             result = backend.run(self._graph)
         finally:
             self.finished = True
+        missing = []
         for proxy in self.saved:
             if proxy._id in result.saves:
                 object.__setattr__(proxy, "_value", result.saves[proxy._id])
                 object.__setattr__(proxy, "_has_value", True)
+            else:
+                missing.append(proxy._id)
         self.result = result.generated
+        if missing and not any(n.op == "stop" for n in self._graph.nodes):
+            # (with tracer.stop(), saves after the stop point are legitimately absent)
+            raise TracingError(
+                f"the {backend.name} backend returned no value for saved node(s) {missing}; "
+                "this is a vinterp bug, please report it with tracer.to_json()")
         if self._frame is not None:
             rebind_frame(self._frame)
             self._frame = None
