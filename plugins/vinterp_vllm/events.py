@@ -32,17 +32,24 @@ def _pair(args: tuple, kwargs: dict, out: Any) -> tuple[torch.Tensor, torch.Tens
     return hidden, residual
 
 
-def _tensor(value: str, args: tuple, kwargs: dict, out: Any) -> torch.Tensor:
-    """The plain tensor at a non-residual point."""
+def _tensor(value: str, args: tuple, kwargs: dict, out: Any,
+            batch_dim: bool = False) -> torch.Tensor:
+    """The plain ``[tokens, hidden]`` tensor at a non-residual point (a view: writes land).
+
+    ``batch_dim``: the module sees HF's ``[1, tokens, hidden]`` (vLLM's Transformers backend).
+    """
     if out is None:
-        return args[0] if args else kwargs["hidden_states"]
-    if isinstance(out, (tuple, list)):  # vLLM's final norm returns (normed, residual)
-        return out[0]
-    return out
+        x = args[0] if args else kwargs["hidden_states"]
+    elif isinstance(out, (tuple, list)):  # a fused norm's (normed, residual); HF (out, weights)
+        x = out[0]
+    else:
+        x = out
+    return x[0] if batch_dim else x
 
 
-def point_rows(value: str, args: tuple, kwargs: dict, out: Any) -> tuple[
-        Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor, torch.Tensor], None]]:
+def point_rows(value: str, args: tuple, kwargs: dict, out: Any, batch_dim: bool = False
+               ) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                          Callable[[torch.Tensor, torch.Tensor], None]]:
     """Row accessors for the vectorized path at a point whose value kind is ``value``."""
     if value == "residual":
         h, r = _pair(args, kwargs, out)
@@ -56,7 +63,7 @@ def point_rows(value: str, args: tuple, kwargs: dict, out: Any) -> tuple[
             if r is not None:
                 r.index_fill_(0, idx, 0)
         return get, put
-    x = _tensor(value, args, kwargs, out)
+    x = _tensor(value, args, kwargs, out, batch_dim)
 
     def get_t(idx: torch.Tensor) -> torch.Tensor:
         return x.index_select(0, idx)
@@ -84,11 +91,12 @@ class RowsEvent:
             self._value = (h[a:b] if r is None else h[a:b] + r[a:b]).unsqueeze(0)
             self._dirty = True  # a fresh sum: always written back (exact, see module doc)
         elif v in ("tensor", "norm"):
-            self._value = _tensor(v, args, kwargs, out)[a:b].unsqueeze(0)  # a view
+            self._value = _tensor(v, args, kwargs, out, point.batch_dim)[a:b].unsqueeze(0)
         elif v == "attn":
-            self._value = (_tensor(v, args, kwargs, out)[a:b].unsqueeze(0), None)
+            self._value = (_tensor(v, args, kwargs, out, point.batch_dim)[a:b].unsqueeze(0),
+                           None)
         else:
-            normed = _tensor(v, args, kwargs, out)
+            normed = _tensor(v, args, kwargs, out, point.batch_dim)
             rows = normed[a:b] if trace else normed[b - 1:b]
             self._first_row = a if trace else b - 1
             logits = model.compute_logits(rows).unsqueeze(0)

@@ -22,8 +22,9 @@ from vinterp.models.architectures import Architecture
 
 #: value kinds at a point: ``residual`` = the (hidden + residual) sum of a fused layer;
 #: ``tensor`` = a plain tensor; ``attn`` = a tensor presented as HF's ``(out, None)``;
-#: ``norm`` = vLLM's final norm (returns ``(normed, residual)``); ``logits`` /
-#: ``model_output`` = computed from the final norm's rows on demand.
+#: ``norm`` = a fused final norm (returns ``(normed, residual)``; a final norm that returns a
+#: plain tensor is ``tensor``); ``logits`` / ``model_output`` = computed from the final norm's
+#: rows on demand.
 VALUE_KINDS = ("residual", "tensor", "attn", "norm", "logits", "model_output")
 
 
@@ -40,11 +41,25 @@ class VllmPoint:
     vllm_module: str
     side: str       # "output" (forward hook) or "input" (forward pre-hook)
     value: str      # one of VALUE_KINDS
+    #: the hooked tensors are ``[1, tokens, hidden]`` (see ``VllmMapping.batch_dim``)
+    batch_dim: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
         """The HF point, as the IR names it."""
         return (self.hf_module, self.hf_kind)
+
+
+@dataclass(frozen=True)
+class _Maker:
+    """Builds the :class:`VllmPoint` s of one HF point (the fields every mapping shares)."""
+
+    module: str
+    kind: str
+    batch_dim: bool
+
+    def __call__(self, vllm_module: str, side: str, value: str) -> VllmPoint:
+        return VllmPoint(self.module, self.kind, vllm_module, side, value, self.batch_dim)
 
 
 def _unsupported(module: str, kind: str, why: str) -> UnsupportedPoint:
@@ -61,22 +76,23 @@ def resolve_point(arch: Architecture, module: str, kind: str) -> VllmPoint:
     if kind == "inputs":
         raise _unsupported(module, kind, "vLLM calls modules with different arguments than HF; "
                                          "use .input")
+    point = _Maker(module, kind, vm.batch_dim)
     if module == "":
         if kind != "output":
             raise _unsupported(module, kind, "the model's input is token ids")
-        return VllmPoint(module, kind, vm.final_norm, "output", "model_output")
+        return point(vm.final_norm, "output", "model_output")
     if module == arch.lm_head:
         if kind != "output":
             raise _unsupported(module, kind, "read model.final_norm.output instead")
-        return VllmPoint(module, kind, vm.final_norm, "output", "logits")
+        return point(vm.final_norm, "output", "logits")
     if module == arch.embed:
         if kind != "output":
             raise _unsupported(module, kind, "the embedding's input is token ids")
-        return VllmPoint(module, kind, vm.embed, "output", "tensor")
+        return point(vm.embed, "output", "tensor")
     if module == arch.final_norm:
         if kind == "input":
             raise _unsupported(module, kind, "read the last layer's output instead")
-        return VllmPoint(module, kind, vm.final_norm, "output", "norm")
+        return point(vm.final_norm, "output", "norm" if vm.norm_returns_pair else "tensor")
     prefix = arch.layers + "."
     if module.startswith(prefix):
         head, _, rest = module[len(prefix):].partition(".")
@@ -84,14 +100,14 @@ def resolve_point(arch: Architecture, module: str, kind: str) -> VllmPoint:
             raise _unsupported(module, kind, "not a decoder layer path")
         layer = f"{vm.layers}.{head}"
         if rest == "":
-            return VllmPoint(module, kind, layer, kind, "residual" if vm.residual_pair
+            return point(layer, kind, "residual" if vm.residual_pair
                              else "tensor")
         if rest == arch.attn:
             if kind == "input":
-                return VllmPoint(module, kind, f"{layer}.{vm.attn}", "input", "tensor")
-            return VllmPoint(module, kind, f"{layer}.{vm.attn}", "output", "attn")
+                return point(f"{layer}.{vm.attn}", "input", "tensor")
+            return point(f"{layer}.{vm.attn}", "output", "attn")
         if rest == arch.mlp:
-            return VllmPoint(module, kind, f"{layer}.{vm.mlp}", kind, "tensor")
+            return point(f"{layer}.{vm.mlp}", kind, "tensor")
         raise _unsupported(module, kind, "vLLM fuses this module (q/k/v projections, "
                                          "attention probabilities and norms are not separate "
                                          "points); supported: layer input/output, attn and mlp "

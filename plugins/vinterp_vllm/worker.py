@@ -180,7 +180,7 @@ class _Hooks:
     def _at_point(self, mod: Any, key: tuple[str, str], args: tuple, kwargs: dict,
                   out: Any) -> None:
         for value, g in self.step_fast.get(key, ()):  # type: ignore[misc]
-            get, put = point_rows(value, args, kwargs, out)
+            get, put = point_rows(value, args, kwargs, out, self.arch.vllm.batch_dim)
             try:
                 if g.op == "capture":
                     vals = get(g.rows)

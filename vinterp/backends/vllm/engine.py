@@ -12,9 +12,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 #: default KV cache for the models vinterp ships (plenty for smollm2-135m)
@@ -24,6 +27,46 @@ DEFAULT_KV_CACHE_BYTES = 1 * 2**30
 def model_type(model_path: pathlib.Path) -> str:
     """The HF ``model_type`` of a local checkpoint."""
     return json.loads((pathlib.Path(model_path) / "config.json").read_text())["model_type"]
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _hf_classes_untouched(model_path: pathlib.Path) -> Iterator[None]:
+    """Undo vLLM's in-place edits of HF's model classes once the engine is built.
+
+    vLLM's Transformers backend (GPT-NeoX here) decorates HF's decoder class *in place* for
+    torch.compile: it swaps ``__init__``/``__call__`` and adds a base class. Every HF model of
+    that class in the process then breaks (``'GPTNeoXModel' object has no attribute
+    'do_not_compile'``), e.g. the ``backend="hf"`` model a user compares against. The plugin
+    runs eager, where the decorated ``__call__`` only calls ``forward``, so restoring the
+    classes changes nothing for vLLM's instance.
+    """
+    try:
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+        base = MODEL_MAPPING[type(AutoConfig.from_pretrained(model_path))]
+        module = sys.modules[base.__module__]
+        classes = [c for c in vars(module).values()
+                   if isinstance(c, type) and c.__module__ == module.__name__]
+    except Exception:  # an unknown config: nothing of HF's to protect
+        classes = []
+    saved = {c: (c.__bases__, {a: c.__dict__.get(a, _MISSING) for a in ("__init__", "__call__")})
+             for c in classes}
+    try:
+        yield
+    finally:
+        for c, (bases, attrs) in saved.items():
+            if c.__bases__ != bases:
+                c.__bases__ = bases
+            for name, value in attrs.items():
+                if value is _MISSING:
+                    if name in c.__dict__:
+                        delattr(c, name)
+                elif c.__dict__.get(name) is not value:
+                    setattr(c, name, value)
 
 
 def build_engine(model_path: pathlib.Path, *, dtype: str | None = None,
@@ -57,6 +100,7 @@ def build_engine(model_path: pathlib.Path, *, dtype: str | None = None,
     if "gpu_memory_utilization" not in engine_kwargs:
         kwargs["kv_cache_memory_bytes"] = DEFAULT_KV_CACHE_BYTES
     kwargs.update(engine_kwargs)
-    llm = LLM(**kwargs)
+    with _hf_classes_untouched(model_path):
+        llm = LLM(**kwargs)
     llm.collective_rpc("vinterp_install", args=(mtype,))
     return llm

@@ -30,11 +30,17 @@ class VllmMapping:
     attn: str = "self_attn"
     mlp: str = "mlp"
     embed: str = "model.embed_tokens"
-    #: vLLM's final norm takes ``(hidden, residual)`` and returns ``(normed, residual)``.
+    #: the norm before the LM head (see ``norm_returns_pair`` for what it returns).
     final_norm: str = "model.norm"
     #: a decoder layer takes ``(positions, hidden, residual)`` and returns
-    #: ``(hidden, residual)``: the residual stream is ``hidden + residual``.
+    #: ``(hidden, residual)``: the residual stream is ``hidden + residual``. ``False``: a layer
+    #: takes and returns the residual stream itself (GPT-2, GPT-NeoX).
     residual_pair: bool = True
+    #: the final norm returns ``(normed, residual)`` (fused add); ``False``: a plain tensor.
+    norm_returns_pair: bool = True
+    #: values carry HF's leading batch dimension of 1 (``[1, tokens, hidden]``): vLLM runs the
+    #: HF modules themselves through its Transformers backend (e.g. GPT-NeoX), which adds it.
+    batch_dim: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""GPT-NeoX: where the standard points live in its HF module tree."""
+"""GPT-NeoX: where the standard points live in its HF module tree and in vLLM's."""
 
-from vinterp.models.architectures.base import Architecture
+from vinterp.models.architectures.base import Architecture, VllmMapping
 
 ARCHITECTURE = Architecture(
     model_types=("gpt_neox",),
@@ -10,4 +10,9 @@ ARCHITECTURE = Architecture(
     embed="gpt_neox.embed_in",
     final_norm="gpt_neox.final_layer_norm",
     lm_head="lm_head",  # transformers 5 renamed embed_out
+    # vLLM 0.32 has no native GPT-NeoX: its Transformers backend wraps HF's GPTNeoXModel as
+    # ``model`` (HF modules, plain-tensor layers, [1, tokens, hidden] values).
+    vllm=VllmMapping(layers="model.layers", attn="attention", mlp="mlp",
+                     embed="model.embed_in", final_norm="model.final_layer_norm",
+                     residual_pair=False, norm_returns_pair=False, batch_dim=True),
 )
