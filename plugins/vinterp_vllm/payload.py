@@ -67,7 +67,8 @@ class Outcome:
 
     ``saves``: save-node id → value (list per step inside scopes). ``error``: why the request's
     intervention failed (the request itself still finished). ``retry_alone``: the failure was
-    only a scheduling accident (its prompt was split across chunks) and running it alone fixes it.
+    only a scheduling accident (its prompt was split across chunks, or vLLM preempted it)
+    and running it alone fixes it.
     """
 
     saves: dict[int, Any] = field(default_factory=dict)

@@ -139,8 +139,13 @@ class RequestState:
         if runner is None:
             return False
         if span.first_pos <= self.max_pos_seen:
-            self.fail("the request was preempted and recomputed; general interventions cannot "
-                      "be replayed. Give the engine more KV cache (kv_cache_memory_bytes)")
+            # vLLM preempted the request and now recomputes positions this graph already ran
+            # on: replaying would apply its writes twice and its step state is past them. The
+            # client reruns the request alone (retry_alone), where it is not preempted.
+            self.fail("the request was preempted and recomputed by vLLM (KV cache full); "
+                      "general interventions cannot be replayed mid-request. Give the engine "
+                      "more KV cache (kv_cache_memory_bytes) or fewer concurrent requests "
+                      "(max_num_seqs)", retry_alone=True)
             return False
         self.max_pos_seen = span.last_pos
         if span.first_pos < span.prompt_len:

@@ -1,0 +1,82 @@
+"""Request lifecycle in the plugin: preemption and recomputation, aborts, bounded state, async.
+
+The engine here has a KV cache of a few hundred tokens and many concurrent sequences, so vLLM
+preempts running requests and later recomputes them from scratch. Vectorized requests re-apply
+their steering on the recomputed rows (the KV must be rebuilt as it was) and skip captures of
+positions already captured; general graphs cannot be replayed mid-request and are rerun alone
+by the client. Either way the caller sees the results of an unpreempted run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from helpers import rel_err
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+from vinterp import LanguageModel  # noqa: E402
+
+#: tiny-llama: 2 layers x 2 KV heads x 32 dims x (K, V) x fp32 = 1 KiB per token; vLLM's CPU
+#: blocks hold 128 tokens: 3 blocks, and every request (~100 prompt tokens + 40 new) needs 2.
+KV_BYTES = 3 * 128 * 1024
+PROMPTS = [f"Story {i}: " + "once upon a time there was a " * 14 for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def small_kv():
+    """tiny-llama whose KV cache holds 384 tokens: 6 requests x ~140 tokens must preempt."""
+    lm = LanguageModel("tiny-llama", backend="vllm", kv_cache_memory_bytes=KV_BYTES,
+                       max_model_len=256, max_num_seqs=64, enable_prefix_caching=False)
+    scheduler = lm._backend.llm.llm_engine.engine_core.engine_core.scheduler
+    count = {"n": 0}
+    original = scheduler._preempt_request
+
+    def counting(*args, **kwargs):
+        count["n"] += 1
+        return original(*args, **kwargs)
+
+    scheduler._preempt_request = counting
+    yield lm, count
+    lm._backend.close()
+
+
+def _run(lm, prompts: list[str], vectors: list[torch.Tensor], general: list[bool]):
+    """Greedy 40 tokens; each prompt steered by its vector at layer 1 and capturing per step.
+
+    ``general[k]``: request ``k`` uses a graph the vectorized path cannot serve (a computed
+    write), so it runs on the per-request interpreter.
+    """
+    caps = []
+    with lm.generate(max_new_tokens=40, ignore_eos=True) as tracer:
+        for p, v, gen in zip(prompts, vectors, general, strict=True):
+            with tracer.invoke(p):
+                with tracer.all():
+                    out = lm.layers[1].output
+                    if gen:
+                        lm.layers[1].output[:] = out + v * 1.0
+                    else:
+                        out.steer(v)
+                    caps.append(lm.layers[0].output.save())
+    return [t.tolist() for t in tracer.result], caps
+
+
+def test_preempted_requests_equal_alone(small_kv):
+    lm, preemptions = small_kv
+    g = torch.Generator().manual_seed(3)
+    vectors = [torch.randn(64, generator=g) * 4 for _ in PROMPTS]
+    general = [k % 3 == 0 for k in range(len(PROMPTS))]
+    tokens, caps = _run(lm, PROMPTS, vectors, general)
+    assert preemptions["n"] > 0, "the engine should have preempted requests"
+    for k, p in enumerate(PROMPTS):
+        before = preemptions["n"]
+        alone_tokens, alone_caps = _run(lm, [p], [vectors[k]], [general[k]])
+        assert preemptions["n"] == before, "a request alone must fit the KV cache"
+        assert tokens[k] == alone_tokens[0], k
+        got, want = caps[k], alone_caps[0]
+        assert len(got) == len(want) == 40, k
+        for a, b in zip(got, want, strict=True):
+            assert a.shape == b.shape
+            assert rel_err(a, b) < 1e-5, k
