@@ -19,7 +19,17 @@ from typing import Any
 import torch
 
 from vinterp.ir import ops
-from vinterp.ir.schema import Graph, ListV, Node, Ref, SliceV, TensorRef, TupleV, Value
+from vinterp.ir.schema import (
+    EllipsisV,
+    Graph,
+    ListV,
+    Node,
+    Ref,
+    SliceV,
+    TensorRef,
+    TupleV,
+    Value,
+)
 from vinterp.ir.tensors import decode_tensor
 from vinterp.steering.kernels import position_mask
 from vinterp_vllm.layout import RowSpan
@@ -42,9 +52,104 @@ class Action:
     lo: float = float("-inf")
     hi: float = float("inf")
     spec_key: str = ""
+    select: Selection | None = None       # capture of ``x[:, positions]`` only
 
     def wants_step(self, step: int) -> bool:
         return self.start <= step < self.stop
+
+    def assemble(self, step: int, chunks: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """The saved value at ``step`` from its captured ``(position, row)`` chunks, HF-shaped."""
+        rows = torch.stack([v for _, v in chunks]).unsqueeze(0)   # [1, m, hidden]
+        if self.select is None:
+            return rows
+        return self.select.shape(step, [p for p, _ in chunks], rows)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A position-selecting key ``x[d0, seq, *rest]`` resolved for one request.
+
+    ``d0`` is ``slice(None)`` (keeps the batch dim) or ``0`` (drops it); ``seq`` an int
+    (drops the sequence dim) or a list/slice. At step 0 the value is the whole prompt, at a
+    decode step one row, so ``seq`` is resolved against those lengths once, at plan time:
+    ``prompt_index`` / ``decode_index`` are the selected local rows in key order.
+    """
+
+    d0: Any
+    drops_seq: bool
+    rest: tuple[Any, ...]
+    prompt_index: tuple[int, ...]
+    decode_index: tuple[int, ...]
+    prompt_set: frozenset[int] = field(default=frozenset())
+
+    def wants(self, pos: int, prompt_len: int) -> bool:
+        """Whether the row at absolute position ``pos`` is selected at its step."""
+        if pos < prompt_len:
+            return pos in self.prompt_set
+        return bool(self.decode_index)
+
+    def shape(self, step: int, positions: list[int], rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (``[1, m, hidden]``, the selected rows in position order) indexed by the key."""
+        wanted = self.prompt_index if step == 0 else self.decode_index
+        if step == 0:
+            at = {p: i for i, p in enumerate(positions)}
+            local: list[int] = [at[p] for p in wanted]
+        else:
+            local = [0] * len(wanted)
+        idx: Any = local[0] if self.drops_seq else local
+        return rows[(self.d0, idx, *self.rest)]
+
+
+def _is_full_slice(v: Value) -> bool:
+    return isinstance(v, SliceV) and all(x is None for x in v.slice)
+
+
+def _is_int(v: Value) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _selection(key: Value, prompt_len: int, prompt: bool, decodes: bool) -> Selection:
+    """The :class:`Selection` of a ``getitem`` key, or :class:`_NotFast` if it is not one.
+
+    Accepted: ``(d0, seq)`` or ``(d0, seq, :|...)`` with ``d0`` ``:`` or ``0`` and ``seq`` an
+    int, a list of ints or a slice of ints. ``prompt`` / ``decodes``: the save runs at step 0 /
+    at decode steps.
+    Keys that would raise or select nothing in HF go to the general path (which reproduces HF).
+    """
+    if not isinstance(key, TupleV) or len(key.tuple) not in (2, 3):
+        raise _NotFast
+    d0v, seqv, *restv = key.tuple
+    if _is_full_slice(d0v):
+        d0: Any = slice(None)
+    elif _is_int(d0v) and d0v == 0:
+        d0 = 0
+    else:
+        raise _NotFast
+    if restv and not (_is_full_slice(restv[0]) or isinstance(restv[0], EllipsisV)):
+        raise _NotFast
+    rest = (slice(None),) if restv else ()
+    if _is_int(seqv):
+        seq: Any = seqv
+    elif isinstance(seqv, ListV) and seqv.list and all(_is_int(x) for x in seqv.list):
+        seq = list(seqv.list)
+    elif isinstance(seqv, SliceV) and all(x is None or _is_int(x) for x in seqv.slice):
+        seq = slice(*seqv.slice)  # type: ignore[misc]
+    else:
+        raise _NotFast
+
+    def resolve(n: int) -> tuple[int, ...]:
+        try:
+            got = torch.arange(n)[seq]
+        except (IndexError, ValueError) as exc:
+            raise _NotFast from exc
+        return tuple(int(i) for i in got.reshape(-1).tolist())
+
+    prompt_index = resolve(prompt_len) if prompt else ()
+    decode_index = resolve(1) if decodes else ()
+    if (prompt and not prompt_index) or (decodes and not decode_index):
+        raise _NotFast
+    return Selection(d0, _is_int(seqv), rest, prompt_index, decode_index,
+                     frozenset(prompt_index))
 
 
 def _const(graph: Graph, v: Value) -> Any:
@@ -100,12 +205,19 @@ def plan_for(graph: Graph, invoke: int, point_value: dict[tuple[str, str], str],
     """
     mine = [n for n in graph.nodes if n.invoke in (invoke, -1)]
     alias: dict[int, tuple[str, str]] = {}   # node id → the point whose tensor it is
+    items: dict[int, _Item] = {}             # getitem node id → what it selects
     plan: dict[tuple[str, str], list[Action]] = {}
     try:
         for n in mine:
             if n.invoke != invoke:
                 raise _NotFast
-            if n.op == "read":
+            if n.op == "getitem":
+                items[n.id] = _item(n, alias, point_value, plan)
+            elif n.op == "save" and n.args and isinstance(n.args[0], Ref) \
+                    and n.args[0].ref in items:
+                plan[items[n.args[0].ref].point].append(
+                    _selected_capture(graph, invoke, n, items[n.args[0].ref], plan))
+            elif n.op == "read":
                 point = (n.kwargs["module"], n.kwargs["kind"])
                 if point_value.get(point) not in FAST_VALUES:
                     raise _NotFast
@@ -136,6 +248,48 @@ def plan_for(graph: Graph, invoke: int, point_value: dict[tuple[str, str], str],
     return plan
 
 
+@dataclass(frozen=True)
+class _Item:
+    """A ``getitem`` of a point's value, as seen by :func:`plan_for`."""
+
+    node: Node
+    point: tuple[str, str]
+    actions_before: int        # the point's action count then: no edit may come in between
+
+
+def _item(n: Node, alias: dict[int, tuple[str, str]],
+          point_value: dict[tuple[str, str], str],
+          plan: dict[tuple[str, str], list[Action]]) -> _Item:
+    """A ``getitem`` directly on a point's (possibly steered) value; else :class:`_NotFast`."""
+    src = n.args[0] if len(n.args) == 2 else None
+    if not isinstance(src, Ref) or src.ref not in alias:
+        raise _NotFast
+    point = alias[src.ref]
+    if point_value[point] == "attn":
+        raise _NotFast  # HF attention is a tuple: indexing it is the general path's business
+    return _Item(n, point, len(plan.setdefault(point, [])))
+
+
+def _selected_capture(graph: Graph, invoke: int, save: Node, item: _Item,
+                      plan: dict[tuple[str, str], list[Action]]) -> Action:
+    """The capture action of ``save(x[:, positions])``; else :class:`_NotFast`.
+
+    The key's indexing is a view in HF, so an edit of ``x`` between the ``getitem`` and the
+    ``save`` would show in the saved value: such graphs keep the general path.
+    """
+    if len(plan[item.point]) != item.actions_before or save.steps != item.node.steps:
+        raise _NotFast
+    prompts = graph.invokes[invoke].prompts
+    if len(prompts) != 1:
+        raise _NotFast
+    stop = float("inf") if save.steps.stop is None else save.steps.stop
+    decodes = graph.mode != "trace" and stop > 1
+    a = Action("capture", save, save.steps.start, stop)
+    a.select = _selection(item.node.args[1], len(prompts[0]), save.steps.start == 0, decodes)
+    a.spec_key = repr(a.select)
+    return a
+
+
 def _row_mask(a: Action, span: RowSpan, cache: dict[tuple[Any, ...], list[int]]) -> list[int]:
     """Batch row indices of ``span`` that action ``a`` touches this step (memoized per step)."""
     key = (a.spec_key, a.start, a.stop)
@@ -145,6 +299,9 @@ def _row_mask(a: Action, span: RowSpan, cache: dict[tuple[Any, ...], list[int]])
     steps = span.steps()
     pos = span.positions()
     ok = torch.tensor([a.wants_step(s) for s in steps], dtype=torch.bool)
+    if a.select is not None:  # x[:, positions]: only the selected rows are copied
+        ok &= torch.tensor([a.select.wants(p, span.prompt_len)
+                            for p in range(span.first_pos, span.last_pos + 1)], dtype=torch.bool)
     if a.op != "capture":
         m = position_mask(a.positions, pos, span.prompt_len)
         if m is not None:
@@ -188,24 +345,84 @@ class Group:
         return x + (clamped - proj) * d
 
 
+class TensorCache:
+    """Device tensors of the groups, reused across points of a step and across steps.
+
+    Within a step every layer whose actions have the same positions/steps touches the same
+    rows with the same per-row table index, and in decode steps with an unchanged batch the
+    vector tables stay the same too; building them is host work plus a host-to-device copy
+    each, which for steering at every layer cost more than the steering itself. Entries live
+    for the step they were last used in and the next one (so memory stays bounded by two
+    steps' worth); call :meth:`next_step` once per forward.
+    """
+
+    def __init__(self) -> None:
+        self._now: dict[tuple[Any, ...], Any] = {}
+        self._prev: dict[tuple[Any, ...], Any] = {}
+
+    def next_step(self) -> None:
+        """Start a new step: entries unused in the previous one are dropped."""
+        self._prev, self._now = self._now, {}
+
+    def _get(self, key: tuple[Any, ...], make: Any) -> Any:
+        hit = self._now.get(key)
+        if hit is None:
+            hit = self._prev.get(key)
+            if hit is None:
+                hit = make()
+            self._now[key] = hit
+        return hit
+
+    def index(self, rows: list[int], device: torch.device) -> torch.Tensor:
+        """``rows`` as a long tensor on ``device``."""
+        key = ("i", str(device), *rows)
+        return self._get(key, lambda: torch.tensor(rows, device=device))
+
+    def table(self, op: str, acts: list[Action], device: torch.device) -> Group:
+        """A :class:`Group` of ``op`` with its per-action tables (no rows yet)."""
+        # the actions are kept alive by the cached group, so their ids cannot be reused
+        key = ("t", op, str(device), *(id(a) for a in acts))
+        return self._get(key, lambda: _table_group(op, acts, device))
+
+
+def _table_group(op: str, acts: list[Action], device: torch.device) -> Group:
+    g = Group(op, torch.empty(0), torch.empty(0))
+    g.captures = [(None, a, None, []) for a in acts]   # pins the actions (see TensorCache)
+    if op == "scale":
+        g.factor = torch.tensor([a.factor for a in acts], device=device)
+    elif op != "capture":
+        g.table = torch.stack([a.vector for a in acts]).to(device)  # type: ignore[misc]
+        if op == "clamp":
+            g.lo = torch.tensor([a.lo for a in acts], device=device)
+            g.hi = torch.tensor([a.hi for a in acts], device=device)
+    return g
+
+
 def build_groups(entries: list[tuple[Any, RowSpan, list[Action]]],
-                 device: torch.device) -> list[Group]:
+                 device: torch.device, cache: TensorCache | None = None) -> list[Group]:
     """Groups for one point this step; ``entries`` = (request state, its rows, its actions).
 
     Actions of one request run in order; the k-th actions of all requests form slot k, and
-    within a slot requests touch disjoint rows, so each (slot, op) is one batched op.
+    within a slot requests touch disjoint rows, so each (slot, op) is one batched op. A
+    request whose row selection fails (e.g. a bad position) fails alone. ``cache`` shares the
+    device tensors with other points and steps (see :class:`TensorCache`).
     """
+    cache = cache or TensorCache()
     groups: list[Group] = []
     slot = 0
     while True:
         by_op: dict[str, tuple[list[int], list[int], list[Action], list[Any]]] = {}
         any_left = False
         for state, span, actions in entries:
-            if slot >= len(actions):
+            if slot >= len(actions) or state.failed:
                 continue
             any_left = True
             a = actions[slot]
-            rows = _row_mask(a, span, state.mask_cache)
+            try:
+                rows = _row_mask(a, span, state.mask_cache)
+            except Exception as exc:
+                state.fail(f"{type(exc).__name__}: {exc}")
+                continue
             if not rows:
                 continue
             bucket = by_op.setdefault(a.op, ([], [], [], []))
@@ -217,16 +434,11 @@ def build_groups(entries: list[tuple[Any, RowSpan, list[Action]]],
         if not any_left:
             return groups
         for op, (rows, tidx, acts, owners) in by_op.items():
-            g = Group(op, torch.tensor(rows, device=device), torch.tensor(tidx, device=device),
+            t = cache.table(op, acts, device)
+            g = Group(op, cache.index(rows, device), cache.index(tidx, device),
+                      table=t.table, factor=t.factor, lo=t.lo, hi=t.hi,
                       owners=[o[0] for o in owners])
             if op == "capture":
                 g.captures = [(st, a, sp, r) for (st, sp, r), a in zip(owners, acts, strict=True)]
-            elif op == "scale":
-                g.factor = torch.tensor([a.factor for a in acts], device=device)
-            else:
-                g.table = torch.stack([a.vector for a in acts]).to(device)  # type: ignore[misc]
-                if op == "clamp":
-                    g.lo = torch.tensor([a.lo for a in acts], device=device)
-                    g.hi = torch.tensor([a.hi for a in acts], device=device)
             groups.append(g)
         slot += 1

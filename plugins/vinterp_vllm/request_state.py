@@ -121,7 +121,7 @@ class RequestState:
                 if a.op != "capture":
                     continue
                 steps = self._chunks.get(a.node.id, {})
-                vals: list[Any] = [torch.stack([v for _, v in steps[s]]).unsqueeze(0)
+                vals: list[Any] = [a.assemble(s, steps[s])
                                    for s in sorted(steps)]
                 if wrap:
                     vals = [(v, None) for v in vals]
@@ -202,3 +202,36 @@ def _tensor_data(td: Any) -> Any:
     from vinterp.ir.schema import TensorData
 
     return td if isinstance(td, TensorData) else TensorData.model_validate(td)
+
+
+#: default cap on states kept for finished requests whose outcome nobody drained
+DEFAULT_MAX_UNDRAINED = 1024
+
+
+class Retention:
+    """Bounds worker memory held for finished requests that were never drained.
+
+    A request's state stays after vLLM finishes it, until the caller drains its outcome. A
+    caller that never does (aborted the request, crashed, forgot) would leak it; vLLM does not
+    tell the worker whether a request finished or was aborted. So once more than ``cap`` states
+    belong to requests vLLM no longer runs, the oldest of those are dropped (a later drain of
+    them reports nothing). Live requests are never dropped. The check is O(states) and runs
+    only while more than ``cap`` states exist.
+    """
+
+    def __init__(self, cap: int = DEFAULT_MAX_UNDRAINED) -> None:
+        self.cap = cap
+        self.evicted = 0
+
+    def enforce(self, by_key: dict[str, RequestState],
+                by_req: dict[str, RequestState | None], live_req_ids: Any) -> list[str]:
+        """Drop the oldest finished states beyond the cap; returns the dropped keys."""
+        if len(by_key) <= self.cap:
+            return []
+        live = {id(s) for r, s in by_req.items() if s is not None and r in live_req_ids}
+        finished = [k for k, s in by_key.items() if id(s) not in live]  # oldest first
+        drop = finished[:max(0, len(finished) - self.cap)]
+        for k in drop:
+            del by_key[k]
+        self.evicted += len(drop)
+        return drop

@@ -26,11 +26,11 @@ import logging
 from typing import Any
 
 from vinterp_vllm.events import RowsEvent, point_rows
-from vinterp_vllm.fastpath import Group, build_groups
+from vinterp_vllm.fastpath import Group, TensorCache, build_groups
 from vinterp_vllm.layout import RowSpan, batch_spans
 from vinterp_vllm.payload import Outcome, Payload
 from vinterp_vllm.points import VllmPoint
-from vinterp_vllm.request_state import RequestState
+from vinterp_vllm.request_state import RequestState, Retention
 
 WORKER_EXTENSION = "vinterp_vllm.worker.VinterpWorkerExtension"
 log = logging.getLogger("vinterp_vllm")
@@ -65,6 +65,17 @@ class VinterpWorkerExtension:
         """Forget requests (aborted or no longer wanted)."""
         self._vinterp.drain(keys)
 
+    def vinterp_stats(self) -> dict[str, int]:
+        """Counts of what the worker holds: ``states`` (per request key, live or undrained),
+        ``tracked_ids`` (vLLM request ids seen), ``evicted`` (undrained states dropped)."""
+        h = self._vinterp
+        return {"states": len(h.by_key), "tracked_ids": len(h.by_req),
+                "evicted": h.retention.evicted, "max_undrained": h.retention.cap}
+
+    def vinterp_set_max_undrained(self, cap: int) -> None:
+        """Cap the states kept for finished requests nobody drained (see ``Retention``)."""
+        self._vinterp.retention.cap = int(cap)
+
 
 class _Hooks:
     def __init__(self, runner: Any, arch: Any) -> None:
@@ -75,12 +86,14 @@ class _Hooks:
         self.hidden = int(runner.model_config.get_hidden_size())
         self.by_req: dict[str, RequestState | None] = {}
         self.by_key: dict[str, RequestState] = {}
+        self.retention = Retention()
         self.step_fast: dict[tuple[str, str], list[Group]] = {}   # vLLM hook → groups
         self.step_general: list[tuple[RequestState, RowSpan]] = []
         self.general_points: dict[tuple[str, str], list[tuple[RequestState, RowSpan,
                                                               VllmPoint]]] = {}
         self.active_hooks: set[tuple[str, str]] = set()
         self.mode_trace: dict[str, bool] = {}
+        self.tensors = TensorCache()   # row indices and vector tables, shared across points
         self._install()
 
     # ------------------------------------------------------------------ hooks
@@ -134,6 +147,7 @@ class _Hooks:
         batch = self.runner.input_batch
         if len(self.by_req) > 8192:  # forget request ids vLLM no longer knows (plain ones)
             self.by_req = {r: s for r, s in self.by_req.items() if r in self.runner.requests}
+        self.retention.enforce(self.by_key, self.by_req, self.runner.requests)
         ids = [r for r in batch.req_ids[:batch.num_reqs] if r is not None]
         wanted = {r for r in ids if self._state(r) is not None}
         if not wanted:
@@ -158,9 +172,10 @@ class _Hooks:
                     self.general_points.setdefault(hook, []).append((st, span, p))
                     self.active_hooks.add(hook)
         device = positions.device
+        self.tensors.next_step()
         for (vmod, side, value), entries in fast.items():
             try:
-                groups = build_groups(entries, device)
+                groups = build_groups(entries, device, self.tensors)
             except Exception as exc:  # never take the step down: fail these requests only
                 for st, _, _ in entries:
                     st.fail(f"{type(exc).__name__}: {exc}")
