@@ -80,3 +80,69 @@ def test_preempted_requests_equal_alone(small_kv):
         for a, b in zip(got, want, strict=True):
             assert a.shape == b.shape
             assert rel_err(a, b) < 1e-5, k
+
+
+# ---------------------------------------------------------------------- abort and retention
+def _payload_request(engine, req_id: str, ids: list[int], n_new: int = 32) -> None:
+    """Add a steered request with a vinterp payload straight to vLLM's engine."""
+    from helpers import steer_graph
+    from vinterp_vllm.payload import Payload
+
+    from vinterp.backends.vllm.requests import subgraph_json
+    from vinterp.backends.vllm.sampling import sampling_params
+
+    graph = steer_graph([ids], [{"layer": 1, "vector": torch.ones(64)}], max_new_tokens=n_new)
+    payload = Payload(key=req_id, graph_json=subgraph_json(graph, 0), invoke=0,
+                      mode="generate")
+    params = sampling_params({"max_new_tokens": n_new, "ignore_eos": True},
+                             extra_args=payload.to_extra_args())
+    engine.add_request(req_id, {"prompt_token_ids": ids}, params)
+
+
+def _stats(llm) -> dict[str, int]:
+    return llm.collective_rpc("vinterp_stats")[0]
+
+
+def _run_until_done(engine) -> None:
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def test_aborted_and_undrained_state_is_bounded(tiny_vllm):
+    llm = tiny_vllm.llm
+    engine = llm.llm_engine
+    base = _stats(llm)["states"]
+    # an aborted request: its state exists while it runs and goes once released
+    _payload_request(engine, "abort-a", list(range(10, 30)))
+    for _ in range(3):
+        engine.step()
+    assert _stats(llm)["states"] == base + 1
+    engine.abort_request(["abort-a"])
+    _run_until_done(engine)
+    llm.collective_rpc("vinterp_release", args=(["abort-a"],))
+    assert _stats(llm)["states"] == base
+    # aborted and never-drained requests: the cap bounds what the worker keeps
+    llm.collective_rpc("vinterp_set_max_undrained", args=(2,))
+    try:
+        _payload_request(engine, "abort-b", list(range(40, 60)))
+        engine.step()
+        engine.abort_request(["abort-b"])
+        for k in range(5):
+            _payload_request(engine, f"undrained-{k}", list(range(50 + k, 70 + k)), n_new=4)
+            _run_until_done(engine)
+        _payload_request(engine, "last", list(range(5, 25)), n_new=2)  # one more forward
+        _run_until_done(engine)
+        stats = _stats(llm)
+        assert stats["states"] <= base + 3, stats  # the cap (2) + "last", which finished after
+        assert stats["evicted"] >= 4, stats
+        drained = llm.collective_rpc(
+            "vinterp_drain",
+            args=(["abort-b", "undrained-0", "undrained-3", "undrained-4", "last"],))[0]
+        # the newest two finished ones at the last forward, and the one still running then
+        assert set(drained) == {"undrained-3", "undrained-4", "last"}
+        assert drained["last"].error is None
+        assert _stats(llm)["states"] == base
+    finally:
+        from vinterp_vllm.request_state import DEFAULT_MAX_UNDRAINED
+
+        llm.collective_rpc("vinterp_set_max_undrained", args=(DEFAULT_MAX_UNDRAINED,))
