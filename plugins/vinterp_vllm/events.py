@@ -47,6 +47,22 @@ def _tensor(value: str, args: tuple, kwargs: dict, out: Any,
     return x[0] if batch_dim else x
 
 
+def _take(t: torch.Tensor, idx: torch.Tensor | slice) -> torch.Tensor:
+    """Rows ``idx`` of ``t``: for a slice (consecutive rows) a view, not a gathered copy, so
+    callers that keep it must copy it (the fast path only passes slices to steering ops)."""
+    return t[idx] if isinstance(idx, slice) else t.index_select(0, idx)
+
+
+def _store(t: torch.Tensor, idx: torch.Tensor | slice, new: torch.Tensor | int) -> None:
+    """Write rows ``idx`` of ``t`` (a slice assignment for consecutive rows)."""
+    if isinstance(idx, slice):
+        t[idx] = new
+    elif isinstance(new, int):
+        t.index_fill_(0, idx, new)
+    else:
+        t.index_copy_(0, idx, new)
+
+
 def point_rows(value: str, args: tuple, kwargs: dict, out: Any, batch_dim: bool = False
                ) -> tuple[Callable[[torch.Tensor], torch.Tensor],
                           Callable[[torch.Tensor, torch.Tensor], None]]:
@@ -55,21 +71,20 @@ def point_rows(value: str, args: tuple, kwargs: dict, out: Any, batch_dim: bool 
         h, r = _pair(args, kwargs, out)
 
         def get(idx: torch.Tensor) -> torch.Tensor:
-            return h.index_select(0, idx) if r is None else \
-                h.index_select(0, idx) + r.index_select(0, idx)
+            return _take(h, idx) if r is None else _take(h, idx) + _take(r, idx)
 
         def put(idx: torch.Tensor, new: torch.Tensor) -> None:
-            h.index_copy_(0, idx, new.to(h.dtype))
+            _store(h, idx, new.to(h.dtype))
             if r is not None:
-                r.index_fill_(0, idx, 0)
+                _store(r, idx, 0)
         return get, put
     x = _tensor(value, args, kwargs, out, batch_dim)
 
     def get_t(idx: torch.Tensor) -> torch.Tensor:
-        return x.index_select(0, idx)
+        return _take(x, idx)
 
     def put_t(idx: torch.Tensor, new: torch.Tensor) -> None:
-        x.index_copy_(0, idx, new.to(x.dtype))
+        _store(x, idx, new.to(x.dtype))
     return get_t, put_t
 
 

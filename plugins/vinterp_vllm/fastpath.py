@@ -326,21 +326,28 @@ class Group:
     captures: list[tuple[Any, Action, RowSpan, list[int]]] = field(default_factory=list)
     #: the request states whose rows this group touches (to fail them if it fails)
     owners: list[Any] = field(default_factory=list)
+    #: ``rows`` as a slice when they are consecutive (views instead of gathers/scatters)
+    span: slice | None = None
+    #: one row per table entry, in order (decode steps): ``table`` needs no gather
+    identity: bool = False
+
+    def _rows_of(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.identity else t[self.table_index]
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The new values of ``x`` (this group's rows, ``[R, hidden]``)."""
         if self.op == "steer":
-            return x + self.table[self.table_index].to(x.dtype)  # type: ignore[index]
+            return x + self._rows_of(self.table).to(x.dtype)  # type: ignore[arg-type]
         if self.op == "scale":
-            return x * self.factor[self.table_index].unsqueeze(-1).to(x.dtype)  # type: ignore
+            return x * self._rows_of(self.factor).unsqueeze(-1).to(x.dtype)  # type: ignore
         if self.op == "replace":
-            return self.table[self.table_index].to(x.dtype)   # type: ignore[index]
-        d = self.table[self.table_index].to(x.dtype)          # type: ignore[index]
+            return self._rows_of(self.table).to(x.dtype)   # type: ignore[arg-type]
+        d = self._rows_of(self.table).to(x.dtype)          # type: ignore[arg-type]
         proj = (x * d).sum(-1, keepdim=True)
         if self.op == "ablate":
             return x - proj * d
-        hi = self.hi[self.table_index].unsqueeze(-1).to(x.dtype)  # type: ignore[index]
-        lo = self.lo[self.table_index].unsqueeze(-1).to(x.dtype)  # type: ignore[index]
+        hi = self._rows_of(self.hi).unsqueeze(-1).to(x.dtype)  # type: ignore[arg-type]
+        lo = self._rows_of(self.lo).unsqueeze(-1).to(x.dtype)  # type: ignore[arg-type]
         clamped = torch.maximum(torch.minimum(proj, hi), lo)
         return x + (clamped - proj) * d
 
@@ -398,6 +405,10 @@ def _table_group(op: str, acts: list[Action], device: torch.device) -> Group:
     return g
 
 
+def _ascending(rows: list[int]) -> bool:
+    return all(b == a + 1 for a, b in zip(rows, rows[1:], strict=False))
+
+
 def build_groups(entries: list[tuple[Any, RowSpan, list[Action]]],
                  device: torch.device, cache: TensorCache | None = None) -> list[Group]:
     """Groups for one point this step; ``entries`` = (request state, its rows, its actions).
@@ -440,5 +451,9 @@ def build_groups(entries: list[tuple[Any, RowSpan, list[Action]]],
                       owners=[o[0] for o in owners])
             if op == "capture":
                 g.captures = [(st, a, sp, r) for (st, sp, r), a in zip(owners, acts, strict=True)]
+            else:  # captures keep gathers: a slice would hand out views of vLLM's buffers
+                g.identity = len(rows) == len(acts)
+                if rows[-1] - rows[0] + 1 == len(rows) and _ascending(rows):
+                    g.span = slice(rows[0], rows[-1] + 1)
             groups.append(g)
         slot += 1

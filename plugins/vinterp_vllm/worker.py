@@ -204,7 +204,8 @@ class _Hooks:
                         st.add_capture(action, span, rows, vals[at:at + len(rows)])
                         at += len(rows)
                 else:
-                    put(g.rows, g.apply(get(g.rows)))
+                    rows = g.rows if g.span is None else g.span
+                    put(rows, g.apply(get(rows)))
             except Exception as exc:  # e.g. a vector of the wrong hidden size
                 msg = f"{type(exc).__name__}: {exc}"
                 for st in g.owners:
