@@ -1,11 +1,15 @@
 """The vectorized path: steering ops and plain captures for every request of a step at once.
 
 Most requests only steer (``steer``/``scale``/``ablate``/``clamp``/``replace`` at a point, with
-position selection) and save module values. :func:`plan_for` recognises such graphs and turns
-them into per-point :class:`Action` lists. Each step, :class:`StepGroups` gathers all requests'
-actions at a point into groups (one per op and slot): the rows to touch and, per row, an index
-into a table of this step's vectors — like vLLM's LoRA token mapping. A hook then runs one
-batched tensor op per group, with no loop over requests and no limit on distinct vectors.
+position selection) and save module values, whole or at some positions (``x[:, -1]``,
+``tracer.cache(positions=...)``: only those rows are copied, see :class:`Selection`).
+:func:`plan_for` recognises such graphs and turns them into per-point :class:`Action` lists.
+Each step, :func:`build_groups` gathers all requests' actions at a point into groups (one per
+op and slot): the rows to touch and, per row, an index into a table of this step's vectors —
+like vLLM's LoRA token mapping. A hook then runs one batched tensor op per group, with no loop
+over requests and no limit on distinct vectors.
+The groups' device tensors are shared by all points of a step and reused by the next step when
+the batch is unchanged (:class:`TensorCache`).
 
 The math is :mod:`vinterp.steering.kernels`' (same order of float operations), so the results
 equal the HF backend's.
