@@ -75,3 +75,32 @@ class Outcome:
     exports: dict[int, Any] = field(default_factory=dict)
     error: str | None = None
     retry_alone: bool = False
+
+
+def outcomes_to_wire(outcomes: dict[str, Outcome]) -> bytes:
+    """Outcomes as one bytes blob: what ``vinterp_drain`` returns over ``collective_rpc``.
+
+    With the engine core in another process (always under ``AsyncLLM``), vLLM's msgpack RPC
+    hands nested tensors of an RPC result back as unresolved buffer references, so captures
+    would arrive as ``['float32', [1, 10, 64], 1]``. Bytes cross every transport unchanged, so
+    the offline ``LLM`` and ``AsyncLLM`` paths share this one channel.
+    """
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({k: (o.saves, o.exports, o.error, o.retry_alone) for k, o in outcomes.items()},
+               buf)
+    return buf.getvalue()
+
+
+def outcomes_from_wire(data: bytes) -> dict[str, Outcome]:
+    """The outcomes of :func:`outcomes_to_wire` (from this client's own engine: trusted)."""
+    import io
+
+    import torch
+
+    raw = torch.load(io.BytesIO(data), weights_only=False)  # model outputs are not weights
+    return {k: Outcome(saves=s, exports=e, error=err, retry_alone=r)
+            for k, (s, e, err, r) in raw.items()}

@@ -17,7 +17,7 @@ Example::
     llm = LLM(model, worker_extension_cls=WORKER_EXTENSION, enforce_eager=True)
     llm.collective_rpc("vinterp_install", args=("llama",))
     llm.generate(prompts, [SamplingParams(extra_args=payload.to_extra_args()), ...])
-    outcomes = llm.collective_rpc("vinterp_drain", args=(keys,))[0]
+    outcomes = outcomes_from_wire(llm.collective_rpc("vinterp_drain", args=(keys,))[0])
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 from vinterp_vllm.events import RowsEvent, point_rows
 from vinterp_vllm.fastpath import Group, TensorCache, build_groups
 from vinterp_vllm.layout import RowSpan, batch_spans
-from vinterp_vllm.payload import Outcome, Payload
+from vinterp_vllm.payload import Outcome, Payload, outcomes_to_wire
 from vinterp_vllm.points import VllmPoint
 from vinterp_vllm.request_state import RequestState, Retention
 
@@ -57,9 +57,13 @@ class VinterpWorkerExtension:
         self._vinterp = _Hooks(runner, arch)
         return True
 
-    def vinterp_drain(self, keys: list[str]) -> dict[str, Outcome]:
-        """Outcomes of the given request keys (finished requests), freeing their state."""
-        return self._vinterp.drain(keys)
+    def vinterp_drain(self, keys: list[str]) -> bytes:
+        """Outcomes of the given request keys (finished requests), freeing their state.
+
+        Returned as bytes (``payload.outcomes_to_wire``; read them with
+        ``outcomes_from_wire``): the same channel in-process and across vLLM's RPC transport.
+        """
+        return outcomes_to_wire(self._vinterp.drain(keys))
 
     def vinterp_release(self, keys: list[str]) -> None:
         """Forget requests (aborted or no longer wanted)."""

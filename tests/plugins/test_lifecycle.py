@@ -18,6 +18,7 @@ from helpers import rel_err
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vinterp import LanguageModel  # noqa: E402
+from vinterp_vllm.payload import outcomes_from_wire  # noqa: E402
 
 #: tiny-llama: 2 layers x 2 KV heads x 32 dims x (K, V) x fp32 = 1 KiB per token; vLLM's CPU
 #: blocks hold 128 tokens: 3 blocks, and every request (~100 prompt tokens + 40 new) needs 2.
@@ -135,9 +136,9 @@ def test_aborted_and_undrained_state_is_bounded(tiny_vllm):
         stats = _stats(llm)
         assert stats["states"] <= base + 3, stats  # the cap (2) + "last", which finished after
         assert stats["evicted"] >= 4, stats
-        drained = llm.collective_rpc(
+        drained = outcomes_from_wire(llm.collective_rpc(
             "vinterp_drain",
-            args=(["abort-b", "undrained-0", "undrained-3", "undrained-4", "last"],))[0]
+            args=(["abort-b", "undrained-0", "undrained-3", "undrained-4", "last"],))[0])
         # the newest two finished ones at the last forward, and the one still running then
         assert set(drained) == {"undrained-3", "undrained-4", "last"}
         assert drained["last"].error is None
@@ -146,3 +147,59 @@ def test_aborted_and_undrained_state_is_bounded(tiny_vllm):
         from vinterp_vllm.request_state import DEFAULT_MAX_UNDRAINED
 
         llm.collective_rpc("vinterp_set_max_undrained", args=(DEFAULT_MAX_UNDRAINED,))
+
+
+# ---------------------------------------------------------------------- AsyncLLM
+def test_async_llm_concurrent_payloads_drain(tiny_path, tiny_vllm):
+    """Concurrent requests through vLLM's ``AsyncLLM`` get their captures via the drain RPC.
+
+    ``AsyncLLM`` always runs the engine core in a separate process in vLLM 0.32 (it builds an
+    ``AsyncMPClient`` regardless of ``VLLM_ENABLE_V1_MULTIPROCESSING``), so this also checks
+    that outcomes cross vLLM's msgpack RPC intact (``outcomes_to_wire``).
+    """
+    import asyncio
+
+    from helpers import capture_graph
+    from vinterp_vllm.payload import Payload
+    from vinterp_vllm.worker import WORKER_EXTENSION
+    from vllm import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from vinterp.backends.vllm.requests import subgraph_json
+    from vinterp.backends.vllm.sampling import sampling_params
+
+    prompts = [list(range(10 + k, 20 + 3 * k)) for k in range(6)]
+    graph, saves = capture_graph(prompts, ["model.layers.1", "model.norm"], mode="generate",
+                                 generation={"max_new_tokens": 4})
+    want = tiny_vllm.run(graph)
+
+    async def run() -> list:
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+            model=str(tiny_path), dtype="float32", enforce_eager=True, seed=0,
+            worker_extension_cls=WORKER_EXTENSION, kv_cache_memory_bytes=2**28,
+            max_model_len=256))
+        try:
+            await engine.collective_rpc("vinterp_install", args=("llama",))
+
+            async def one(k: int) -> tuple[list[int], object]:
+                p = Payload(key=f"async-{k}", graph_json=subgraph_json(graph, k), invoke=k,
+                            mode="generate")
+                params = sampling_params({"max_new_tokens": 4}, extra_args=p.to_extra_args())
+                async for out in engine.generate({"prompt_token_ids": prompts[k]}, params,
+                                                 request_id=f"req-{k}"):
+                    final = out
+                wire = (await engine.collective_rpc("vinterp_drain", args=([p.key],)))[0]
+                return list(final.outputs[0].token_ids), outcomes_from_wire(wire)[p.key]
+
+            return await asyncio.gather(*(one(k) for k in range(len(prompts))))
+        finally:
+            engine.shutdown()
+
+    results = asyncio.run(run())
+    for k, (tokens, outcome) in enumerate(results):
+        assert outcome.error is None, outcome.error
+        assert prompts[k] + tokens == want.generated[k].tolist()
+        for sid in saves[2 * k: 2 * k + 2]:
+            got = outcome.saves[sid]
+            assert got.shape == want.saves[sid].shape
+            assert rel_err(got, want.saves[sid]) < 1e-4, (k, sid)

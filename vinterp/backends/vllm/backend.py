@@ -30,7 +30,7 @@ from vinterp.ir.schema import Graph
 from vinterp.ir.tensors import encode_tensor
 from vinterp.models.architectures import for_model_type
 from vinterp_vllm.fastpath import plan_for
-from vinterp_vllm.payload import Outcome, Payload
+from vinterp_vllm.payload import Outcome, Payload, outcomes_from_wire
 from vinterp_vllm.points import UnsupportedPoint, resolve_point
 
 _GRAD_OPS = frozenset({"backward", "retain_grad", "requires_grad"})
@@ -159,8 +159,8 @@ class VllmBackend(Backend):
         try:
             outs = self.llm.generate(prompts, params, use_tqdm=False)
         finally:
-            drained = self.llm.collective_rpc(
-                "vinterp_drain", args=([job[2].key for job in jobs],))[0]
+            drained = outcomes_from_wire(self.llm.collective_rpc(
+                "vinterp_drain", args=([job[2].key for job in jobs],))[0])
         for (key, ids, payload, _), out in zip(jobs, outs, strict=True):
             outcomes[key] = drained.get(payload.key, Outcome(
                 error="the worker never saw this request (no forward ran for it)"))
