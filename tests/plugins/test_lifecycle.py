@@ -40,6 +40,14 @@ def small_kv():
         return original(*args, **kwargs)
 
     scheduler._preempt_request = counting
+    backend = lm._backend
+    generate = backend._generate
+
+    def counting_generate(jobs, *args, **kwargs):
+        count["generate_calls"] = count.get("generate_calls", 0) + 1
+        return generate(jobs, *args, **kwargs)
+
+    backend._generate = counting_generate
     yield lm, count
     lm._backend.close()
 
@@ -71,6 +79,8 @@ def test_preempted_requests_equal_alone(small_kv):
     general = [k % 3 == 0 for k in range(len(PROMPTS))]
     tokens, caps = _run(lm, PROMPTS, vectors, general)
     assert preemptions["n"] > 0, "the engine should have preempted requests"
+    # a preempted general graph was rerun alone by the client (retry_alone)
+    assert preemptions["generate_calls"] > 1, "no general request was preempted"
     for k, p in enumerate(PROMPTS):
         before = preemptions["n"]
         alone_tokens, alone_caps = _run(lm, [p], [vectors[k]], [general[k]])
