@@ -60,6 +60,23 @@ def test_cross_prompt_and_greedy_known_answer(models):
     assert out["vllm"][1].startswith("The capital of France is Paris")
 
 
+def test_values_combined_outside_invokes_equal_hf(models):
+    # nodes outside any invoke (a logit difference between two prompts) run on the client
+    out = {}
+    for name, model in models.items():
+        with model.trace() as tracer:
+            with tracer.invoke("The Eiffel Tower is in the city of"):
+                a = model.logits[:, -1]
+            with tracer.invoke("The Colosseum is in"):
+                b = model.logits[:, -1]
+            diff = (a - b).save()
+            top = diff.topk(3).indices.save()
+        out[name] = (diff, top)
+    assert out["vllm"][0].shape == (1, 49152)
+    assert _rel(out["vllm"][0], out["hf"][0]) < 1e-4
+    assert torch.equal(out["vllm"][1], out["hf"][1])
+
+
 def test_steered_generation_tokens_and_step_logits(models):
     """3 vectors x 3 prompts, 16 greedy tokens, one batch: same tokens and per-step logits."""
     g = torch.Generator().manual_seed(0)

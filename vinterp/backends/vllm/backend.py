@@ -25,7 +25,9 @@ from vinterp.backends.base import NOT_ON_VLLM, Backend, RunResult
 from vinterp.backends.vllm import requests as rq
 from vinterp.backends.vllm.engine import build_engine, model_type
 from vinterp.backends.vllm.sampling import sampling_params
-from vinterp.ir.interpreter import InterventionError, invoke_phases
+from vinterp.ir.interpreter import (
+    GraphRunner, InterventionError, RunState, collect_results, invoke_phases,
+)
 from vinterp.ir.schema import Graph
 from vinterp.ir.tensors import encode_tensor
 from vinterp.models.architectures import for_model_type
@@ -35,6 +37,17 @@ from vinterp_vllm.points import UnsupportedPoint, resolve_point
 
 _GRAD_OPS = frozenset({"backward", "retain_grad", "requires_grad"})
 _run_ids = itertools.count()
+
+
+def _run_globals(graph: Graph, values: dict[int, Any]) -> dict[int, Any]:
+    """Run the nodes outside any invoke (they combine invokes' values) on the client."""
+    if not any(n.invoke < 0 for n in graph.nodes):
+        return {}
+    state = RunState(env=dict(values), env_step={r: 0 for r in values})
+    runner = GraphRunner(graph, state=state, active_invokes=[])
+    runner.begin_step(0)
+    runner.end_step()
+    return collect_results(graph, state)
 
 
 def _cat(values: list[Any]) -> Any:
@@ -75,6 +88,11 @@ class VllmBackend(Backend):
         """Raise at trace time for points and ops vLLM cannot serve."""
         for n in graph.nodes:
             where = f" (at {n.line})" if n.line else ""
+            if n.invoke < 0 and (n.steps.start, n.steps.stop) != (0, 1):
+                raise ValueError(
+                    f"combining invokes' values at generation steps other than the first, "
+                    f"outside an invoke, is {NOT_ON_VLLM}{where}; save each invoke's values "
+                    f"and combine them after the block")
             if n.op in _GRAD_OPS or (n.op == "getattr" and n.kwargs.get("name") == "grad"):
                 raise UnsupportedPoint(f"gradients are {NOT_ON_VLLM}{where}")
             if n.op in ("read", "write"):
@@ -105,7 +123,7 @@ class VllmBackend(Backend):
         needs = rq.cross_refs(graph)
         exported: dict[int, set[int]] = {}
         owner = {n.id: n.invoke for n in graph.nodes}
-        for refs in needs.values():
+        for refs in [*needs.values(), rq.global_refs(graph)]:
             for r in refs:
                 exported.setdefault(owner[r], set()).add(r)
         outcomes: dict[tuple[int, int], Outcome] = {}
@@ -130,7 +148,9 @@ class VllmBackend(Backend):
                     n_prompts = len(graph.invokes[i].prompts)
                     export_values[r] = _cat([outcomes[(i, j)].exports[r]
                                              for j in range(n_prompts)])
-        return self._collect(graph, outcomes, generated)
+        result = self._collect(graph, outcomes, generated)
+        result.saves.update(_run_globals(graph, export_values))
+        return result
 
     def _submit(self, jobs: list, outcomes: dict, generated: dict) -> None:
         batch = jobs
@@ -174,9 +194,9 @@ class VllmBackend(Backend):
             raise InterventionError("; ".join(errors))
         saves: dict[int, Any] = {}
         for n in graph.nodes:
-            if n.op != "save":
-                continue
-            inv = n.invoke if n.invoke >= 0 else 0
+            if n.op != "save" or n.invoke < 0:
+                continue  # (saves outside any invoke come from _run_globals)
+            inv = n.invoke
             per_prompt = [outcomes[(inv, j)].saves[n.id]
                           for j in range(len(graph.invokes[inv].prompts))
                           if n.id in outcomes[(inv, j)].saves]

@@ -43,10 +43,14 @@ def _tensor_ids(obj: Any, out: set[int]) -> None:
 
 
 def subgraph_json(graph: Graph, invoke: int) -> str:
-    """IR JSON with only ``invoke``'s nodes, shared nodes and what they reference."""
+    """IR JSON with only ``invoke``'s nodes and what they reference.
+
+    Nodes outside any invoke that combine several invokes' values run on the client after
+    the requests (see :func:`global_refs`); they are not sent.
+    """
     by_id = {n.id: n for n in graph.nodes}
     keep: set[int] = set()
-    stack = [n.id for n in graph.nodes if n.invoke in (invoke, -1)]
+    stack = [n.id for n in graph.nodes if n.invoke == invoke]
     while stack:
         nid = stack.pop()
         if nid in keep:
@@ -87,6 +91,13 @@ def reads_prompt(graph: Graph, invoke: int) -> bool:
 def fingerprint(graph_json: str) -> str:
     """A short stable hash of a request's intervention (its cache salt)."""
     return hashlib.sha256(graph_json.encode()).hexdigest()[:32]
+
+
+def global_refs(graph: Graph) -> set[int]:
+    """Ids of invokes' nodes that nodes outside any invoke use (requests must export them)."""
+    owner = {n.id: n.invoke for n in graph.nodes}
+    return {r for n in graph.nodes if n.invoke < 0
+            for v in node_values(n) for r in iter_refs(v) if owner[r] >= 0}
 
 
 def cross_refs(graph: Graph) -> dict[int, set[int]]:
