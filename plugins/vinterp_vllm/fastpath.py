@@ -300,17 +300,17 @@ def _row_mask(a: Action, span: RowSpan, cache: dict[tuple[Any, ...], list[int]])
     hit = cache.get(key)
     if hit is not None:
         return hit
-    steps = span.steps()
-    pos = span.positions()
-    ok = torch.tensor([a.wants_step(s) for s in steps], dtype=torch.bool)
+    # plain Python: a decode step has one row per request, where torch ops cost more than
+    # the work; only position masks (steering with positions=) go through the kernels' rule
+    ok = [a.wants_step(s) for s in span.steps()]
     if a.select is not None:  # x[:, positions]: only the selected rows are copied
-        ok &= torch.tensor([a.select.wants(p, span.prompt_len)
-                            for p in range(span.first_pos, span.last_pos + 1)], dtype=torch.bool)
-    if a.op != "capture":
-        m = position_mask(a.positions, pos, span.prompt_len)
+        ok = [w and a.select.wants(p, span.prompt_len)
+              for w, p in zip(ok, range(span.first_pos, span.last_pos + 1), strict=True)]
+    if a.op != "capture" and a.positions is not None:
+        m = position_mask(a.positions, span.positions(), span.prompt_len)
         if m is not None:
-            ok &= m
-    rows = (torch.nonzero(ok).flatten() + span.start).tolist()
+            ok = [w and bool(x) for w, x in zip(ok, m.tolist(), strict=True)]
+    rows = [span.start + i for i, w in enumerate(ok) if w]
     cache[key] = rows
     return rows
 
