@@ -175,16 +175,16 @@ class HfBackend(Backend):
 
     # ------------------------------------------------------------------ hooks
     @contextlib.contextmanager
-    def _hooks(self, run_ref: list[_Run], graph: Graph, eager: bool) -> Iterator[None]:
+    def _hooks(self, run: _Run, graph: Graph, eager: bool) -> Iterator[None]:
+        """Hooks on the root and on every module the graph touches, for one run."""
         handles = []
         points: dict[str, set[str]] = {}
         for n in graph.nodes:
             if n.op in ("read", "write"):
                 points.setdefault(n.kwargs["module"], set()).add(n.kwargs["kind"])
 
-        def pre_hook(path: str, kinds: set[str]) -> Any:
+        def pre_hook(path: str) -> Any:
             def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                run = run_ref[0]
                 if path == "":
                     run.runner.begin_step(run.step)
                 ev = run.event(path, "inputs", (args, kwargs))
@@ -194,7 +194,6 @@ class HfBackend(Backend):
         def post_hook(path: str) -> Any:
             def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                      output: Any) -> Any:
-                run = run_ref[0]
                 ev = run.event(path, "output", output)
                 if path == "":
                     run.runner.end_step()
@@ -202,8 +201,7 @@ class HfBackend(Backend):
                 return ev.value if ev.replaced else None
             return hook
 
-        root_kinds = points.get("", set())
-        handles.append(self.model.register_forward_pre_hook(pre_hook("", root_kinds),
+        handles.append(self.model.register_forward_pre_hook(pre_hook(""),
                                                             with_kwargs=True))
         handles.append(self.model.register_forward_hook(post_hook(""), with_kwargs=True))
         probs: dict[int, str] = {}
@@ -215,7 +213,7 @@ class HfBackend(Backend):
                 continue
             module = self.paths[path]
             if kinds & {"input", "inputs"}:
-                handles.append(module.register_forward_pre_hook(pre_hook(path, kinds),
+                handles.append(module.register_forward_pre_hook(pre_hook(path),
                                                                 with_kwargs=True))
             if "output" in kinds:
                 handles.append(module.register_forward_hook(post_hook(path), with_kwargs=True))
@@ -224,7 +222,7 @@ class HfBackend(Backend):
             path = probs.get(id(module))
             if path is None:
                 return weights
-            ev = run_ref[0].event(path, "output", weights)
+            ev = run.event(path, "output", weights)
             return ev.value
 
         config = self.model.config
@@ -266,7 +264,7 @@ class HfBackend(Backend):
         run = _Run(self, runner, layout)
         device = self.device
         grad = torch.enable_grad() if runner.wants_grad else torch.no_grad()
-        with self._hooks([run], graph, self._needs_eager(graph)), grad:
+        with self._hooks(run, graph, self._needs_eager(graph)), grad:
             try:
                 if graph.mode == "generate":
                     return self._generate(graph, layout, device)
