@@ -77,6 +77,26 @@ def test_values_combined_outside_invokes_equal_hf(models):
     assert torch.equal(out["vllm"][1], out["hf"][1])
 
 
+def test_per_invoke_max_new_tokens_equal_hf(models):
+    # requests of different lengths in one batch: each stops at its own budget
+    vector = torch.randn(576, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for name, model in models.items():
+        with model.generate(max_new_tokens=5, ignore_eos=True) as tracer:
+            steps = []
+            for prompt, budget in [("The capital of France is", 2), ("Once upon a time", 7)]:
+                with tracer.invoke(prompt, max_new_tokens=budget):
+                    with tracer.all():
+                        model.layers[10].output.steer(vector, scale=2.0)
+                        steps.append(model.logits.save())
+        out[name] = ([t.tolist() for t in tracer.result], steps)
+    assert out["vllm"][0] == out["hf"][0]
+    for vl, hf in zip(out["vllm"][1], out["hf"][1], strict=True):
+        assert len(vl) == len(hf)
+        assert all(_rel(a, b) < 1e-4 for a, b in zip(vl, hf, strict=True))
+    assert [len(s) for s in out["vllm"][1]] == [2, 7]
+
+
 def test_steered_generation_tokens_and_step_logits(models):
     """3 vectors x 3 prompts, 16 greedy tokens, one batch: same tokens and per-step logits."""
     g = torch.Generator().manual_seed(0)

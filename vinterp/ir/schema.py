@@ -132,9 +132,14 @@ class Node(_Strict):
 
 
 class Invoke(_Strict):
-    """One ``tracer.invoke``: its prompts as token ids (one list per prompt)."""
+    """One ``tracer.invoke``: its prompts as token ids (one list per prompt).
+
+    ``generation`` overrides the graph's generation arguments for this invoke only (e.g. its
+    own ``max_new_tokens``), so requests of different lengths share one batch.
+    """
 
     prompts: tuple[tuple[int, ...], ...]
+    generation: dict[str, Value] = Field(default_factory=dict)
 
 
 class Graph(_Strict):

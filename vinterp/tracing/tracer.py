@@ -105,6 +105,7 @@ class Tracer:
         self.tensors: list[ir.TensorData] = []
         self._const_ids: dict[int, tuple[torch.Tensor, int]] = {}
         self.invokes: list[tuple[tuple[int, ...], ...]] = []
+        self.invoke_generation: dict[int, dict[str, Any]] = {}
         self.saved: list[Proxy] = []
         self.generation = dict(generation or {})
         self.result: list[torch.Tensor] | None = None
@@ -201,14 +202,20 @@ class Tracer:
 
     # ------------------------------------------------------------------ user API
     @contextmanager
-    def invoke(self, inputs: Any) -> Iterator[Tracer]:
+    def invoke(self, inputs: Any, **generation: Any) -> Iterator[Tracer]:
         """Add a prompt (or list of prompts, or token ids) to the batch as its own invoke.
 
         Each invoke's values equal running it alone; later invokes may use earlier ones'.
+        In ``generate``, keyword arguments override the generation settings for this invoke
+        only, e.g. ``tracer.invoke(prompt, max_new_tokens=16)``.
         """
         if self._invoke_open:
             raise TracingError("tracer.invoke blocks cannot be nested")
+        if generation and self.mode != "generate":
+            raise TracingError(f"tracer.invoke got {sorted(generation)}: generation settings "
+                               "only apply inside model.generate(...)")
         self.invokes.append(self.lm._tokenize(inputs))
+        self.invoke_generation[len(self.invokes) - 1] = dict(generation)
         self._invoke = len(self.invokes) - 1
         self._invoke_open = True
         try:
@@ -265,7 +272,10 @@ class Tracer:
                                "`with tracer.invoke(prompt):` blocks")
         return ir.Graph(
             mode="generate" if self.mode == "generate" else "trace",
-            invokes=tuple(ir.Invoke(prompts=p) for p in self.invokes),
+            invokes=tuple(
+                ir.Invoke(prompts=p, generation={
+                    k: self._value(v) for k, v in self.invoke_generation.get(i, {}).items()})
+                for i, p in enumerate(self.invokes)),
             nodes=tuple(self.nodes), tensors=tuple(self.tensors),
             generation={k: self._value(v) for k, v in self.generation.items()},
         )

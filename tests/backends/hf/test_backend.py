@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vinterp.tracing.errors import TracingError
+
 TINY = ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gptneox"]
 PROMPT = "The quick brown fox jumps over"
 
@@ -253,10 +255,48 @@ def test_output_replacement_and_input_replacement(hf_model, roundtrip):
 
 
 def test_remote_true_needs_a_server(hf_model):
-    from vinterp.tracing.errors import TracingError
 
     model = hf_model("tiny-gpt2")
     with pytest.raises(TracingError, match="needs a vinterp server"):
         model.trace(PROMPT, remote=True)
     with pytest.raises(TracingError, match="needs a vinterp server"):
         model.generate(PROMPT, remote=True, max_new_tokens=2)
+
+
+def _per_invoke_budget_run(model, specs, vector):
+    with model.generate(max_new_tokens=4, ignore_eos=True) as tracer:
+        outs = []
+        for prompt, budget in specs:
+            extra = {"max_new_tokens": budget} if budget else {}
+            with tracer.invoke(prompt, **extra):
+                with tracer.all():
+                    model.layers[0].output.steer(vector)
+                    outs.append(model.layers[1].output[:, -1].save())
+    return [t.tolist() for t in tracer.result], outs
+
+
+def test_per_invoke_max_new_tokens_equal_each_alone(hf_model):
+    model = hf_model("tiny-llama")
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    specs = [("The cat sat on", 3), ("A dog ran quickly to the", 6), ("Hi", None)]
+    tokens, outs = _per_invoke_budget_run(model, specs, vector)
+    for k, spec in enumerate(specs):
+        alone_tokens, alone_outs = _per_invoke_budget_run(model, [spec], vector)
+        assert tokens[k] == alone_tokens[0]
+        assert len(tokens[k]) - len(model.tokenizer(spec[0])["input_ids"]) == (spec[1] or 4)
+        # per-step saves stop where the invoke's own generation stops
+        assert len(outs[k]) == len(alone_outs[0]) == (spec[1] or 4)
+        for a, b in zip(outs[k], alone_outs[0], strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_per_invoke_settings_other_than_budget_need_vllm(hf_model):
+    model = hf_model("tiny-llama")
+    with pytest.raises(ValueError, match="need backend='vllm'"):
+        with model.generate(max_new_tokens=2) as tracer:
+            with tracer.invoke("Hi", temperature=0.5):
+                pass
+    with pytest.raises(TracingError, match="only apply inside model.generate"):
+        with model.trace() as tracer:
+            with tracer.invoke("Hi", max_new_tokens=3):
+                pass

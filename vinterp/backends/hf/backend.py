@@ -254,7 +254,15 @@ class HfBackend(Backend):
                         generated[row] = ids
             if graph.mode != "generate":
                 generated = None
-        return RunResult(saves=collect_results(graph, state), generated=generated)
+        saves = collect_results(graph, state)
+        if generated is not None:
+            rows = iter(generated)
+            steps = {}
+            for i, inv in enumerate(graph.invokes):
+                ids = [next(rows) for _ in inv.prompts]
+                steps[i] = max(len(t) - len(p) for t, p in zip(ids, inv.prompts, strict=True))
+            trim_steps(graph, saves, steps)
+        return RunResult(saves=saves, generated=generated)
 
     def _run_phase(self, graph: Graph, state: RunState, invokes: list[int] | None
                    ) -> list[torch.Tensor] | None:
@@ -278,6 +286,13 @@ class HfBackend(Backend):
     def _generate(self, graph: Graph, layout: BatchLayout, device: torch.device
                   ) -> list[torch.Tensor]:
         kwargs = _generation_kwargs(graph)
+        # per-invoke token budgets: generate to the largest, then cut each row to its own
+        row_limit = [0] * layout.input_ids.shape[0]
+        for i, rows in layout.invoke_rows.items():
+            limit = _invoke_max_new_tokens(graph, i, kwargs["max_new_tokens"])
+            for b in range(rows.start, rows.stop):
+                row_limit[b] = limit
+        kwargs["max_new_tokens"] = max(row_limit)
         seed = kwargs.pop("seed", None)
         if seed is not None:
             torch.manual_seed(int(seed))
@@ -293,7 +308,7 @@ class HfBackend(Backend):
         result = []
         for b in range(out.shape[0]):
             prompt = out[b, width - int(layout.lengths[b]):width]
-            new = out[b, width:]
+            new = out[b, width:width + row_limit[b]]
             if eos is not None:
                 hits = (new == eos).nonzero()
                 if len(hits):
@@ -308,6 +323,31 @@ def _rows_of(graph: Graph, group: list[int]) -> list[int]:
         starts.append(pos)
         pos += len(inv.prompts)
     return [starts[i] + k for i in group for k in range(len(graph.invokes[i].prompts))]
+
+
+def _invoke_max_new_tokens(graph: Graph, invoke: int, default: int) -> int:
+    """An invoke's own token budget (the only per-invoke setting batched HF generate has)."""
+    own = {_VLLM_TO_HF.get(k, k): v for k, v in graph.invokes[invoke].generation.items()}
+    other = sorted(set(own) - {"max_new_tokens"})
+    if other:
+        raise ValueError(f"tracer.invoke(..., {', '.join(other)}=...): per-invoke settings "
+                         "other than max_new_tokens need backend='vllm'")
+    return int(own.get("max_new_tokens", default))
+
+
+def trim_steps(graph: Graph, saves: dict[int, Any], new_tokens: dict[int, int]) -> None:
+    """Cut per-step save lists to the steps each invoke really ran (its own budget or EOS).
+
+    Batched generation keeps computing rows whose sequence has ended; a request that runs
+    alone (or in vLLM) stops there, so those steps are not part of its result.
+    """
+    for node in graph.nodes:
+        if node.op != "save" or node.id not in saves or node.invoke not in new_tokens:
+            continue
+        values = saves[node.id]
+        if isinstance(values, list) and (node.steps.stop is None
+                                         or node.steps.stop - node.steps.start > 1):
+            saves[node.id] = values[: max(0, new_tokens[node.invoke] - node.steps.start)]
 
 
 def _generation_kwargs(graph: Graph) -> dict[str, Any]:

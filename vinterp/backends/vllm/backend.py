@@ -173,7 +173,8 @@ class VllmBackend(Backend):
                 prompt["cache_salt"] = rq.fingerprint(gj)
             skip = True if rq.reads_prompt(graph, payload.invoke) else None
             prompts.append(prompt)
-            params.append(sampling_params(dict(graph.generation), mode=graph.mode,
+            generation = {**graph.generation, **graph.invokes[payload.invoke].generation}
+            params.append(sampling_params(generation, mode=graph.mode,
                                           extra_args=payload.to_extra_args(),
                                           skip_reading_prefix_cache=skip))
         try:
