@@ -64,9 +64,14 @@ def test_tiny_model_loads_in_vllm(tiny_model_path, name, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
+    from vinterp.backends.vllm.engine import hf_classes_untouched
+
     path = tiny_model_path(name)
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True,
-              kv_cache_memory_bytes=256 * 1024**2, max_model_len=512, seed=0)
+    # (vLLM's Transformers backend edits HF's GPT-NeoX classes in place; later tests in this
+    # process build HF GPT-NeoX models)
+    with hf_classes_untouched(path):
+        llm = LLM(model=str(path), dtype="float32", enforce_eager=True,
+                  kv_cache_memory_bytes=256 * 1024**2, max_model_len=512, seed=0)
     try:
         (out,) = llm.generate(["Hello world"], SamplingParams(max_tokens=4, temperature=0.0,
                                                               ignore_eos=True))

@@ -33,7 +33,7 @@ _MISSING = object()
 
 
 @contextlib.contextmanager
-def _hf_classes_untouched(model_path: pathlib.Path) -> Iterator[None]:
+def hf_classes_untouched(model_path: pathlib.Path) -> Iterator[None]:
     """Undo vLLM's in-place edits of HF's model classes once the engine is built.
 
     vLLM's Transformers backend (GPT-NeoX here) decorates HF's decoder class *in place* for
@@ -41,7 +41,8 @@ def _hf_classes_untouched(model_path: pathlib.Path) -> Iterator[None]:
     that class in the process then breaks (``'GPTNeoXModel' object has no attribute
     'do_not_compile'``), e.g. the ``backend="hf"`` model a user compares against. The plugin
     runs eager, where the decorated ``__call__`` only calls ``forward``, so restoring the
-    classes changes nothing for vLLM's instance.
+    classes changes nothing for vLLM's instance. Wrap any other ``vllm.LLM(...)`` built in a
+    process that also uses HF models in it.
     """
     try:
         from transformers import AutoConfig
@@ -100,7 +101,7 @@ def build_engine(model_path: pathlib.Path, *, dtype: str | None = None,
     if "gpu_memory_utilization" not in engine_kwargs:
         kwargs["kv_cache_memory_bytes"] = DEFAULT_KV_CACHE_BYTES
     kwargs.update(engine_kwargs)
-    with _hf_classes_untouched(model_path):
+    with hf_classes_untouched(model_path):
         llm = LLM(**kwargs)
     llm.collective_rpc("vinterp_install", args=(mtype,))
     return llm
