@@ -149,17 +149,26 @@ def _constructor_numel(fn: str, args: list[Any], kwargs: dict[str, Any]) -> int:
     return math.prod(int(s) for s in size)
 
 
-def invoke_phases(graph: Graph) -> list[list[int]]:
-    """Group invokes so each depends only on invokes in earlier groups."""
+def cross_refs(graph: Graph) -> dict[int, set[int]]:
+    """invoke → ids of other invokes' nodes it uses directly."""
     owner = {n.id: n.invoke for n in graph.nodes}
-    deps: dict[int, set[int]] = {i: set() for i in range(max(1, len(graph.invokes)))}
+    out: dict[int, set[int]] = {}
     for n in graph.nodes:
         if n.invoke < 0:
             continue
         for v in node_values(n):
             for r in iter_refs(v):
                 if owner[r] >= 0 and owner[r] != n.invoke:
-                    deps[n.invoke].add(owner[r])
+                    out.setdefault(n.invoke, set()).add(r)
+    return out
+
+
+def invoke_phases(graph: Graph) -> list[list[int]]:
+    """Group invokes so each depends only on invokes in earlier groups."""
+    owner = {n.id: n.invoke for n in graph.nodes}
+    deps: dict[int, set[int]] = {i: set() for i in range(max(1, len(graph.invokes)))}
+    for i, refs in cross_refs(graph).items():
+        deps[i] = {owner[r] for r in refs}
     phase: dict[int, int] = {}
 
     def depth(i: int, stack: tuple[int, ...] = ()) -> int:

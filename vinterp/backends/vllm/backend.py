@@ -26,7 +26,7 @@ from vinterp.backends.vllm import requests as rq
 from vinterp.backends.vllm.engine import build_engine, model_type
 from vinterp.backends.vllm.sampling import sampling_params
 from vinterp.ir.interpreter import (
-    GraphRunner, InterventionError, RunState, collect_results, invoke_phases,
+    GraphRunner, InterventionError, RunState, collect_results, cross_refs, invoke_phases,
 )
 from vinterp.ir.schema import Graph
 from vinterp.ir.tensors import encode_tensor
@@ -102,9 +102,9 @@ class VllmBackend(Backend):
         kinds = {(n.kwargs["module"], n.kwargs["kind"]):
                  resolve_point(self.arch, n.kwargs["module"], n.kwargs["kind"]).value
                  for n in graph.nodes if n.op in ("read", "write")}
-        linked = set(rq.cross_refs(graph))
+        linked = set(cross_refs(graph))
         owner = {n.id: n.invoke for n in graph.nodes}
-        linked |= {owner[r] for refs in rq.cross_refs(graph).values() for r in refs}
+        linked |= {owner[r] for refs in cross_refs(graph).values() for r in refs}
         for i, inv in enumerate(graph.invokes):
             if i not in linked and plan_for(graph, i, kinds, self.dtype) is not None:
                 continue
@@ -120,7 +120,7 @@ class VllmBackend(Backend):
     def run(self, graph: Graph) -> RunResult:
         """Run ``graph``: one request per prompt, phases for cross-invoke values."""
         run_id = next(_run_ids)
-        needs = rq.cross_refs(graph)
+        needs = cross_refs(graph)
         exported: dict[int, set[int]] = {}
         owner = {n.id: n.invoke for n in graph.nodes}
         for refs in [*needs.values(), rq.global_refs(graph)]:

@@ -100,15 +100,3 @@ def global_refs(graph: Graph) -> set[int]:
             for v in node_values(n) for r in iter_refs(v) if owner[r] >= 0}
 
 
-def cross_refs(graph: Graph) -> dict[int, set[int]]:
-    """invoke → ids of other invokes' nodes it uses (values to import from earlier phases)."""
-    owner = {n.id: n.invoke for n in graph.nodes}
-    out: dict[int, set[int]] = {}
-    for n in graph.nodes:
-        if n.invoke < 0:
-            continue
-        for v in node_values(n):
-            for r in iter_refs(v):
-                if owner[r] >= 0 and owner[r] != n.invoke:
-                    out.setdefault(n.invoke, set()).add(r)
-    return out
