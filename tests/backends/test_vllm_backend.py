@@ -98,23 +98,27 @@ def test_per_invoke_max_new_tokens_equal_hf(models):
 
 
 def test_steered_generation_tokens_and_step_logits(models):
-    """3 vectors x 3 prompts, 16 greedy tokens, one batch: same tokens and per-step logits."""
+    """10 prompts x 3 vectors, 16 greedy tokens steered at every step, one batch: same tokens
+    on both backends, and the same per-step logits."""
     g = torch.Generator().manual_seed(0)
     vectors = [torch.randn(576, generator=g) * s for s in (2.0, 4.0, 8.0)]
-    prompts = ["The capital of France is", "Once upon a time", "def fib(n):"]
+    prompts = ["The capital of France is", "Once upon a time", "def fib(n):",
+               "My favourite food is", "The weather today", "In 1492, Columbus",
+               "Water boils at", "The best way to learn", "Dear Sir or Madam,", "Roses are red"]
     res = {}
     for name, model in models.items():
         saved = []
-        with model.generate(max_new_tokens=16) as tracer:
+        with model.generate(max_new_tokens=16, ignore_eos=True) as tracer:
             for v in vectors:
                 for p in prompts:
                     with tracer.invoke(p):
-                        model.model.layers[5].output.steer(v, scale=1.0)
-                        if p == prompts[0]:
-                            with tracer.all():
+                        with tracer.all():
+                            model.model.layers[5].output.steer(v, scale=1.0)
+                            if p == prompts[0]:
                                 saved.append(model.logits.save())
         res[name] = ([t.tolist() for t in tracer.result], saved)
     (tok_hf, lg_hf), (tok_vl, lg_vl) = res["hf"], res["vllm"]
+    assert len(tok_vl) == 30
     assert tok_vl == tok_hf
     for a, b in zip(lg_vl, lg_hf, strict=True):
         assert len(a) == len(b) == 16
