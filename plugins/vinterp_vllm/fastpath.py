@@ -202,12 +202,15 @@ def _make_action(graph: Graph, node: Node, dtype: torch.dtype) -> Action:
 
 
 def plan_for(graph: Graph, invoke: int, point_value: dict[tuple[str, str], str],
-             dtype: torch.dtype) -> dict[tuple[str, str], list[Action]] | None:
+             dtype: torch.dtype, *, nodes: list[Node] | None = None
+             ) -> dict[tuple[str, str], list[Action]] | None:
     """Per-point actions if ``invoke``'s nodes are steering + captures only, else ``None``.
 
     ``point_value`` maps each HF point of the graph to its value kind (see ``points.py``).
+    ``nodes``: the invoke's nodes (and global ones) when the caller has them grouped already
+    (the client checks every invoke of a large graph).
     """
-    mine = [n for n in graph.nodes if n.invoke in (invoke, -1)]
+    mine = nodes if nodes is not None else [n for n in graph.nodes if n.invoke in (invoke, -1)]
     alias: dict[int, tuple[str, str]] = {}   # node id → the point whose tensor it is
     items: dict[int, _Item] = {}             # getitem node id → what it selects
     plan: dict[tuple[str, str], list[Action]] = {}

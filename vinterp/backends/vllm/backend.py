@@ -105,8 +105,10 @@ class VllmBackend(Backend):
         linked = set(cross_refs(graph))
         owner = {n.id: n.invoke for n in graph.nodes}
         linked |= {owner[r] for refs in cross_refs(graph).values() for r in refs}
+        grouped = rq.nodes_by_invoke(graph)
         for i, inv in enumerate(graph.invokes):
-            if i not in linked and plan_for(graph, i, kinds, self.dtype) is not None:
+            if i not in linked and plan_for(graph, i, kinds, self.dtype,
+                                            nodes=grouped[i]) is not None:
                 continue
             longest = max((len(p) for p in inv.prompts), default=0)
             if longest > self.max_batched_tokens:
@@ -129,6 +131,7 @@ class VllmBackend(Backend):
         outcomes: dict[tuple[int, int], Outcome] = {}
         generated: dict[tuple[int, int], torch.Tensor] = {}
         export_values: dict[int, Any] = {}
+        splitter = rq.GraphSplitter(graph)
         for phase in invoke_phases(graph):
             jobs = []
             for i in phase:
@@ -136,7 +139,7 @@ class VllmBackend(Backend):
                     continue
                 imports = {str(r): encode_tensor(torch.as_tensor(export_values[r]))
                            .model_dump(mode="json") for r in sorted(needs.get(i, ()))}
-                gjson = rq.subgraph_json(graph, i)
+                gjson = splitter.subgraph_json(i)
                 for j, prompt in enumerate(graph.invokes[i].prompts):
                     payload = Payload(key=f"vinterp-{run_id}/{i}/{j}", graph_json=gjson,
                                       invoke=i, mode=graph.mode, imports=imports,
@@ -166,12 +169,14 @@ class VllmBackend(Backend):
 
     def _generate(self, jobs: list, outcomes: dict, generated: dict) -> None:
         prompts, params = [], []
+        grouped = rq.nodes_by_invoke(jobs[0][3])  # (all jobs of a run share one graph)
         for _, ids, payload, graph in jobs:
             gj = payload.graph_json
             prompt: dict[str, Any] = {"prompt_token_ids": ids}
-            if rq.writes(graph, payload.invoke):
+            mine = grouped[payload.invoke]
+            if rq.writes(mine):
                 prompt["cache_salt"] = rq.fingerprint(gj)
-            skip = True if rq.reads_prompt(graph, payload.invoke) else None
+            skip = True if rq.reads_prompt(mine) else None
             prompts.append(prompt)
             generation = {**graph.generation, **graph.invokes[payload.invoke].generation}
             params.append(sampling_params(generation, mode=graph.mode,
