@@ -115,9 +115,6 @@ CONSTRUCTORS = frozenset({
     "torch.rand",
 })
 
-#: ops whose result depends on values at other positions of the sequence (reductions over
-#: positions). The vLLM plugin needs the whole prompt in one chunk for graphs that use them.
-SEQUENCE_MIXING = frozenset({"matmul", "cumsum", "softmax", "log_softmax", "sum", "mean"})
 
 
 #: ops whose result may be a view of their first argument (edits through them reach it).

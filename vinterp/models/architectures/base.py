@@ -8,7 +8,7 @@ aliases (``model.layers[i]``, ``.attn``, ``.mlp``, ``model.embed``, ``model.fina
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,6 @@ class Architecture:
     lm_head: str           # LM head (its output is the logits)
     #: the attention module's dropout applied to probabilities, relative to ``attn`` (GPT-2).
     attn_dropout: str | None = None
-    #: other names inside a layer that users commonly reach for, relative to the layer.
-    layer_extras: dict[str, str] = field(default_factory=dict)
     #: how the points map into vLLM's model; ``None``: the vllm backend refuses this model.
     vllm: VllmMapping | None = None
 
@@ -79,4 +77,4 @@ class Architecture:
 
     def layer_aliases(self) -> dict[str, str]:
         """Layer-level alias → path relative to the layer."""
-        return {"attn": self.attn, "mlp": self.mlp, **self.layer_extras}
+        return {"attn": self.attn, "mlp": self.mlp}
