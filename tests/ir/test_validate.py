@@ -104,3 +104,31 @@ def test_trace_graph_validates(hf_model):
     assert [n.op for n in g.nodes] == ["read", "save"]
     assert g.nodes[0].kwargs == {"module": "transformer.h.0", "kind": "output"}
     assert ir.load(tracer.to_json()) == g
+
+
+@pytest.mark.parametrize("bad", [[1, 2], {"foo": 1}, {"ref": 0, "tensor": 0}])
+def test_a_value_that_is_no_ir_value_says_what_values_may_be(bad):
+    with pytest.raises(GraphError, match=r"nodes\.1\.args\.0\n.*not an IR value: expected null, "
+                                         r"a bool, number or string, or an object with exactly "
+                                         r"one of the keys ref, tensor"):
+        ir.load({"nodes": [_read(), {"id": 1, "op": "save", "args": [bad]}]})
+
+
+def test_values_keep_their_json_type():
+    g = ir.load({"nodes": [_read(), {"id": 1, "op": "method", "args": [
+        {"ref": 0}, 1, 1.0, True, None, "s",
+        {"tuple": [{"slice": [None, -1, None]}, {"ellipsis": True}]},
+        {"mapping": {"tensor": 5}}], "kwargs": {"name": "add"}}]})
+    # (a user dict whose key is "tensor" stays a dict)
+    args = g.nodes[1].args
+    assert [type(a).__name__ for a in args] == [
+        "Ref", "int", "float", "bool", "NoneType", "str", "TupleV", "DictV"]
+    assert args[7].mapping == {"tensor": 5}
+
+
+def test_node_refs_walk_nested_values():
+    g = ir.load({"nodes": [_read(0), _read(1), {"id": 2, "op": "method", "args": [
+        {"ref": 0}, {"list": [{"tuple": [{"ref": 1}, {"slice": [{"ref": 0}, None, None]}]}]}],
+        "kwargs": {"name": "add", "alpha": {"mapping": {"k": {"ref": 1}}}}}]},
+    )
+    assert ir.validate.node_refs(g.nodes[2]) == [0, 1, 0, 1]

@@ -7,7 +7,10 @@ remote server all sit behind this one interface, so user code never changes betw
 
 from __future__ import annotations
 
+import gc
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,3 +48,28 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release engines, processes, memory."""
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Run a block with Python's cyclic garbage collector off (restored after, even on error).
+
+    Running a large graph allocates hundreds of thousands of small objects (nodes, values,
+    per-request states, captured rows) and keeps most of them alive until it ends. Python's
+    cyclic collector is triggered by allocation counts and re-scans the surviving objects each
+    time: on a 256-prompt x 30-layer capture on the vLLM backend that was 2.4 s of 12.4 s.
+    Reference counting still frees everything as usual; cycles made during the run wait for
+    the next collection after it.
+
+    Example::
+
+        >>> with gc_paused():
+        ...     pass
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -33,7 +33,7 @@ from vinterp.ir.schema import (
     DictV, DTypeV, EllipsisV, Graph, ListV, Node, Ref, SliceV, TensorRef, TupleV, Value,
 )
 from vinterp.ir.tensors import decode_tensor, torch_dtype
-from vinterp.ir.validate import iter_refs, node_values
+from vinterp.ir.validate import node_refs
 from vinterp.steering import apply_steering
 
 #: largest tensor a graph may allocate with torch.zeros & co. (elements)
@@ -156,18 +156,20 @@ def cross_refs(graph: Graph) -> dict[int, set[int]]:
     for n in graph.nodes:
         if n.invoke < 0:
             continue
-        for v in node_values(n):
-            for r in iter_refs(v):
-                if owner[r] >= 0 and owner[r] != n.invoke:
-                    out.setdefault(n.invoke, set()).add(r)
+        for r in node_refs(n):
+            if owner[r] >= 0 and owner[r] != n.invoke:
+                out.setdefault(n.invoke, set()).add(r)
     return out
 
 
-def invoke_phases(graph: Graph) -> list[list[int]]:
-    """Group invokes so each depends only on invokes in earlier groups."""
+def invoke_phases(graph: Graph, needs: dict[int, set[int]] | None = None) -> list[list[int]]:
+    """Group invokes so each depends only on invokes in earlier groups.
+
+    ``needs``: :func:`cross_refs` of ``graph`` when the caller has it already.
+    """
     owner = {n.id: n.invoke for n in graph.nodes}
     deps: dict[int, set[int]] = {i: set() for i in range(max(1, len(graph.invokes)))}
-    for i, refs in cross_refs(graph).items():
+    for i, refs in (cross_refs(graph) if needs is None else needs).items():
         deps[i] = {owner[r] for r in refs}
     phase: dict[int, int] = {}
 
@@ -221,7 +223,7 @@ class GraphRunner:
         self._fired: set[tuple[str, str]] = set()
         self._targets: dict[int, tuple[str, str] | None] = {}
         self._by_id = {n.id: n for n in graph.nodes}
-        self._refs = {n.id: tuple(r for v in node_values(n) for r in iter_refs(v))
+        self._refs = {n.id: tuple(node_refs(n))
                       for n in graph.nodes}
 
     # ----------------------------------------------------------------- scheduling
@@ -301,13 +303,12 @@ class GraphRunner:
             if n.id in seen:
                 continue
             seen.add(n.id)
-            for v in node_values(n):
-                for r in iter_refs(v):
-                    src = self._node(r)
-                    if src.invoke >= 0 and src.invoke != node.invoke and r not in env:
-                        return True
-                    if r not in env:
-                        stack.append(src)
+            for r in node_refs(n):
+                src = self._node(r)
+                if src.invoke >= 0 and src.invoke != node.invoke and r not in env:
+                    return True
+                if r not in env:
+                    stack.append(src)
         return False
 
     def _target_point(self, node: Node) -> tuple[str, str] | None:
@@ -397,7 +398,7 @@ class GraphRunner:
         raise TypeError(f"unknown IR value {v!r}")
 
     def _device_of(self, node: Node) -> torch.device | None:
-        refs = [self.state.env[r] for v in node_values(node) for r in iter_refs(v)]
+        refs = [self.state.env[r] for r in node_refs(node)]
         return _first_device(refs)
 
     def _run(self, node: Node, ev: PointEvent | None) -> None:
@@ -495,7 +496,7 @@ class GraphRunner:
         while True:
             if seen.op == "read":
                 return _point_name((seen.kwargs["module"], seen.kwargs["kind"]))
-            refs = [r for v in node_values(seen) for r in iter_refs(v)]
+            refs = node_refs(seen)
             if not refs:
                 return "the value"
             seen = self._node(refs[0])

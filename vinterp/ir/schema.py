@@ -18,9 +18,9 @@ Example::
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 IR_VERSION = 1
 
@@ -88,8 +88,55 @@ class DTypeV(_Strict):
     dtype: DType
 
 
-Value = Union[None, bool, int, float, str, Ref, TensorRef, SliceV, EllipsisV, ListV, TupleV,
-              DictV, DTypeV]
+#: the tag of each wrapped value kind: its class, or (in JSON / dict input) its one key
+_WRAPPED: dict[Any, str] = {
+    Ref: "ref", TensorRef: "tensor", SliceV: "slice", EllipsisV: "ellipsis", ListV: "list",
+    TupleV: "tuple", DictV: "mapping", DTypeV: "dtype",
+}
+_KEYS = frozenset(_WRAPPED.values())
+_SCALARS: dict[type, str] = {type(None): "none", bool: "bool", int: "int", float: "float",
+                             str: "str"}
+
+
+def _value_tag(v: Any) -> str | None:
+    """Which member of :data:`Value` ``v`` is, without trying them all.
+
+    Graphs have tens of thousands of values; a plain union makes pydantic try every member in
+    turn (building an error for each miss), which made parsing a request's graph in the vLLM
+    worker cost more than its forward. Unknown shapes get ``None``, which pydantic reports as
+    the ``ir_value`` error below, which lists what a value may be.
+    """
+    tag = _SCALARS.get(type(v)) or _WRAPPED.get(type(v))
+    if tag is not None:
+        return tag
+    if isinstance(v, dict) and len(v) == 1:
+        (key,) = v
+        return key if key in _KEYS else None
+    if isinstance(v, int):  # subclasses (an IntEnum, say) validate as their base type
+        return "bool" if isinstance(v, bool) else "int"
+    if isinstance(v, float):
+        return "float"
+    if isinstance(v, str):
+        return "str"
+    return None
+
+
+Value = Annotated[
+    Union[
+        Annotated[None, Tag("none")], Annotated[bool, Tag("bool")], Annotated[int, Tag("int")],
+        Annotated[float, Tag("float")], Annotated[str, Tag("str")],
+        Annotated[Ref, Tag("ref")], Annotated[TensorRef, Tag("tensor")],
+        Annotated[SliceV, Tag("slice")], Annotated[EllipsisV, Tag("ellipsis")],
+        Annotated[ListV, Tag("list")], Annotated[TupleV, Tag("tuple")],
+        Annotated[DictV, Tag("mapping")], Annotated[DTypeV, Tag("dtype")],
+    ],
+    Discriminator(
+        _value_tag, custom_error_type="ir_value",
+        custom_error_message="not an IR value: expected null, a bool, number or string, or an "
+                             "object with exactly one of the keys ref, tensor, slice, ellipsis, "
+                             "list, tuple, mapping, dtype (write a JSON array as "
+                             "{\"list\": [...]})"),
+]
 SliceV.model_rebuild()
 ListV.model_rebuild()
 TupleV.model_rebuild()

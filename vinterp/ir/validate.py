@@ -38,37 +38,75 @@ class GraphError(ValueError):
     """A graph failed validation; the message names the node and what is wrong."""
 
 
-def _leaves(value: Value) -> Iterator[Value]:
-    """Every non-container value inside ``value`` (lists, tuples, slices, dicts walked)."""
-    if isinstance(value, ListV):
-        children: tuple[Value, ...] = value.list
-    elif isinstance(value, TupleV):
-        children = value.tuple
-    elif isinstance(value, SliceV):
-        children = value.slice
-    elif isinstance(value, DictV):
-        children = tuple(value.mapping.values())
-    else:
-        yield value
-        return
-    for child in children:
-        yield from _leaves(child)
+_CONTAINERS = (ListV, TupleV, SliceV, DictV)
+
+
+def _collect(value: Value, kind: type, out: list[int]) -> None:
+    """Append the ids of every ``kind`` (:class:`Ref` or :class:`TensorRef`) inside ``value``.
+
+    Plain recursion with exact type checks, not generators: graphs have tens of thousands of
+    values and this walk runs in validation, splitting and scheduling.
+    """
+    t = type(value)
+    if t is kind:
+        out.append(value.ref if t is Ref else value.tensor)  # type: ignore[union-attr]
+    elif t in _CONTAINERS:
+        if t is ListV:
+            children: Any = value.list  # type: ignore[union-attr]
+        elif t is TupleV:
+            children = value.tuple  # type: ignore[union-attr]
+        elif t is SliceV:
+            children = value.slice  # type: ignore[union-attr]
+        else:
+            children = value.mapping.values()  # type: ignore[union-attr]
+        for child in children:
+            _collect(child, kind, out)
 
 
 def iter_refs(value: Value) -> Iterator[int]:
     """All node ids referenced (at any depth) by an argument value."""
-    return (v.ref for v in _leaves(value) if isinstance(v, Ref))
+    out: list[int] = []
+    _collect(value, Ref, out)
+    return iter(out)
 
 
 def iter_tensor_refs(value: Value) -> Iterator[int]:
     """All tensor-constant indices referenced by an argument value."""
-    return (v.tensor for v in _leaves(value) if isinstance(v, TensorRef))
+    out: list[int] = []
+    _collect(value, TensorRef, out)
+    return iter(out)
 
 
 def node_values(node: Node) -> Iterator[Value]:
     """Every argument value of a node (positional then keyword)."""
     yield from node.args
     yield from node.kwargs.values()
+
+
+def node_refs(node: Node) -> list[int]:
+    """Ids of the nodes ``node`` uses, in argument order (repeats kept).
+
+    Example::
+
+        >>> node_refs(Node(id=2, op="add", args=(Ref(ref=0), Ref(ref=1))))
+        [0, 1]
+    """
+    out: list[int] = []
+    for v in node.args:
+        _collect(v, Ref, out)
+    for v in node.kwargs.values():
+        _collect(v, Ref, out)
+    return out
+
+
+def node_tensor_refs(node: Node) -> list[int]:
+    """Indices of the tensor constants ``node`` uses."""
+    out: list[int] = []
+    for v in node.args:
+        _collect(v, TensorRef, out)
+    for v in node.kwargs.values():
+        _collect(v, TensorRef, out)
+    return out
 
 
 def load(
@@ -152,16 +190,15 @@ def validate(
         if node.steps.stop is not None and node.steps.stop <= node.steps.start:
             raise GraphError(f"{where}: empty step range [{node.steps.start}, "
                              f"{node.steps.stop})")
-        for value in node_values(node):
-            for ref in iter_refs(value):
-                if ref not in seen:
-                    # Only references to earlier nodes are allowed: this also excludes cycles.
-                    kind = "a later node (cycle)" if ref in {n.id for n in graph.nodes} \
-                        else "a node that does not exist"
-                    raise GraphError(f"{where}: argument refers to node {ref}, {kind}")
-            for t in iter_tensor_refs(value):
-                if not 0 <= t < len(graph.tensors):
-                    raise GraphError(f"{where}: tensor constant {t} does not exist")
+        for ref in node_refs(node):
+            if ref not in seen:
+                # Only references to earlier nodes are allowed: this also excludes cycles.
+                kind = "a later node (cycle)" if ref in {n.id for n in graph.nodes} \
+                    else "a node that does not exist"
+                raise GraphError(f"{where}: argument refers to node {ref}, {kind}")
+        for t in node_tensor_refs(node):
+            if not 0 <= t < len(graph.tensors):
+                raise GraphError(f"{where}: tensor constant {t} does not exist")
         seen.add(node.id)
 
 

@@ -86,6 +86,7 @@ class VllmBackend(Backend):
     # ------------------------------------------------------------------ checks
     def check(self, graph: Graph) -> None:
         """Raise at trace time for points and ops vLLM cannot serve."""
+        kinds: dict[tuple[str, str], str] = {}   # point -> value kind (each resolved once)
         for n in graph.nodes:
             where = f" (at {n.line})" if n.line else ""
             if n.invoke < 0 and (n.steps.start, n.steps.stop) != (0, 1):
@@ -96,27 +97,30 @@ class VllmBackend(Backend):
             if n.op in _GRAD_OPS or (n.op == "getattr" and n.kwargs.get("name") == "grad"):
                 raise UnsupportedPoint(f"gradients are {NOT_ON_VLLM}{where}")
             if n.op in ("read", "write"):
-                p = resolve_point(self.arch, n.kwargs["module"], n.kwargs["kind"])
-                if n.op == "write" and p.value in ("logits", "model_output"):
+                point = (n.kwargs["module"], n.kwargs["kind"])
+                if point not in kinds:
+                    kinds[point] = resolve_point(self.arch, *point).value  # type: ignore[arg-type]
+                if n.op == "write" and kinds[point] in ("logits", "model_output"):
                     raise UnsupportedPoint(f"writing logits is {NOT_ON_VLLM}{where}")
-        kinds = {(n.kwargs["module"], n.kwargs["kind"]):
-                 resolve_point(self.arch, n.kwargs["module"], n.kwargs["kind"]).value
-                 for n in graph.nodes if n.op in ("read", "write")}
-        linked = set(cross_refs(graph))
+        # Only prompts longer than one forward's token budget can be split across chunks.
+        long = [i for i, inv in enumerate(graph.invokes)
+                if max((len(p) for p in inv.prompts), default=0) > self.max_batched_tokens]
+        if not long:
+            return
+        needs = cross_refs(graph)
         owner = {n.id: n.invoke for n in graph.nodes}
-        linked |= {owner[r] for refs in cross_refs(graph).values() for r in refs}
+        linked = set(needs) | {owner[r] for refs in needs.values() for r in refs}
         grouped = rq.nodes_by_invoke(graph)
-        for i, inv in enumerate(graph.invokes):
+        for i in long:
             if i not in linked and plan_for(graph, i, kinds, self.dtype,
                                             nodes=grouped[i]) is not None:
                 continue
-            longest = max((len(p) for p in inv.prompts), default=0)
-            if longest > self.max_batched_tokens:
-                raise ValueError(
-                    f"invoke {i}: a prompt of {longest} tokens exceeds max_num_batched_tokens="
-                    f"{self.max_batched_tokens}; this graph indexes or mixes positions, so the "
-                    f"vllm backend needs the whole prompt in one forward. Raise "
-                    f"max_num_batched_tokens, or use steering ops and whole-value saves only")
+            longest = max(len(p) for p in graph.invokes[i].prompts)
+            raise ValueError(
+                f"invoke {i}: a prompt of {longest} tokens exceeds max_num_batched_tokens="
+                f"{self.max_batched_tokens}; this graph indexes or mixes positions, so the "
+                f"vllm backend needs the whole prompt in one forward. Raise "
+                f"max_num_batched_tokens, or use steering ops and whole-value saves only")
 
     # ------------------------------------------------------------------ run
     def run(self, graph: Graph) -> RunResult:
@@ -132,7 +136,7 @@ class VllmBackend(Backend):
         generated: dict[tuple[int, int], torch.Tensor] = {}
         export_values: dict[int, Any] = {}
         splitter = rq.GraphSplitter(graph)
-        for phase in invoke_phases(graph):
+        for phase in invoke_phases(graph, needs):
             jobs = []
             for i in phase:
                 if i >= len(graph.invokes):

@@ -18,28 +18,27 @@ from typing import Any
 
 from vinterp.ir import ops
 from vinterp.ir.schema import Graph, Node
-from vinterp.ir.validate import iter_refs, node_values
+from vinterp.ir.validate import node_refs, node_tensor_refs
 
 
-def _remap_tensors(obj: Any, remap: dict[int, int]) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {"tensor"} and isinstance(obj["tensor"], int):
-            return {"tensor": remap[obj["tensor"]]}
-        return {k: _remap_tensors(v, remap) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_remap_tensors(v, remap) for v in obj]
-    return obj
+def _remap_value(v: Any, remap: dict[int, int]) -> Any:
+    """A JSON IR value with its tensor-constant indices renumbered (walked by the IR's shapes,
+    so a user dict with a key named ``tensor`` is left alone)."""
+    if not isinstance(v, dict) or len(v) != 1:
+        return v
+    ((key, inner),) = v.items()
+    if key == "tensor":
+        return {"tensor": remap[inner]}
+    if key == "mapping":
+        return {"mapping": {k: _remap_value(x, remap) for k, x in inner.items()}}
+    if key in ("list", "tuple", "slice"):
+        return {key: [_remap_value(x, remap) for x in inner]}
+    return v
 
 
-def _tensor_ids(obj: Any, out: set[int]) -> None:
-    if isinstance(obj, dict):
-        if set(obj) == {"tensor"} and isinstance(obj["tensor"], int):
-            out.add(obj["tensor"])
-        for v in obj.values():
-            _tensor_ids(v, out)
-    elif isinstance(obj, list):
-        for v in obj:
-            _tensor_ids(v, out)
+def _remap_node(node: dict[str, Any], remap: dict[int, int]) -> dict[str, Any]:
+    return {**node, "args": [_remap_value(v, remap) for v in node["args"]],
+            "kwargs": {k: _remap_value(v, remap) for k, v in node["kwargs"].items()}}
 
 
 class GraphSplitter:
@@ -55,6 +54,7 @@ class GraphSplitter:
         self.by_id = {n.id: n for n in graph.nodes}
         self.node_json = {n.id: d for n, d in zip(graph.nodes, self.data["nodes"], strict=True)}
         self.order = {n.id: k for k, n in enumerate(graph.nodes)}
+        self.node_tensors = {n.id: t for n in graph.nodes if (t := node_tensor_refs(n))}
         self.by_invoke: dict[int, list[int]] = {}
         for n in graph.nodes:
             self.by_invoke.setdefault(n.invoke, []).append(n.id)
@@ -72,14 +72,14 @@ class GraphSplitter:
             if nid in keep:
                 continue
             keep.add(nid)
-            stack.extend(r for v in node_values(self.by_id[nid]) for r in iter_refs(v))
-        nodes = [self.node_json[i] for i in sorted(keep, key=self.order.__getitem__)]
-        used: set[int] = set()
-        _tensor_ids(nodes, used)
-        remap = {old: new for new, old in enumerate(sorted(used))}
+            stack.extend(node_refs(self.by_id[nid]))
+        ids = sorted(keep, key=self.order.__getitem__)
+        used = sorted({t for i in ids for t in self.node_tensors.get(i, ())})
+        remap = {old: new for new, old in enumerate(used)}
         data = {k: v for k, v in self.data.items() if k not in ("nodes", "tensors", "invokes")}
-        data["nodes"] = _remap_tensors(nodes, remap)
-        data["tensors"] = [self.data["tensors"][old] for old in sorted(used)]
+        data["nodes"] = [_remap_node(self.node_json[i], remap) if i in self.node_tensors
+                         else self.node_json[i] for i in ids]
+        data["tensors"] = [self.data["tensors"][old] for old in used]
         data["invokes"] = [inv if i == invoke else {"prompts": []}
                            for i, inv in enumerate(self.data["invokes"])]
         return json.dumps(data, separators=(",", ":"))
@@ -123,6 +123,6 @@ def global_refs(graph: Graph) -> set[int]:
     """Ids of invokes' nodes that nodes outside any invoke use (requests must export them)."""
     owner = {n.id: n.invoke for n in graph.nodes}
     return {r for n in graph.nodes if n.invoke < 0
-            for v in node_values(n) for r in iter_refs(v) if owner[r] >= 0}
+            for r in node_refs(n) if owner[r] >= 0}
 
 

@@ -1,0 +1,45 @@
+"""Splitting a graph into per-request graphs (vinterp/backends/vllm/requests.py)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from vinterp import ir
+from vinterp.backends.vllm.requests import GraphSplitter
+from vinterp.ir.tensors import decode_tensor, encode_tensor
+
+
+def _graph() -> ir.Graph:
+    t = [encode_tensor(torch.full((2,), float(k))).model_dump() for k in range(3)]
+    read = {"op": "read", "kwargs": {"module": "model.layers.0", "kind": "output"}}
+    return ir.load({
+        "invokes": [{"prompts": [[1, 2]]}, {"prompts": [[3]]}],
+        "tensors": t,
+        "nodes": [
+            {"id": 0, **read, "invoke": 0},
+            {"id": 1, "op": "steer", "args": [{"ref": 0}], "invoke": 0,
+             "kwargs": {"vector": {"tensor": 0}}},
+            {"id": 2, **read, "invoke": 1},
+            # a user dict whose key happens to be "tensor" next to a real constant
+            {"id": 3, "op": "method", "invoke": 1, "args": [
+                {"ref": 2}, {"mapping": {"tensor": 1}}, {"list": [{"tensor": 2}]}],
+             "kwargs": {"name": "add"}},
+            {"id": 4, "op": "save", "args": [{"ref": 3}], "invoke": 1},
+        ],
+    })
+
+
+def test_each_request_carries_only_its_nodes_and_constants():
+    split = GraphSplitter(_graph())
+    g0 = ir.load(split.subgraph_json(0))
+    assert [n.id for n in g0.nodes] == [0, 1]
+    assert len(g0.tensors) == 1 and decode_tensor(g0.tensors[0]).tolist() == [0.0, 0.0]
+    g1 = ir.load(split.subgraph_json(1))
+    assert [n.id for n in g1.nodes] == [2, 3, 4]
+    # constant 2 is renumbered to 0; the user dict {"tensor": 1} is data and stays as it is
+    args = json.loads(split.subgraph_json(1))["nodes"][1]["args"]
+    assert args[1] == {"mapping": {"tensor": 1}} and args[2] == {"list": [{"tensor": 0}]}
+    assert decode_tensor(g1.tensors[0]).tolist() == [2.0, 2.0]
+    assert g1.invokes[1].prompts == ((3,),) and g1.invokes[0].prompts == ()
