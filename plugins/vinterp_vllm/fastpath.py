@@ -142,11 +142,18 @@ def _selection(key: Value, prompt_len: int, prompt: bool, decodes: bool) -> Sele
         raise _NotFast
 
     def resolve(n: int) -> tuple[int, ...]:
+        # torch's indexing rules on range(n) (plain Python: this runs per request and save)
+        rows = range(n)
         try:
-            got = torch.arange(n)[seq]
-        except (IndexError, ValueError) as exc:
+            if isinstance(seq, int):
+                return (rows[seq],)
+            if isinstance(seq, slice):
+                if seq.step is not None and seq.step <= 0:
+                    raise _NotFast  # torch refuses non-positive slice steps: the general path
+                return tuple(rows[seq])
+            return tuple(rows[i] for i in seq)
+        except IndexError as exc:
             raise _NotFast from exc
-        return tuple(int(i) for i in got.reshape(-1).tolist())
 
     prompt_index = resolve(prompt_len) if prompt else ()
     decode_index = resolve(1) if decodes else ()

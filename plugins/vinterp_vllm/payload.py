@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vinterp_vllm.wire import pack, unpack
+
 #: the key under ``SamplingParams.extra_args`` that holds a vinterp payload.
 EXTRA_ARGS_KEY = "vinterp"
 #: default cap on what one request may capture (bytes).
@@ -83,24 +85,12 @@ def outcomes_to_wire(outcomes: dict[str, Outcome]) -> bytes:
     With the engine core in another process (always under ``AsyncLLM``), vLLM's msgpack RPC
     hands nested tensors of an RPC result back as unresolved buffer references, so captures
     would arrive as ``['float32', [1, 10, 64], 1]``. Bytes cross every transport unchanged, so
-    the offline ``LLM`` and ``AsyncLLM`` paths share this one channel.
+    the offline ``LLM`` and ``AsyncLLM`` paths share this one channel (see ``wire.py``).
     """
-    import io
-
-    import torch
-
-    buf = io.BytesIO()
-    torch.save({k: (o.saves, o.exports, o.error, o.retry_alone) for k, o in outcomes.items()},
-               buf)
-    return buf.getvalue()
+    return pack({k: (o.saves, o.exports, o.error, o.retry_alone) for k, o in outcomes.items()})
 
 
 def outcomes_from_wire(data: bytes) -> dict[str, Outcome]:
     """The outcomes of :func:`outcomes_to_wire` (from this client's own engine: trusted)."""
-    import io
-
-    import torch
-
-    raw = torch.load(io.BytesIO(data), weights_only=False)  # model outputs are not weights
     return {k: Outcome(saves=s, exports=e, error=err, retry_alone=r)
-            for k, (s, e, err, r) in raw.items()}
+            for k, (s, e, err, r) in unpack(data).items()}
