@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from vinterp import ir
+from vinterp.backends.base import gc_paused
 from vinterp.ir.schema import (
     DictV, DTypeV, EllipsisV, ListV, Node, Ref, SliceV, Steps, TensorRef, TupleV, Value,
 )
@@ -284,13 +285,23 @@ class Tracer:
     def __enter__(self) -> Tracer:
         self.lm._push_tracer(self)
         self._frame = sys._getframe(1)
+        # From here to the end of the run the trace allocates an object or more per node and
+        # keeps them; see gc_paused for why the cyclic collector waits until it is done.
+        self._gc = gc_paused()
+        self._gc.__enter__()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.lm._pop_tracer(self)
-        if exc_type is not None:
-            self.finished = True
-            return
+        try:
+            if exc_type is not None:
+                self.finished = True
+                return
+            self._run()
+        finally:
+            self._gc.__exit__(None, None, None)
+
+    def _run(self) -> None:
         try:
             self._graph = ir.load(self._build())
             backend = self.lm._scan_backend() if self.scan else self.lm._backend
