@@ -10,6 +10,18 @@ import pytest
 from vinterp.models import resolve_model
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """``VINTERP_TEST_DEVICE=cuda``: the HF suite's models and the tensors tests make go to the
+    GPU (tests/backends/hf/test_cuda.py checks CPU inputs reaching a GPU model separately)."""
+    import os
+
+    device = os.environ.get("VINTERP_TEST_DEVICE")
+    if device:
+        import torch
+
+        torch.set_default_device(device)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip tests marked ``gpu`` when no CUDA device is present (the only allowed skips)."""
     if not any(item.get_closest_marker("gpu") for item in items):
@@ -42,14 +54,22 @@ _LOADED_MODELS: dict[str, object] = {}
 
 @pytest.fixture(scope="session")
 def hf_model() -> Callable[[str], object]:
-    """Factory: ``hf_model("tiny-gpt2")`` → a ``LanguageModel`` (hf backend, fp32), loaded once."""
+    """Factory: ``hf_model("tiny-gpt2")`` → a ``LanguageModel`` (hf backend, fp32), loaded once.
+
+    ``VINTERP_TEST_DEVICE=cuda`` loads them on a GPU instead (the whole HF suite then runs
+    there; see scripts/gpu_check.sh).
+    """
+    import os
+
     import torch
 
     from vinterp import LanguageModel
 
+    device = os.environ.get("VINTERP_TEST_DEVICE", "cpu")
+
     def get(name: str) -> object:
         if name not in _LOADED_MODELS:
-            _LOADED_MODELS[name] = LanguageModel(name, device_map="cpu", dtype=torch.float32)
+            _LOADED_MODELS[name] = LanguageModel(name, device_map=device, dtype=torch.float32)
         return _LOADED_MODELS[name]
 
     return get
@@ -139,7 +159,7 @@ def raw_run() -> Callable[..., RawCapture]:
     import torch
 
     def run(model: object, ids: list[int] | torch.Tensor, paths: list[str]) -> RawCapture:
-        ids = torch.as_tensor(ids).reshape(1, -1)
+        ids = torch.as_tensor(ids).reshape(1, -1).to(model._model.device)
         with RawCapture(model._model, paths) as cap, torch.no_grad():
             cap.logits = model._model(input_ids=ids).logits
         return cap

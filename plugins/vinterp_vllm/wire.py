@@ -59,7 +59,7 @@ def pack(obj: Any) -> bytes:
         meta.append((str(t.dtype).removeprefix("torch."), tuple(t.shape), str(t.device)))
         # bytes of any dtype (bfloat16 included) through a uint8 view of a dense 1-D copy
         # (``contiguous()`` may keep odd strides on size-1 dims, which ``view`` refuses)
-        flat = torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1))
+        flat = torch.empty(t.numel(), dtype=t.dtype, device="cpu").copy_(t.reshape(-1))
         chunks.append(flat.view(torch.uint8).numpy().tobytes())
     return pickle.dumps((skeleton, meta, b"".join(chunks)), protocol=5)
 
@@ -75,7 +75,7 @@ def unpack(data: bytes) -> Any:
         n = dtype.itemsize * _numel(shape)
         # copy the bytes out first: a view at an odd offset cannot be reinterpreted
         t = flat[at:at + n].clone().view(dtype).reshape(shape) if n else \
-            torch.empty(shape, dtype=dtype)
+            torch.empty(shape, dtype=dtype, device="cpu")
         at += n
         tensors.append(t if device == "cpu" else t.to(device))
 

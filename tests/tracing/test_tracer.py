@@ -32,7 +32,7 @@ def test_generate_result_matches_hf_generate(model, roundtrip):
     ref = _raw_generate(model, PROMPT, 5)
     assert isinstance(tracer.result, list) and len(tracer.result) == 1
     assert tracer.result[0].dim() == 1 and tracer.result[0].dtype == torch.long
-    assert torch.equal(tracer.result[0], ref)
+    assert torch.equal(tracer.result[0].cpu(), ref.cpu())   # (token ids come back on the CPU)
     n = len(model.tokenizer(PROMPT)["input_ids"])
     assert logits0.shape[-2] == 1  # generate computes the last position only
     with model.trace(PROMPT):
@@ -49,7 +49,7 @@ def test_generate_invokes_of_different_lengths_equal_alone(model):
             with tracer.invoke(p):
                 pass
     for p, got in zip(prompts, tracer.result, strict=True):
-        assert torch.equal(got, _raw_generate(model, p, 4))  # no padding, same tokens
+        assert torch.equal(got, _raw_generate(model, p, 4).cpu())  # no padding, same tokens
 
 
 def test_scopes_all_iter_next(model, roundtrip):
@@ -89,7 +89,7 @@ def test_steering_in_generate_equals_raw_hook(model, roundtrip):
     ref = _raw_generate(model, PROMPT, 6, lambda mod, a, o: o + 2.0 * v,
                         model._model.model.layers[1])
     plain = _raw_generate(model, PROMPT, 6)
-    assert torch.equal(tracer.result[0], ref)
+    assert torch.equal(tracer.result[0].cpu(), ref.cpu())
     assert not torch.equal(ref, plain)  # the steering matters
     assert len(logits) == 6
     assert any(n.op == "steer" for n in tracer.graph.nodes)

@@ -57,7 +57,7 @@ def decode_tensor(td: TensorData) -> torch.Tensor:
     dtype = _TORCH[td.dtype]
     raw_bytes = base64.b64decode(td.data, validate=True)
     np_dtype = np.dtype("<i2") if dtype == torch.bfloat16 else (
-        torch.empty((), dtype=dtype).numpy().dtype.newbyteorder("<")
+        torch.empty((), dtype=dtype, device="cpu").numpy().dtype.newbyteorder("<")
     )
     count = int(np.prod(td.shape)) if td.shape else 1
     if len(raw_bytes) != count * np_dtype.itemsize:

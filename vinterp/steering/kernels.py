@@ -110,6 +110,8 @@ def apply_steering(
         raise ValueError(f"steering needs a [..., seq, hidden] tensor, got shape {list(x.shape)}")
     if row_positions.shape[-1] != x.shape[-2]:
         raise ValueError(f"{row_positions.shape[-1]} positions for {x.shape[-2]} rows")
+    if isinstance(prompt_len, torch.Tensor):  # per-sequence lengths come from the host
+        prompt_len = prompt_len.to(x.device)
     mask = position_mask(positions, row_positions.to(x.device), prompt_len)
     if mask is not None:
         mask = mask.expand(x.shape[:-1])

@@ -277,7 +277,7 @@ def _per_invoke_budget_run(model, specs, vector):
 
 def test_per_invoke_max_new_tokens_equal_each_alone(hf_model):
     model = hf_model("tiny-llama")
-    vector = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    vector = torch.randn(64, generator=torch.Generator("cpu").manual_seed(0), device="cpu")
     specs = [("The cat sat on", 3), ("A dog ran quickly to the", 6), ("Hi", None)]
     tokens, outs = _per_invoke_budget_run(model, specs, vector)
     for k, spec in enumerate(specs):
