@@ -58,9 +58,12 @@ class VinterpSystem(System):
 
             versions["vllm"] = vllm.__version__
         # Does invoke take per-request generation settings (mixed max_tokens in one batch)?
+        # (``tracer.invoke(prompt, **generation)``; older versions took the prompt only)
         from vinterp.tracing.tracer import Tracer
 
-        self.per_invoke_max = "max_new_tokens" in inspect.signature(Tracer.invoke).parameters
+        params = inspect.signature(Tracer.invoke).parameters.values()
+        self.per_invoke_max = any(p.kind is p.VAR_KEYWORD or p.name == "max_new_tokens"
+                                  for p in params)
         return {"load_s": t.seconds, "dtype": cfg.dtype, "backend": self.backend,
                 "versions": versions}
 

@@ -18,6 +18,7 @@ equal the HF backend's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -55,7 +56,7 @@ class Action:
     factor: float = 1.0
     lo: float = float("-inf")
     hi: float = float("inf")
-    spec_key: str = ""
+    spec_key: Any = ""                    # which rows it touches, as a hashable key
     select: Selection | None = None       # capture of ``x[:, positions]`` only
 
     def wants_step(self, step: int) -> bool:
@@ -114,6 +115,32 @@ def _is_int(v: Value) -> bool:
 
 def _selection(key: Value, prompt_len: int, prompt: bool, decodes: bool) -> Selection:
     """The :class:`Selection` of a ``getitem`` key, or :class:`_NotFast` if it is not one.
+
+    Resolved once per distinct key (a request saving ``x[:, -1]`` at 30 layers has 30 equal
+    keys). Only keys of ints, ``None`` and ``...`` are cached: IR values compare by value, and
+    ``True == 1`` and ``1.0 == 1`` must not share an entry.
+    """
+    if not _ints_only(key):
+        raise _NotFast
+    return _resolve_selection(key, prompt_len, prompt, decodes)
+
+
+def _ints_only(v: Value) -> bool:
+    t = type(v)
+    if t is int or v is None or t is EllipsisV:
+        return True
+    if t is TupleV:
+        return all(_ints_only(x) for x in v.tuple)  # type: ignore[union-attr]
+    if t is ListV:
+        return all(_ints_only(x) for x in v.list)  # type: ignore[union-attr]
+    if t is SliceV:
+        return all(_ints_only(x) for x in v.slice)  # type: ignore[union-attr]
+    return False
+
+
+@lru_cache(maxsize=4096)
+def _resolve_selection(key: Value, prompt_len: int, prompt: bool, decodes: bool) -> Selection:
+    """Uncached :func:`_selection` (keys already checked by ``_ints_only``).
 
     Accepted: ``(d0, seq)`` or ``(d0, seq, :|...)`` with ``d0`` ``:`` or ``0`` and ``seq`` an
     int, a list of ints or a slice of ints. ``prompt`` / ``decodes``: the save runs at step 0 /
@@ -300,7 +327,8 @@ def _selected_capture(graph: Graph, invoke: int, save: Node, item: _Item,
     decodes = graph.mode != "trace" and stop > 1
     a = Action("capture", save, save.steps.start, stop)
     a.select = _selection(item.node.args[1], len(prompts[0]), save.steps.start == 0, decodes)
-    a.spec_key = repr(a.select)
+    # (the rows a selection captures depend on these two only; shaping is per action)
+    a.spec_key = (a.select.prompt_index, bool(a.select.decode_index))
     return a
 
 

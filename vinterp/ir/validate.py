@@ -174,32 +174,67 @@ def validate(
             f"tensor constants total {total} bytes; the limit is {max_total_tensor_bytes}"
         )
     n_invokes = len(graph.invokes)
+    n_tensors = len(graph.tensors)
     seen: set[int] = set()
-    for pos, node in enumerate(graph.nodes):
-        where = f"node {node.id}" + (f" ({node.line})" if node.line else "")
-        if node.id in seen:
-            raise GraphError(f"{where}: duplicate node id")
-        if not ops.known_op(node.op):
-            raise GraphError(f"{where}: unknown op {node.op!r} (not in the IR allowlist)")
-        problem = ops.check_call(node.op, node.kwargs)
+    for node in graph.nodes:
+        problem = _node_problem(graph, node, seen, n_invokes, n_tensors)
         if problem:
+            where = f"node {node.id}" + (f" ({node.line})" if node.line else "")
             raise GraphError(f"{where}: {problem}")
-        if n_invokes and not (-1 <= node.invoke < n_invokes):
-            raise GraphError(f"{where}: invoke {node.invoke} does not exist "
-                             f"(the graph has {n_invokes})")
-        if node.steps.stop is not None and node.steps.stop <= node.steps.start:
-            raise GraphError(f"{where}: empty step range [{node.steps.start}, "
-                             f"{node.steps.stop})")
-        for ref in node_refs(node):
-            if ref not in seen:
-                # Only references to earlier nodes are allowed: this also excludes cycles.
-                kind = "a later node (cycle)" if ref in {n.id for n in graph.nodes} \
-                    else "a node that does not exist"
-                raise GraphError(f"{where}: argument refers to node {ref}, {kind}")
-        for t in node_tensor_refs(node):
-            if not 0 <= t < len(graph.tensors):
-                raise GraphError(f"{where}: tensor constant {t} does not exist")
         seen.add(node.id)
+
+
+def _node_problem(graph: Graph, node: Node, seen: set[int], n_invokes: int,
+                  n_tensors: int) -> str | None:
+    """What is wrong with ``node`` given the ids before it, or ``None`` (runs per node: the
+    message is only built when something is wrong)."""
+    if node.id in seen:
+        return "duplicate node id"
+    if not ops.known_op(node.op):
+        return f"unknown op {node.op!r} (not in the IR allowlist)"
+    problem = ops.check_call(node.op, node.kwargs)
+    if problem:
+        return problem
+    if n_invokes and not (-1 <= node.invoke < n_invokes):
+        return f"invoke {node.invoke} does not exist (the graph has {n_invokes})"
+    if node.steps.stop is not None and node.steps.stop <= node.steps.start:
+        return f"empty step range [{node.steps.start}, {node.steps.stop})"
+    refs: list[int] = []
+    tensors: list[int] = []
+    for v in node.args:
+        _collect_both(v, refs, tensors)
+    for v in node.kwargs.values():
+        _collect_both(v, refs, tensors)
+    for ref in refs:
+        # Only references to earlier nodes are allowed: this also excludes cycles.
+        if ref not in seen:
+            kind = "a later node (cycle)" if ref in {n.id for n in graph.nodes} \
+                else "a node that does not exist"
+            return f"argument refers to node {ref}, {kind}"
+    for t in tensors:
+        if not 0 <= t < n_tensors:
+            return f"tensor constant {t} does not exist"
+    return None
+
+
+def _collect_both(value: Value, refs: list[int], tensors: list[int]) -> None:
+    """:func:`_collect` for node refs and tensor refs in one walk."""
+    t = type(value)
+    if t is Ref:
+        refs.append(value.ref)  # type: ignore[union-attr]
+    elif t is TensorRef:
+        tensors.append(value.tensor)  # type: ignore[union-attr]
+    elif t in _CONTAINERS:
+        if t is ListV:
+            children: Any = value.list  # type: ignore[union-attr]
+        elif t is TupleV:
+            children = value.tuple  # type: ignore[union-attr]
+        elif t is SliceV:
+            children = value.slice  # type: ignore[union-attr]
+        else:
+            children = value.mapping.values()  # type: ignore[union-attr]
+        for child in children:
+            _collect_both(child, refs, tensors)
 
 
 def dumps(graph: Graph, *, indent: int | None = None) -> str:
