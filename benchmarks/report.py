@@ -8,7 +8,9 @@ from typing import Any
 
 # Baseline case of plain vLLM for each workload: plain vLLM cannot steer or capture, so the
 # ratio is to what the same engine does with no intervention (issue 4's definition).
+# plain vLLM's row a workload's rows compare with (concurrency: the same level)
 VLLM_BASE_CASE = {"steer_generate": "none", "capture": "prefill", "many_users": "none"}
+SAME_CASE = frozenset({"concurrency"})
 NNSIGHT_BATCHED = ("invokes", "invokes_per_layer", "invokes_to_longest", "trace")
 NNSIGHT_SERIAL = ("one_at_a_time", "seed_loop")
 
@@ -33,7 +35,7 @@ def ratios(row: dict[str, Any], rows: list[dict]) -> dict[str, float | None]:
     w, c = row["workload"], row["case"]
     out: dict[str, float | None] = {}
     for name in ("vllm_eager", "vllm_compiled"):
-        base = _find(rows, name, w, VLLM_BASE_CASE.get(w, "-"))
+        base = _find(rows, name, w, c if w in SAME_CASE else VLLM_BASE_CASE.get(w, "-"))
         out[name] = speed(row) / speed(base) if base and row["system"] != name else None
     nn = None if c == "plain_forward" else _find(rows, "nnsight", w, c, NNSIGHT_BATCHED)
     out["nnsight"] = speed(row) / speed(nn) if nn and row is not nn else None
@@ -166,6 +168,29 @@ def write_report(result: dict[str, Any], report_dir: Path) -> None:
         pass
 
 
+def concurrency_curves(rows: list[dict]) -> dict[tuple[str, str], dict[int, dict]]:
+    """(system, variant) -> requests in flight -> row, for the throughput-vs-concurrency plot.
+
+    Points: the concurrency sweep (``c1``, ``c4``, ...), its top level from steered generation
+    (1c, or plain vLLM's unsteered run), and nnsight one request at a time as concurrency 1.
+    """
+    curves: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in rows:
+        if r["metric"] != "tokens_per_s":
+            continue
+        if r["workload"] == "concurrency":
+            n, variant = int(r["case"][1:]), r["variant"]
+        elif r["workload"] == "steer_generate" and r["case"] in ("distinct_1layer", "none"):
+            if r["case"] == "none" and not r["system"].startswith("vllm_"):
+                continue
+            n = 1 if r["variant"] == "one_at_a_time" else r["items"]
+            variant = "invokes" if r["variant"] == "one_at_a_time" else r["variant"]
+        else:
+            continue
+        curves.setdefault((r["system"], variant), {})[n] = r
+    return curves
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     """Throughput against concurrency (requests in flight) and every row's speed ratios."""
     import matplotlib
@@ -175,23 +200,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     rows = result["rows"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6))
-    for workload, case, marker in (("steer_generate", "distinct_1layer", "o"),
-                                   ("many_users", None, "s")):
-        for r in rows:
-            if r["workload"] != workload or (case and r["case"] not in (case, "none")):
-                continue
-            if r["metric"] != "tokens_per_s":
-                continue
-            conc = 1 if r["variant"] == "one_at_a_time" else r["items"]
-            ax1.scatter(conc, r["median"], marker=marker)
-            ax1.errorbar(conc, r["median"], yerr=[[r["median"] - r["min"]],
-                                                  [r["max"] - r["median"]]], fmt="none")
-            ax1.annotate(f"{r['system']}/{r['variant']} ({workload})", (conc, r["median"]),
-                         fontsize=6)
+    for (system, variant), pts in sorted(concurrency_curves(rows).items()):
+        xs = sorted(pts)
+        ax1.errorbar(xs, [pts[x]["median"] for x in xs],
+                     yerr=[[pts[x]["median"] - pts[x]["min"] for x in xs],
+                           [pts[x]["max"] - pts[x]["median"] for x in xs]],
+                     marker="o", capsize=3, label=f"{system} ({variant})")
+    ax1.legend(fontsize=7)
     ax1.set_xscale("log", base=2)
     ax1.set_xlabel("requests in flight")
     ax1.set_ylabel("tokens/s (median, min–max)")
-    ax1.set_title("Throughput vs concurrency")
+    ax1.set_title("Steered generation (a distinct vector per request): throughput vs "
+                  "concurrency", fontsize=9)
     labels, vals_v, vals_n = [], [], []
     for r in rows:
         q = ratios(r, rows)

@@ -17,6 +17,7 @@ import torch
 # Workload names usable with --only, in the order they run.
 WORKLOADS: tuple[str, ...] = (
     "steer_generate",
+    "concurrency",
     "capture",
     "patch_sweep",
     "many_users",
@@ -51,6 +52,9 @@ class SizeConfig:
     gen_new_tokens: int = 64
     capture_prompts: int = 256
     capture_full_layers: tuple[int, ...] = (0, 10, 20, 29)
+    # concurrency sweep: steered generation (workload 1c) with this many requests at once;
+    # the sweep's top point is steer_generate itself (gen_prompts requests)
+    concurrency_levels: tuple[int, ...] = (1, 4, 16)
     sweep_layers: int = 30  # first N layers of the grid (the seed sweeps all of them)
     users: int = 64
     users_min_len: int = 8
@@ -66,7 +70,7 @@ class SizeConfig:
         return cls(
             gen_prompts=8, gen_new_tokens=16, capture_prompts=32, sweep_layers=4,
             users=8, users_max_len=80, users_min_tokens=8, users_max_tokens=32,
-            serial_subset=2, overhead_calls=10, reps=2,
+            serial_subset=2, overhead_calls=10, reps=2, concurrency_levels=(1, 4),
         )
 
 
@@ -95,6 +99,7 @@ class WorkloadConfig:
         data = dict(data)
         sizes = dict(data.pop("sizes"))
         sizes["capture_full_layers"] = tuple(sizes["capture_full_layers"])
+        sizes["concurrency_levels"] = tuple(sizes["concurrency_levels"])
         return cls(sizes=SizeConfig(**sizes), **data)
 
 

@@ -20,11 +20,12 @@ SYSTEMS: dict[str, tuple[str, str, dict]] = {
     "hf_hooks": ("benchmarks.systems.hf_hooks", "HFHooksSystem", {}),
 }
 
-ALL = frozenset({"steer_generate", "capture", "patch_sweep", "many_users", "trace_overhead"})
+ALL = frozenset({"steer_generate", "concurrency", "capture", "patch_sweep", "many_users",
+                 "trace_overhead"})
 # Which workloads each system takes part in (the driver starts only the workers it needs).
 SYSTEM_WORKLOADS: dict[str, frozenset[str]] = {
-    "vllm_eager": frozenset({"steer_generate", "capture", "many_users"}),
-    "vllm_compiled": frozenset({"steer_generate", "capture", "many_users"}),
+    "vllm_eager": frozenset({"steer_generate", "concurrency", "capture", "many_users"}),
+    "vllm_compiled": frozenset({"steer_generate", "concurrency", "capture", "many_users"}),
     "vinterp_vllm": ALL - {"trace_overhead"},
     "vinterp_hf": ALL,
     "nnsight": ALL,

@@ -66,4 +66,19 @@ class System:
         return {}
 
     def run(self, task: Task) -> dict[str, Any]:
-        raise NotImplementedError
+        """Run one task: dispatched to ``run_<workload>(task)``, which each system defines for
+        the workloads it takes part in."""
+        handler = getattr(self, f"run_{task.workload}", None)
+        if handler is None:
+            raise ValueError(f"{self.name} has no handler for {task.key}")
+        return handler(task)
+
+    @staticmethod
+    def levels(cfg: WorkloadConfig) -> list[Task]:
+        """The concurrency sweep's tasks (cases ``c1``, ``c4``, ...); see ``concurrency_n``."""
+        return [Task("concurrency", f"c{n}") for n in cfg.sizes.concurrency_levels]
+
+    @staticmethod
+    def concurrency_n(task: Task) -> int:
+        """Requests in flight for a concurrency task (``"c16"`` -> 16)."""
+        return int(task.case[1:])

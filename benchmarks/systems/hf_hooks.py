@@ -52,6 +52,7 @@ class HFHooksSystem(System):
 
     def tasks(self) -> list[Task]:
         t = [Task("steer_generate", c) for c in STEER_CASES]
+        t += self.levels(self.cfg)
         t += [Task("capture", "last_all_layers"), Task("capture", "full_4layers")]
         t += [Task("patch_sweep", "grid", "one_batch", "seconds")]
         t += [Task("many_users", "steered", "batched_to_longest")]
@@ -160,19 +161,26 @@ class HFHooksSystem(System):
                         self.model(ids)
         return {"seconds": t.seconds, "tokens": None, "items": n}
 
-    def run(self, task: Task) -> dict[str, Any]:
-        cfg = self.cfg
-        if task.workload == "steer_generate":
-            n = len(cfg.gen_prompts)
-            s, toks = self._generate(cfg.gen_prompts, cfg.sizes.gen_new_tokens,
-                                     self._steer_fns(task.case, n))
-            return {"seconds": s, "tokens": toks, "items": n}
-        if task.workload == "capture":
-            return self._capture(task.case)
-        if task.workload == "patch_sweep":
-            return self._patch_sweep()
-        if task.workload == "many_users":
-            return self._many_users()
-        if task.workload == "trace_overhead":
-            return self._overhead(task.case)
-        raise ValueError(task.key)
+    def _steered(self, case: str, n: int) -> dict[str, Any]:
+        prompts = self.cfg.gen_prompts[:n]
+        s, toks = self._generate(prompts, self.cfg.sizes.gen_new_tokens,
+                                 self._steer_fns(case, n))
+        return {"seconds": s, "tokens": toks, "items": n}
+
+    def run_steer_generate(self, task: Task) -> dict[str, Any]:
+        return self._steered(task.case, len(self.cfg.gen_prompts))
+
+    def run_concurrency(self, task: Task) -> dict[str, Any]:
+        return self._steered("distinct_1layer", self.concurrency_n(task))
+
+    def run_capture(self, task: Task) -> dict[str, Any]:
+        return self._capture(task.case)
+
+    def run_patch_sweep(self, task: Task) -> dict[str, Any]:
+        return self._patch_sweep()
+
+    def run_many_users(self, task: Task) -> dict[str, Any]:
+        return self._many_users()
+
+    def run_trace_overhead(self, task: Task) -> dict[str, Any]:
+        return self._overhead(task.case)

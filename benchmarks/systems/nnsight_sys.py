@@ -44,6 +44,7 @@ class NnsightSystem(System):
     def tasks(self) -> list[Task]:
         t = [Task("steer_generate", c, "invokes") for c in STEER_CASES]
         t += [Task("steer_generate", "distinct_1layer", "one_at_a_time")]
+        t += [Task("concurrency", x.case, "invokes") for x in self.levels(self.cfg)]
         t += [Task("capture", c, "invokes") for c in ("last_all_layers", "full_4layers")]
         t += [Task("patch_sweep", "grid", "seed_loop", "seconds"),
               Task("patch_sweep", "grid", "invokes_per_layer", "seconds")]
@@ -54,9 +55,9 @@ class NnsightSystem(System):
         return t
 
     # -- steered generation ------------------------------------------------------------------
-    def _steer_generate(self, case: str) -> dict[str, Any]:
+    def _steer_generate(self, case: str, n_prompts: int | None = None) -> dict[str, Any]:
         cfg, m, layers = self.cfg, self.m, self.layers
-        prompts, n_new = cfg.gen_prompts, cfg.sizes.gen_new_tokens
+        prompts, n_new = cfg.gen_prompts[:n_prompts], cfg.sizes.gen_new_tokens
         n, L = len(prompts), cfg.steer_layer
         shared = vectors(cfg, 1, 0, self.dtype)[0]
         distinct = vectors(cfg, n, 1, self.dtype)
@@ -189,22 +190,27 @@ class NnsightSystem(System):
         assert case in ("plain_forward", "empty") or len(keep) in (1, 12)
         return {"seconds": t.seconds, "tokens": None, "items": n}
 
-    def run(self, task: Task) -> dict[str, Any]:
+    def run_steer_generate(self, task: Task) -> dict[str, Any]:
         cfg = self.cfg
-        if task.workload == "steer_generate":
-            if task.variant == "one_at_a_time":
-                sub = cfg.gen_prompts[: cfg.sizes.serial_subset]
-                v = vectors(cfg, len(cfg.gen_prompts), 1, self.dtype)
-                return self._one_at_a_time(
-                    [(p, cfg.sizes.gen_new_tokens, cfg.steer_layer, v[i])
-                     for i, p in enumerate(sub)])
-            return self._steer_generate(task.case)
-        if task.workload == "capture":
-            return self._capture(task.case)
-        if task.workload == "patch_sweep":
-            return self._patch_sweep(task.variant)
-        if task.workload == "many_users":
-            return self._many_users(task.variant)
-        if task.workload == "trace_overhead":
-            return self._overhead(task.case)
-        raise ValueError(task.key)
+        if task.variant == "one_at_a_time":
+            sub = cfg.gen_prompts[: cfg.sizes.serial_subset]
+            v = vectors(cfg, len(cfg.gen_prompts), 1, self.dtype)
+            return self._one_at_a_time(
+                [(p, cfg.sizes.gen_new_tokens, cfg.steer_layer, v[i])
+                 for i, p in enumerate(sub)])
+        return self._steer_generate(task.case)
+
+    def run_concurrency(self, task: Task) -> dict[str, Any]:
+        return self._steer_generate("distinct_1layer", self.concurrency_n(task))
+
+    def run_capture(self, task: Task) -> dict[str, Any]:
+        return self._capture(task.case)
+
+    def run_patch_sweep(self, task: Task) -> dict[str, Any]:
+        return self._patch_sweep(task.variant)
+
+    def run_many_users(self, task: Task) -> dict[str, Any]:
+        return self._many_users(task.variant)
+
+    def run_trace_overhead(self, task: Task) -> dict[str, Any]:
+        return self._overhead(task.case)

@@ -69,6 +69,7 @@ class VinterpSystem(System):
 
     def tasks(self) -> list[Task]:
         t = [Task("steer_generate", c) for c in STEER_CASES]
+        t += self.levels(self.cfg)
         t += [Task("capture", c) for c in ("last_all_layers", "full_4layers")]
         t += [Task("patch_sweep", "grid", "one_batch", "seconds")]
         t += [Task("many_users", "steered",
@@ -90,9 +91,10 @@ class VinterpSystem(System):
         return sum(len(r) - len(tok(p)["input_ids"]) for r, p in zip(tracer.result, prompts,
                                                                      strict=True))
 
-    def _steer_generate(self, case: str) -> dict[str, Any]:
+    def _steer_generate(self, case: str, n_prompts: int | None = None) -> dict[str, Any]:
         cfg, m = self.cfg, self.m
-        prompts, n, L = cfg.gen_prompts, len(cfg.gen_prompts), cfg.steer_layer
+        prompts = cfg.gen_prompts[:n_prompts]
+        n, L = len(prompts), cfg.steer_layer
         shared = vectors(cfg, 1, 0, self.dtype)[0]
         distinct = vectors(cfg, n, 1, self.dtype)
         per_layer = layer_vectors(cfg, n, self.dtype) if case == "distinct_all_layers" else None
@@ -198,14 +200,22 @@ class VinterpSystem(System):
 
     def run(self, task: Task) -> dict[str, Any]:
         self._cold_prefix_cache()
-        if task.workload == "steer_generate":
-            return self._steer_generate(task.case)
-        if task.workload == "capture":
-            return self._capture(task.case)
-        if task.workload == "patch_sweep":
-            return self._patch_sweep()
-        if task.workload == "many_users":
-            return self._many_users()
-        if task.workload == "trace_overhead":
-            return self._overhead(task.case)
-        raise ValueError(task.key)
+        return super().run(task)
+
+    def run_steer_generate(self, task: Task) -> dict[str, Any]:
+        return self._steer_generate(task.case)
+
+    def run_concurrency(self, task: Task) -> dict[str, Any]:
+        return self._steer_generate("distinct_1layer", self.concurrency_n(task))
+
+    def run_capture(self, task: Task) -> dict[str, Any]:
+        return self._capture(task.case)
+
+    def run_patch_sweep(self, task: Task) -> dict[str, Any]:
+        return self._patch_sweep()
+
+    def run_many_users(self, task: Task) -> dict[str, Any]:
+        return self._many_users()
+
+    def run_trace_overhead(self, task: Task) -> dict[str, Any]:
+        return self._overhead(task.case)

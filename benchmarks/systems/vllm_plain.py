@@ -29,8 +29,8 @@ class PlainVLLM(System):
         return info
 
     def tasks(self) -> list[Task]:
-        return [Task("steer_generate", "none"), Task("capture", "prefill"),
-                Task("many_users", "none")]
+        return [Task("steer_generate", "none"), *self.levels(self.cfg),
+                Task("capture", "prefill"), Task("many_users", "none")]
 
     def _generate(self, prompts: list[str], max_tokens: list[int]) -> dict[str, Any]:
         from vllm import SamplingParams
@@ -44,21 +44,27 @@ class PlainVLLM(System):
             outs = self.llm.generate(prompts, params, use_tqdm=False)
         return {"seconds": t.seconds, "outs": outs}
 
-    def run(self, task: Task) -> dict[str, Any]:
+    def _decode(self, prompts: list[str], n_new: int) -> dict[str, Any]:
+        r = self._generate(prompts, [n_new] * len(prompts))
+        toks = sum(len(o.outputs[0].token_ids) for o in r["outs"])
+        return {"seconds": r["seconds"], "tokens": toks, "items": len(r["outs"])}
+
+    def run_steer_generate(self, task: Task) -> dict[str, Any]:
+        return self._decode(self.cfg.gen_prompts, self.cfg.sizes.gen_new_tokens)
+
+    def run_concurrency(self, task: Task) -> dict[str, Any]:
+        n = self.concurrency_n(task)
+        return self._decode(self.cfg.gen_prompts[:n], self.cfg.sizes.gen_new_tokens)
+
+    def run_capture(self, task: Task) -> dict[str, Any]:
+        # Prefill throughput: one sampled token per prompt, prompt tokens / second.
         cfg = self.cfg
-        if task.workload == "steer_generate":
-            n = cfg.sizes.gen_new_tokens
-            r = self._generate(cfg.gen_prompts, [n] * len(cfg.gen_prompts))
-            toks = sum(len(o.outputs[0].token_ids) for o in r["outs"])
-            return {"seconds": r["seconds"], "tokens": toks, "items": len(r["outs"])}
-        if task.workload == "capture":
-            # Prefill throughput: one sampled token per prompt, prompt tokens / second.
-            r = self._generate(cfg.capture_prompts, [1] * len(cfg.capture_prompts))
-            toks = sum(len(o.prompt_token_ids) for o in r["outs"])
-            return {"seconds": r["seconds"], "tokens": toks, "items": len(r["outs"])}
-        if task.workload == "many_users":
-            r = self._generate([u["prompt"] for u in cfg.users],
-                               [u["max_tokens"] for u in cfg.users])
-            toks = sum(len(o.outputs[0].token_ids) for o in r["outs"])
-            return {"seconds": r["seconds"], "tokens": toks, "items": len(r["outs"])}
-        raise ValueError(task.key)
+        r = self._generate(cfg.capture_prompts, [1] * len(cfg.capture_prompts))
+        toks = sum(len(o.prompt_token_ids) for o in r["outs"])
+        return {"seconds": r["seconds"], "tokens": toks, "items": len(r["outs"])}
+
+    def run_many_users(self, task: Task) -> dict[str, Any]:
+        users = self.cfg.users
+        r = self._generate([u["prompt"] for u in users], [u["max_tokens"] for u in users])
+        toks = sum(len(o.outputs[0].token_ids) for o in r["outs"])
+        return {"seconds": r["seconds"], "tokens": toks, "items": len(r["outs"])}
