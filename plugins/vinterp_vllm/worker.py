@@ -30,7 +30,7 @@ from vinterp_vllm.fastpath import Group, TensorCache, build_groups
 from vinterp_vllm.layout import RowSpan, batch_spans
 from vinterp_vllm.payload import Outcome, Payload, outcomes_to_wire
 from vinterp_vllm.points import VllmPoint
-from vinterp_vllm.request_state import RequestState, Retention
+from vinterp_vllm.request_state import ParsedGraphs, RequestState, Retention
 
 WORKER_EXTENSION = "vinterp_vllm.worker.VinterpWorkerExtension"
 log = logging.getLogger("vinterp_vllm")
@@ -71,10 +71,12 @@ class VinterpWorkerExtension:
 
     def vinterp_stats(self) -> dict[str, int]:
         """Counts of what the worker holds: ``states`` (per request key, live or undrained),
-        ``tracked_ids`` (vLLM request ids seen), ``evicted`` (undrained states dropped)."""
+        ``tracked_ids`` (vLLM request ids seen), ``evicted`` (undrained states dropped),
+        ``parsed_graphs`` (distinct request graphs parsed and kept, see ``ParsedGraphs``)."""
         h = self._vinterp
         return {"states": len(h.by_key), "tracked_ids": len(h.by_req),
-                "evicted": h.retention.evicted, "max_undrained": h.retention.cap}
+                "evicted": h.retention.evicted, "max_undrained": h.retention.cap,
+                "parsed_graphs": len(h.graphs)}
 
     def vinterp_set_max_undrained(self, cap: int) -> None:
         """Cap the states kept for finished requests nobody drained (see ``Retention``)."""
@@ -98,6 +100,7 @@ class _Hooks:
         self.active_hooks: set[tuple[str, str]] = set()
         self.mode_trace: dict[str, bool] = {}
         self.tensors = TensorCache()   # row indices and vector tables, shared across points
+        self.graphs = ParsedGraphs(arch, self.dtype, self.hidden)  # requests' parsed graphs
         self._install()
 
     # ------------------------------------------------------------------ hooks
@@ -140,7 +143,7 @@ class _Hooks:
         if payload is not None:
             st = self.by_key.get(payload.key)
             if st is None:
-                st = RequestState(payload, self.arch, self.dtype, self.hidden)
+                st = RequestState(payload, self.graphs)
                 self.by_key[payload.key] = st
         self.by_req[req_id] = st
         return st

@@ -43,3 +43,45 @@ def test_each_request_carries_only_its_nodes_and_constants():
     assert args[1] == {"mapping": {"tensor": 1}} and args[2] == {"list": [{"tensor": 0}]}
     assert decode_tensor(g1.tensors[0]).tolist() == [2.0, 2.0]
     assert g1.invokes[1].prompts == ((3,),) and g1.invokes[0].prompts == ()
+
+
+def test_compact_request_graphs_are_equal_for_equal_invokes():
+    read = {"op": "read", "kwargs": {"module": "model.layers.0", "kind": "output"}}
+    nodes = []
+    for inv in range(2):   # two invokes doing the same (a loop over prompts)
+        base = 10 * inv
+        nodes += [
+            {"id": base, **read, "invoke": inv, "line": "x.py:3"},
+            {"id": base + 1, "op": "getitem", "invoke": inv, "line": "x.py:4", "args": [
+                {"ref": base}, {"tuple": [{"slice": [None, None, None]}, -1]}]},
+            # a user dict whose key is "ref": data, not a reference
+            {"id": base + 2, "op": "method", "invoke": inv, "line": "x.py:5",
+             "args": [{"ref": base + 1}, {"mapping": {"ref": 7}}], "kwargs": {"name": "add"}},
+            {"id": base + 3, "op": "save", "args": [{"ref": base + 2}], "invoke": inv,
+             "line": "x.py:6"},
+        ]
+    graph = ir.load({"invokes": [{"prompts": [[1, 2]]}, {"prompts": [[3, 4, 5]]}],
+                     "nodes": nodes})
+    split = GraphSplitter(graph)
+    (t0, ids0), (t1, ids1) = split.request_json(0), split.request_json(1)
+    assert ids0 == [0, 1, 2, 3] and ids1 == [10, 11, 12, 13]
+    g1 = ir.load(t1)
+    assert [n.id for n in g1.nodes] == [0, 1, 2, 3] and {n.invoke for n in g1.nodes} == {0}
+    assert json.loads(t1)["nodes"][2]["args"] == [{"ref": 1}, {"mapping": {"ref": 7}}]
+    # prompts travel in the request itself: the graph keeps their lengths
+    assert g1.invokes[0].prompts == ((0, 0, 0),) and len(g1.invokes) == 1
+    # the prompts differ, the intervention does not: the nodes are the same text
+    assert json.loads(t0)["nodes"] == json.loads(t1)["nodes"]
+    assert t0 != t1    # ... but these prompts have different lengths
+
+
+def test_invokes_using_other_invokes_are_not_compacted():
+    read = {"op": "read", "kwargs": {"module": "model.layers.0", "kind": "output"}}
+    graph = ir.load({"invokes": [{"prompts": [[1]]}, {"prompts": [[2]]}], "nodes": [
+        {"id": 0, **read, "invoke": 0},
+        {"id": 1, "op": "write", "args": [{"ref": 0}], "invoke": 1,
+         "kwargs": {"module": "model.layers.0", "kind": "output"}},
+    ]})
+    split = GraphSplitter(graph)
+    assert split.request_json(1) is None
+    assert split.request_json(0) is not None

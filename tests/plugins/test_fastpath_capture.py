@@ -124,3 +124,27 @@ def test_equal_keys_share_a_selection_but_bools_and_floats_never_pass_as_ints():
     for odd in (True, 1.0):   # equal to 1 in Python, but HF indexes differently
         with pytest.raises(_NotFast):
             _selection(TupleV(tuple=(full, odd)), 5, True, False)
+
+
+SAME_LENGTH = ["red apple pie", "blue sky now", "old stone wall", "big dog runs"]
+
+
+def test_invokes_doing_the_same_share_one_parsed_graph(models):
+    """A loop of invokes over prompts of one length sends one request graph text; the worker
+    parses it once, and each request still gets its own values (the HF backend's)."""
+    llm = models["vllm"]._backend.llm
+    before = llm.collective_rpc("vinterp_stats")[0]["parsed_graphs"]
+    got = {}
+    for name in ("hf", "vllm"):
+        model = models[name]
+        with model.trace() as tracer:
+            got[name] = []
+            for p in SAME_LENGTH:
+                with tracer.invoke(p):
+                    got[name].append([model.model.layers[j].output[:, -1].save()
+                                      for j in LAYERS])
+    after = llm.collective_rpc("vinterp_stats")[0]["parsed_graphs"]
+    assert after - before <= 1   # one text for the four invokes (or already cached)
+    for hf_vals, vl_vals in zip(got["hf"], got["vllm"], strict=True):
+        for a, b in zip(hf_vals, vl_vals, strict=True):
+            assert a.shape == b.shape and rel_err(b, a) < 1e-4

@@ -7,6 +7,7 @@ import torch
 from helpers import capture_graph, steer_graph
 
 from vinterp.backends.vllm import requests as rq
+from vinterp.backends.vllm.backend import Job
 from vinterp.ir import Graph, Invoke, Node, Ref, TensorRef, TupleV, encode_tensor
 from vinterp.ir.interpreter import InterventionError
 from vinterp_vllm.payload import Payload
@@ -17,7 +18,7 @@ def _jobs(graph: Graph, tag: str) -> list:
     for i, inv in enumerate(graph.invokes):
         payload = Payload(key=f"{tag}/{i}", graph_json=rq.subgraph_json(graph, i), invoke=i,
                           mode=graph.mode)
-        out.append(((tag, i), list(inv.prompts[0]), payload, graph))
+        out.append(Job((tag, i), list(inv.prompts[0]), payload, graph, i))
     return out
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
 from pydantic import ValidationError
@@ -41,15 +40,18 @@ class GraphError(ValueError):
 _CONTAINERS = (ListV, TupleV, SliceV, DictV)
 
 
-def _collect(value: Value, kind: type, out: list[int]) -> None:
-    """Append the ids of every ``kind`` (:class:`Ref` or :class:`TensorRef`) inside ``value``.
+def _collect(value: Value, refs: list[int], tensors: list[int]) -> None:
+    """Append the node ids (:class:`Ref`) and tensor-constant indices (:class:`TensorRef`)
+    found anywhere inside ``value``.
 
     Plain recursion with exact type checks, not generators: graphs have tens of thousands of
     values and this walk runs in validation, splitting and scheduling.
     """
     t = type(value)
-    if t is kind:
-        out.append(value.ref if t is Ref else value.tensor)  # type: ignore[union-attr]
+    if t is Ref:
+        refs.append(value.ref)  # type: ignore[union-attr]
+    elif t is TensorRef:
+        tensors.append(value.tensor)  # type: ignore[union-attr]
     elif t in _CONTAINERS:
         if t is ListV:
             children: Any = value.list  # type: ignore[union-attr]
@@ -60,27 +62,17 @@ def _collect(value: Value, kind: type, out: list[int]) -> None:
         else:
             children = value.mapping.values()  # type: ignore[union-attr]
         for child in children:
-            _collect(child, kind, out)
+            _collect(child, refs, tensors)
 
 
-def iter_refs(value: Value) -> Iterator[int]:
-    """All node ids referenced (at any depth) by an argument value."""
-    out: list[int] = []
-    _collect(value, Ref, out)
-    return iter(out)
-
-
-def iter_tensor_refs(value: Value) -> Iterator[int]:
-    """All tensor-constant indices referenced by an argument value."""
-    out: list[int] = []
-    _collect(value, TensorRef, out)
-    return iter(out)
-
-
-def node_values(node: Node) -> Iterator[Value]:
-    """Every argument value of a node (positional then keyword)."""
-    yield from node.args
-    yield from node.kwargs.values()
+def _node_collect(node: Node) -> tuple[list[int], list[int]]:
+    refs: list[int] = []
+    tensors: list[int] = []
+    for v in node.args:
+        _collect(v, refs, tensors)
+    for v in node.kwargs.values():
+        _collect(v, refs, tensors)
+    return refs, tensors
 
 
 def node_refs(node: Node) -> list[int]:
@@ -91,22 +83,12 @@ def node_refs(node: Node) -> list[int]:
         >>> node_refs(Node(id=2, op="add", args=(Ref(ref=0), Ref(ref=1))))
         [0, 1]
     """
-    out: list[int] = []
-    for v in node.args:
-        _collect(v, Ref, out)
-    for v in node.kwargs.values():
-        _collect(v, Ref, out)
-    return out
+    return _node_collect(node)[0]
 
 
 def node_tensor_refs(node: Node) -> list[int]:
     """Indices of the tensor constants ``node`` uses."""
-    out: list[int] = []
-    for v in node.args:
-        _collect(v, TensorRef, out)
-    for v in node.kwargs.values():
-        _collect(v, TensorRef, out)
-    return out
+    return _node_collect(node)[1]
 
 
 def load(
@@ -199,12 +181,7 @@ def _node_problem(graph: Graph, node: Node, seen: set[int], n_invokes: int,
         return f"invoke {node.invoke} does not exist (the graph has {n_invokes})"
     if node.steps.stop is not None and node.steps.stop <= node.steps.start:
         return f"empty step range [{node.steps.start}, {node.steps.stop})"
-    refs: list[int] = []
-    tensors: list[int] = []
-    for v in node.args:
-        _collect_both(v, refs, tensors)
-    for v in node.kwargs.values():
-        _collect_both(v, refs, tensors)
+    refs, tensors = _node_collect(node)
     for ref in refs:
         # Only references to earlier nodes are allowed: this also excludes cycles.
         if ref not in seen:
@@ -215,26 +192,6 @@ def _node_problem(graph: Graph, node: Node, seen: set[int], n_invokes: int,
         if not 0 <= t < n_tensors:
             return f"tensor constant {t} does not exist"
     return None
-
-
-def _collect_both(value: Value, refs: list[int], tensors: list[int]) -> None:
-    """:func:`_collect` for node refs and tensor refs in one walk."""
-    t = type(value)
-    if t is Ref:
-        refs.append(value.ref)  # type: ignore[union-attr]
-    elif t is TensorRef:
-        tensors.append(value.tensor)  # type: ignore[union-attr]
-    elif t in _CONTAINERS:
-        if t is ListV:
-            children: Any = value.list  # type: ignore[union-attr]
-        elif t is TupleV:
-            children = value.tuple  # type: ignore[union-attr]
-        elif t is SliceV:
-            children = value.slice  # type: ignore[union-attr]
-        else:
-            children = value.mapping.values()  # type: ignore[union-attr]
-        for child in children:
-            _collect_both(child, refs, tensors)
 
 
 def dumps(graph: Graph, *, indent: int | None = None) -> str:

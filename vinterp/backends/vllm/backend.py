@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -62,6 +62,17 @@ def _cat(values: list[Any]) -> Any:
         except RuntimeError:
             return values  # different lengths: one value per prompt
     return values
+
+
+class Job(NamedTuple):
+    """One vLLM request of a run: a prompt of an invoke and the payload it carries."""
+
+    key: Any                 # where its outcome goes, e.g. (invoke, prompt index)
+    prompt_ids: list[int]
+    payload: Payload
+    graph: Graph             # the whole trace's graph
+    invoke: int              # the invoke in ``graph`` (the payload's may be renumbered)
+    node_ids: list[int] | None = None   # compact request graph: its node ids in ``graph``
 
 
 class VllmBackend(Backend):
@@ -143,12 +154,15 @@ class VllmBackend(Backend):
                     continue
                 imports = {str(r): encode_tensor(torch.as_tensor(export_values[r]))
                            .model_dump(mode="json") for r in sorted(needs.get(i, ()))}
-                gjson = splitter.subgraph_json(i)
+                # self-contained invokes get compact graphs that equal invokes share
+                compact = None if imports or exported.get(i) else splitter.request_json(i)
+                gjson, ids = compact or (splitter.subgraph_json(i), None)
+                at = i if compact is None else 0
                 for j, prompt in enumerate(graph.invokes[i].prompts):
                     payload = Payload(key=f"vinterp-{run_id}/{i}/{j}", graph_json=gjson,
-                                      invoke=i, mode=graph.mode, imports=imports,
+                                      invoke=at, mode=graph.mode, imports=imports,
                                       exports=tuple(sorted(exported.get(i, ()))))
-                    jobs.append(((i, j), list(prompt), payload, graph))
+                    jobs.append(Job((i, j), list(prompt), payload, graph, i, ids))
             self._submit(jobs, outcomes, generated)
             for i in phase:
                 for r in exported.get(i, ()):
@@ -159,30 +173,32 @@ class VllmBackend(Backend):
         result.saves.update(_run_globals(graph, export_values))
         return result
 
-    def _submit(self, jobs: list, outcomes: dict, generated: dict) -> None:
+    def _submit(self, jobs: list[Job], outcomes: dict, generated: dict) -> None:
         batch = jobs
         while batch:
             self._generate(batch, outcomes, generated)
             # a general graph whose prompt got split by chunked prefill: alone, it fits
-            retry = [job for job in batch if outcomes[job[0]].retry_alone]
+            retry = [job for job in batch if outcomes[job.key].retry_alone]
             if len(retry) == len(batch) and len(batch) == 1:
                 break
             for job in retry:
                 self._generate([job], outcomes, generated)
             batch = []
 
-    def _generate(self, jobs: list, outcomes: dict, generated: dict) -> None:
+    def _generate(self, jobs: list[Job], outcomes: dict, generated: dict) -> None:
         prompts, params = [], []
-        grouped = rq.nodes_by_invoke(jobs[0][3])  # (all jobs of a run share one graph)
-        for _, ids, payload, graph in jobs:
+        grouped: dict[int, dict[int, list]] = {}   # graph -> its nodes by invoke
+        for _, ids, payload, graph, i, _ in jobs:
             gj = payload.graph_json
             prompt: dict[str, Any] = {"prompt_token_ids": ids}
-            mine = grouped[payload.invoke]
+            if id(graph) not in grouped:
+                grouped[id(graph)] = rq.nodes_by_invoke(graph)
+            mine = grouped[id(graph)][i]
             if rq.writes(mine):
                 prompt["cache_salt"] = rq.fingerprint(gj)
             skip = True if rq.reads_prompt(mine) else None
             prompts.append(prompt)
-            generation = {**graph.generation, **graph.invokes[payload.invoke].generation}
+            generation = {**graph.generation, **graph.invokes[i].generation}
             params.append(sampling_params(generation, mode=graph.mode,
                                           extra_args=payload.to_extra_args(),
                                           skip_reading_prefix_cache=skip))
@@ -190,10 +206,13 @@ class VllmBackend(Backend):
             outs = self.llm.generate(prompts, params, use_tqdm=False)
         finally:
             drained = outcomes_from_wire(self.llm.collective_rpc(
-                "vinterp_drain", args=([job[2].key for job in jobs],))[0])
-        for (key, ids, payload, _), out in zip(jobs, outs, strict=True):
-            outcomes[key] = drained.get(payload.key, Outcome(
+                "vinterp_drain", args=([job.payload.key for job in jobs],))[0])
+        for (key, ids, payload, _, _, orig), out in zip(jobs, outs, strict=True):
+            o = drained.get(payload.key, Outcome(
                 error="the worker never saw this request (no forward ran for it)"))
+            if orig is not None:  # compact request graph: back to the trace's node ids
+                o.saves = {orig[k]: v for k, v in o.saves.items()}
+            outcomes[key] = o
             new = list(out.outputs[0].token_ids)
             generated[key] = torch.tensor(ids + new, dtype=torch.long)
 

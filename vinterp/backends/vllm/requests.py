@@ -21,24 +21,28 @@ from vinterp.ir.schema import Graph, Node
 from vinterp.ir.validate import node_refs, node_tensor_refs
 
 
-def _remap_value(v: Any, remap: dict[int, int]) -> Any:
-    """A JSON IR value with its tensor-constant indices renumbered (walked by the IR's shapes,
-    so a user dict with a key named ``tensor`` is left alone)."""
+def _remap_value(v: Any, tensors: dict[int, int], refs: dict[int, int] | None = None) -> Any:
+    """A JSON IR value with its tensor-constant indices (and, given ``refs``, node ids)
+    renumbered; walked by the IR's shapes, so a user dict with a key named ``tensor`` or
+    ``ref`` is left alone."""
     if not isinstance(v, dict) or len(v) != 1:
         return v
     ((key, inner),) = v.items()
     if key == "tensor":
-        return {"tensor": remap[inner]}
+        return {"tensor": tensors[inner]}
+    if key == "ref":
+        return v if refs is None else {"ref": refs[inner]}
     if key == "mapping":
-        return {"mapping": {k: _remap_value(x, remap) for k, x in inner.items()}}
+        return {"mapping": {k: _remap_value(x, tensors, refs) for k, x in inner.items()}}
     if key in ("list", "tuple", "slice"):
-        return {key: [_remap_value(x, remap) for x in inner]}
+        return {key: [_remap_value(x, tensors, refs) for x in inner]}
     return v
 
 
-def _remap_node(node: dict[str, Any], remap: dict[int, int]) -> dict[str, Any]:
-    return {**node, "args": [_remap_value(v, remap) for v in node["args"]],
-            "kwargs": {k: _remap_value(v, remap) for k, v in node["kwargs"].items()}}
+def _remap_node(node: dict[str, Any], tensors: dict[int, int],
+                refs: dict[int, int] | None = None) -> dict[str, Any]:
+    return {**node, "args": [_remap_value(v, tensors, refs) for v in node["args"]],
+            "kwargs": {k: _remap_value(v, tensors, refs) for k, v in node["kwargs"].items()}}
 
 
 class GraphSplitter:
@@ -59,21 +63,24 @@ class GraphSplitter:
         for n in graph.nodes:
             self.by_invoke.setdefault(n.invoke, []).append(n.id)
 
+    def _closure(self, invoke: int) -> list[int]:
+        """Ids of ``invoke``'s nodes and every node they use, in program order."""
+        keep: set[int] = set()
+        stack = list(self.by_invoke.get(invoke, ()))
+        while stack:
+            nid = stack.pop()
+            if nid not in keep:
+                keep.add(nid)
+                stack.extend(node_refs(self.by_id[nid]))
+        return sorted(keep, key=self.order.__getitem__)
+
     def subgraph_json(self, invoke: int) -> str:
         """IR JSON with only ``invoke``'s nodes and what they reference.
 
         Nodes outside any invoke that combine several invokes' values run on the client
         after the requests; they are not sent.
         """
-        keep: set[int] = set()
-        stack = list(self.by_invoke.get(invoke, ()))
-        while stack:
-            nid = stack.pop()
-            if nid in keep:
-                continue
-            keep.add(nid)
-            stack.extend(node_refs(self.by_id[nid]))
-        ids = sorted(keep, key=self.order.__getitem__)
+        ids = self._closure(invoke)
         used = sorted({t for i in ids for t in self.node_tensors.get(i, ())})
         remap = {old: new for new, old in enumerate(used)}
         data = {k: v for k, v in self.data.items() if k not in ("nodes", "tensors", "invokes")}
@@ -83,6 +90,37 @@ class GraphSplitter:
         data["invokes"] = [inv if i == invoke else {"prompts": []}
                            for i, inv in enumerate(self.data["invokes"])]
         return json.dumps(data, separators=(",", ":"))
+
+    def request_json(self, invoke: int) -> tuple[str, list[int]] | None:
+        """A self-contained graph for one invoke with no cross-invoke values: its nodes
+        renumbered from 0 and its invoke as invoke 0 (the only one), plus the original id of
+        each node (``ids[new] = old``) to map the outcomes back. ``None`` when the invoke uses
+        another invoke's nodes (then :meth:`subgraph_json` and imports apply).
+
+        Invokes that do the same thing (a loop over prompts of one length) get the same text,
+        so the worker parses and plans it once for all of them (and writing ones share a cache
+        salt, which is right: the same intervention makes the same KV).
+        """
+        ids = self._closure(invoke)
+        if any(self.by_id[i].invoke not in (invoke, -1) for i in ids):
+            return None
+        new_id = {old: k for k, old in enumerate(ids)}
+        used = sorted({t for i in ids for t in self.node_tensors.get(i, ())})
+        remap = {old: k for k, old in enumerate(used)}
+        nodes = []
+        for k, i in enumerate(ids):
+            d = _remap_node(self.node_json[i], remap, new_id)
+            d["id"] = k
+            d["invoke"] = 0 if d["invoke"] >= 0 else -1
+            nodes.append(d)
+        data = {k: v for k, v in self.data.items() if k not in ("nodes", "tensors", "invokes")}
+        data["nodes"] = nodes
+        data["tensors"] = [self.data["tensors"][old] for old in used]
+        # The request carries the prompt's tokens; the worker only needs each prompt's length
+        # (positions resolve against it), so equal-length prompts share the text too.
+        inv = self.data["invokes"][invoke]
+        data["invokes"] = [{**inv, "prompts": [[0] * len(p) for p in inv["prompts"]]}]
+        return json.dumps(data, separators=(",", ":")), ids
 
 
 def subgraph_json(graph: Graph, invoke: int) -> str:
