@@ -85,7 +85,8 @@ class HFHooksSystem(System):
             )
         return t.seconds, (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
 
-    def _capture(self, case: str) -> dict[str, Any]:
+    def run_capture(self, task: Task) -> dict[str, Any]:
+        case = task.case
         cfg = self.cfg
         saved: list[torch.Tensor] = []
         if case == "last_all_layers":
@@ -146,7 +147,8 @@ class HFHooksSystem(System):
         return {"seconds": seconds, "tokens": sum(u["max_tokens"] for u in users),
                 "items": len(users)}
 
-    def _overhead(self, case: str) -> dict[str, Any]:
+    def run_trace_overhead(self, task: Task) -> dict[str, Any]:
+        case = task.case
         n = self.cfg.sizes.overhead_calls
         ids = self.tok(CLEAN_PROMPT, return_tensors="pt")["input_ids"]
         layers = {"plain_forward": [], "save_1": [self.cfg.steer_layer],
@@ -173,14 +175,8 @@ class HFHooksSystem(System):
     def run_concurrency(self, task: Task) -> dict[str, Any]:
         return self._steered("distinct_1layer", self.concurrency_n(task))
 
-    def run_capture(self, task: Task) -> dict[str, Any]:
-        return self._capture(task.case)
-
     def run_patch_sweep(self, task: Task) -> dict[str, Any]:
         return self._patch_sweep()
 
     def run_many_users(self, task: Task) -> dict[str, Any]:
         return self._many_users()
-
-    def run_trace_overhead(self, task: Task) -> dict[str, Any]:
-        return self._overhead(task.case)

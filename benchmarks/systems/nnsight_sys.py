@@ -89,7 +89,8 @@ class NnsightSystem(System):
         return {"seconds": t.seconds, "tokens": sum(r[1] for r in reqs), "items": len(reqs)}
 
     # -- capture -----------------------------------------------------------------------------
-    def _capture(self, case: str) -> dict[str, Any]:
+    def run_capture(self, task: Task) -> dict[str, Any]:
+        case = task.case
         cfg, m, layers = self.cfg, self.m, self.layers
         saved: list[Any] = []
         with Timer() as t:
@@ -165,7 +166,8 @@ class NnsightSystem(System):
                 "items": len(cfg.users)}
 
     # -- trace overhead ----------------------------------------------------------------------
-    def _overhead(self, case: str) -> dict[str, Any]:
+    def run_trace_overhead(self, task: Task) -> dict[str, Any]:
+        case = task.case
         m, layers, n = self.m, self.layers, self.cfg.sizes.overhead_calls
         ids = m.tokenizer(CLEAN_PROMPT, return_tensors="pt")["input_ids"]
         with torch.no_grad():
@@ -203,14 +205,8 @@ class NnsightSystem(System):
     def run_concurrency(self, task: Task) -> dict[str, Any]:
         return self._steer_generate("distinct_1layer", self.concurrency_n(task))
 
-    def run_capture(self, task: Task) -> dict[str, Any]:
-        return self._capture(task.case)
-
     def run_patch_sweep(self, task: Task) -> dict[str, Any]:
         return self._patch_sweep(task.variant)
 
     def run_many_users(self, task: Task) -> dict[str, Any]:
         return self._many_users(task.variant)
-
-    def run_trace_overhead(self, task: Task) -> dict[str, Any]:
-        return self._overhead(task.case)

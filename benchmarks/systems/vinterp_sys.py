@@ -114,7 +114,8 @@ class VinterpSystem(System):
                                     m.layers[j].output.steer(per_layer[j, i])
         return {"seconds": t.seconds, "tokens": self._generated(tr, prompts), "items": n}
 
-    def _capture(self, case: str) -> dict[str, Any]:
+    def run_capture(self, task: Task) -> dict[str, Any]:
+        case = task.case
         cfg, m = self.cfg, self.m
         saved: list[Any] = []
         with Timer() as t:
@@ -166,7 +167,8 @@ class VinterpSystem(System):
         return {"seconds": t.seconds, "tokens": sum(u["max_tokens"] for u in cfg.users),
                 "items": len(cfg.users)}
 
-    def _overhead(self, case: str) -> dict[str, Any]:
+    def run_trace_overhead(self, task: Task) -> dict[str, Any]:
+        case = task.case
         m, n = self.m, self.cfg.sizes.overhead_calls
         ids = m.tokenizer(CLEAN_PROMPT, return_tensors="pt")["input_ids"]
         hf_model = m._model  # the wrapped transformers model: the plain-forward baseline
@@ -208,14 +210,8 @@ class VinterpSystem(System):
     def run_concurrency(self, task: Task) -> dict[str, Any]:
         return self._steer_generate("distinct_1layer", self.concurrency_n(task))
 
-    def run_capture(self, task: Task) -> dict[str, Any]:
-        return self._capture(task.case)
-
     def run_patch_sweep(self, task: Task) -> dict[str, Any]:
         return self._patch_sweep()
 
     def run_many_users(self, task: Task) -> dict[str, Any]:
         return self._many_users()
-
-    def run_trace_overhead(self, task: Task) -> dict[str, Any]:
-        return self._overhead(task.case)

@@ -39,20 +39,13 @@ def pack(obj: Any) -> bytes:
     """``obj`` (nested dicts/lists/tuples of tensors and plain values) as bytes."""
     tensors: list[torch.Tensor] = []
 
-    def walk(v: Any) -> Any:
-        t = type(v)
-        if t is torch.Tensor or isinstance(v, torch.Tensor):
+    def slot(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
             tensors.append(v)
             return _Slot(len(tensors) - 1)
-        if t is dict:
-            return {k: walk(x) for k, x in v.items()}
-        if t is list:
-            return [walk(x) for x in v]
-        if t is tuple:
-            return tuple(walk(x) for x in v)
         return v
 
-    skeleton = walk(obj)
+    skeleton = _map(obj, slot)
     meta, chunks = [], []
     for t in tensors:
         t = t.detach()
@@ -79,19 +72,20 @@ def unpack(data: bytes) -> Any:
         at += n
         tensors.append(t if device == "cpu" else t.to(device))
 
-    def walk(v: Any) -> Any:
-        t = type(v)
-        if t is _Slot:
-            return tensors[v.index]
-        if t is dict:
-            return {k: walk(x) for k, x in v.items()}
-        if t is list:
-            return [walk(x) for x in v]
-        if t is tuple:
-            return tuple(walk(x) for x in v)
-        return v
+    return _map(skeleton, lambda v: tensors[v.index] if type(v) is _Slot else v)
 
-    return walk(skeleton)
+
+def _map(obj: Any, leaf: Any) -> Any:
+    """``obj`` with ``leaf`` applied to everything inside its dicts, lists and tuples (exact
+    types only: subclasses such as model-output objects are leaves)."""
+    t = type(obj)
+    if t is dict:
+        return {k: _map(x, leaf) for k, x in obj.items()}
+    if t is list:
+        return [_map(x, leaf) for x in obj]
+    if t is tuple:
+        return tuple(_map(x, leaf) for x in obj)
+    return leaf(obj)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
