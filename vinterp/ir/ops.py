@@ -116,7 +116,6 @@ CONSTRUCTORS = frozenset({
 })
 
 
-
 #: ops whose result may be a view of their first argument (edits through them reach it).
 VIEW_METHODS = frozenset({
     "view", "view_as", "reshape", "transpose", "permute", "squeeze", "unsqueeze", "narrow",

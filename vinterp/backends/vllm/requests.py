@@ -80,16 +80,9 @@ class GraphSplitter:
         Nodes outside any invoke that combine several invokes' values run on the client
         after the requests; they are not sent.
         """
-        ids = self._closure(invoke)
-        used = sorted({t for i in ids for t in self.node_tensors.get(i, ())})
-        remap = {old: new for new, old in enumerate(used)}
-        data = {k: v for k, v in self.data.items() if k not in ("nodes", "tensors", "invokes")}
-        data["nodes"] = [_remap_node(self.node_json[i], remap) if i in self.node_tensors
-                         else self.node_json[i] for i in ids]
-        data["tensors"] = [self.data["tensors"][old] for old in used]
-        data["invokes"] = [inv if i == invoke else {"prompts": []}
-                           for i, inv in enumerate(self.data["invokes"])]
-        return json.dumps(data, separators=(",", ":"))
+        invokes = [inv if i == invoke else {"prompts": []}
+                   for i, inv in enumerate(self.data["invokes"])]
+        return self._dump(self._closure(invoke), invokes)
 
     def request_json(self, invoke: int) -> tuple[str, list[int]] | None:
         """A self-contained graph for one invoke with no cross-invoke values: its nodes
@@ -104,23 +97,35 @@ class GraphSplitter:
         ids = self._closure(invoke)
         if any(self.by_id[i].invoke not in (invoke, -1) for i in ids):
             return None
-        new_id = {old: k for k, old in enumerate(ids)}
-        used = sorted({t for i in ids for t in self.node_tensors.get(i, ())})
-        remap = {old: k for k, old in enumerate(used)}
-        nodes = []
-        for k, i in enumerate(ids):
-            d = _remap_node(self.node_json[i], remap, new_id)
-            d["id"] = k
-            d["invoke"] = 0 if d["invoke"] >= 0 else -1
-            nodes.append(d)
-        data = {k: v for k, v in self.data.items() if k not in ("nodes", "tensors", "invokes")}
-        data["nodes"] = nodes
-        data["tensors"] = [self.data["tensors"][old] for old in used]
         # The request carries the prompt's tokens; the worker only needs each prompt's length
         # (positions resolve against it), so equal-length prompts share the text too.
         inv = self.data["invokes"][invoke]
-        data["invokes"] = [{**inv, "prompts": [[0] * len(p) for p in inv["prompts"]]}]
-        return json.dumps(data, separators=(",", ":")), ids
+        invokes = [{**inv, "prompts": [[0] * len(p) for p in inv["prompts"]]}]
+        return self._dump(ids, invokes, renumber=True), ids
+
+    def _dump(self, ids: list[int], invokes: list[Any], renumber: bool = False) -> str:
+        """IR JSON of nodes ``ids`` and only the tensor constants they use (renumbered).
+
+        ``renumber``: node ids become 0, 1, ... (references follow) and invoke nodes become
+        invoke 0, for a graph that holds that one invoke.
+        """
+        used = sorted({t for i in ids for t in self.node_tensors.get(i, ())})
+        tensors = {old: k for k, old in enumerate(used)}
+        if renumber:
+            refs = {old: k for k, old in enumerate(ids)}
+            nodes = []
+            for k, i in enumerate(ids):
+                d = _remap_node(self.node_json[i], tensors, refs)
+                d["id"] = k
+                d["invoke"] = 0 if d["invoke"] >= 0 else -1
+                nodes.append(d)
+        else:
+            nodes = [_remap_node(self.node_json[i], tensors) if i in self.node_tensors
+                     else self.node_json[i] for i in ids]
+        data = {k: v for k, v in self.data.items() if k not in ("nodes", "tensors", "invokes")}
+        data.update(nodes=nodes, tensors=[self.data["tensors"][old] for old in used],
+                    invokes=invokes)
+        return json.dumps(data, separators=(",", ":"))
 
 
 def subgraph_json(graph: Graph, invoke: int) -> str:
