@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the JSON (and, when given, RESULTS.md and the plot) go; "
                         "default benchmarks/results with RESULTS.md in benchmarks/ "
                         "(env VINTERP_BENCH_RESULTS_DIR)")
+    r.add_argument("--device", default="cpu",
+                   help="where HF-side systems (vinterp_hf, nnsight, hf_hooks) run: cpu or "
+                        "cuda (vLLM picks its own platform)")
+    r.add_argument("--model-path", type=Path,
+                   help="a local model directory to use instead of smollm2-135m (e.g. the "
+                        "same config with random weights where the weights are unavailable)")
     args = p.parse_args(argv)
 
     from benchmarks.runner import run
@@ -39,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = Path(args.results_dir) if args.results_dir else HERE / "results"
     report_dir = Path(args.results_dir) if args.results_dir else HERE
     run(args.quick, args.only, args.systems, args.reps, results_dir, report_dir,
-        args.threads)
+        args.threads, device=args.device, model_path=args.model_path)
     return 0
 
 

@@ -30,11 +30,11 @@ from benchmarks.systems import (
 from benchmarks.workloads import WORKLOADS, SizeConfig, WorkloadConfig, build_config
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH_VENV_PY = REPO / ".bench-venv" / "bin" / "python"
+# nnsight's interpreter: .bench-venv's (make bench-setup), or VINTERP_BENCH_NNSIGHT_PYTHON where
+# nnsight is installed some other way (e.g. into the system Python of an offline GPU machine).
+BENCH_VENV_PY = Path(os.environ.get("VINTERP_BENCH_NNSIGHT_PYTHON")
+                     or REPO / ".bench-venv" / "bin" / "python")
 # vLLM compiles on start (minutes of torch.compile on 2 CPU cores): left out of --quick.
-# Variants that are many identical small calls in a row (warm after the first) and the slowest
-# tasks of the run: they get no separate warm-up repetition.
-SELF_WARMING = frozenset({"one_at_a_time", "seed_loop"})
 QUICK_EXCLUDED = {"vllm_compiled": "left out of --quick (torch.compile start-up time)"}
 
 
@@ -108,7 +108,7 @@ def start_worker(system: str, log_dir: Path, threads: int | None) -> Worker | st
     python = sys.executable
     if system in BENCH_VENV_SYSTEMS:
         if not BENCH_VENV_PY.exists():
-            return "not available: .bench-venv missing; run `make bench-setup`"
+            return f"not available: {BENCH_VENV_PY} missing; run `make bench-setup`"
         python = str(BENCH_VENV_PY)
     log_path = log_dir / f"{system}.log"
     log: TextIO = open(log_path, "w")  # noqa: SIM115 - lives as long as the worker
@@ -142,16 +142,17 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def make_config(sizes: SizeConfig) -> WorkloadConfig:
+def make_config(sizes: SizeConfig, model_path: Path | None = None,
+                device: str = "cpu") -> WorkloadConfig:
     from transformers import AutoConfig, AutoTokenizer
 
     from vinterp.models.registry import resolve_model
 
-    path = str(resolve_model("smollm2-135m"))
+    path = str(model_path or resolve_model("smollm2-135m"))
     hf_cfg = AutoConfig.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     return build_config(path, hf_cfg.num_hidden_layers, hf_cfg.hidden_size, sizes,
-                        lambda text: len(tok(text)["input_ids"]))
+                        lambda text: len(tok(text)["input_ids"]), device=device)
 
 
 def summarize(task: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -175,7 +176,8 @@ def summarize(task: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any
 
 
 def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: int | None,
-        results_dir: Path, report_dir: Path, threads: int | None = None) -> Path:
+        results_dir: Path, report_dir: Path, threads: int | None = None, *,
+        device: str = "cpu", model_path: Path | None = None) -> Path:
     """Run the benchmark; return the path of the results JSON."""
     sizes = SizeConfig.quick() if quick else SizeConfig()
     if reps:
@@ -192,7 +194,10 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
             continue
         chosen.append(s)
 
-    cfg = make_config(sizes)
+    cfg = make_config(sizes, model_path, device)
+    # Warm-ups run every task once on tiny inputs: first-call costs are paid there, and a full
+    # run spends seconds, not a sixth of its time, warming up.
+    warm_cfg = make_config(SizeConfig.warm(), model_path, device)
     results_dir.mkdir(parents=True, exist_ok=True)
     log_dir = results_dir / "logs"
     log_dir.mkdir(exist_ok=True)
@@ -207,7 +212,7 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
         if isinstance(w, str):
             skipped.append({"system": s, "what": "*", "reason": w})
         else:
-            w.send({"op": "setup", "config": cfg.to_json()})
+            w.send({"op": "setup", "config": cfg.to_json(), "warm_config": warm_cfg.to_json()})
             workers.append(w)
     live: list[Worker] = []
     for w in workers:  # workers load in parallel; collect their answers in order
@@ -233,7 +238,7 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
         if key in failed:
             return
         try:
-            w.send({"op": "run", "task": t})
+            w.send({"op": "run" if record else "warm", "task": t})
             r = w.recv()
         except OSError as e:  # the worker died earlier (crash, OOM): record, carry on
             r = {"ok": False, "error": f"worker gone: {e}"}
@@ -248,16 +253,13 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
 
     try:
         for workload in workloads:
-            # One untimed warm-up per task (lazy init, first-call compilation), then the
-            # timed repetitions, round-robin across systems.
+            # One untimed warm-up per task on small inputs (lazy init, first-call
+            # compilation), then the timed repetitions, round-robin across systems.
             for rep in range(-1, sizes.reps):
                 for w in live:
                     for t in w.tasks:
-                        if t["workload"] != workload:
-                            continue
-                        if rep < 0 and t["variant"] in SELF_WARMING:
-                            continue
-                        run_once(w, t, record=rep >= 0)
+                        if t["workload"] == workload:
+                            run_once(w, t, record=rep >= 0)
                 print(f"bench: {workload} rep {rep + 1}/{sizes.reps} done "
                       f"({time.time() - started:.0f} s)", flush=True)
     finally:
@@ -281,7 +283,8 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
         "schema": 1,
         "date": now.isoformat(timespec="seconds"),
         "quick": quick,
-        "model": "smollm2-135m",
+        "model": str(model_path) if model_path else "smollm2-135m",
+        "device": device,
         "machine": machine_info() | {"loadavg_at_start": load_at_start},
         "sizes": cfg.sizes.__dict__ | {"capture_full_layers": list(cfg.sizes.capture_full_layers),
                                        "concurrency_levels": list(cfg.sizes.concurrency_levels)},

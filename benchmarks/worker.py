@@ -1,7 +1,8 @@
 """Worker process: loads one system's model once, then serves tasks over a pipe.
 
 Protocol: one JSON object per line. The driver writes requests to stdin
-(``{"op": "setup", "config": ...}``, ``{"op": "run", "task": ...}``, ``{"op": "quit"}``); the
+(``{"op": "setup", "config": ..., "warm_config": ...}``, ``{"op": "run", "task": ...}``,
+``{"op": "warm", "task": ...}``, ``{"op": "quit"}``); the
 worker answers each with one line on a private copy of its original stdout. File descriptor 1
 is then pointed at stderr, so that vLLM's, nnsight's and transformers' prints and progress bars
 can never corrupt the protocol.
@@ -49,6 +50,7 @@ def main(argv: list[str]) -> int:
                 try:
                     system = make_system(name)
                     info = system.setup(WorkloadConfig.from_json(req["config"]))
+                    warm_cfg = WorkloadConfig.from_json(req.get("warm_config", req["config"]))
                 except (ImportError, NotAvailable) as e:
                     reply({"ok": False, "skip": f"not available: {e}"})
                     continue
@@ -56,10 +58,14 @@ def main(argv: list[str]) -> int:
                     "ok": True, "info": info, "skipped": system.skipped(),
                     "tasks": [t.__dict__ for t in system.tasks()],
                 })
-            elif req["op"] == "run":
+            elif req["op"] in ("run", "warm"):
                 assert system is not None, "run before setup"
                 try:
-                    reply({"ok": True, "result": system.run(Task(**req["task"]))})
+                    if req["op"] == "warm":
+                        system.warm(Task(**req["task"]), warm_cfg)
+                        reply({"ok": True, "result": None})
+                    else:
+                        reply({"ok": True, "result": system.run(Task(**req["task"]))})
                 except NotAvailable as e:
                     reply({"ok": False, "skip": f"not available: {e}"})
             elif req["op"] == "quit":

@@ -73,6 +73,15 @@ class SizeConfig:
             serial_subset=2, overhead_calls=10, reps=2, concurrency_levels=(1, 4),
         )
 
+    @classmethod
+    def warm(cls) -> SizeConfig:
+        """The warm-up's inputs: every code path once, at the smallest useful size."""
+        return cls(
+            gen_prompts=2, gen_new_tokens=4, capture_prompts=4, sweep_layers=1, users=2,
+            users_max_len=24, users_min_tokens=2, users_max_tokens=6, serial_subset=1,
+            overhead_calls=2, reps=1, concurrency_levels=(1,),
+        )
+
 
 @dataclass
 class WorkloadConfig:
@@ -82,6 +91,8 @@ class WorkloadConfig:
     num_layers: int
     hidden_size: int
     dtype: str = "float32"
+    # Where HF-side systems put the model ("cpu", "cuda"); vLLM picks its own platform.
+    device: str = "cpu"
     steer_layer: int = 15
     steer_scale: float = 4.0
     seed: int = 0
@@ -108,7 +119,8 @@ def _sentence(rng: random.Random, n_words: int) -> str:
 
 
 def build_config(
-    model_path: str, num_layers: int, hidden_size: int, sizes: SizeConfig, count_tokens: Any
+    model_path: str, num_layers: int, hidden_size: int, sizes: SizeConfig, count_tokens: Any,
+    device: str = "cpu",
 ) -> WorkloadConfig:
     """Build every workload's inputs deterministically.
 
@@ -135,7 +147,7 @@ def build_config(
     return WorkloadConfig(
         model_path=model_path, num_layers=num_layers, hidden_size=hidden_size,
         steer_layer=num_layers // 2, sizes=sizes, gen_prompts=gen, capture_prompts=cap,
-        users=users,
+        users=users, device=device,
     )
 
 
@@ -144,7 +156,7 @@ def vectors(cfg: WorkloadConfig, n: int, salt: int, dtype: torch.dtype) -> torch
     g = torch.Generator().manual_seed(cfg.seed * 1000 + salt)
     v = torch.randn(n, cfg.hidden_size, generator=g, dtype=torch.float32)
     v = v / v.norm(dim=-1, keepdim=True) * cfg.steer_scale
-    return v.to(dtype)
+    return v.to(dtype=dtype, device=cfg.device)
 
 
 def layer_vectors(cfg: WorkloadConfig, n: int, dtype: torch.dtype) -> torch.Tensor:

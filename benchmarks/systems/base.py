@@ -36,11 +36,21 @@ class Timer:
     """Wall-clock timer (``time.perf_counter``) used as ``with Timer() as t: ...; t.seconds``."""
 
     def __enter__(self) -> Timer:
+        _sync()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        _sync()
         self.seconds = time.perf_counter() - self.start
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so a timer around CUDA code measures the work, not its launch."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 class System:
@@ -52,6 +62,7 @@ class System:
     """
 
     name = "base"
+    cfg: WorkloadConfig  # set by ``setup``; every handler reads its inputs from it
 
     def setup(self, cfg: WorkloadConfig) -> dict[str, Any]:
         """Load the model; return info recorded in the results (versions, dtype, load time)."""
@@ -72,6 +83,17 @@ class System:
         if handler is None:
             raise ValueError(f"{self.name} has no handler for {task.key}")
         return handler(task)
+
+    def warm(self, task: Task, cfg: WorkloadConfig) -> None:
+        """Run ``task`` once on the small inputs of ``cfg``, untimed: lazy initialisation and
+        first-call costs (imports, kernel selection, nnsight's source compilation) land here,
+        not in the timed repetitions, at a fraction of a full-size run's cost."""
+        full = self.cfg
+        self.cfg = cfg
+        try:
+            self.run(task)
+        finally:
+            self.cfg = full
 
     @staticmethod
     def levels(cfg: WorkloadConfig) -> list[Task]:

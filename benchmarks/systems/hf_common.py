@@ -23,7 +23,7 @@ def load_hf(cfg: WorkloadConfig) -> tuple[Any, Any, float]:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=getattr(torch, cfg.dtype))
-    model.eval()
+    model.to(cfg.device).eval()
     return model, tok, time.perf_counter() - t0
 
 

@@ -77,7 +77,7 @@ class HFHooksSystem(System):
         raise ValueError(case)
 
     def _generate(self, prompts: list[str], new_tokens: int, fns: dict) -> tuple[float, int]:
-        enc = self.tok(prompts, return_tensors="pt", padding=True)
+        enc = self.tok(prompts, return_tensors="pt", padding=True).to(self.cfg.device)
         with torch.no_grad(), hooks(self.model, fns), Timer() as t:
             out = self.model.generate(
                 **enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -93,7 +93,7 @@ class HFHooksSystem(System):
             fns = {i: (lambda h: saved.append(h[:, -1].clone())) for i in range(cfg.num_layers)}
         else:
             fns = {i: (lambda h: saved.append(h.clone())) for i in cfg.sizes.capture_full_layers}
-        enc = self.tok(cfg.capture_prompts, return_tensors="pt", padding=True)
+        enc = self.tok(cfg.capture_prompts, return_tensors="pt", padding=True).to(cfg.device)
         with torch.no_grad(), hooks(self.model, fns), Timer() as t:
             self.model(**enc)
         assert len(saved) == len(fns)
@@ -105,14 +105,15 @@ class HFHooksSystem(System):
         layers = self.cfg.sizes.sweep_layers
         target = self.tok(TARGET_TOKEN, add_special_tokens=False)["input_ids"][0]
         with torch.no_grad(), Timer() as t:
-            clean_ids = self.tok(CLEAN_PROMPT, return_tensors="pt")["input_ids"]
-            corrupt_ids = self.tok(CORRUPT_PROMPT, return_tensors="pt")["input_ids"]
+            dev = self.cfg.device
+            clean_ids = self.tok(CLEAN_PROMPT, return_tensors="pt")["input_ids"].to(dev)
+            corrupt_ids = self.tok(CORRUPT_PROMPT, return_tensors="pt")["input_ids"].to(dev)
             clean: dict[int, torch.Tensor] = {}
             cap = {i: (lambda h, i=i: clean.__setitem__(i, h[0].clone())) for i in range(layers)}
             with hooks(self.model, cap):
                 self.model(clean_ids)
             seq = clean_ids.shape[1]
-            rows = torch.arange(seq)
+            rows = torch.arange(seq, device=dev)
 
             def patch(h: torch.Tensor, layer: int) -> torch.Tensor:
                 h = h.clone()
@@ -150,7 +151,7 @@ class HFHooksSystem(System):
     def run_trace_overhead(self, task: Task) -> dict[str, Any]:
         case = task.case
         n = self.cfg.sizes.overhead_calls
-        ids = self.tok(CLEAN_PROMPT, return_tensors="pt")["input_ids"]
+        ids = self.tok(CLEAN_PROMPT, return_tensors="pt")["input_ids"].to(self.cfg.device)
         layers = {"plain_forward": [], "save_1": [self.cfg.steer_layer],
                   "save_12": list(range(12))}[case]
         saved: list[torch.Tensor] = []
@@ -166,8 +167,8 @@ class HFHooksSystem(System):
     def _steered(self, case: str, n: int) -> dict[str, Any]:
         prompts = self.cfg.gen_prompts[:n]
         s, toks = self._generate(prompts, self.cfg.sizes.gen_new_tokens,
-                                 self._steer_fns(case, n))
-        return {"seconds": s, "tokens": toks, "items": n}
+                                 self._steer_fns(case, len(prompts)))
+        return {"seconds": s, "tokens": toks, "items": len(prompts)}
 
     def run_steer_generate(self, task: Task) -> dict[str, Any]:
         return self._steered(task.case, len(self.cfg.gen_prompts))

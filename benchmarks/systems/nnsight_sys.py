@@ -35,7 +35,8 @@ class NnsightSystem(System):
         self.cfg = cfg
         self.dtype = getattr(torch, cfg.dtype)
         with Timer() as t:
-            self.m = LanguageModel(cfg.model_path, dtype=self.dtype, dispatch=True)
+            extra = {"device_map": cfg.device} if cfg.device != "cpu" else {}
+            self.m = LanguageModel(cfg.model_path, dtype=self.dtype, dispatch=True, **extra)
         self.layers = self.m.model.layers
         return {"load_s": t.seconds, "dtype": cfg.dtype,
                 "versions": {"nnsight": nnsight.__version__, "torch": torch.__version__,
@@ -169,7 +170,7 @@ class NnsightSystem(System):
     def run_trace_overhead(self, task: Task) -> dict[str, Any]:
         case = task.case
         m, layers, n = self.m, self.layers, self.cfg.sizes.overhead_calls
-        ids = m.tokenizer(CLEAN_PROMPT, return_tensors="pt")["input_ids"]
+        ids = m.tokenizer(CLEAN_PROMPT, return_tensors="pt")["input_ids"].to(self.cfg.device)
         with torch.no_grad():
             m._module(ids)  # warm-up
         keep: list[Any] = []  # appended to, not rebound: nnsight runs the body elsewhere

@@ -41,7 +41,9 @@ class VinterpSystem(System):
                 raise NotAvailable(f"vinterp's vLLM backend is not there yet ({e})") from e
         self.cfg = cfg
         self.dtype = getattr(torch, cfg.dtype)
-        kwargs: dict[str, Any] = {}
+        # On CPU the loading path stays the one every earlier result used (no device_map).
+        on_gpu = self.backend == "hf" and cfg.device != "cpu"
+        kwargs: dict[str, Any] = {"device_map": cfg.device} if on_gpu else {}
         if self.backend == "vllm":
             from benchmarks.systems.vllm_common import engine_kwargs
 
@@ -170,7 +172,7 @@ class VinterpSystem(System):
     def run_trace_overhead(self, task: Task) -> dict[str, Any]:
         case = task.case
         m, n = self.m, self.cfg.sizes.overhead_calls
-        ids = m.tokenizer(CLEAN_PROMPT, return_tensors="pt")["input_ids"]
+        ids = m.tokenizer(CLEAN_PROMPT, return_tensors="pt")["input_ids"].to(self.cfg.device)
         hf_model = m._model  # the wrapped transformers model: the plain-forward baseline
         with torch.no_grad():
             hf_model(ids)  # warm-up
