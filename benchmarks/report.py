@@ -135,14 +135,15 @@ def write_report(result: dict[str, Any], report_dir: Path) -> None:
         "See benchmarks/README.md for what each workload measures.",
         "",
         f"- date: {result['date']}; model: {result['model']}; HF-side systems on "
-        f"{result.get('device', 'cpu')}; wall time {result['wall_s']:.0f} s",
+        f"{result.get('device', 'cpu')}; wall time {result['wall_s']:.0f} s "
+        f"(target: {'5' if result['quick'] else '30'} min on 2 CPU cores)",
         f"- machine: {m.get('cpu', '?')}, {m.get('cpu_count')} CPUs"
         + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU") + f"; {m.get('platform')}",
         f"- load average (1/5/15 min) at start {m.get('loadavg_at_start')}, at end "
         f"{m.get('loadavg')}: anything above 0 is other work sharing these cores",
         f"- repetitions: {result['reps']} timed, interleaved across systems, after one "
-        "warm-up each" + (" — **--quick run: smaller sizes and fewer repetitions**"
-                          if result["quick"] else ""),
+        "untimed warm-up each on tiny inputs"
+        + (" — **--quick run: smaller sizes and fewer repetitions**" if result["quick"] else ""),
         f"- threads per worker: {result.get('threads')}; sizes: {result['sizes']}",
         "",
         "Ratios are speed ratios in this run (> 1 = faster than the baseline): tokens/s over "

@@ -1,0 +1,97 @@
+"""The report's arithmetic on hand-made rows: ratios, baselines, targets and curves.
+
+No benchmark runs here; the rows are what ``runner.summarize`` writes, with round numbers so
+every expected ratio can be checked by hand.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import report
+
+
+def row(system: str, workload: str, case: str, variant: str, median: float,
+        metric: str = "tokens_per_s", items: int = 64) -> dict:
+    return {"system": system, "workload": workload, "case": case, "variant": variant,
+            "metric": metric, "median": median, "min": median, "max": median, "reps": 5,
+            "items": items, "dtype": "float32"}
+
+
+ROWS = [
+    row("vllm_eager", "steer_generate", "none", "batched", 400.0),
+    row("vllm_compiled", "steer_generate", "none", "batched", 500.0),
+    row("vinterp_vllm", "steer_generate", "distinct_1layer", "batched", 380.0),
+    row("vinterp_vllm", "steer_generate", "none", "batched", 400.0),
+    row("nnsight", "steer_generate", "distinct_1layer", "invokes", 200.0),
+    row("nnsight", "steer_generate", "distinct_1layer", "one_at_a_time", 20.0, items=16),
+    row("vllm_eager", "concurrency", "c4", "batched", 100.0, items=4),
+    row("vinterp_vllm", "concurrency", "c4", "batched", 90.0, items=4),
+    row("nnsight", "patch_sweep", "grid", "seed_loop", 30.0, "seconds", 1),
+    row("nnsight", "patch_sweep", "grid", "invokes_per_layer", 8.0, "seconds", 1),
+    row("vinterp_vllm", "patch_sweep", "grid", "one_batch", 5.0, "seconds", 1),
+    row("vinterp_hf", "trace_overhead", "plain_forward", "trace", 0.100, "seconds", 20),
+    row("vinterp_hf", "trace_overhead", "save_12", "trace", 0.105, "seconds", 20),
+    row("nnsight", "trace_overhead", "plain_forward", "trace", 0.100, "seconds", 20),
+    row("nnsight", "trace_overhead", "save_12", "trace", 0.120, "seconds", 20),
+]
+
+
+def find(system: str, workload: str, case: str, variant: str) -> dict:
+    r = report._find(ROWS, system, workload, case, (variant,))
+    assert r is not None
+    return r
+
+
+def test_steering_compares_with_unsteered_plain_vllm_and_both_nnsight_forms() -> None:
+    q = report.ratios(find("vinterp_vllm", "steer_generate", "distinct_1layer", "batched"), ROWS)
+    assert q["vllm_eager"] == pytest.approx(380 / 400)
+    assert q["vllm_compiled"] == pytest.approx(380 / 500)
+    assert q["nnsight"] == pytest.approx(380 / 200)
+    assert q["nnsight_serial"] == pytest.approx(380 / 20)
+
+
+def test_serial_nnsight_ratio_only_for_the_case_it_ran() -> None:
+    # nnsight one at a time runs distinct_1layer only: the unsteered row gets no serial ratio
+    q = report.ratios(find("vinterp_vllm", "steer_generate", "none", "batched"), ROWS)
+    assert q["nnsight_serial"] is None
+    assert q["vllm_eager"] == pytest.approx(1.0)
+
+
+def test_concurrency_compares_at_the_same_level() -> None:
+    q = report.ratios(find("vinterp_vllm", "concurrency", "c4", "batched"), ROWS)
+    assert q["vllm_eager"] == pytest.approx(0.9)
+
+
+def test_wall_time_rows_invert() -> None:
+    q = report.ratios(find("vinterp_vllm", "patch_sweep", "grid", "one_batch"), ROWS)
+    assert q["nnsight"] == pytest.approx(8 / 5)
+    assert q["nnsight_serial"] == pytest.approx(30 / 5)
+    assert q["vllm_eager"] is None  # plain vLLM has no patching baseline
+
+
+def test_trace_overhead_is_relative_to_the_same_workers_forward() -> None:
+    q = report.ratios(find("vinterp_hf", "trace_overhead", "save_12", "trace"), ROWS)
+    assert q["own_plain_forward"] == pytest.approx(1.05)
+    # the plain forward is not compared with nnsight's trace
+    assert report.ratios(find("vinterp_hf", "trace_overhead", "plain_forward", "trace"),
+                         ROWS)["nnsight"] is None
+
+
+def test_targets_report_met_missed_and_unmeasured() -> None:
+    text = "\n".join(report.targets({"rows": ROWS}))
+    base = "| 1c distinct vector, 1 layer ≥ 0.95× plain"
+    assert f"{base} (vllm_eager) | vinterp_vllm | 0.95× | yes |" in text
+    assert f"{base} (vllm_compiled) | vinterp_vllm | 0.76× | no |" in text
+    assert "| 3 ≥ 4× nnsight seed loop | vinterp_vllm | 6.00× | yes |" in text
+    assert "| 4 ≥ 10× nnsight one at a time | vinterp_vllm | not measured | |" in text
+    assert "| 5 12-save trace ≤ 1.1× plain forward | vinterp_hf | 1.05× | yes |" in text
+    assert "1.05× vs nnsight 1.20× | yes |" in text
+
+
+def test_concurrency_curve_points() -> None:
+    curves = report.concurrency_curves(ROWS)
+    assert sorted(curves[("vinterp_vllm", "batched")]) == [4, 64]
+    assert sorted(curves[("vllm_eager", "batched")]) == [4, 64]  # unsteered top point
+    # nnsight one at a time is its curve's concurrency-1 point
+    assert curves[("nnsight", "invokes")][1]["variant"] == "one_at_a_time"
