@@ -61,14 +61,20 @@ def _fmt_ratio(x: float | None) -> str:
     return "" if x is None or not math.isfinite(x) else f"{x:.2f}×"
 
 
+def _per_request(row: dict[str, Any]) -> str:
+    """Seconds per request, for rows that serve requests one at a time (the subset's median)."""
+    if row["variant"] != "one_at_a_time" or row.get("seconds_per_request") is None:
+        return ""
+    return f"{row['seconds_per_request']:.2f} s"
+
+
 def table(result: dict[str, Any]) -> list[str]:
     rows = result["rows"]
-    lines = [
-        "| workload | case | system | variant | unit | median | min | max | reps "
-        "| × vLLM eager | × vLLM compiled | × nnsight batched | × nnsight serial "
-        "| × own plain fwd | dtype |",
-        "|" + "---|" * 16,
-    ]
+    header = ("| workload | case | system | variant | unit | median | min | max | reps "
+              "| × vLLM eager | × vLLM compiled | × nnsight batched | × nnsight serial "
+              "| × own plain fwd | s per request | dtype |")
+    # Markdown renders a table only if the delimiter row has as many cells as the header.
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         q = ratios(r, rows)
         unit = "tok/s" if r["metric"] == "tokens_per_s" else (
@@ -79,7 +85,7 @@ def table(result: dict[str, Any]) -> list[str]:
             f"| {_fmt_value(r, r['max'])} | {r['reps']} | {_fmt_ratio(q['vllm_eager'])} "
             f"| {_fmt_ratio(q['vllm_compiled'])} | {_fmt_ratio(q['nnsight'])} "
             f"| {_fmt_ratio(q['nnsight_serial'])} | {_fmt_ratio(q['own_plain_forward'])} "
-            f"| {r.get('dtype')} |")
+            f"| {_per_request(r)} | {r.get('dtype')} |")
     return lines
 
 

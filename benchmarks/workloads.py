@@ -68,7 +68,7 @@ class SizeConfig:
     @classmethod
     def quick(cls) -> SizeConfig:
         return cls(
-            gen_prompts=8, gen_new_tokens=16, capture_prompts=32, sweep_layers=4,
+            gen_prompts=8, gen_new_tokens=16, capture_prompts=16, sweep_layers=4,
             users=8, users_max_len=80, users_min_tokens=8, users_max_tokens=32,
             serial_subset=2, overhead_calls=10, reps=2, concurrency_levels=(1, 4),
         )

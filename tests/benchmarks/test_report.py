@@ -95,3 +95,16 @@ def test_concurrency_curve_points() -> None:
     assert sorted(curves[("vllm_eager", "batched")]) == [4, 64]  # unsteered top point
     # nnsight one at a time is its curve's concurrency-1 point
     assert curves[("nnsight", "invokes")][1]["variant"] == "one_at_a_time"
+
+
+def test_table_gives_per_request_time_for_one_at_a_time_rows_only() -> None:
+    serial = dict(find("nnsight", "steer_generate", "distinct_1layer", "one_at_a_time"),
+                  seconds_per_request=3.2)
+    batched = dict(find("nnsight", "steer_generate", "distinct_1layer", "invokes"),
+                   seconds_per_request=0.25)
+    lines = report.table({"rows": [serial, batched]})
+    header = [c.strip() for c in lines[0].split("|")]
+    col = header.index("s per request")
+    assert [c.strip() for c in lines[2].split("|")][col] == "3.20 s"
+    assert [c.strip() for c in lines[3].split("|")][col] == ""
+    assert all(len(line.split("|")) == len(lines[0].split("|")) for line in lines)
