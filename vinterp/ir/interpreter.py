@@ -21,6 +21,7 @@ that is an error.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -79,14 +80,16 @@ class PointEvent(Protocol):
 
 @dataclass
 class _Lane:
-    """One invoke's (or the global, ``-1``) nodes still to run at this step, in program order."""
+    """One invoke's (or the global, ``-1``) nodes to run at this step, in program order;
+    ``left`` of them have not run yet (the runner's ``_pending`` says which)."""
 
     invoke: int
     nodes: list[Node]
+    left: int = 0
 
     @property
     def done(self) -> bool:
-        return not self.nodes
+        return self.left == 0
 
 
 @dataclass
@@ -225,6 +228,13 @@ class GraphRunner:
         self._by_id = {n.id: n for n in graph.nodes}
         self._refs = {n.id: tuple(node_refs(n))
                       for n in graph.nodes}
+        # Per step (see _index_lanes): nodes not run yet, and who can unblock whom. A node's
+        # slot is (lane index, position in the lane): the order a full pass would visit it.
+        self._pending: set[int] = set()
+        self._waiters: dict[int, list[tuple[int, int]]] = {}
+        self._point_slots: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        self._edit_lanes: dict[tuple[str, str], set[int]] = {}
+        self._backwards: dict[int, list[int]] = {}
 
     # ----------------------------------------------------------------- scheduling
     def _active_at(self, node: Node, step: int) -> bool:
@@ -244,7 +254,44 @@ class GraphRunner:
             if self._active_at(n, step) and env_step.get(n.id, -1) != step:
                 index[n.invoke].nodes.append(n)
         self._lanes = [lane for lane in lanes if lane.nodes]
+        self._index_lanes()
         self._advance(None)
+
+    def _index_lanes(self) -> None:
+        """Index this step's nodes by what can unblock them: a value they need
+        (``_waiters``), the point an access waits for (``_point_slots``); and lanes by the
+        points their edits target (``_edit_lanes``, checked by ``on_event``).
+
+        Without it every event rescanned every pending node of every invoke: with 64
+        invokes steering 30 layers, ~1M readiness checks per 17 generated tokens, half the
+        run's time.
+        """
+        waiters: dict[int, list[tuple[int, int]]] = {}
+        points: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        edits: dict[tuple[str, str], set[int]] = {}
+        backwards: dict[int, list[int]] = {}
+        pending: set[int] = set()
+        for li, lane in enumerate(self._lanes):
+            lane.left = len(lane.nodes)
+            for pos, node in enumerate(lane.nodes):
+                pending.add(node.id)
+                for r in self._refs[node.id]:
+                    waiters.setdefault(r, []).append((li, pos))
+                if node.op in ops.POINT_OPS:
+                    points.setdefault((node.kwargs["module"], node.kwargs["kind"]),
+                                      []).append((li, pos))
+                elif node.op == "backward":
+                    backwards.setdefault(li, []).append(pos)
+                if lane.invoke >= 0:
+                    target = self._target_point(node)
+                    if target is not None:
+                        edits.setdefault(target, set()).add(li)
+        self._pending, self._waiters, self._point_slots = pending, waiters, points
+        self._edit_lanes, self._backwards = edits, backwards
+
+    def _left(self, lane: _Lane) -> list[Node]:
+        """The lane's nodes that have not run at this step, in program order."""
+        return [n for n in lane.nodes if n.id in self._pending]
 
     def on_event(self, ev: PointEvent) -> None:
         """The forward reached ``(ev.module, ev.kind)``: run everything that can run now."""
@@ -252,10 +299,11 @@ class GraphRunner:
         for kind in kinds:
             self._fired.add((ev.module, kind))
         self._advance(ev)
-        for lane in self._lanes:
-            if lane.invoke < 0:
-                continue
-            for node in lane.nodes:
+        edit_lanes: set[int] = set()
+        for kind in kinds:
+            edit_lanes |= self._edit_lanes.get((ev.module, kind), set())
+        for li in sorted(edit_lanes):
+            for node in self._left(self._lanes[li]):
                 target = self._target_point(node)
                 if target is None or target[0] != ev.module or target[1] not in kinds:
                     continue
@@ -274,7 +322,7 @@ class GraphRunner:
         """The forward ended: every node must have run, else explain why not."""
         self._advance(None)
         for lane in self._lanes:
-            for node in lane.nodes:
+            for node in self._left(lane):
                 if node.op in ops.POINT_OPS:
                     point = (node.kwargs["module"], node.kwargs["kind"])
                     if self._stop:
@@ -344,24 +392,59 @@ class GraphRunner:
         return self._by_id[node_id]
 
     def _advance(self, ev: PointEvent | None) -> None:
-        progress = True
-        while progress:
-            progress = False
-            for lane in self._lanes:
-                remaining: list[Node] = []
-                blocked = False
-                for node in lane.nodes:
-                    runnable = not blocked and (
-                        node.op not in ops.POINT_OPS or _at_point(ev, node)
-                    ) and self._ready(node)
-                    if runnable:
-                        self._run(node, ev)
-                        progress = True
+        """Run every node that can run now, until none can.
+
+        Equivalent to repeated full passes over all lanes in invoke order, each lane in
+        program order, running whatever is ready, until a pass runs nothing; but only nodes
+        something can have unblocked are visited: all at ``None`` (step start and end), else
+        the accesses of this point, then the users of each value just computed. A node
+        unblocked by one later in pass order runs in this pass, by an earlier one in the next,
+        as in a full pass.
+        """
+        lanes, pending = self._lanes, self._pending
+        if ev is None:
+            this_pass = [(li, pos) for li, lane in enumerate(lanes)
+                         for pos, n in enumerate(lane.nodes) if n.id in pending]
+        else:
+            this_pass = []
+            for kind in getattr(ev, "kinds", (ev.kind,)):
+                this_pass += self._point_slots.get((ev.module, kind), ())
+            heapq.heapify(this_pass)
+        queued = set(this_pass)
+        next_pass: set[tuple[int, int]] = set()
+        while this_pass:
+            while this_pass:
+                slot = heapq.heappop(this_pass)
+                li, pos = slot
+                node = lanes[li].nodes[pos]
+                if node.id not in pending or not (
+                    node.op not in ops.POINT_OPS or _at_point(ev, node)
+                ) or self._blocked(li, pos) or not self._ready(node):
+                    continue
+                self._run(node, ev)
+                pending.discard(node.id)
+                lanes[li].left -= 1
+                woken = self._waiters.get(node.id, [])
+                if node.op == "backward":
+                    # nothing written after a pending backward may run before it: what it
+                    # held back may run now
+                    self._backwards[li].remove(pos)
+                    woken = woken + [(li, p) for p in range(pos + 1, len(lanes[li].nodes))]
+                for w in woken:
+                    if w > slot:
+                        if w not in queued:
+                            heapq.heappush(this_pass, w)
+                            queued.add(w)
                     else:
-                        remaining.append(node)
-                        # nothing written after a pending backward may run before it
-                        blocked = blocked or node.op == "backward"
-                lane.nodes = remaining
+                        next_pass.add(w)
+            this_pass = sorted(next_pass)
+            queued = set(this_pass)
+            next_pass = set()
+
+    def _blocked(self, li: int, pos: int) -> bool:
+        """Whether a backward before ``pos`` in lane ``li`` has not run yet."""
+        backs = self._backwards.get(li)
+        return bool(backs) and min(backs) < pos
 
     # ----------------------------------------------------------------- execution
     def _error(self, node: Node, msg: str) -> InterventionError:
