@@ -11,7 +11,7 @@ from typing import Any
 # plain vLLM's row a workload's rows compare with (concurrency: the same level)
 VLLM_BASE_CASE = {"steer_generate": "none", "capture": "prefill", "many_users": "none"}
 SAME_CASE = frozenset({"concurrency"})
-NNSIGHT_BATCHED = ("invokes", "invokes_per_layer", "invokes_to_longest", "trace")
+NNSIGHT_BATCHED = ("invokes", "invokes_x64", "invokes_per_layer", "invokes_to_longest", "trace")
 NNSIGHT_SERIAL = ("one_at_a_time", "seed_loop")
 
 
