@@ -1,8 +1,10 @@
-"""``python -m benchmarks run [--quick] [--only WORKLOAD ...] [--systems NAME ...]``."""
+"""``python -m benchmarks run [--quick] [--only WORKLOAD ...] [--systems NAME ...]``, and
+``python -m benchmarks report RESULTS.json ...`` (RESULTS.md from runs already made)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -38,7 +40,25 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--model-path", type=Path,
                    help="a local model directory to use instead of smollm2-135m (e.g. the "
                         "same config with random weights where the weights are unavailable)")
+    rp = sub.add_parser("report", help="write RESULTS.md (and the plot) from results JSONs: "
+                                       "one section per run, ratios within each run")
+    rp.add_argument("files", nargs="+", type=Path, metavar="RESULTS.json")
+    rp.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md goes "
+                                                           "(default benchmarks/)")
+    rp.add_argument("--note", default="", help="a paragraph put before the runs")
     args = p.parse_args(argv)
+
+    if args.cmd == "report":
+        from benchmarks import report
+
+        results = [(str(f.resolve().relative_to(HERE) if f.resolve().is_relative_to(HERE) else f),
+                    json.loads(f.read_text())) for f in args.files]
+        if len(results) == 1:
+            report.write_report(results[0][1], args.out)
+        else:
+            report.write_combined(results, args.out, args.note)
+        print(f"bench: wrote {args.out / 'RESULTS.md'} from {len(results)} run(s)")
+        return 0
 
     from benchmarks.runner import run
 

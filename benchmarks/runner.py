@@ -78,6 +78,7 @@ class Worker:
     info: dict[str, Any] = field(default_factory=dict)
     tasks: list[dict[str, Any]] = field(default_factory=list)
     skip: str | None = None
+    restarts: int = 0
 
     def send(self, obj: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
@@ -103,14 +104,15 @@ class Worker:
                 self.proc.kill()
 
 
-def start_worker(system: str, log_dir: Path, threads: int | None) -> Worker | str:
+def start_worker(system: str, log_dir: Path, threads: int | None,
+                 log_name: str | None = None) -> Worker | str:
     """Start a worker, or return why it cannot start."""
     python = sys.executable
     if system in BENCH_VENV_SYSTEMS:
         if not BENCH_VENV_PY.exists():
             return f"not available: {BENCH_VENV_PY} missing; run `make bench-setup`"
         python = str(BENCH_VENV_PY)
-    log_path = log_dir / f"{system}.log"
+    log_path = log_dir / (log_name or f"{system}.log")
     log: TextIO = open(log_path, "w")  # noqa: SIM115 - lives as long as the worker
     proc = subprocess.Popen(
         [python, "-m", "benchmarks.worker", system], cwd=REPO, env=worker_env(system, threads),
@@ -206,13 +208,14 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
     print(f"bench: systems {chosen}, workloads {workloads}, reps {sizes.reps}"
           f"{' (quick)' if quick else ''}", flush=True)
 
+    setup_msg = {"op": "setup", "config": cfg.to_json(), "warm_config": warm_cfg.to_json()}
     workers: list[Worker] = []
     for s in chosen:
         w = start_worker(s, log_dir, threads)
         if isinstance(w, str):
             skipped.append({"system": s, "what": "*", "reason": w})
         else:
-            w.send({"op": "setup", "config": cfg.to_json(), "warm_config": warm_cfg.to_json()})
+            w.send(setup_msg)
             workers.append(w)
     live: list[Worker] = []
     for w in workers:  # workers load in parallel; collect their answers in order
@@ -233,6 +236,26 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     failed: set[tuple[str, str]] = set()
 
+    def revive(w: Worker, workload: str) -> None:
+        """Start a worker that died (out of memory, crash) again, so that only the task that
+        killed it is lost, not the rest of the run for that system; warm up the tasks of the
+        current workload on it again."""
+        if w.proc.poll() is None:
+            return
+        w.restarts += 1
+        fresh = start_worker(w.system, log_dir, threads, f"{w.system}.restart{w.restarts}.log")
+        if isinstance(fresh, str):
+            return
+        fresh.send(setup_msg)
+        if not fresh.recv().get("ok"):
+            fresh.close()
+            return
+        w.proc, w.log_path = fresh.proc, fresh.log_path
+        print(f"bench: {w.system} worker restarted", flush=True)
+        for t in w.tasks:
+            if t["workload"] == workload:
+                run_once(w, t, record=False)
+
     def run_once(w: Worker, t: dict[str, Any], record: bool) -> None:
         key = (w.system, f"{t['workload']}/{t['case']}/{t['variant']}")
         if key in failed:
@@ -247,6 +270,7 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
             skipped.append({"system": w.system, "what": key[1], "reason": reason})
             failed.add(key)
             print(f"bench: {w.system} {key[1]}: {reason[:300]}", flush=True)
+            revive(w, t["workload"])
             return
         if record:
             runs.setdefault(key, []).append(r["result"])

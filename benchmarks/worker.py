@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 from typing import Any
@@ -65,7 +66,12 @@ def main(argv: list[str]) -> int:
                         system.warm(Task(**req["task"]), warm_cfg)
                         reply({"ok": True, "result": None})
                     else:
-                        reply({"ok": True, "result": system.run(Task(**req["task"]))})
+                        task = Task(**req["task"])
+                        if os.environ.get("VINTERP_BENCH_DIE_ON") == f"{name}:{task.key}":
+                            # the harness's own test: a worker killed mid-task (as by the
+                            # kernel's OOM killer) must cost the run only that task
+                            os.kill(os.getpid(), signal.SIGKILL)
+                        reply({"ok": True, "result": system.run(task)})
                 except NotAvailable as e:
                     reply({"ok": False, "skip": f"not available: {e}"})
             elif req["op"] == "quit":

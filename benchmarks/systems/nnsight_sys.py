@@ -7,8 +7,6 @@ Runs requests one at a time as well (how NDIF serves them), on a subset, reporte
 
 from __future__ import annotations
 
-import gc
-
 from typing import Any
 
 import torch
@@ -23,13 +21,6 @@ from benchmarks.workloads import (
     layer_vectors,
     vectors,
 )
-
-
-# Capture runs 64 invokes per trace and keeps compact copies of what each trace saved: one
-# trace of all 256 prompts with 30 saves each peaks at 11.7 GB resident in nnsight 0.8.1
-# (measured alone; ~42 MB per prompt), and next to the other systems' workers the kernel's OOM
-# killer ended it. This is what a user short of memory would write.
-CAPTURE_CHUNK = 64
 
 
 class NnsightSystem(System):
@@ -55,8 +46,7 @@ class NnsightSystem(System):
         t = [Task("steer_generate", c, "invokes") for c in STEER_CASES]
         t += [Task("steer_generate", "distinct_1layer", "one_at_a_time")]
         t += [Task("concurrency", x.case, "invokes") for x in self.levels(self.cfg)]
-        t += [Task("capture", c, f"invokes_x{CAPTURE_CHUNK}")
-              for c in ("last_all_layers", "full_4layers")]
+        t += [Task("capture", c, "invokes") for c in ("last_all_layers", "full_4layers")]
         t += [Task("patch_sweep", "grid", "seed_loop", "seconds"),
               Task("patch_sweep", "grid", "invokes_per_layer", "seconds")]
         t += [Task("many_users", "steered", "one_at_a_time"),
@@ -100,25 +90,24 @@ class NnsightSystem(System):
         return {"seconds": t.seconds, "tokens": sum(r[1] for r in reqs), "items": len(reqs)}
 
     # -- capture -----------------------------------------------------------------------------
+    # One trace of all 256 prompts, as the docs write it. It peaks at 11.7 GB resident in
+    # nnsight 0.8.1 for last_all_layers (about 42 MB per prompt with 30 saves; 64 prompts per
+    # trace in 4 traces peak the same), so it cannot run next to the vLLM workers on a 24 GB
+    # machine: the kernel's OOM killer ends it. Run capture with the HF-side systems only there.
     def run_capture(self, task: Task) -> dict[str, Any]:
         case = task.case
         cfg, m, layers = self.cfg, self.m, self.layers
-        kept: list[torch.Tensor] = []
-        prompts = cfg.capture_prompts
+        saved: list[Any] = []
         with Timer() as t:
-            for start in range(0, len(prompts), CAPTURE_CHUNK):
-                saved: list[Any] = []
-                with m.trace() as tr:
-                    for p in prompts[start:start + CAPTURE_CHUNK]:
-                        with tr.invoke(p):
-                            if case == "last_all_layers":
-                                for j in range(cfg.num_layers):
-                                    saved.append(layers[j].output[:, -1].save())
-                            else:
-                                for j in cfg.sizes.capture_full_layers:
-                                    saved.append(layers[j].output.save())
-                kept += saved
-                gc.collect()
+            with m.trace() as tr:
+                for p in cfg.capture_prompts:
+                    with tr.invoke(p):
+                        if case == "last_all_layers":
+                            for j in range(cfg.num_layers):
+                                saved.append(layers[j].output[:, -1].save())
+                        else:
+                            for j in cfg.sizes.capture_full_layers:
+                                saved.append(layers[j].output.save())
         tokens = sum(len(m.tokenizer(p)["input_ids"]) for p in cfg.capture_prompts)
         return {"seconds": t.seconds, "tokens": tokens, "items": len(cfg.capture_prompts)}
 

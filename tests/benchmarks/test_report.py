@@ -6,6 +6,8 @@ every expected ratio can be checked by hand.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks import report
@@ -108,3 +110,28 @@ def test_table_gives_per_request_time_for_one_at_a_time_rows_only() -> None:
     assert [c.strip() for c in lines[2].split("|")][col] == "3.20 s"
     assert [c.strip() for c in lines[3].split("|")][col] == ""
     assert all(len(line.split("|")) == len(lines[0].split("|")) for line in lines)
+
+
+def fake_run(workloads: list[str], rows: list[dict]) -> dict:
+    return {"date": "2026-11-26T00:00:00", "model": "smollm2-135m", "wall_s": 60.0,
+            "quick": False, "workloads": workloads, "machine": {"cpu_count": 2},
+            "reps": 5, "threads": 1, "sizes": {}, "skipped": [], "rows": rows,
+            "systems": {r["system"]: {"versions": {}, "dtype": "float32"} for r in rows}}
+
+
+def test_combined_report_keeps_each_runs_ratios_to_itself(tmp_path: Path) -> None:
+    steer = [r for r in ROWS if r["workload"] == "steer_generate"]
+    # the second run measures plain vLLM twice as fast: its rows must not change run 1's ratio
+    faster = [dict(r, median=r["median"] * 2) if r["system"].startswith("vllm_") else r
+              for r in steer]
+    report.write_combined([("a.json", fake_run(["steer_generate"], steer)),
+                           ("b.json", dict(fake_run(["steer_generate"], faster),
+                                           note="rerun"))], tmp_path, note="two runs")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Run 1 of 2: steer_generate (`a.json`)" in text
+    assert "## Run 2 of 2: steer_generate (`b.json`)" in text
+    assert "two runs" in text and "- note: rerun" in text
+    run1, run2 = text.split("## Run 2 of 2")
+    eager = "1c distinct vector, 1 layer ≥ 0.95× plain (vllm_eager) | vinterp_vllm"
+    assert f"{eager} | 0.95× | yes |" in run1
+    assert f"{eager} | 0.47× | no |" in run2

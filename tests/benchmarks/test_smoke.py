@@ -76,3 +76,23 @@ def test_report_written(result: tuple[dict, Path]) -> None:
     text = (out / "RESULTS.md").read_text()
     assert "| workload | case | system |" in text
     assert "trace_overhead" in text
+
+
+def test_a_killed_worker_costs_only_its_task(tmp_path: Path) -> None:
+    """A worker killed mid-task (as by the OOM killer) is restarted; later tasks still run."""
+    doomed = "trace_overhead/save_1/raw_hooks"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "trace_overhead",
+         "--systems", "hf_hooks", "--reps", "1", "--results-dir", str(tmp_path),
+         "--threads", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(REPO), VINTERP_BENCH_DIE_ON=f"hf_hooks:{doomed}"),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "hf_hooks worker restarted" in proc.stdout
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    lost = [s for s in data["skipped"] if s["system"] == "hf_hooks"]
+    assert [s["what"] for s in lost] == [doomed]
+    assert "SIGKILL" in lost[0]["reason"]
+    measured = {r["case"] for r in data["rows"] if r["system"] == "hf_hooks"}
+    assert measured == {"plain_forward", "save_12"}
