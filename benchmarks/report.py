@@ -92,10 +92,13 @@ def table(result: dict[str, Any]) -> list[str]:
 def targets(result: dict[str, Any]) -> list[str]:
     """Issue 3/4/5 targets against this run (informational; never asserted in tests)."""
     rows = result["rows"]
+    ran = result.get("workloads")  # a run's targets are those of the workloads it ran
     out = ["| target | system | measured | met |", "|---|---|---|---|"]
 
     def add(label: str, system: str, workload: str, case: str, key: str, bound: float,
             higher: bool = True, variant: tuple[str, ...] | None = None) -> None:
+        if ran is not None and workload not in ran:
+            return
         r = _find(rows, system, workload, case, variant)
         val = ratios(r, rows)[key] if r else None
         if val is None:

@@ -135,3 +135,4 @@ def test_combined_report_keeps_each_runs_ratios_to_itself(tmp_path: Path) -> Non
     eager = "1c distinct vector, 1 layer ≥ 0.95× plain (vllm_eager) | vinterp_vllm"
     assert f"{eager} | 0.95× | yes |" in run1
     assert f"{eager} | 0.47× | no |" in run2
+    assert "| 3 ≥ 4× nnsight seed loop" not in text  # no patch_sweep in these runs
