@@ -80,16 +80,11 @@ class PointEvent(Protocol):
 
 @dataclass
 class _Lane:
-    """One invoke's (or the global, ``-1``) nodes to run at this step, in program order;
-    ``left`` of them have not run yet (the runner's ``_pending`` says which)."""
+    """One invoke's (or the global, ``-1``) nodes to run at this step, in program order
+    (the runner's ``_pending`` says which have not run yet)."""
 
     invoke: int
     nodes: list[Node]
-    left: int = 0
-
-    @property
-    def done(self) -> bool:
-        return self.left == 0
 
 
 @dataclass
@@ -272,7 +267,6 @@ class GraphRunner:
         backwards: dict[int, list[int]] = {}
         pending: set[int] = set()
         for li, lane in enumerate(self._lanes):
-            lane.left = len(lane.nodes)
             for pos, node in enumerate(lane.nodes):
                 pending.add(node.id)
                 for r in self._refs[node.id]:
@@ -315,7 +309,7 @@ class GraphRunner:
                     f"it edits {_point_name(target)} but needs a value computed later in "
                     "the forward (or after a backward); an edit must only use values "
                     "available when the model reaches that point"))
-        if self._stop and all(lane.done for lane in self._lanes):
+        if self._stop and not self._pending:
             raise StopForward
 
     def end_step(self) -> None:
@@ -423,7 +417,6 @@ class GraphRunner:
                     continue
                 self._run(node, ev)
                 pending.discard(node.id)
-                lanes[li].left -= 1
                 woken = self._waiters.get(node.id, [])
                 if node.op == "backward":
                     # nothing written after a pending backward may run before it: what it
