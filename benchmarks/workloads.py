@@ -114,6 +114,12 @@ class WorkloadConfig:
         return cls(sizes=SizeConfig(**sizes), **data)
 
 
+def device_map(cfg: WorkloadConfig) -> dict[str, str]:
+    """``device_map`` for a from_pretrained-style loader: none on CPU, so CPU runs load the
+    model the way every earlier result did."""
+    return {"device_map": cfg.device} if cfg.device != "cpu" else {}
+
+
 def _sentence(rng: random.Random, n_words: int) -> str:
     return rng.choice(_OPENERS) + " " + " ".join(rng.choice(_WORDS) for _ in range(n_words))
 

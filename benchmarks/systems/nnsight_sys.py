@@ -18,6 +18,7 @@ from benchmarks.workloads import (
     STEER_CASES,
     TARGET_TOKEN,
     WorkloadConfig,
+    device_map,
     layer_vectors,
     vectors,
 )
@@ -35,8 +36,8 @@ class NnsightSystem(System):
         self.cfg = cfg
         self.dtype = getattr(torch, cfg.dtype)
         with Timer() as t:
-            extra = {"device_map": cfg.device} if cfg.device != "cpu" else {}
-            self.m = LanguageModel(cfg.model_path, dtype=self.dtype, dispatch=True, **extra)
+            self.m = LanguageModel(cfg.model_path, dtype=self.dtype, dispatch=True,
+                                   **device_map(cfg))
         self.layers = self.m.model.layers
         return {"load_s": t.seconds, "dtype": cfg.dtype,
                 "versions": {"nnsight": nnsight.__version__, "torch": torch.__version__,

@@ -19,6 +19,7 @@ from benchmarks.workloads import (
     STEER_CASES,
     TARGET_TOKEN,
     WorkloadConfig,
+    device_map,
     layer_vectors,
     vectors,
 )
@@ -41,9 +42,7 @@ class VinterpSystem(System):
                 raise NotAvailable(f"vinterp's vLLM backend is not there yet ({e})") from e
         self.cfg = cfg
         self.dtype = getattr(torch, cfg.dtype)
-        # On CPU the loading path stays the one every earlier result used (no device_map).
-        on_gpu = self.backend == "hf" and cfg.device != "cpu"
-        kwargs: dict[str, Any] = {"device_map": cfg.device} if on_gpu else {}
+        kwargs: dict[str, Any] = device_map(cfg) if self.backend == "hf" else {}
         if self.backend == "vllm":
             from benchmarks.systems.vllm_common import engine_kwargs
 
