@@ -70,15 +70,20 @@ def hf_classes_untouched(model_path: pathlib.Path) -> Iterator[None]:
                     setattr(c, name, value)
 
 
-def build_engine(model_path: pathlib.Path, *, dtype: str | None = None,
-                 **engine_kwargs: Any) -> Any:
-    """A ``vllm.LLM`` with vinterp's worker extension installed and hooked."""
-    from vinterp.models.architectures import for_model_type
+def engine_kwargs(model_path: pathlib.Path, *, dtype: str | None = None,
+                  **overrides: Any) -> dict[str, Any]:
+    """The engine arguments vinterp runs a model with: checked, with vinterp's defaults.
 
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    Shared by the offline ``LLM`` (:func:`build_engine`) and the server's ``AsyncLLM``
+    (:class:`~vinterp.backends.vllm.async_engine.AsyncEngine`), so both refuse the same
+    settings with the same words.
+    """
+    from vinterp.models.architectures import for_model_type
+    from vinterp_vllm.worker import WORKER_EXTENSION
+
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    tp = int(engine_kwargs.get("tensor_parallel_size", 1) or 1)
-    if tp > 1 or int(engine_kwargs.get("pipeline_parallel_size", 1) or 1) > 1:
+    tp = int(overrides.get("tensor_parallel_size", 1) or 1)
+    if tp > 1 or int(overrides.get("pipeline_parallel_size", 1) or 1) > 1:
         raise ValueError("the vllm backend supports tensor_parallel_size=1 and "
                          "pipeline_parallel_size=1 only for now (per-request hooks are not "
                          "sharded yet); use one device per replica")
@@ -87,21 +92,27 @@ def build_engine(model_path: pathlib.Path, *, dtype: str | None = None,
     if arch.vllm is None:
         raise ValueError(f"model type {mtype!r} is not supported on the vllm backend yet (no "
                          f"VllmMapping in vinterp/models/architectures/); use backend='hf'")
-    if engine_kwargs.get("enforce_eager") is False:
+    if overrides.get("enforce_eager") is False:
         raise ValueError("the vllm backend needs enforce_eager=True: hooks do not fire under "
                          "torch.compile or CUDA graphs")
-    from vllm import LLM
-
-    from vinterp_vllm.worker import WORKER_EXTENSION
-
     kwargs: dict[str, Any] = dict(
         model=str(model_path), dtype=dtype or "float32", enforce_eager=True,
         worker_extension_cls=WORKER_EXTENSION, seed=0,
     )
-    if "gpu_memory_utilization" not in engine_kwargs:
+    if "gpu_memory_utilization" not in overrides:
         kwargs["kv_cache_memory_bytes"] = DEFAULT_KV_CACHE_BYTES
-    kwargs.update(engine_kwargs)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def build_engine(model_path: pathlib.Path, *, dtype: str | None = None,
+                 **overrides: Any) -> Any:
+    """A ``vllm.LLM`` with vinterp's worker extension installed and hooked."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    kwargs = engine_kwargs(model_path, dtype=dtype, **overrides)
+    from vllm import LLM
+
     with hf_classes_untouched(model_path):
         llm = LLM(**kwargs)
-    llm.collective_rpc("vinterp_install", args=(mtype,))
+    llm.collective_rpc("vinterp_install", args=(model_type(model_path),))
     return llm

@@ -1,0 +1,181 @@
+"""How a whole graph becomes vLLM requests: phases, payloads, results.
+
+One :class:`GraphRun` holds everything about running a graph on vLLM except *how* requests
+reach the engine, so the offline ``LLM`` backend (:mod:`.backend`) and the ``AsyncLLM`` engine
+the server uses (:mod:`.async_engine`) share it. A driver walks :meth:`GraphRun.phases`,
+sends each phase's :class:`Job` s (``request`` gives a job's prompt and ``SamplingParams``),
+hands each outcome to :meth:`GraphRun.record`, re-sends :meth:`GraphRun.retries` alone, and
+reads :meth:`GraphRun.result` at the end.
+
+Example::
+
+    run = GraphRun(graph, "run-1")
+    for jobs in run.phases():
+        for job in jobs:
+            prompt, params = run.request(job)
+            ...                      # generate, drain the worker's outcome by job.payload.key
+            run.record(job, outcome, new_token_ids)
+    result = run.result()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+
+from vinterp.backends.base import RunResult
+from vinterp.backends.vllm import requests as rq
+from vinterp.backends.vllm.sampling import sampling_params
+from vinterp.ir.interpreter import (
+    GraphRunner, InterventionError, RunState, collect_results, cross_refs, invoke_phases,
+)
+from vinterp.ir.schema import Graph
+from vinterp.ir.tensors import encode_tensor
+from vinterp_vllm.payload import Outcome, Payload
+
+
+class Job(NamedTuple):
+    """One vLLM request of a run: a prompt of an invoke and the payload it carries."""
+
+    key: tuple[int, int]     # (invoke, prompt index): where its outcome goes
+    prompt_ids: list[int]
+    payload: Payload
+    invoke: int              # the invoke in the run's graph (the payload's may be renumbered)
+    node_ids: list[int] | None = None   # compact request graph: its node ids in the graph
+
+
+def _cat(values: list[Any]) -> Any:
+    """Join one invoke's per-prompt values along the batch dimension (lists: per step)."""
+    if len(values) == 1:
+        return values[0]
+    if all(isinstance(v, list) for v in values):
+        return [_cat(list(vs)) for vs in zip(*values, strict=False)]
+    if all(isinstance(v, torch.Tensor) for v in values):
+        try:
+            return torch.cat(values, dim=0)
+        except RuntimeError:
+            return values  # different lengths: one value per prompt
+    return values
+
+
+def run_globals(graph: Graph, values: dict[int, Any]) -> dict[int, Any]:
+    """Run the nodes outside any invoke (they combine invokes' values) on the caller's side."""
+    if not any(n.invoke < 0 for n in graph.nodes):
+        return {}
+    state = RunState(env=dict(values), env_step={r: 0 for r in values})
+    runner = GraphRunner(graph, state=state, active_invokes=[])
+    runner.begin_step(0)
+    runner.end_step()
+    return collect_results(graph, state)
+
+
+class GraphRun:
+    """The requests of one graph and what came back for them (see the module docstring).
+
+    ``run_id`` makes payload keys unique among everything in flight on one engine.
+    ``capture_cap`` bounds what each request may capture (bytes).
+    """
+
+    def __init__(self, graph: Graph, run_id: str, *, capture_cap: int | None = None) -> None:
+        self.graph = graph
+        self.run_id = run_id
+        self.capture_cap = capture_cap
+        self.needs = cross_refs(graph)
+        owner = {n.id: n.invoke for n in graph.nodes}
+        self.exported: dict[int, set[int]] = {}
+        for refs in [*self.needs.values(), rq.global_refs(graph)]:
+            for r in refs:
+                self.exported.setdefault(owner[r], set()).add(r)
+        self.outcomes: dict[tuple[int, int], Outcome] = {}
+        self.generated: dict[tuple[int, int], torch.Tensor] = {}
+        self.export_values: dict[int, Any] = {}
+        self._splitter = rq.GraphSplitter(graph)
+        self._by_invoke = rq.nodes_by_invoke(graph)
+
+    # ------------------------------------------------------------------ requests
+    def phases(self) -> Iterator[list[Job]]:
+        """Each dependency phase's jobs; a phase's outcomes must be recorded before the next."""
+        graph = self.graph
+        for phase in invoke_phases(graph, self.needs):
+            jobs = []
+            for i in phase:
+                if i >= len(graph.invokes):
+                    continue
+                jobs.extend(self._jobs(i))
+            yield jobs
+            for i in phase:
+                for r in self.exported.get(i, ()):
+                    n_prompts = len(graph.invokes[i].prompts)
+                    self.export_values[r] = _cat([self.outcomes[(i, j)].exports[r]
+                                                  for j in range(n_prompts)])
+
+    def _jobs(self, i: int) -> list[Job]:
+        graph = self.graph
+        imports = {str(r): encode_tensor(torch.as_tensor(self.export_values[r]))
+                   .model_dump(mode="json") for r in sorted(self.needs.get(i, ()))}
+        # self-contained invokes get compact graphs that equal invokes share
+        compact = None if imports or self.exported.get(i) else self._splitter.request_json(i)
+        gjson, ids = compact or (self._splitter.subgraph_json(i), None)
+        at = i if compact is None else 0
+        extra = {} if self.capture_cap is None else {"capture_cap": self.capture_cap}
+        return [Job((i, j), list(prompt),
+                    Payload(key=f"vinterp-{self.run_id}/{i}/{j}", graph_json=gjson, invoke=at,
+                            mode=graph.mode, imports=imports,
+                            exports=tuple(sorted(self.exported.get(i, ()))), **extra),
+                    i, ids)
+                for j, prompt in enumerate(graph.invokes[i].prompts)]
+
+    def request(self, job: Job) -> tuple[dict[str, Any], Any]:
+        """The job's vLLM prompt (token ids, and a cache salt when it writes) and params."""
+        mine = self._by_invoke[job.invoke]
+        prompt: dict[str, Any] = {"prompt_token_ids": job.prompt_ids}
+        if rq.writes(mine):
+            prompt["cache_salt"] = rq.fingerprint(job.payload.graph_json)
+        skip = True if rq.reads_prompt(mine) else None
+        generation = {**self.graph.generation, **self.graph.invokes[job.invoke].generation}
+        params = sampling_params(generation, mode=self.graph.mode,
+                                 extra_args=job.payload.to_extra_args(),
+                                 skip_reading_prefix_cache=skip)
+        return prompt, params
+
+    # ------------------------------------------------------------------ outcomes
+    def record(self, job: Job, outcome: Outcome | None, new_tokens: list[int]) -> None:
+        """What the worker handed back for ``job`` (``None``: it never saw the request)."""
+        o = outcome or Outcome(error="the worker never saw this request (no forward ran for it)")
+        if job.node_ids is not None:  # compact request graph: back to the trace's node ids
+            o.saves = {job.node_ids[k]: v for k, v in o.saves.items()}
+        self.outcomes[job.key] = o
+        self.generated[job.key] = torch.tensor(job.prompt_ids + list(new_tokens),
+                                               dtype=torch.long)
+
+    def retries(self, jobs: list[Job]) -> list[Job]:
+        """Jobs to send again, each alone: their general graph's prompt was split by chunked
+        prefill (or preempted), which running alone fixes. None when alone already."""
+        retry = [job for job in jobs if self.outcomes[job.key].retry_alone]
+        return [] if len(jobs) == 1 else retry
+
+    def result(self) -> RunResult:
+        """Saves (and generated ids) of the whole graph; raises if any request failed."""
+        graph = self.graph
+        errors = [f"invoke {i}, prompt {j}: {o.error}"
+                  for (i, j), o in sorted(self.outcomes.items()) if o.error]
+        if errors:
+            raise InterventionError("; ".join(errors))
+        saves: dict[int, Any] = {}
+        for n in graph.nodes:
+            if n.op != "save" or n.invoke < 0:
+                continue  # (saves outside any invoke come from run_globals)
+            inv = n.invoke
+            per_prompt = [self.outcomes[(inv, j)].saves[n.id]
+                          for j in range(len(graph.invokes[inv].prompts))
+                          if n.id in self.outcomes[(inv, j)].saves]
+            if per_prompt:
+                saves[n.id] = _cat(per_prompt)
+        saves.update(run_globals(graph, self.export_values))
+        result = RunResult(saves=saves)
+        if graph.mode == "generate":
+            result.generated = [self.generated[(i, j)] for i, inv in enumerate(graph.invokes)
+                                for j in range(len(inv.prompts))]
+        return result
