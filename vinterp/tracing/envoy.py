@@ -109,6 +109,10 @@ class Envoy:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
+        if name == "generator" and not self._path and (
+                self._module is None or "generator" not in self._module._modules):
+            # nnsight's `model.generator.output`: the generated ids (not an HF module)
+            return self._lm._current_tracer("model.generator").generator
         virtual = self._virtual(name)
         if virtual is not None:
             # attention probabilities [batch, heads, q, k]: a value, not a module

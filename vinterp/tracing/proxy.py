@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vinterp.ir import ops
-from vinterp.tracing.errors import TracingError, data_dependent, not_saved
+from vinterp.tracing.errors import TracingError, data_dependent
 
 if TYPE_CHECKING:
     from vinterp.tracing.tracer import Tracer
@@ -42,7 +42,7 @@ class Proxy:
     # ------------------------------------------------------------------ plumbing
     def _add(self, op: str, *args: Any, **kwargs: Any) -> Proxy:
         if self._tracer.finished:
-            raise not_saved(self._id)
+            raise self._tracer.unavailable(self._id)
         return self._tracer.add(op, *args, **kwargs)
 
     def __repr__(self) -> str:
@@ -108,7 +108,7 @@ class Proxy:
         if name.startswith("__"):
             raise AttributeError(name)
         if self._tracer.finished:
-            raise not_saved(self._id)
+            raise self._tracer.unavailable(self._id)
         if name in ops.ATTRIBUTES:
             return self._add("getattr", self, name=name)
         if name in ops.TENSOR_METHODS:

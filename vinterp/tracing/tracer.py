@@ -31,12 +31,21 @@ from vinterp.ir.schema import (
     DictV, DTypeV, EllipsisV, ListV, Node, Ref, SliceV, Steps, TensorRef, TupleV, Value,
 )
 from vinterp.ir.tensors import dtype_name, encode_tensor
-from vinterp.tracing.errors import TracingError
+from vinterp.ir import ops
+from vinterp.ir.interpreter import GraphRunner, RunState
+from vinterp.ir.validate import node_refs
+from vinterp.tracing import mount
+from vinterp.tracing.errors import TracingError, not_saved
 from vinterp.tracing.proxy import Proxy
-from vinterp.tracing.rebind import rebind_frame
+from vinterp.tracing.rebind import realize, rebind_frame
 
 if TYPE_CHECKING:
     from vinterp.language_model import LanguageModel
+
+#: what both backends generate when no token budget is given (HF's and vLLM's default)
+DEFAULT_MAX_NEW_TOKENS = 20
+#: how deep ``list().save()``-kept containers are searched for proxies
+_KEEP_DEPTH = 6
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,41 +61,139 @@ def _user_line() -> str | None:
 
 
 class _StepIter:
-    """``tracer.iter[a:b]``: a ``with`` scope, or a loop whose body is traced once."""
+    """``tracer.iter[...]``: which generation steps a block of interventions targets.
+
+    ``for step in tracer.iter[a:b]:`` is a real Python loop, unrolled while tracing: the
+    body runs once per step with ``step`` a plain int, and what it records applies at that
+    step only (so ``if step == 2:`` works and appends give one item per step). The
+    generation budget (``max_new_tokens``) bounds open slices. ``with tracer.iter[a:b]:``
+    (nnsight's deprecated form) records its body once for every step of the range instead.
+    """
 
     def __init__(self, tracer: Tracer) -> None:
         self._tracer = tracer
 
-    def __getitem__(self, key: slice | int) -> _StepScope:
+    def __getitem__(self, key: slice | int | list[int] | tuple[int, ...]) -> _StepScope:
+        if isinstance(key, bool):
+            raise TracingError("tracer.iter takes a step index, a slice or a list of steps")
         if isinstance(key, int):
-            return _StepScope(self._tracer, Steps(start=key, stop=key + 1))
+            if key < 0:
+                raise TracingError(f"tracer.iter[{key}]: steps count from 0 (the prompt); "
+                                   "there is no negative step")
+            return _StepScope(self._tracer, key, key + 1)
+        if isinstance(key, (list, tuple)):
+            if not key or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0
+                                  for k in key):
+                raise TracingError(f"tracer.iter[{list(key)!r}]: a list of steps must hold "
+                                   "non-negative ints")
+            return _StepScope(self._tracer, min(key), max(key) + 1, indices=list(key))
         if not isinstance(key, slice) or (key.step not in (None, 1)):
-            raise TracingError("tracer.iter takes a step index or a slice like [a:b]")
+            raise TracingError("tracer.iter takes a step index, a slice like [a:b] or a list "
+                               "of steps like [[0, 2]]")
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool))
+                   for v in (key.start, key.stop)):
+            raise TracingError(f"tracer.iter[{key.start}:{key.stop}]: the bounds must be "
+                               "ints (steps are known while tracing, not values of the model)")
         start = key.start or 0
         if start < 0 or (key.stop is not None and key.stop <= start):
             raise TracingError(f"tracer.iter[{key.start}:{key.stop}] selects no steps")
-        return _StepScope(self._tracer, Steps(start=start, stop=key.stop))
+        return _StepScope(self._tracer, start, key.stop)
 
 
 class _StepScope:
-    def __init__(self, tracer: Tracer, steps: Steps) -> None:
+    """The steps ``start <= step < stop`` (``stop=None``: to the end), or ``indices``."""
+
+    def __init__(self, tracer: Tracer, start: int, stop: int | None,
+                 indices: list[int] | None = None) -> None:
         self._tracer = tracer
-        self._steps = steps
+        self._start, self._stop, self._indices = start, stop, indices
         self._saved: list[Steps] = []
 
     def __enter__(self) -> _StepScope:
-        self._saved.append(self._tracer._steps)
-        self._tracer._steps = self._steps
+        tracer = self._tracer
+        if tracer._loop_step is not None:
+            raise TracingError(
+                f"a `with tracer.iter/all()` scope inside `for step in tracer.iter[...]` (at "
+                f"step {tracer._loop_step}) would widen the loop's one step to several; put "
+                "the code in the loop body, or the scope outside the loop")
+        if self._indices is not None:
+            raise TracingError("`with tracer.iter[[...]]` cannot scope a list of steps; write "
+                               "`for step in tracer.iter[[...]]:`")
+        self._saved.append(tracer._steps)
+        tracer._steps = Steps(start=self._start, stop=self._stop)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._tracer._steps = self._saved.pop()
 
-    def __iter__(self) -> Iterator[Steps]:
-        # nnsight style `for step in tracer.iter[a:b]:` — the body is recorded once and
-        # runs at every step of the range.
-        with self:
-            yield self._steps
+    def __iter__(self) -> Iterator[int]:
+        tracer = self._tracer
+        if tracer._loop_step is not None:
+            raise TracingError(
+                f"`for step in tracer.iter[...]` inside another step loop (at step "
+                f"{tracer._loop_step}): each iteration already is one generation step; use "
+                "one loop and `if step == ...:` for step-dependent code")
+        if tracer._steps.stop is None or tracer._steps.stop - tracer._steps.start > 1:
+            raise TracingError(
+                "`for step in tracer.iter[...]` inside a `with tracer.all()/iter[a:b]` scope: "
+                "the loop already picks its steps; write it outside the `with` scope")
+        budget, why = tracer._step_budget()
+        steps = self._indices if self._indices is not None else list(
+            range(self._start, budget if self._stop is None else self._stop))
+        past = [s for s in steps if s >= budget]
+        if past:
+            raise TracingError(
+                f"tracer.iter asks for step {max(past)}, but {why}, so steps 0..{budget - 1} "
+                f"exist; raise max_new_tokens or iterate over fewer steps")
+        outer = tracer._steps
+        try:
+            for step in steps:
+                # Everything the body records now belongs to this step only.
+                tracer._steps = Steps(start=step, stop=step + 1)
+                tracer._loop_step = step
+                yield step
+        finally:
+            tracer._steps = outer
+            tracer._loop_step = None
+
+
+class _GeneratorEnvoy:
+    """``model.generator``: the generation as a whole; ``.output`` is the generated ids."""
+
+    __slots__ = ("_tracer",)
+
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+
+    @property
+    def output(self) -> Proxy:
+        """All token ids (prompt then generated) as one tensor, like HF ``generate``'s."""
+        return self._tracer.generator_output()
+
+
+class _GeneratedEvent:
+    """The one point of the local post-run graph: the finished generation's token ids."""
+
+    module = "generator"
+    kind = "output"
+    step = 0
+
+    def __init__(self, rows: dict[int, torch.Tensor]) -> None:
+        self._rows = rows
+
+    def get(self, invoke: int) -> torch.Tensor:
+        return self._rows[invoke]
+
+    def set(self, invoke: int, value: Any) -> None:
+        raise TracingError("the generated token ids cannot be replaced: they exist only after "
+                           "generation has ended")
+
+    def row_positions(self, invoke: int) -> torch.Tensor:
+        ids = self._rows[invoke]
+        return torch.arange(ids.shape[-1]).expand(ids.shape)
+
+    def prompt_lens(self, invoke: int) -> torch.Tensor:
+        return torch.zeros(self._rows[invoke].shape[0], 1, dtype=torch.long)
 
 
 class Tracer:
@@ -109,11 +216,22 @@ class Tracer:
         self.invoke_generation: dict[int, dict[str, Any]] = {}
         self.saved: list[Proxy] = []
         self.generation = dict(generation or {})
-        self.result: list[torch.Tensor] | None = None
+        self._result: list[torch.Tensor] | None = None
         self.finished = False
         self._invoke: int | None = None
         self._invoke_open = False
         self._steps = Steps()
+        #: the step of the `for step in tracer.iter[...]` iteration being recorded, if any
+        self._loop_step: int | None = None
+        #: plain objects (``list().save()``) whose proxies are saved and realized after the run
+        self._kept: list[Any] = []
+        #: nodes computed from the generated ids: run here, after the backend (see _run_post)
+        self._post: set[int] = set()
+        self._generator_node: dict[int, int] = {}
+        #: save nodes at generation steps their invoke never reached (EOS or its own budget)
+        self._unreached: set[int] = set()
+        self._device_ids: dict[int, int] | None = None
+        self._hidden: dict[int, int] = {}
         self._frame: FrameType | None = None
         self._graph: ir.Graph | None = None
         self.iter = _StepIter(self)
@@ -128,12 +246,26 @@ class Tracer:
             raise TracingError("this trace has already run; start a new `with model.trace()`")
         node_id = len(self.nodes)
         invoke = self._invoke if self._invoke is not None else -1
-        self.nodes.append(Node(
+        node = Node(
             id=node_id, op=op, args=tuple(self._value(a) for a in args),
             kwargs={k: self._value(v) for k, v in kwargs.items()},
             invoke=invoke, steps=self._steps, line=_user_line(),
-        ))
+        )
+        if self._post and any(r in self._post for r in node_refs(node)):
+            if op in ("write", "backward") or ops.is_edit(op, node.kwargs.get("name")) and \
+                    self._edits_model(node):
+                raise TracingError(
+                    "the generated token ids (tracer.result / model.generator.output) exist "
+                    "only once generation has ended, so they cannot feed an edit of the model; "
+                    "save them, or compute with them after the block")
+            self._post.add(node_id)
+        self.nodes.append(node)
         return Proxy(self, node_id)
+
+    def _edits_model(self, node: Node) -> bool:
+        """Whether an in-place ``node`` changes a model value (not only generated ids)."""
+        target = node.args[0] if node.args else None
+        return not (isinstance(target, Ref) and target.ref in self._post)
 
     def read(self, module: str, kind: str) -> Proxy:
         """A proxy for a module's value at a point."""
@@ -144,6 +276,42 @@ class Tracer:
         """Replace a module's value at a point."""
         self._require_invoke(f"{module or 'model'}.{kind}")
         self.add("write", value, module=module, kind=kind)
+
+    def generator_output(self) -> Proxy:
+        """The generated token ids (``tracer.result`` / ``model.generator.output``) as a proxy.
+
+        Like HF ``generate``'s return value (and nnsight's): one LongTensor
+        ``[prompts, longest prompt + most new tokens]``, each row its prompt then its new
+        tokens, padded with the pad id (prompts on the left, early-ending rows on the right);
+        inside an invoke, that invoke's prompts only. These values exist once generation has
+        ended, so they and whatever is computed from them run here after the backend (see
+        :meth:`_run_post`): they can be saved and combined, not written into the model.
+        """
+        if self.finished:
+            raise TracingError("this trace has already run; use tracer.result after the block")
+        if self.mode != "generate":
+            raise TracingError("model.generator.output exists only in model.generate(...); in "
+                               "model.trace use model.output (or tracer.result)")
+        invoke = self._invoke if self._invoke is not None else -1
+        hit = self._generator_node.get(invoke)
+        if hit is not None:
+            return Proxy(self, hit)
+        node_id = len(self.nodes)
+        self.nodes.append(Node(id=node_id, op="read", kwargs={"module": "generator",
+                                                               "kind": "output"},
+                               invoke=invoke, line=_user_line()))
+        self._post.add(node_id)
+        self._generator_node[invoke] = node_id
+        return Proxy(self, node_id)
+
+    def keep(self, obj: Any) -> Any:
+        """``obj.save()`` on a plain object (``list().save()``): after the block, every proxy
+        inside it (appended or set during the trace) holds its value. Returns ``obj``."""
+        if self.finished:
+            return obj
+        if not any(k is obj for k in self._kept):
+            self._kept.append(obj)
+        return obj
 
     def _require_invoke(self, what: str) -> None:
         if self._invoke is None:
@@ -226,14 +394,58 @@ class Tracer:
             self._invoke_open = False
             self._invoke = None
 
+    @property
+    def result(self) -> Any:
+        """The generated token ids.
+
+        After the block: one 1-D LongTensor per prompt (prompt then new tokens, no padding);
+        ``None`` for ``model.trace``. Inside the block (nnsight's ``tracer.result.save()``): a
+        proxy of the ids as HF ``generate`` returns them (see :meth:`generator_output`), or in
+        ``model.trace`` the model's output.
+        """
+        if self.finished:
+            return self._result
+        if self.mode == "generate":
+            return self.generator_output()
+        return self.read("", "output")
+
+    @property
+    def generator(self) -> _GeneratorEnvoy:
+        """``tracer.generator.output``: the same value as ``model.generator.output``."""
+        return _GeneratorEnvoy(self)
+
     def all(self) -> _StepScope:
-        """Scope: interventions inside run at every generation step."""
-        return _StepScope(self, Steps(start=0, stop=None))
+        """Every generation step: ``with tracer.all():`` records its body once for all steps;
+        ``for step in tracer.all():`` is ``for step in tracer.iter[:]`` (one body per step)."""
+        return _StepScope(self, 0, None)
 
     def next(self, n: int = 1) -> None:
         """Move following interventions to the next generation step."""
+        if self._loop_step is not None:
+            raise TracingError(
+                "tracer.next() inside `for step in tracer.iter[...]`: the loop sets the step "
+                "of each iteration itself; use `if step == ...:` or a list of steps instead")
         start = self._steps.start + n
         self._steps = Steps(start=start, stop=start + 1)
+
+    def _step_budget(self) -> tuple[int, str]:
+        """How many generation steps can run (the bound of ``tracer.iter[:]``), and why."""
+        if self.mode != "generate":
+            return 1, "model.trace runs one forward (step 0)"
+        invokes = [self._invoke] if self._invoke is not None else list(range(len(self.invokes)))
+        budgets = [self._invoke_budget(i) for i in invokes] or [self._invoke_budget(None)]
+        return max(budgets), f"this generation has max_new_tokens={max(budgets)}"
+
+    def _invoke_budget(self, invoke: int | None) -> int:
+        settings = {**self.generation, **self.invoke_generation.get(invoke, {})} \
+            if invoke is not None else dict(self.generation)
+        for key in ("max_new_tokens", "max_tokens"):
+            if settings.get(key) is not None:
+                return int(settings[key])
+        if "max_length" in settings:
+            raise TracingError("`for step in tracer.iter[...]` needs the number of new tokens: "
+                               "pass max_new_tokens=N instead of max_length")
+        return DEFAULT_MAX_NEW_TOKENS
 
     def stop(self) -> None:
         """End the forward as soon as everything recorded so far has run."""
@@ -277,13 +489,69 @@ class Tracer:
                 ir.Invoke(prompts=p, generation={
                     k: self._value(v) for k, v in self.invoke_generation.get(i, {}).items()})
                 for i, p in enumerate(self.invokes)),
-            nodes=tuple(self.nodes), tensors=tuple(self.tensors),
+            nodes=self._device_nodes(), tensors=tuple(self.tensors),
             generation={k: self._value(v) for k, v in self.generation.items()},
         )
+
+    def _device_nodes(self) -> tuple[Node, ...]:
+        """The nodes the backend runs: all but those computed from the generated ids.
+
+        With such nodes the rest are renumbered densely (``_device_ids``: trace id -> graph
+        id), and each model value they use gets a save of its own so it comes back.
+        """
+        if not self._post:
+            self._device_ids = None
+            return tuple(self.nodes)
+        ids: dict[int, int] = {}
+        out: list[Node] = []
+        for n in self.nodes:
+            if n.id in self._post:
+                continue
+            ids[n.id] = len(out)
+            out.append(n.model_copy(update={"id": len(out), "args": _remap(n.args, ids),
+                                            "kwargs": _remap(n.kwargs, ids)}))
+        used = sorted({r for n in self.nodes if n.id in self._post for r in node_refs(n)
+                       if r not in self._post})
+        self._hidden = {}
+        for r in used:
+            src = self.nodes[r]
+            self._hidden[r] = len(out)
+            out.append(Node(id=len(out), op="save", args=(Ref(ref=ids[r]),),
+                            invoke=src.invoke, steps=src.steps, line=src.line))
+        self._device_ids = ids
+        return tuple(out)
+
+    def _save_kept(self) -> None:
+        """Save the proxies inside ``list().save()``-kept objects, each at its own step."""
+        saved = {p._id for p in self.saved}
+        for obj in self._kept:
+            _save_inside(obj, self, saved, 0)
+
+    def _save_as_recorded(self, proxy: Proxy) -> Proxy:
+        """``proxy.save()`` in the invoke and steps where ``proxy`` was recorded."""
+        node = self.nodes[proxy._id]
+        here = (self._invoke, self._steps)
+        self._invoke = node.invoke if node.invoke >= 0 else None
+        self._steps = node.steps
+        try:
+            return proxy.save()
+        finally:
+            self._invoke, self._steps = here
+
+    def unavailable(self, node_id: int) -> TracingError:
+        """The error for using the proxy of ``node_id`` after the block."""
+        if node_id in self._unreached:
+            node = self.nodes[node_id]
+            return TracingError(
+                f"this value (graph node {node_id}) belongs to generation step "
+                f"{node.steps.start}, which never ran: the generation ended earlier (an EOS "
+                "token, or a smaller max_new_tokens for its invoke)")
+        return not_saved(node_id)
 
     # ------------------------------------------------------------------ running
     def __enter__(self) -> Tracer:
         self.lm._push_tracer(self)
+        mount.push(self)
         self._frame = sys._getframe(1)
         # From here to the end of the run the trace allocates an object or more per node and
         # keeps them; see gc_paused for why the cyclic collector waits until it is done.
@@ -293,10 +561,13 @@ class Tracer:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.lm._pop_tracer(self)
+        # (before anything else runs: object.save exists only while user code records)
+        mount.pop(self)
         try:
             if exc_type is not None:
                 self.finished = True
                 return
+            self._save_kept()
             self._run()
         finally:
             self._gc.__exit__(None, None, None)
@@ -309,19 +580,156 @@ class Tracer:
             result = backend.run(self._graph)
         finally:
             self.finished = True
+        saves = result.saves
+        if self._device_ids is not None:  # back to the trace's node ids
+            back = {new: old for old, new in self._device_ids.items()}
+            saves = {back[k]: v for k, v in saves.items() if k in back}
+            hidden = {r: result.saves[k] for r, k in self._hidden.items() if k in result.saves}
+            saves.update(self._run_post(result.generated, hidden))
+        self._result = result.generated
+        self._drop_unreached(saves)
         missing = []
         for proxy in self.saved:
-            if proxy._id in result.saves:
-                object.__setattr__(proxy, "_value", result.saves[proxy._id])
+            if proxy._id in saves:
+                object.__setattr__(proxy, "_value", saves[proxy._id])
                 object.__setattr__(proxy, "_has_value", True)
-            else:
+            elif proxy._id not in self._unreached:
                 missing.append(proxy._id)
-        self.result = result.generated
         if missing and not any(n.op == "stop" for n in self._graph.nodes):
             # (with tracer.stop(), saves after the stop point are legitimately absent)
             raise TracingError(
                 f"the {backend.name} backend returned no value for saved node(s) {missing}; "
                 "this is a vinterp bug, please report it with tracer.to_json()")
+        unreached = self._unreached
+        for obj in self._kept:
+            # nnsight's loop simply stops at the last step that ran: no item for the others
+            _drop_proxies(obj, unreached, 0)
+            realize(obj)
         if self._frame is not None:
             rebind_frame(self._frame)
             self._frame = None
+
+    def _steps_run(self) -> dict[int, int]:
+        """invoke -> generation steps it ran (= new tokens: its budget, or up to EOS)."""
+        rows = iter(self._result or ())
+        out = {}
+        for i, prompts in enumerate(self.invokes):
+            out[i] = max(len(next(rows)) - len(p) for p in prompts)
+        out[-1] = max(out.values(), default=0)
+        return out
+
+    def _drop_unreached(self, saves: dict[int, Any]) -> None:
+        """Single-step saves at steps past their invoke's end are not part of its result.
+
+        (Batched HF generation keeps computing rows that have ended, vLLM does not: dropping
+        them gives both backends the values of each request run alone.)
+        """
+        if self.mode != "generate" or self._result is None:
+            return
+        ran = self._steps_run()
+        for proxy in self.saved:
+            node = self.nodes[proxy._id]
+            stop = node.steps.stop
+            if stop is not None and stop - node.steps.start == 1 \
+                    and node.steps.start >= ran[node.invoke]:
+                self._unreached.add(proxy._id)
+                saves.pop(proxy._id, None)
+                # the unsaved value the user holds: same explanation when touched
+                for r in node_refs(node):
+                    self._unreached.add(r)
+
+    def _run_post(self, generated: list[torch.Tensor] | None,
+                  values: dict[int, Any]) -> dict[int, Any]:
+        """Run the nodes computed from the generated ids, here, on the finished generation.
+
+        They form a graph of their own whose one point is ``generator.output``; model values
+        they use came back as hidden saves (``values``).
+        """
+        if generated is None:
+            return {}
+        pad = self.lm._pad_id
+        rows: dict[int, torch.Tensor] = {}
+        start = 0
+        for i, prompts in enumerate(self.invokes):
+            lens = [len(p) for p in prompts]
+            rows[i] = _pad_generated(generated[start:start + len(prompts)], lens, pad)
+            start += len(prompts)
+        rows[-1] = _pad_generated(list(generated), [len(p) for ps in self.invokes for p in ps],
+                                  pad)
+        nodes = tuple(n.model_copy(update={"steps": Steps()}) for n in self.nodes
+                      if n.id in self._post)
+        graph = ir.Graph(invokes=self._graph.invokes if self._graph else (), nodes=nodes,
+                         tensors=tuple(self.tensors))
+        state = RunState(env=dict(values), env_step=dict.fromkeys(values, 0))
+        runner = GraphRunner(graph, state=state)
+        runner.begin_step(0)
+        runner.on_event(_GeneratedEvent(rows))
+        runner.end_step()
+        return runner.results()
+
+
+def _remap(value: Any, ids: dict[int, int]) -> Any:
+    """``value`` (IR args/kwargs) with node references renumbered by ``ids``."""
+    if isinstance(value, Ref):
+        return Ref(ref=ids[value.ref])
+    if isinstance(value, tuple):
+        return tuple(_remap(v, ids) for v in value)
+    if isinstance(value, dict):
+        return {k: _remap(v, ids) for k, v in value.items()}
+    if isinstance(value, ListV):
+        return ListV(list=_remap(value.list, ids))
+    if isinstance(value, TupleV):
+        return TupleV(tuple=_remap(value.tuple, ids))
+    if isinstance(value, SliceV):
+        return SliceV(slice=_remap(value.slice, ids))
+    if isinstance(value, DictV):
+        return DictV(mapping=_remap(value.mapping, ids))
+    return value
+
+
+def _pad_generated(rows: list[torch.Tensor], prompt_lens: list[int], pad: int) -> torch.Tensor:
+    """Rows of (prompt + new ids) as HF ``generate`` returns a batch: one LongTensor, prompts
+    left-padded to the longest prompt, rows with fewer new tokens right-padded."""
+    width = max(prompt_lens)
+    new = max(len(r) - n for r, n in zip(rows, prompt_lens, strict=True))
+    out = torch.full((len(rows), width + new), pad, dtype=torch.long)
+    for b, (r, n) in enumerate(zip(rows, prompt_lens, strict=True)):
+        out[b, width - n: width - n + len(r)] = r
+    return out
+
+
+def _save_inside(obj: Any, tracer: Tracer, saved: set[int], depth: int) -> Any:
+    """Replace unsaved proxies inside ``obj`` (in place for lists/dicts) by saved ones."""
+    if isinstance(obj, Proxy):
+        if obj._tracer is not tracer or obj._id in saved:
+            return obj
+        new = tracer._save_as_recorded(obj)
+        saved.add(new._id)
+        return new
+    if depth > _KEEP_DEPTH:
+        return obj
+    if isinstance(obj, list):
+        for i, v in enumerate(obj):
+            obj[i] = _save_inside(v, tracer, saved, depth + 1)
+    elif isinstance(obj, dict):
+        for k, v in list(obj.items()):
+            obj[k] = _save_inside(v, tracer, saved, depth + 1)
+    elif isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_save_inside(v, tracer, saved, depth + 1) for v in obj)
+    return obj
+
+
+def _drop_proxies(obj: Any, ids: set[int], depth: int) -> None:
+    """Remove items that are proxies of ``ids`` from lists and dicts inside ``obj``."""
+    if not ids or depth > _KEEP_DEPTH:
+        return
+    if isinstance(obj, list):
+        obj[:] = [v for v in obj if not (isinstance(v, Proxy) and v._id in ids)]
+        for v in obj:
+            _drop_proxies(v, ids, depth + 1)
+    elif isinstance(obj, dict):
+        for k, v in list(obj.items()):
+            if isinstance(v, Proxy) and v._id in ids:
+                del obj[k]
+            else:
+                _drop_proxies(v, ids, depth + 1)
