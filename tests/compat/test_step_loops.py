@@ -1,0 +1,200 @@
+"""nnsight step loops on the HF backend: ``for step in tracer.iter[...]`` / ``tracer.all()``.
+
+References are plain PyTorch forward hooks on the same HF model (compat_reference.py), never
+vinterp itself. Idioms as nnsight documents them:
+- docs/usage/iter-all-next.md
+  https://github.com/ndif-team/nnsight/blob/main/docs/usage/iter-all-next.md
+- tests/agent-evals/_audit.py (intermediate_04, _07, _08, _12)
+  https://github.com/ndif-team/nnsight/blob/main/tests/agent-evals/_audit.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compat_reference import raw_generate
+
+from vinterp.tracing.errors import TracingError
+
+PROMPT = "The quick brown fox"
+N_NEW = 5
+EDIT_LAYER, READ_LAYER = 0, 1
+
+
+@pytest.fixture(scope="module")
+def model(hf_model):
+    return hf_model("tiny-llama")
+
+
+def _ids(model, prompt=PROMPT):
+    return model.tokenizer(prompt)["input_ids"]
+
+
+def _zero_at(steps):
+    return lambda step, out: torch.zeros_like(out) if step in steps else None
+
+
+def test_iter_conditional_edit_lands_on_step_2_only(model):
+    # nnsight: _audit.py intermediate_07_conditional_generation; iter-all-next.md
+    # "Per-step conditional" (`step` is the actual integer iteration number).
+    with model.generate(PROMPT, max_new_tokens=N_NEW, ignore_eos=True) as tracer:
+        step_predictions = list().save()
+        hidden = list().save()
+        seen = []
+        for step_idx in tracer.iter[:]:
+            seen.append(step_idx)
+            if step_idx == 2:
+                model.model.layers[EDIT_LAYER].output[:] = 0
+            hidden.append(model.model.layers[READ_LAYER].output)
+            step_predictions.append(model.lm_head.output[0, -1, :].argmax(dim=-1))
+    assert seen == [0, 1, 2, 3, 4] and all(type(s) is int for s in seen)
+
+    edit, read = f"model.layers.{EDIT_LAYER}", f"model.layers.{READ_LAYER}"
+    ref = raw_generate(model._model, _ids(model), N_NEW, model._pad_id,
+                       edits={edit: _zero_at({2})},
+                       capture={read: lambda o: o, "lm_head": lambda o: o[0, -1].argmax(-1)})
+    plain = raw_generate(model._model, _ids(model), N_NEW, model._pad_id,
+                         capture={read: lambda o: o})
+    assert isinstance(hidden, list) and len(hidden) == N_NEW == len(step_predictions)
+    for got, want in zip(hidden, ref.captured[read], strict=True):
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert [int(t) for t in step_predictions] == [int(t) for t in ref.captured["lm_head"]]
+    assert torch.equal(tracer.result[0], ref.ids)
+    # the edit matters, and only from step 2 on: steps 0 and 1 are the unedited model's
+    for s in (0, 1):
+        assert torch.allclose(hidden[s], plain.captured[read][s], atol=1e-5, rtol=0)
+    assert not torch.allclose(hidden[2], plain.captured[read][2], atol=1e-3)
+    # the graph says so too: exactly one write of layer 0's output, scoped to step 2
+    edits = [n for n in tracer.graph.nodes if n.op == "setitem"]
+    assert [(n.steps.start, n.steps.stop) for n in edits] == [(2, 3)]
+
+
+def test_iter_slice_int_and_list_select_those_steps(model):
+    # nnsight: iter-all-next.md "Slice", "Int", "List"; _audit.py intermediate_12.
+    read = f"model.layers.{READ_LAYER}"
+    with model.generate(PROMPT, max_new_tokens=N_NEW, ignore_eos=True) as tracer:
+        mid = list().save()
+        for step in tracer.iter[1:3]:
+            mid.append(model.model.layers[READ_LAYER].output)
+        picked = [].save()
+        steps_seen = [].save()
+        for step in tracer.iter[[0, 2, 4]]:
+            steps_seen.append(step)
+            picked.append(model.model.layers[READ_LAYER].output)
+        for step in tracer.iter[3]:
+            third = model.model.layers[READ_LAYER].output.save()
+    ref = raw_generate(model._model, _ids(model), N_NEW, model._pad_id,
+                       capture={read: lambda o: o}).captured[read]
+    assert len(mid) == 2 and len(picked) == 3 and steps_seen == [0, 2, 4]
+    for got, want in zip(mid + picked + [third], [ref[1], ref[2], ref[0], ref[2], ref[4],
+                                                  ref[3]], strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_for_step_in_all_edits_every_step(model):
+    # nnsight: iter-all-next.md "`tracer.all()` — every step" (for step in tracer.all()).
+    n_new = 3
+    with model.generate(PROMPT, max_new_tokens=n_new, ignore_eos=True) as tracer:
+        hidden_states = list().save()
+        for step in tracer.all():
+            model.model.layers[EDIT_LAYER].output[:] = 0
+            hidden_states.append(model.model.layers[-1].output)
+    last = f"model.layers.{model.config.num_hidden_layers - 1}"
+    ref = raw_generate(model._model, _ids(model), n_new, model._pad_id,
+                       edits={f"model.layers.{EDIT_LAYER}": _zero_at({0, 1, 2})},
+                       capture={last: lambda o: o})
+    assert len(hidden_states) == n_new
+    for got, want in zip(hidden_states, ref.captured[last], strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert torch.equal(tracer.result[0], ref.ids)
+
+
+def test_per_invoke_budget_bounds_the_loop(model):
+    # nnsight: _audit.py intermediate_11 (the iter loop inside an invoke); the budget of an
+    # open slice is that invoke's max_new_tokens (nnsight's default_all).
+    read = f"model.layers.{READ_LAYER}"
+    with model.generate(max_new_tokens=4, ignore_eos=True) as tracer:
+        with tracer.invoke(PROMPT, max_new_tokens=2):
+            short = list().save()
+            for _ in tracer.iter[:]:
+                short.append(model.model.layers[READ_LAYER].output)
+        with tracer.invoke("Hello world"):
+            long = list().save()
+            for _ in tracer.iter[:]:
+                long.append(model.model.layers[READ_LAYER].output)
+    assert len(short) == 2 and len(long) == 4
+    for got_list, prompt in ((short, PROMPT), (long, "Hello world")):
+        ref = raw_generate(model._model, _ids(model, prompt), len(got_list), model._pad_id,
+                           capture={read: lambda o: o}).captured[read]
+        for got, want in zip(got_list, ref, strict=True):
+            assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_saved_list_and_dict_hold_tensors_after_the_block(model):
+    # nnsight: docs/usage/save.md (`list().save()` / pymount: .save() on any object).
+    with model.trace(PROMPT):
+        layers = list().save()
+        norms = dict().save()
+        for i in range(2):
+            h = model.model.layers[i].output
+            layers.append(h)                       # unsaved proxy: saved with the list
+            norms[f"layer{i}"] = h.norm().save()   # already saved: kept as is
+    ref = raw_generate(model._model, _ids(model), 1, model._pad_id,
+                       capture={f"model.layers.{i}": lambda o: o for i in range(2)})
+    assert type(layers) is list and type(norms) is dict
+    for i in range(2):
+        want = ref.captured[f"model.layers.{i}"][0]
+        assert torch.allclose(layers[i], want, atol=1e-5, rtol=0)
+        assert torch.allclose(norms[f"layer{i}"], want.norm(), atol=1e-4, rtol=0)
+    assert not hasattr([], "save")  # .save() on plain objects exists only inside a trace
+
+
+def test_with_all_scope_keeps_one_body_for_every_step(model):
+    # nnsight's deprecated `with tracer.all():` form: vinterp records the body once for all
+    # steps (the fast path); a save inside gives one value per step.
+    read = f"model.layers.{READ_LAYER}"
+    with model.generate(PROMPT, max_new_tokens=3, ignore_eos=True) as tracer:
+        with tracer.all():
+            every = model.model.layers[READ_LAYER].output.save()
+    ref = raw_generate(model._model, _ids(model), 3, model._pad_id,
+                       capture={read: lambda o: o}).captured[read]
+    assert len(every) == 3
+    for got, want in zip(every, ref, strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_step_loop_misuse_is_refused_clearly(model):
+    # nnsight raises ValueError for negative steps (iter-all-next.md "Gotchas"); vinterp also
+    # refuses steps past the budget instead of silently never running them.
+    cases = {
+        "step 7, but this generation has max_new_tokens=5": lambda t: list(t.iter[2:8]),
+        "no negative step": lambda t: t.iter[-1],
+        "list of steps must hold": lambda t: t.iter[[0, -2]],
+        "max_new_tokens=5": lambda t: list(t.iter[[1, 5]]),
+    }
+    for message, use in cases.items():
+        with pytest.raises(TracingError, match=message):
+            with model.generate(PROMPT, max_new_tokens=N_NEW) as tracer:
+                use(tracer)
+    with pytest.raises(TracingError, match="inside another step loop"):
+        with model.generate(PROMPT, max_new_tokens=N_NEW) as tracer:
+            for _ in tracer.iter[:2]:
+                for _ in tracer.iter[:2]:
+                    pass
+    with pytest.raises(TracingError, match="tracer.next\\(\\) inside"):
+        with model.generate(PROMPT, max_new_tokens=N_NEW) as tracer:
+            for _ in tracer.iter[:2]:
+                tracer.next()
+    with pytest.raises(TracingError, match="would widen the loop"):
+        with model.generate(PROMPT, max_new_tokens=N_NEW) as tracer:
+            for _ in tracer.iter[:2]:
+                with tracer.all():
+                    pass
+    with pytest.raises(TracingError, match="model.trace runs one forward"):
+        with model.trace(PROMPT) as tracer:
+            for _ in tracer.iter[:3]:
+                pass
+    with pytest.raises(TracingError, match="the bounds must be ints"):
+        with model.generate(PROMPT, max_new_tokens=N_NEW) as tracer:
+            tracer.iter[: model.model.layers[0].output.shape[1]]
