@@ -198,3 +198,24 @@ def test_step_loop_misuse_is_refused_clearly(model):
     with pytest.raises(TracingError, match="the bounds must be ints"):
         with model.generate(PROMPT, max_new_tokens=N_NEW) as tracer:
             tracer.iter[: model.model.layers[0].output.shape[1]]
+
+
+def test_steps_an_invoke_never_ran_give_no_items(model):
+    # nnsight (docs/gotchas/iteration.md): iterations that did not happen append nothing and
+    # their values were "not provided". Here the invoke's own budget (2) ends it before step 3
+    # while the batch goes on to 5 steps for the other invoke.
+    read = f"model.layers.{READ_LAYER}"
+    with model.generate(max_new_tokens=5, ignore_eos=True) as tracer:
+        with tracer.invoke("Hi", max_new_tokens=2):
+            hs = list().save()
+            hs.append(model.model.layers[READ_LAYER].output)   # step 0
+            tracer.next(3)
+            hs.append(model.model.layers[READ_LAYER].output)   # step 3: never runs here
+            late = model.model.layers[READ_LAYER].output.save()
+        with tracer.invoke(PROMPT):
+            pass
+    ref = raw_generate(model._model, _ids(model, "Hi"), 1, model._pad_id,
+                       capture={read: lambda o: o}).captured[read]
+    assert len(hs) == 1 and torch.allclose(hs[0], ref[0], atol=1e-5, rtol=0)
+    with pytest.raises(TracingError, match="step 3, which never ran"):
+        late.shape  # noqa: B018

@@ -10,6 +10,11 @@ model runs) the method is removed again, so no other code ever sees ``object.sav
 every proxy found inside it when the block ends and replaces them with their values after
 the run (see :meth:`vinterp.tracing.tracer.Tracer.keep`). It returns ``obj`` itself, so
 ``x = list().save()`` binds the list.
+
+Known limit (nnsight's too): while mounted, every object answers ``hasattr(x, "save")``, so a
+C extension imported for the first time inside a trace block that defines its own ``save``
+(pybind11 checks for an existing attribute) refuses to load. Import such modules before the
+block; vinterp itself imports nothing while user code records.
 """
 
 from __future__ import annotations
