@@ -58,7 +58,27 @@ def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
     ls.set_defaults(func=_models_list)
 
 
-SUBCOMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [add_models_parser]
+def _serve(args: argparse.Namespace) -> int:
+    from vinterp_server.serve import main as serve_main
+
+    return serve_main(args, args.vllm_args)
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``vinterp serve``: the OpenAI-compatible intervention server (options not listed here
+    go to vLLM's engine, e.g. ``--max-model-len 2048``)."""
+    from vinterp_server.serve import add_arguments
+
+    p = subparsers.add_parser(
+        "serve", help="run the OpenAI-compatible intervention server",
+        description="Run vinterp's server: one AsyncLLM engine with the plugin. Options not "
+                    "listed below go to vLLM (engine and front end), e.g. --max-model-len.")
+    add_arguments(p)
+    p.set_defaults(func=_serve, vllm_args=[])
+
+
+SUBCOMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_models_parser, add_serve_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for usage errors and unknown models)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if getattr(args, "command", None) != "serve":
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.vllm_args = rest
     try:
         return args.func(args)
     except ModelNotFoundError as e:

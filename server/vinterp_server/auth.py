@@ -1,0 +1,105 @@
+"""API keys: loaded from a file or the environment, kept only as SHA-256 hashes.
+
+Key file: one key a line, ``<key> [name] [limit=value ...]`` (``#`` starts a comment), e.g.
+``sk-alice alice concurrent=8 tokens_per_minute=200000``. Environment: ``VINTERP_API_KEYS``,
+comma-separated keys. A key's ``id`` (its name, or a hash prefix) owns its vectors, captures
+and traces.
+
+Example::
+
+    keys = ApiKeys.parse("sk-alice alice concurrent=2\\n")
+    keys.lookup("sk-alice").limits.concurrent     # 2
+    keys.lookup("sk-mallory")                     # None
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-key limits; past any of them a request gets 429."""
+
+    concurrent: int = 64                    # requests in flight
+    tokens_per_minute: int = 2_000_000      # prompt + generated tokens, last 60 s
+    capture_bytes: int = 64 * 2**20         # what one request may capture
+    graph_nodes: int = 100_000              # nodes in one request's / trace's graph
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """Who is calling: ``id`` owns per-key objects; ``limits`` bound their requests."""
+
+    id: str
+    limits: Limits = field(default_factory=Limits)
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiKeys:
+    """Known keys, by hash. Empty: the server runs open (loopback only, see ``serve``)."""
+
+    def __init__(self, defaults: Limits | None = None) -> None:
+        self.defaults = defaults or Limits()
+        self._by_hash: dict[str, KeyInfo] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    def add(self, key: str, name: str | None = None, **limits: int) -> KeyInfo:
+        """Register a key (kept hashed)."""
+        if len(key) < 8:
+            raise ValueError("API keys must be at least 8 characters")
+        h = _hash(key)
+        info = KeyInfo(id=name or f"key-{h[:12]}", limits=replace(self.defaults, **limits))
+        self._by_hash[h] = info
+        return info
+
+    def lookup(self, key: str | None) -> KeyInfo | None:
+        """The key's info, or ``None`` for an unknown key (constant-time compare)."""
+        if not key:
+            return None
+        h = _hash(key)
+        for known, info in self._by_hash.items():
+            if hmac.compare_digest(known, h):
+                return info
+        return None
+
+    @classmethod
+    def parse(cls, text: str, defaults: Limits | None = None) -> ApiKeys:
+        """Keys from key-file text (format in the module docstring)."""
+        keys = cls(defaults)
+        names = {f.name for f in fields(Limits)}
+        for lineno, line in enumerate(text.splitlines(), 1):
+            words = line.split("#", 1)[0].split()
+            if not words:
+                continue
+            key, rest = words[0], words[1:]
+            name = None
+            limits: dict[str, int] = {}
+            for w in rest:
+                if "=" in w:
+                    k, _, v = w.partition("=")
+                    if k not in names or not v.isdigit():
+                        raise ValueError(f"key file line {lineno}: bad limit {w!r}; use "
+                                         f"{'/'.join(sorted(names))}=<integer>")
+                    limits[k] = int(v)
+                else:
+                    name = w
+            keys.add(key, name, **limits)
+        return keys
+
+    @classmethod
+    def load(cls, path: str | Path | None, defaults: Limits | None = None) -> ApiKeys:
+        """Keys from ``path`` (if given) and ``VINTERP_API_KEYS``."""
+        text = Path(path).read_text() if path else ""
+        env = os.environ.get("VINTERP_API_KEYS", "")
+        text += "\n" + "\n".join(k.strip() for k in env.split(",") if k.strip())
+        return cls.parse(text, defaults)

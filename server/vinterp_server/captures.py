@@ -1,0 +1,94 @@
+"""Captures in responses: ``[rows, hidden]`` arrays as base64 ``.npy``, inline or stored.
+
+A response carries captures inline until their bytes pass ``Settings.inline_capture_bytes``;
+the rest are kept per key for ``capture_ttl`` seconds and fetched with
+``GET /v1/captures/{id}`` (an ``.npy`` file). A streamed response carries each choice's
+captures in the chunk that finishes it.
+
+Example (one capture in a response)::
+
+    {"point": "layers.8.output", "positions": "last", "steps": "prompt",
+     "dtype": "float32", "shape": [1, 576], "data": "k05VTVBZ..."}
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from typing import Any
+
+import torch
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.responses import Response
+
+from vinterp_server import metrics
+from vinterp_server.auth import KeyInfo
+from vinterp_server.compile import CompiledRequest, npy_bytes
+from vinterp_server.context import Server, require_key, server
+from vinterp_vllm.payload import Outcome
+
+router = APIRouter()
+
+
+def rows(value: Any) -> torch.Tensor:
+    """A shortcut capture's saved value (one tensor, or one per step) as ``[rows, hidden]``."""
+    parts = value if isinstance(value, list) else [value]
+    return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts], dim=0)
+
+
+def _graph_value(value: Any) -> torch.Tensor:
+    """A graph save as one array: per-step lists are stacked (or joined on dim 1)."""
+    if not isinstance(value, list):
+        return torch.as_tensor(value)
+    parts = [torch.as_tensor(v) for v in value]
+    try:
+        return torch.stack(parts)
+    except RuntimeError:
+        return torch.cat(parts, dim=1)
+
+
+class CaptureWriter:
+    """Encodes one response's captures, storing those past the inline budget."""
+
+    def __init__(self, srv: Server, key: KeyInfo) -> None:
+        self.srv = srv
+        self.key = key
+        self.inline_left = srv.settings.inline_capture_bytes
+
+    def encode(self, spec: CompiledRequest, outcome: Outcome) -> list[dict[str, Any]]:
+        """The captures of one finished request (its outcome must carry no error)."""
+        out = []
+        for save_id, cap, label in spec.capture_points():
+            value = outcome.saves.get(save_id)
+            if value is None:
+                raise RuntimeError(f"capture {label!r} produced no value")
+            t = rows(value) if cap is not None else _graph_value(value)
+            data = npy_bytes(t)
+            metrics.CAPTURE_BYTES.inc(len(data))
+            item: dict[str, Any] = {
+                "point": label, "positions": None if cap is None else cap.positions,
+                "steps": None if cap is None else cap.steps,
+                "dtype": "float32" if t.dtype in (torch.bfloat16, torch.float16)
+                else str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+            if len(data) <= self.inline_left:
+                self.inline_left -= len(data)
+                item["data"] = base64.b64encode(data).decode("ascii")
+            else:
+                cid = f"cap-{uuid.uuid4().hex}"
+                self.srv.store.put(self.key.id, "capture", cid, data,
+                                   self.srv.settings.capture_ttl)
+                item["id"] = cid
+            out.append(item)
+        return out
+
+
+@router.get("/v1/captures/{capture_id}", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+async def get_capture(capture_id: str, key: KeyInfo = Depends(require_key),
+                      srv: Server = Depends(server)) -> Response:
+    """A stored capture (an ``.npy`` file); 404 once expired or if it is not this key's."""
+    data = srv.store.get(key.id, "capture", capture_id)
+    if data is None:
+        raise HTTPException(404, f"no capture {capture_id!r} for this key (expired after "
+                                 f"{int(srv.settings.capture_ttl)} s, or never existed)")
+    return Response(content=data, media_type="application/octet-stream")

@@ -1,0 +1,243 @@
+"""Hosting the engine: one ``AsyncLLM`` with vinterp's plugin, behind vLLM's OpenAI layer.
+
+The app (:mod:`vinterp_server.app`) talks to an :class:`EngineHost`; how the engine is hosted
+is this module's business. :class:`LocalEngineHost` is the embedded default (engine in this
+process's event loop, engine core in a child process). A Ray Serve replica hosts the same
+class; the ingress then forwards to replicas.
+
+vLLM's own serving classes do chat templates, sampling parameters, stop strings, logprobs
+and SSE framing. They call ``engine_client.generate``; :class:`InterventionClient` is that
+client: it finds the request's :class:`RequestContext` in ``SamplingParams.extra_args``
+(put there by the request models' ``to_sampling_params``), compiles the IR graph for the
+rendered prompt tokens, attaches the payload, and collects the outcome when the request ends.
+
+Example::
+
+    host = await LocalEngineHost.start("smollm2-135m", ["--max-model-len", "2048"])
+    response = await host.completions(request, raw_request)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from vinterp.backends.base import RunResult
+from vinterp.backends.vllm import requests as rq
+from vinterp.backends.vllm.async_engine import AsyncEngine
+from vinterp.ir.schema import Graph
+from vinterp.models.registry import resolve_model
+from vinterp_server.compile import CompiledRequest, FieldError, ModelInfo
+from vinterp_server.limits import LimitExceeded
+from vinterp_server.schemas import CONTEXT_KEY
+from vinterp_vllm.payload import EXTRA_ARGS_KEY, Outcome, Payload
+
+log = logging.getLogger("vinterp.server")
+
+
+class RequestContext:
+    """One HTTP request's interventions, limits and outcomes (one per rendered prompt).
+
+    ``spec`` is ``None`` for a plain request: only its tokens are counted.
+    """
+
+    def __init__(self, spec: CompiledRequest | None, *, capture_cap: int,
+                 on_tokens: Callable[[int], None] | None = None) -> None:
+        self.spec = spec
+        self.capture_cap = capture_cap
+        self.on_tokens = on_tokens
+        self.outcomes: dict[int, Outcome] = {}
+        self._prompts = 0
+
+    async def generate(self, engine: AsyncEngine, prompt: Any, params: Any, request_id: str,
+                       **kwargs: Any) -> AsyncIterator[Any]:
+        """The engine's outputs for one rendered prompt, with this request's payload."""
+        index = self._prompts
+        self._prompts += 1
+        if self.spec is not None:
+            self._attach(engine, prompt, params)
+        final = None
+        async for out in engine.generate(prompt, params, request_id,
+                                         on_outcome=lambda o: self.outcomes.__setitem__(index, o),
+                                         **kwargs):
+            final = out
+            yield out
+        if final is not None and self.on_tokens is not None:
+            self.on_tokens(len(final.prompt_token_ids or ()) +
+                           sum(len(c.token_ids) for c in final.outputs))
+
+    def _attach(self, engine: AsyncEngine, prompt: Any, params: Any) -> None:
+        assert self.spec is not None
+        ids = list(prompt["prompt_token_ids"])
+        need = self.spec.estimate_capture_bytes(len(ids), int(params.max_tokens or 1))
+        if need > self.capture_cap:
+            raise _http(LimitExceeded(
+                f"the requested captures can reach {need} bytes for this prompt; this key may "
+                f"capture at most {self.capture_cap} bytes per request", 60), 429)
+        graph = self.spec.graph_for(ids)
+        try:
+            engine.check(graph)   # e.g. a general graph on a prompt longer than one forward
+        except ValueError as exc:
+            raise _http(exc, 400) from None
+        gjson = graph.model_dump_json()
+        payload = Payload(key=f"srv-{uuid.uuid4().hex}", graph_json=gjson, invoke=0,
+                          mode="generate", capture_cap=self.capture_cap)
+        params.extra_args = {**(params.extra_args or {}), **payload.to_extra_args()}
+        nodes = graph.nodes
+        if rq.writes(nodes):   # never share KV computed under another intervention
+            prompt["cache_salt"] = rq.fingerprint(gjson)
+        if rq.reads_prompt(nodes):   # reads of prompt positions need them computed here
+            params.skip_reading_prefix_cache = True
+
+    def outcome(self, index: int) -> Outcome | None:
+        """The worker's outcome for rendered prompt ``index`` (once it finished)."""
+        return self.outcomes.get(index)
+
+
+def _http(exc: Exception, status: int) -> Exception:
+    """``exc`` as the error vLLM's serving layer turns into an HTTP status (and SSE error)."""
+    from vllm.exceptions import GracefulHTTPError
+
+    err = GracefulHTTPError(str(exc), status)  # type: ignore[arg-type]
+    err.retry_after = getattr(exc, "retry_after", None)  # type: ignore[attr-defined]
+    return err
+
+
+class InterventionClient:
+    """The ``EngineClient`` given to vLLM's serving classes: ``AsyncLLM`` plus payloads."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine.llm, name)
+
+    def generate(self, prompt: Any, sampling_params: Any, request_id: str,
+                 **kwargs: Any) -> AsyncIterator[Any]:
+        extra = sampling_params.extra_args or {}
+        ctx = extra.pop(CONTEXT_KEY, None)
+        if EXTRA_ARGS_KEY in extra:
+            # a client may not hand the worker a payload of its own making (vllm_xargs)
+            raise _http(FieldError("vllm_xargs", f"the key {EXTRA_ARGS_KEY!r} is reserved; "
+                                                 "use interventions/capture/graph"), 400)
+        if ctx is None:
+            return self._engine.llm.generate(prompt, sampling_params, request_id, **kwargs)
+        return ctx.generate(self._engine, prompt, sampling_params, request_id, **kwargs)
+
+
+class EngineHost(Protocol):
+    """What the app needs from wherever the engine runs."""
+
+    model_name: str
+    model: ModelInfo
+    max_model_len: int
+
+    async def completions(self, request: Any, raw_request: Any) -> Any:
+        """vLLM's completion handler (response, SSE generator or ``ErrorResponse``)."""
+
+    async def chat(self, request: Any, raw_request: Any) -> Any:
+        """vLLM's chat handler."""
+
+    async def models(self) -> Any:
+        """``/v1/models``."""
+
+    def check(self, graph: Graph) -> None:
+        """Raise ``ValueError`` for graphs the engine cannot run."""
+
+    async def run(self, graph: Graph, *, capture_cap: int | None = None) -> RunResult:
+        """Run a whole trace/generate graph."""
+
+    async def stats(self) -> dict[str, int]:
+        """The plugin's counts of state held in the worker."""
+
+    async def shutdown(self) -> None:
+        """Stop the engine."""
+
+
+def vllm_serve_args(model_path: str, served_name: str, argv: list[str]) -> argparse.Namespace:
+    """vLLM's ``serve`` options (engine and OpenAI front end) parsed from ``argv``."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vinterp serve (vLLM options)"))
+    return parser.parse_args(["--model", model_path, "--served-model-name", served_name, *argv])
+
+
+def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine arguments the user set (those that differ from vLLM's defaults)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    given = AsyncEngineArgs.from_cli_args(args)
+    default = AsyncEngineArgs(model=given.model)
+    skip = {"model", "served_model_name", "tokenizer"}
+    return {f.name: getattr(given, f.name) for f in dataclasses.fields(given)
+            if f.name not in skip and getattr(given, f.name) != getattr(default, f.name)}
+
+
+class LocalEngineHost:
+    """The engine in this process (the embedded default of ``vinterp serve``)."""
+
+    def __init__(self, engine: AsyncEngine, state: Any, model_name: str) -> None:
+        self.engine = engine
+        self.state = state
+        self.model_name = model_name
+        self.model = ModelInfo(engine.arch, engine.num_layers, engine.hidden_size, engine.dtype)
+        self.max_model_len = engine.max_model_len
+
+    @classmethod
+    async def start(cls, model: str = "smollm2-135m", vllm_argv: list[str] | None = None
+                    ) -> LocalEngineHost:
+        """Resolve ``model`` (a vinterp name or HF directory), start the engine, warm it up."""
+        from starlette.datastructures import State
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+
+        path = resolve_model(model)
+        args = vllm_serve_args(str(path), model, list(vllm_argv or ()))
+        engine = await AsyncEngine.start(path, **engine_overrides(args))
+        try:
+            client = InterventionClient(engine)
+            state = State()
+            tasks = await engine.llm.get_supported_tasks()
+            await init_app_state(client, state, args, tasks)  # type: ignore[arg-type]
+            host = cls(engine, state, model)
+            await host._warm_up()
+        except BaseException:
+            await engine.shutdown()
+            raise
+        return host
+
+    async def _warm_up(self) -> None:
+        # The first logprobs request compiles/caches sampler paths (seconds on CPU): pay it
+        # at start, not on a user's first request.
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        req = CompletionRequest(model=self.model_name, prompt="Hello", max_tokens=2,
+                                logprobs=1, temperature=0.0)
+        await self.completions(req, None)
+
+    async def completions(self, request: Any, raw_request: Any) -> Any:
+        return await self.state.openai_serving_completion.create_completion(request,
+                                                                             raw_request)
+
+    async def chat(self, request: Any, raw_request: Any) -> Any:
+        return await self.state.openai_serving_chat.create_chat_completion(request,
+                                                                           raw_request)
+
+    async def models(self) -> Any:
+        return await self.state.openai_serving_models.show_available_models()
+
+    def check(self, graph: Graph) -> None:
+        self.engine.check(graph)
+
+    async def run(self, graph: Graph, *, capture_cap: int | None = None) -> RunResult:
+        return await self.engine.run(graph, capture_cap=capture_cap)
+
+    async def stats(self) -> dict[str, int]:
+        return await self.engine.stats()
+
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()

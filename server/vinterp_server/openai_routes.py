@@ -1,0 +1,181 @@
+"""``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``: vLLM's OpenAI layer plus
+vinterp's fields.
+
+A request without vinterp fields goes through vLLM's serving code untouched, so its response
+equals ``vllm serve``'s. One with fields is compiled and checked first (a bad field is a 400
+that never reaches the engine); its captures are added to each choice (``captures``) when the
+choice finishes, streamed or not. An intervention that fails at run time fails its own request
+(500 with the reason); the other requests in the batch are untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from vllm.entrypoints.serve.utils.api_utils import with_cancellation
+
+from vinterp_server import metrics
+from vinterp_server.auth import KeyInfo
+from vinterp_server.captures import CaptureWriter
+from vinterp_server.compile import CompiledRequest, FieldError
+from vinterp_server.context import Server, require_key, server
+from vinterp_server.engine import RequestContext
+from vinterp_server.errors import error_response
+from vinterp_server.limits import LimitExceeded
+from vinterp_server.schemas import (
+    InterventionFields, VinterpChatCompletionRequest, VinterpCompletionRequest,
+)
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(key: KeyInfo = Depends(require_key),
+                      srv: Server = Depends(server)) -> Any:
+    """The served model (OpenAI ``/v1/models``)."""
+    return (await srv.host.models()).model_dump()
+
+
+@router.post("/v1/completions", responses={200: {"content": {"text/event-stream": {}}}})
+@with_cancellation
+async def completions(request: VinterpCompletionRequest, raw_request: Request,
+                      key: KeyInfo = Depends(require_key),
+                      srv: Server = Depends(server)) -> Response:
+    """OpenAI completions; ``interventions`` / ``capture`` / ``graph`` in the body."""
+    return await _serve(request, raw_request, key, srv, srv.host.completions, "completions")
+
+
+@router.post("/v1/chat/completions", responses={200: {"content": {"text/event-stream": {}}}})
+@with_cancellation
+async def chat_completions(request: VinterpChatCompletionRequest, raw_request: Request,
+                           key: KeyInfo = Depends(require_key),
+                           srv: Server = Depends(server)) -> Response:
+    """OpenAI chat completions; ``interventions`` / ``capture`` / ``graph`` in the body."""
+    return await _serve(request, raw_request, key, srv, srv.host.chat, "chat")
+
+
+def compile_fields(fields: InterventionFields, key: KeyInfo, srv: Server) -> CompiledRequest:
+    """Check and compile a request's vinterp fields (``FieldError`` / ``LimitExceeded``)."""
+    spec = CompiledRequest.build(
+        fields, srv.host.model, vectors=lambda name: srv.store.get(key.id, "vector", name))
+    srv.limiter.check_graph(key, spec.n_nodes)
+    try:  # structure only: the prompt is not rendered yet
+        srv.host.check(spec.graph_for([0]))
+    except ValueError as exc:
+        raise FieldError("graph" if fields.graph else "interventions", str(exc)) from None
+    for op, n in spec.ops.items():
+        metrics.INTERVENTIONS.labels(op=op).inc(n)
+    return spec
+
+
+async def _serve(request: Any, raw_request: Request, key: KeyInfo, srv: Server,
+                 handler: Callable[[Any, Any], Awaitable[Any]], endpoint: str) -> Response:
+    intervened = request.has_vinterp()
+    metrics.REQUESTS.labels(endpoint=endpoint, intervened=str(intervened).lower()).inc()
+    spec = None
+    try:
+        if intervened:
+            if (request.n or 1) > 1:
+                raise FieldError("n", "n > 1 cannot be combined with interventions or "
+                                      "captures; send n separate requests (they batch)")
+            if getattr(request, "use_beam_search", False):
+                raise FieldError("use_beam_search", "beam search cannot be combined with "
+                                                    "interventions or captures")
+            spec = compile_fields(request, key, srv)
+        release = srv.limiter.acquire(key)
+    except (FieldError, LimitExceeded) as exc:
+        return error_response(exc)
+    ctx = RequestContext(spec, capture_cap=key.limits.capture_bytes,
+                         on_tokens=lambda n: srv.limiter.record_tokens(key, n))
+    request.attach(ctx)
+    streaming = False
+    try:
+        result = await handler(request, raw_request)
+        if hasattr(result, "__aiter__"):
+            streaming = True
+            return await _stream(result, ctx, key, srv, release)
+        if hasattr(result, "error"):   # vLLM's ErrorResponse
+            return error_response(result)
+        body = result.model_dump()
+        if spec is not None:
+            writer = CaptureWriter(srv, key)
+            for choice in body["choices"]:
+                outcome = ctx.outcome(choice["index"])
+                if outcome is None or outcome.error:
+                    return error_response(_failed(outcome))
+                choice["captures"] = writer.encode(spec, outcome)
+        return JSONResponse(body)
+    finally:
+        if not streaming:
+            release()
+
+
+def _failed(outcome: Any) -> Exception:
+    reason = "the request finished without an outcome" if outcome is None else outcome.error
+    return RuntimeError(f"intervention failed: {reason}")
+
+
+async def _stream(gen: AsyncIterator[str], ctx: RequestContext, key: KeyInfo, srv: Server,
+                  release: Callable[[], None]) -> Response:
+    """A streamed response; an error before the first token is a real HTTP error status."""
+    try:
+        first = await gen.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        release()
+        raise
+    early = _error_event(first)
+    if early is not None:
+        release()
+        await gen.aclose()
+        return error_response(early)
+    writer = CaptureWriter(srv, key) if ctx.spec is not None else None
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if first is not None:
+                yield _with_captures(first, ctx, writer)
+            async for chunk in gen:
+                yield _with_captures(chunk, ctx, writer)
+        finally:
+            release()
+            await gen.aclose()
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _error_event(chunk: str | None) -> dict[str, Any] | None:
+    if chunk is None or not chunk.startswith("data: {\"error\""):
+        return None
+    try:
+        return json.loads(chunk[len("data: "):])
+    except ValueError:
+        return None
+
+
+def _with_captures(chunk: str, ctx: RequestContext, writer: CaptureWriter | None) -> str:
+    """The SSE chunk, with captures added to each choice it finishes."""
+    if writer is None or not chunk.startswith("data: {"):
+        return chunk
+    data = json.loads(chunk[len("data: "):])
+    changed = False
+    errors = []
+    for choice in data.get("choices") or ():
+        if choice.get("finish_reason") is None:
+            continue
+        outcome = ctx.outcome(choice.get("index", 0))
+        if outcome is None or outcome.error:
+            errors.append(str(_failed(outcome)))
+            continue
+        choice["captures"] = writer.encode(ctx.spec, outcome)  # type: ignore[arg-type]
+        changed = True
+    if errors:
+        err = {"error": {"message": "; ".join(errors), "type": "InternalServerError",
+                         "param": None, "code": 500}}
+        return f"data: {json.dumps(err)}\n\n"
+    return f"data: {json.dumps(data)}\n\n" if changed else chunk

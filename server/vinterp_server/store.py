@@ -1,0 +1,113 @@
+"""Per-key server state behind one small interface: objects with an owner, a kind and a TTL.
+
+Named vectors, stored captures, trace results and the limiter's usage counters all go
+through :class:`Store`. The server ships :class:`MemoryStore` (one process); a replicated
+deployment swaps in a shared store (Redis, say) without touching the app.
+
+Every read names the owner: one key can never see another key's objects, whatever id it
+guesses.
+
+Example::
+
+    store = MemoryStore()
+    store.put("key-a", "vector", "happy", tensors, ttl=None)
+    store.get("key-b", "vector", "happy")      # None: not this key's
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Protocol
+
+
+class Store(Protocol):
+    """What the app needs of per-key state."""
+
+    def put(self, owner: str, kind: str, name: str, value: Any, ttl: float | None) -> None:
+        """Keep ``value`` (``ttl`` seconds; ``None``: until deleted)."""
+
+    def get(self, owner: str, kind: str, name: str) -> Any | None:
+        """The value, or ``None`` (missing, expired, or another owner's)."""
+
+    def delete(self, owner: str, kind: str, name: str) -> bool:
+        """Forget it; whether it existed."""
+
+    def names(self, owner: str, kind: str) -> list[str]:
+        """The owner's live names of a kind."""
+
+    def add(self, owner: str, counter: str, amount: float, window: float) -> float:
+        """Record ``amount`` now; the counter's sum over the last ``window`` seconds (with
+        ``amount=0`` this only reads). Used for tokens per minute."""
+
+    def incr(self, owner: str, counter: str, delta: int) -> int:
+        """Add ``delta`` to a gauge and return its new value (requests in flight)."""
+
+
+class MemoryStore:
+    """:class:`Store` in this process's memory (thread-safe; expired objects purged lazily)."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self._clock = clock
+        self._objects: dict[tuple[str, str, str], tuple[Any, float | None]] = {}
+        self._events: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        self._gauges: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def put(self, owner: str, kind: str, name: str, value: Any, ttl: float | None) -> None:
+        expires = None if ttl is None else self._clock() + ttl
+        with self._lock:
+            self._objects[(owner, kind, name)] = (value, expires)
+            if len(self._objects) % 256 == 0:
+                self._purge()
+
+    def get(self, owner: str, kind: str, name: str) -> Any | None:
+        with self._lock:
+            hit = self._objects.get((owner, kind, name))
+            if hit is None:
+                return None
+            value, expires = hit
+            if expires is not None and expires < self._clock():
+                del self._objects[(owner, kind, name)]
+                return None
+            return value
+
+    def delete(self, owner: str, kind: str, name: str) -> bool:
+        with self._lock:
+            return self._objects.pop((owner, kind, name), None) is not None
+
+    def names(self, owner: str, kind: str) -> list[str]:
+        now = self._clock()
+        with self._lock:
+            return sorted(n for (o, k, n), (_, exp) in self._objects.items()
+                          if o == owner and k == kind and (exp is None or exp >= now))
+
+    def add(self, owner: str, counter: str, amount: float, window: float) -> float:
+        now = self._clock()
+        with self._lock:
+            events = self._events.setdefault((owner, counter), [])
+            if amount:
+                events.append((now, amount))
+            cut = 0
+            while cut < len(events) and events[cut][0] < now - window:
+                cut += 1
+            del events[:cut]
+            return sum(a for _, a in events)
+
+    def incr(self, owner: str, counter: str, delta: int) -> int:
+        with self._lock:
+            value = self._gauges.get((owner, counter), 0) + delta
+            self._gauges[(owner, counter)] = value
+            return value
+
+    def oldest(self, owner: str, counter: str) -> float | None:
+        """Seconds since the oldest event still counted (for ``Retry-After``)."""
+        with self._lock:
+            events = self._events.get((owner, counter))
+            return None if not events else self._clock() - events[0][0]
+
+    def _purge(self) -> None:
+        now = self._clock()
+        dead = [k for k, (_, exp) in self._objects.items() if exp is not None and exp < now]
+        for k in dead:
+            del self._objects[k]

@@ -1,0 +1,108 @@
+"""``PUT/GET/DELETE /v1/vectors/{name}`` and ``GET /v1/vectors``: a key's named vectors.
+
+The PUT body is a safetensors file: one tensor of any name (the same vector at every layer
+it is applied to) or one tensor per layer, named by the layer's index. Shapes are checked
+against the model. A vector is visible to the key that uploaded it only; use it by name in
+``interventions`` (``"vector": {"name": "happy"}``).
+
+Example::
+
+    curl -X PUT --data-binary @happy.safetensors -H "Authorization: Bearer $KEY" \\
+        http://127.0.0.1:8000/v1/vectors/happy
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import Response
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from vinterp_server.auth import KeyInfo
+from vinterp_server.compile import FieldError, check_vector
+from vinterp_server.context import Server, require_key, server
+from vinterp_server.errors import error_response
+
+router = APIRouter()
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def parse_vectors(data: bytes, hidden: int, num_layers: int) -> dict[int | None, torch.Tensor]:
+    """A safetensors body as layer → vector (``None``: every layer); raises ``ValueError``."""
+    try:
+        tensors = st_load(data)
+    except Exception as exc:
+        raise ValueError(f"the body is not a safetensors file: {exc}") from None
+    if not tensors:
+        raise ValueError("the safetensors file holds no tensor")
+    if len(tensors) == 1 and not next(iter(tensors)).lstrip("-").isdigit():
+        (t,) = tensors.values()
+        return {None: check_vector(t.reshape(-1) if t.dim() == 2 and t.shape[0] == 1 else t,
+                                   hidden)}
+    out: dict[int | None, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if not name.lstrip("-").isdigit():
+            raise ValueError(f"tensor {name!r}: with several tensors, name each by its layer "
+                             f"index (0..{num_layers - 1})")
+        layer = int(name)
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"tensor {name!r}: layer {layer} is out of range (the model has "
+                             f"{num_layers} layers)")
+        try:
+            out[layer] = check_vector(t, hidden)
+        except ValueError as exc:
+            raise ValueError(f"tensor {name!r}: {exc}") from None
+    return out
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.match(name):
+        raise HTTPException(400, f"vector name {name!r}: use 1-128 letters, digits, '_', '-', "
+                                 f"'.'")
+
+
+@router.put("/v1/vectors/{name}", status_code=201)
+async def put_vector(name: str, request: Request, key: KeyInfo = Depends(require_key),
+                     srv: Server = Depends(server)) -> Any:
+    """Upload (or replace) a named vector."""
+    _check_name(name)
+    m = srv.host.model
+    try:
+        vectors = parse_vectors(await request.body(), m.hidden_size, m.num_layers)
+    except ValueError as exc:
+        return error_response(FieldError("body", str(exc)))
+    srv.store.put(key.id, "vector", name, vectors, None)
+    return {"name": name, "layers": sorted(k for k in vectors if k is not None) or "all",
+            "hidden_size": m.hidden_size}
+
+
+@router.get("/v1/vectors")
+async def list_vectors(key: KeyInfo = Depends(require_key),
+                       srv: Server = Depends(server)) -> Any:
+    """This key's vector names."""
+    return {"vectors": srv.store.names(key.id, "vector")}
+
+
+@router.get("/v1/vectors/{name}", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+async def get_vector(name: str, key: KeyInfo = Depends(require_key),
+                     srv: Server = Depends(server)) -> Response:
+    """The vector as a safetensors file (as uploaded: ``vector`` or one per layer index)."""
+    vectors = srv.store.get(key.id, "vector", name)
+    if vectors is None:
+        raise HTTPException(404, f"no vector named {name!r} for this key")
+    tensors = {("vector" if k is None else str(k)): v.contiguous() for k, v in vectors.items()}
+    return Response(st_save(tensors), media_type="application/octet-stream")
+
+
+@router.delete("/v1/vectors/{name}")
+async def delete_vector(name: str, key: KeyInfo = Depends(require_key),
+                        srv: Server = Depends(server)) -> Any:
+    """Delete a named vector."""
+    if not srv.store.delete(key.id, "vector", name):
+        raise HTTPException(404, f"no vector named {name!r} for this key")
+    return {"deleted": name}
