@@ -103,16 +103,37 @@ class LanguageModel:
         return self._meta_backend
 
     # ------------------------------------------------------------------ tracing API
-    def trace(self, inputs: Any = None, *, remote: bool = False, **kwargs: Any) -> Tracer:
-        """Record interventions on one forward pass over ``inputs`` (or invokes)."""
+    def trace(self, inputs: Any = None, *, remote: bool | str = False, **kwargs: Any
+              ) -> Tracer:
+        """Record interventions on one forward pass over ``inputs`` (or invokes).
+
+        ``remote=True`` runs it on a vinterp server (``VINTERP_HOST``/``VINTERP_API_KEY``, or
+        ``remote="http://host:port"``, ``api_key=``, ``timeout=``, ``blocking=False``).
+        """
+        backend = self._remote(remote, kwargs)
         if kwargs:
             raise TypeError(f"trace() got unexpected arguments {sorted(kwargs)}")
-        return Tracer(self, "trace", inputs, remote=remote)
+        return Tracer(self, "trace", inputs, remote=backend)
 
-    def generate(self, inputs: Any = None, *, remote: bool = False, **generation: Any
+    def generate(self, inputs: Any = None, *, remote: bool | str = False, **generation: Any
                  ) -> Tracer:
-        """Record interventions on generation; ``tracer.result`` holds the token ids after."""
-        return Tracer(self, "generate", inputs, generation=generation, remote=remote)
+        """Record interventions on generation; ``tracer.result`` holds the token ids after.
+
+        ``remote=`` as for :meth:`trace`."""
+        backend = self._remote(remote, generation)
+        return Tracer(self, "generate", inputs, generation=generation, remote=backend)
+
+    @staticmethod
+    def _remote(remote: bool | str, kwargs: dict[str, Any]) -> Backend | None:
+        """The server backend for ``remote=`` (its options are taken out of ``kwargs``)."""
+        opts = {k: kwargs.pop(k) for k in ("api_key", "timeout", "blocking") if k in kwargs}
+        if not remote:
+            if opts:
+                raise TypeError(f"{sorted(opts)} apply to remote=True traces only")
+            return None
+        from vinterp.backends.remote import RemoteBackend
+
+        return RemoteBackend(remote if isinstance(remote, str) else None, **opts)
 
     def scan(self, inputs: Any = None) -> Tracer:
         """Like :meth:`trace` on meta tensors: shapes without running the weights."""

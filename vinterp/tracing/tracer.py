@@ -202,10 +202,10 @@ class Tracer:
     def __init__(self, lm: LanguageModel, mode: str, inputs: Any = None, *,
                  generation: dict[str, Any] | None = None, remote: bool = False,
                  scan: bool = False) -> None:
-        if remote:
-            raise TracingError(
-                "remote=True needs a vinterp server to send the graph to, and this version "
-                "has none yet; run locally (remote=False) or use backend='vllm'.")
+        #: the server's backend for ``remote=True`` (see ``LanguageModel.trace``)
+        self.remote: Any = remote or None
+        #: the running trace on the server, for ``remote=True, blocking=False``
+        self.handle: Any = None
         self.lm = lm
         self.mode = mode
         self.scan = scan
@@ -575,11 +575,31 @@ class Tracer:
     def _run(self) -> None:
         try:
             self._graph = ir.load(self._build())
-            backend = self.lm._scan_backend() if self.scan else self.lm._backend
+            backend = self.remote or (self.lm._scan_backend() if self.scan else self.lm._backend)
             backend.check(self._graph)
+            if self.remote is not None and not self.remote.blocking:
+                self.handle = self.remote.submit(self._graph)   # results: tracer.wait()
+                return
             result = backend.run(self._graph)
         finally:
             self.finished = True
+        self._apply(result)
+
+    def wait(self, timeout: float | None = None) -> Tracer:
+        """``remote=True, blocking=False``: wait for the server's result and fill the saves.
+
+        Example::
+
+            with model.trace(prompt, remote=True, blocking=False) as tracer:
+                h = model.layers[8].output.save()
+            tracer.wait()
+        """
+        if self.handle is None:
+            raise TracingError("wait() is for traces run with remote=True, blocking=False")
+        self._apply(self.handle.wait(timeout))
+        return self
+
+    def _apply(self, result: Any) -> None:
         saves = result.saves
         if self._device_ids is not None:  # back to the trace's node ids
             back = {new: old for old, new in self._device_ids.items()}
@@ -598,7 +618,8 @@ class Tracer:
         if missing and not any(n.op == "stop" for n in self._graph.nodes):
             # (with tracer.stop(), saves after the stop point are legitimately absent)
             raise TracingError(
-                f"the {backend.name} backend returned no value for saved node(s) {missing}; "
+                f"the {(self.remote or self.lm._backend).name} backend returned no value for "
+                f"saved node(s) {missing}; "
                 "this is a vinterp bug, please report it with tracer.to_json()")
         unreached = self._unreached
         for obj in self._kept:
