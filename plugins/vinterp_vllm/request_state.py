@@ -108,6 +108,7 @@ class RequestState:
         self._chunks: dict[int, dict[int, list[tuple[int, torch.Tensor]]]] = {}
         self._next_pos: dict[int, int] = {}
         self.max_pos_seen = -1
+        self.first_step = 0
         self.open_step: int | None = None
         try:
             parsed = graphs.get(payload)
@@ -119,6 +120,9 @@ class RequestState:
                     state.env_step[int(nid)] = -1
                 self.runner = GraphRunner(self.graph, state=state,
                                           active_invokes=[payload.invoke])
+                # a graph acting on generated steps only never needs the prompt's rows, so
+                # its prompt may come in chunks or (its own cached KV) not at all
+                self.first_step = min((n.steps.start for n in self.graph.nodes), default=0)
         except Exception as exc:  # a bad graph fails this request only
             self.fail(f"{type(exc).__name__}: {exc}")
 
@@ -195,6 +199,8 @@ class RequestState:
                       "(max_num_seqs)", retry_alone=True)
             return False
         self.max_pos_seen = span.last_pos
+        if span.first_pos < span.prompt_len and self.first_step > 0:
+            return False
         if span.first_pos < span.prompt_len:
             if span.first_pos != 0 or span.n < span.prompt_len:
                 self.fail(f"the prompt ({span.prompt_len} tokens) was split across forward "
