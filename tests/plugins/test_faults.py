@@ -6,20 +6,24 @@ import pytest
 import torch
 from helpers import capture_graph, steer_graph
 
-from vinterp.backends.vllm import requests as rq
-from vinterp.backends.vllm.backend import Job
+from vinterp.backends.vllm.runs import GraphRun
 from vinterp.ir import Graph, Invoke, Node, Ref, TensorRef, TupleV, encode_tensor
 from vinterp.ir.interpreter import InterventionError
-from vinterp_vllm.payload import Payload
+from vinterp_vllm.payload import outcomes_from_wire
 
 
-def _jobs(graph: Graph, tag: str) -> list:
-    out = []
-    for i, inv in enumerate(graph.invokes):
-        payload = Payload(key=f"{tag}/{i}", graph_json=rq.subgraph_json(graph, i), invoke=i,
-                          mode=graph.mode)
-        out.append(Job((tag, i), list(inv.prompts[0]), payload, graph, i))
-    return out
+def _one_batch(backend, graphs: dict[str, Graph]) -> dict[str, GraphRun]:
+    """Every graph's requests in one ``llm.generate`` call (one continuous batch)."""
+    runs = {tag: GraphRun(g, f"faults-{tag}") for tag, g in graphs.items()}
+    jobs = [(run, job) for run in runs.values() for job in next(run.phases())]
+    requests = [run.request(job) for run, job in jobs]
+    outs = backend.llm.generate([p for p, _ in requests], [sp for _, sp in requests],
+                                use_tqdm=False)
+    drained = outcomes_from_wire(backend.llm.collective_rpc(
+        "vinterp_drain", args=([job.payload.key for _, job in jobs],))[0])
+    for (run, job), out in zip(jobs, outs, strict=True):
+        run.record(job, drained.get(job.payload.key), out.outputs[0].token_ids)
+    return runs
 
 
 def _bad_setitem(prompt: list[int]) -> Graph:
@@ -37,16 +41,15 @@ def test_bad_requests_fail_alone(tiny_vllm):
                        max_new_tokens=4)
     wrong_size = steer_graph([prompts[0]], [{"layer": 0, "vector": torch.ones(7)}],
                              max_new_tokens=4)
-    outcomes: dict = {}
-    generated: dict = {}
-    tiny_vllm._generate(_jobs(good, "good") + _jobs(wrong_size, "size")
-                        + _jobs(_bad_setitem(prompts[1]), "shape"), outcomes, generated)
-    assert "hidden size is 64" in outcomes[("size", 0)].error
-    assert "cannot assign a value of shape [3, 5]" in outcomes[("shape", 0)].error
-    assert outcomes[("good", 0)].error is None and outcomes[("good", 1)].error is None
+    runs = _one_batch(tiny_vllm, {"good": good, "size": wrong_size,
+                                  "shape": _bad_setitem(prompts[1])})
+    assert "hidden size is 64" in runs["size"].outcomes[(0, 0)].error
+    assert "cannot assign a value of shape [3, 5]" in runs["shape"].outcomes[(0, 0)].error
+    assert runs["good"].outcomes[(0, 0)].error is None
+    assert runs["good"].outcomes[(1, 0)].error is None
     alone = tiny_vllm.run(good)
-    assert generated[("good", 0)].tolist() == alone.generated[0].tolist()
-    assert generated[("good", 1)].tolist() == alone.generated[1].tolist()
+    assert [t.tolist() for t in runs["good"].result().generated] == \
+        [t.tolist() for t in alone.generated]
     # the trace that failed raises a clear error; the engine still serves the next one
     with pytest.raises(InterventionError, match="cannot assign"):
         tiny_vllm.run(_bad_setitem(prompts[1]))
