@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vinterp.backends.vllm.requests import _remap_node
 from vinterp.ir import Graph, GraphError, Invoke, Node, Ref, SliceV, Steps, TupleV, load
 from vinterp.ir.schema import ListV, TensorRef
 from vinterp.ir.tensors import encode_tensor, torch_dtype
@@ -236,6 +237,8 @@ class CompiledRequest:
         self.captures.append((save, cap, cap.point))
 
     def _graph(self, data: dict[str, Any]) -> None:
+        if not data.get("invokes"):   # the request's prompt is the one invoke
+            data = {**data, "invokes": [{"prompts": [[0]]}]}
         try:
             graph = load(data)
         except GraphError as exc:
@@ -290,8 +293,6 @@ class CompiledRequest:
 def _shifted(graph: Graph, node_base: int, tensor_base: int) -> list[Node]:
     """``graph``'s nodes renumbered after ``node_base`` nodes and ``tensor_base`` tensors."""
     data = graph.model_dump(mode="json")["nodes"]
-    from vinterp.backends.vllm.requests import _remap_node
-
     refs = {n.id: node_base + n.id for n in graph.nodes}
     tens = {k: tensor_base + k for k in range(len(graph.tensors))}
     out = []

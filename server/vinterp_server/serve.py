@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inline-capture-bytes", type=int, default=st.inline_capture_bytes,
                    help="captures past this many bytes per response are stored and fetched "
                         "from /v1/captures/{id}")
+    p.add_argument("--max-body-bytes", type=int, default=st.max_body_bytes,
+                   help="larger request bodies get 413")
     p.add_argument("--result-ttl", type=float, default=st.capture_ttl,
                    help="seconds stored captures and trace results are kept")
 
@@ -84,7 +86,8 @@ async def serve(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
           flush=True)
     host = await LocalEngineHost.start(args.model, list(vllm_argv))
     settings = Settings(inline_capture_bytes=args.inline_capture_bytes,
-                        capture_ttl=args.result_ttl, trace_ttl=args.result_ttl)
+                        capture_ttl=args.result_ttl, trace_ttl=args.result_ttl,
+                        max_body_bytes=args.max_body_bytes)
     app = build_app(host, keys, MemoryStore(), settings)
     config = uvicorn.Config(app, host=host_addr, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=30, lifespan="off")

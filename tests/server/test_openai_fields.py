@@ -1,0 +1,146 @@
+"""The official ``openai`` client against the real server: steering, capture and graph fields
+on completions and chat, streamed and not; values against the local vLLM backend."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from server_helpers import MODEL, fetch, npy, rel, values
+
+PARIS_PROMPT = "The Eiffel Tower is in the city of"
+ROME_PROMPT = "The Colosseum is in the city of"
+
+
+def _capture(served, prompt: str, layer: int, positions: str = "last") -> torch.Tensor:
+    resp = served.openai().completions.create(
+        model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+        extra_body={"capture": [{"point": f"layers.{layer}.output", "positions": positions}]})
+    (cap,) = resp.choices[0].model_extra["captures"]
+    assert cap["dtype"] == "float32" and cap["shape"][1] == 576
+    assert cap["shape"][0] == (1 if positions == "last" else resp.usage.prompt_tokens)
+    return npy(cap)
+
+
+def test_capture_equals_local_vllm_backend(served, local_vllm):
+    got = _capture(served, PARIS_PROMPT, 8)
+    with local_vllm.trace(PARIS_PROMPT):
+        ref = local_vllm.layers[8].output[:, -1].save()
+    assert rel(got, ref) <= 1e-4
+
+
+def test_contrastive_vector_raises_target_logprob(served, tokenizer):
+    """A "Paris minus Rome" vector (mean difference of layer-4 activations, captured through
+    the server) raises " Paris" on the Rome prompt."""
+    vec = (_capture(served, PARIS_PROMPT, 4, "all").mean(0)
+           - _capture(served, ROME_PROMPT, 4, "all").mean(0))
+    paris = tokenizer.encode(" Paris")[0]
+    client = served.openai()
+
+    def logprob(extra: dict) -> float:
+        resp = client.completions.create(
+            model=MODEL, prompt=ROME_PROMPT, max_tokens=1, temperature=0, logprobs=1,
+            extra_body={"logprob_token_ids": [paris], **extra})
+        return resp.choices[0].logprobs.top_logprobs[0][" Paris"]
+
+    plain = logprob({})
+    steered = logprob({"interventions": [
+        {"op": "steer", "layers": [4], "vector": values(vec), "scale": 2.0,
+         "positions": "all"}]})
+    assert steered > plain + 3.0, (plain, steered)
+
+
+def test_steered_generation_captures_every_step_like_local(served, local_vllm, tokenizer):
+    """Steering at every step plus capture of the last row at every step: same tokens and
+    values as the library's local vLLM backend."""
+    torch.manual_seed(0)
+    vec = torch.randn(576) * 2
+    resp = served.openai().completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0,
+        extra_body={
+            "interventions": [{"op": "steer", "layers": [4, 5], "vector": values(vec),
+                               "scale": 2.0, "positions": "all"}],
+            "capture": [{"point": "layers.10.output", "positions": "last", "steps": "all"}]})
+    choice = resp.choices[0]
+    rows = npy(choice.model_extra["captures"][0])
+    with local_vllm.generate("The capital of France is", max_new_tokens=6) as tr:
+        with tr.all():
+            local_vllm.layers[4].output.steer(vec, scale=2.0, positions="all")
+            local_vllm.layers[5].output.steer(vec, scale=2.0, positions="all")
+            h = local_vllm.layers[10].output[:, -1].save()
+    prompt_len = len(tokenizer.encode("The capital of France is"))
+    assert choice.text == tokenizer.decode(tr.result[0][prompt_len:])
+    ref = torch.cat([x.reshape(-1, 576) for x in h])
+    assert rows.shape == ref.shape == (6, 576)  # prompt's last row + 5 decode steps
+    assert rel(rows, ref) <= 1e-4
+
+
+def test_chat_stream_carries_captures_in_the_finishing_chunk(served):
+    client = served.openai()
+    body = {"capture": [{"point": "layers.3.mlp.output", "positions": "all"}],
+            "interventions": [{"op": "scale", "layers": "all", "factor": 1.0}]}
+    messages = [{"role": "user", "content": "Say hello."}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5,
+                                          temperature=0, extra_body=body)
+    (cap,) = full.choices[0].model_extra["captures"]
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body=body))
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 1
+    (scap,) = finishing[0].choices[0].model_extra["captures"]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        full.choices[0].message.content
+    assert scap["shape"] == cap["shape"] == [full.usage.prompt_tokens, 576]
+    assert torch.equal(fetch(served, scap), fetch(served, cap))
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_scale_by_zero_at_every_layer_changes_the_text(served):
+    client = served.openai()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,
+                                           temperature=0)
+    ablated = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=8, temperature=0,
+        extra_body={"interventions": [{"op": "scale", "layers": [20, 21], "factor": 0.0,
+                                       "positions": "generated"}]})
+    assert plain.choices[0].message.content[:1] == ablated.choices[0].message.content[:1]
+    assert plain.choices[0].message.content != ablated.choices[0].message.content
+
+
+def test_graph_field_runs_the_library_ir(served, local_vllm):
+    """A graph from the library (``tracer.to_json()``) as the ``graph`` field: its saves come
+    back in ``captures``."""
+    with local_vllm.trace(PARIS_PROMPT) as tr:
+        h = local_vllm.layers[6].output[:, -2:].norm(dim=-1).save()
+    graph = json.loads(tr.to_json())
+    graph["invokes"] = []   # the request's own prompt is used
+    for n in graph["nodes"]:
+        n["steps"] = {"start": 0, "stop": 1}
+    resp = served.openai().completions.create(model=MODEL, prompt=PARIS_PROMPT, max_tokens=1,
+                                              temperature=0, extra_body={"graph": graph})
+    (cap,) = resp.choices[0].model_extra["captures"]
+    assert cap["point"].startswith("graph.node")
+    assert rel(npy(cap).reshape(-1), h.reshape(-1)) <= 1e-4
+
+
+def test_large_captures_are_stored_and_fetched_by_their_owner_only(served):
+    client = served.openai()
+    resp = client.completions.create(
+        model=MODEL, prompt="word " * 60, max_tokens=1, temperature=0,
+        extra_body={"capture": [{"point": f"layers.{i}.output", "positions": "all"}
+                                for i in range(3)]})
+    caps = resp.choices[0].model_extra["captures"]
+    stored = [c for c in caps if c.get("id")]
+    assert stored, "past the inline budget (64 KiB in the test server) captures are stored"
+    with served.client("alice") as c:
+        r = c.get(f"/v1/captures/{stored[0]['id']}")
+        assert r.status_code == 200
+        import io
+
+        import numpy as np
+        assert list(np.load(io.BytesIO(r.content)).shape) == stored[0]["shape"]
+    with served.client("bob") as c:
+        assert c.get(f"/v1/captures/{stored[0]['id']}").status_code == 404
