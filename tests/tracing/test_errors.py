@@ -112,7 +112,7 @@ def test_module_access_outside_invoke_and_trace(model):
 
 
 def test_cannot_set_attributes_on_proxies_or_envoys(model):
-    with pytest.raises(TracingError):
+    with pytest.raises(TracingError, match="cannot set attribute 'foo' on a proxy"):
         with model.trace(PROMPT):
             model.layers[0].output.foo = 1
     with pytest.raises(TracingError, match="only .output, .input"):
@@ -120,8 +120,9 @@ def test_cannot_set_attributes_on_proxies_or_envoys(model):
             model.layers[0].weight = 1
 
 
-def test_remote_needs_server(model):
-    with pytest.raises(TracingError, match="needs a vinterp server"):
+def test_remote_needs_server(model, monkeypatch):
+    monkeypatch.delenv("VINTERP_HOST", raising=False)
+    with pytest.raises(ValueError, match="remote=True needs a server: set VINTERP_HOST"):
         with model.trace(PROMPT, remote=True):
             pass
 

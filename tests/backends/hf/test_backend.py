@@ -161,6 +161,27 @@ def test_attention_probs_point(hf_model, roundtrip, name):
     roundtrip(model, tracer)
 
 
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "smollm2-135m"])
+def test_attention_probs_equal_transformers_output_attentions(hf_model, name):
+    """Every layer's ``attn.probs`` against transformers' own ``output_attentions=True`` on a
+    separately loaded eager-attention copy of the checkpoint (no vinterp code in it)."""
+    from transformers import AutoModelForCausalLM
+
+    model = hf_model(name)
+    ref_model = AutoModelForCausalLM.from_pretrained(
+        model.path, attn_implementation="eager", dtype=torch.float32).eval()
+    ids = model.tokenizer("The Eiffel Tower is in the city of")["input_ids"]
+    with torch.no_grad():
+        want = ref_model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+    n_layers = len(model.layers)
+    with model.trace(ids):
+        got = [model.layers[i].attn.probs.save() for i in range(n_layers)]
+    assert len(want) == n_layers
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.shape == w.shape == (1, model.config.num_attention_heads, len(ids), len(ids))
+        assert torch.allclose(g.cpu(), w, atol=1e-6, rtol=0), i
+
+
 def test_gpt2_attn_dropout_input_is_the_attention_pattern(hf_model):
     model = hf_model("tiny-gpt2")
     n = len(model.tokenizer(PROMPT)["input_ids"])
@@ -254,12 +275,12 @@ def test_output_replacement_and_input_replacement(hf_model, roundtrip):
     roundtrip(model, tracer)
 
 
-def test_remote_true_needs_a_server(hf_model):
-
+def test_remote_true_needs_a_server(hf_model, monkeypatch):
+    monkeypatch.delenv("VINTERP_HOST", raising=False)
     model = hf_model("tiny-gpt2")
-    with pytest.raises(TracingError, match="needs a vinterp server"):
+    with pytest.raises(ValueError, match="remote=True needs a server"):
         model.trace(PROMPT, remote=True)
-    with pytest.raises(TracingError, match="needs a vinterp server"):
+    with pytest.raises(ValueError, match="remote=True needs a server"):
         model.generate(PROMPT, remote=True, max_new_tokens=2)
 
 
