@@ -11,14 +11,16 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException, Request
 
 from vinterp_server.auth import ApiKeys, KeyInfo
-from vinterp_server.engine import EngineHost
 from vinterp_server.limits import Limiter
 from vinterp_server.store import Store
+
+if TYPE_CHECKING:  # (the CLI imports Settings without loading vLLM)
+    from vinterp_server.engine import EngineHost
 
 
 @dataclass(frozen=True)

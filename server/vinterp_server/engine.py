@@ -100,9 +100,11 @@ class RequestContext:
 
 def _http(exc: Exception, status: int) -> Exception:
     """``exc`` as the error vLLM's serving layer turns into an HTTP status (and SSE error)."""
+    from http import HTTPStatus
+
     from vllm.exceptions import GracefulHTTPError
 
-    err = GracefulHTTPError(str(exc), status)  # type: ignore[arg-type]
+    err = GracefulHTTPError(str(exc), HTTPStatus(status))
     err.retry_after = getattr(exc, "retry_after", None)  # type: ignore[attr-defined]
     return err
 

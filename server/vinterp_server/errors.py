@@ -25,7 +25,7 @@ def error_body(message: str, status: int, param: str | None = None) -> dict[str,
         "Error") else phrase, "param": param, "code": status}}
 
 
-def error_response(exc: Any) -> JSONResponse:
+def error_response(exc: Any, retry_after: int | None = None) -> JSONResponse:
     """An exception, a vLLM ``ErrorResponse`` or an error dict as a JSON response."""
     headers: dict[str, str] = {}
     if isinstance(exc, dict):          # an error event from vLLM's stream
@@ -43,7 +43,7 @@ def error_response(exc: Any) -> JSONResponse:
         status, body = 400, error_body(str(exc), 400)
     else:
         status, body = 500, error_body(str(exc), 500)
-    retry = getattr(exc, "retry_after", None)
+    retry = retry_after or getattr(exc, "retry_after", None)
     if status == 429:
         headers["Retry-After"] = str(retry or 1)
     return JSONResponse(body, status_code=status, headers=headers)

@@ -94,7 +94,10 @@ async def _serve(request: Any, raw_request: Request, key: KeyInfo, srv: Server,
     request.attach(ctx)
     streaming = False
     try:
-        result = await handler(request, raw_request)
+        try:
+            result = await handler(request, raw_request)
+        except Exception as exc:  # vLLM's own request errors (too long a prompt, ...)
+            return error_response(_as_error(exc), retry_after=getattr(exc, "retry_after", None))
         if hasattr(result, "__aiter__"):
             streaming = True
             return await _stream(result, ctx, key, srv, release)
@@ -112,6 +115,16 @@ async def _serve(request: Any, raw_request: Request, key: KeyInfo, srv: Server,
     finally:
         if not streaming:
             release()
+
+
+def _as_error(exc: Exception) -> Any:
+    """A handler's exception as vLLM's error response (its status rules), or a 500."""
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.exceptions import VLLMError
+
+    if isinstance(exc, (VLLMError, ValueError, TypeError, OverflowError)):
+        return create_error_response(exc)
+    return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 def _failed(outcome: Any) -> Exception:

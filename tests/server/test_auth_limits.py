@@ -1,0 +1,200 @@
+"""API keys, per-key limits, isolation between keys, and bad input: each case gets its own
+4xx naming what was wrong, and nothing reaches the engine."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save as st_save
+from server_helpers import MAX_BODY, MAX_MODEL_LEN, MODEL
+
+ROUTES = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+          ("POST", "/v1/traces"), ("GET", "/v1/traces/trace-x"), ("PUT", "/v1/vectors/v"),
+          ("GET", "/v1/vectors/v"), ("DELETE", "/v1/vectors/v"), ("GET", "/v1/vectors"),
+          ("GET", "/v1/captures/cap-x"), ("GET", "/v1/stats")]
+
+
+@pytest.mark.parametrize("who", [None, "wrong"])
+def test_every_route_but_health_and_metrics_needs_a_key(served, who):
+    headers = {"Authorization": "Bearer sk-wrong-0123456789"} if who else {}
+    for method, path in ROUTES:
+        r = httpx.request(method, served.url + path, headers=headers, json={}, timeout=30)
+        assert r.status_code == 401, (method, path, r.status_code)
+        assert "API key" in r.json()["error"]["message"]
+    assert httpx.get(served.url + "/health").json()["status"] == "ok"
+    metrics = httpx.get(served.url + "/metrics").text
+    assert "vllm:num_requests_running" in metrics and "vinterp_interventions_total" in metrics
+
+
+def _st(tensors: dict[str, torch.Tensor]) -> bytes:
+    return st_save({k: v.contiguous() for k, v in tensors.items()})
+
+
+def test_named_vectors_are_per_key(served):
+    v = torch.randn(576)
+    with served.client("alice") as a, served.client("bob") as b:
+        assert a.put("/v1/vectors/mine", content=_st({"v": v})).status_code == 201
+        assert a.get("/v1/vectors").json() == {"vectors": ["mine"]} or \
+            "mine" in a.get("/v1/vectors").json()["vectors"]
+        assert "mine" not in b.get("/v1/vectors").json()["vectors"]
+        assert b.get("/v1/vectors/mine").status_code == 404
+        assert b.delete("/v1/vectors/mine").status_code == 404
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1,
+                "interventions": [{"op": "steer", "layers": 3, "vector": {"name": "mine"}}]}
+        assert a.post("/v1/completions", json=body).status_code == 200
+        r = b.post("/v1/completions", json=body)
+        assert r.status_code == 400 and "no vector named 'mine'" in r.json()["error"]["message"]
+        from safetensors.torch import load as st_load
+        assert torch.equal(st_load(a.get("/v1/vectors/mine").content)["vector"], v)
+        assert a.delete("/v1/vectors/mine").status_code == 200
+        assert a.get("/v1/vectors/mine").status_code == 404
+
+
+def test_per_layer_named_vector_applies_per_layer(served):
+    """One tensor per layer index: layer 3 gets zeros (no change), layer 5 the real vector."""
+    v = torch.randn(576) * 4
+    body = {"model": MODEL, "prompt": "The weather today is", "max_tokens": 5,
+            "temperature": 0}
+    with served.client("alice") as a:
+        assert a.put("/v1/vectors/per", content=_st({"3": torch.zeros(576), "5": v})
+                     ).status_code == 201
+        assert a.put("/v1/vectors/whole", content=_st({"x": v})).status_code == 201
+        by_name = a.post("/v1/completions", json={**body, "interventions": [
+            {"op": "steer", "layers": [3, 5], "vector": {"name": "per"}}]}).json()
+        inline = a.post("/v1/completions", json={**body, "interventions": [
+            {"op": "steer", "layers": [5], "vector": {"values": v.tolist()}}]}).json()
+        assert by_name["choices"][0]["text"] == inline["choices"][0]["text"]
+        r = a.post("/v1/completions", json={**body, "interventions": [
+            {"op": "steer", "layers": [4], "vector": {"name": "per"}}]})
+        assert r.status_code == 400 and "no entry for layer 4" in r.json()["error"]["message"]
+
+
+def test_traces_and_captures_are_per_key(served):
+    graph = {"mode": "trace", "invokes": [{"prompts": [[1, 2, 3]]}], "nodes": [
+        {"id": 0, "op": "read", "kwargs": {"module": "model.layers.2", "kind": "output"}},
+        {"id": 1, "op": "save", "args": [{"ref": 0}]}]}
+    with served.client("alice") as a, served.client("bob") as b:
+        r = a.post("/v1/traces", json={"graph": graph, "blocking": False})
+        assert r.status_code == 202
+        tid = r.json()["id"]
+        for _ in range(200):
+            st = a.get(f"/v1/traces/{tid}").json()
+            if st["status"] == "done":
+                break
+            time.sleep(0.1)
+        assert st["status"] == "done"
+        assert b.get(f"/v1/traces/{tid}").status_code == 404
+
+
+def _bad(served, path: str, body, expect: str, who: str = "alice", status: int = 400,
+         **kw) -> None:
+    # (json.dumps, unlike httpx, writes NaN/Infinity: the server must refuse them itself)
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with served.client(who) as c:
+        r = c.post(path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == status, (r.status_code, r.text)
+    assert expect in r.json()["error"]["message"], r.json()
+
+
+BASE = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+
+
+@pytest.mark.parametrize("fields,expect", [
+    ({"interventions": [{"op": "explode", "layers": 1, "vector": {"values": [1.0]}}]},
+     "interventions[0].op"),
+    ({"interventions": [{"op": "steer", "layers": 30, "vector": {"values": [0.0] * 576}}]},
+     "layer 30 is out of range: the model has 30 layers"),
+    ({"interventions": [{"op": "steer", "layers": 3, "vector": {"values": [0.0] * 575}}]},
+     "hidden size 576; got shape [575]"),
+    ({"interventions": [{"op": "steer", "layers": 3,
+                         "vector": {"values": [math.nan] + [0.0] * 575}}]},
+     "finite"),
+    ({"interventions": [{"op": "steer", "layers": 3, "scale": math.inf,
+                         "vector": {"values": [0.0] * 576}}]},
+     "finite"),
+    ({"interventions": [{"op": "steer", "layers": 3, "vector": {"name": "nope"}}]},
+     "no vector named 'nope'"),
+    ({"interventions": [{"op": "steer", "layers": 3}]}, "needs a vector"),
+    ({"capture": [{"point": "layers.3.banana.output"}]}, "capture[0]"),
+    ({"capture": [{"point": "layers.99.output"}]}, "layer 99 is out of range"),
+    ({"capture": [{"point": "layers.3"}]}, "must end in .output or .input"),
+    ({"capture": [{"point": "layers.3.output", "positions": [1], "steps": "all"}]},
+     "use steps='prompt'"),
+    ({"graph": {"nodes": [{"id": 0, "op": "os.system", "args": ["ls"]}]}}, "graph"),
+    ({"graph": {"nodes": [{"id": 0, "op": "save", "args": [{"ref": 5}]}]}}, "graph"),
+    ({"interventions": [{"op": "steer", "layers": 1, "vector": {"values": [0.0] * 576}}],
+      "n": 2}, "n > 1"),
+])
+def test_bad_fields_get_400_naming_the_field(served, fields, expect):
+    before = served.stats()
+    _bad(served, "/v1/completions", {**BASE, **fields}, expect)
+    assert served.stats()["states"] == before["states"] == 0
+
+
+def test_bad_bodies(served):
+    _bad(served, "/v1/completions", b"{not json", "not valid JSON")
+    _bad(served, "/v1/completions", {**BASE, "prompt": "word " * (MAX_MODEL_LEN + 10)},
+         "context", status=400)
+    _bad(served, "/v1/traces", {"graph": {"nodes": [], "invokes": []}, "ir_version": 99},
+         "IR version 1 and the client sent version 99")
+    _bad(served, "/v1/traces", {"graph": {"invokes": [{"prompts": [[1] * MAX_MODEL_LEN]}],
+                                          "nodes": []}}, "model's context")
+    with served.client("alice") as c:
+        r = c.post("/v1/completions", content=b"x" * (MAX_BODY + 1),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+        r = c.put("/v1/vectors/bad", content=b"not safetensors")
+        assert r.status_code == 400 and "safetensors" in r.json()["error"]["message"]
+        r = c.put("/v1/vectors/bad", content=_st({"7": torch.zeros(12)}))
+        assert r.status_code == 400 and "hidden size 576" in r.json()["error"]["message"]
+        r = c.put("/v1/vectors/bad", content=_st({"31": torch.zeros(576),
+                                                  "2": torch.zeros(576)}))
+        assert r.status_code == 400 and "out of range" in r.json()["error"]["message"]
+
+
+def test_limits_answer_429_with_retry_after(served):
+    with served.client("tight") as c:
+        r = c.post("/v1/completions", json={**BASE, "max_tokens": 10, "capture": [
+            {"point": f"layers.{i}.output", "positions": "all", "steps": "all"}
+            for i in range(2)]})
+        assert r.status_code == 429 and "capture" in r.json()["error"]["message"]
+        assert int(r.headers["Retry-After"]) >= 1
+        r = c.post("/v1/completions", json={**BASE, "interventions": [
+            {"op": "scale", "layers": "all", "factor": 1.0}]})
+        assert r.status_code == 429 and "nodes" in r.json()["error"]["message"]
+        # one request in flight at a time: a second, concurrent one is refused
+        import threading
+        results = []
+
+        def slow() -> None:
+            with served.client("tight") as c2:
+                results.append(c2.post("/v1/completions",
+                                       json={**BASE, "max_tokens": 200, "ignore_eos": True}))
+        t = threading.Thread(target=slow)
+        t.start()
+        time.sleep(0.5)
+        r = c.post("/v1/completions", json=BASE)
+        t.join()
+        assert r.status_code == 429 and "in flight" in r.json()["error"]["message"]
+        assert results[0].status_code == 200
+        # the 200-token request spent most of the 400 tokens/minute budget: keep asking
+        for _ in range(20):
+            r = c.post("/v1/completions", json={**BASE, "max_tokens": 40, "ignore_eos": True})
+            if r.status_code == 429:
+                break
+        assert r.status_code == 429 and "tokens in the last minute" in r.text
+        assert 1 <= int(r.headers["Retry-After"]) <= 60
+    with served.client("alice") as c:   # others are not affected
+        assert c.post("/v1/completions", json=BASE).status_code == 200
+
+
+def test_openapi_documents_the_fields(served):
+    spec = httpx.get(served.url + "/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    assert {"Intervention", "Capture", "VectorSpec", "TraceRequest"} <= set(schemas)
+    assert "interventions" in schemas["VinterpCompletionRequest"]["properties"]
