@@ -1,0 +1,71 @@
+"""``remote=True`` through the real server: the seed's patching example, generation, and
+non-blocking handles give the local vLLM backend's values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from server_helpers import KEYS
+
+from vinterp.backends.remote import RemoteError
+
+EIFFEL = "The Eiffel Tower is in the city of"
+COLOSSEUM = "The Colosseum is in the city of"
+
+
+def _patch(model, **remote) -> float:
+    with model.trace(EIFFEL, **remote):
+        clean = model.layers[8].output.save()
+    with model.trace(COLOSSEUM, **remote):
+        model.layers[8].output[:] = clean
+        logits = model.logits.save()
+    paris = model.tokenizer.encode(" Paris")[0]
+    return float(torch.softmax(logits[0, -1], -1)[paris])
+
+
+def test_seed_patching_example_remote_equals_local(served, local_vllm, monkeypatch):
+    monkeypatch.setenv("VINTERP_HOST", served.url)
+    monkeypatch.setenv("VINTERP_API_KEY", KEYS["alice"])
+    remote = _patch(local_vllm, remote=True)
+    local = _patch(local_vllm)
+    assert remote == pytest.approx(local, rel=1e-4)
+    assert 0.6 < remote < 0.7            # ~0.66 (from ~1e-4 unpatched)
+
+
+def test_remote_generate_and_non_blocking(served, local_vllm):
+    opts = {"remote": served.url, "api_key": KEYS["bob"]}
+    vec = torch.randn(576, generator=torch.Generator().manual_seed(3)) * 3
+    outs = []
+    for kw in (opts, {}):
+        with local_vllm.generate("The capital of France is", max_new_tokens=5, **kw) as tr:
+            with tr.invoke("The capital of France is"):
+                with tr.all():
+                    local_vllm.layers[6].output.steer(vec, positions="generated")
+                    h = local_vllm.layers[9].output[:, -1].save()
+            with tr.invoke("Once upon a time"):
+                g = local_vllm.layers[2].mlp.output.save()
+        outs.append((tr.result, h, g))
+    (r_ids, r_h, r_g), (l_ids, l_h, l_g) = outs
+    assert [x.tolist() for x in r_ids] == [x.tolist() for x in l_ids]
+    assert len(r_h) == len(l_h) == 5
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(r_h, l_h, strict=True))
+    assert torch.allclose(r_g, l_g, rtol=1e-4, atol=1e-5)
+    with local_vllm.trace(EIFFEL, blocking=False, **opts) as tracer:
+        late = local_vllm.layers[4].output.save()
+    assert tracer.handle is not None
+    tracer.wait(timeout=120)
+    with local_vllm.trace(EIFFEL):
+        ref = local_vllm.layers[4].output.save()
+    assert torch.allclose(late, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_remote_errors_are_clear(served, local_vllm, monkeypatch):
+    monkeypatch.delenv("VINTERP_HOST", raising=False)
+    with pytest.raises(ValueError, match="set VINTERP_HOST"):
+        local_vllm.trace(EIFFEL, remote=True)
+    with pytest.raises(RemoteError, match="401.*API key"):
+        with local_vllm.trace(EIFFEL, remote=served.url, api_key="sk-nobody-12345678"):
+            local_vllm.layers[1].output.save()
+    with pytest.raises(RemoteError, match="cannot reach"):
+        with local_vllm.trace(EIFFEL, remote="127.0.0.1:9", timeout=5):
+            local_vllm.layers[1].output.save()
