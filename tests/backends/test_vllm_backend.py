@@ -10,7 +10,6 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vinterp import LanguageModel  # noqa: E402
-from vinterp.backends.base import NOT_ON_VLLM  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +124,65 @@ def test_steered_generation_tokens_and_step_logits(models):
         assert max(_rel(x, y) for x, y in zip(a, b, strict=True)) < 1e-4
 
 
-def test_fused_points_and_gradients_refused(models):
+NOT_HERE = "not available on the vllm backend; use backend='hf'"
+
+
+def test_refusals_with_their_messages(models):
     model = models["vllm"]
-    with pytest.raises(Exception, match="not available on the vllm backend"):
+    with pytest.raises(Exception, match="q_proj.output is " + NOT_HERE + r" \(vLLM fuses"):
         with model.trace("hello"):
             model.model.layers[0].self_attn.q_proj.output.save()
-    with pytest.raises(Exception, match="not available on the vllm backend"):
+    with pytest.raises(Exception, match=r"self_attn\.probs\.output is " + NOT_HERE):
+        with model.trace("hello"):
+            model.layers[0].attn.probs.save()
+    with pytest.raises(Exception, match="gradients are " + NOT_HERE):
         with model.trace("hello"):
             h = model.model.layers[0].output.save()
             h.retain_grad()
             model.output.logits.sum().backward()
-    assert NOT_ON_VLLM
+    # (a setitem on the logits used to run and be ignored: vLLM samples from its own logits)
+    for write in (lambda: model.logits.__setitem__(slice(None), 0.0),
+                  lambda: model.lm_head.output.__setitem__((0, -1, 5), 100.0),
+                  lambda: model.output.logits[0].__setitem__(slice(None), 0.0),
+                  lambda: model.logits.steer(torch.ones(49152)),
+                  lambda: setattr(model.lm_head, "output", torch.zeros(1, 2, 49152))):
+        with pytest.raises(Exception, match="writing logits is " + NOT_HERE):
+            with model.trace("hello"):
+                write()
+    # the engine still serves the next trace
+    with model.trace("hello"):
+        h = model.model.layers[0].output.save()
+    assert h.shape == (1, len(model.tokenizer("hello")["input_ids"]), 576)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"tensor_parallel_size": 2}, "supports tensor_parallel_size=1 and pipeline_parallel_size=1"),
+    ({"pipeline_parallel_size": 2}, "supports tensor_parallel_size=1 and pipeline_parallel_size"),
+    ({"enforce_eager": False}, "needs enforce_eager=True: hooks do not fire under torch.compile"),
+])
+def test_engine_settings_refused(kwargs, message):
+    # refused before any engine starts (this takes no vLLM start-up time)
+    with pytest.raises(ValueError, match=message):
+        LanguageModel("tiny-llama", backend="vllm", **kwargs)
+
+
+def test_layer_and_mlp_inputs_equal_hf(models):
+    """.input of a decoder layer (vLLM's hidden + residual pair) and of its MLP (after the
+    post-attention norm), and the attention block's input, on vllm against hf."""
+    prompts = ["The Eiffel Tower is in the city of", "def fib(n):"]
+    out = {}
+    for name, model in models.items():
+        with model.trace() as tracer:
+            got = []
+            for p in prompts:
+                with tracer.invoke(p):
+                    got.append([model.layers[i].input.save() for i in (0, 7, 29)]
+                               + [model.layers[i].mlp.input.save() for i in (0, 7, 29)]
+                               + [model.layers[7].attn.input.save()])
+        out[name] = got
+    for vl, hf in zip(out["vllm"], out["hf"], strict=True):
+        for a, b in zip(vl, hf, strict=True):
+            assert a.shape == b.shape and a.shape[-1] == 576
+            assert _rel(a, b) < 1e-4
+    # the MLP's input is the normalized residual, not the layer's input
+    assert _rel(out["hf"][0][4], out["hf"][0][1]) > 0.5

@@ -26,7 +26,7 @@ from vinterp.backends.vllm import requests as rq
 from vinterp.backends.vllm.engine import build_engine, model_type
 from vinterp.backends.vllm.runs import GraphRun, Job
 from vinterp.ir.interpreter import cross_refs
-from vinterp.ir.schema import Graph
+from vinterp.ir.schema import Graph, Ref
 from vinterp.models.architectures import Architecture, for_model_type
 from vinterp_vllm.fastpath import plan_for
 from vinterp_vllm.payload import outcomes_from_wire
@@ -44,8 +44,15 @@ def check_graph(graph: Graph, arch: Architecture, dtype: torch.dtype,
     engine): one rule, one message.
     """
     kinds: dict[tuple[str, str], str] = {}   # point -> value kind (each resolved once)
+    logit_views: set[int] = set()   # nodes that are the logits or a view of them
     for n in graph.nodes:
         where = f" (at {n.line})" if n.line else ""
+        target = n.args[0].ref if n.args and isinstance(n.args[0], Ref) else None
+        if target in logit_views:
+            if n.op in ("getitem", "getattr"):
+                logit_views.add(n.id)
+            elif rq.writes([n]):   # logits[...] = v, logits += v: vLLM samples without them
+                raise UnsupportedPoint(f"writing logits is {NOT_ON_VLLM}{where}")
         if n.invoke < 0 and (n.steps.start, n.steps.stop) != (0, 1):
             raise ValueError(
                 f"combining invokes' values at generation steps other than the first, "
@@ -57,8 +64,10 @@ def check_graph(graph: Graph, arch: Architecture, dtype: torch.dtype,
             point = (n.kwargs["module"], n.kwargs["kind"])
             if point not in kinds:
                 kinds[point] = resolve_point(arch, *point).value  # type: ignore[arg-type]
-            if n.op == "write" and kinds[point] in ("logits", "model_output"):
-                raise UnsupportedPoint(f"writing logits is {NOT_ON_VLLM}{where}")
+            if kinds[point] in ("logits", "model_output"):
+                if n.op == "write":
+                    raise UnsupportedPoint(f"writing logits is {NOT_ON_VLLM}{where}")
+                logit_views.add(n.id)
     # Only prompts longer than one forward's token budget can be split across chunks.
     long = [i for i, inv in enumerate(graph.invokes)
             if max((len(p) for p in inv.prompts), default=0) > max_batched_tokens]
