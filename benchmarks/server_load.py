@@ -1,0 +1,232 @@
+"""The ``server`` workload: 32 concurrent streaming clients on loopback, vinterp's server
+against ``vllm serve`` on the same model and engine settings (eager, float32).
+
+Both servers run at once (child processes; ``vllm serve`` without the vinterp plugin) and the
+repetitions interleave (the order of the cases rotates each repetition), so load drifts hit
+every case alike. Per case and repetition: generated tokens per second (tokens counted from
+the streams' ``usage``, not assumed), TTFT p50/p99. Each repetition checks its outputs:
+steered streams differ from unsteered ones, captures have the expected shape. It also times
+the seed's patching example through ``remote=True`` against the local vLLM backend.
+
+Run: ``.venv/bin/python -m benchmarks.server_load [--reps 5] [--clients 32] [--tokens 64]``;
+the JSON goes to ``benchmarks/results/server/`` and a Markdown table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+MODEL = "smollm2-135m"
+MAX_MODEL_LEN = 512
+PROMPTS = [f"Story {i}: once upon a time in a land of {w}," for i, w in enumerate(
+    ["mountains", "rivers", "robots", "dragons", "cities", "forests", "oceans", "deserts"] * 16)]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    port = _port()
+    proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text()[-3000:])
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"no answer from {cmd[:4]}")
+
+
+async def _stream(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    ttft = None
+    text, tokens, captures = [], 0, None
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            data = json.loads(line[6:])
+            if data.get("error"):
+                raise RuntimeError(data["error"])
+            for ch in data.get("choices") or ():
+                if ch.get("text") and ttft is None:
+                    ttft = time.perf_counter() - t0
+                text.append(ch.get("text") or "")
+                captures = ch.get("captures", captures)
+            if data.get("usage"):
+                tokens = data["usage"]["completion_tokens"]
+    return {"ttft": ttft, "tokens": tokens, "text": "".join(text), "captures": captures}
+
+
+def _body(k: int, case: str, tokens: int) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": MODEL, "prompt": PROMPTS[k], "max_tokens": tokens,
+                            "temperature": 0, "ignore_eos": True, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    if case == "steer":
+        v = torch.randn(576, generator=torch.Generator().manual_seed(k)) * 4
+        body["interventions"] = [{"op": "steer", "layers": [10], "positions": "all",
+                                  "vector": {"values": v.tolist()}}]
+    elif case == "capture":
+        body["capture"] = [{"point": f"layers.{i}.output", "positions": "last"}
+                           for i in (5, 10, 15, 20)]
+    return body
+
+
+async def _round(url: str, key: str | None, case: str, clients: int, tokens: int,
+                 sequential: bool = False) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as c:
+        bodies = [_body(k, case, tokens) for k in range(clients)]
+        t0 = time.perf_counter()
+        if sequential:
+            outs = [await _stream(c, b) for b in bodies]
+        else:
+            outs = await asyncio.gather(*(_stream(c, b) for b in bodies))
+        wall = time.perf_counter() - t0
+    ttfts = sorted(o["ttft"] for o in outs)
+    total = sum(o["tokens"] for o in outs)
+    return {"tok_s": total / wall, "tokens": total, "wall": wall,
+            "ttft_p50": statistics.median(ttfts),
+            "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], "outs": outs}
+
+
+def _verify(case: str, res: dict[str, Any], plain: dict[str, Any] | None, clients: int,
+            tokens: int) -> None:
+    assert res["tokens"] == clients * tokens, (case, res["tokens"])
+    if case == "steer" and plain is not None:
+        changed = sum(a["text"] != b["text"] for a, b in zip(res["outs"], plain["outs"],
+                                                             strict=True))
+        assert changed >= clients // 2, f"steering changed only {changed} of {clients}"
+    if case == "capture":
+        for o in res["outs"]:
+            assert o["captures"] and [c["shape"] for c in o["captures"]] == [[1, 576]] * 4
+
+
+def _patch_times(url: str, key: str | None, reps: int) -> dict[str, list[float]]:
+    from vinterp import LanguageModel
+
+    lm = LanguageModel(MODEL, backend="vllm", max_model_len=MAX_MODEL_LEN)
+
+    def once(**remote: Any) -> float:
+        t0 = time.perf_counter()
+        with lm.trace("The Eiffel Tower is in the city of", **remote):
+            clean = lm.layers[8].output.save()
+        with lm.trace("The Colosseum is in the city of", **remote):
+            lm.layers[8].output[:] = clean
+            lm.logits.save()
+        return time.perf_counter() - t0
+    once()
+    once(remote=url, api_key=key)
+    out: dict[str, list[float]] = {"local": [], "remote": []}
+    for _ in range(reps):
+        out["local"].append(once())
+        out["remote"].append(once(remote=url, api_key=key))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--out", default="benchmarks/results/server")
+    a = ap.parse_args(argv)
+    from vinterp.backends.vllm.engine import DEFAULT_KV_CACHE_BYTES
+    from vinterp.models.registry import resolve_model
+
+    path = str(resolve_model(MODEL))
+    tmp = Path(tempfile.mkdtemp(prefix="vinterp-server-bench-"))
+    env = {**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "0", "PYTHONUNBUFFERED": "1"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    common = ["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "64"]
+    plain_env = {**env, "VLLM_PLUGINS": ""}   # plain vLLM: no vinterp plugin loaded
+    vllm_proc, vllm_url = _start(
+        [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", path,
+         "--served-model-name", MODEL, "--host", "127.0.0.1", "--dtype", "float32",
+         "--enforce-eager", "--seed", "0", "--kv-cache-memory-bytes",
+         str(DEFAULT_KV_CACHE_BYTES), *common], plain_env, tmp / "vllm.log")
+    vi_proc, vi_url = _start([sys.executable, "-m", "vinterp.cli", "serve", "--model", MODEL,
+                              *common], env, tmp / "vinterp.log")
+    cases = [("vllm_serve", vllm_url, "plain", False), ("vinterp", vi_url, "plain", False),
+             ("vinterp_steer", vi_url, "steer", False),
+             ("vinterp_capture4", vi_url, "capture", False)]
+    rows: dict[str, list[dict[str, Any]]] = {c[0]: [] for c in cases}
+    rows["vinterp_one_at_a_time"] = []
+    try:
+        for url in (vllm_url, vi_url):   # warm-up
+            asyncio.run(_round(url, None, "plain", 4, 8))
+        asyncio.run(_round(vi_url, None, "steer", 4, 8))
+        for rep in range(a.reps):
+            order = cases[rep % len(cases):] + cases[:rep % len(cases)]
+            got: dict[str, dict[str, Any]] = {}
+            for name, url, case, seq in order:
+                got[name] = asyncio.run(_round(url, None, case, a.clients, a.tokens, seq))
+            for name, _, case, _ in cases:
+                _verify(case, got[name], got["vinterp"], a.clients, a.tokens)
+                rows[name].append({k: v for k, v in got[name].items() if k != "outs"})
+            # NDIF's model: the same requests one at a time (fewer, it is slow)
+            n_seq = max(4, a.clients // 4)
+            seq = asyncio.run(_round(vi_url, None, "plain", n_seq, a.tokens, True))
+            rows["vinterp_one_at_a_time"].append({k: v for k, v in seq.items() if k != "outs"})
+            print(f"rep {rep + 1}/{a.reps}: " + ", ".join(
+                f"{k} {v[-1]['tok_s']:.0f} tok/s" for k, v in rows.items()), flush=True)
+        patch = _patch_times(vi_url, None, a.reps)
+    finally:
+        for p in (vllm_proc, vi_proc):
+            p.terminate()
+            p.wait(60)
+    med = {k: statistics.median(r["tok_s"] for r in v) for k, v in rows.items()}
+    paired = {k: [r["tok_s"] / b["tok_s"] for r, b in zip(v, rows[base], strict=True)]
+              for k, v, base in (("vinterp", rows["vinterp"], "vllm_serve"),
+                                 ("vinterp_steer", rows["vinterp_steer"], "vinterp"),
+                                 ("vinterp_capture4", rows["vinterp_capture4"], "vinterp"))}
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
+              "cpus": os.cpu_count(), "load": os.getloadavg(), "clients": a.clients,
+              "tokens": a.tokens, "reps": a.reps, "rows": rows, "median_tok_s": med,
+              "paired_ratios": paired, "patch_seconds": patch}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{time.strftime('%Y-%m-%d')}-{platform.node()}.json").write_text(
+        json.dumps(result, indent=1))
+    print("\n| case | tok/s (median) | TTFT p50 s | TTFT p99 s | paired ratio (min–max) |")
+    print("|---|---|---|---|---|")
+    for k, v in rows.items():
+        p50 = statistics.median(r["ttft_p50"] for r in v)
+        p99 = statistics.median(r["ttft_p99"] for r in v)
+        pr = paired.get(k)
+        ratio = "" if pr is None else \
+            f"{statistics.median(pr):.2f} ({min(pr):.2f}–{max(pr):.2f})"
+        print(f"| {k} | {med[k]:.0f} | {p50:.2f} | {p99:.2f} | {ratio} |")
+    print(f"\nvinterp vs one-at-a-time: {med['vinterp'] / med['vinterp_one_at_a_time']:.1f}x")
+    print(f"patching example: local {statistics.median(patch['local']):.3f} s, remote "
+          f"{statistics.median(patch['remote']):.3f} s "
+          f"({statistics.median(patch['remote']) / statistics.median(patch['local']):.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
