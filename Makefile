@@ -1,7 +1,10 @@
 # vinterp developer entry points. `make test` is what CI runs (.ci/run).
 PY := .venv/bin/python
+# `make serve` options (any `vinterp serve` or vLLM engine option), e.g.
+#   make serve SERVE_ARGS="--port 8001 --api-keys keys.txt --max-model-len 2048"
+SERVE_ARGS ?= --model smollm2-135m --host 127.0.0.1 --port 8000
 
-.PHONY: setup test demo lint bench bench-setup
+.PHONY: setup test demo serve lint bench bench-setup
 
 setup:
 	@bash scripts/setup.sh
@@ -11,6 +14,10 @@ test: setup
 
 demo: setup
 	$(PY) -m vinterp.demo
+
+# the OpenAI-compatible server in the foreground (Ctrl-C stops it)
+serve: setup
+	$(PY) -m vinterp.cli serve $(SERVE_ARGS)
 
 lint: setup
 	.venv/bin/ruff check .
