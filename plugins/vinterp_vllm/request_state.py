@@ -107,6 +107,7 @@ class RequestState:
         # fast captures: save id -> step -> [(first position, rows tensor)]
         self._chunks: dict[int, dict[int, list[tuple[int, torch.Tensor]]]] = {}
         self._next_pos: dict[int, int] = {}
+        self._prompt_len = 1 << 62   # known once rows are captured
         self.max_pos_seen = -1
         self.first_step = 0
         self.open_step: int | None = None
@@ -159,9 +160,31 @@ class RequestState:
                 continue
             step = max(0, pos - span.prompt_len + 1)
             per_step.setdefault(step, []).append((pos, values[i]))
+            self._prompt_len = span.prompt_len
             nxt = pos + 1
         self._next_pos[sid] = nxt
         self._account(values)
+
+    def take_steps(self) -> dict[int, list[tuple[int, Any]]]:
+        """Fast captures of the steps already complete, as ``save id -> [(step, value)]``,
+        handed over now (streaming) and so left out of :meth:`finish`. A decode step is one
+        row, complete when seen; the prompt's step once its last position is captured (or a
+        generated row follows). General graphs hand everything over at the end."""
+        out: dict[int, list[tuple[int, Any]]] = {}
+        if self.plan is None or self.failed:
+            return out
+        for point, actions in self.plan.items():
+            if self.points[point].value == "attn":
+                continue
+            for a in actions:
+                steps = self._chunks.get(a.node.id)
+                if a.op != "capture" or not steps:
+                    continue
+                done = [s for s in sorted(steps) if s > 0 or len(steps) > 1
+                        or self._next_pos.get(a.node.id, 0) >= self._prompt_len]
+                if done:
+                    out[a.node.id] = [(s, a.assemble(s, steps.pop(s))) for s in done]
+        return out
 
     def fast_saves(self) -> dict[int, Any]:
         out: dict[int, Any] = {}

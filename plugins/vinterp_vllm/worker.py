@@ -6,6 +6,8 @@ caller reaches it with ``collective_rpc``:
 * ``vinterp_install(model_type)`` — install the hooks (once; idempotent).
 * ``vinterp_drain(keys)`` — hand back and free the outcomes (saves, errors) of finished
   requests by the caller's own keys; ``vinterp_release(keys)`` frees without returning.
+* ``vinterp_take_steps(keys)`` — the completed steps' captures of running requests
+  (streaming responses carry them chunk by chunk).
 
 Each forward: a pre-hook on the model works out which rows belong to which intervened request
 (``layout.py``), builds the vectorized groups per point (``fastpath.py``) and starts the steps
@@ -31,6 +33,7 @@ from vinterp_vllm.layout import RowSpan, batch_spans
 from vinterp_vllm.payload import Outcome, Payload, outcomes_to_wire
 from vinterp_vllm.points import VllmPoint
 from vinterp_vllm.request_state import ParsedGraphs, RequestState, Retention
+from vinterp_vllm.wire import pack
 
 WORKER_EXTENSION = "vinterp_vllm.worker.VinterpWorkerExtension"
 log = logging.getLogger("vinterp_vllm")
@@ -64,6 +67,19 @@ class VinterpWorkerExtension:
         ``outcomes_from_wire``): the same channel in-process and across vLLM's RPC transport.
         """
         return outcomes_to_wire(self._vinterp.drain(keys))
+
+    def vinterp_take_steps(self, keys: list[str]) -> bytes:
+        """Captures of the steps already complete of still-running requests (streaming), as
+        ``wire`` bytes of ``{key: {save id: [(step, value), ...]}}``; taken steps are left out
+        of the final outcome."""
+        out = {}
+        for key in keys:
+            st = self._vinterp.by_key.get(key)
+            if st is not None:
+                taken = st.take_steps()
+                if taken:
+                    out[key] = taken
+        return pack(out)
 
     def vinterp_release(self, keys: list[str]) -> None:
         """Forget requests (aborted or no longer wanted)."""

@@ -2,8 +2,13 @@
 
 A response carries captures inline until their bytes pass ``Settings.inline_capture_bytes``;
 the rest are kept per key for ``capture_ttl`` seconds and fetched with
-``GET /v1/captures/{id}`` (an ``.npy`` file). A streamed response carries each choice's
-captures in the chunk that finishes it.
+``GET /v1/captures/{id}`` (an ``.npy`` file). ``index`` is the capture's place in the request's
+``capture`` list.
+
+A streamed response carries captures chunk by chunk: each chunk the rows of the steps
+completed since the previous one (the prompt's rows first, then one row per generated token),
+the chunk that finishes the choice the rest. Concatenating one capture's pieces (same
+``index``) in order gives the non-streamed array. Graph saves come whole in the last chunk.
 
 Example (one capture in a response)::
 
@@ -25,14 +30,17 @@ from vinterp_server import metrics
 from vinterp_server.auth import KeyInfo
 from vinterp_server.compile import CompiledRequest, npy_bytes
 from vinterp_server.context import Server, require_key, server
-from vinterp_vllm.payload import Outcome
 
 router = APIRouter()
 
 
-def rows(value: Any) -> torch.Tensor:
-    """A shortcut capture's saved value (one tensor, or one per step) as ``[rows, hidden]``."""
+def rows(value: Any, hidden: int = 0) -> torch.Tensor:
+    """A shortcut capture's saved value (one tensor, or one per step; ``(step, value)`` pairs
+    from a stream) as ``[rows, hidden]``."""
     parts = value if isinstance(value, list) else [value]
+    parts = [p[1] if isinstance(p, tuple) else p for p in parts]
+    if not parts:
+        return torch.zeros(0, hidden)
     return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts], dim=0)
 
 
@@ -55,31 +63,41 @@ class CaptureWriter:
         self.key = key
         self.inline_left = srv.settings.inline_capture_bytes
 
-    def encode(self, spec: CompiledRequest, outcome: Outcome) -> list[dict[str, Any]]:
-        """The captures of one finished request (its outcome must carry no error)."""
+    def encode(self, spec: CompiledRequest, saves: dict[int, Any], *,
+               fragment: bool = False) -> list[dict[str, Any]]:
+        """The captures in ``saves`` (a finished request's, or with ``fragment=True`` the
+        steps a stream hands over now: captures with nothing new are left out)."""
         out = []
-        for save_id, cap, label in spec.capture_points():
-            value = outcome.saves.get(save_id)
-            if value is None:
-                raise RuntimeError(f"capture {label!r} produced no value")
-            t = rows(value) if cap is not None else _graph_value(value)
-            data = npy_bytes(t)
-            metrics.CAPTURE_BYTES.inc(len(data))
-            item: dict[str, Any] = {
-                "point": label, "positions": None if cap is None else cap.positions,
-                "steps": None if cap is None else cap.steps,
-                "dtype": "float32" if t.dtype in (torch.bfloat16, torch.float16)
-                else str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-            if len(data) <= self.inline_left:
-                self.inline_left -= len(data)
-                item["data"] = base64.b64encode(data).decode("ascii")
-            else:
-                cid = f"cap-{uuid.uuid4().hex}"
-                self.srv.store.put(self.key.id, "capture", cid, data,
-                                   self.srv.settings.capture_ttl)
-                item["id"] = cid
-            out.append(item)
+        for index, (save_id, cap, label) in enumerate(spec.capture_points()):
+            value = saves.get(save_id)
+            if value is None or (isinstance(value, list) and not value):
+                if fragment:
+                    continue
+                if cap is None:
+                    raise RuntimeError(f"capture {label!r} produced no value")
+                value = []   # every row was streamed already
+            t = rows(value, spec.model.hidden_size) if cap is not None else _graph_value(value)
+            if fragment and t.shape[0] == 0:
+                continue
+            out.append(self._item(index, label, cap, t))
         return out
+
+    def _item(self, index: int, label: str, cap: Any, t: torch.Tensor) -> dict[str, Any]:
+        data = npy_bytes(t)
+        metrics.CAPTURE_BYTES.inc(len(data))
+        item: dict[str, Any] = {
+            "index": index, "point": label, "positions": None if cap is None else cap.positions,
+            "steps": None if cap is None else cap.steps,
+            "dtype": "float32" if t.dtype in (torch.bfloat16, torch.float16)
+            else str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        if len(data) <= self.inline_left:
+            self.inline_left -= len(data)
+            item["data"] = base64.b64encode(data).decode("ascii")
+        else:
+            cid = f"cap-{uuid.uuid4().hex}"
+            self.srv.store.put(self.key.id, "capture", cid, data, self.srv.settings.capture_ttl)
+            item["id"] = cid
+        return item
 
 
 @router.get("/v1/captures/{capture_id}", response_class=Response,

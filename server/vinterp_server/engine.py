@@ -51,6 +51,8 @@ class RequestContext:
         self.capture_cap = capture_cap
         self.on_tokens = on_tokens
         self.outcomes: dict[int, Outcome] = {}
+        self.keys: dict[int, str] = {}
+        self._engine: AsyncEngine | None = None
         self._prompts = 0
 
     async def generate(self, engine: AsyncEngine, prompt: Any, params: Any, request_id: str,
@@ -59,7 +61,8 @@ class RequestContext:
         index = self._prompts
         self._prompts += 1
         if self.spec is not None:
-            self._attach(engine, prompt, params)
+            self.keys[index] = self._attach(engine, prompt, params)
+            self._engine = engine
         final = None
         async for out in engine.generate(prompt, params, request_id,
                                          on_outcome=lambda o: self.outcomes.__setitem__(index, o),
@@ -70,7 +73,7 @@ class RequestContext:
             self.on_tokens(len(final.prompt_token_ids or ()) +
                            sum(len(c.token_ids) for c in final.outputs))
 
-    def _attach(self, engine: AsyncEngine, prompt: Any, params: Any) -> None:
+    def _attach(self, engine: AsyncEngine, prompt: Any, params: Any) -> str:
         assert self.spec is not None
         ids = list(prompt["prompt_token_ids"])
         need = self.spec.estimate_capture_bytes(len(ids), int(params.max_tokens or 1))
@@ -92,6 +95,14 @@ class RequestContext:
             prompt["cache_salt"] = rq.fingerprint(gjson)
         if rq.reads_prompt(nodes):   # reads of prompt positions need them computed here
             params.skip_reading_prefix_cache = True
+        return payload.key
+
+    async def take_steps(self, index: int) -> dict[int, list[tuple[int, Any]]]:
+        """Captures of the steps rendered prompt ``index`` completed so far (streaming)."""
+        key = self.keys.get(index)
+        if key is None or self._engine is None or index in self.outcomes:
+            return {}
+        return await self._engine.take_steps(key)
 
     def outcome(self, index: int) -> Outcome | None:
         """The worker's outcome for rendered prompt ``index`` (once it finished)."""

@@ -110,7 +110,7 @@ async def _serve(request: Any, raw_request: Request, key: KeyInfo, srv: Server,
                 outcome = ctx.outcome(choice["index"])
                 if outcome is None or outcome.error:
                     return error_response(_failed(outcome))
-                choice["captures"] = writer.encode(spec, outcome)
+                choice["captures"] = writer.encode(spec, outcome.saves)
         return JSONResponse(body)
     finally:
         if not streaming:
@@ -152,9 +152,9 @@ async def _stream(gen: AsyncIterator[str], ctx: RequestContext, key: KeyInfo, sr
     async def events() -> AsyncIterator[str]:
         try:
             if first is not None:
-                yield _with_captures(first, ctx, writer)
+                yield await _with_captures(first, ctx, writer)
             async for chunk in gen:
-                yield _with_captures(chunk, ctx, writer)
+                yield await _with_captures(chunk, ctx, writer)
         finally:
             release()
             await gen.aclose()
@@ -171,21 +171,30 @@ def _error_event(chunk: str | None) -> dict[str, Any] | None:
         return None
 
 
-def _with_captures(chunk: str, ctx: RequestContext, writer: CaptureWriter | None) -> str:
-    """The SSE chunk, with captures added to each choice it finishes."""
+async def _with_captures(chunk: str, ctx: RequestContext,
+                         writer: CaptureWriter | None) -> str:
+    """The SSE chunk with its captures: the steps each choice completed since the last chunk,
+    and the rest in the chunk that finishes it."""
     if writer is None or not chunk.startswith("data: {"):
         return chunk
     data = json.loads(chunk[len("data: "):])
+    spec = ctx.spec
+    assert spec is not None
     changed = False
     errors = []
     for choice in data.get("choices") or ():
+        index = choice.get("index", 0)
         if choice.get("finish_reason") is None:
+            parts = await ctx.take_steps(index)
+            if parts:
+                choice["captures"] = writer.encode(spec, parts, fragment=True)
+                changed = True
             continue
-        outcome = ctx.outcome(choice.get("index", 0))
+        outcome = ctx.outcome(index)
         if outcome is None or outcome.error:
             errors.append(str(_failed(outcome)))
             continue
-        choice["captures"] = writer.encode(ctx.spec, outcome)  # type: ignore[arg-type]
+        choice["captures"] = writer.encode(spec, outcome.saves)
         changed = True
     if errors:
         err = {"error": {"message": "; ".join(errors), "type": "InternalServerError",

@@ -76,24 +76,34 @@ def test_steered_generation_captures_every_step_like_local(served, local_vllm, t
     assert rel(rows, ref) <= 1e-4
 
 
-def test_chat_stream_carries_captures_in_the_finishing_chunk(served):
+def test_chat_stream_carries_captures_chunk_by_chunk(served):
+    """Each streamed chunk carries the rows of the steps completed since the last one;
+    concatenated they equal the non-streamed capture."""
     client = served.openai()
-    body = {"capture": [{"point": "layers.3.mlp.output", "positions": "all"}],
-            "interventions": [{"op": "scale", "layers": "all", "factor": 1.0}]}
+    body = {"capture": [{"point": "layers.3.mlp.output", "positions": "all", "steps": "all"},
+                        {"point": "layers.7.output", "positions": "last", "steps": "prompt"}],
+            "interventions": [{"op": "scale", "layers": [4], "factor": 1.5}]}
     messages = [{"role": "user", "content": "Say hello."}]
-    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5,
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
                                           temperature=0, extra_body=body)
-    (cap,) = full.choices[0].model_extra["captures"]
+    whole = [fetch(served, c) for c in full.choices[0].model_extra["captures"]]
     chunks = list(client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=5, temperature=0, stream=True,
+        model=MODEL, messages=messages, max_tokens=6, temperature=0, stream=True,
         stream_options={"include_usage": True}, extra_body=body))
-    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert len(finishing) == 1
-    (scap,) = finishing[0].choices[0].model_extra["captures"]
+    pieces: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    carrying = 0
+    for c in chunks:
+        for item in (c.choices[0].model_extra.get("captures") or []) if c.choices else []:
+            pieces[item["index"]].append(fetch(served, item))
+            carrying += 1
+    assert carrying >= 4, "rows arrive in several chunks, not only the last"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
         full.choices[0].message.content
-    assert scap["shape"] == cap["shape"] == [full.usage.prompt_tokens, 576]
-    assert torch.equal(fetch(served, scap), fetch(served, cap))
+    n_prompt = full.usage.prompt_tokens
+    assert whole[0].shape == (n_prompt + full.usage.completion_tokens - 1, 576)
+    assert whole[1].shape == (1, 576)
+    for k in (0, 1):
+        assert torch.equal(torch.cat(pieces[k]), whole[k]), k
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 

@@ -101,6 +101,7 @@ class AsyncEngine:
         self.max_batched_tokens = int(cfg.scheduler_config.max_num_batched_tokens)
         self._drains = Batcher(self._drain_rpc)
         self._releases = Batcher(self._release_rpc)
+        self._takes = Batcher(self._take_rpc)
         self._background: set[asyncio.Task[Any]] = set()
 
     @classmethod
@@ -152,6 +153,17 @@ class AsyncEngine:
     async def _drain_rpc(self, keys: list[str]) -> dict[str, Outcome]:
         (blob,) = await self.llm.collective_rpc("vinterp_drain", args=(keys,))
         return outcomes_from_wire(blob)
+
+    async def take_steps(self, key: str) -> dict[int, list[tuple[int, Any]]]:
+        """Captures of the steps a running request completed so far (taken out of its final
+        outcome): ``save id -> [(step, value)]``. Batched like drains."""
+        return await self._takes.get(key) or {}
+
+    async def _take_rpc(self, keys: list[str]) -> dict[str, Any]:
+        from vinterp_vllm.wire import unpack
+
+        (blob,) = await self.llm.collective_rpc("vinterp_take_steps", args=(keys,))
+        return unpack(blob)
 
     async def _release_rpc(self, keys: list[str]) -> dict[str, Any]:
         await self.llm.collective_rpc("vinterp_release", args=(keys,))
