@@ -1,5 +1,6 @@
-"""``python -m benchmarks run [--quick] [--only WORKLOAD ...] [--systems NAME ...]``, and
-``python -m benchmarks report RESULTS.json ...`` (RESULTS.md from runs already made)."""
+"""``python -m benchmarks run [--quick] [--only WORKLOAD ...] [--systems NAME ...]`` (a new
+directory under benchmarks/results/), and ``python -m benchmarks report RUN.json ...``
+(benchmarks/RESULTS.md from the named runs: the only way it changes)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ HERE = Path(__file__).resolve().parent
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks")
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run the benchmarks and regenerate RESULTS.md")
+    r = sub.add_parser("run", help="run the benchmarks into a new directory under "
+                                   "benchmarks/results/ (never touches benchmarks/RESULTS.md)")
     r.add_argument("--quick", action="store_true", help="small sizes, 2 reps (< 5 min)")
     r.add_argument("--only", nargs="+", choices=WORKLOADS, metavar="WORKLOAD",
                    help=f"workloads to run: {', '.join(WORKLOADS)}")
@@ -31,9 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                         "core); use 1 on a machine shared with other work")
     r.add_argument("--results-dir", type=Path,
                    default=os.environ.get("VINTERP_BENCH_RESULTS_DIR"),
-                   help="where the JSON (and, when given, RESULTS.md and the plot) go; "
-                        "default benchmarks/results with RESULTS.md in benchmarks/ "
-                        "(env VINTERP_BENCH_RESULTS_DIR)")
+                   help="where the run's directory (JSON, its RESULTS.md and plot, logs) "
+                        "goes; default benchmarks/results (env VINTERP_BENCH_RESULTS_DIR)")
     r.add_argument("--device", default="cpu",
                    help="where HF-side systems (vinterp_hf, nnsight, hf_hooks) run: cpu or "
                         "cuda (vLLM picks its own platform)")
@@ -63,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.runner import run
 
     results_dir = Path(args.results_dir) if args.results_dir else HERE / "results"
-    report_dir = Path(args.results_dir) if args.results_dir else HERE
-    run(args.quick, args.only, args.systems, args.reps, results_dir, report_dir,
-        args.threads, device=args.device, model_path=args.model_path)
+    run(args.quick, args.only, args.systems, args.reps, results_dir, args.threads,
+        device=args.device, model_path=args.model_path)
     return 0
 
 

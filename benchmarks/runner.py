@@ -3,6 +3,12 @@
 Each system runs in its own process (vLLM engines, the nnsight venv and HF never share one)
 and loads the model once; the driver then walks repetitions round-robin across systems, so
 slow drift of the machine (thermal, other load) spreads over all systems instead of biasing one.
+The order of the systems rotates from one repetition to the next (no system always runs
+first, right after another's warm caches or memory churn), and every repetition's output is
+checked (``benchmarks/verify.py``) before its time counts.
+
+A run writes only into its own directory under the results directory; the curated
+``benchmarks/RESULTS.md`` changes only through ``python -m benchmarks report RUN.json ...``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from benchmarks.systems import (
     SYSTEM_WORKLOADS,
     SYSTEMS,
 )
+from benchmarks.verify import check, expected_captures, requested_tokens
 from benchmarks.workloads import WORKLOADS, SizeConfig, WorkloadConfig, build_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,15 +179,32 @@ def summarize(task: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any
                max=max(values), reps=len(values), tokens=runs[-1].get("tokens"),
                items=runs[-1]["items"],
                seconds_per_request=statistics.median(r["seconds"] / r["items"] for r in runs))
+    # which repetition each value is from (pairs rows repetition by repetition in the report)
+    row["rep_index"] = [r.get("rep", k) for k, r in enumerate(runs)]
+    if any("verify" in r for r in runs):
+        row["verified"] = len(runs)
+        last = runs[-1].get("verify", {})
+        if "changed" in last:
+            row["changed"] = [last["changed"], last["compared"]]
     if "check" in runs[-1]:
         row["check"] = runs[-1]["check"]
     return row
 
 
+def rotated(items: list[Any], rep: int) -> list[Any]:
+    """``items`` starting at position ``rep`` (mod their number): each repetition of a
+    workload runs the systems in another order."""
+    if not items:
+        return []
+    k = rep % len(items)
+    return items[k:] + items[:k]
+
+
 def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: int | None,
-        results_dir: Path, report_dir: Path, threads: int | None = None, *,
+        results_dir: Path, threads: int | None = None, *,
         device: str = "cpu", model_path: Path | None = None) -> Path:
-    """Run the benchmark; return the path of the results JSON."""
+    """Run the benchmark into a new directory under ``results_dir`` (the JSON, its own
+    RESULTS.md and plot, worker logs); return the path of the results JSON."""
     sizes = SizeConfig.quick() if quick else SizeConfig()
     if reps:
         sizes.reps = reps
@@ -200,9 +224,12 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
     # Warm-ups run every task once on tiny inputs: first-call costs are paid there, and a full
     # run spends seconds, not a sixth of its time, warming up.
     warm_cfg = make_config(SizeConfig.warm(), model_path, device)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    log_dir = results_dir / "logs"
-    log_dir.mkdir(exist_ok=True)
+    now = dt.datetime.now()
+    name = f"{now:%Y-%m-%d-%H%M%S}-{socket.gethostname()}{'-quick' if quick else ''}"
+    run_dir = results_dir / name
+    run_dir.mkdir(parents=True, exist_ok=False)   # never over an earlier run
+    log_dir = run_dir / "logs"
+    log_dir.mkdir()
     started = time.time()
     load_at_start = list(os.getloadavg())
     print(f"bench: systems {chosen}, workloads {workloads}, reps {sizes.reps}"
@@ -235,6 +262,7 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
 
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     failed: set[tuple[str, str]] = set()
+    orders: dict[str, list[list[str]]] = {}
 
     def revive(w: Worker, workload: str) -> None:
         """Start a worker that died (out of memory, crash) again, so that only the task that
@@ -256,7 +284,7 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
             if t["workload"] == workload:
                 run_once(w, t, record=False)
 
-    def run_once(w: Worker, t: dict[str, Any], record: bool) -> None:
+    def run_once(w: Worker, t: dict[str, Any], record: bool, rep: int = -1) -> None:
         key = (w.system, f"{t['workload']}/{t['case']}/{t['variant']}")
         if key in failed:
             return
@@ -273,17 +301,29 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
             revive(w, t["workload"])
             return
         if record:
-            runs.setdefault(key, []).append(r["result"])
+            why = check(t, w.system, r["result"], requested=requested_tokens(cfg, t),
+                        capture_count=expected_captures(cfg, t))
+            if why:   # a repetition that did less (or other) work than asked never counts
+                skipped.append({"system": w.system, "what": key[1],
+                                "reason": f"verification failed in repetition {rep + 1}: {why}"})
+                failed.add(key)
+                runs.pop(key, None)
+                print(f"bench: {w.system} {key[1]}: verification failed: {why}", flush=True)
+                return
+            runs.setdefault(key, []).append(dict(r["result"], rep=rep))
 
     try:
         for workload in workloads:
             # One untimed warm-up per task on small inputs (lazy init, first-call
             # compilation), then the timed repetitions, round-robin across systems.
             for rep in range(-1, sizes.reps):
-                for w in live:
+                order = rotated(live, max(rep, 0))
+                if rep >= 0:
+                    orders.setdefault(workload, []).append([w.system for w in order])
+                for w in order:
                     for t in w.tasks:
                         if t["workload"] == workload:
-                            run_once(w, t, record=rep >= 0)
+                            run_once(w, t, record=rep >= 0, rep=rep)
                 print(f"bench: {workload} rep {rep + 1}/{sizes.reps} done "
                       f"({time.time() - started:.0f} s)", flush=True)
     finally:
@@ -301,8 +341,6 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
                 row["dtype"] = w.info.get("dtype")
                 rows.append(row)
 
-    now = dt.datetime.now()
-    host = socket.gethostname()
     result = {
         "schema": 1,
         "date": now.isoformat(timespec="seconds"),
@@ -318,12 +356,14 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
         "systems": info,
         "skipped": skipped,
         "rows": rows,
+        "system_order": orders,
         "wall_s": time.time() - started,
     }
-    out = results_dir / f"{now:%Y-%m-%d}-{host}{'-quick' if quick else ''}.json"
+    out = run_dir / f"{name}.json"
     out.write_text(json.dumps(result, indent=1))
     from benchmarks import report
 
-    report.write_report(result, report_dir)
-    print(f"bench: wrote {out} and {report_dir / 'RESULTS.md'} in {result['wall_s']:.0f} s")
+    report.write_report(result, run_dir)
+    print(f"bench: wrote {out} and {run_dir / 'RESULTS.md'} in {result['wall_s']:.0f} s "
+          f"(benchmarks/RESULTS.md is unchanged: `python -m benchmarks report` makes it)")
     return out

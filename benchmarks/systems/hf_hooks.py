@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import verify
 from benchmarks.systems.base import System, Task, Timer
 from benchmarks.systems.hf_common import hf_versions, load_hf, replace_residual, residual
 from benchmarks.workloads import (
@@ -76,14 +77,30 @@ class HFHooksSystem(System):
             return {i: (lambda h, i=i: h + lv[i]) for i in range(cfg.num_layers)}
         raise ValueError(case)
 
-    def _generate(self, prompts: list[str], new_tokens: int, fns: dict) -> tuple[float, int]:
+    def _generate(self, prompts: list[str], new_tokens: int,
+                  fns: dict) -> tuple[float, list[list[int]]]:
+        """Seconds, and each row's generated ids (measured from the output)."""
         enc = self.tok(prompts, return_tensors="pt", padding=True).to(self.cfg.device)
         with torch.no_grad(), hooks(self.model, fns), Timer() as t:
             out = self.model.generate(
                 **enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                 pad_token_id=self.tok.pad_token_id,
             )
-        return t.seconds, (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+        return t.seconds, out[:, enc["input_ids"].shape[1]:].tolist()
+
+    def _verify(self, new: list[list[int]], prompts: list[str], n_new: int,
+                steering: bool) -> dict[str, Any]:
+        """Measured token counts, and (steering) how many of the first requests differ from
+        the same requests generated without hooks (untimed, once)."""
+        out: dict[str, Any] = {"new_tokens": [len(x) for x in new]}
+        if steering:
+            k = verify.COMPARED
+            cache = self.__dict__.setdefault("_references", {})
+            key = (tuple(prompts[:k]), n_new)
+            if key not in cache:
+                cache[key] = self._generate(prompts[:k], n_new, {})[1]
+            out.update(verify.changed(new[:k], cache[key]))
+        return out
 
     def run_capture(self, task: Task) -> dict[str, Any]:
         case = task.case
@@ -96,9 +113,14 @@ class HFHooksSystem(System):
         enc = self.tok(cfg.capture_prompts, return_tensors="pt", padding=True).to(cfg.device)
         with torch.no_grad(), hooks(self.model, fns), Timer() as t:
             self.model(**enc)
-        assert len(saved) == len(fns)
+        # one padded batch: each hook call saved every prompt's rows at once
+        n, width = enc["input_ids"].shape
+        want = (n, cfg.hidden_size) if case == "last_all_layers" else (n, width, cfg.hidden_size)
+        bad = [f"#{k}: {list(s.shape)} != {list(want)}" for k, s in enumerate(saved)
+               if tuple(s.shape) != want]
         tokens = int(enc["attention_mask"].sum())
-        return {"seconds": t.seconds, "tokens": tokens, "items": len(cfg.capture_prompts)}
+        return {"seconds": t.seconds, "tokens": tokens, "items": len(cfg.capture_prompts),
+                "verify": {"captures": {"count": len(saved) * n, "bad_shapes": bad}}}
 
     def _patch_sweep(self) -> dict[str, Any]:
         """The whole layer × position grid as one batch: row (l, p) patches position p at l."""
@@ -144,9 +166,11 @@ class HFHooksSystem(System):
 
         fns = {layer: (lambda h, r=rows: steer(h, r)) for layer, rows in by_layer.items()}
         longest = max(u["max_tokens"] for u in users)
-        seconds, _ = self._generate([u["prompt"] for u in users], longest, fns)
-        return {"seconds": seconds, "tokens": sum(u["max_tokens"] for u in users),
-                "items": len(users)}
+        prompts = [u["prompt"] for u in users]
+        seconds, new = self._generate(prompts, longest, fns)
+        check = self._verify(new, prompts, longest, True)
+        counted = sum(min(len(x), u["max_tokens"]) for x, u in zip(new, users, strict=True))
+        return {"seconds": seconds, "tokens": counted, "items": len(users), "verify": check}
 
     def run_trace_overhead(self, task: Task) -> dict[str, Any]:
         case = task.case
@@ -166,9 +190,11 @@ class HFHooksSystem(System):
 
     def _steered(self, case: str, n: int) -> dict[str, Any]:
         prompts = self.cfg.gen_prompts[:n]
-        s, toks = self._generate(prompts, self.cfg.sizes.gen_new_tokens,
-                                 self._steer_fns(case, len(prompts)))
-        return {"seconds": s, "tokens": toks, "items": len(prompts)}
+        n_new = self.cfg.sizes.gen_new_tokens
+        s, new = self._generate(prompts, n_new, self._steer_fns(case, len(prompts)))
+        check = self._verify(new, prompts, n_new, case != "none")
+        return {"seconds": s, "tokens": sum(check["new_tokens"]), "items": len(prompts),
+                "verify": check}
 
     def run_steer_generate(self, task: Task) -> dict[str, Any]:
         return self._steered(task.case, len(self.cfg.gen_prompts))

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import verify
 from benchmarks.systems.base import NotAvailable, System, Task, Timer
 from benchmarks.workloads import (
     CLEAN_PROMPT,
@@ -56,6 +57,35 @@ class NnsightSystem(System):
               for c in ("plain_forward", "empty", "save_1", "save_12")]
         return t
 
+    # -- what a generation produced (measured, outside the timings) -------------------------
+    def _new_ids(self, out: torch.Tensor, prompts: list[str]) -> list[list[int]]:
+        """Each row's generated ids: ``tracer.result`` is the left-padded batch + new ids."""
+        width = self.m.tokenizer(prompts, return_tensors="pt", padding=True)["input_ids"].shape[1]
+        return out[:, width:].tolist()
+
+    def _unsteered(self, prompts: list[str], n_new: int) -> list[list[int]]:
+        """The same prompts generated without steering (untimed; once per prompt set)."""
+        cache = self.__dict__.setdefault("_references", {})
+        key = (tuple(prompts), n_new)
+        if key not in cache:
+            with self.m.generate(max_new_tokens=n_new, min_new_tokens=n_new,
+                                 do_sample=False) as tr:
+                for p in prompts:
+                    with tr.invoke(p):
+                        pass
+                with tr.invoke():
+                    out = tr.result.save()
+            cache[key] = self._new_ids(out, prompts)
+        return cache[key]
+
+    def _verify(self, new: list[list[int]], prompts: list[str], n_new: int,
+                steering: bool) -> dict[str, Any]:
+        check: dict[str, Any] = {"new_tokens": [len(x) for x in new]}
+        if steering:
+            k = verify.COMPARED
+            check.update(verify.changed(new[:k], self._unsteered(prompts[:k], n_new)))
+        return check
+
     # -- steered generation ------------------------------------------------------------------
     def _steer_generate(self, case: str, n_prompts: int | None = None) -> dict[str, Any]:
         cfg, m, layers = self.cfg, self.m, self.layers
@@ -77,18 +107,32 @@ class NnsightSystem(System):
                                 else:
                                     for j in range(cfg.num_layers):
                                         layers[j].output = layers[j].output + per_layer[j, i]
-        return {"seconds": t.seconds, "tokens": n * n_new, "items": n}
+                with tr.invoke():   # the generated ids, to count (an empty invoke)
+                    out = tr.result.save()
+        check = self._verify(self._new_ids(out, prompts), prompts, n_new, case != "none")
+        return {"seconds": t.seconds, "tokens": sum(check["new_tokens"]), "items": n,
+                "verify": check}
 
     def _one_at_a_time(self, reqs: list[tuple[str, int, int, torch.Tensor]]) -> dict[str, Any]:
         """Each request (prompt, max_tokens, layer, vector) in its own generate, in turn."""
         m, layers = self.m, self.layers
+        outs = []
         with Timer() as t:
             for prompt, n_new, layer, vec in reqs:
-                with m.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new,
+                with m.generate(max_new_tokens=n_new, min_new_tokens=n_new,
                                 do_sample=False) as tr:
-                    with tr.all():
-                        layers[layer].output = layers[layer].output + vec
-        return {"seconds": t.seconds, "tokens": sum(r[1] for r in reqs), "items": len(reqs)}
+                    with tr.invoke(prompt):
+                        with tr.all():
+                            layers[layer].output = layers[layer].output + vec
+                    with tr.invoke():   # the generated ids, to count (an empty invoke)
+                        outs.append(tr.result.save())
+        new = [self._new_ids(o, [r[0]])[0] for o, r in zip(outs, reqs, strict=True)]
+        check: dict[str, Any] = {"new_tokens": [len(x) for x in new]}
+        k = verify.COMPARED
+        ref = [self._unsteered([r[0]], r[1])[0] for r in reqs[:k]]
+        check.update(verify.changed(new[:k], ref))
+        counted = sum(min(len(x), r[1]) for x, r in zip(new, reqs, strict=True))
+        return {"seconds": t.seconds, "tokens": counted, "items": len(reqs), "verify": check}
 
     # -- capture -----------------------------------------------------------------------------
     # One trace of all 256 prompts, as the docs write it. It peaks at 11.7 GB resident in
@@ -109,8 +153,14 @@ class NnsightSystem(System):
                         else:
                             for j in cfg.sizes.capture_full_layers:
                                 saved.append(layers[j].output.save())
-        tokens = sum(len(m.tokenizer(p)["input_ids"]) for p in cfg.capture_prompts)
-        return {"seconds": t.seconds, "tokens": tokens, "items": len(cfg.capture_prompts)}
+        lens = [len(m.tokenizer(p)["input_ids"]) for p in cfg.capture_prompts]
+        last = case == "last_all_layers"
+        per_prompt = cfg.num_layers if last else len(cfg.sizes.capture_full_layers)
+        # (nnsight's invokes share one left-padded batch: each full value has its padding)
+        check = {"captures": verify.capture_shapes(saved, lens, per_prompt, cfg.hidden_size,
+                                                   last, padded=True)}
+        return {"seconds": t.seconds, "tokens": sum(lens), "items": len(cfg.capture_prompts),
+                "verify": check}
 
     # -- patching sweep ----------------------------------------------------------------------
     def _clean_cache(self, n_layers: int) -> dict[int, Any]:
@@ -168,8 +218,14 @@ class NnsightSystem(System):
                         with tr.all():
                             lay = layers[u["layer"]]
                             lay.output = lay.output + v[u["index"]]
-        return {"seconds": t.seconds, "tokens": sum(u["max_tokens"] for u in cfg.users),
-                "items": len(cfg.users)}
+                with tr.invoke():   # the generated ids, to count (an empty invoke)
+                    out = tr.result.save()
+        prompts = [u["prompt"] for u in cfg.users]
+        new = self._new_ids(out, prompts)
+        check = self._verify(new, prompts, longest, True)
+        counted = sum(min(len(x), u["max_tokens"]) for x, u in zip(new, cfg.users, strict=True))
+        return {"seconds": t.seconds, "tokens": counted, "items": len(cfg.users),
+                "verify": check}
 
     # -- trace overhead ----------------------------------------------------------------------
     def run_trace_overhead(self, task: Task) -> dict[str, Any]:

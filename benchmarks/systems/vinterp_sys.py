@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import verify
 from benchmarks.systems.base import NotAvailable, System, Task, Timer
 from benchmarks.workloads import (
     CLEAN_PROMPT,
@@ -86,11 +87,34 @@ class VinterpSystem(System):
             return {"max_new_tokens": n_new, "do_sample": False, "ignore_eos": True}
         return {"max_new_tokens": n_new, "min_new_tokens": n_new, "do_sample": False}
 
-    def _generated(self, tracer: Any, prompts: list[str]) -> int:
-        """Tokens actually generated, from ``tracer.result`` (prompt ids + generated ids)."""
+    def _new_ids(self, tracer: Any, prompts: list[str]) -> list[list[int]]:
+        """Each request's generated ids, from ``tracer.result`` (prompt ids + generated ids)."""
         tok = self.m.tokenizer
-        return sum(len(r) - len(tok(p)["input_ids"]) for r, p in zip(tracer.result, prompts,
-                                                                     strict=True))
+        return [r[len(tok(p)["input_ids"]):].tolist()
+                for r, p in zip(tracer.result, prompts, strict=True)]
+
+    def _unsteered(self, prompts: list[str], budgets: list[int]) -> list[list[int]]:
+        """The same requests without steering (untimed; once per set of requests)."""
+        cache = self.__dict__.setdefault("_references", {})
+        key = (tuple(prompts), tuple(budgets))
+        if key not in cache:
+            m = self.m
+            with m.generate(**self._gen_kwargs(max(budgets))) as tr:
+                for p, b in zip(prompts, budgets, strict=True):
+                    extra = {"max_new_tokens": b} if self.per_invoke_max else {}
+                    with tr.invoke(p, **extra):
+                        pass
+            cache[key] = self._new_ids(tr, prompts)
+        return cache[key]
+
+    def _verify_generation(self, tr: Any, prompts: list[str], budgets: list[int],
+                           steering: bool) -> dict[str, Any]:
+        new = self._new_ids(tr, prompts)
+        out: dict[str, Any] = {"new_tokens": [len(x) for x in new]}
+        if steering:
+            k = verify.COMPARED
+            out.update(verify.changed(new[:k], self._unsteered(prompts[:k], budgets[:k])))
+        return out
 
     def _steer_generate(self, case: str, n_prompts: int | None = None) -> dict[str, Any]:
         cfg, m = self.cfg, self.m
@@ -113,7 +137,10 @@ class VinterpSystem(System):
                             else:
                                 for j in range(cfg.num_layers):
                                     m.layers[j].output.steer(per_layer[j, i])
-        return {"seconds": t.seconds, "tokens": self._generated(tr, prompts), "items": n}
+        check = self._verify_generation(tr, prompts, [cfg.sizes.gen_new_tokens] * n,
+                                        case != "none")
+        return {"seconds": t.seconds, "tokens": sum(check["new_tokens"]), "items": n,
+                "verify": check}
 
     def run_capture(self, task: Task) -> dict[str, Any]:
         case = task.case
@@ -129,9 +156,13 @@ class VinterpSystem(System):
                         else:
                             for j in cfg.sizes.capture_full_layers:
                                 saved.append(m.layers[j].output.save())
-        assert all(isinstance(s, torch.Tensor) for s in saved[:1])
-        tokens = sum(len(m.tokenizer(p)["input_ids"]) for p in cfg.capture_prompts)
-        return {"seconds": t.seconds, "tokens": tokens, "items": len(cfg.capture_prompts)}
+        lens = [len(m.tokenizer(p)["input_ids"]) for p in cfg.capture_prompts]
+        last = case == "last_all_layers"
+        per_prompt = cfg.num_layers if last else len(cfg.sizes.capture_full_layers)
+        check = {"captures": verify.capture_shapes(saved, lens, per_prompt, cfg.hidden_size,
+                                                   last)}
+        return {"seconds": t.seconds, "tokens": sum(lens), "items": len(cfg.capture_prompts),
+                "verify": check}
 
     def _patch_sweep(self) -> dict[str, Any]:
         """The whole grid in one trace: a clean invoke, then one invoke per (layer, position)
@@ -165,8 +196,11 @@ class VinterpSystem(System):
                         with tr.all():
                             m.layers[u["layer"]].output.steer(v[u["index"]])
         # Without per-invoke limits the batch runs to the longest; only asked-for tokens count.
-        return {"seconds": t.seconds, "tokens": sum(u["max_tokens"] for u in cfg.users),
-                "items": len(cfg.users)}
+        budgets = [u["max_tokens"] for u in cfg.users]
+        check = self._verify_generation(tr, [u["prompt"] for u in cfg.users], budgets, True)
+        counted = sum(min(g, b) for g, b in zip(check["new_tokens"], budgets, strict=True))
+        return {"seconds": t.seconds, "tokens": counted, "items": len(cfg.users),
+                "verify": check}
 
     def run_trace_overhead(self, task: Task) -> dict[str, Any]:
         case = task.case

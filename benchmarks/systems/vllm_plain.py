@@ -46,8 +46,9 @@ class PlainVLLM(System):
 
     def _decode(self, prompts: list[str], n_new: int) -> dict[str, Any]:
         r = self._generate(prompts, [n_new] * len(prompts))
-        toks = sum(len(o.outputs[0].token_ids) for o in r["outs"])
-        return {"seconds": r["seconds"], "tokens": toks, "items": len(r["outs"])}
+        new = [len(o.outputs[0].token_ids) for o in r["outs"]]
+        return {"seconds": r["seconds"], "tokens": sum(new), "items": len(r["outs"]),
+                "verify": {"new_tokens": new}}
 
     def run_steer_generate(self, task: Task) -> dict[str, Any]:
         return self._decode(self.cfg.gen_prompts, self.cfg.sizes.gen_new_tokens)
@@ -60,11 +61,13 @@ class PlainVLLM(System):
         # Prefill throughput: one sampled token per prompt, prompt tokens / second.
         cfg = self.cfg
         r = self._generate(cfg.capture_prompts, [1] * len(cfg.capture_prompts))
-        toks = sum(len(o.prompt_token_ids) for o in r["outs"])
-        return {"seconds": r["seconds"], "tokens": toks, "items": len(r["outs"])}
+        lens = [len(o.prompt_token_ids) for o in r["outs"]]
+        return {"seconds": r["seconds"], "tokens": sum(lens), "items": len(r["outs"]),
+                "verify": {"prompt_tokens": lens}}
 
     def run_many_users(self, task: Task) -> dict[str, Any]:
         users = self.cfg.users
         r = self._generate([u["prompt"] for u in users], [u["max_tokens"] for u in users])
-        toks = sum(len(o.outputs[0].token_ids) for o in r["outs"])
-        return {"seconds": r["seconds"], "tokens": toks, "items": len(r["outs"])}
+        new = [len(o.outputs[0].token_ids) for o in r["outs"]]
+        return {"seconds": r["seconds"], "tokens": sum(new), "items": len(r["outs"]),
+                "verify": {"new_tokens": new}}

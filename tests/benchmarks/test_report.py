@@ -14,9 +14,12 @@ from benchmarks import report
 
 
 def row(system: str, workload: str, case: str, variant: str, median: float,
-        metric: str = "tokens_per_s", items: int = 64) -> dict:
+        metric: str = "tokens_per_s", items: int = 64, values: list[float] | None = None
+        ) -> dict:
+    values = values or [median] * 5
     return {"system": system, "workload": workload, "case": case, "variant": variant,
-            "metric": metric, "median": median, "min": median, "max": median, "reps": 5,
+            "metric": metric, "median": median, "min": min(values), "max": max(values),
+            "reps": len(values), "values": values, "rep_index": list(range(len(values))),
             "items": items, "dtype": "float32"}
 
 
@@ -83,12 +86,41 @@ def test_trace_overhead_is_relative_to_the_same_workers_forward() -> None:
 def test_targets_report_met_missed_and_unmeasured() -> None:
     text = "\n".join(report.targets({"rows": ROWS}))
     base = "| 1c distinct vector, 1 layer ≥ 0.95× plain"
-    assert f"{base} (vllm_eager) | vinterp_vllm | 0.95× | yes |" in text
-    assert f"{base} (vllm_compiled) | vinterp_vllm | 0.76× | no |" in text
-    assert "| 3 ≥ 4× nnsight seed loop | vinterp_vllm | 6.00× | yes |" in text
+    five = "(0.95–0.95, 5 reps)"
+    assert f"{base} (vllm_eager) | vinterp_vllm | 0.95× {five} | yes |" in text
+    assert f"{base} (vllm_compiled) | vinterp_vllm | 0.76× (0.76–0.76, 5 reps) | no |" in text
+    assert "| 3 ≥ 4× nnsight seed loop | vinterp_vllm | 6.00× (6.00–6.00, 5 reps) | yes |" \
+        in text
     assert "| 4 ≥ 10× nnsight one at a time | vinterp_vllm | not measured | |" in text
-    assert "| 5 12-save trace ≤ 1.1× plain forward | vinterp_hf | 1.05× | yes |" in text
-    assert "1.05× vs nnsight 1.20× | yes |" in text
+    assert ("| 5 12-save trace ≤ 1.1× plain forward | vinterp_hf | 1.05× (1.05–1.05, 5 reps) "
+            "| yes |") in text
+    assert "1.05× (1.05–1.05, 5 reps) vs nnsight 1.20× (1.20–1.20, 5 reps)" in text
+
+
+def test_paired_ratios_follow_repetitions_and_say_when_within_noise() -> None:
+    # the machine slowed down in repetition 3 for both: paired ratios see through it
+    plain = row("vinterp_hf", "trace_overhead", "plain_forward", "trace", 0.10, "seconds", 20,
+                values=[0.10, 0.10, 0.20, 0.10, 0.10])
+    traced = row("vinterp_hf", "trace_overhead", "save_12", "trace", 0.104, "seconds", 20,
+                 values=[0.104, 0.096, 0.21, 0.115, 0.102])
+    xs = report.paired(traced, plain, "own_plain_forward")
+    assert xs == pytest.approx([1.04, 0.96, 1.05, 1.15, 1.02])
+    assert report.spread(xs) == "1.04× (0.96–1.15, 5 reps)"
+    assert report.verdict(xs, 1.1, higher=False) == "within noise (4 of 5 reps meet it)"
+    assert report.verdict([1.2, 1.3], 1.1, higher=False) == "no"
+    assert report.verdict([0.9, 1.0], 1.1, higher=False) == "yes"
+    lines = report.overhead_table({"rows": [plain, traced]})
+    assert "| vinterp_hf | save_12 | 1.04× (0.96–1.15, 5 reps) | within noise of a plain " \
+           "forward |" in lines
+    # a repetition one row lost (a failed verification) pairs by repetition, not position
+    lost = dict(traced, values=[0.104, 0.115, 0.102], rep_index=[0, 3, 4])
+    assert report.paired(lost, plain, "own_plain_forward") == pytest.approx([1.04, 1.15, 1.02])
+    # wall-time rows are speed ratios: the baseline's time over the row's
+    a = row("nnsight", "patch_sweep", "grid", "seed_loop", 30.0, "seconds", 1,
+            values=[30.0, 60.0])
+    b = row("vinterp_vllm", "patch_sweep", "grid", "one_batch", 5.0, "seconds", 1,
+            values=[5.0, 10.0])
+    assert report.paired(b, a, "nnsight_serial") == pytest.approx([6.0, 6.0])
 
 
 def test_concurrency_curve_points() -> None:
@@ -122,8 +154,8 @@ def fake_run(workloads: list[str], rows: list[dict]) -> dict:
 def test_combined_report_keeps_each_runs_ratios_to_itself(tmp_path: Path) -> None:
     steer = [r for r in ROWS if r["workload"] == "steer_generate"]
     # the second run measures plain vLLM twice as fast: its rows must not change run 1's ratio
-    faster = [dict(r, median=r["median"] * 2) if r["system"].startswith("vllm_") else r
-              for r in steer]
+    faster = [dict(r, median=r["median"] * 2, values=[v * 2 for v in r["values"]])
+              if r["system"].startswith("vllm_") else r for r in steer]
     report.write_combined([("a.json", fake_run(["steer_generate"], steer)),
                            ("b.json", dict(fake_run(["steer_generate"], faster),
                                            note="rerun"))], tmp_path, note="two runs")
@@ -133,6 +165,6 @@ def test_combined_report_keeps_each_runs_ratios_to_itself(tmp_path: Path) -> Non
     assert "two runs" in text and "- note: rerun" in text
     run1, run2 = text.split("## Run 2 of 2")
     eager = "1c distinct vector, 1 layer ≥ 0.95× plain (vllm_eager) | vinterp_vllm"
-    assert f"{eager} | 0.95× | yes |" in run1
-    assert f"{eager} | 0.47× | no |" in run2
+    assert f"{eager} | 0.95× (0.95–0.95, 5 reps) | yes |" in run1
+    assert f"{eager} | 0.47× (0.47–0.47, 5 reps) | no |" in run2
     assert "| 3 ≥ 4× nnsight seed loop" not in text  # no patch_sweep in these runs

@@ -1,12 +1,16 @@
 """Smoke test of the benchmark harness: structure and sanity of the JSON, never speed.
 
-Runs ``python -m benchmarks run --quick --only trace_overhead`` into a temporary directory
-(so the repository's results stay untouched). Systems that cannot run here (nnsight without
-``make bench-setup``, a backend not built yet) must appear in ``skipped`` with a reason.
+Runs ``python -m benchmarks run --quick --only trace_overhead`` (the HF-side systems) and a
+small vLLM run (plain vLLM eager and vinterp on vLLM, steered generation and capture, 2
+repetitions) into temporary directories. Systems that cannot run here (nnsight without
+``make bench-setup``) must appear in ``skipped`` with a reason; every row of the vLLM run must
+have passed its per-repetition verification, and the curated benchmarks/RESULTS.md must be
+left as it was.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,9 +34,58 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
         env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    files = list(out.glob("*.json"))
+    files = list(out.glob("*/*.json"))   # one directory per run
     assert len(files) == 1, files
-    return json.loads(files[0].read_text()), out
+    return json.loads(files[0].read_text()), files[0].parent
+
+
+def _curated() -> str:
+    return hashlib.sha256((REPO / "benchmarks" / "RESULTS.md").read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def vllm_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench-vllm")
+    before = _curated()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "steer_generate",
+         "capture", "--systems", "vllm_eager", "vinterp_vllm", "--reps", "2",
+         "--results-dir", str(out), "--threads", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _curated() == before, "a run rewrote benchmarks/RESULTS.md"
+    (run_dir,) = out.iterdir()
+    data = json.loads((run_dir / f"{run_dir.name}.json").read_text())
+    assert (run_dir / "RESULTS.md").exists()
+    return data
+
+
+def test_vllm_systems_measured_and_verified(vllm_run: dict) -> None:
+    data = vllm_run
+    assert not data["skipped"], data["skipped"]
+    got = {(r["system"], r["workload"], r["case"]) for r in data["rows"]}
+    assert got == {("vllm_eager", "steer_generate", "none"),
+                   ("vllm_eager", "capture", "prefill"),
+                   *{("vinterp_vllm", "steer_generate", c)
+                     for c in ("none", "shared_1layer", "distinct_1layer",
+                               "distinct_all_layers")},
+                   ("vinterp_vllm", "capture", "last_all_layers"),
+                   ("vinterp_vllm", "capture", "full_4layers")}
+    sizes = data["sizes"]
+    for r in data["rows"]:
+        assert r["verified"] == r["reps"] == 2, r
+        assert r["rep_index"] == [0, 1]
+        if r["workload"] == "steer_generate":   # measured: every prompt's new tokens
+            assert r["tokens"] == sizes["gen_prompts"] * sizes["gen_new_tokens"]
+        if r["system"] == "vinterp_vllm" and r["case"] not in ("none",) \
+                and r["workload"] == "steer_generate":
+            changed, compared = r["changed"]
+            assert 0 < changed <= compared == min(8, sizes["gen_prompts"])
+    # the system order rotates from one repetition to the next
+    for orders in data["system_order"].values():
+        assert orders == [["vllm_eager", "vinterp_vllm"], ["vinterp_vllm", "vllm_eager"]]
 
 
 def test_json_structure(result: tuple[dict, Path]) -> None:
@@ -90,7 +143,7 @@ def test_a_killed_worker_costs_only_its_task(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "hf_hooks worker restarted" in proc.stdout
-    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    data = json.loads(next(tmp_path.glob("*/*.json")).read_text())
     lost = [s for s in data["skipped"] if s["system"] == "hf_hooks"]
     assert [s["what"] for s in lost] == [doomed]
     assert "SIGKILL" in lost[0]["reason"]
