@@ -95,7 +95,7 @@ def test_hf_module_paths_mirror_the_tree(hf_model):
     assert model.transformer.h[1]._module is model._model.transformer.h[1]
     assert model.layers[-1]._module is model._model.transformer.h[-1]
     assert "GPT2LMHeadModel" in repr(model)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="model.transformer.h has 2 modules; index 99 is out"):
         model.layers[99]
 
 
