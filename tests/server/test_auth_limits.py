@@ -28,7 +28,11 @@ def test_every_route_but_health_and_metrics_needs_a_key(served, who):
         assert "API key" in r.json()["error"]["message"]
     assert httpx.get(served.url + "/health").json()["status"] == "ok"
     metrics = httpx.get(served.url + "/metrics").text
-    assert "vllm:num_requests_running" in metrics and "vinterp_interventions_total" in metrics
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_bucket",
+                 "vllm:inter_token_latency_seconds_bucket", "vinterp_interventions_total",
+                 "vinterp_capture_bytes_total", "vinterp_traces_total"):
+        assert name in metrics, name
 
 
 def _st(tensors: dict[str, torch.Tensor]) -> bytes:

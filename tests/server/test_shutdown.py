@@ -1,0 +1,42 @@
+"""Graceful shutdown: SIGTERM lets a request in flight finish, then the server exits 0."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from vinterp_server.process import launch, serve_command
+
+
+def test_sigterm_lets_in_flight_requests_finish(tmp_path):
+    srv = launch(serve_command("smollm2-135m", "--max-model-len", "512"),
+                 log=tmp_path / "server.log")
+    result: dict = {}
+
+    def long_request() -> None:
+        r = httpx.post(srv.url + "/v1/completions", timeout=120, json={
+            "model": "smollm2-135m", "prompt": "Hello", "max_tokens": 200, "ignore_eos": True,
+            "capture": [{"point": "layers.1.output", "positions": "last", "steps": "all"}]})
+        result["response"] = r
+
+    try:
+        t = threading.Thread(target=long_request)
+        t.start()
+        for _ in range(200):       # until the request is running in the worker
+            if httpx.get(srv.url + "/v1/stats").json()["states"] == 1:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the request never started")
+        code = srv.stop(timeout=90)
+        t.join(120)
+    finally:
+        srv.stop()
+    r = result["response"]
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["completion_tokens"] == 200
+    assert body["choices"][0]["captures"][0]["shape"] == [200, 576]
+    assert code == 0, srv.log_tail()
