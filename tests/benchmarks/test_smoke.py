@@ -66,7 +66,7 @@ def test_vllm_systems_measured_and_verified(vllm_run: dict) -> None:
     data = vllm_run
     assert not data["skipped"], data["skipped"]
     got = {(r["system"], r["workload"], r["case"]) for r in data["rows"]}
-    assert got == {("vllm_eager", "steer_generate", "none"),
+    assert got >= {("vllm_eager", "steer_generate", "none"),
                    ("vllm_eager", "capture", "prefill"),
                    *{("vinterp_vllm", "steer_generate", c)
                      for c in ("none", "shared_1layer", "distinct_1layer",
