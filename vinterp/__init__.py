@@ -43,7 +43,11 @@ def __getattr__(name: str) -> Any:
         from vinterp.language_model import LanguageModel
 
         return LanguageModel
+    if name == "apply":
+        from vinterp.tracing.proxy import apply
+
+        return apply
     raise AttributeError(f"module 'vinterp' has no attribute {name!r}")
 
 
-__all__ = ["LanguageModel", "save", "__version__"]
+__all__ = ["LanguageModel", "apply", "save", "__version__"]

@@ -12,7 +12,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +37,32 @@ class LanguageModel:
     ``name_or_path``: a vinterp model name (``vinterp models list``) or a local HF directory.
     ``backend``: ``"hf"`` (hooks; gradients and attention probabilities) or ``"vllm"``
     (continuous batching; see the plugin). Other keyword arguments go to the backend
-    (``device_map``/``dtype`` for HF; engine arguments for vLLM).
+    (``device_map``/``dtype`` and any other ``from_pretrained`` argument for HF; engine
+    arguments for vLLM).
+
+    nnsight's arguments: ``torch_dtype=`` is ``dtype=``; ``dispatch=`` is accepted and does
+    nothing (vinterp always loads the weights here); ``rename={"model.layers": "blocks"}``
+    gives modules extra names (keys: module paths, last names such as ``"self_attn"``,
+    ``*`` for one path component, or module classes; values: a name or list of names),
+    resolved while tracing, so graphs hold the real paths. On vllm, ``device_map`` is
+    ignored with a warning (vLLM places the model itself) unless it is ``"auto"``.
     """
 
     def __init__(self, name_or_path: str | os.PathLike[str], backend: str = "hf", *,
                  device_map: str | dict[str, Any] | None = None,
-                 dtype: str | torch.dtype | None = None, **backend_kwargs: Any) -> None:
+                 dtype: str | torch.dtype | None = None,
+                 rename: dict[Any, str | list[str]] | None = None,
+                 **backend_kwargs: Any) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        backend_kwargs.pop("dispatch", None)   # nnsight: load now; vinterp always does
+        if "torch_dtype" in backend_kwargs:
+            torch_dtype = backend_kwargs.pop("torch_dtype")
+            if dtype is not None and torch_dtype != dtype:
+                raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; "
+                                 "pass one (torch_dtype is the older name of dtype)")
+            dtype = torch_dtype
+        #: persistent edits (model.edit()): recorded graphs every trace of this model runs
+        self._edits: list[Any] = []
         from transformers import AutoConfig, AutoTokenizer
 
         self.path: Path = resolve_model(str(name_or_path))
@@ -58,22 +80,28 @@ class LanguageModel:
             pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         self._pad_id = int(pad)
         if backend == "hf":
-            self._model = self._load_hf(device_map, dtype)
+            self._model = self._load_hf(device_map, dtype, backend_kwargs)
             self._backend = self._make_hf_backend(self._model)
         elif backend == "vllm":
             from vinterp.backends.vllm import VllmBackend
 
+            if device_map not in (None, "auto"):
+                warnings.warn(f"device_map={device_map!r} is ignored on the vllm backend: vLLM "
+                              "places the model itself (model.device names where)",
+                              stacklevel=2)
             self._model = self._meta_model()
             dtype_name = str(dtype).replace("torch.", "") if dtype is not None else None
             self._backend = VllmBackend(self.path, dtype=dtype_name, **backend_kwargs)
         else:
             raise ValueError(f"unknown backend {backend!r}; use 'hf' or 'vllm'")
+        self._rename = _check_rename(self._model, rename or {})
+        self._ran_modules: set[str] | None = None
 
     # ------------------------------------------------------------------ loading
-    def _load_hf(self, device_map: Any, dtype: Any) -> nn.Module:
+    def _load_hf(self, device_map: Any, dtype: Any, extra: dict[str, Any]) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        kwargs: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto"}
+        kwargs: dict[str, Any] = {**extra, "dtype": dtype if dtype is not None else "auto"}
         if device_map is not None:
             kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
@@ -109,10 +137,25 @@ class LanguageModel:
 
         ``remote=True`` runs it on a vinterp server (``VINTERP_HOST``/``VINTERP_API_KEY``, or
         ``remote="http://host:port"``, ``api_key=``, ``timeout=``, ``blocking=False``).
+        On the vllm backend (and remotely), sampling arguments (``temperature``, ``top_p``,
+        ``max_tokens``...; nnsight's vLLM traces) make it a generation of ``max_tokens``
+        tokens (1 by default); on hf they belong to :meth:`generate`. nnsight's
+        ``scan=`` and ``validate=`` are accepted: shapes are always resolved at trace time.
         """
         backend = self._remote(remote, kwargs)
+        kwargs.pop("scan", None)
+        kwargs.pop("validate", None)
+        sampling = {k: kwargs.pop(k) for k in list(kwargs) if k in _SAMPLING}
         if kwargs:
             raise TypeError(f"trace() got unexpected arguments {sorted(kwargs)}")
+        if sampling and self.backend_name != "vllm" and backend is None:
+            raise TypeError(f"trace() got {sorted(sampling)}: on the hf backend, sampling "
+                            "arguments belong to model.generate(...) (vllm traces take them, "
+                            "as in nnsight's vLLM traces)")
+        if sampling:
+            if not any(k in sampling for k in ("max_new_tokens", "max_tokens")):
+                sampling["max_new_tokens"] = 1   # a trace is one forward
+            return Tracer(self, "generate", inputs, generation=sampling, remote=backend)
         return Tracer(self, "trace", inputs, remote=backend)
 
     def generate(self, inputs: Any = None, *, remote: bool | str = False, **generation: Any
@@ -121,7 +164,45 @@ class LanguageModel:
 
         ``remote=`` as for :meth:`trace`."""
         backend = self._remote(remote, generation)
+        generation.pop("scan", None)
+        generation.pop("validate", None)
         return Tracer(self, "generate", inputs, generation=generation, remote=backend)
+
+    def edit(self, inputs: Any = None, *, inplace: bool = False) -> Any:
+        """nnsight's persistent edits: what the block records runs in every later trace.
+
+        Example::
+
+            with model.edit() as edited:                    # a new model sharing weights
+                model.layers[0].output[:] = 0
+            with edited.trace("Hello"):                     # runs with layer 0 zeroed
+                h = model.layers[1].output.save()           # (either name works inside)
+            with model.edit(inplace=True):                  # edit `model` itself
+                model.layers[0].mlp.output[:] *= 2
+            model.clear_edits()
+
+        Edits apply to every invoke, at every generation step, before the trace's own code.
+        """
+        from vinterp.tracing.tracer import EditTracer
+
+        return EditTracer(self, inputs, inplace=inplace)
+
+    def clear_edits(self) -> None:
+        """Drop the persistent edits of :meth:`edit` (``inplace=True``)."""
+        self._edits = []
+
+    @contextlib.contextmanager
+    def session(self, *args: Any, **kwargs: Any) -> Iterator[LanguageModel]:
+        """nnsight's ``model.session()``: several traces whose saved values feed each other.
+
+        Each trace runs when its block ends, so a value saved in one can be used (as itself)
+        in the next. Unlike nnsight, values must be saved to cross traces, and a remote
+        session is one request per trace.
+        """
+        if kwargs.pop("remote", False):
+            raise NotImplementedError("model.session(remote=True) is not supported yet; pass "
+                                      "remote=True to each trace instead")
+        yield self
 
     @staticmethod
     def _remote(remote: bool | str, kwargs: dict[str, Any]) -> Backend | None:
@@ -140,6 +221,13 @@ class LanguageModel:
         return Tracer(self, "trace", inputs, scan=True)
 
     # ------------------------------------------------------------------ module tree
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (on vllm: the engine's device, not the meta copy here)."""
+        if self.backend_name == "vllm":
+            return self._backend.device  # type: ignore[attr-defined,no-any-return]
+        return next(self._model.parameters()).device
+
     @property
     def _root(self) -> Envoy:
         return Envoy(self, "", self._model)
@@ -199,6 +287,43 @@ class LanguageModel:
     def _layer_alias(self, path: str, name: str) -> str | None:
         return self._layer_aliases_of(path).get(name)
 
+    def _renamed(self, path: str, name: str) -> str | None:
+        """The module path ``name`` names under ``path`` through ``rename=``, if any."""
+        for key, aliases in self._rename.items():
+            if name in aliases:
+                hit = _rename_target(self._model, path, key)
+                if hit is not None:
+                    return hit
+        return None
+
+    def _backend_has_point(self, module: str, kind: str) -> bool:
+        """Whether ``module.kind`` exists in a run: the module runs in a forward (a meta pass
+        finds out once) and the backend serves it."""
+        if self._ran_modules is None:
+            self._ran_modules = self._modules_that_run()
+        if module not in self._ran_modules:
+            return False
+        has = getattr(self._backend, "has_point", None)
+        return has is None or bool(has(module, kind))
+
+    def _modules_that_run(self) -> set[str]:
+        """Paths of the modules a forward calls (found with hooks on the meta model)."""
+        backend = self._scan_backend()
+        model: nn.Module = backend.model  # type: ignore[attr-defined]
+        ran: set[str] = set()
+        handles = [m.register_forward_hook(lambda *a, p=p: ran.add(p))
+                   for p, m in model.named_modules()]
+        try:
+            ids = torch.tensor([self._tokenize("Hello world")[0]], device="meta")
+            with torch.no_grad():
+                model(input_ids=ids)
+        except Exception:
+            ran = {p for p, _ in model.named_modules()}
+        finally:
+            for h in handles:
+                h.remove()
+        return ran
+
     def _is_attention(self, path: str) -> bool:
         arch = self.architecture
         if arch is None or not path.endswith("." + arch.attn):
@@ -242,3 +367,52 @@ class LanguageModel:
             raise TracingError(f"{what} is only available inside `with model.trace(...)` or "
                                "`with model.generate(...)`")
         return self._tracers[-1]
+
+
+#: trace()/invoke() arguments that make a trace a (sampled) generation, as in nnsight's vLLM
+_SAMPLING = frozenset({
+    "temperature", "top_p", "top_k", "min_p", "max_tokens", "max_new_tokens", "seed",
+    "do_sample", "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos",
+    "min_tokens", "stop", "stop_token_ids",
+})
+
+
+def _rename_target(model: nn.Module, path: str, key: Any) -> str | None:
+    """The path ``key`` (a dotted path with ``*`` wildcards, or a module class) names
+    relative to ``path`` in ``model``, or ``None``; more than one match is an error."""
+    base = model.get_submodule(path) if path else model
+    if isinstance(key, type):
+        hits = [n for n, m in base.named_children() if isinstance(m, key)]
+    else:
+        frontier = [("", base)]
+        for part in str(key).strip(".").split("."):
+            nxt = []
+            for rel, mod in frontier:
+                kids = mod.named_children() if part == "*" else \
+                    [(part, mod._modules[part])] if part in mod._modules else []
+                nxt += [(f"{rel}.{n}" if rel else n, m) for n, m in kids]
+            frontier = nxt
+        hits = [rel for rel, _ in frontier]
+    if len(hits) > 1:
+        raise ValueError(f"rename key {key!r} matches {len(hits)} modules under "
+                         f"{path or 'the model'} ({', '.join(hits)}); an alias names one module")
+    if not hits:
+        return None
+    return f"{path}.{hits[0]}" if path else hits[0]
+
+
+def _check_rename(model: nn.Module, rename: dict[Any, Any]) -> dict[Any, tuple[str, ...]]:
+    """``rename=`` normalized to key -> alias names; every key must name some module."""
+    out: dict[Any, tuple[str, ...]] = {}
+    paths = [p for p, _ in model.named_modules()]
+    for key, aliases in rename.items():
+        names = (aliases,) if isinstance(aliases, str) else tuple(aliases)
+        for alias in names:
+            if not isinstance(alias, str) or not alias.isidentifier():
+                raise ValueError(f"rename alias {alias!r} for {key!r}: give a plain name "
+                                 "(dotted aliases are not supported)")
+        if not any(_rename_target(model, p, key) is not None for p in paths):
+            raise ValueError(f"rename key {key!r} names no module of this model "
+                             "(print(model) shows the module tree)")
+        out[key] = names
+    return out

@@ -79,9 +79,98 @@ def main(model_path: str) -> None:
         trace_result = tracer.result.save()
     out["trace_result_last_logits_argmax"] = int(trace_result.logits[0, -1].argmax())
 
+    record_more(model, out)
+
     path = Path(__file__).with_name("nnsight_reference.json")
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
+
+
+def _top(x: torch.Tensor, k: int = 5) -> dict[str, list]:
+    top = x.detach().float().topk(k)
+    return {"values": top.values.tolist(), "indices": top.indices.tolist()}
+
+
+def record_more(model: LanguageModel, out: dict[str, object]) -> None:
+    """Idioms of issue 13 beyond step loops (see tests/compat/test_idioms.py for sources)."""
+    # backward.py (nnsight >= 0.5): `with loss.backward():` around the .grad reads
+    with model.trace(PROMPT):
+        a1 = model.model.layers[1].output
+        loss = model.output.logits.sum()
+        with loss.backward():
+            g = a1.grad.save()
+    out["grad_backward_block"] = _rows(g)
+
+    # the logit lens (nnsight README / tutorials/logit_lens): final norm + LM head per layer
+    with model.trace(PROMPT):
+        lens = list().save()
+        for layer in model.model.layers:
+            lens.append(model.lm_head(model.model.norm(layer.output))[0, -1])
+    out["logit_lens"] = [_top(x) for x in lens]
+
+    # shapes at trace time: B, S, _ = x.shape; x.view(B, S, H, D) (zero head 0 of layer 0)
+    with model.trace(PROMPT):
+        dims = list().save()
+        x = model.model.layers[0].self_attn.o_proj.input
+        B, S, _ = x.shape
+        H = model.config.num_attention_heads
+        heads = x.view(B, S, H, x.shape[-1] // H).clone()
+        heads[:, :, 0] = 0
+        model.model.layers[0].self_attn.o_proj.input = heads.view(B, S, -1)
+        shaped = model.lm_head.output[0, -1].save()
+        dims.extend([B, S, H])
+    out["view_heads"] = {"shape": [int(d) for d in dims], "logits": _top(shaped)}
+
+    # tracer.cache() (tracer.py docstring): keyed "model." + path, values under .output
+    with model.trace(PROMPT) as tracer:
+        cache = tracer.cache()
+    out["cache"] = {"keys": sorted(cache.keys()),
+                    "layer0_last": _rows(cache["model.model.layers.0"].output[0, -1]),
+                    "nav_equal": bool(torch.equal(cache.model.model.layers[0].output,
+                                                  cache["model.model.layers.0"].output))}
+
+    # module.skip(value) (envoy.py): layer 1 passes its input through
+    with model.trace(PROMPT):
+        model.model.layers[1].skip(model.model.layers[1].input)
+        skipped = model.lm_head.output[0, -1].save()
+    out["skip"] = _top(skipped)
+
+    # model.edit() (envoy.py): a new model with layer 0's output zeroed; inplace + clear_edits
+    with model.edit() as (_, edited):
+        edited.model.layers[0].output[:] = 0
+    with edited.trace(PROMPT):
+        e1 = edited.lm_head.output[0, -1].save()
+    with model.trace(PROMPT):
+        plain = model.lm_head.output[0, -1].save()
+    with model.edit(inplace=True):
+        model.model.layers[0].output[:] = 0
+    with model.trace(PROMPT):
+        e2 = model.lm_head.output[0, -1].save()
+    model.clear_edits()
+    out["edit"] = {"edited": _top(e1), "plain": _top(plain), "inplace": _top(e2)}
+
+    # tracer.barrier(n) (tracer.py docstring), in a trace: invoke 2 gets invoke 1's embeddings
+    other = "The lazy grey dog"
+    with model.trace() as tracer:
+        barrier = tracer.barrier(2)
+        with tracer.invoke(PROMPT):
+            embeddings = model.model.embed_tokens.output
+            barrier()
+        with tracer.invoke(other):
+            barrier()
+            model.model.embed_tokens.output = embeddings
+            moved = model.lm_head.output[0, -1].save()
+    out["barrier"] = {"other": other, "logits": _top(moved)}
+
+    # the empty invoke (tracer.py invoke docstring): the whole batch
+    with model.trace() as tracer:
+        with tracer.invoke(PROMPT):
+            pass
+        with tracer.invoke(other):
+            pass
+        with tracer.invoke():
+            batch = model.model.layers[1].output.save()
+    out["empty_invoke"] = {"shape": list(batch.shape), "last": _rows(batch[:, -1])}
 
 
 if __name__ == "__main__":

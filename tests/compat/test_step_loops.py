@@ -197,7 +197,7 @@ def test_step_loop_misuse_is_refused_clearly(model):
                 pass
     with pytest.raises(TracingError, match="the bounds must be ints"):
         with model.generate(PROMPT, max_new_tokens=N_NEW) as tracer:
-            tracer.iter[: model.model.layers[0].output.shape[1]]
+            tracer.iter[: model.model.layers[0].output.argmax()]
 
 
 def test_steps_an_invoke_never_ran_give_no_items(model):

@@ -116,12 +116,13 @@ def test_steering_positions_generated_only(model):
 
 def test_cache_all_layers_and_positions(model, roundtrip):
     with model.trace(PROMPT) as tracer:
-        cache = tracer.cache()
+        cache = tracer.cache(modules=list(model.layers))
     with model.trace(PROMPT):
         refs = [model.layers[i].output.save() for i in range(len(model.layers))]
-    assert list(cache) == [f"model.layers.{i}" for i in range(len(model.layers))]
+    # keyed as nnsight's: "model." + the module path, values under .output
+    assert list(cache) == [f"model.model.layers.{i}" for i in range(len(model.layers))]
     for ref, got in zip(refs, cache.values(), strict=True):
-        assert torch.equal(got, ref)
+        assert torch.equal(got.output, ref)
     with model.trace(PROMPT) as tracer2:
         part = tracer2.cache(modules=[model.layers[1].mlp, model.layers[1]], positions=-1)
     assert set(part) == {"model.layers.1", "model.layers.1.mlp"}

@@ -200,8 +200,12 @@ class GraphRunner:
     """
 
     def __init__(self, graph: Graph, *, state: RunState | None = None,
-                 active_invokes: Iterable[int] | None = None) -> None:
+                 active_invokes: Iterable[int] | None = None,
+                 modules: Callable[[str], Callable[..., Any]] | None = None) -> None:
         self.graph = graph
+        #: HF module path -> a callable running that module (``call_module`` nodes); set by
+        #: backends that can call the model's modules on values
+        self.modules = modules
         self.state = state or RunState()
         n_inv = max(1, len(graph.invokes))
         self.active = sorted(active_invokes) if active_invokes is not None else list(range(n_inv))
@@ -230,6 +234,30 @@ class GraphRunner:
         self._point_slots: dict[tuple[str, str], list[tuple[int, int]]] = {}
         self._edit_lanes: dict[tuple[str, str], set[int]] = {}
         self._backwards: dict[int, list[int]] = {}
+        self._grad_targets = self._link_grads(graph)
+
+    def _link_grads(self, graph: Graph) -> set[int]:
+        """Make each ``x.grad`` wait for the backward it belongs to; return the ``x`` ids.
+
+        nnsight's three spellings put ``.grad`` in different places: after ``loss.backward()``
+        (with ``retain_grad``), inside ``with loss.backward():`` (0.5+), or before the
+        ``backward()`` call (0.4). A ``.grad`` node therefore waits for the first backward
+        written after it, or, when there is none, for the last one before it; the tensors whose
+        gradient is asked for keep it (``retain_grad``) as soon as they are computed.
+        """
+        backs = [n.id for n in graph.nodes if n.op == "backward"]
+        targets: set[int] = set()
+        for n in graph.nodes:
+            if n.op != "getattr" or n.kwargs.get("name") != "grad" or not n.args \
+                    or not isinstance(n.args[0], Ref):
+                continue
+            targets.add(n.args[0].ref)
+            later = [b for b in backs if b > n.id]
+            earlier = [b for b in backs if b < n.id]
+            dep = later[0] if later else (earlier[-1] if earlier else None)
+            if dep is not None and dep not in self._refs[n.id]:
+                self._refs[n.id] = self._refs[n.id] + (dep,)
+        return targets
 
     # ----------------------------------------------------------------- scheduling
     def _active_at(self, node: Node, step: int) -> bool:
@@ -484,6 +512,9 @@ class GraphRunner:
             raise
         except Exception as exc:  # any failure is reported against the user's line
             raise self._error(node, f"{type(exc).__name__}: {exc}") from exc
+        if node.id in self._grad_targets and isinstance(value, torch.Tensor) \
+                and value.requires_grad and not value.is_leaf:
+            value.retain_grad()
         self.state.env[node.id] = value
         self.state.env_step[node.id] = self._step
 
@@ -538,6 +569,10 @@ class GraphRunner:
             return ops.TORCH_FUNCTIONS[fn](*args, **kwargs)
         if op in ops.STEERING_OPS:
             return self._steer(node, args[0], kwargs)
+        if op == "call_module":
+            if self.modules is None:
+                raise ValueError("this backend cannot call the model's modules on values")
+            return self.modules(kwargs["module"])(*args, **(kwargs.get("kwargs") or {}))
         if op == "backward":
             args[0].backward(**kwargs)
             return None
@@ -647,6 +682,8 @@ def _point_name(point: tuple[str, str]) -> str:
 
 
 def _describe(node: Node) -> str:
+    if node.op in ops.MODULE_OPS:
+        return f"call {node.kwargs.get('module')}"
     if node.op in ops.POINT_OPS:
         return f"{node.op} {_point_name((node.kwargs['module'], node.kwargs['kind']))}"
     name = node.kwargs.get("name") or node.kwargs.get("fn")

@@ -13,21 +13,32 @@ Op families (``Node.op``):
 * steering ops (``steer``, ``scale``, ``ablate``, ``clamp``, ``replace``): IR nodes of their own
   so the vLLM plugin can vectorize them across requests.
 * ``backward``, ``retain_grad``, ``requires_grad``, ``stop``.
+* ``call_module`` — call one of the model's own modules on values (``kwargs: module`` = its
+  HF path, ``kwargs`` = keyword arguments), e.g. the logit lens
+  ``model.lm_head(model.model.norm(h))``. Data, not code: the path names a module the model
+  already has, and the backend checks it exists.
 """
 
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from vinterp.ir.schema import DictV
+
 POINT_OPS = frozenset({"read", "write"})
 POINT_KINDS = frozenset({"output", "input", "inputs"})
 STEERING_OPS = frozenset({"steer", "scale", "ablate", "clamp", "replace"})
 CONTROL_OPS = frozenset({"save", "backward", "retain_grad", "requires_grad", "stop"})
+#: calls of the model's own modules on values (see ``check_call``)
+MODULE_OPS = frozenset({"call_module"})
+#: what a module path may look like: dotted identifiers and indices (``model.layers.3.mlp``)
+MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 
 BINARY_OPS: dict[str, Callable[[Any, Any], Any]] = {
     "add": operator.add, "sub": operator.sub, "mul": operator.mul,
@@ -141,7 +152,7 @@ def known_op(op: str) -> bool:
     return (
         op in POINT_OPS or op in STEERING_OPS or op in CONTROL_OPS or op in BINARY_OPS
         or op in UNARY_OPS or op in INPLACE_OPS or op in ITEM_OPS
-        or op in {"method", "call", "getattr"}
+        or op in MODULE_OPS or op in {"method", "call", "getattr"}
     )
 
 
@@ -159,6 +170,15 @@ def check_call(node_op: str, kwargs: dict[str, Any]) -> str | None:
         name = kwargs.get("name")
         if name not in ATTRIBUTES:
             return f"attribute {name!r} is not in the allowlist"
+    elif node_op in MODULE_OPS:
+        path = kwargs.get("module")
+        if not isinstance(path, str) or not MODULE_PATH.fullmatch(path):
+            return (f"call_module needs 'module': a dotted HF module path such as "
+                    f"'model.norm' (not the whole model), got {path!r}")
+        if set(kwargs) - {"module", "kwargs"}:
+            return f"call_module takes only 'module' and 'kwargs', got {sorted(kwargs)}"
+        if kwargs.get("kwargs") is not None and not isinstance(kwargs["kwargs"], DictV):
+            return "call_module's 'kwargs' must be a mapping ({\"mapping\": {...}})"
     elif node_op in POINT_OPS:
         if not isinstance(kwargs.get("module"), str):
             return "point op needs a string 'module' (an HF module path, '' for the model)"

@@ -60,6 +60,30 @@ class Envoy:
         """``(args, kwargs)`` of the module's forward."""
         return self._read("inputs")
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Proxy:
+        """Call this module on values inside a trace, e.g. the logit lens
+        ``model.lm_head(model.model.norm(h))``: an IR node naming the module by its path."""
+        tracer = self._lm._current_tracer(f"{self._name()}(...)")
+        return tracer.call_module(self._path, args, kwargs)
+
+    def skip(self, value: Any) -> None:
+        """nnsight's ``module.skip(value)``: the module's output becomes ``value``.
+
+        (The module still runs and its result is discarded, so the values are nnsight's;
+        in generation its attention cache still holds what the module computed.)"""
+        self._lm._current_tracer(f"{self._name()}.skip").write(self._path, "output", value)
+
+    @property
+    def source(self) -> Any:
+        """nnsight's operation-level access (``.source``) is refused: see the message."""
+        where = "on the vllm backend, whose modules are vLLM's own fused kernels" \
+            if self._lm.backend_name == "vllm" else "in vinterp"
+        raise TracingError(
+            f"{self._name()}.source (operation-level access inside a module's forward) is "
+            f"not available {where}: the IR names module points, not lines of a forward. "
+            "Read or edit a submodule's .input/.output instead (e.g. .self_attn.o_proj.input "
+            "for the attention heads before the output projection)")
+
     def _virtual(self, name: str) -> str | None:
         if name in VIRTUAL_ATTENTION and self._lm._is_attention(self._path):
             return f"{self._path}.{name}"
@@ -90,6 +114,9 @@ class Envoy:
             alias = self._lm._layer_alias(self._path, name)
             if alias is not None:
                 return self._child(alias) if "." not in alias else self._descend(alias)
+            renamed = self._lm._renamed(self._path, name)
+            if renamed is not None:
+                return self._lm._root._descend(renamed)
         raise AttributeError(self._missing(name))
 
     def _descend(self, rel: str) -> Envoy:

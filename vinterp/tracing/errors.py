@@ -11,9 +11,10 @@ def data_dependent(what: str) -> TracingError:
     """The error for Python control flow that needs a value the trace has not computed yet."""
     return TracingError(
         f"{what} on a proxy inside a trace needs its value, which does not exist until the "
-        "model runs. Keep the computation in the graph (e.g. torch.where instead of if, "
-        "indexing instead of iteration), or .save() the value and use it after the block; "
-        "use model.scan(...) to learn shapes beforehand."
+        "model runs. Keep the computation in the graph (e.g. torch.where(cond, a, b) "
+        "instead of if, indexing instead of iteration), branch on what is known at trace "
+        "time (x.shape is a real torch.Size for values of the prompt's forward, so "
+        "`if x.shape[1] > 4:` works), or .save() the value and use it after the block."
     )
 
 

@@ -65,9 +65,46 @@ class Proxy:
         """Track gradients for this value (alias of :meth:`retain_grad` for module values)."""
         return self._add("requires_grad", self)
 
-    def backward(self, **kwargs: Any) -> None:
-        """Run backpropagation from this (scalar) value inside the trace."""
+    def backward(self, **kwargs: Any) -> BackwardBlock:
+        """Run backpropagation from this (scalar) value inside the trace.
+
+        All of nnsight's spellings work: ``loss.backward()`` then ``h.grad`` (with
+        ``h.retain_grad()``, or saved and read after the block); ``with loss.backward():``
+        around the ``.grad`` reads (nnsight 0.5+); and ``h.grad.save()`` written before
+        ``loss.backward()`` (nnsight 0.4): each ``.grad`` is read once its backward has run.
+        """
         self._add("backward", self, **kwargs)
+        return BackwardBlock()
+
+    @property
+    def value(self) -> Any:
+        """nnsight 0.4's accessor: after the block, the saved value (the same as the name
+        itself, which vinterp already rebinds to the value); inside the block, the proxy."""
+        if self._has_value:
+            return self._value
+        if self._tracer.finished:
+            raise self._tracer.unavailable(self._id)
+        return self
+
+    # ------------------------------------------------------------------ trace-time shapes
+    def _shape(self) -> Any:
+        if self._tracer.finished:
+            raise self._tracer.unavailable(self._id)
+        return self._tracer.known_shape(self._id)
+
+    def size(self, dim: Any = None) -> Any:
+        """``x.size()`` / ``x.size(d)``: real ints when the shape is known at trace time."""
+        shape = self._shape()
+        if isinstance(shape, torch.Size) and (dim is None or isinstance(dim, int)):
+            return shape if dim is None else shape[dim]
+        return self._add("method", self, *(() if dim is None else (dim,)), name="size")
+
+    def dim(self) -> Any:
+        """``x.dim()``: a real int when the shape is known at trace time."""
+        shape = self._shape()
+        if isinstance(shape, torch.Size):
+            return len(shape)
+        return self._add("method", self, name="dim")
 
     # ------------------------------------------------------------------ steering shortcuts
     def steer(self, vector: Any, scale: float = 1.0, positions: Any = None) -> Proxy:
@@ -109,6 +146,12 @@ class Proxy:
             raise AttributeError(name)
         if self._tracer.finished:
             raise self._tracer.unavailable(self._id)
+        if name in ("shape", "ndim"):
+            # a real torch.Size when a meta pass of the trace so far can tell (see
+            # Tracer.known_shape), so `B, S, _ = x.shape` and `x.view(B, S, H, D)` work
+            shape = self._tracer.known_shape(self._id)
+            if isinstance(shape, torch.Size):
+                return shape if name == "shape" else len(shape)
         if name in ops.ATTRIBUTES:
             return self._add("getattr", self, name=name)
         if name in ops.TENSOR_METHODS:
@@ -123,6 +166,10 @@ class Proxy:
         )
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "grad":
+            raise TracingError(
+                "replacing a gradient (x.grad = ...) is not supported; read it with "
+                "x.grad.save(), or change the loss you call backward() on")
         raise TracingError(f"cannot set attribute {name!r} on a proxy; assign to a module's "
                            ".output/.input or use indexing (x[:] = value)")
 
@@ -130,7 +177,10 @@ class Proxy:
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         name = _FUNCTION_NAMES.get(func)
-        tracer = _find_tracer(args, kwargs)
+        proxy = _find_proxy(args, kwargs)
+        tracer = proxy._tracer
+        if tracer.finished:
+            raise tracer.unavailable(proxy._id)
         if name is None:
             fname = getattr(func, "__name__", repr(func))
             raise TracingError(
@@ -149,10 +199,18 @@ class Proxy:
         raise data_dependent("bool() / if / while")
 
     def __len__(self) -> int:
+        shape = self._shape()
+        if isinstance(shape, torch.Size) and len(shape) > 0:
+            return int(shape[0])
+        if isinstance(shape, int):   # a tuple or list value (e.g. an attention's output)
+            return shape
         raise data_dependent("len()")
 
     def __iter__(self) -> Any:
-        raise data_dependent("iteration")
+        # unpacking (`attn_out, weights = model.layers[0].self_attn.output`) and loops over
+        # the first dimension work when the length is known at trace time
+        n = len(self)
+        return (self[i] for i in range(n))
 
     def __index__(self) -> int:
         raise data_dependent("using a proxy as a Python index")
@@ -167,15 +225,27 @@ class Proxy:
         return id(self)
 
 
-def _find_tracer(args: Any, kwargs: Any) -> Tracer:
+def _find_proxy(args: Any, kwargs: Any) -> Proxy:
     stack = list(args) + list(kwargs.values())
     while stack:
         a = stack.pop()
         if isinstance(a, Proxy):
-            return a._tracer
+            return a
         if isinstance(a, (list, tuple)):
             stack.extend(a)
     raise TracingError("no proxy among the arguments")
+
+
+class BackwardBlock:
+    """What ``loss.backward()`` returns: ignorable as a statement, or nnsight 0.5's
+    ``with loss.backward():`` around the ``.grad`` reads (the backward is recorded at the
+    call either way; each ``.grad`` waits for it, see ``GraphRunner._link_grads``)."""
+
+    def __enter__(self) -> BackwardBlock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
 
 
 def _binary(op: str, reflected: bool = False) -> Any:
@@ -208,3 +278,32 @@ for _op in ops.UNARY_OPS:
     setattr(Proxy, f"__{_op}__", _unary(_op))
 for _op in ops.INPLACE_OPS:
     setattr(Proxy, f"__{_op}__", _inplace(_op))
+
+
+def apply(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """nnsight's ``apply(fn, *args)``, limited to what a graph may run: ``fn`` must be an
+    allowlisted torch function (``torch.softmax``, ``torch.nn.functional.gelu``, ...) or
+    tensor method (``torch.Tensor.mean``). With no proxy among the arguments it just calls
+    ``fn``. Other callables are refused: a graph carries no code.
+
+    Example::
+
+        with model.trace("Hi"):
+            p = vinterp.apply(torch.softmax, model.logits, dim=-1).save()
+    """
+    try:
+        proxy = _find_proxy(args, kwargs)
+    except TracingError:
+        return fn(*args, **kwargs)
+    name = _FUNCTION_NAMES.get(fn)
+    if name is not None:
+        return proxy._tracer.add("call", *args, fn=name, **kwargs)
+    method = getattr(fn, "__name__", None)
+    if getattr(fn, "__objclass__", None) is torch._C.TensorBase and method in \
+            ops.TENSOR_METHODS and args and isinstance(args[0], Proxy):
+        return args[0]._add("method", *args, name=method, **kwargs)
+    raise TracingError(
+        f"vinterp.apply({getattr(fn, '__qualname__', fn)!r}, ...): a trace runs only "
+        "allowlisted functions (its graph carries no code). Use one of "
+        f"{sorted(_FUNCTION_NAMES.values())} or an allowlisted tensor method, or save the "
+        "values and call your function after the block")

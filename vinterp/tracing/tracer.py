@@ -234,6 +234,13 @@ class Tracer:
         self._hidden: dict[int, int] = {}
         self._frame: FrameType | None = None
         self._graph: ir.Graph | None = None
+        #: trace-time shapes from meta passes: node id -> torch.Size (tensor) or int (length
+        #: of a tuple/list value); None: unknown (see known_shape)
+        self._shapes: dict[int, Any] = {}
+        #: tracer.log(...) calls: printed after the run
+        self._logs: list[list[Any]] = []
+        #: tracer.cache() results: filled in after the run
+        self._caches: list[Cache] = []
         self.iter = _StepIter(self)
         if inputs is not None:
             self.invokes.append(lm._tokenize(inputs))
@@ -243,6 +250,9 @@ class Tracer:
     def add(self, op: str, *args: Any, **kwargs: Any) -> Proxy:
         """Record one node and return its proxy (used by proxies and envoys)."""
         if self.finished:
+            for v in (*args, *kwargs.values()):
+                if isinstance(v, Proxy) and v._tracer is self:
+                    raise self.unavailable(v._id)
             raise TracingError("this trace has already run; start a new `with model.trace()`")
         node_id = len(self.nodes)
         invoke = self._invoke if self._invoke is not None else -1
@@ -271,6 +281,66 @@ class Tracer:
         """A proxy for a module's value at a point."""
         self._require_invoke(f"{module or 'model'}.{kind}")
         return self.add("read", module=module, kind=kind)
+
+    def call_module(self, module: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Proxy:
+        """``model.lm_head(h)``: the model's own module at ``module`` called on values."""
+        if not module:
+            raise TracingError("calling the whole model on values inside a trace is not "
+                               "supported; call a submodule (e.g. model.lm_head(h)), or start "
+                               "another trace")
+        extra = {"kwargs": dict(kwargs)} if kwargs else {}
+        return self.add("call_module", *args, module=module, **extra)
+
+    def known_shape(self, node_id: int) -> Any:
+        """The shape of a node's value, known at trace time without running the weights.
+
+        A meta pass (the model on the meta device, as ``model.scan``) runs the nodes the value
+        depends on over this trace's prompts; every tensor among them gets its shape cached.
+        Returns a ``torch.Size``, the length of a tuple/list value, or ``None`` when the
+        value belongs to a generation step after the first (its sequence length differs
+        from step to step), depends on the generated ids, or the meta pass cannot run it.
+        """
+        if node_id in self._shapes:
+            return self._shapes[node_id]
+        need: set[int] = set()
+        stack = [node_id]
+        while stack:
+            n = stack.pop()
+            if n in need:
+                continue
+            need.add(n)
+            stack.extend(node_refs(self.nodes[n]))
+        if not self.invokes or any(
+                n in self._post or (self.nodes[n].steps.start, self.nodes[n].steps.stop)
+                != (0, 1) or self.nodes[n].op in ("backward", "stop") for n in need):
+            self._shapes[node_id] = None
+            return None
+        order = sorted(need)
+        ids = {old: new for new, old in enumerate(order)}
+        nodes = [self.nodes[o].model_copy(update={
+            "id": ids[o], "args": _remap(self.nodes[o].args, ids),
+            "kwargs": _remap(self.nodes[o].kwargs, ids), "steps": Steps()}) for o in order]
+        for o in order:
+            nodes.append(Node(id=len(nodes), op="save", args=(Ref(ref=ids[o]),),
+                              invoke=self.nodes[o].invoke))
+        graph = ir.Graph(invokes=tuple(ir.Invoke(prompts=p) for p in self.invokes),
+                         nodes=tuple(nodes), tensors=tuple(self.tensors))
+        try:
+            backend = self.lm._scan_backend()
+            backend.check(graph)
+            saves = backend.run(graph).saves
+        except Exception:
+            self._shapes[node_id] = None
+            return None
+        for o in order:
+            v = saves.get(len(order) + ids[o])
+            if isinstance(v, torch.Tensor):
+                self._shapes[o] = v.shape
+            elif isinstance(v, (tuple, list)) and not hasattr(v, "keys"):
+                self._shapes[o] = len(v)
+            else:
+                self._shapes.setdefault(o, None)
+        return self._shapes.get(node_id)
 
     def write(self, module: str, kind: str, value: Any) -> None:
         """Replace a module's value at a point."""
@@ -329,8 +399,10 @@ class Tracer:
     def _value(self, v: Any) -> Value:
         if isinstance(v, Proxy):
             if v._tracer is not self:
-                raise TracingError("a proxy from another trace was used here; .save() it in "
-                                   "its own trace and pass the saved tensor instead")
+                if v._has_value:   # saved in an earlier trace (model.session()): its value
+                    return self._value(v._value)
+                raise TracingError("a value of another trace was used here: .save() it in "
+                                   "its own trace and pass the saved value instead")
             return Ref(ref=v._id)
         if v is None or isinstance(v, (bool, int, float, str)):
             return v
@@ -371,19 +443,29 @@ class Tracer:
 
     # ------------------------------------------------------------------ user API
     @contextmanager
-    def invoke(self, inputs: Any, **generation: Any) -> Iterator[Tracer]:
+    def invoke(self, inputs: Any = None, **generation: Any) -> Iterator[Tracer]:
         """Add a prompt (or list of prompts, or token ids) to the batch as its own invoke.
 
         Each invoke's values equal running it alone; later invokes may use earlier ones'.
         In ``generate``, keyword arguments override the generation settings for this invoke
-        only, e.g. ``tracer.invoke(prompt, max_new_tokens=16)``.
+        only, e.g. ``tracer.invoke(prompt, max_new_tokens=16)``; sampling arguments in
+        ``model.trace`` (``temperature=``, ``max_tokens=``...) make it a generation, as in
+        nnsight's vLLM traces. ``tracer.invoke()`` with no prompt (nnsight's empty invoke)
+        sees the whole batch: every other invoke's rows, left-padded to the longest prompt
+        (hf backend only; on vllm every prompt is its own request).
         """
         if self._invoke_open:
             raise TracingError("tracer.invoke blocks cannot be nested")
         if generation and self.mode != "generate":
-            raise TracingError(f"tracer.invoke got {sorted(generation)}: generation settings "
-                               "only apply inside model.generate(...)")
-        self.invokes.append(self.lm._tokenize(inputs))
+            if self.lm.backend_name != "vllm" and self.remote is None:
+                raise TracingError(
+                    f"tracer.invoke got {sorted(generation)}: generation settings only apply "
+                    "inside model.generate(...) (or in a trace on the vllm backend, as in "
+                    "nnsight's vLLM traces)")
+            self.mode = "generate"
+            if not any(k in self.generation for k in ("max_new_tokens", "max_tokens")):
+                self.generation["max_new_tokens"] = 1   # a trace is one forward
+        self.invokes.append(() if inputs is None else self.lm._tokenize(inputs))
         self.invoke_generation[len(self.invokes) - 1] = dict(generation)
         self._invoke = len(self.invokes) - 1
         self._invoke_open = True
@@ -393,6 +475,20 @@ class Tracer:
             # Between and after invoke blocks, code combines invokes' values (global nodes).
             self._invoke_open = False
             self._invoke = None
+
+    def barrier(self, n: int) -> _Barrier:
+        """nnsight's ``tracer.barrier(n)``: accepted, and calling it does nothing. vinterp needs
+        no barrier: invokes run in the order they were written at every point, and a later
+        invoke may use an earlier invoke's value directly."""
+        if not isinstance(n, int) or n < 1:
+            raise TracingError(f"tracer.barrier(n) takes a positive number of blocks, got {n!r}")
+        return _Barrier(n)
+
+    def log(self, *values: Any) -> None:
+        """nnsight's ``tracer.log(...)``: print values of the run. They are printed when the
+        block ends (after the run), in the order the ``log`` calls were written."""
+        items = [v.save() if isinstance(v, Proxy) else v for v in values]
+        self._logs.append(items)
 
     @property
     def result(self) -> Any:
@@ -451,21 +547,44 @@ class Tracer:
         """End the forward as soon as everything recorded so far has run."""
         self.add("stop")
 
-    def cache(self, modules: list[Any] | None = None, positions: Any = None) -> dict[str, Any]:
-        """Save the outputs of many modules at once (all decoder layers by default).
+    def cache(self, modules: list[Any] | None = None, positions: Any = None, *,
+              include_output: bool = True, include_inputs: bool = False, **_: Any) -> Any:
+        """Save the outputs (and inputs) of many modules at once: nnsight's ``tracer.cache()``.
 
-        Returns a dict keyed by module path; after the block it holds tensors. ``positions``
-        (an int, list or slice) keeps only those sequence positions.
+        Returns a :class:`Cache` keyed as nnsight's, ``"model." + module path``: after the
+        block ``cache["model.model.layers.0"].output`` (or ``cache.model.layers[0].output``,
+        navigating like the model) holds the value. ``modules``: envoys or paths (every module
+        by default). nnsight's ``device=``, ``dtype=``, ``detach=`` are accepted (values stay
+        where the model computed them).
+
+        ``positions`` (an int, list or slice; a vinterp extension) keeps only those sequence
+        positions of each output and returns a plain dict ``{module path: value}``.
         """
-        envoys = list(self.lm.layers) if modules is None else list(modules)
-        out: dict[str, Any] = {}
-        for env in envoys:
-            value = env.output
-            if positions is not None:
-                index = [positions] if isinstance(positions, int) else positions
-                value = value[:, index]
-            out[env._path] = value.save()
-        return out
+        if modules is None:
+            paths = [name for name, _ in self.lm._model.named_modules()]
+            paths = [p for p in paths if self.lm._backend_has_point(p, "output")] \
+                if positions is None else [e._path for e in self.lm.layers]
+        else:
+            paths = [m if isinstance(m, str) else m._path for m in modules]
+            paths = [p[len("model."):] if p.startswith("model.") and p not in
+                     dict(self.lm._model.named_modules()) else
+                     ("" if p == "model" else p) for p in paths]
+        if positions is not None:
+            out: dict[str, Any] = {}
+            index = [positions] if isinstance(positions, int) else positions
+            for path in paths:
+                out[path] = self.read(path, "output")[:, index].save()
+            return out
+        cache = Cache(self.lm)
+        for path in paths:
+            entry = _CacheEntry()
+            if include_inputs:
+                entry.inputs = self.read(path, "inputs").save()
+            if include_output:
+                entry.output = self.read(path, "output").save()
+            cache[f"model.{path}" if path else "model"] = entry
+        self._caches.append(cache)
+        return cache
 
     # ------------------------------------------------------------------ the graph
     @property
@@ -480,30 +599,33 @@ class Tracer:
         return ir.dumps(self.graph, indent=indent)
 
     def _build(self) -> ir.Graph:
-        if not self.invokes:
+        if not any(self.invokes):
             raise TracingError("nothing to run: pass a prompt to model.trace(...) or add "
-                               "`with tracer.invoke(prompt):` blocks")
+                               "`with tracer.invoke(prompt):` blocks (a prompt-less "
+                               "tracer.invoke() works on the batch the others make)")
         return ir.Graph(
             mode="generate" if self.mode == "generate" else "trace",
             invokes=tuple(
                 ir.Invoke(prompts=p, generation={
                     k: self._value(v) for k, v in self.invoke_generation.get(i, {}).items()})
                 for i, p in enumerate(self.invokes)),
-            nodes=self._device_nodes(), tensors=tuple(self.tensors),
+            nodes=self._device_nodes(), tensors=tuple(self.tensors) + tuple(self._edit_tensors),
             generation={k: self._value(v) for k, v in self.generation.items()},
         )
 
     def _device_nodes(self) -> tuple[Node, ...]:
-        """The nodes the backend runs: all but those computed from the generated ids.
+        """The nodes the backend runs: the model's persistent edits (``model.edit()``), then
+        all of the trace's but those computed from the generated ids.
 
-        With such nodes the rest are renumbered densely (``_device_ids``: trace id -> graph
-        id), and each model value they use gets a save of its own so it comes back.
+        With edits or such nodes the trace's are renumbered densely (``_device_ids``: trace
+        id -> graph id), and each model value the generated-ids nodes use gets a save of its
+        own so it comes back.
         """
-        if not self._post:
+        out: list[Node] = self._edit_nodes()
+        if not self._post and not out:
             self._device_ids = None
             return tuple(self.nodes)
         ids: dict[int, int] = {}
-        out: list[Node] = []
         for n in self.nodes:
             if n.id in self._post:
                 continue
@@ -520,6 +642,30 @@ class Tracer:
                             invoke=src.invoke, steps=src.steps, line=src.line))
         self._device_ids = ids
         return tuple(out)
+
+    def _edit_nodes(self) -> list[Node]:
+        """The model's persistent edits as nodes of this graph: one copy per invoke, at every
+        step (their tensors go after the trace's own, see ``_edit_tensors``)."""
+        edits = getattr(self.lm, "_edits", None)
+        self._edit_tensors: list[ir.TensorData] = []
+        if not edits or isinstance(self, EditTracer):
+            return []
+        out: list[Node] = []
+        steps = Steps(start=0, stop=None) if self.mode == "generate" else Steps()
+        for edit in edits:
+            base = len(self.tensors) + len(self._edit_tensors)
+            self._edit_tensors.extend(edit.tensors)
+            for i, prompts in enumerate(self.invokes):
+                if not prompts:
+                    continue
+                ids: dict[int, int] = {}
+                for n in edit.nodes:
+                    ids[n.id] = len(out)
+                    out.append(n.model_copy(update={
+                        "id": len(out), "invoke": i, "steps": steps,
+                        "args": _remap(n.args, ids, base),
+                        "kwargs": _remap(n.kwargs, ids, base)}))
+        return out
 
     def _save_kept(self) -> None:
         """Save the proxies inside ``list().save()``-kept objects, each at its own step."""
@@ -621,6 +767,12 @@ class Tracer:
                 f"the {(self.remote or self.lm._backend).name} backend returned no value for "
                 f"saved node(s) {missing}; "
                 "this is a vinterp bug, please report it with tracer.to_json()")
+        for cache in self._caches:
+            for entry in cache.values():
+                entry.output = realize(entry.output)[0]
+                entry.inputs = realize(entry.inputs)[0]
+        for items in self._logs:
+            print(*(realize(v)[0] for v in items))
         unreached = self._unreached
         for obj in self._kept:
             # nnsight's loop simply stops at the last step that ran: no item for the others
@@ -635,8 +787,12 @@ class Tracer:
         rows = iter(self._result or ())
         out = {}
         for i, prompts in enumerate(self.invokes):
-            out[i] = max(len(next(rows)) - len(p) for p in prompts)
+            if prompts:
+                out[i] = max(len(next(rows)) - len(p) for p in prompts)
         out[-1] = max(out.values(), default=0)
+        for i, prompts in enumerate(self.invokes):
+            if not prompts:   # a prompt-less invoke is the whole batch
+                out[i] = out[-1]
         return out
 
     def _drop_unreached(self, saves: dict[int, Any]) -> None:
@@ -672,11 +828,16 @@ class Tracer:
         rows: dict[int, torch.Tensor] = {}
         start = 0
         for i, prompts in enumerate(self.invokes):
+            if not prompts:
+                continue
             lens = [len(p) for p in prompts]
             rows[i] = _pad_generated(generated[start:start + len(prompts)], lens, pad)
             start += len(prompts)
         rows[-1] = _pad_generated(list(generated), [len(p) for ps in self.invokes for p in ps],
                                   pad)
+        for i, prompts in enumerate(self.invokes):
+            if not prompts:
+                rows[i] = rows[-1]
         nodes = tuple(n.model_copy(update={"steps": Steps()}) for n in self.nodes
                       if n.id in self._post)
         graph = ir.Graph(invokes=self._graph.invokes if self._graph else (), nodes=nodes,
@@ -689,22 +850,25 @@ class Tracer:
         return runner.results()
 
 
-def _remap(value: Any, ids: dict[int, int]) -> Any:
-    """``value`` (IR args/kwargs) with node references renumbered by ``ids``."""
+def _remap(value: Any, ids: dict[int, int], tensor_base: int = 0) -> Any:
+    """``value`` (IR args/kwargs) with node references renumbered by ``ids`` (and tensor
+    constants shifted by ``tensor_base``)."""
     if isinstance(value, Ref):
         return Ref(ref=ids[value.ref])
+    if isinstance(value, TensorRef):
+        return TensorRef(tensor=value.tensor + tensor_base) if tensor_base else value
     if isinstance(value, tuple):
-        return tuple(_remap(v, ids) for v in value)
+        return tuple(_remap(v, ids, tensor_base) for v in value)
     if isinstance(value, dict):
-        return {k: _remap(v, ids) for k, v in value.items()}
+        return {k: _remap(v, ids, tensor_base) for k, v in value.items()}
     if isinstance(value, ListV):
-        return ListV(list=_remap(value.list, ids))
+        return ListV(list=_remap(value.list, ids, tensor_base))
     if isinstance(value, TupleV):
-        return TupleV(tuple=_remap(value.tuple, ids))
+        return TupleV(tuple=_remap(value.tuple, ids, tensor_base))
     if isinstance(value, SliceV):
-        return SliceV(slice=_remap(value.slice, ids))
+        return SliceV(slice=_remap(value.slice, ids, tensor_base))
     if isinstance(value, DictV):
-        return DictV(mapping=_remap(value.mapping, ids))
+        return DictV(mapping=_remap(value.mapping, ids, tensor_base))
     return value
 
 
@@ -754,3 +918,149 @@ def _drop_proxies(obj: Any, ids: set[int], depth: int) -> None:
                 del obj[k]
             else:
                 _drop_proxies(v, ids, depth + 1)
+
+
+class _Barrier:
+    """What ``tracer.barrier(n)`` returns: calling it is a no-op (see :meth:`Tracer.barrier`)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self) -> None:
+        return None
+
+
+class _CacheEntry:
+    """One cached module: ``.output``, ``.inputs`` (``(args, kwargs)``) and ``.input``."""
+
+    __slots__ = ("output", "inputs")
+
+    def __init__(self) -> None:
+        self.output: Any = None
+        self.inputs: Any = None
+
+    @property
+    def input(self) -> Any:
+        """The first input: the first positional argument, else the first keyword one."""
+        if self.inputs is None:
+            return None
+        args, kwargs = self.inputs
+        values = list(args) + list(kwargs.values())
+        return values[0] if values else None
+
+    def __repr__(self) -> str:
+        return f"<cache entry output={_short(self.output)}>"
+
+
+def _short(v: Any) -> str:
+    return f"tensor{list(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+class Cache(dict):  # type: ignore[type-arg]
+    """``tracer.cache()``'s result, keyed and navigated as nnsight's: ``"model." + path``.
+
+    Example::
+
+        with model.trace("Hello") as tracer:
+            cache = tracer.cache()
+        cache["model.model.layers.0"].output      # by key
+        cache.model.layers[0].output              # by navigation (HF names and aliases)
+    """
+
+    def __init__(self, lm: LanguageModel) -> None:
+        super().__init__()
+        self._lm = lm
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        root = _CacheView(self, self._lm._root)
+        # as nnsight's: `cache.model` is the model itself (keys start with "model"), and
+        # `cache.transformer.h[0]` is short for `cache.model.transformer.h[0]`
+        return root if name == "model" else root._go(name)
+
+
+class _CacheView:
+    """A module of the model inside a :class:`Cache` (``cache.model.transformer.h[0]``)."""
+
+    def __init__(self, cache: Cache, envoy: Any) -> None:
+        self._cache, self._envoy = cache, envoy
+
+    def _go(self, name: str) -> Any:
+        return _CacheView(self._cache, getattr(self._envoy, name))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in ("output", "inputs", "input"):
+            path = self._envoy._path
+            key = f"model.{path}" if path else "model"
+            if key not in self._cache:
+                raise KeyError(f"{key!r} was not cached")
+            return getattr(self._cache[key], name)
+        return self._go(name)
+
+    def __getitem__(self, index: int) -> _CacheView:
+        return _CacheView(self._cache, self._envoy[index])
+
+
+class _Edit:
+    """One ``model.edit()`` block: its nodes (invoke 0, ids from 0) and tensor constants."""
+
+    def __init__(self, nodes: list[Node], tensors: list[ir.TensorData]) -> None:
+        self.nodes, self.tensors = nodes, tensors
+
+
+class EditTracer(Tracer):
+    """``with model.edit() as edited:``: records edits instead of running them.
+
+    The body is recorded like a trace over a stand-in prompt; at the end its nodes become a
+    persistent edit of a new model sharing the weights and backend (or of the model itself
+    with ``inplace=True``), which every later trace of it runs first (see
+    ``Tracer._edit_nodes``). ``.save()`` inside an edit saves nothing.
+    """
+
+    def __init__(self, lm: LanguageModel, inputs: Any = None, *, inplace: bool = False
+                 ) -> None:
+        super().__init__(lm, "trace", inputs if inputs is not None else "Hello")
+        self.inplace = inplace
+        if inplace:
+            self.target = lm
+        else:
+            import copy
+
+            self.target = copy.copy(lm)
+            self.target._edits = list(lm._edits)
+            # (the tracer stack stays shared: inside `edited.trace()`, code may name either)
+
+    def __enter__(self) -> Any:  # type: ignore[override]
+        super().__enter__()
+        if self.inplace:
+            return self
+        return _EditedPair(self, self.target)
+
+    def _run(self) -> None:
+        self.finished = True
+        if self._post:
+            raise TracingError("an edit cannot use the generated token ids")
+        if any(n.op in ("backward", "stop") for n in self.nodes):
+            raise TracingError("model.edit() records edits of the forward; backward() and "
+                               "stop() belong in a trace")
+        nodes = [n.model_copy(update={"invoke": 0 if n.invoke >= 0 else -1})
+                 for n in self.nodes]
+        if any(n.invoke < 0 for n in nodes):
+            raise TracingError("model.edit() records one prompt's edits: write them without "
+                               "tracer.invoke blocks")
+        self.target._edits.append(_Edit(nodes, list(self.tensors)))
+        self._frame = None
+
+
+class _EditedPair(tuple):  # type: ignore[type-arg]
+    """What ``with model.edit() as ...`` binds: nnsight 0.8's ``(tracer, edited)`` pair, which
+    also behaves as the edited model itself (the older ``as edited`` spelling)."""
+
+    def __new__(cls, tracer: EditTracer, edited: Any) -> _EditedPair:
+        return super().__new__(cls, (tracer, edited))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self[1], name)

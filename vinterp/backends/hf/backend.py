@@ -101,6 +101,21 @@ class _Run:
         self.runner = runner
         self.layout = layout
         self.step = 0
+        #: while a graph calls one of the model's modules on values (``call_module``), the
+        #: hooks stay silent: that call is not the forward reaching the module
+        self.calling = 0
+
+    def call_module(self, path: str) -> Any:
+        """``path``'s module as a callable for ``call_module`` nodes (hooks muted inside)."""
+        module = self.backend.paths[path]
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calling += 1
+            try:
+                return module(*args, **kwargs)
+            finally:
+                self.calling -= 1
+        return call
 
     def event(self, module: str, kind: str, value: Any) -> Any:
         ev = _Event(self, module, kind, value)
@@ -167,6 +182,10 @@ class HfBackend(Backend):
 
     def check(self, graph: Graph) -> None:
         for n in graph.nodes:
+            if n.op == "call_module":
+                m = n.kwargs["module"]
+                if m not in self.paths or m == "":
+                    raise AttributeError(f"the model has no module {m!r} to call")
             if n.op in ("read", "write"):
                 m = n.kwargs["module"]
                 base = m[: -len(".probs")] if m.endswith(".probs") else m
@@ -185,6 +204,8 @@ class HfBackend(Backend):
 
         def pre_hook(path: str) -> Any:
             def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                if run.calling:
+                    return None
                 if path == "":
                     run.runner.begin_step(run.step)
                 ev = run.event(path, "inputs", (args, kwargs))
@@ -194,6 +215,8 @@ class HfBackend(Backend):
         def post_hook(path: str) -> Any:
             def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                      output: Any) -> Any:
+                if run.calling:
+                    return None
                 ev = run.event(path, "output", output)
                 if path == "":
                     run.runner.end_step()
@@ -220,7 +243,7 @@ class HfBackend(Backend):
 
         def on_probs(module: nn.Module, weights: torch.Tensor) -> torch.Tensor:
             path = probs.get(id(module))
-            if path is None:
+            if path is None or run.calling:
                 return weights
             ev = run.event(path, "output", weights)
             return ev.value
@@ -244,6 +267,11 @@ class HfBackend(Backend):
         try:
             generated = self._run_phase(graph, state, None)
         except NeedsPhases:
+            if any(not inv.prompts for inv in graph.invokes):
+                raise ValueError(
+                    "a prompt-less tracer.invoke() (the whole batch) cannot be combined with "
+                    "invokes that use values computed later by other invokes; move the "
+                    "cross-invoke code into the invokes themselves") from None
             state = RunState()
             generated = [None] * sum(len(inv.prompts) for inv in graph.invokes)
             for group in invoke_phases(graph):
@@ -260,7 +288,10 @@ class HfBackend(Backend):
             steps = {}
             for i, inv in enumerate(graph.invokes):
                 ids = [next(rows) for _ in inv.prompts]
-                steps[i] = max(len(t) - len(p) for t, p in zip(ids, inv.prompts, strict=True))
+                steps[i] = max((len(t) - len(p) for t, p in zip(ids, inv.prompts, strict=True)),
+                               default=-1)
+            longest = max(steps.values(), default=0)
+            steps = {i: longest if n < 0 else n for i, n in steps.items()}
             trim_steps(graph, saves, steps)
         return RunResult(saves=saves, generated=generated)
 
@@ -270,6 +301,7 @@ class HfBackend(Backend):
         prompts = [inv.prompts for inv in graph.invokes]
         layout = BatchLayout.build(prompts, self.pad_id, invokes)
         run = _Run(self, runner, layout)
+        runner.modules = run.call_module
         device = self.device
         grad = torch.enable_grad() if runner.wants_grad else torch.no_grad()
         with self._hooks(run, graph, self._needs_eager(graph)), grad:
@@ -289,6 +321,8 @@ class HfBackend(Backend):
         # per-invoke token budgets: generate to the largest, then cut each row to its own
         row_limit = [0] * layout.input_ids.shape[0]
         for i, rows in layout.invoke_rows.items():
+            if not graph.invokes[i].prompts:
+                continue   # the whole batch: each row keeps its own invoke's budget
             limit = _invoke_max_new_tokens(graph, i, kwargs["max_new_tokens"])
             for b in range(rows.start, rows.stop):
                 row_limit[b] = limit
@@ -359,6 +393,9 @@ def _generation_kwargs(graph: Graph) -> dict[str, Any]:
                              f"supported: {sorted(_HF_GENERATE_KEYS | set(_VLLM_TO_HF))}")
         kwargs[key] = value
     kwargs.setdefault("max_new_tokens", 20)
+    if kwargs.get("temperature") == 0:   # vLLM's spelling of greedy
+        kwargs.pop("temperature")
+        kwargs["do_sample"] = False
     if not kwargs.get("do_sample", False):
         kwargs["do_sample"] = False
         kwargs.setdefault("temperature", None)

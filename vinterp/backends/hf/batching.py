@@ -42,6 +42,11 @@ class BatchLayout:
             start = len(rows)
             rows.extend(prompts_by_invoke[i])
             invoke_rows[i] = slice(start, len(rows))
+        for i in chosen:
+            if not prompts_by_invoke[i]:   # a prompt-less invoke: the whole batch
+                invoke_rows[i] = slice(0, len(rows))
+        if not rows:
+            raise ValueError("no prompts to run: a prompt-less invoke needs other invokes")
         if any(len(r) == 0 for r in rows):
             raise ValueError("a prompt has no tokens; pass at least one token per prompt")
         width = max(len(r) for r in rows)

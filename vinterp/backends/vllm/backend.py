@@ -43,6 +43,11 @@ def check_graph(graph: Graph, arch: Architecture, dtype: torch.dtype,
     Shared by the library (at trace time) and the server (before anything reaches the
     engine): one rule, one message.
     """
+    if any(not inv.prompts for inv in graph.invokes):
+        raise ValueError(
+            "a prompt-less tracer.invoke() (the whole batch) is not available on the vllm "
+            "backend, where every prompt is its own request; write its code in each invoke "
+            "(or use backend='hf')")
     kinds: dict[tuple[str, str], str] = {}   # point -> value kind (each resolved once)
     logit_views: set[int] = set()   # nodes that are the logits or a view of them
     for n in graph.nodes:
@@ -58,6 +63,11 @@ def check_graph(graph: Graph, arch: Architecture, dtype: torch.dtype,
                 f"combining invokes' values at generation steps other than the first, "
                 f"outside an invoke, is {NOT_ON_VLLM}{where}; save each invoke's values "
                 f"and combine them after the block")
+        if n.op == "call_module":
+            raise UnsupportedPoint(
+                f"calling the model's modules on values (model.{n.kwargs.get('module')}(...)) "
+                f"is {NOT_ON_VLLM}{where}. For the logit lens inside vLLM, save the hidden "
+                f"states and apply the final norm and LM head after the block")
         if n.op in _GRAD_OPS or (n.op == "getattr" and n.kwargs.get("name") == "grad"):
             raise UnsupportedPoint(f"gradients are {NOT_ON_VLLM}{where}")
         if n.op in ("read", "write"):
@@ -111,6 +121,21 @@ class VllmBackend(Backend):
     def check(self, graph: Graph) -> None:
         """Raise at trace time for points and ops vLLM cannot serve."""
         check_graph(graph, self.arch, self.dtype, self.max_batched_tokens)
+
+    def has_point(self, module: str, kind: str) -> bool:
+        """Whether vLLM can serve ``module.kind`` (``tracer.cache()`` keeps only those)."""
+        try:
+            resolve_point(self.arch, module, kind)
+        except (UnsupportedPoint, KeyError, ValueError):
+            return False
+        return True
+
+    @property
+    def device(self) -> torch.device:
+        """The device the engine runs the model on."""
+        cfg = self.llm.llm_engine.vllm_config.device_config
+        device = getattr(cfg, "device", None)
+        return device if isinstance(device, torch.device) else torch.device(cfg.device_type)
 
     # ------------------------------------------------------------------ run
     def run(self, graph: Graph) -> RunResult:
