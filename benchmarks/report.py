@@ -164,6 +164,8 @@ def targets(result: dict[str, Any]) -> list[str]:
             "steer_generate", "distinct_1layer", base, 0.95)
         add(f"1d distinct vectors, all layers ≥ 0.8× plain ({base})", "vinterp_vllm",
             "steer_generate", "distinct_all_layers", base, 0.8)
+        add(f"1e the same as `output[:] += v` ≥ 0.9× plain ({base})", "vinterp_vllm",
+            "steer_generate", "idiom_all_layers", base, 0.9)
         add(f"2 last-token capture, all layers ≥ 0.8× plain prefill ({base})", "vinterp_vllm",
             "capture", "last_all_layers", base, 0.8)
     for sys_ in ("vinterp_vllm", "vinterp_hf"):

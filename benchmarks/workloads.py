@@ -176,3 +176,6 @@ def layer_vectors(cfg: WorkloadConfig, n: int, dtype: torch.dtype) -> torch.Tens
 
 # Steered-generation cases (issue 5, workload 1).
 STEER_CASES = ("none", "shared_1layer", "distinct_1layer", "distinct_all_layers")
+# The all-layer case written as nnsight users write it (``output[:] += v`` at every layer and
+# step), vinterp's systems only: it must take the same vectorized path as ``.steer()`` (issue 13).
+IDIOM_CASES = ("idiom_all_layers",)

@@ -17,6 +17,7 @@ from benchmarks.systems.base import NotAvailable, System, Task, Timer
 from benchmarks.workloads import (
     CLEAN_PROMPT,
     CORRUPT_PROMPT,
+    IDIOM_CASES,
     STEER_CASES,
     TARGET_TOKEN,
     WorkloadConfig,
@@ -70,7 +71,7 @@ class VinterpSystem(System):
                 "versions": versions}
 
     def tasks(self) -> list[Task]:
-        t = [Task("steer_generate", c) for c in STEER_CASES]
+        t = [Task("steer_generate", c) for c in (*STEER_CASES, *IDIOM_CASES)]
         t += self.levels(self.cfg)
         t += [Task("capture", c) for c in ("last_all_layers", "full_4layers")]
         t += [Task("patch_sweep", "grid", "one_batch", "seconds")]
@@ -122,7 +123,8 @@ class VinterpSystem(System):
         n, L = len(prompts), cfg.steer_layer
         shared = vectors(cfg, 1, 0, self.dtype)[0]
         distinct = vectors(cfg, n, 1, self.dtype)
-        per_layer = layer_vectors(cfg, n, self.dtype) if case == "distinct_all_layers" else None
+        all_layers = case in ("distinct_all_layers", "idiom_all_layers")
+        per_layer = layer_vectors(cfg, n, self.dtype) if all_layers else None
         with Timer() as t:
             with m.generate(**self._gen_kwargs(cfg.sizes.gen_new_tokens)) as tr:
                 for i, p in enumerate(prompts):
@@ -134,6 +136,9 @@ class VinterpSystem(System):
                                 m.layers[L].output.steer(shared)
                             elif case == "distinct_1layer":
                                 m.layers[L].output.steer(distinct[i])
+                            elif case == "idiom_all_layers":   # as nnsight users write it
+                                for j in range(cfg.num_layers):
+                                    m.layers[j].output[:] += per_layer[j, i]
                             else:
                                 for j in range(cfg.num_layers):
                                     m.layers[j].output.steer(per_layer[j, i])
