@@ -77,8 +77,179 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve, vllm_args=[])
 
 
+def _int_range(spec: str) -> list[int]:
+    """``8:20`` (8..19, as a Python slice), ``8:20:2``, ``8,10,12`` or ``8``."""
+    try:
+        if ":" in spec:
+            parts = [int(x) for x in spec.split(":")]
+            if len(parts) not in (2, 3):
+                raise ValueError
+            return list(range(*parts))
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad layer list {spec!r}: use START:STOP (stop excluded), START:STOP:STEP or "
+            "a comma list such as 8,10,12") from None
+
+
+def _scale_list(spec: str) -> list[float]:
+    """``-8:8:9`` (9 evenly spaced values from -8 to 8, both included) or ``-4,0,4``."""
+    try:
+        if ":" in spec:
+            lo, hi, n = spec.split(":")
+            lo_f, hi_f, num = float(lo), float(hi), int(n)
+            if num < 1:
+                raise ValueError
+            if num == 1:
+                return [lo_f]
+            return [round(lo_f + (hi_f - lo_f) * i / (num - 1), 6) for i in range(num)]
+        return [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad scale list {spec!r}: use LO:HI:N (N values, both ends included) or a "
+            "comma list such as -4,0,4") from None
+
+
+def _steer_model(args: argparse.Namespace) -> object:
+    """The local LanguageModel for ``steer train``/``eval`` (not with --server)."""
+    import os
+
+    if args.backend == "vllm":
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vinterp import LanguageModel
+
+    kw = {"max_model_len": args.max_model_len} if args.backend == "vllm" else {}
+    return LanguageModel(args.model, backend=args.backend, **kw)
+
+
+def _steer_train(args: argparse.Namespace) -> int:
+    from vinterp.steering.datasets import data_path, read_prompts
+    from vinterp.steering.train import train_vector
+
+    pos = read_prompts(args.pos or data_path("sentiment_positive.txt"))
+    neg = read_prompts(args.neg or data_path("sentiment_negative.txt"))
+    if args.server:
+        from vinterp.evals.sweep import _meta_language_model, server_model
+
+        model = _meta_language_model(args.model or server_model(args.server, args.api_key))
+        kw = {"remote": args.server, **({"api_key": args.api_key} if args.api_key else {})}
+    else:
+        model, kw = _steer_model(args), {}
+    vec = train_vector(model, pos, neg, layers=args.layers, method=args.method,
+                       position=args.position, **kw)
+    vec.save(args.output)
+    norms = ", ".join(f"{k}: {v:.2f}" for k, v in vec.norms.items())
+    print(f"{args.output}: {vec.method} vector, layers {vec.layers}, hidden size "
+          f"{vec.hidden_size}, from {len(pos)} positive / {len(neg)} negative prompts; "
+          f"norms {{{norms}}}")
+    return 0
+
+
+def _steer_eval(args: argparse.Namespace) -> int:
+    from vinterp.evals.sweep import sweep
+    from vinterp.steering.datasets import read_ab_questions, read_prompts
+    from vinterp.steering.vectors import SteeringVector
+
+    vec = SteeringVector.load(args.vector)
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    questions = read_ab_questions(args.ab) if args.ab else None
+    if args.server:
+        target: object = args.server
+        model = args.model
+    else:
+        model = None
+        if args.model is None:
+            args.model = vec.model
+        if args.model is None:
+            raise ValueError("the vector does not say which model it is for: pass --model")
+        target = _steer_model(args)
+    rows = sweep(target, vec, layers=args.layers, scales=args.scales, prompts=prompts,
+                 max_tokens=args.max_tokens, metrics=args.metrics, out_dir=args.output,
+                 ab_questions=questions, batch_cells=args.batch_cells, model=model,
+                 api_key=args.api_key, progress=not args.quiet)
+    print(f"{args.output}: {len(rows)} cells; summary.md, summary.csv, heatmap_*.png")
+    return 0
+
+
+def _steer_show(args: argparse.Namespace) -> int:
+    from vinterp.evals.show import show
+
+    print(show(args.dir))
+    return 0
+
+
+def _steer_errors(func: Callable[[argparse.Namespace], int]
+                  ) -> Callable[[argparse.Namespace], int]:
+    """Bad input (files, sizes, layers) becomes one error line and exit code 2."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"vinterp steer: error: {msg}", file=sys.stderr)
+            return 2
+    return run
+
+
+def add_steer_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``vinterp steer train|eval|show``: steering vectors and layer x scale sweeps."""
+    import re
+
+    steer = subparsers.add_parser("steer", help="train steering vectors and sweep them")
+    sub = steer.add_subparsers(dest="steer_command", required=True)
+
+    def target_args(p: argparse.ArgumentParser, model_default: str | None) -> None:
+        default = model_default or "the vector's"
+        p.add_argument("--model", default=model_default,
+                       help=f"model name or HF directory (default: {default}; with "
+                            "--server: the server's)")
+        p.add_argument("--backend", choices=["hf", "vllm"], default="vllm",
+                       help="local backend (default vllm)")
+        p.add_argument("--max-model-len", type=int, default=1024,
+                       help="vllm backend's max model length (default 1024)")
+        p.add_argument("--server", metavar="URL", help="run on a vinterp server instead")
+        p.add_argument("--api-key", help="the server's API key (default $VINTERP_API_KEY)")
+
+    t = sub.add_parser("train", help="train a vector from contrastive prompt files")
+    t.add_argument("--pos", metavar="FILE",
+                   help="positive prompts, one a line (default: the shipped sentiment set)")
+    t.add_argument("--neg", metavar="FILE", help="negative prompts, one a line")
+    t.add_argument("--layers", type=_int_range, default=None,
+                   help="START:STOP (stop excluded), START:STOP:STEP or 8,10 (default all)")
+    t.add_argument("--method", choices=["mean_diff", "pca", "logistic"], default="mean_diff")
+    t.add_argument("--position", choices=["last", "mean"], default="last")
+    t.add_argument("-o", "--output", required=True, metavar="FILE.safetensors")
+    target_args(t, "smollm2-135m")
+    t.set_defaults(func=_steer_errors(_steer_train))
+
+    e = sub.add_parser("eval", help="sweep a vector over layers x scales")
+    # "-8:8:9" is a value, not an option
+    e._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.]+[:,][-\d.:,]*$")
+    e.add_argument("--vector", required=True, metavar="FILE")
+    e.add_argument("--layers", type=_int_range, default=None,
+                   help="START:STOP (stop excluded), ... (default: the vector's layers)")
+    e.add_argument("--scales", type=_scale_list, default=_scale_list("-8:8:9"),
+                   help="LO:HI:N, both ends included, or a comma list (default -8:8:9)")
+    e.add_argument("--prompts", metavar="FILE",
+                   help="neutral prompts, one a line (default: the shipped 50)")
+    e.add_argument("--ab", metavar="FILE",
+                   help="A/B questions, JSONL (default: the shipped 40)")
+    e.add_argument("--max-tokens", type=int, default=32)
+    e.add_argument("--metrics", default="ab,behavior,fluency")
+    e.add_argument("--batch-cells", type=int, default=None,
+                   help="cells per batch (default: the whole grid at once)")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.add_argument("-o", "--output", required=True, metavar="DIR")
+    target_args(e, None)
+    e.set_defaults(func=_steer_errors(_steer_eval))
+
+    s = sub.add_parser("show", help="best cell per metric and the effect/fluency Pareto front")
+    s.add_argument("dir", metavar="DIR")
+    s.set_defaults(func=_steer_errors(_steer_show))
+
+
 SUBCOMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_models_parser, add_serve_parser]
+    add_models_parser, add_serve_parser, add_steer_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

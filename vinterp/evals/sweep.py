@@ -1,0 +1,566 @@
+"""Steering sweeps: a layer x scale grid of a steering vector, measured over many prompts.
+
+Every cell (layer, scale) is measured on three metrics, each with a 95% confidence interval
+over prompts:
+
+* ``ab``: CAA-style next-token effect on A/B questions, steered: log P(matching answer) -
+  log P(non-matching answer) (the answer after ``"Answer: ("``);
+* ``behavior``: the steered text (``max_tokens`` greedy tokens from each neutral prompt),
+  labelled by the same model unsteered: log P(" positive") - log P(" negative");
+* ``fluency``: mean token NLL of the steered continuation under the unsteered model (lower
+  is more fluent).
+
+Batching: the grid is not looped cell by cell. A batch of cells (by default the whole grid)
+is one ``generate`` trace with one invoke per (cell, prompt) and per (cell, question), each
+with its own steering op, so the engine runs them together; the unsteered scoring of every
+generated text is one more trace. Against a server (``target="http://..."``) the same traces
+run as remote traces, every batch submitted at once (non-blocking), so the server batches
+them all. Results are identical either way (same graphs, same engine).
+
+Output directory: ``cells/L{layer}_S{scale}.jsonl`` (a row per question/prompt, then a
+``summary`` row), ``summary.csv``, ``summary.md``, ``heatmap_<metric>.png``, ``sweep.json``
+(the settings). Each file is written whole (temporary file, then rename), so an interrupted
+sweep leaves only complete cells; running it again skips them.
+
+Example::
+
+    model = LanguageModel("smollm2-135m", backend="vllm")
+    sweep(model, SteeringVector.load("happy.safetensors"), layers=[6, 8, 10],
+          scales=[-8, 0, 8], prompts=neutral_prompts()[:20], max_tokens=24,
+          out_dir="happy-sweep")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vinterp.steering.datasets import ab_questions as builtin_ab_questions
+from vinterp.steering.datasets import neutral_prompts
+from vinterp.steering.vectors import SteeringVector
+
+METRICS = ("ab", "behavior", "fluency")
+#: which way is better, per metric (fluency is an NLL: lower is better)
+HIGHER_IS_BETTER = {"ab": True, "behavior": True, "fluency": False}
+METRIC_TITLES = {"ab": "A/B effect (logprob matching - non-matching)",
+                 "behavior": "behaviour score (logprob positive - negative label)",
+                 "fluency": "fluency (mean token NLL, lower is better)"}
+LABEL_TEMPLATE = ("Text: {text}\nIs the sentiment of this text positive or negative? "
+                  "Answer:")
+AB_SUFFIX = "\nAnswer: ("
+SETTINGS_FILE = "sweep.json"
+
+
+class SweepError(ValueError):
+    """Bad sweep input (raised before anything is written)."""
+
+
+# --------------------------------------------------------------------------- statistics
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201,
+         2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069,
+         2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def mean_ci(values: Iterable[float | None]) -> dict[str, Any]:
+    """Mean and 95% confidence interval (Student t) of the non-missing values."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(xs)
+    if n == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    m = sum(xs) / n
+    if n == 1:
+        return {"mean": m, "lo": m, "hi": m, "n": 1}
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    t = _T975[n - 2] if n - 2 < len(_T975) else 1.96
+    half = t * sd / math.sqrt(n)
+    return {"mean": m, "lo": m - half, "hi": m + half, "n": n}
+
+
+# --------------------------------------------------------------------------- files
+def cell_name(layer: int, scale: float) -> str:
+    """The cell's file name, e.g. ``L08_S+4.000.jsonl``."""
+    return f"L{int(layer):02d}_S{float(scale):+.3f}.jsonl"
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a whole file or nothing (temporary file in the same folder, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_cell(path: Path) -> dict[str, Any] | None:
+    """A cell file's summary row (``None`` if the file is not a finished cell)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        last = json.loads(lines[-1]) if lines else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    return last if isinstance(last, dict) and last.get("type") == "summary" else None
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def vector_hash(vector: SteeringVector) -> str:
+    """A hash of the vector's tensors (not its metadata)."""
+    h = hashlib.sha256()
+    for k, v in vector.vectors.items():
+        h.update(str(k).encode())
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- progress
+class Progress:
+    """``cells done/total``, elapsed time and ETA on one stderr line."""
+
+    def __init__(self, total: int, done: int = 0, enabled: bool = True) -> None:
+        self.total, self.done, self.start_done = total, done, done
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self._show()
+
+    @staticmethod
+    def _fmt(s: float) -> str:
+        s = int(round(s))
+        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else \
+            f"{s // 60}:{s % 60:02d}"
+
+    def _show(self) -> None:
+        if not self.enabled:
+            return
+        el = time.perf_counter() - self.t0
+        ran = self.done - self.start_done
+        eta = "?" if ran == 0 else self._fmt(el / ran * (self.total - self.done))
+        pct = 100 * self.done / max(self.total, 1)
+        width = 24
+        fill = int(width * self.done / max(self.total, 1))
+        sys.stderr.write(f"\rsweep [{'#' * fill}{'.' * (width - fill)}] {self.done}/"
+                         f"{self.total} cells {pct:3.0f}%  elapsed {self._fmt(el)}  "
+                         f"ETA {eta} ")
+        sys.stderr.flush()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self._show()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------- targets
+def _meta_language_model(name: str) -> Any:
+    """A ``LanguageModel`` without weights (module tree on the meta device), for remote
+    traces only."""
+    from vinterp.language_model import LanguageModel
+
+    class _RemoteOnly(LanguageModel):
+        def _load_hf(self, *args: Any, **kwargs: Any) -> Any:   # no weights: meta tensors
+            return self._meta_model()
+
+    return _RemoteOnly(name)
+
+
+def server_model(url: str, api_key: str | None = None, timeout: float = 30.0) -> str:
+    """The model a vinterp server serves (its ``/health``)."""
+    import httpx
+
+    base = url.rstrip("/") if "://" in url else f"http://{url.rstrip('/')}"
+    try:
+        r = httpx.get(f"{base}/health", timeout=timeout)
+        r.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise SweepError(f"cannot reach the vinterp server at {base}: {exc}") from None
+    return str(r.json()["model"])
+
+
+@dataclass
+class _Target:
+    lm: Any
+    trace_kw: dict[str, Any]
+    remote: bool
+    label: str
+
+
+def _target(target: Any, model: str | None, api_key: str | None) -> _Target:
+    if isinstance(target, str):
+        name = model or server_model(target, api_key)
+        lm = _meta_language_model(name)
+        kw: dict[str, Any] = {"remote": target}
+        if api_key is not None:
+            kw["api_key"] = api_key
+        return _Target(lm, kw, True, f"server {target} ({name})")
+    if not hasattr(target, "trace") or not hasattr(target, "config"):
+        raise SweepError(f"target must be a LanguageModel or a server URL, got "
+                         f"{type(target).__name__}")
+    return _Target(target, {}, False,
+                   f"{Path(str(target.path)).name} ({target.backend_name} backend)")
+
+
+# --------------------------------------------------------------------------- the sweep
+@dataclass
+class _Plan:
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    questions: list[dict[str, Any]]
+    question_ids: list[list[int]]
+    ab_tokens: tuple[int, int]              # ids of "A", "B"
+    label_tokens: tuple[int, int]           # ids of " positive", " negative"
+    eos: set[int]
+
+
+def _first_token(tok: Any, text: str) -> int:
+    ids = tok.encode(text, add_special_tokens=False)
+    if not ids:
+        raise SweepError(f"the tokenizer gives no token for {text!r}")
+    return int(ids[0])
+
+
+def _plan(lm: Any, prompts: list[str], questions: list[dict[str, Any]],
+          labels: tuple[str, str]) -> _Plan:
+    tok = lm.tokenizer
+    ab = (_first_token(tok, "A"), _first_token(tok, "B"))
+    lab = (_first_token(tok, labels[0]), _first_token(tok, labels[1]))
+    if ab[0] == ab[1] or lab[0] == lab[1]:
+        raise SweepError("the answer/label tokens must differ")
+    eos = {int(t) for t in [tok.eos_token_id, getattr(tok, "pad_token_id", None)]
+           if t is not None}
+    return _Plan(prompts, [list(tok(p)["input_ids"]) for p in prompts], questions,
+                 [list(tok(q["question"] + AB_SUFFIX)["input_ids"]) for q in questions],
+                 ab, lab, eos)
+
+
+def _steered(lm: Any, plan: _Plan, cells: list[tuple[int, float]], vector: SteeringVector,
+             max_tokens: int, positions: Any, want_gen: bool, want_ab: bool,
+             trace_kw: dict[str, Any]) -> tuple[Any, list[Any], list[Any]]:
+    """One generate trace for ``cells``: steered generations and A/B logprob differences."""
+    gen_slots: list[tuple[int, int, int]] = []     # (cell, prompt, invoke index)
+    ab_saves: list[tuple[int, int, Any]] = []      # (cell, question, saved proxy)
+    k = 0
+    with lm.generate(max_new_tokens=max_tokens, do_sample=False, **trace_kw) as tracer:
+        for ci, (layer, scale) in enumerate(cells):
+            vec = vector[layer]
+            if want_gen:
+                for pi, ids in enumerate(plan.prompt_ids):
+                    with tracer.invoke([ids]):
+                        with tracer.all():
+                            lm.layers[layer].output.steer(vec, scale=float(scale),
+                                                          positions=positions)
+                    gen_slots.append((ci, pi, k))
+                    k += 1
+            if want_ab:
+                a, b = plan.ab_tokens
+                for qi, (ids, q) in enumerate(zip(plan.question_ids, plan.questions,
+                                                  strict=True)):
+                    with tracer.invoke([ids], max_new_tokens=1):
+                        lm.layers[layer].output.steer(vec, scale=float(scale),
+                                                      positions=positions)
+                        lp = lm.logits[0, -1].log_softmax(-1)
+                        m, n = (a, b) if q["matching"] == "A" else (b, a)
+                        ab_saves.append((ci, qi, (lp[m] - lp[n]).save()))
+                    k += 1
+    return tracer, gen_slots, ab_saves
+
+
+def _generated(plan: _Plan, prompt_ids: list[int], ids: Any) -> list[int]:
+    out = []
+    for t in [int(x) for x in list(ids)[len(prompt_ids):]]:
+        if t in plan.eos:
+            break
+        out.append(t)
+    return out
+
+
+def _scoring(lm: Any, plan: _Plan, gens: list[dict[str, Any]], want_beh: bool,
+             want_flu: bool, trace_kw: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """One unsteered trace scoring every generation: fluency NLL and behaviour label."""
+    tok = lm.tokenizer
+    slots: list[Any] = []
+    if not gens or not (want_beh or want_flu):
+        return None, slots
+    with lm.trace(**trace_kw) as tracer:
+        for g in gens:
+            slot: dict[str, Any] = {}
+            p_ids, gen = g["prompt_ids"], g["tokens"]
+            if want_flu and gen:
+                with tracer.invoke([p_ids + gen]):
+                    lp = lm.logits[0, len(p_ids) - 1:-1].log_softmax(-1)
+                    tgt = torch.tensor(gen, dtype=torch.long)[:, None]
+                    slot["fluency"] = (-lp.gather(-1, tgt)).mean().save()
+            if want_beh:
+                text = g["prompt"] + g["text"]
+                ids = list(tok(LABEL_TEMPLATE.format(text=text))["input_ids"])
+                with tracer.invoke([ids]):
+                    lp = lm.logits[0, -1].log_softmax(-1)
+                    pos, neg = plan.label_tokens
+                    slot["behavior"] = (lp[pos] - lp[neg]).save()
+            slots.append(slot)
+    return tracer, slots
+
+
+class _Batch:
+    """One batch of cells through both traces (local: at once; remote: non-blocking)."""
+
+    def __init__(self, sw: _Sweep, cells: list[tuple[int, float]]) -> None:
+        self.sw, self.cells = sw, cells
+        self.tracer, self.gen_slots, self.ab_saves = _steered(
+            sw.lm, sw.plan, cells, sw.vector, sw.max_tokens, sw.positions, sw.want_gen,
+            sw.want_ab, sw.trace_kw)
+        self.scorer = None
+
+    def score(self) -> None:
+        if self.sw.remote and self.tracer.handle is not None:
+            self.tracer.wait()
+        plan = self.sw.plan
+        result = self.tracer.result or []
+        self.gens: list[dict[str, Any]] = []
+        for ci, pi, k in self.gen_slots:
+            gen = _generated(plan, plan.prompt_ids[pi], result[k])
+            self.gens.append({"cell": ci, "index": pi, "prompt": plan.prompts[pi],
+                              "prompt_ids": plan.prompt_ids[pi], "tokens": gen,
+                              "text": self.sw.lm.tokenizer.decode(gen,
+                                                                  skip_special_tokens=True)})
+        self.scorer, self.slots = _scoring(self.sw.lm, plan, self.gens, self.sw.want_beh,
+                                           self.sw.want_flu, self.sw.trace_kw)
+
+    def finish(self) -> list[tuple[int, float, list[dict[str, Any]]]]:
+        if self.sw.remote and self.scorer is not None and self.scorer.handle is not None:
+            self.scorer.wait()
+        rows: list[list[dict[str, Any]]] = [[] for _ in self.cells]
+        for ci, qi, val in self.ab_saves:
+            rows[ci].append({"type": "ab", "index": qi, "matching":
+                             self.sw.plan.questions[qi]["matching"],
+                             "ab": float(torch.as_tensor(val))})
+        for g, slot in zip(self.gens, self.slots or [{}] * len(self.gens), strict=True):
+            row = {"type": "generation", "index": g["index"], "prompt": g["prompt"],
+                   "text": g["text"], "tokens": g["tokens"]}
+            for m in ("behavior", "fluency"):
+                if m in self.sw.metrics:
+                    row[m] = float(torch.as_tensor(slot[m])) if m in slot else None
+            rows[g["cell"]].append(row)
+        return [(layer, scale, r) for (layer, scale), r in zip(self.cells, rows, strict=True)]
+
+
+class _Sweep:
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+
+def _parse_metrics(metrics: Iterable[str] | str) -> list[str]:
+    if isinstance(metrics, str):
+        metrics = [m for m in metrics.split(",") if m]
+    out = [str(m).strip() for m in metrics]
+    bad = [m for m in out if m not in METRICS]
+    if bad or not out:
+        raise SweepError(f"unknown metric(s) {bad}; choose from {list(METRICS)}")
+    return [m for m in METRICS if m in out]
+
+
+def sweep(target: Any, vector: SteeringVector | str | os.PathLike[str],
+          layers: Iterable[int] | None = None, scales: Iterable[float] = (-8, -4, 0, 4, 8),
+          prompts: Sequence[str] | None = None, max_tokens: int = 32,
+          metrics: Iterable[str] | str = METRICS, out_dir: str | os.PathLike[str] = "sweep",
+          *, ab_questions: Sequence[dict[str, Any]] | None = None, positions: Any = "all",
+          batch_cells: int | None = None, model: str | None = None,
+          api_key: str | None = None, labels: tuple[str, str] = (" positive", " negative"),
+          progress: bool = True, plots: bool = True) -> list[dict[str, Any]]:
+    """Run (or resume) a layer x scale sweep; returns the summary rows (one per cell).
+
+    ``target``: a ``LanguageModel`` (``backend="vllm"`` recommended) or a vinterp server URL
+    (``model`` names its model if not the server's; ``api_key`` for servers with keys).
+    ``vector``: a :class:`SteeringVector` or a path to one. ``layers``: default the vector's.
+    ``prompts``: neutral prompts for ``behavior``/``fluency`` (default: the 50 shipped);
+    ``ab_questions``: for ``ab`` (default: the 40 shipped). ``batch_cells``: cells per
+    batch (default: the whole grid in one batch; smaller batches show progress sooner and
+    lose less to an interruption). Cells already in ``out_dir`` are skipped.
+    """
+    metrics = _parse_metrics(metrics)
+    if isinstance(vector, (str, os.PathLike)):
+        vector = SteeringVector.load(vector)
+    scales = [float(s) for s in scales]
+    if not scales:
+        raise SweepError("no scales given")
+    if int(max_tokens) < 1:
+        raise SweepError(f"max_tokens must be at least 1, got {max_tokens}")
+    want_gen = "behavior" in metrics or "fluency" in metrics
+    want_ab = "ab" in metrics
+    prompts = list(neutral_prompts() if prompts is None else prompts)
+    questions = list(builtin_ab_questions() if ab_questions is None else ab_questions)
+    if want_gen and (not prompts or any(not str(p).strip() for p in prompts)):
+        raise SweepError("no prompts given (or an empty prompt): behaviour and fluency "
+                         "need prompts to generate from")
+    if want_ab and not questions:
+        raise SweepError("no A/B questions given: the ab metric needs them")
+    tgt = _target(target, model, api_key)
+    cfg = tgt.lm.config
+    try:
+        layers = vector.check(cfg.hidden_size, cfg.num_hidden_layers, layers)
+    except ValueError as exc:
+        raise SweepError(str(exc)) from None
+    plan = _plan(tgt.lm, prompts if want_gen else [], questions if want_ab else [], labels)
+    settings = {"vector": vector_hash(vector), "model": Path(str(tgt.lm.path)).name,
+                "max_tokens": int(max_tokens), "metrics": metrics,
+                "positions": positions if isinstance(positions, (str, int)) or positions is None
+                else list(positions), "labels": list(labels),
+                "prompts": _hash(plan.prompts), "ab_questions": _hash(plan.questions)}
+    out = Path(out_dir)
+    old = out / SETTINGS_FILE
+    if old.is_file():
+        prev = json.loads(old.read_text())
+        diff = [k for k in settings if prev.get("settings", {}).get(k) != settings[k]]
+        if diff:
+            raise SweepError(f"{out} holds a different sweep (its {', '.join(diff)} "
+                             "differ); use another output directory")
+    # ---- from here on, files are written
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    grid = [(lay, s) for lay in layers for s in scales]
+    todo = [c for c in grid if read_cell(out / "cells" / cell_name(*c)) is None]
+    write_atomic(old, json.dumps({"settings": settings, "layers": layers, "scales": scales,
+                                  "target": tgt.label, "vector_meta": vector.metadata()},
+                                 indent=1))
+    sw = _Sweep(lm=tgt.lm, plan=plan, vector=vector, max_tokens=int(max_tokens),
+                positions=positions, want_gen=want_gen, want_ab=want_ab,
+                want_beh="behavior" in metrics, want_flu="fluency" in metrics,
+                metrics=metrics, trace_kw=tgt.trace_kw, remote=tgt.remote)
+    size = max(1, len(todo) if not batch_cells else int(batch_cells))
+    batches = [todo[i:i + size] for i in range(0, len(todo), size)]
+    bar = Progress(len(grid), len(grid) - len(todo), enabled=progress)
+    try:
+        if tgt.remote:   # every batch submitted at once; the server batches them together
+            sw.trace_kw = {**tgt.trace_kw, "blocking": False}
+            started = [_Batch(sw, cells) for cells in batches]
+            for b in started:
+                b.score()
+            for b in started:
+                _write_cells(out, b.finish(), metrics)
+                bar.update(len(b.cells))
+        else:
+            for cells in batches:
+                b = _Batch(sw, cells)
+                b.score()
+                _write_cells(out, b.finish(), metrics)
+                bar.update(len(cells))
+    finally:
+        bar.close()
+    rows = summarize(out, layers, scales, metrics)
+    write_reports(out, rows, metrics, plots=plots)
+    return rows
+
+
+def _write_cells(out: Path, cells: list[tuple[int, float, list[dict[str, Any]]]],
+                 metrics: list[str]) -> None:
+    for layer, scale, rows in cells:
+        rows = sorted(rows, key=lambda r: (r["type"], r["index"]))
+        summary: dict[str, Any] = {"type": "summary", "layer": layer, "scale": scale}
+        for m in metrics:
+            summary[m] = mean_ci(r.get(m) for r in rows if m in r)
+        text = "".join(json.dumps(r) + "\n" for r in [*rows, summary])
+        write_atomic(out / "cells" / cell_name(layer, scale), text)
+
+
+def summarize(out: Path, layers: Sequence[int] | None = None,
+              scales: Sequence[float] | None = None,
+              metrics: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The summary rows of the finished cells in ``out`` (all, or the given grid's)."""
+    rows = []
+    for path in sorted((Path(out) / "cells").glob("*.jsonl")):
+        s = read_cell(path)
+        if s is None:
+            continue
+        if layers is not None and s["layer"] not in layers:
+            continue
+        if scales is not None and not any(math.isclose(s["scale"], x) for x in scales):
+            continue
+        rows.append(s)
+    rows.sort(key=lambda r: (r["layer"], r["scale"]))
+    return rows
+
+
+def metrics_of(rows: list[dict[str, Any]]) -> list[str]:
+    return [m for m in METRICS if any(m in r for r in rows)]
+
+
+def write_reports(out: Path, rows: list[dict[str, Any]], metrics: Sequence[str] | None = None,
+                  plots: bool = True) -> None:
+    """``summary.csv``, ``summary.md`` and a heatmap PNG per metric."""
+    metrics = list(metrics or metrics_of(rows))
+
+    def fmt(v: Any) -> str:
+        return "" if v is None else f"{v:.4f}"
+
+    head = ["layer", "scale"] + [f"{m}_{k}" for m in metrics for k in ("mean", "lo", "hi", "n")]
+    csv = [",".join(head)]
+    md = ["| layer | scale | " + " | ".join(f"{m} (95% CI)" for m in metrics) + " |",
+          "|---:|---:|" + "---:|" * len(metrics)]
+    for r in rows:
+        vals = [str(r["layer"]), f"{r['scale']:g}"]
+        cells = []
+        for m in metrics:
+            s = r.get(m) or {}
+            vals += [fmt(s.get("mean")), fmt(s.get("lo")), fmt(s.get("hi")), str(s.get("n", 0))]
+            cells.append("–" if s.get("mean") is None else
+                         f"{s['mean']:.3f} [{s['lo']:.3f}, {s['hi']:.3f}]")
+        csv.append(",".join(vals))
+        md.append(f"| {r['layer']} | {r['scale']:g} | " + " | ".join(cells) + " |")
+    write_atomic(out / "summary.csv", "\n".join(csv) + "\n")
+    write_atomic(out / "summary.md", "\n".join(md) + "\n")
+    if plots and rows:
+        for m in metrics:
+            heatmap(rows, m, out / f"heatmap_{m}.png")
+
+
+def heatmap(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
+    """A layer x scale heatmap of one metric's means (annotated), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    layers = sorted({r["layer"] for r in rows})
+    scales = sorted({r["scale"] for r in rows})
+    grid = torch.full((len(layers), len(scales)), float("nan"))
+    for r in rows:
+        v = (r.get(metric) or {}).get("mean")
+        if v is not None:
+            grid[layers.index(r["layer"]), scales.index(r["scale"])] = v
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(scales), 1.2 + 0.45 * len(layers)))
+    cmap = "viridis_r" if not HIGHER_IS_BETTER[metric] else "coolwarm"
+    im = ax.imshow(grid.numpy(), aspect="auto", cmap=cmap, origin="lower")
+    ax.set_xticks(range(len(scales)), [f"{s:g}" for s in scales])
+    ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+    ax.set_xlabel("scale")
+    ax.set_ylabel("layer")
+    ax.set_title(METRIC_TITLES[metric], fontsize=9)
+    for i in range(len(layers)):
+        for j in range(len(scales)):
+            v = float(grid[i, j])
+            if math.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
