@@ -37,6 +37,19 @@ def save(obj: Any) -> Any:
     return obj
 
 
+def named_vector(name: str, layer: int | None = None) -> Any:
+    """A vector stored on the vinterp server under ``name``, for ``remote=True`` traces.
+
+    Example::
+
+        with model.trace(prompt, remote=True):
+            model.layers[8].output.steer(vinterp.named_vector("happy"), scale=4.0)
+    """
+    from vinterp.backends.remote import NamedVector
+
+    return NamedVector(name, layer)
+
+
 def __getattr__(name: str) -> Any:
     # Lazy so `import vinterp` (CLI, IR-only clients) does not pay for torch/transformers.
     if name == "LanguageModel":
@@ -50,4 +63,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'vinterp' has no attribute {name!r}")
 
 
-__all__ = ["LanguageModel", "apply", "save", "__version__"]
+__all__ = ["LanguageModel", "apply", "named_vector", "save", "__version__"]

@@ -26,7 +26,7 @@ import torch
 
 from vinterp.backends.vllm.requests import _remap_node
 from vinterp.ir import Graph, GraphError, Invoke, Node, Ref, SliceV, Steps, TupleV, load
-from vinterp.ir.schema import ListV, TensorRef
+from vinterp.ir.schema import ListV, NamedTensor, TensorRef
 from vinterp.ir.tensors import encode_tensor, torch_dtype
 from vinterp.models.architectures import Architecture
 from vinterp_server.schemas import Capture, Intervention, InterventionFields, VectorSpec
@@ -163,7 +163,7 @@ class CompiledRequest:
             except (ValueError, KeyError) as exc:
                 raise FieldError(f"capture[{k}]", _msg(exc)) from None
         if fields.graph is not None:
-            spec._graph(fields.graph)
+            spec._graph(fields.graph, vectors)
         return spec
 
     # ------------------------------------------------------------------ compile
@@ -236,13 +236,14 @@ class CompiledRequest:
         save = self._add("save", Ref(ref=value), steps=steps)
         self.captures.append((save, cap, cap.point))
 
-    def _graph(self, data: dict[str, Any]) -> None:
+    def _graph(self, data: dict[str, Any], vectors: VectorLookup) -> None:
         if not data.get("invokes"):   # the request's prompt is the one invoke
             data = {**data, "invokes": [{"prompts": [[0]]}]}
         try:
             graph = load(data)
         except GraphError as exc:
             raise FieldError("graph", str(exc)) from None
+        graph = resolve_named(graph, vectors)
         if len(graph.invokes) > 1 or any(n.invoke not in (0,) for n in graph.nodes):
             raise FieldError("graph", "a request's graph has one invoke (invoke 0) and runs on "
                                       "this request's prompt; send several invokes to "
@@ -288,6 +289,35 @@ class CompiledRequest:
             if cap.steps in ("generated", "all"):
                 rows += max_tokens
         return rows * self.model.hidden_size * 4
+
+
+def resolve_named(graph: Graph, lookup: VectorLookup, field_name: str = "graph") -> Graph:
+    """``graph`` with its named tensors (``vinterp.named_vector``) replaced by the caller's
+    stored vectors; :class:`FieldError` for unknown names, missing layers or wrong shapes."""
+    if not any(isinstance(t, NamedTensor) for t in graph.tensors):
+        return graph
+    tensors = []
+    for i, td in enumerate(graph.tensors):
+        if not isinstance(td, NamedTensor):
+            tensors.append(td)
+            continue
+        where = f"{field_name}.tensors[{i}]"
+        found = lookup(td.named)
+        if found is None:
+            raise FieldError(where, f"no vector named {td.named!r} for this API key; upload "
+                                    f"it with PUT /v1/vectors/{td.named}")
+        vec = found.get(td.layer) if td.layer is not None else None
+        if vec is None:
+            vec = found.get(None)
+        if vec is None:
+            which = f"layer {td.layer}" if td.layer is not None else "every layer (give layer=)"
+            raise FieldError(where, f"the vector {td.named!r} has no entry for {which}; it "
+                                    f"has layers {sorted(k for k in found if k is not None)}")
+        if tuple(vec.shape) != tuple(td.shape):
+            raise FieldError(where, f"the vector {td.named!r} has shape {list(vec.shape)}; the "
+                                    f"graph expects {list(td.shape)}")
+        tensors.append(encode_tensor(vec.to(torch_dtype(td.dtype))))
+    return graph.model_copy(update={"tensors": tuple(tensors)})
 
 
 def _shifted(graph: Graph, node_base: int, tensor_base: int) -> list[Node]:

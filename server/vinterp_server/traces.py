@@ -21,7 +21,7 @@ from vinterp.ir.interpreter import InterventionError
 from vinterp.ir.results import encode_results
 from vinterp_server import metrics
 from vinterp_server.auth import KeyInfo
-from vinterp_server.compile import FieldError
+from vinterp_server.compile import FieldError, resolve_named
 from vinterp_server.context import Server, require_key, server
 from vinterp_server.errors import error_response
 from vinterp_server.limits import LimitExceeded
@@ -69,6 +69,7 @@ async def create_trace(body: TraceRequest, key: KeyInfo = Depends(require_key),
     except GraphError as exc:
         return error_response(FieldError("graph", str(exc)))
     try:
+        graph = resolve_named(graph, lambda name: srv.store.get(key.id, "vector", name))
         _check(graph, key, srv)
     except (FieldError, LimitExceeded) as exc:
         return error_response(exc)

@@ -69,3 +69,35 @@ def test_remote_errors_are_clear(served, local_vllm, monkeypatch):
     with pytest.raises(RemoteError, match="cannot reach"):
         with local_vllm.trace(EIFFEL, remote="127.0.0.1:9", timeout=5):
             local_vllm.layers[1].output.save()
+
+
+def test_named_vectors_in_remote_graphs(served, local_vllm):
+    """``vinterp.named_vector`` in a remote trace uses the key's stored vector: the same
+    result as sending the tensor itself; elsewhere it says it needs the server."""
+    import vinterp
+    from safetensors.torch import save
+
+    vec = torch.randn(576, generator=torch.Generator().manual_seed(5)) * 3
+    with served.client("alice") as c:
+        assert c.put("/v1/vectors/push", content=save({"v": vec})).status_code == 201
+        assert c.put("/v1/vectors/per", content=save({"8": vec, "9": -vec})).status_code == 201
+    opts = {"remote": served.url, "api_key": KEYS["alice"]}
+
+    def run(v, w, **kw):
+        with local_vllm.trace(COLOSSEUM, **kw):
+            local_vllm.layers[8].output.steer(v, scale=2.0)
+            local_vllm.layers[9].output.steer(w)
+            out = local_vllm.layers[12].output.save()
+        return out
+
+    by_name = run(vinterp.named_vector("push"), vinterp.named_vector("per", layer=9), **opts)
+    by_value = run(vec, -vec, **opts)
+    assert torch.equal(by_name, by_value)
+    with pytest.raises(ValueError, match="lives on a vinterp server"):
+        run(vinterp.named_vector("push"), vec)
+    with pytest.raises(RemoteError, match="no vector named 'nope'"):
+        run(vinterp.named_vector("nope"), vec, **opts)
+    with pytest.raises(RemoteError, match="no entry for layer 3"):
+        run(vinterp.named_vector("per", layer=3), vec, **opts)
+    with pytest.raises(RemoteError, match="no vector named 'push'"):   # bob's view
+        run(vinterp.named_vector("push"), vec, remote=served.url, api_key=KEYS["bob"])

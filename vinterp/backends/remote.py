@@ -15,12 +15,15 @@ Example::
     with model.trace("...", remote=True, blocking=False) as tracer:
         h = model.layers[8].output.save()
     tracer.wait()                          # polls GET /v1/traces/{id}; then h holds its value
+    with model.trace("...", remote=True):  # a vector uploaded with PUT /v1/vectors/happy
+        model.layers[8].output.steer(vinterp.named_vector("happy"), scale=4.0)
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -28,6 +31,16 @@ import httpx
 from vinterp.backends.base import Backend, RunResult
 from vinterp.ir import IR_VERSION, Graph
 from vinterp.ir.results import decode_results
+
+
+@dataclass(frozen=True)
+class NamedVector:
+    """A vector stored on the server under ``name`` (``PUT /v1/vectors/{name}``, this key's),
+    usable wherever a trace takes a tensor when it runs with ``remote=True``; ``layer`` picks
+    one layer's vector from a per-layer upload. Make one with ``vinterp.named_vector``."""
+
+    name: str
+    layer: int | None = None
 
 
 class RemoteError(RuntimeError):

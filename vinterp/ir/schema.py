@@ -151,6 +151,20 @@ class TensorData(_Strict):
     data: str = Field(description="base64 of the contiguous little-endian bytes")
 
 
+class NamedTensor(_Strict):
+    """A tensor constant the server fills in: the caller's named vector (``PUT
+    /v1/vectors/{name}``), for ``layer`` when it holds one vector per layer.
+
+    Only a server resolves names (for the key that owns them); a graph with a named tensor
+    cannot run anywhere else.
+    """
+
+    named: str
+    layer: int | None = None
+    dtype: DType = "float32"
+    shape: tuple[int, ...]
+
+
 class Steps(_Strict):
     """The generation steps a node runs at: ``start <= step < stop`` (``stop=None``: all).
 
@@ -200,5 +214,5 @@ class Graph(_Strict):
     mode: Literal["trace", "generate"] = "trace"
     invokes: tuple[Invoke, ...] = ()
     nodes: tuple[Node, ...] = ()
-    tensors: tuple[TensorData, ...] = ()
+    tensors: tuple[TensorData | NamedTensor, ...] = ()
     generation: dict[str, Value] = Field(default_factory=dict)

@@ -16,7 +16,7 @@ import base64
 import numpy as np
 import torch
 
-from vinterp.ir.schema import TensorData
+from vinterp.ir.schema import NamedTensor, TensorData
 
 _TORCH = {
     "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -52,8 +52,11 @@ def encode_tensor(t: torch.Tensor) -> TensorData:
     return TensorData(dtype=name, shape=tuple(t.shape), data=base64.b64encode(data).decode())
 
 
-def decode_tensor(td: TensorData) -> torch.Tensor:
+def decode_tensor(td: TensorData | NamedTensor) -> torch.Tensor:
     """Decode :class:`TensorData` to a CPU tensor; checks the byte count against the shape."""
+    if isinstance(td, NamedTensor):
+        raise ValueError(f"the named vector {td.named!r} lives on a vinterp server: run this "
+                         f"trace with remote=True (or pass the tensor itself)")
     dtype = _TORCH[td.dtype]
     raw_bytes = base64.b64decode(td.data, validate=True)
     np_dtype = np.dtype("<i2") if dtype == torch.bfloat16 else (
@@ -70,7 +73,7 @@ def decode_tensor(td: TensorData) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
-def nbytes(td: TensorData) -> int:
+def nbytes(td: TensorData | NamedTensor) -> int:
     """Size of the decoded tensor in bytes (without decoding it)."""
     count = int(np.prod(td.shape)) if td.shape else 1
     return count * torch.empty((), dtype=_TORCH[td.dtype]).element_size()

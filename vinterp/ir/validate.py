@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from vinterp.ir import ops
 from vinterp.ir.schema import (
-    DictV, Graph, ListV, Node, Ref, SliceV, TensorRef, TupleV, Value,
+    DictV, Graph, ListV, NamedTensor, Node, Ref, SliceV, TensorRef, TupleV, Value,
 )
 from vinterp.ir.tensors import nbytes
 
@@ -142,6 +142,10 @@ def validate(
                 f"the limit is {max_tensor_bytes}"
             )
         total += size
+        if isinstance(td, NamedTensor):   # filled in by the server from the caller's vectors
+            if not td.named:
+                raise GraphError(f"tensor constant {i}: a named tensor needs a name")
+            continue
         # base64 length must match the shape (4 chars per 3 bytes, padded)
         expected = 4 * ((size + 2) // 3)
         if not _BASE64.fullmatch(td.data):

@@ -27,6 +27,7 @@ import torch
 
 from vinterp import ir
 from vinterp.backends.base import gc_paused
+from vinterp.backends.remote import NamedVector
 from vinterp.ir.schema import (
     DictV, DTypeV, EllipsisV, ListV, Node, Ref, SliceV, Steps, TensorRef, TupleV, Value,
 )
@@ -408,6 +409,10 @@ class Tracer:
             return v
         if isinstance(v, torch.Tensor):
             return TensorRef(tensor=self._constant(v))
+        if isinstance(v, NamedVector):   # the server fills it in (remote=True)
+            self.tensors.append(ir.NamedTensor(named=v.name, layer=v.layer,
+                                               shape=(int(self.lm.config.hidden_size),)))
+            return TensorRef(tensor=len(self.tensors) - 1)
         if isinstance(v, np.ndarray):
             return TensorRef(tensor=self._constant(torch.from_numpy(v)))
         if isinstance(v, (np.integer, np.floating)):
@@ -722,6 +727,10 @@ class Tracer:
         try:
             self._graph = ir.load(self._build())
             backend = self.remote or (self.lm._scan_backend() if self.scan else self.lm._backend)
+            named = [t.named for t in self._graph.tensors if isinstance(t, ir.NamedTensor)]
+            if named and self.remote is None:
+                raise ValueError(f"the named vector {named[0]!r} lives on a vinterp server: run "
+                                 f"this trace with remote=True (or pass the tensor itself)")
             backend.check(self._graph)
             if self.remote is not None and not self.remote.blocking:
                 self.handle = self.remote.submit(self._graph)   # results: tracer.wait()
