@@ -34,6 +34,7 @@ from vinterp.backends.vllm.runs import GraphRun, Job
 from vinterp.ir.schema import Graph
 from vinterp.models.architectures import Architecture, for_model_type
 from vinterp_vllm.payload import Outcome, Payload, outcomes_from_wire
+from vinterp_vllm.request_state import DEFAULT_MAX_UNDRAINED
 
 log = logging.getLogger("vinterp.engine")
 
@@ -116,6 +117,11 @@ class AsyncEngine:
             llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         try:
             await llm.collective_rpc("vinterp_install", args=(model_type(model_path),))
+            # Outcomes wait in the worker from a request's last step until the batched drain
+            # reaches it; a whole batch can finish in one step. Keep several batches' worth.
+            seqs = int(llm.vllm_config.scheduler_config.max_num_seqs)
+            await llm.collective_rpc("vinterp_set_max_undrained",
+                                     args=(max(DEFAULT_MAX_UNDRAINED, 8 * seqs),))
         except BaseException:
             llm.shutdown()
             raise

@@ -30,6 +30,7 @@ from vinterp.ir.schema import Graph, Ref
 from vinterp.models.architectures import Architecture, for_model_type
 from vinterp_vllm.fastpath import plan_for
 from vinterp_vllm.payload import outcomes_from_wire
+from vinterp_vllm.request_state import DEFAULT_MAX_UNDRAINED
 from vinterp_vllm.points import UnsupportedPoint, resolve_point
 
 _GRAD_OPS = frozenset({"backward", "retain_grad", "requires_grad"})
@@ -116,6 +117,7 @@ class VllmBackend(Backend):
         sched = self.llm.llm_engine.vllm_config.scheduler_config
         self.max_batched_tokens = int(sched.max_num_batched_tokens)
         self.dtype = self.llm.llm_engine.vllm_config.model_config.dtype
+        self._undrained_cap = DEFAULT_MAX_UNDRAINED
 
     # ------------------------------------------------------------------ checks
     def check(self, graph: Graph) -> None:
@@ -148,6 +150,11 @@ class VllmBackend(Backend):
         return run.result()
 
     def _generate(self, run: GraphRun, jobs: list[Job]) -> None:
+        if len(jobs) > self._undrained_cap:
+            # every job finishes before the drain below: the worker must keep them all (its
+            # retention cap drops the oldest undrained states past it)
+            self._undrained_cap = 2 * len(jobs)
+            self.llm.collective_rpc("vinterp_set_max_undrained", args=(self._undrained_cap,))
         requests = [run.request(job) for job in jobs]
         try:
             outs = self.llm.generate([p for p, _ in requests], [sp for _, sp in requests],
