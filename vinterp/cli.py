@@ -129,9 +129,10 @@ def _steer_train(args: argparse.Namespace) -> int:
     pos = read_prompts(args.pos or data_path("sentiment_positive.txt"))
     neg = read_prompts(args.neg or data_path("sentiment_negative.txt"))
     if args.server:
-        from vinterp.evals.sweep import _meta_language_model, server_model
+        from vinterp.evals.sweep import remote_language_model, server_model
 
-        model = _meta_language_model(args.model or server_model(args.server, args.api_key))
+        model = remote_language_model(args.model or server_model(args.server, args.api_key),
+                                      args.server, args.api_key)
         kw = {"remote": args.server, **({"api_key": args.api_key} if args.api_key else {})}
     else:
         model, kw = _steer_model(args), {}

@@ -35,8 +35,10 @@ class LanguageModel:
     """A causal LM whose insides can be read and changed with ``trace`` / ``generate``.
 
     ``name_or_path``: a vinterp model name (``vinterp models list``) or a local HF directory.
-    ``backend``: ``"hf"`` (hooks; gradients and attention probabilities) or ``"vllm"``
-    (continuous batching; see the plugin). Other keyword arguments go to the backend
+    ``backend``: ``"hf"`` (hooks; gradients and attention probabilities), ``"vllm"``
+    (continuous batching; see the plugin) or ``"remote"`` (no weights here: the module tree
+    on the meta device, every trace sent to a vinterp server; ``host=``, ``api_key=``,
+    ``timeout=`` or ``VINTERP_HOST``/``VINTERP_API_KEY``). Other keyword arguments go to the backend
     (``device_map``/``dtype`` and any other ``from_pretrained`` argument for HF; engine
     arguments for vLLM).
 
@@ -92,8 +94,14 @@ class LanguageModel:
             self._model = self._meta_model()
             dtype_name = str(dtype).replace("torch.", "") if dtype is not None else None
             self._backend = VllmBackend(self.path, dtype=dtype_name, **backend_kwargs)
+        elif backend == "remote":
+            from vinterp.backends.remote import RemoteBackend
+
+            # the module tree without weights: every trace runs on the server
+            self._model = self._meta_model()
+            self._backend = RemoteBackend(backend_kwargs.pop("host", None), **backend_kwargs)
         else:
-            raise ValueError(f"unknown backend {backend!r}; use 'hf' or 'vllm'")
+            raise ValueError(f"unknown backend {backend!r}; use 'hf', 'vllm' or 'remote'")
         self._rename = _check_rename(self._model, rename or {})
         self._ran_modules: set[str] | None = None
 
@@ -204,10 +212,16 @@ class LanguageModel:
                                       "remote=True to each trace instead")
         yield self
 
-    @staticmethod
-    def _remote(remote: bool | str, kwargs: dict[str, Any]) -> Backend | None:
-        """The server backend for ``remote=`` (its options are taken out of ``kwargs``)."""
+    def _remote(self, remote: bool | str, kwargs: dict[str, Any]) -> Backend | None:
+        """The server backend for ``remote=`` (its options are taken out of ``kwargs``);
+        on ``backend="remote"`` every trace is remote."""
         opts = {k: kwargs.pop(k) for k in ("api_key", "timeout", "blocking") if k in kwargs}
+        if not remote and self.backend_name == "remote":
+            from vinterp.backends.remote import RemoteBackend
+
+            base: Any = self._backend
+            return RemoteBackend(base.url, **{"api_key": base.api_key,
+                                              "timeout": base.timeout, **opts})
         if not remote:
             if opts:
                 raise TypeError(f"{sorted(opts)} apply to remote=True traces only")

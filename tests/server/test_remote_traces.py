@@ -101,3 +101,12 @@ def test_named_vectors_in_remote_graphs(served, local_vllm):
         run(vinterp.named_vector("per", layer=3), vec, **opts)
     with pytest.raises(RemoteError, match="no vector named 'push'"):   # bob's view
         run(vinterp.named_vector("push"), vec, remote=served.url, api_key=KEYS["bob"])
+
+
+def test_remote_backend_loads_no_weights(served, local_vllm):
+    """``backend="remote"``: the module tree on the meta device, every trace on the server."""
+    from vinterp import LanguageModel
+
+    lm = LanguageModel("smollm2-135m", backend="remote", host=served.url, api_key=KEYS["bob"])
+    assert all(p.device.type == "meta" for p in lm._model.parameters())
+    assert _patch(lm) == pytest.approx(_patch(local_vllm), rel=1e-4)

@@ -169,16 +169,11 @@ class Progress:
 
 
 # --------------------------------------------------------------------------- targets
-def _meta_language_model(name: str) -> Any:
-    """A ``LanguageModel`` without weights (module tree on the meta device), for remote
-    traces only."""
+def remote_language_model(name: str, url: str, api_key: str | None = None) -> Any:
+    """A ``LanguageModel`` without weights whose traces all run on the server at ``url``."""
     from vinterp.language_model import LanguageModel
 
-    class _RemoteOnly(LanguageModel):
-        def _load_hf(self, *args: Any, **kwargs: Any) -> Any:   # no weights: meta tensors
-            return self._meta_model()
-
-    return _RemoteOnly(name)
+    return LanguageModel(name, backend="remote", host=url, api_key=api_key)
 
 
 def server_model(url: str, api_key: str | None = None, timeout: float = 30.0) -> str:
@@ -205,7 +200,7 @@ class _Target:
 def _target(target: Any, model: str | None, api_key: str | None) -> _Target:
     if isinstance(target, str):
         name = model or server_model(target, api_key)
-        lm = _meta_language_model(name)
+        lm = remote_language_model(name, target, api_key)
         kw: dict[str, Any] = {"remote": target}
         if api_key is not None:
             kw["api_key"] = api_key
