@@ -55,8 +55,9 @@ def small_kv():
 def _run(lm, prompts: list[str], vectors: list[torch.Tensor], general: list[bool]):
     """Greedy 40 tokens; each prompt steered by its vector at layer 1 and capturing per step.
 
-    ``general[k]``: request ``k`` uses a graph the vectorized path cannot serve (a computed
-    write), so it runs on the per-request interpreter.
+    ``general[k]``: request ``k`` uses a graph the vectorized path cannot serve (a write
+    computed from the value itself; ``x[:] = x + v`` is a vectorized idiom since 72d867a), so
+    it runs on the per-request interpreter.
     """
     caps = []
     with lm.generate(max_new_tokens=40, ignore_eos=True) as tracer:
@@ -65,7 +66,7 @@ def _run(lm, prompts: list[str], vectors: list[torch.Tensor], general: list[bool
                 with tracer.all():
                     out = lm.layers[1].output
                     if gen:
-                        lm.layers[1].output[:] = out + v * 1.0
+                        lm.layers[1].output[:] = out + out.abs().mean(-1, keepdim=True) * v
                     else:
                         out.steer(v)
                     caps.append(lm.layers[0].output.save())
