@@ -289,8 +289,14 @@ def write_combined(results: list[tuple[str, dict[str, Any]]], report_dir: Path,
     report_dir.mkdir(parents=True, exist_ok=True)
     lines = _HEAD + [_RATIO_NOTE, ""] + ([note, ""] if note else [])
     for k, (name, result) in enumerate(results, 1):
+        if result.get("kind") == "server":   # benchmarks/server_load.py's own format
+            from benchmarks.server_load import server_section
+
+            body = server_section(result)
+        else:
+            body = section(result, "###")
         lines += [f"## Run {k} of {len(results)}: {', '.join(result['workloads'])} "
-                  f"(`{name}`)", ""] + section(result, "###") + [""]
+                  f"(`{name}`)", ""] + body + [""]
     (report_dir / "RESULTS.md").write_text("\n".join(lines))
     with_sweep = [r for _, r in results if "concurrency" in r["workloads"]]
     _plot_quietly((with_sweep or [results[0][1]])[0], report_dir / "results.png")
