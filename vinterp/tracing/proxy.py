@@ -181,6 +181,11 @@ class Proxy:
         tracer = proxy._tracer
         if tracer.finished:
             raise tracer.unavailable(proxy._id)
+        op = _TENSOR_OPERATORS.get(func)
+        if op is not None and not kwargs and len(args) == 2:
+            # `v + x` with a tensor on the left: Python asks the tensor first, and torch hands
+            # its operator to us; record it as the operator it is
+            return tracer.add(op, *args)
         if name is None:
             fname = getattr(func, "__name__", repr(func))
             raise TracingError(
@@ -246,6 +251,19 @@ class BackwardBlock:
 
     def __exit__(self, *exc: Any) -> None:
         return None
+
+
+#: a tensor's operators (and torch's functions of the same name) as IR binary ops: what torch
+#: hands ``__torch_function__`` for ``tensor OP proxy``
+_TENSOR_OPERATORS: dict[Any, str] = {}
+for _fn, _op in (("add", "add"), ("sub", "sub"), ("mul", "mul"), ("div", "truediv"),
+                 ("true_divide", "truediv"), ("matmul", "matmul"), ("pow", "pow"),
+                 ("remainder", "mod"), ("floor_divide", "floordiv"), ("eq", "eq"),
+                 ("ne", "ne"), ("lt", "lt"), ("le", "le"), ("gt", "gt"), ("ge", "ge")):
+    _TENSOR_OPERATORS[getattr(torch.Tensor, _fn)] = _op
+    _TENSOR_OPERATORS[getattr(torch._C.TensorBase, _fn)] = _op
+    if _fn not in ("matmul",):   # (torch.matmul is an allowlisted call already)
+        _TENSOR_OPERATORS[getattr(torch, _fn)] = _op
 
 
 def _binary(op: str, reflected: bool = False) -> Any:
