@@ -56,6 +56,10 @@ def __getattr__(name: str) -> Any:
         from vinterp.language_model import LanguageModel
 
         return LanguageModel
+    if name == "NNsight":
+        from vinterp.nnsight_model import NNsight
+
+        return NNsight
     if name == "apply":
         from vinterp.tracing.proxy import apply
 
@@ -63,4 +67,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'vinterp' has no attribute {name!r}")
 
 
-__all__ = ["LanguageModel", "apply", "named_vector", "save", "__version__"]
+__all__ = ["LanguageModel", "NNsight", "apply", "named_vector", "save", "__version__"]

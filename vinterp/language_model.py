@@ -34,7 +34,10 @@ from vinterp.tracing.tracer import Tracer
 class LanguageModel:
     """A causal LM whose insides can be read and changed with ``trace`` / ``generate``.
 
-    ``name_or_path``: a vinterp model name (``vinterp models list``) or a local HF directory.
+    ``name_or_path``: a vinterp model name (``vinterp models list``), a local HF directory, or
+    an already loaded HF model object (used as it is, on its device and dtype; pass
+    ``tokenizer=`` unless its ``name_or_path`` is a directory holding one). ``model._model`` is
+    the underlying HF model.
     ``backend``: ``"hf"`` (hooks; gradients and attention probabilities), ``"vllm"``
     (continuous batching; see the plugin) or ``"remote"`` (no weights here: the module tree
     on the meta device, every trace sent to a vinterp server; ``host=``, ``api_key=``,
@@ -50,10 +53,11 @@ class LanguageModel:
     ignored with a warning (vLLM places the model itself) unless it is ``"auto"``.
     """
 
-    def __init__(self, name_or_path: str | os.PathLike[str], backend: str = "hf", *,
-                 device_map: str | dict[str, Any] | None = None,
+    def __init__(self, name_or_path: str | os.PathLike[str] | nn.Module, backend: str = "hf",
+                 *, device_map: str | dict[str, Any] | None = None,
                  dtype: str | torch.dtype | None = None,
                  rename: dict[Any, str | list[str]] | None = None,
+                 tokenizer: Any = None,
                  **backend_kwargs: Any) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         backend_kwargs.pop("dispatch", None)   # nnsight: load now; vinterp always does
@@ -67,9 +71,32 @@ class LanguageModel:
         self._edits: list[Any] = []
         from transformers import AutoConfig, AutoTokenizer
 
-        self.path: Path = resolve_model(str(name_or_path))
-        self.config = AutoConfig.from_pretrained(self.path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        loaded = name_or_path if isinstance(name_or_path, nn.Module) else None
+        #: built from a loaded model object (scan copies it to the meta device)
+        self._from_object = loaded is not None
+        if loaded is not None:
+            # an already loaded HF model, used as it is (its device and dtype)
+            if backend != "hf":
+                raise ValueError(f"a loaded model runs on backend='hf' only, not {backend!r}; "
+                                 "pass its name or directory for other backends")
+            if device_map is not None or dtype is not None or backend_kwargs:
+                raise TypeError("device_map=, dtype= and loading arguments apply to a name or "
+                                "directory; a loaded model is used as it is")
+            self.config = loaded.config
+            self.path = Path(str(getattr(self.config, "_name_or_path", "") or
+                                 type(loaded).__name__))
+            if tokenizer is None:
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(self.path)
+                except Exception as e:
+                    raise ValueError("LanguageModel(model) needs tokenizer=... (none found at "
+                                     f"{str(self.path)!r})") from e
+            self.tokenizer = tokenizer
+        else:
+            self.path = resolve_model(str(name_or_path))
+            self.config = AutoConfig.from_pretrained(self.path)
+            self.tokenizer = tokenizer if tokenizer is not None else \
+                AutoTokenizer.from_pretrained(self.path)
         try:
             self.architecture: Architecture | None = for_model_type(self.config.model_type)
         except KeyError:
@@ -81,7 +108,10 @@ class LanguageModel:
         if pad is None:
             pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         self._pad_id = int(pad)
-        if backend == "hf":
+        if loaded is not None:
+            self._model = loaded
+            self._backend = self._make_hf_backend(self._model)
+        elif backend == "hf":
             self._model = self._load_hf(device_map, dtype, backend_kwargs)
             self._backend = self._make_hf_backend(self._model)
         elif backend == "vllm":
@@ -118,8 +148,11 @@ class LanguageModel:
     def _meta_model(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(self.config)
+        if self._from_object:
+            model = meta_copy(self._model)
+        else:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(self.config)
         # This check reads token values (impossible on meta tensors) only to print a warning.
         for module in model.modules():
             if hasattr(module, "warn_if_padding_and_no_attention_mask"):
@@ -286,6 +319,16 @@ class LanguageModel:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
+        model = self.__dict__.get("_model")
+        if name in _ALIAS_NAMES and self.__dict__.get("architecture") is None and \
+                model is not None and name not in model._modules:
+            # no architecture table: name the model's own path for it
+            paths = [p for p, m in model.named_modules() if p and (
+                p.rsplit(".", 1)[-1] == name or name == "layers" and isinstance(m, nn.ModuleList))]
+            hint = f"; use its module path: {', '.join('model.' + p for p in paths[:3])}" \
+                if paths else " (print(model) shows its module tree)"
+            raise AttributeError(f"model.{name} needs an architecture table, which this model "
+                                 f"({type(model).__name__}) has not{hint}")
         return getattr(self._root, name)
 
     def __repr__(self) -> str:
@@ -381,6 +424,24 @@ class LanguageModel:
             raise TracingError(f"{what} is only available inside `with model.trace(...)` or "
                                "`with model.generate(...)`")
         return self._tracers[-1]
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers live on the meta device (no weights
+    are copied): what ``scan`` and trace-time shapes run on."""
+    import copy
+
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                   requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
+
+
+#: the architecture-table names (model.layers, ...)
+_ALIAS_NAMES = frozenset({"layers", "embed", "final_norm", "lm_head", "logits"})
 
 
 #: trace()/invoke() arguments that make a trace a (sampled) generation, as in nnsight's vLLM

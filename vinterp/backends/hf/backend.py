@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -132,8 +132,14 @@ class HfBackend(Backend):
     name = "hf"
 
     def __init__(self, model: nn.Module, architecture: Architecture | None, pad_id: int,
-                 eos_id: int | None = None, *, scan: bool = False) -> None:
+                 eos_id: int | None = None, *, scan: bool = False,
+                 feed: Callable[..., tuple[tuple[Any, ...], dict[str, Any]]] | None = None
+                 ) -> None:
         self.model = model
+        #: how invokes become the model's arguments: ``feed(prompts_by_invoke, invokes,
+        #: device) -> (args, kwargs)`` (``NNsight``: any inputs); ``None``: the prompts are
+        #: token ids, run as left-padded ``input_ids`` (see :mod:`.batching`)
+        self.feed = feed
         # scan: the model lives on the meta device; only shapes flow, so the attention mask
         # (whose creation inspects values) is left out
         self.scan = scan
@@ -169,7 +175,9 @@ class HfBackend(Backend):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        for tensor in (*self.model.parameters(), *self.model.buffers()):
+            return tensor.device
+        return torch.device("cpu")   # a module without weights (NNsight)
 
     def _needs_eager(self, graph: Graph) -> bool:
         drop = self.arch.attn_dropout if self.arch else None
@@ -248,15 +256,16 @@ class HfBackend(Backend):
             ev = run.event(path, "output", weights)
             return ev.value
 
-        config = self.model.config
-        previous = config._attn_implementation
+        config = getattr(self.model, "config", None)   # None: not an HF model (NNsight)
+        previous = getattr(config, "_attn_implementation", None)
         token = attention.probs_callback.set(on_probs if probs else None)
-        if eager:
+        if eager and config is not None:
             config._attn_implementation = attention.IMPLEMENTATION
         try:
             yield
         finally:
-            config._attn_implementation = previous
+            if config is not None and eager:
+                config._attn_implementation = previous
             attention.probs_callback.reset(token)
             for h in handles:
                 h.remove()
@@ -307,7 +316,14 @@ class HfBackend(Backend):
         with self._hooks(run, graph, self._needs_eager(graph)), grad:
             try:
                 if graph.mode == "generate":
+                    if self.feed is not None:
+                        raise ValueError("generate() needs a language model (token ids); "
+                                         "this model takes other inputs: use trace()")
                     return self._generate(graph, layout, device)
+                if self.feed is not None:
+                    args, kwargs = self.feed(prompts, invokes, device)
+                    self.model(*args, **kwargs)
+                    return None
                 mask = None if self.scan else layout.attention_mask.to(device)
                 self.model(input_ids=layout.input_ids.to(device), attention_mask=mask,
                            position_ids=layout.position_ids.to(device))

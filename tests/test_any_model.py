@@ -1,0 +1,266 @@
+"""Any model (issue 15): ``NNsight(module)`` for any ``torch.nn.Module``, and
+``LanguageModel(loaded_hf_model, tokenizer=tok)``; values checked against raw forward hooks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import vinterp
+from vinterp.tracing.errors import TracingError
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _mlp() -> MLP:
+    torch.manual_seed(0)
+    return MLP().eval()
+
+
+def _hooked(module: nn.Module, target: nn.Module, x: Any, patch: Any = None
+            ) -> tuple[Any, Any, Any]:
+    """(target's input, target's output, the model output) with a raw forward hook;
+    ``patch(output) -> output`` replaces the target's output."""
+    seen: dict[str, Any] = {}
+
+    def hook(mod: nn.Module, args: Any, out: Any) -> Any:
+        seen["in"] = args[0].detach().clone()
+        seen["out"] = out.detach().clone()
+        return patch(out) if patch is not None else None
+
+    handle = target.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            out = module(x)
+    finally:
+        handle.remove()
+    return seen["in"], seen["out"], out
+
+
+def test_mlp_read_equals_raw_hook() -> None:
+    net = _mlp()
+    model = vinterp.NNsight(net)
+    x = torch.randn(5, 4)
+    with model.trace(x):
+        h = model.fc1.output.save()
+        a_in = model.act.input.save()
+        fc2_in = model.fc2.inputs[0][0].save()
+        out = model.output.save()
+    raw_in, raw_out, raw = _hooked(net, net.fc1, x)
+    torch.testing.assert_close(h, raw_out, rtol=0, atol=0)
+    torch.testing.assert_close(a_in, raw_out, rtol=0, atol=0)
+    torch.testing.assert_close(fc2_in, torch.relu(raw_out), rtol=0, atol=0)
+    torch.testing.assert_close(out, raw, rtol=0, atol=0)
+    assert model._model is net
+
+
+def test_mlp_edit_equals_raw_hook_patch() -> None:
+    net = _mlp()
+    model = vinterp.NNsight(net)
+    x = torch.randn(5, 4)
+
+    def patch(out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        out[:, :4] = 0
+        return out
+
+    with model.trace(x):
+        model.fc1.output[:, :4] = 0
+        out = model.output.save()
+    _, _, raw = _hooked(net, net.fc1, x, patch)
+    torch.testing.assert_close(out, raw, rtol=0, atol=0)
+    # the edit belongs to that trace only
+    with model.trace(x):
+        clean = model.output.save()
+    torch.testing.assert_close(clean, net(x).detach(), rtol=0, atol=0)
+
+
+def test_mlp_invokes_batch_and_patch_across() -> None:
+    net = _mlp()
+    model = vinterp.NNsight(net)
+    x, y = torch.randn(2, 4), torch.randn(3, 4)
+    with model.trace() as tracer:
+        with tracer.invoke(x):
+            hx = model.fc1.output.save()
+        with tracer.invoke(y):
+            model.fc1.output[:] = hx[:1]
+            out = model.output.save()
+    assert hx.shape == (2, 8) and out.shape == (3, 3)
+    with torch.no_grad():
+        source = net.fc1(x[:1])
+    _, _, raw = _hooked(net, net.fc1, y, lambda o: source.expand_as(o))
+    torch.testing.assert_close(out, raw)
+
+
+def test_mlp_gradient_and_scan() -> None:
+    net = _mlp()
+    model = vinterp.NNsight(net)
+    x = torch.randn(5, 4)
+    with model.trace(x):
+        g = model.fc1.output.grad.save()
+        model.output.sum().backward()
+    h = net.fc1(x)
+    h.retain_grad()
+    net.fc2(net.act(h)).sum().backward()
+    torch.testing.assert_close(g, h.grad)
+    net.zero_grad()
+    with model.scan(x):
+        shape = model.fc2.output.shape
+    assert tuple(shape) == (5, 3)
+
+
+def test_mlp_keyword_inputs_and_errors() -> None:
+    net = _mlp()
+    model = vinterp.NNsight(net)
+    x = torch.randn(2, 4)
+    with model.trace(x=x):
+        out = model.output.save()
+    torch.testing.assert_close(out, net(x).detach())
+    with pytest.raises(TracingError, match="generate"):
+        model.generate(x)
+    with pytest.raises(TypeError, match="nn.Module"):
+        vinterp.NNsight("not a module")  # type: ignore[arg-type]
+
+
+def test_language_model_from_loaded_object_equals_from_path(tiny_model_path: Any) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_model_path("tiny-llama")
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    loaded = vinterp.LanguageModel(hf, tokenizer=tok)
+    named = vinterp.LanguageModel(path)
+    assert loaded._model is hf
+    results = []
+    for model in (loaded, named):
+        with model.trace("The Eiffel Tower is in"):
+            h = model.layers[1].output.save()
+            model.layers[0].output[:, -1] = 0
+            logits = model.logits.save()
+        with model.scan("Hello"):
+            shape = model.model.layers[0].mlp.output.shape
+        results.append((h, logits, tuple(shape)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+    assert results[0][2] == results[1][2]
+    with pytest.raises(TypeError, match="loaded model"):
+        vinterp.LanguageModel(hf, tokenizer=tok, dtype=torch.float16)
+
+
+def _tiny_mamba() -> Any:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=49152, hidden_size=64, state_size=8, num_hidden_layers=2,
+                         expand=2, conv_kernel=4)
+    return MambaForCausalLM(config).eval()
+
+
+def _tiny_vit() -> Any:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64,
+                       num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                       num_labels=5)
+    return ViTForImageClassification(config).eval()
+
+
+def test_mamba_first_trace_and_patching_equal_raw_hooks(tiny_model_path: Any) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path("tiny-llama"))
+    mamba = _tiny_mamba()
+    model = vinterp.LanguageModel(mamba, tokenizer=tok)
+    prompt, other = "The Eiffel Tower is in the city of", "The Colosseum is in the city of"
+    layer = mamba.backbone.layers[1]
+    # first trace: read a layer and the logits
+    with model.trace(prompt):
+        h = model.backbone.layers[1].output.save()
+        logits = model.output.logits.save()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    seen: dict[str, torch.Tensor] = {}
+    handle = layer.register_forward_hook(lambda m, a, o: seen.__setitem__("h", o.clone()))
+    with torch.no_grad():
+        raw_logits = mamba(ids).logits
+    handle.remove()
+    torch.testing.assert_close(h, seen["h"], rtol=0, atol=0)
+    torch.testing.assert_close(logits, raw_logits, rtol=0, atol=0)
+    # patching: the last position's layer output from one prompt into another
+    with model.trace() as tracer:
+        with tracer.invoke(prompt):
+            source = model.backbone.layers[1].output[:, -1].save()
+        with tracer.invoke(other):
+            model.backbone.layers[1].output[:, -1] = source
+            patched = model.output.logits.save()
+
+    def patch(m: Any, a: Any, o: torch.Tensor) -> torch.Tensor:
+        o = o.clone()
+        o[:, -1] = seen["h"][:, -1]
+        return o
+
+    handle = layer.register_forward_hook(patch)
+    with torch.no_grad():
+        raw_patched = mamba(tok(other, return_tensors="pt").input_ids).logits
+    handle.remove()
+    torch.testing.assert_close(patched, raw_patched)
+    with pytest.raises(AttributeError, match="model.backbone.layers"):
+        model.layers  # noqa: B018
+    # gradients flow
+    with model.trace(prompt):
+        grad = model.backbone.layers[0].output.grad.save()
+        model.output.logits[0, -1].sum().backward()
+    assert grad.shape == h.shape and grad.abs().sum() > 0
+
+
+def test_vit_patch_token_patching_equals_raw_hooks() -> None:
+    vit = _tiny_vit()
+    model = vinterp.NNsight(vit)
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 32, 32)
+    layer = vit.vit.layers[0]   # this transformers' ViT path (older ones: vit.encoder.layer)
+    with model.trace(images):
+        h = model.vit.layers[0].output.save()
+        logits = model.output.logits.save()
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda m, a, o: seen.append(o.clone()))
+    with torch.no_grad():
+        raw = vit(images).logits
+    handle.remove()
+    torch.testing.assert_close(h, seen[0], rtol=0, atol=0)
+    torch.testing.assert_close(logits, raw, rtol=0, atol=0)
+    # patch token 3's residual from image 0 into image 1
+    with model.trace() as tracer:
+        with tracer.invoke(images[:1]):
+            source = model.vit.layers[0].output[:, 3].save()
+        with tracer.invoke(images[1:]):
+            model.vit.layers[0].output[:, 3] = source
+            patched = model.output.logits.save()
+
+    def patch(m: Any, a: Any, o: torch.Tensor) -> torch.Tensor:
+        o = o.clone()
+        o[:, 3] = seen[0][:1, 3]
+        return o
+
+    handle = layer.register_forward_hook(patch)
+    with torch.no_grad():
+        raw_patched = vit(images[1:]).logits
+    handle.remove()
+    torch.testing.assert_close(patched, raw_patched)
+    assert not torch.allclose(patched, raw[1:])
+    with model.trace(images):
+        grad = model.vit.layers[0].output.grad.save()
+        model.output.logits.sum().backward()
+    assert grad.shape == h.shape and grad.abs().sum() > 0
