@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -35,9 +34,6 @@ from vinterp_server.compile import CompiledRequest, FieldError, ModelInfo
 from vinterp_server.limits import LimitExceeded
 from vinterp_server.schemas import CONTEXT_KEY
 from vinterp_vllm.payload import EXTRA_ARGS_KEY, Outcome, Payload
-
-log = logging.getLogger("vinterp.server")
-
 
 class RequestContext:
     """One HTTP request's interventions, limits and outcomes (one per rendered prompt).
@@ -90,11 +86,7 @@ class RequestContext:
         payload = Payload(key=f"srv-{uuid.uuid4().hex}", graph_json=gjson, invoke=0,
                           mode="generate", capture_cap=self.capture_cap)
         params.extra_args = {**(params.extra_args or {}), **payload.to_extra_args()}
-        nodes = graph.nodes
-        if rq.writes(nodes):   # never share KV computed under another intervention
-            prompt["cache_salt"] = rq.fingerprint(gjson)
-        if rq.reads_prompt(nodes):   # reads of prompt positions need them computed here
-            params.skip_reading_prefix_cache = True
+        rq.isolate_prefix_cache(list(graph.nodes), gjson, prompt, params)
         return payload.key
 
     async def take_steps(self, index: int) -> dict[int, list[tuple[int, Any]]]:

@@ -45,7 +45,7 @@ class Limiter:
         budget for the last minute is spent."""
         used = self.store.add(key.id, "tokens", 0, _WINDOW)
         if used >= key.limits.tokens_per_minute:
-            oldest = getattr(self.store, "oldest", lambda *_: None)(key.id, "tokens")
+            oldest = self.store.oldest(key.id, "tokens")
             wait = _WINDOW - oldest if oldest is not None else _WINDOW
             raise LimitExceeded(f"this key used {int(used)} tokens in the last minute "
                                 f"(limit {key.limits.tokens_per_minute})", math.ceil(wait))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import logging
 import os
 import signal
 import sys
@@ -22,9 +21,6 @@ from collections.abc import Sequence
 
 from vinterp_server.auth import ApiKeys, Limits
 from vinterp_server.context import Settings
-
-log = logging.getLogger("vinterp.server")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """vinterp's ``serve`` options (the rest go to vLLM)."""

@@ -43,6 +43,9 @@ class Store(Protocol):
     def incr(self, owner: str, counter: str, delta: int) -> int:
         """Add ``delta`` to a gauge and return its new value (requests in flight)."""
 
+    def oldest(self, owner: str, counter: str) -> float | None:
+        """Seconds since the oldest event :meth:`add` still counts (for ``Retry-After``)."""
+
 
 class MemoryStore:
     """:class:`Store` in this process's memory (thread-safe; expired objects purged lazily)."""

@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import logging
 import pathlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,9 +34,6 @@ from vinterp.ir.schema import Graph
 from vinterp.models.architectures import Architecture, for_model_type
 from vinterp_vllm.payload import Outcome, Payload, outcomes_from_wire
 from vinterp_vllm.request_state import DEFAULT_MAX_UNDRAINED
-
-log = logging.getLogger("vinterp.engine")
-
 
 class Batcher:
     """Coalesces per-key calls into one call over all keys that are waiting.

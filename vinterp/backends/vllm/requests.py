@@ -162,6 +162,18 @@ def fingerprint(graph_json: str) -> str:
     return hashlib.sha256(graph_json.encode()).hexdigest()[:32]
 
 
+def isolate_prefix_cache(nodes: list[Node], graph_json: str, prompt: dict[str, Any],
+                         params: Any) -> None:
+    """Apply the prefix-cache rules for a request running ``nodes`` (its invoke's): a writer
+    gets a ``cache_salt`` from its intervention (never share KV computed under another one);
+    a reader of prompt positions skips reading the cache (it needs them computed here).
+    The one rule for the offline backend and the server."""
+    if writes(nodes):
+        prompt["cache_salt"] = fingerprint(graph_json)
+    if reads_prompt(nodes):
+        params.skip_reading_prefix_cache = True
+
+
 def global_refs(graph: Graph) -> set[int]:
     """Ids of invokes' nodes that nodes outside any invoke use (requests must export them)."""
     owner = {n.id: n.invoke for n in graph.nodes}

@@ -129,15 +129,12 @@ class GraphRun:
 
     def request(self, job: Job) -> tuple[dict[str, Any], Any]:
         """The job's vLLM prompt (token ids, and a cache salt when it writes) and params."""
-        mine = self._by_invoke[job.invoke]
         prompt: dict[str, Any] = {"prompt_token_ids": job.prompt_ids}
-        if rq.writes(mine):
-            prompt["cache_salt"] = rq.fingerprint(job.payload.graph_json)
-        skip = True if rq.reads_prompt(mine) else None
         generation = {**self.graph.generation, **self.graph.invokes[job.invoke].generation}
         params = sampling_params(generation, mode=self.graph.mode,
-                                 extra_args=job.payload.to_extra_args(),
-                                 skip_reading_prefix_cache=skip)
+                                 extra_args=job.payload.to_extra_args())
+        rq.isolate_prefix_cache(self._by_invoke[job.invoke], job.payload.graph_json, prompt,
+                                params)
         return prompt, params
 
     # ------------------------------------------------------------------ outcomes

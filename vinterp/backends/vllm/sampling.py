@@ -29,8 +29,7 @@ def _vllm_names() -> set[str]:
 
 
 def sampling_params(generation: dict[str, Any], *, mode: str = "generate",
-                    extra_args: dict[str, Any] | None = None,
-                    skip_reading_prefix_cache: bool | None = None) -> SamplingParams:
+                    extra_args: dict[str, Any] | None = None) -> SamplingParams:
     """Translate ``generation`` (HF or vLLM names) into ``SamplingParams``.
 
     ``mode="trace"`` is one forward over the prompt: one greedy token. HF's default is greedy
@@ -61,6 +60,4 @@ def sampling_params(generation: dict[str, Any], *, mode: str = "generate",
         kw.setdefault("max_tokens", 20)  # HF's default max_length budget, roughly
     if extra_args is not None:
         kw["extra_args"] = extra_args
-    if skip_reading_prefix_cache is not None:
-        kw["skip_reading_prefix_cache"] = skip_reading_prefix_cache
     return SamplingParams(**kw)
