@@ -14,13 +14,18 @@ the new value (``x + 0 == x``).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from vinterp_vllm.calls import ModuleCalls
 from vinterp_vllm.layout import RowSpan
 from vinterp_vllm.points import VllmPoint
+
+#: one :class:`ModuleCalls` per vLLM model (``call_module`` nodes: the logit lens)
+_CALLS: weakref.WeakKeyDictionary[Any, ModuleCalls] = weakref.WeakKeyDictionary()
 
 
 def _pair(args: tuple, kwargs: dict, out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -124,6 +129,15 @@ class RowsEvent:
 
     def get(self, invoke: int) -> Any:
         return self._value
+
+    @property
+    def call_module(self) -> ModuleCalls:
+        """How ``call_module`` nodes call the model's final norm and LM head on values
+        (holds the model only, not this step's tensors)."""
+        calls = _CALLS.get(self._model)
+        if calls is None:
+            calls = _CALLS[self._model] = ModuleCalls(self._model)
+        return calls
 
     def set(self, invoke: int, value: Any) -> None:
         if self._p.value in ("logits", "model_output"):

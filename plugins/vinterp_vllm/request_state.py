@@ -17,6 +17,7 @@ from vinterp.ir import Graph, load
 from vinterp.ir.interpreter import GraphRunner, RunState, snapshot
 from vinterp.ir.tensors import decode_tensor
 from vinterp.models.architectures import Architecture
+from vinterp_vllm.calls import call_target
 from vinterp_vllm.fastpath import Action, plan_for
 from vinterp_vllm.layout import RowSpan
 from vinterp_vllm.payload import Outcome, Payload
@@ -82,6 +83,8 @@ class ParsedGraphs:
                 key = (n.kwargs["module"], n.kwargs["kind"])
                 if key not in points:
                     points[key] = resolve_point(self.arch, *key)
+            elif n.op == "call_module" and n.invoke in (invoke, -1):
+                call_target(self.arch, n.kwargs["module"])   # refuses other modules
         kinds = {k: p.value for k, p in points.items()}
         plan = None if no_fast else plan_for(graph, invoke, kinds, self.dtype)
         for actions in (plan or {}).values():

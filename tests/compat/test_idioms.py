@@ -161,10 +161,54 @@ def test_module_call_is_data_and_its_path_is_checked(hf):
         hf._backend.check(vinterp.ir.load(missing))
 
 
-def test_module_call_on_vllm_is_refused_clearly(compat_vllm):
-    with pytest.raises(Exception, match="save the hidden states"):
+def _lens_and_points(model):
+    """The README's logit lens at every layer, plus the points the lens calls (so a call on
+    a value that fired the final norm's hooks would show)."""
+    with model.trace(PROMPT):
+        lens = list().save()
+        for layer in model.model.layers:
+            lens.append(model.lm_head(model.model.norm(layer.output)))
+        norm = model.model.norm.output.save()
+        logits = model.logits.save()
+    return lens, norm, logits
+
+
+def test_logit_lens_on_vllm_equals_hf_and_nnsight(compat_vllm, hf):
+    # README "logit lens" inside vLLM: final norm + LM head called on traced rows
+    got, got_norm, got_logits = _lens_and_points(compat_vllm)
+    want, want_norm, want_logits = _lens_and_points(hf)
+    assert len(got) == len(want) == len(REF["logit_lens"])
+    for g, w, ref in zip(got, want, REF["logit_lens"], strict=True):
+        assert g.shape == w.shape
+        assert torch.allclose(g.cpu(), w, atol=1e-4, rtol=0)
+        _same_top(g[0, -1], ref, 1e-4)
+    # the calls did not count as the forward reaching the final norm / LM head
+    assert torch.allclose(got_norm.cpu(), want_norm, atol=1e-4, rtol=0)
+    assert torch.allclose(got_logits.cpu(), want_logits, atol=1e-4, rtol=0)
+    assert not torch.allclose(got[0], got_logits.cpu(), atol=1e-2)
+
+
+def test_logit_lens_on_vllm_per_generated_step(compat_vllm, hf):
+    # the lens at every step of a generation (tracer.iter), against the HF backend
+    def run(model):
+        with model.generate(PROMPT, max_new_tokens=3, ignore_eos=True) as tracer:
+            lens = list().save()
+            for _ in tracer.iter[:]:
+                h = model.model.layers[1].output[:, -1]
+                lens.append(model.lm_head(model.model.norm(h)).argmax(-1))
+        return lens, tracer.result
+    (got, got_ids), (want, want_ids) = run(compat_vllm), run(hf)
+    assert len(got) == len(want) == 3
+    assert [int(g) for g in got] == [int(w) for w in want]
+    assert torch.equal(got_ids[0].cpu(), want_ids[0].cpu())
+
+
+def test_module_call_on_vllm_other_modules_refused_clearly(compat_vllm):
+    with pytest.raises(Exception, match=r"only the final norm \(model.model.norm\) and the "
+                                        r"LM head \(model.lm_head\)"):
         with compat_vllm.trace(PROMPT):
-            compat_vllm.lm_head(compat_vllm.model.norm(compat_vllm.model.layers[0].output))
+            h = compat_vllm.model.layers[0].output
+            compat_vllm.model.layers[1].mlp(h).save()
 
 
 # ---------------------------------------------------------------------------- shapes

@@ -42,6 +42,8 @@ def _trace(model, prompt: str) -> dict[str, torch.Tensor]:
             "layer1": model.layers[1].output.save(),
             "final_norm": model.final_norm.output.save(),
             "logits": model.logits.save(),
+            # the logit lens: the final norm and LM head called on a traced value
+            "lens": model.lm_head(model.final_norm(model.layers[0].output)).save(),
         }
     return {k: v for k, v in saved.items()}
 

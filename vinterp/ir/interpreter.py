@@ -59,6 +59,10 @@ class PointEvent(Protocol):
     An event that serves several kinds at once (a pre-hook is both ``.input`` and
     ``.inputs``) may also have a ``kinds`` attribute (a set); the runner then passes
     ``kind=`` to ``get`` and ``set``.
+
+    An event may also offer ``call_module(path) -> callable``: how ``call_module`` nodes call
+    the model's module ``path`` (an HF path) on values, for backends whose model the runner
+    only meets through events (the vLLM plugin). The runner's own ``modules`` wins if set.
     """
 
     module: str
@@ -206,6 +210,9 @@ class GraphRunner:
         #: HF module path -> a callable running that module (``call_module`` nodes); set by
         #: backends that can call the model's modules on values
         self.modules = modules
+        #: the last event's ``call_module`` (see :class:`PointEvent`), used when ``modules``
+        #: is not set
+        self._event_modules: Callable[[str], Callable[..., Any]] | None = None
         self.state = state or RunState()
         n_inv = max(1, len(graph.invokes))
         self.active = sorted(active_invokes) if active_invokes is not None else list(range(n_inv))
@@ -320,6 +327,9 @@ class GraphRunner:
         kinds = getattr(ev, "kinds", (ev.kind,))
         for kind in kinds:
             self._fired.add((ev.module, kind))
+        caller = getattr(ev, "call_module", None)
+        if caller is not None:
+            self._event_modules = caller
         self._advance(ev)
         edit_lanes: set[int] = set()
         for kind in kinds:
@@ -570,9 +580,10 @@ class GraphRunner:
         if op in ops.STEERING_OPS:
             return self._steer(node, args[0], kwargs)
         if op == "call_module":
-            if self.modules is None:
+            modules = self.modules or self._event_modules
+            if modules is None:
                 raise ValueError("this backend cannot call the model's modules on values")
-            return self.modules(kwargs["module"])(*args, **(kwargs.get("kwargs") or {}))
+            return modules(kwargs["module"])(*args, **(kwargs.get("kwargs") or {}))
         if op == "backward":
             args[0].backward(**kwargs)
             return None

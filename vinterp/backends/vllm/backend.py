@@ -28,6 +28,7 @@ from vinterp.backends.vllm.runs import GraphRun, Job
 from vinterp.ir.interpreter import cross_refs
 from vinterp.ir.schema import Graph, Ref
 from vinterp.models.architectures import Architecture, for_model_type
+from vinterp_vllm.calls import call_target
 from vinterp_vllm.fastpath import plan_for
 from vinterp_vllm.payload import outcomes_from_wire
 from vinterp_vllm.request_state import DEFAULT_MAX_UNDRAINED
@@ -65,10 +66,14 @@ def check_graph(graph: Graph, arch: Architecture, dtype: torch.dtype,
                 f"outside an invoke, is {NOT_ON_VLLM}{where}; save each invoke's values "
                 f"and combine them after the block")
         if n.op == "call_module":
-            raise UnsupportedPoint(
-                f"calling the model's modules on values (model.{n.kwargs.get('module')}(...)) "
-                f"is {NOT_ON_VLLM}{where}. For the logit lens inside vLLM, save the hidden "
-                f"states and apply the final norm and LM head after the block")
+            try:   # the final norm and LM head only (the logit lens)
+                call_target(arch, n.kwargs.get("module", ""))
+            except UnsupportedPoint as exc:
+                raise UnsupportedPoint(f"{exc}{where}") from None
+            if n.kwargs.get("kwargs"):
+                raise UnsupportedPoint(
+                    f"model.{n.kwargs['module']}(...) takes one value inside vLLM, without "
+                    f"keyword arguments{where}")
         if n.op in _GRAD_OPS or (n.op == "getattr" and n.kwargs.get("name") == "grad"):
             raise UnsupportedPoint(f"gradients are {NOT_ON_VLLM}{where}")
         if n.op in ("read", "write"):
