@@ -27,7 +27,7 @@ from vinterp.models.architectures import Architecture, for_model_type
 from vinterp.models.registry import resolve_model
 from vinterp.tracing.envoy import Envoy, layer_index
 from vinterp.tracing.errors import TracingError
-from vinterp.tracing.proxy import Proxy
+from vinterp.tracing.proxy import Proxy, StepValue
 from vinterp.tracing.tracer import Tracer
 
 
@@ -285,9 +285,38 @@ class LanguageModel:
         return self._root.output
 
     @property
-    def logits(self) -> Proxy:
-        """The final logits tensor (the LM head's output) inside a trace."""
-        return self._alias_envoy("lm_head").output
+    def logits(self) -> StepValue:
+        """The final logits tensor (the LM head's output, HF's ``[batch, seq, vocab]``;
+        ``seq`` is 1 at generated steps on vllm) inside a trace. ``model.logits.output`` is
+        the same value (nnsight's vLLM spelling)."""
+        proxy = self._alias_envoy("lm_head").output
+        return StepValue(proxy._tracer, proxy._id)
+
+    @logits.setter
+    def logits(self, value: Any) -> None:
+        raise TracingError("assign to model.lm_head.output (hf backend) to replace the logits; "
+                           "model.logits is read-only")
+
+    @property
+    def samples(self) -> StepValue:
+        """The token ids sampled at this generation step, ``[prompts]`` of the invoke
+        (nnsight's vLLM ``model.samples``; ``.output`` and ``.item()`` work). Read after
+        the generation: save or combine them, they cannot feed an edit.
+
+        Example::
+
+            >>> with model.generate("Hi", max_new_tokens=3) as tracer:  # doctest: +SKIP
+            ...     ids = list().save()
+            ...     with tracer.all():
+            ...         ids.append(model.samples.item())
+        """
+        return self._current_tracer("model.samples").samples_output()
+
+    @samples.setter
+    def samples(self, value: Any) -> None:
+        from vinterp.tracing.tracer import _NO_SAMPLE_WRITES
+
+        raise TracingError(_NO_SAMPLE_WRITES)
 
     @property
     def layers(self) -> Envoy:

@@ -7,6 +7,7 @@ https://github.com/ndif-team/nnsight/blob/main/tests/agent-evals/_audit.py).
 
 from __future__ import annotations
 
+import pytest
 import torch
 from compat_reference import raw_generate
 
@@ -35,3 +36,59 @@ def test_per_invoke_loops_and_results_equal_raw_hooks(compat_vllm, hf_model):
         for got, want in zip(hs, ref.captured["model.layers.1"], strict=True):
             assert torch.allclose(got.cpu(), want, atol=1e-3, rtol=0)
         assert torch.equal(result[0], ref.ids)
+
+
+# nnsight's vLLM docs (docs/usage/vllm.md; nnsight 0.8.1 src/nnsight/modeling/vllm/vllm.py,
+# https://github.com/ndif-team/nnsight/blob/main/src/nnsight/modeling/vllm/vllm.py):
+#   with model.trace(prompt, max_tokens=3) as tracer:
+#       logits = list().save()
+#       for step in tracer.iter[:]:
+#           logits.append(model.logits.output)        # nnsight <= 0.7; 0.8: model.logits
+#   samples.append(model.samples.output.item())        # the sampled token ids of the step
+def test_logits_and_samples_per_step_equal_raw_hooks(compat_vllm, hf_model):
+    model, hf = compat_vllm, hf_model("tiny-llama")
+    prompt = "The quick brown fox"
+    with model.trace(prompt, max_tokens=3, temperature=0.0) as tracer:
+        logits, samples, samples_08 = list().save(), list().save(), list().save()
+        for _ in tracer.iter[:]:
+            logits.append(model.logits.output)
+            samples.append(model.samples.output.item())
+            samples_08.append(model.samples)
+    ids = hf.tokenizer(prompt)["input_ids"]
+    ref = raw_generate(hf._model, ids, 3, hf._pad_id, capture={"lm_head": lambda o: o[:, -1]})
+    assert samples == ref.ids[len(ids):].tolist()
+    assert [s.tolist() for s in samples_08] == [[t] for t in samples]
+    assert len(logits) == 3
+    for got, want in zip(logits, ref.captured["lm_head"], strict=True):
+        assert torch.allclose(got[:, -1].cpu(), want, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_samples_in_all_steps_per_invoke(backend, compat_vllm, hf_model):
+    # nnsight vLLM docs, "batching pattern": one invoke per prompt, tracer.all(), samples per
+    # request; each invoke's own max_tokens bounds its steps
+    model = compat_vllm if backend == "vllm" else hf_model("tiny-llama")
+    with model.generate(max_new_tokens=3, ignore_eos=True) as tracer:
+        out_ids = [list() for _ in PROMPTS].save()
+        for i, (prompt, n) in enumerate(PROMPTS.items()):
+            with tracer.invoke(prompt, max_new_tokens=n):
+                with tracer.all():
+                    out_ids[i].append(model.samples.output.item())
+    for (prompt, n), ids, row in zip(PROMPTS.items(), out_ids, tracer.result, strict=True):
+        p = len(model.tokenizer(prompt)["input_ids"])
+        assert ids == [row[p:].tolist()]   # tracer.all() records its body once: a list of steps
+        assert len(ids[0]) == n
+
+
+def test_samples_refuse_writes_and_plain_traces(compat_vllm):
+    from vinterp.tracing.errors import TracingError
+
+    with pytest.raises(TracingError, match="forcing the sampled tokens"):
+        with compat_vllm.generate("Hi", max_new_tokens=2):
+            compat_vllm.samples = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(TracingError, match="only in a generation"):
+        with compat_vllm.trace("Hi"):
+            compat_vllm.samples.save()
+    with pytest.raises(TracingError, match="cannot feed an edit"):
+        with compat_vllm.generate("Hi", max_new_tokens=2):
+            compat_vllm.model.layers[0].output[:] += compat_vllm.samples.float().mean()

@@ -158,6 +158,12 @@ class Proxy:
             def method(*args: Any, **kwargs: Any) -> Proxy:
                 return self._add("method", self, *args, name=name, **kwargs)
             return method
+        if name in ("item", "tolist") and self._tracer.is_post(self._id):
+            # values computed from the generated ids run here after the generation, so a
+            # Python number is a value like any other (nnsight: model.samples.item())
+            def to_python() -> Proxy:
+                return self._add("method", self, name=name)
+            return to_python
         if name in ("item", "tolist", "numpy"):
             raise data_dependent(f".{name}()")
         raise AttributeError(
@@ -325,3 +331,26 @@ def apply(fn: Any, *args: Any, **kwargs: Any) -> Any:
         "allowlisted functions (its graph carries no code). Use one of "
         f"{sorted(_FUNCTION_NAMES.values())} or an allowlisted tensor method, or save the "
         "values and call your function after the block")
+
+
+class StepValue(Proxy):
+    """``model.logits`` / ``model.samples``: a step's value that is also its own ``.output``.
+
+    nnsight's vLLM docs wrote ``model.logits.output`` and ``model.samples.output`` (wrapper
+    modules, nnsight <= 0.7); nnsight 0.8 reads ``model.logits`` / ``model.samples`` directly.
+    Both spellings give the same value.
+
+    Example::
+
+        >>> with model.generate("Hi", max_new_tokens=3) as tracer:    # doctest: +SKIP
+        ...     ids = list().save()
+        ...     for step in tracer.iter[:]:
+        ...         ids.append(model.samples.output.item())
+    """
+
+    __slots__ = ()
+
+    @property
+    def output(self) -> Proxy:
+        """The same value (nnsight's ``model.logits.output`` spelling)."""
+        return Proxy(self._tracer, self._id)

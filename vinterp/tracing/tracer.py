@@ -37,7 +37,7 @@ from vinterp.ir.interpreter import GraphRunner, RunState
 from vinterp.ir.validate import node_refs
 from vinterp.tracing import mount
 from vinterp.tracing.errors import TracingError, not_saved
-from vinterp.tracing.proxy import Proxy
+from vinterp.tracing.proxy import Proxy, StepValue
 from vinterp.tracing.rebind import realize, rebind_frame
 
 if TYPE_CHECKING:
@@ -197,6 +197,39 @@ class _GeneratedEvent:
         return torch.zeros(self._rows[invoke].shape[0], 1, dtype=torch.long)
 
 
+class _SampledEvent:
+    """The post-run graph's per-step point: the token ids sampled at step ``step``, one per
+    prompt of the invoke (``[prompts]``; the pad id for a prompt whose generation ended)."""
+
+    module = "samples"
+    kind = "output"
+
+    def __init__(self, step: int, rows: dict[int, tuple[list[torch.Tensor], list[int]]],
+                 pad: int) -> None:
+        self.step, self._rows, self._pad = step, rows, pad
+
+    def get(self, invoke: int) -> torch.Tensor:
+        ids, lens = self._rows[invoke]
+        return torch.tensor([int(r[n + self.step]) if len(r) > n + self.step else self._pad
+                             for r, n in zip(ids, lens, strict=True)], dtype=torch.long)
+
+    def set(self, invoke: int, value: Any) -> None:
+        raise TracingError(_NO_SAMPLE_WRITES)
+
+    def row_positions(self, invoke: int) -> torch.Tensor:
+        ids, lens = self._rows[invoke]
+        return torch.tensor([[n + self.step] for n in lens])
+
+    def prompt_lens(self, invoke: int) -> torch.Tensor:
+        return torch.tensor([[n] for n in self._rows[invoke][1]])
+
+
+_NO_SAMPLE_WRITES = (
+    "replacing model.samples (forcing the sampled tokens) is not supported: vinterp reads the "
+    "sampled ids after generation. Edit model.logits' source instead (e.g. steer a layer), or "
+    "start another generation from the tokens you want")
+
+
 class Tracer:
     """Records interventions inside ``with model.trace(...)`` / ``model.generate(...)``."""
 
@@ -229,6 +262,8 @@ class Tracer:
         #: nodes computed from the generated ids: run here, after the backend (see _run_post)
         self._post: set[int] = set()
         self._generator_node: dict[int, int] = {}
+        #: post-run nodes that depend on model.samples: run once per generation step
+        self._stepped: set[int] = set()
         #: save nodes at generation steps their invoke never reached (EOS or its own budget)
         self._unreached: set[int] = set()
         self._device_ids: dict[int, int] | None = None
@@ -270,8 +305,14 @@ class Tracer:
                     "only once generation has ended, so they cannot feed an edit of the model; "
                     "save them, or compute with them after the block")
             self._post.add(node_id)
+            if any(r in self._stepped for r in node_refs(node)):
+                self._stepped.add(node_id)
         self.nodes.append(node)
         return Proxy(self, node_id)
+
+    def is_post(self, node_id: int) -> bool:
+        """Whether a node is computed from the generated ids, here after the generation."""
+        return node_id in self._post
 
     def _edits_model(self, node: Node) -> bool:
         """Whether an in-place ``node`` changes a model value (not only generated ids)."""
@@ -374,6 +415,31 @@ class Tracer:
         self._post.add(node_id)
         self._generator_node[invoke] = node_id
         return Proxy(self, node_id)
+
+    def samples_output(self) -> StepValue:
+        """``model.samples``: the token ids sampled at the step being recorded, ``[prompts]``
+        of this invoke (nnsight's vLLM ``model.samples`` / ``model.samples.output``).
+
+        They are the generated ids at that step, so they are read after the generation (like
+        :meth:`generator_output`): save them, combine them, ``.item()`` them; they cannot
+        feed an edit of the model. In a step loop each step's proxy is that step's tokens; in
+        ``tracer.all()`` the saved value is a list with one entry per step.
+        """
+        if self.finished:
+            raise TracingError("this trace has already run; use tracer.result after the block")
+        if self.mode != "generate":
+            raise TracingError(
+                "model.samples (the token ids sampled at each step) exists only in a "
+                "generation: model.generate(...), or trace(..., max_tokens=N) / "
+                "max_new_tokens=N; in a plain model.trace read model.logits")
+        invoke = self._invoke if self._invoke is not None else -1
+        node_id = len(self.nodes)
+        self.nodes.append(Node(id=node_id, op="read", kwargs={"module": "samples",
+                                                               "kind": "output"},
+                               invoke=invoke, steps=self._steps, line=_user_line()))
+        self._post.add(node_id)
+        self._stepped.add(node_id)
+        return StepValue(self, node_id)
 
     def keep(self, obj: Any) -> Any:
         """``obj.save()`` on a plain object (``list().save()``): after the block, every proxy
@@ -847,16 +913,47 @@ class Tracer:
         for i, prompts in enumerate(self.invokes):
             if not prompts:
                 rows[i] = rows[-1]
-        nodes = tuple(n.model_copy(update={"steps": Steps()}) for n in self.nodes
-                      if n.id in self._post)
+        # values of the generation as a whole run once (step 0); model.samples and what is
+        # computed from it keep their steps and run once per generated step
+        nodes = tuple(n if n.id in self._stepped else n.model_copy(update={"steps": Steps()})
+                      for n in self.nodes if n.id in self._post)
         graph = ir.Graph(invokes=self._graph.invokes if self._graph else (), nodes=nodes,
                          tensors=tuple(self.tensors))
         state = RunState(env=dict(values), env_step=dict.fromkeys(values, 0))
         runner = GraphRunner(graph, state=state)
-        runner.begin_step(0)
-        runner.on_event(_GeneratedEvent(rows))
-        runner.end_step()
-        return runner.results()
+        sampled: dict[int, tuple[list[torch.Tensor], list[int]]] = {}
+        new_tokens: dict[int, int] = {}
+        start = 0
+        everyone: tuple[list[torch.Tensor], list[int]] = (list(generated), [])
+        for i, prompts in enumerate(self.invokes):
+            lens = [len(p) for p in prompts]
+            sampled[i] = (list(generated[start:start + len(prompts)]), lens)
+            everyone[1].extend(lens)
+            new_tokens[i] = max((len(r) - n for r, n in zip(*sampled[i], strict=True)),
+                                default=0)
+            start += len(prompts)
+        sampled[-1] = everyone
+        for i, prompts in enumerate(self.invokes):
+            if not prompts:
+                sampled[i] = everyone
+                new_tokens[i] = max(new_tokens.values(), default=0)
+        steps = max(new_tokens.values(), default=0) if self._stepped else 1
+        for step in range(max(1, steps)):
+            for r in values:   # model values the post nodes use are there at every step
+                state.env_step[r] = step
+            runner.begin_step(step)
+            if step == 0:
+                runner.on_event(_GeneratedEvent(rows))
+            if self._stepped:
+                runner.on_event(_SampledEvent(step, sampled, pad))
+            runner.end_step()
+        saves = runner.results()
+        for n in nodes:   # a step loop over all steps: one entry per step its invoke ran
+            if n.id in saves and n.id in self._stepped and isinstance(saves[n.id], list) \
+                    and (n.steps.stop is None or n.steps.stop - n.steps.start > 1):
+                ran = new_tokens.get(n.invoke, steps)
+                saves[n.id] = saves[n.id][: max(0, ran - n.steps.start)]
+        return saves
 
 
 def _remap(value: Any, ids: dict[int, int], tensor_base: int = 0) -> Any:
