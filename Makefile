@@ -9,8 +9,10 @@ SERVE_ARGS ?= --model smollm2-135m --host 127.0.0.1 --port 8000
 setup:
 	@bash scripts/setup.sh
 
+# the whole suite (vLLM compiled, the default), then the plugin tests again in eager mode
 test: setup
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY) -m pytest -q -p no:cacheprovider
+	VINTERP_VLLM_EAGER=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY) -m pytest -q -p no:cacheprovider tests/plugins
 
 demo: setup
 	$(PY) -m vinterp.demo

@@ -2,4 +2,8 @@
 
 
 def register() -> None:
-    """Called by vLLM in every process at start-up; nothing to register yet."""
+    """Called by vLLM in every process at start-up: patch the worker so engines built for
+    vinterp get their point hooks when the model loads (see ``vllm_patches``)."""
+    from vinterp_vllm.vllm_patches import apply
+
+    apply()

@@ -3,20 +3,24 @@
 vLLM mixes this class into its worker (``LLM(worker_extension_cls=WORKER_EXTENSION)``) and the
 caller reaches it with ``collective_rpc``:
 
-* ``vinterp_install(model_type)`` — install the hooks (once; idempotent).
+* ``vinterp_install(model_type)`` — check that the hooks are in. They go in when vLLM loads
+  the model, for engines built with ``additional_config={"vinterp": ...}`` (``vllm_patches``),
+  so torch.compile traces them: each hook calls one custom op (``graph_op``) whose Python runs
+  every step, compiled or eager.
 * ``vinterp_drain(keys)`` — hand back and free the outcomes (saves, errors) of finished
   requests by the caller's own keys; ``vinterp_release(keys)`` frees without returning.
 * ``vinterp_take_steps(keys)`` — the completed steps' captures of running requests
   (streaming responses carry them chunk by chunk).
 
-Each forward: a pre-hook on the model works out which rows belong to which intervened request
-(``layout.py``), builds the vectorized groups per point (``fastpath.py``) and starts the steps
-of general graphs; the point hooks apply them; a post-hook closes the steps. Requests without a
+Each forward: ``begin_step`` (from the model runner's ``_model_forward``) works out which rows
+belong to which intervened request (``layout.py``), builds the vectorized groups per point
+(``fastpath.py``) and starts the steps of general graphs; the op at each point applies them;
+``end_step`` closes the steps. Requests without a
 payload are never touched: their rows are bit-identical to plain vLLM.
 
 Example::
 
-    llm = LLM(model, worker_extension_cls=WORKER_EXTENSION, enforce_eager=True)
+    llm = LLM(**engine_kwargs(model_path))   # vinterp.backends.vllm.engine
     llm.collective_rpc("vinterp_install", args=("llama",))
     llm.generate(prompts, [SamplingParams(extra_args=payload.to_extra_args()), ...])
     outcomes = outcomes_from_wire(llm.collective_rpc("vinterp_drain", args=(keys,))[0])
@@ -27,8 +31,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 from vinterp_vllm.events import RowsEvent, point_rows
 from vinterp_vllm.fastpath import Group, TensorCache, build_groups
+from vinterp_vllm.graph_op import PointIds, install_point_hooks
 from vinterp_vllm.layout import RowSpan, batch_spans
 from vinterp_vllm.payload import Outcome, Payload, outcomes_to_wire
 from vinterp_vllm.points import VllmPoint
@@ -47,17 +54,14 @@ class VinterpWorkerExtension:
 
     # ------------------------------------------------------------------ RPC
     def vinterp_install(self, model_type: str) -> bool:
-        """Install the hooks on vLLM's model (V1 model runner, eager mode)."""
-        if getattr(self, "_vinterp", None) is not None:
-            return True
-        from vinterp.models.architectures import for_model_type
-
-        runner = self.model_runner  # type: ignore[attr-defined]
-        if not hasattr(runner, "input_batch"):
-            raise RuntimeError("vinterp needs vLLM's V1 model runner; set "
-                               "VLLM_USE_V2_MODEL_RUNNER=0")
-        arch = for_model_type(model_type)
-        self._vinterp = _Hooks(runner, arch)
+        """Check that the hooks are in (they go in when vLLM loads the model, see
+        ``vllm_patches``); kept as an RPC so a client learns early when they are not."""
+        if getattr(self, "_vinterp", None) is None:
+            raise RuntimeError(
+                "this vLLM engine was built without vinterp's hooks: build it with "
+                "vinterp.backends.vllm.engine.engine_kwargs(...) (or pass additional_config="
+                "{'vinterp': {}} and worker_extension_cls=WORKER_EXTENSION yourself); the "
+                "hooks must be in place before vLLM compiles the model")
         return True
 
     def vinterp_drain(self, keys: list[str]) -> bytes:
@@ -85,25 +89,44 @@ class VinterpWorkerExtension:
         """Forget requests (aborted or no longer wanted)."""
         self._vinterp.drain(keys)
 
-    def vinterp_stats(self) -> dict[str, int]:
+    def vinterp_stats(self) -> dict[str, Any]:
         """Counts of what the worker holds: ``states`` (per request key, live or undrained),
         ``tracked_ids`` (vLLM request ids seen), ``evicted`` (undrained states dropped),
-        ``parsed_graphs`` (distinct request graphs parsed and kept, see ``ParsedGraphs``)."""
+        ``parsed_graphs`` (distinct request graphs parsed and kept, see ``ParsedGraphs``);
+        ``compilation`` (vLLM's compilation mode, ``NONE`` when eager), ``points`` (hooked
+        points) and ``point_calls`` (op calls so far: a compiled graph calls the op at every
+        point of every step, an eager forward only where a request intervenes)."""
         h = self._vinterp
+        mode = self.vllm_config.compilation_config.mode  # type: ignore[attr-defined]
         return {"states": len(h.by_key), "tracked_ids": len(h.by_req),
                 "evicted": h.retention.evicted, "max_undrained": h.retention.cap,
-                "parsed_graphs": len(h.graphs)}
+                "parsed_graphs": len(h.graphs), "compilation": getattr(mode, "name", str(mode)),
+                "points": len(h.points), "point_calls": h.point_calls}
 
     def vinterp_set_max_undrained(self, cap: int) -> None:
         """Cap the states kept for finished requests nobody drained (see ``Retention``)."""
         self._vinterp.retention.cap = int(cap)
 
 
+def attach_hooks(worker: Any) -> None:
+    """Install the point hooks on a worker's freshly loaded model (``vllm_patches`` calls it
+    from ``Worker.load_model``, before vLLM compiles the model)."""
+    from vinterp.models.architectures import for_model_type
+
+    runner = worker.model_runner
+    if not hasattr(runner, "input_batch"):
+        raise RuntimeError("vinterp needs vLLM's V1 model runner; set "
+                           "VLLM_USE_V2_MODEL_RUNNER=0")
+    hooks = _Hooks(runner, for_model_type(runner.model_config.hf_config.model_type))
+    worker._vinterp = hooks
+    runner._vinterp_hooks = hooks
+
+
 class _Hooks:
     def __init__(self, runner: Any, arch: Any) -> None:
         self.runner = runner
         self.arch = arch
-        self.model = runner.model
+        self.model = runner.get_model()
         self.dtype = next(self.model.parameters()).dtype
         self.hidden = int(runner.model_config.get_hidden_size())
         self.by_req: dict[str, RequestState | None] = {}
@@ -117,36 +140,35 @@ class _Hooks:
         self.mode_trace: dict[str, bool] = {}
         self.tensors = TensorCache()   # row indices and vector tables, shared across points
         self.graphs = ParsedGraphs(arch, self.dtype, self.hidden)  # requests' parsed graphs
+        #: the hooked points, in op-index order: (vLLM module, side), and whether the point
+        #: carries a fused layer's (hidden, residual) pair
+        self.points: list[tuple[tuple[str, str], bool]] = []
+        self.point_calls = 0
         self._install()
 
     # ------------------------------------------------------------------ hooks
     def _install(self) -> None:
         vm = self.arch.vllm
-        mods = dict(self.model.named_modules())
-        n_layers = len(mods[vm.layers])
-        targets = [vm.embed, vm.final_norm]
+        n_layers = len(dict(self.model.named_modules())[vm.layers])
+        self.points = [((vm.embed, "output"), False), ((vm.final_norm, "output"), False)]
         for i in range(n_layers):
             layer = f"{vm.layers}.{i}"
-            targets += [layer, f"{layer}.{vm.attn}", f"{layer}.{vm.mlp}"]
-        for name in targets:
-            mod = mods[name]
-            mod.register_forward_pre_hook(self._make_hook(name, "input"), with_kwargs=True)
-            mod.register_forward_hook(self._make_hook(name, "output"), with_kwargs=True)
-        self.model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
-        self.model.register_forward_hook(self._end_forward, with_kwargs=True)
+            for side in ("input", "output"):
+                self.points += [((layer, side), vm.residual_pair),
+                                ((f"{layer}.{vm.attn}", side), False),
+                                ((f"{layer}.{vm.mlp}", side), False)]
+        ids = PointIds()
+        ids.bind(self)
+        install_point_hooks(self.model, [(m, side, pair) for (m, side), pair in self.points],
+                            ids, lambda i: self.points[i][0] in self.active_hooks)
 
-    def _make_hook(self, name: str, side: str) -> Any:
-        key = (name, side)
-        if side == "input":
-            def pre(mod: Any, args: tuple, kwargs: dict) -> None:
-                if key in self.active_hooks:
-                    self._at_point(mod, key, args, kwargs, None)
-            return pre
-
-        def post(mod: Any, args: tuple, kwargs: dict, out: Any) -> None:
-            if key in self.active_hooks:
-                self._at_point(mod, key, args, kwargs, out)
-        return post
+    def at_point(self, index: int, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        """The op's body: point ``index`` of this step, its tensors ``x`` (and ``y``, a fused
+        layer's residual), written in place."""
+        self.point_calls += 1
+        key, pair = self.points[index]
+        if key in self.active_hooks:
+            self._at_point(key, (x, y) if pair else x)
 
     # ------------------------------------------------------------------ per forward
     def _state(self, req_id: str) -> RequestState | None:
@@ -164,7 +186,9 @@ class _Hooks:
         self.by_req[req_id] = st
         return st
 
-    def _begin_forward(self, mod: Any, args: tuple, kwargs: dict) -> None:
+    def begin_step(self, positions: torch.Tensor) -> None:
+        """Map this step's rows to requests and prepare their interventions (called by the
+        model runner's ``_model_forward`` with the step's absolute ``positions``)."""
         self.step_fast, self.step_general, self.general_points = {}, [], {}
         self.active_hooks = set()
         batch = self.runner.input_batch
@@ -175,7 +199,6 @@ class _Hooks:
         wanted = {r for r in ids if self._state(r) is not None}
         if not wanted:
             return
-        positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
         spans = batch_spans(batch, positions, wanted)
         fast: dict[tuple[str, str], list[tuple[RequestState, RowSpan, list]]] = {}
         for span in spans:
@@ -210,13 +233,19 @@ class _Hooks:
         for lst in self.general_points.values():
             lst.sort(key=lambda e: _ORDER[e[2].value])
 
-    def _end_forward(self, mod: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    def end_step(self) -> None:
+        """Close the step's general graphs; the op does nothing until the next step opens
+        (dummy and warm-up runs call the model outside ``_model_forward``)."""
         for st, _ in self.step_general:
             st.end()
         self.active_hooks = set()
+        self.step_fast, self.step_general, self.general_points = {}, [], {}
 
-    def _at_point(self, mod: Any, key: tuple[str, str], args: tuple, kwargs: dict,
-                  out: Any) -> None:
+    def _at_point(self, key: tuple[str, str], out: Any) -> None:
+        """Run this step's work at point ``key``; ``out`` holds its tensors as a forward hook's
+        output would (a fused layer's ``(hidden, residual)``, else the tensor)."""
+        args: tuple = ()
+        kwargs: dict = {}
         for value, g in self.step_fast.get(key, ()):  # type: ignore[misc]
             get, put = point_rows(value, args, kwargs, out, self.arch.vllm.batch_dim)
             try:

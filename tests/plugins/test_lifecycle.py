@@ -172,10 +172,10 @@ def test_async_llm_concurrent_payloads_drain(tiny_path, tiny_vllm):
 
     from helpers import capture_graph
     from vinterp_vllm.payload import Payload
-    from vinterp_vllm.worker import WORKER_EXTENSION
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from vinterp.backends.vllm.engine import engine_kwargs
     from vinterp.backends.vllm.requests import subgraph_json
     from vinterp.backends.vllm.sampling import sampling_params
 
@@ -185,10 +185,8 @@ def test_async_llm_concurrent_payloads_drain(tiny_path, tiny_vllm):
     want = tiny_vllm.run(graph)
 
     async def run() -> list:
-        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-            model=str(tiny_path), dtype="float32", enforce_eager=True, seed=0,
-            worker_extension_cls=WORKER_EXTENSION, kv_cache_memory_bytes=2**28,
-            max_model_len=256))
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(
+            tiny_path, kv_cache_memory_bytes=2**28, max_model_len=256)))
         try:
             await engine.collective_rpc("vinterp_install", args=("llama",))
 

@@ -1,9 +1,11 @@
 """Building the vLLM engine the plugin runs in.
 
 Defaults chosen for interventions: in-process engine core (user scripts need no
-``if __name__ == "__main__":`` guard), eager mode (hooks do not fire under torch.compile or CUDA
-graphs), the checkpoint's float32 unless told otherwise (so numbers match the HF backend),
-an explicit KV cache size, and the V1 model runner on CUDA (untested here).
+``if __name__ == "__main__":`` guard), vLLM's compiled mode with the plugin's hooks traced into
+the graph (``additional_config={"vinterp": ...}``; on CUDA, piecewise CUDA graphs split at the
+plugin's op; ``enforce_eager=True`` still works and gives the same results), the checkpoint's
+float32 unless told otherwise (so numbers match the HF backend), an explicit KV cache size, and
+the V1 model runner on CUDA.
 
 Example::
 
@@ -20,6 +22,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+#: set to 1 to make eager mode the default (the test suite's eager pass uses it)
+EAGER_ENV = "VINTERP_VLLM_EAGER"
 #: default KV cache for the models vinterp ships (plenty for smollm2-135m)
 DEFAULT_KV_CACHE_BYTES = 1 * 2**30
 
@@ -79,6 +83,8 @@ def engine_kwargs(model_path: pathlib.Path, *, dtype: str | None = None,
     settings with the same words.
     """
     from vinterp.models.architectures import for_model_type
+    from vinterp_vllm.graph_op import cuda_compilation_config
+    from vinterp_vllm.vllm_patches import CONFIG_KEY, HOOKS_VERSION
     from vinterp_vllm.worker import WORKER_EXTENSION
 
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -92,17 +98,29 @@ def engine_kwargs(model_path: pathlib.Path, *, dtype: str | None = None,
     if arch.vllm is None:
         raise ValueError(f"model type {mtype!r} is not supported on the vllm backend yet (no "
                          f"VllmMapping in vinterp/models/architectures/); use backend='hf'")
-    if overrides.get("enforce_eager") is False:
-        raise ValueError("the vllm backend needs enforce_eager=True: hooks do not fire under "
-                         "torch.compile or CUDA graphs")
     kwargs: dict[str, Any] = dict(
-        model=str(model_path), dtype=dtype or "float32", enforce_eager=True,
+        model=str(model_path), dtype=dtype or "float32",
         worker_extension_cls=WORKER_EXTENSION, seed=0,
     )
+    if os.environ.get(EAGER_ENV, "") not in ("", "0"):
+        kwargs["enforce_eager"] = True
     if "gpu_memory_utilization" not in overrides:
         kwargs["kv_cache_memory_bytes"] = DEFAULT_KV_CACHE_BYTES
     kwargs.update(overrides)
+    # the hooks go in when the model loads (before compilation); this key asks for them and
+    # keeps vinterp's compiled artifacts apart from plain vLLM's in the compile cache
+    extra = dict(kwargs.get("additional_config") or {})
+    extra[CONFIG_KEY] = {"hooks": HOOKS_VERSION}
+    kwargs["additional_config"] = extra
+    if not kwargs.get("enforce_eager") and _on_cuda():
+        kwargs["compilation_config"] = cuda_compilation_config(kwargs.get("compilation_config"))
     return kwargs
+
+
+def _on_cuda() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cuda())
 
 
 def build_engine(model_path: pathlib.Path, *, dtype: str | None = None,

@@ -1,0 +1,137 @@
+"""The one custom op through which every hooked point reaches the plugin, compiled or eager.
+
+vLLM compiles its model with torch.compile (and captures CUDA graphs on GPUs). Python forward
+hooks installed *before* the first forward are traced into the compiled graph, but whatever
+Python they run is traced once and then frozen. So each hook only calls
+``torch.ops.vinterp.point(x, y, pid)``: an opaque op that mutates the point's tensors in place
+(``x``, plus ``y`` = the residual of a fused decoder layer) and whose Python body runs on every
+step, in eager mode, inside inductor's code on CPU, and between graph pieces on GPUs (it is
+listed in ``compilation_config.splitting_ops``, see :func:`cuda_compilation_config`).
+
+``pid`` is a 2-element int64 CPU tensor ``[engine, point]`` held as a buffer on the hooked
+module, not a Python constant: vLLM compiles identical layer subgraphs once, and a per-layer
+constant would make every layer's graph distinct.
+
+Example::
+
+    ids = PointIds()
+    install_point_hooks(model, [("model.layers.0", True)], ids, lambda p, x, y: ...)
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from vinterp_vllm.events import _pair, _tensor
+
+#: the op's qualified name, as ``compilation_config.splitting_ops`` lists it
+OP_NAME = "vinterp::point"
+#: the torch.library fragment the op lives in (kept alive for the process's lifetime)
+_LIB: Any = None
+#: engine id -> its point callback (``(point index, x, y) -> None``); weak: engines come and go
+_ENGINES: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_NEXT_ENGINE = itertools.count(1)
+
+
+def _point(x: torch.Tensor, y: torch.Tensor | None, pid: torch.Tensor) -> None:
+    engine, index = pid.tolist()
+    target = _ENGINES.get(engine)
+    if target is not None:
+        target.at_point(index, x, y)
+
+
+def _point_fake(x: torch.Tensor, y: torch.Tensor | None, pid: torch.Tensor) -> None:
+    return None
+
+
+def register_op() -> None:
+    """Define ``vinterp::point`` once per process (idempotent)."""
+    global _LIB
+    if _LIB is not None:
+        return
+    from torch.library import Library
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    lib = Library("vinterp", "FRAGMENT")
+    direct_register_custom_op("point", _point, mutates_args=["x", "y"], fake_impl=_point_fake,
+                              target_lib=lib)
+    _LIB = lib
+
+
+class PointIds:
+    """Registers one engine's point sink and hands out its point ids."""
+
+    def __init__(self) -> None:
+        self.engine = next(_NEXT_ENGINE)
+
+    def bind(self, sink: Any) -> None:
+        """Route this engine's points to ``sink.at_point(index, x, y)`` (held weakly)."""
+        _ENGINES[self.engine] = sink
+
+    def pid(self, index: int) -> torch.Tensor:
+        return torch.tensor([self.engine, index], dtype=torch.long)
+
+
+def _hook_tensors(pair: bool, args: tuple, kwargs: dict, out: Any
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tensors a point's op call carries: a fused layer's (hidden, residual), else the one
+    tensor (with any leading batch dim of 1 kept: the plugin strips it)."""
+    if pair:
+        return _pair(args, kwargs, out)
+    return _tensor("tensor", args, kwargs, out), None
+
+
+def install_point_hooks(model: torch.nn.Module, points: Sequence[tuple[str, str, bool]],
+                        ids: PointIds, active: Callable[[int], bool]) -> None:
+    """Hook ``(module name, side, pair)`` points of ``model`` to call the op; point ``i`` of
+    ``points`` gets index ``i``.
+
+    ``active(i)`` lets eager steps skip the op call for points nothing uses this step; while
+    torch.compile traces, every hook emits the op (the graph must serve any future step).
+    """
+    register_op()
+    op = torch.ops.vinterp.point
+    mods = dict(model.named_modules())
+    for index, (name, side, pair) in enumerate(points):
+        mod = mods[name]
+        buf = f"_vinterp_{side}_pid"
+        mod.register_buffer(buf, ids.pid(index), persistent=False)
+
+        def call(mod: Any, args: tuple, kwargs: dict, out: Any, *, index: int = index,
+                 pair: bool = pair, buf: str = buf) -> None:
+            if not torch.compiler.is_compiling() and not active(index):
+                return
+            x, y = _hook_tensors(pair, args, kwargs, out)
+            op(x, y, getattr(mod, buf))
+
+        if side == "input":
+            mod.register_forward_pre_hook(
+                lambda mod, args, kwargs, call=call: call(mod, args, kwargs, None),
+                with_kwargs=True)
+        else:
+            mod.register_forward_hook(call, with_kwargs=True)
+
+
+def cuda_compilation_config(user: dict[str, Any] | None) -> dict[str, Any]:
+    """vLLM's ``compilation_config`` for the plugin on CUDA: graph pieces split at the op, so
+    its Python runs every step between piecewise CUDA graphs (a full graph would replay the
+    op's first capture forever). Refuses a user setting that would freeze it."""
+    from vllm.config.compilation import CompilationConfig
+
+    cfg = dict(user or {})
+    mode = str(cfg.get("cudagraph_mode", "PIECEWISE")).upper()
+    if "FULL" in mode:
+        raise ValueError(f"compilation_config cudagraph_mode={mode!r} would replay vinterp's "
+                         "per-step interventions from their first capture; use PIECEWISE "
+                         "(the default vinterp sets) or enforce_eager=True")
+    cfg["cudagraph_mode"] = "PIECEWISE"
+    ops = list(cfg.get("splitting_ops") or CompilationConfig._attention_ops)
+    if OP_NAME not in ops:
+        ops.append(OP_NAME)
+    cfg["splitting_ops"] = ops
+    return cfg
