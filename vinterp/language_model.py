@@ -233,21 +233,55 @@ class LanguageModel:
         self._edits = []
 
     @contextlib.contextmanager
-    def session(self, *args: Any, **kwargs: Any) -> Iterator[LanguageModel]:
+    def session(self, *args: Any, remote: bool | str = False, **kwargs: Any
+                ) -> Iterator[LanguageModel]:
         """nnsight's ``model.session()``: several traces whose saved values feed each other.
 
-        Each trace runs when its block ends, so a value saved in one can be used (as itself)
-        in the next. Unlike nnsight, values must be saved to cross traces, and a remote
-        session is one request per trace.
+        Locally each trace runs when its block ends, so a value saved in one can be used (as
+        itself) in the next. Remotely (``remote=True``, or ``backend="remote"``) the traces
+        run when the session ends, all in one request: saved values of earlier traces used
+        in later ones are filled in on the server, and every saved value holds its value
+        after the session block. Unlike nnsight, values must be saved to cross traces.
+
+        Example::
+
+            >>> with model.session(remote=True):                       # doctest: +SKIP
+            ...     with model.trace("The Eiffel Tower is in"):
+            ...         clean = model.layers[8].output.save()
+            ...     with model.trace("The Colosseum is in"):
+            ...         model.layers[8].output[:] = clean
+            ...         logits = model.logits.save()
         """
-        if kwargs.pop("remote", False):
-            raise NotImplementedError("model.session(remote=True) is not supported yet; pass "
-                                      "remote=True to each trace instead")
-        yield self
+        from vinterp.tracing.tracer import RemoteSession
+
+        backend = self._remote(remote, kwargs)
+        if kwargs:
+            raise TypeError(f"session() got unexpected arguments {sorted(kwargs)}")
+        if backend is None:
+            yield self
+            return
+        if not backend.blocking:
+            raise TypeError("model.session(remote=True) runs as one blocking request; "
+                            "blocking=False is for single traces")
+        if self.__dict__.get("_session") is not None:
+            raise TracingError("a remote session is already open; end it before starting "
+                               "another")
+        session = RemoteSession(backend)
+        self._session = session
+        try:
+            yield self
+        finally:
+            self._session = None
+        session.run()
 
     def _remote(self, remote: bool | str, kwargs: dict[str, Any]) -> Backend | None:
         """The server backend for ``remote=`` (its options are taken out of ``kwargs``);
         on ``backend="remote"`` every trace is remote."""
+        session = self.__dict__.get("_session")
+        if session is not None:   # every trace of a remote session goes with the session
+            for k in ("api_key", "timeout", "blocking"):
+                kwargs.pop(k, None)
+            return session.backend
         opts = {k: kwargs.pop(k) for k in ("api_key", "timeout", "blocking") if k in kwargs}
         if not remote and self.backend_name == "remote":
             from vinterp.backends.remote import RemoteBackend

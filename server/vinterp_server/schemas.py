@@ -170,11 +170,26 @@ class CaptureOut(BaseModel):
 
 
 class TraceRequest(_Field):
-    """``POST /v1/traces``: a whole trace or generate graph (many invokes) to run."""
+    """``POST /v1/traces``: a whole trace or generate graph (many invokes) to run, or a
+    session (``model.session(remote=True)``): several graphs run in order as one request,
+    later ones using earlier ones' saves (``SessionValue`` tensors); the result is then
+    ``{"traces": [result, ...]}``."""
 
-    graph: dict[str, Any] = Field(description="vinterp IR graph (`tracer.to_json()`)")
+    graph: dict[str, Any] | None = Field(None, description="vinterp IR graph "
+                                                           "(`tracer.to_json()`)")
+    session: list[dict[str, Any]] | None = Field(
+        None, description="several IR graphs run in order (instead of `graph`)")
     ir_version: int = Field(IR_VERSION, description="the client's IR version")
     blocking: bool = Field(True, description="false: return an id to poll at once")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> TraceRequest:
+        if (self.graph is None) == (self.session is None):
+            raise ValueError("give exactly one of 'graph' (one trace) and 'session' (a list "
+                             "of graphs run in order)")
+        if self.session is not None and not self.session:
+            raise ValueError("'session' needs at least one graph")
+        return self
 
     @field_validator("ir_version")
     @classmethod

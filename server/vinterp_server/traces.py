@@ -5,6 +5,11 @@ It is validated by the one IR validator and checked against the engine before it
 prompts join the same continuous batch as every OpenAI request. Results (saves, generated ids)
 travel as JSON plus one safetensors blob (:mod:`vinterp.ir.results`): no pickle either way.
 With ``blocking: false`` the answer is an id to poll; results are kept for ``trace_ttl``.
+
+A session (``session: [graph, ...]``, ``model.session(remote=True)``) is one request: its
+graphs are all validated and checked first, then run in order, each one's
+:class:`~vinterp.ir.SessionValue` tensors filled in from the saves of the earlier graphs it
+names; the result is ``{"traces": [result, ...]}``, one per graph.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import JSONResponse, Response
 
-from vinterp.ir import Graph, GraphError, load
+import torch
+
+from vinterp.backends.base import RunResult
+from vinterp.ir import Graph, GraphError, SessionValue, encode_tensor, load
 from vinterp.ir.interpreter import InterventionError
 from vinterp.ir.results import encode_results
 from vinterp_server import metrics
@@ -47,7 +55,72 @@ def _check(graph: Graph, key: KeyInfo, srv: Server) -> None:
         raise FieldError("graph", str(exc)) from None
 
 
-async def _run(graph: Graph, key: KeyInfo, srv: Server) -> dict[str, Any]:
+def _check_session_refs(graph: Graph, earlier: list[Graph], name: str,
+                        in_session: bool) -> None:
+    """Each :class:`SessionValue` of ``graph`` must name a save node of an earlier graph of
+    the same session request."""
+    for i, td in enumerate(graph.tensors):
+        if not isinstance(td, SessionValue):
+            continue
+        where = f"{name}.tensors[{i}]"
+        if not in_session:
+            raise FieldError(where, "a session value (a saved value of another trace) needs "
+                                    "a session request: send the traces together as "
+                                    "'session': [graph, ...]")
+        if td.trace >= len(earlier):
+            raise FieldError(where, f"it names trace {td.trace} of the session, which does "
+                                    f"not run before this one ({len(earlier)} do)")
+        nodes = earlier[td.trace].nodes
+        if td.node >= len(nodes) or nodes[td.node].op != "save":
+            raise FieldError(where, f"node {td.node} of the session's trace {td.trace} is not "
+                                    f"a save; only saved values cross traces")
+
+
+def _load_all(body: TraceRequest, key: KeyInfo, srv: Server) -> list[Graph]:
+    """The request's graph(s): validated, named vectors resolved, checked against the engine
+    (all of a session's before any runs)."""
+    single = body.graph is not None
+    texts = [body.graph] if single else list(body.session or ())
+    graphs: list[Graph] = []
+    for j, text in enumerate(texts):
+        name = "graph" if single else f"session[{j}]"
+        try:
+            graph = load(text)
+        except GraphError as exc:
+            raise FieldError(name, str(exc)) from None
+        graph = resolve_named(graph, lambda n: srv.store.get(key.id, "vector", n), name)
+        _check_session_refs(graph, graphs, name, not single)
+        _check(graph, key, srv)
+        graphs.append(graph)
+    return graphs
+
+
+def _fill_session(graph: Graph, results: list[RunResult], j: int) -> Graph:
+    """``graph`` with its session values replaced by the earlier graphs' saved tensors."""
+    if not any(isinstance(t, SessionValue) for t in graph.tensors):
+        return graph
+    tensors = []
+    for i, td in enumerate(graph.tensors):
+        if not isinstance(td, SessionValue):
+            tensors.append(td)
+            continue
+        where = f"session[{j}].tensors[{i}]"
+        value = results[td.trace].saves.get(td.node)
+        if value is None:
+            raise RuntimeError(f"{where}: trace {td.trace} of the session returned no value "
+                               f"for node {td.node} (it stopped, or its step never ran)")
+        if not isinstance(value, torch.Tensor):
+            raise RuntimeError(f"{where}: the value of trace {td.trace}'s node {td.node} is a "
+                               f"{type(value).__name__}, not a tensor (a value saved at every "
+                               f"step is a list); save one tensor to use it in a later trace")
+        if td.shape and tuple(value.shape) != tuple(td.shape):
+            raise RuntimeError(f"{where}: trace {td.trace}'s node {td.node} has shape "
+                               f"{list(value.shape)}, the trace expected {list(td.shape)}")
+        tensors.append(encode_tensor(value.detach().cpu().contiguous()))
+    return graph.model_copy(update={"tensors": tuple(tensors)})
+
+
+async def _execute(graph: Graph, key: KeyInfo, srv: Server) -> RunResult:
     release = srv.limiter.acquire(key)
     try:
         result = await srv.host.run(graph, capture_cap=key.limits.capture_bytes)
@@ -57,26 +130,33 @@ async def _run(graph: Graph, key: KeyInfo, srv: Server) -> dict[str, Any]:
     if result.generated is not None:
         tokens = sum(len(g) for g in result.generated)
     srv.limiter.record_tokens(key, tokens)
-    return encode_results(result.saves, result.generated)
+    return result
+
+
+async def _run(graphs: list[Graph], key: KeyInfo, srv: Server,
+               session: bool = False) -> dict[str, Any]:
+    if not session:
+        result = await _execute(graphs[0], key, srv)
+        return encode_results(result.saves, result.generated)
+    results: list[RunResult] = []
+    for j, graph in enumerate(graphs):
+        results.append(await _execute(_fill_session(graph, results, j), key, srv))
+    return {"traces": [encode_results(r.saves, r.generated) for r in results]}
 
 
 @router.post("/v1/traces", response_model=TraceStatus)
 async def create_trace(body: TraceRequest, key: KeyInfo = Depends(require_key),
                        srv: Server = Depends(server)) -> Response:
     """Run a graph: blocking (the result in the answer) or not (an id to poll)."""
+    session = body.session is not None
     try:
-        graph = load(body.graph)
-    except GraphError as exc:
-        return error_response(FieldError("graph", str(exc)))
-    try:
-        graph = resolve_named(graph, lambda name: srv.store.get(key.id, "vector", name))
-        _check(graph, key, srv)
+        graphs = _load_all(body, key, srv)
     except (FieldError, LimitExceeded) as exc:
         return error_response(exc)
     tid = f"trace-{uuid.uuid4().hex}"
     if body.blocking:
         try:
-            result = await _run(graph, key, srv)
+            result = await _run(graphs, key, srv, session)
         except (InterventionError, RuntimeError) as exc:
             metrics.TRACES.labels(status="failed").inc()
             return error_response(RuntimeError(f"intervention failed: {exc}"))
@@ -90,7 +170,7 @@ async def create_trace(body: TraceRequest, key: KeyInfo = Depends(require_key),
     async def background() -> None:
         srv.store.put(key.id, "trace", tid, TraceStatus(id=tid, status="running"), ttl)
         try:
-            result = await _run(graph, key, srv)
+            result = await _run(graphs, key, srv, session)
             status = TraceStatus(id=tid, status="done", result=result)
         except Exception as exc:  # noqa: BLE001 - the poller reads why
             status = TraceStatus(id=tid, status="failed", error=f"{exc}")

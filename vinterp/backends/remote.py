@@ -77,9 +77,12 @@ class RemoteBackend(Backend):
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=self.timeout)
 
-    def _post(self, graph: Graph, blocking: bool) -> dict[str, Any]:
-        body = {"graph": graph.model_dump(mode="json"), "ir_version": IR_VERSION,
-                "blocking": blocking}
+    def _post(self, graph: Graph | list[Graph], blocking: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"ir_version": IR_VERSION, "blocking": blocking}
+        if isinstance(graph, list):
+            body["session"] = [g.model_dump(mode="json") for g in graph]
+        else:
+            body["graph"] = graph.model_dump(mode="json")
         try:
             with self._client() as client:
                 resp = client.post("/v1/traces", json=body)
@@ -94,6 +97,24 @@ class RemoteBackend(Backend):
     def run(self, graph: Graph) -> RunResult:
         """Run ``graph`` on the server and wait for its saves."""
         return _result(self._post(graph, True))
+
+    def run_session(self, graphs: list[Graph]) -> list[RunResult]:
+        """Run a session's graphs in one request (``model.session(remote=True)``): in order,
+        each one's :class:`~vinterp.ir.SessionValue` tensors filled in on the server from
+        the earlier graphs' saves; one result per graph.
+
+        Example::
+
+            results = RemoteBackend("http://127.0.0.1:8000").run_session([g1, g2])
+        """
+        status = self._post(graphs, True)
+        if status["status"] == "failed":
+            raise RemoteError(f"the session failed on the server: {status.get('error')}", 500)
+        out = []
+        for res in status["result"]["traces"]:
+            saves, generated = decode_results(res)
+            out.append(RunResult(saves=saves, generated=generated))
+        return out
 
     def submit(self, graph: Graph) -> RemoteTrace:
         """Start ``graph`` on the server; poll the returned handle."""

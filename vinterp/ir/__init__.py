@@ -8,14 +8,15 @@ Example::
 """
 
 from vinterp.ir.schema import (
-    IR_VERSION, DictV, DTypeV, EllipsisV, Graph, Invoke, ListV, NamedTensor, Node, Ref, SliceV,
-    Steps, TensorData, TensorRef, TupleV, Value,
+    IR_VERSION, DictV, DTypeV, EllipsisV, Graph, Invoke, ListV, NamedTensor, Node, Ref,
+    SessionValue, SliceV, Steps, TensorData, TensorRef, TupleV, Value,
 )
 from vinterp.ir.tensors import decode_tensor, encode_tensor
 from vinterp.ir.validate import GraphError, dumps, json_schema, load, to_dict
 
 __all__ = [
     "IR_VERSION", "DTypeV", "DictV", "EllipsisV", "Graph", "GraphError", "Invoke", "ListV",
-    "NamedTensor", "Node", "Ref", "SliceV", "Steps", "TensorData", "TensorRef", "TupleV", "Value",
+    "NamedTensor", "Node", "Ref", "SessionValue", "SliceV", "Steps", "TensorData", "TensorRef",
+    "TupleV", "Value",
     "decode_tensor", "dumps", "encode_tensor", "json_schema", "load", "to_dict",
 ]

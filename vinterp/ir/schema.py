@@ -165,6 +165,22 @@ class NamedTensor(_Strict):
     shape: tuple[int, ...]
 
 
+class SessionValue(_Strict):
+    """A tensor constant the server fills in within one session request
+    (``model.session()`` run remotely): the value save node ``node`` of the session's
+    earlier graph ``trace`` returned. ``shape`` is what the client knew at trace time
+    (``()`` when unknown); the server checks it when it is given.
+
+    Only a server running the whole session resolves these; a graph holding one cannot run
+    anywhere else.
+    """
+
+    trace: int = Field(ge=0)
+    node: int = Field(ge=0)
+    dtype: DType = "float32"
+    shape: tuple[int, ...] = ()
+
+
 class Steps(_Strict):
     """The generation steps a node runs at: ``start <= step < stop`` (``stop=None``: all).
 
@@ -214,5 +230,5 @@ class Graph(_Strict):
     mode: Literal["trace", "generate"] = "trace"
     invokes: tuple[Invoke, ...] = ()
     nodes: tuple[Node, ...] = ()
-    tensors: tuple[TensorData | NamedTensor, ...] = ()
+    tensors: tuple[TensorData | NamedTensor | SessionValue, ...] = ()
     generation: dict[str, Value] = Field(default_factory=dict)

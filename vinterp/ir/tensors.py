@@ -16,7 +16,7 @@ import base64
 import numpy as np
 import torch
 
-from vinterp.ir.schema import NamedTensor, TensorData
+from vinterp.ir.schema import NamedTensor, SessionValue, TensorData
 
 _TORCH = {
     "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -52,8 +52,12 @@ def encode_tensor(t: torch.Tensor) -> TensorData:
     return TensorData(dtype=name, shape=tuple(t.shape), data=base64.b64encode(data).decode())
 
 
-def decode_tensor(td: TensorData | NamedTensor) -> torch.Tensor:
+def decode_tensor(td: TensorData | NamedTensor | SessionValue) -> torch.Tensor:
     """Decode :class:`TensorData` to a CPU tensor; checks the byte count against the shape."""
+    if isinstance(td, SessionValue):
+        raise ValueError(f"tensor constant: a value of the session's trace {td.trace} (node "
+                         f"{td.node}) is filled in only by a vinterp server running the whole "
+                         f"session (model.session(remote=True))")
     if isinstance(td, NamedTensor):
         raise ValueError(f"the named vector {td.named!r} lives on a vinterp server: run this "
                          f"trace with remote=True (or pass the tensor itself)")
@@ -73,7 +77,7 @@ def decode_tensor(td: TensorData | NamedTensor) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
-def nbytes(td: TensorData | NamedTensor) -> int:
+def nbytes(td: TensorData | NamedTensor | SessionValue) -> int:
     """Size of the decoded tensor in bytes (without decoding it)."""
     count = int(np.prod(td.shape)) if td.shape else 1
     return count * torch.empty((), dtype=_TORCH[td.dtype]).element_size()

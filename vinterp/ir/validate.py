@@ -22,7 +22,8 @@ from pydantic import ValidationError
 
 from vinterp.ir import ops
 from vinterp.ir.schema import (
-    DictV, Graph, ListV, NamedTensor, Node, Ref, SliceV, TensorRef, TupleV, Value,
+    DictV, Graph, ListV, NamedTensor, Node, Ref, SessionValue, SliceV, TensorRef, TupleV,
+    Value,
 )
 from vinterp.ir.tensors import nbytes
 
@@ -145,6 +146,8 @@ def validate(
         if isinstance(td, NamedTensor):   # filled in by the server from the caller's vectors
             if not td.named:
                 raise GraphError(f"tensor constant {i}: a named tensor needs a name")
+            continue
+        if isinstance(td, SessionValue):  # filled in by the server from an earlier trace
             continue
         # base64 length must match the shape (4 chars per 3 bytes, padded)
         expected = 4 * ((size + 2) // 3)

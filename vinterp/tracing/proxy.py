@@ -42,7 +42,11 @@ class Proxy:
     # ------------------------------------------------------------------ plumbing
     def _add(self, op: str, *args: Any, **kwargs: Any) -> Proxy:
         if self._tracer.finished:
-            raise self._tracer.unavailable(self._id)
+            # a remote session's earlier trace: recorded in the session's open trace
+            other = self._tracer.recording_for()
+            if other is None:
+                raise self._tracer.unavailable(self._id)
+            return other.add(op, *args, **kwargs)
         return self._tracer.add(op, *args, **kwargs)
 
     def __repr__(self) -> str:
@@ -186,7 +190,10 @@ class Proxy:
         proxy = _find_proxy(args, kwargs)
         tracer = proxy._tracer
         if tracer.finished:
-            raise tracer.unavailable(proxy._id)
+            other = tracer.recording_for()   # a remote session's earlier trace
+            if other is None:
+                raise tracer.unavailable(proxy._id)
+            tracer = other
         op = _TENSOR_OPERATORS.get(func)
         if op is not None and not kwargs and len(args) == 2:
             # `v + x` with a tensor on the left: Python asks the tensor first, and torch hands

@@ -230,6 +230,51 @@ _NO_SAMPLE_WRITES = (
     "start another generation from the tokens you want")
 
 
+class RemoteSession:
+    """``model.session(remote=True)``: the traces recorded inside, sent as one request.
+
+    Each trace's graph is built when its block ends; a saved value of an earlier trace used
+    in a later one becomes an :class:`ir.SessionValue` that the server fills in from that
+    trace's result. When the session block ends, every graph goes in one ``POST /v1/traces``
+    (``session: [graph, ...]``) and each trace gets its own saves back.
+
+    Example::
+
+        with model.session(remote=True):                 # doctest: +SKIP
+            with model.trace("The Eiffel Tower is in"):
+                clean = model.layers[8].output.save()
+            with model.trace("The Colosseum is in"):
+                model.layers[8].output[:] = clean
+                logits = model.logits.save()
+        print(logits.shape)                               # one request for both traces
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.tracers: list[Tracer] = []
+
+    def add(self, tracer: Tracer) -> None:
+        """Queue a finished trace (its graph is built)."""
+        self.tracers.append(tracer)
+
+    def holds(self, tracer: Tracer) -> bool:
+        """Whether ``tracer`` is a queued trace of this session."""
+        return any(t is tracer for t in self.tracers)
+
+    def index(self, tracer: Tracer) -> int:
+        """``tracer``'s position in the session (the ``trace`` of its session values)."""
+        return next(i for i, t in enumerate(self.tracers) if t is tracer)
+
+    def run(self) -> None:
+        """Send every queued trace as one request and give each its results."""
+        if not self.tracers:
+            return
+        graphs = [t._graph for t in self.tracers]
+        results = self.backend.run_session(graphs)
+        for tracer, result in zip(self.tracers, results, strict=True):
+            tracer._apply(result)
+
+
 class Tracer:
     """Records interventions inside ``with model.trace(...)`` / ``model.generate(...)``."""
 
@@ -241,6 +286,11 @@ class Tracer:
         #: the running trace on the server, for ``remote=True, blocking=False``
         self.handle: Any = None
         self.lm = lm
+        #: the remote session this trace joins (sent with the others when the session ends)
+        session = lm.__dict__.get("_session")
+        self._session: RemoteSession | None = \
+            session if session is not None and self.remote is session.backend else None
+        self._session_refs: dict[tuple[int, int], int] = {}
         self.mode = mode
         self.scan = scan
         self.nodes: list[Node] = []
@@ -456,6 +506,40 @@ class Tracer:
                 f"{what} was used outside any invoke; with `model.trace()` and no prompt, "
                 "put module accesses inside `with tracer.invoke(prompt):` blocks")
 
+    def _session_value(self, v: Proxy) -> int:
+        """The tensor-table index of ``v`` (a saved value of an earlier trace of this remote
+        session, not run yet): an :class:`ir.SessionValue` the server fills in."""
+        other: Tracer = v._tracer
+        assert self._session is not None
+        if not any(p._id == v._id for p in other.saved):
+            raise TracingError(
+                "a value of an earlier trace of this session was used without .save(): save "
+                "it in its own trace, then use the saved value here")
+        if v._id in other._post:
+            raise TracingError(
+                "values computed from the generated ids cannot cross traces of a remote "
+                "session (they are computed on this side after the generation); use the "
+                "model's values, or run the session locally")
+        key = (id(other), v._id)
+        if key not in self._session_refs:
+            node = other._device_ids[v._id] if other._device_ids is not None else v._id
+            shape = other.known_shape(v._id)
+            self.tensors.append(ir.SessionValue(
+                trace=self._session.index(other), node=node,
+                shape=tuple(shape) if isinstance(shape, torch.Size) else ()))
+            self._session_refs[key] = len(self.tensors) - 1
+        return self._session_refs[key]
+
+    def recording_for(self) -> Tracer | None:
+        """Where an operation on one of this finished trace's proxies is recorded: the open
+        trace of the same remote session (the value crosses as an ``ir.SessionValue``), or
+        ``None`` (the proxy is unavailable)."""
+        session = self._session
+        if session is None or not session.holds(self) or not self.lm._tracers:
+            return None
+        current = self.lm._tracers[-1]
+        return current if current is not self and current._session is session else None
+
     def describe(self, node_id: int) -> str:
         node = self.nodes[node_id]
         if node.op in ("read", "write"):
@@ -468,6 +552,8 @@ class Tracer:
             if v._tracer is not self:
                 if v._has_value:   # saved in an earlier trace (model.session()): its value
                     return self._value(v._value)
+                if self._session is not None and self._session.holds(v._tracer):
+                    return TensorRef(tensor=self._session_value(v))
                 raise TracingError("a value of another trace was used here: .save() it in "
                                    "its own trace and pass the saved value instead")
             return Ref(ref=v._id)
@@ -798,6 +884,9 @@ class Tracer:
                 raise ValueError(f"the named vector {named[0]!r} lives on a vinterp server: run "
                                  f"this trace with remote=True (or pass the tensor itself)")
             backend.check(self._graph)
+            if self._session is not None:   # runs with the session's other traces, at its end
+                self._session.add(self)
+                return
             if self.remote is not None and not self.remote.blocking:
                 self.handle = self.remote.submit(self._graph)   # results: tracer.wait()
                 return
