@@ -168,14 +168,33 @@ def targets(result: dict[str, Any]) -> list[str]:
             "steer_generate", "idiom_all_layers", base, 0.9)
         add(f"2 last-token capture, all layers ≥ 0.8× plain prefill ({base})", "vinterp_vllm",
             "capture", "last_all_layers", base, 0.8)
+    # issue 11: the plugin inside vLLM's compiled mode, against plain vLLM compiled (the eager
+    # plugin's rows show the gap compiled mode closes)
+    present = {r["system"] for r in rows}
+    for sys_ in [s for s in ("vinterp_vllm", "vinterp_vllm_eager") if s in present]:
+        c = "vllm_compiled"
+        add("11 1c distinct vector, 1 layer ≥ 0.95× plain compiled", sys_, "steer_generate",
+            "distinct_1layer", c, 0.95)
+        add("11 1d all layers ≥ 0.85× plain compiled", sys_, "steer_generate",
+            "distinct_all_layers", c, 0.85)
+        add("11 last-token capture, 30 layers ≥ 0.85× plain compiled prefill", sys_, "capture",
+            "last_all_layers", c, 0.85)
+        add("11 many users ≥ 0.9× plain compiled", sys_, "many_users", "steered", c, 0.9)
+        for level in ("c1", "c4", "c16"):
+            add(f"11 concurrency {level[1:]} ≥ 0.9× plain compiled", sys_, "concurrency", level,
+                c, 0.9)
     for sys_ in ("vinterp_vllm", "vinterp_hf"):
         add("1c ≥ 10× nnsight one at a time", sys_, "steer_generate", "distinct_1layer",
             "nnsight_serial", 10)
         add("1c ≥ 1× nnsight invokes", sys_, "steer_generate", "distinct_1layer", "nnsight", 1)
         add("4 ≥ 10× nnsight one at a time", sys_, "many_users", "steered", "nnsight_serial", 10)
         add("4 ≥ 1× nnsight invokes", sys_, "many_users", "steered", "nnsight", 1)
-        add("3 ≥ 4× nnsight seed loop", sys_, "patch_sweep", "grid", "nnsight_serial", 4)
-        add("3 ≥ 1× nnsight invokes per layer", sys_, "patch_sweep", "grid", "nnsight", 1)
+        add("3 ≥ 4× nnsight seed loop", sys_, "patch_sweep", "grid", "nnsight_serial", 4,
+            variant=("one_batch",))
+        add("3 ≥ 1× nnsight invokes per layer", sys_, "patch_sweep", "grid", "nnsight", 1,
+            variant=("one_batch",))
+        add("3 written as nnsight users write it ≥ 1.5× nnsight invokes per layer", sys_,
+            "patch_sweep", "grid", "nnsight", 1.5, variant=("nnsight_idiom",))
     add("5 12-save trace ≤ 1.1× plain forward", "vinterp_hf", "trace_overhead", "save_12",
         "own_plain_forward", 1.1, higher=False)
     r_v = _find(rows, "vinterp_hf", "trace_overhead", "save_12")
@@ -293,6 +312,10 @@ def write_combined(results: list[tuple[str, dict[str, Any]]], report_dir: Path,
             from benchmarks.server_load import server_section
 
             body = server_section(result)
+        elif result.get("kind") == "steering_eval":   # benchmarks/steering_eval.py's
+            from benchmarks.steering_eval import steering_section
+
+            body = steering_section(result)
         else:
             body = section(result, "###")
         lines += [f"## Run {k} of {len(results)}: {', '.join(result['workloads'])} "

@@ -28,8 +28,9 @@ from benchmarks.workloads import (
 
 
 class VinterpSystem(System):
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, enforce_eager: bool = False) -> None:
         self.backend = backend
+        self.enforce_eager = enforce_eager
 
     def setup(self, cfg: WorkloadConfig) -> dict[str, Any]:
         import transformers
@@ -48,8 +49,8 @@ class VinterpSystem(System):
         if self.backend == "vllm":
             from benchmarks.systems.vllm_common import engine_kwargs
 
-            # Same engine settings as plain vLLM eager (hooks need eager mode).
-            kwargs = {k: v for k, v in engine_kwargs(cfg, True).items()
+            # The engine settings plain vLLM runs with (compiled unless enforce_eager).
+            kwargs = {k: v for k, v in engine_kwargs(cfg, self.enforce_eager).items()
                       if k not in ("model", "dtype")}
         with Timer() as t:
             self.m = language_model.LanguageModel(cfg.model_path, backend=self.backend,
@@ -68,13 +69,15 @@ class VinterpSystem(System):
         self.per_invoke_max = any(p.kind is p.VAR_KEYWORD or p.name == "max_new_tokens"
                                   for p in params)
         return {"load_s": t.seconds, "dtype": cfg.dtype, "backend": self.backend,
+                "enforce_eager": self.enforce_eager,
                 "versions": versions}
 
     def tasks(self) -> list[Task]:
         t = [Task("steer_generate", c) for c in (*STEER_CASES, *IDIOM_CASES)]
         t += self.levels(self.cfg)
         t += [Task("capture", c) for c in ("last_all_layers", "full_4layers")]
-        t += [Task("patch_sweep", "grid", "one_batch", "seconds")]
+        t += [Task("patch_sweep", "grid", "one_batch", "seconds"),
+              Task("patch_sweep", "grid", "nnsight_idiom", "seconds")]
         t += [Task("many_users", "steered",
                    "own_max_tokens" if self.per_invoke_max else "invokes_to_longest")]
         if self.backend == "hf":
@@ -189,6 +192,31 @@ class VinterpSystem(System):
         return {"seconds": t.seconds, "tokens": None, "items": 1,
                 "check": {"max_p_target": float(grid.max())}}
 
+    def _patch_sweep_nnsight_idiom(self) -> dict[str, Any]:
+        """The sweep as nnsight users write it (nnsight's ``invokes_per_layer`` code with the
+        import changed): a clean trace saving every layer, then one trace per layer with an
+        invoke per position, reading ``model.output.logits``."""
+        m, n_layers = self.m, self.cfg.sizes.sweep_layers
+        layers = m.model.layers
+        target = m.tokenizer.encode(TARGET_TOKEN, add_special_tokens=False)[0]
+        with Timer() as t:
+            clean: dict[int, Any] = {}
+            with m.trace(CLEAN_PROMPT):
+                for i in range(n_layers):
+                    clean[i] = layers[i].output.save()
+            seq = clean[0].shape[1]
+            results = torch.zeros(n_layers, seq)
+            for layer in range(n_layers):
+                row = []
+                with m.trace() as tr:
+                    for pos in range(seq):
+                        with tr.invoke(CORRUPT_PROMPT):
+                            layers[layer].output[:, pos, :] = clean[layer][:, pos, :]
+                            row.append(m.output.logits[:, -1].softmax(-1)[0, target].save())
+                results[layer] = torch.stack([torch.as_tensor(r).cpu() for r in row])
+        return {"seconds": t.seconds, "tokens": None, "items": 1,
+                "check": {"max_p_target": float(results.max())}}
+
     def _many_users(self) -> dict[str, Any]:
         cfg, m = self.cfg, self.m
         v = vectors(cfg, len(cfg.users), 2, self.dtype)
@@ -251,6 +279,8 @@ class VinterpSystem(System):
         return self._steer_generate("distinct_1layer", self.concurrency_n(task))
 
     def run_patch_sweep(self, task: Task) -> dict[str, Any]:
+        if task.variant == "nnsight_idiom":
+            return self._patch_sweep_nnsight_idiom()
         return self._patch_sweep()
 
     def run_many_users(self, task: Task) -> dict[str, Any]:
