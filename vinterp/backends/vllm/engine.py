@@ -43,10 +43,10 @@ def hf_classes_untouched(model_path: pathlib.Path) -> Iterator[None]:
     vLLM's Transformers backend (GPT-NeoX here) decorates HF's decoder class *in place* for
     torch.compile: it swaps ``__init__``/``__call__`` and adds a base class. Every HF model of
     that class in the process then breaks (``'GPTNeoXModel' object has no attribute
-    'do_not_compile'``), e.g. the ``backend="hf"`` model a user compares against. The plugin
-    runs eager, where the decorated ``__call__`` only calls ``forward``, so restoring the
-    classes changes nothing for vLLM's instance. Wrap any other ``vllm.LLM(...)`` built in a
-    process that also uses HF models in it.
+    'do_not_compile'``), e.g. the ``backend="hf"`` model a user compares against. Restoring
+    the classes leaves vLLM's instance calling ``forward`` directly: such a model runs eager
+    inside a compiled engine (same results; the plugin's hooks work either way). Wrap any
+    other ``vllm.LLM(...)`` built in a process that also uses HF models in it.
     """
     try:
         from transformers import AutoConfig
