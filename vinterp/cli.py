@@ -166,7 +166,8 @@ def _steer_eval(args: argparse.Namespace) -> int:
         target = _steer_model(args)
     rows = sweep(target, vec, layers=args.layers, scales=args.scales, prompts=prompts,
                  max_tokens=args.max_tokens, metrics=args.metrics, out_dir=args.output,
-                 ab_questions=questions, batch_cells=args.batch_cells, model=model,
+                 ab_questions=questions, ab_mode=args.ab_mode,
+                 batch_cells=args.batch_cells, model=model,
                  api_key=args.api_key, progress=not args.quiet)
     print(f"{args.output}: {len(rows)} cells; summary.md, summary.csv, heatmap_*.png")
     return 0
@@ -235,6 +236,9 @@ def add_steer_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="neutral prompts, one a line (default: the shipped 50)")
     e.add_argument("--ab", metavar="FILE",
                    help="A/B questions, JSONL (default: the shipped 40)")
+    e.add_argument("--ab-mode", choices=["text", "letter"], default="text",
+                   help="ab metric: score the answers' text (default) or the next token "
+                        "A vs B (CAA's letter form; needs a model that answers A/B)")
     e.add_argument("--max-tokens", type=int, default=32)
     e.add_argument("--metrics", default="ab,behavior,fluency")
     e.add_argument("--batch-cells", type=int, default=None,

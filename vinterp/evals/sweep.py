@@ -3,19 +3,26 @@
 Every cell (layer, scale) is measured on three metrics, each with a 95% confidence interval
 over prompts:
 
-* ``ab``: CAA-style next-token effect on A/B questions, steered: log P(matching answer) -
-  log P(non-matching answer) (the answer after ``"Answer: ("``);
+* ``ab``: CAA-style effect on A/B questions, steered: the log-probability of the matching
+  answer minus that of the non-matching one. ``ab_mode="text"`` (default) scores the answers'
+  own text after the question stem (``"{stem}\\n{answer}"``, mean log-probability per answer
+  token, teacher-forced next-token predictions); ``ab_mode="letter"`` scores the next token
+  ``A`` vs ``B`` after ``"{question}\\nAnswer: ("``, CAA's original form. Small models do not
+  bind a letter to its answer (smollm2-135m: matching - non-matching letter 0.05, 95% CI
+  +-0.86, unsteered, and no steering moves it), so ``letter`` suits larger models only;
 * ``behavior``: the steered text (``max_tokens`` greedy tokens from each neutral prompt),
   labelled by the same model unsteered: log P(" positive") - log P(" negative");
 * ``fluency``: mean token NLL of the steered continuation under the unsteered model (lower
   is more fluent).
 
 Batching: the grid is not looped cell by cell. A batch of cells (by default the whole grid)
-is one ``generate`` trace with one invoke per (cell, prompt) and per (cell, question), each
-with its own steering op, so the engine runs them together; the unsteered scoring of every
-generated text is one more trace. Against a server (``target="http://..."``) the same traces
-run as remote traces, every batch submitted at once (non-blocking), so the server batches
-them all. Results are identical either way (same graphs, same engine).
+is one ``generate`` trace with one invoke per (cell, prompt) (and per (cell, question) for
+``letter``), each with its own steering op, so the engine runs them together; ``text`` A/B
+scoring is one ``trace`` with an invoke per (cell, question, answer), each steered; the
+unsteered scoring of every generated text is one more trace. Against a server
+(``target="http://..."``) the same traces run as remote traces, every batch submitted at once
+(non-blocking), so the server batches them all. Results are identical either way (same
+graphs, same engine).
 
 Output directory: ``cells/L{layer}_S{scale}.jsonl`` (a row per question/prompt, then a
 ``summary`` row), ``summary.csv``, ``summary.md``, ``heatmap_<metric>.png``, ``sweep.json``
@@ -45,6 +52,7 @@ from typing import Any
 
 import torch
 
+from vinterp.steering.datasets import ab_answers
 from vinterp.steering.datasets import ab_questions as builtin_ab_questions
 from vinterp.steering.datasets import neutral_prompts
 from vinterp.steering.vectors import SteeringVector
@@ -52,12 +60,13 @@ from vinterp.steering.vectors import SteeringVector
 METRICS = ("ab", "behavior", "fluency")
 #: which way is better, per metric (fluency is an NLL: lower is better)
 HIGHER_IS_BETTER = {"ab": True, "behavior": True, "fluency": False}
-METRIC_TITLES = {"ab": "A/B effect (logprob matching - non-matching)",
+METRIC_TITLES = {"ab": "A/B effect (logprob matching - non-matching answer)",
                  "behavior": "behaviour score (logprob positive - negative label)",
                  "fluency": "fluency (mean token NLL, lower is better)"}
 LABEL_TEMPLATE = ("Text: {text}\nIs the sentiment of this text positive or negative? "
                   "Answer:")
 AB_SUFFIX = "\nAnswer: ("
+AB_MODES = ("text", "letter")
 SETTINGS_FILE = "sweep.json"
 
 
@@ -220,6 +229,8 @@ class _Plan:
     questions: list[dict[str, Any]]
     question_ids: list[list[int]]
     ab_tokens: tuple[int, int]              # ids of "A", "B"
+    ab_mode: str
+    ab_texts: list[tuple[list[int], list[int], list[int]]]  # text: stem, matching, other
     label_tokens: tuple[int, int]           # ids of " positive", " negative"
     eos: set[int]
 
@@ -232,8 +243,18 @@ def _first_token(tok: Any, text: str) -> int:
 
 
 def _plan(lm: Any, prompts: list[str], questions: list[dict[str, Any]],
-          labels: tuple[str, str]) -> _Plan:
+          labels: tuple[str, str], ab_mode: str = "text") -> _Plan:
     tok = lm.tokenizer
+    texts = []
+    if ab_mode == "text":
+        for q in questions:
+            try:
+                stem, yes, no = ab_answers(q)
+            except ValueError as exc:
+                raise SweepError(str(exc)) from None
+            texts.append((list(tok(stem + "\n")["input_ids"]),
+                          list(tok(yes, add_special_tokens=False)["input_ids"]),
+                          list(tok(no, add_special_tokens=False)["input_ids"])))
     ab = (_first_token(tok, "A"), _first_token(tok, "B"))
     lab = (_first_token(tok, labels[0]), _first_token(tok, labels[1]))
     if ab[0] == ab[1] or lab[0] == lab[1]:
@@ -241,17 +262,21 @@ def _plan(lm: Any, prompts: list[str], questions: list[dict[str, Any]],
     eos = {int(t) for t in [tok.eos_token_id, getattr(tok, "pad_token_id", None)]
            if t is not None}
     return _Plan(prompts, [list(tok(p)["input_ids"]) for p in prompts], questions,
-                 [list(tok(q["question"] + AB_SUFFIX)["input_ids"]) for q in questions],
-                 ab, lab, eos)
+                 [list(tok(q["question"] + AB_SUFFIX)["input_ids"]) for q in questions]
+                 if ab_mode == "letter" else [], ab, ab_mode, texts, lab, eos)
 
 
 def _steered(lm: Any, plan: _Plan, cells: list[tuple[int, float]], vector: SteeringVector,
              max_tokens: int, positions: Any, want_gen: bool, want_ab: bool,
              trace_kw: dict[str, Any]) -> tuple[Any, list[Any], list[Any]]:
-    """One generate trace for ``cells``: steered generations and A/B logprob differences."""
+    """One generate trace for ``cells``: steered generations and (``letter``) A/B logprob
+    differences; ``(None, [], [])`` when there is nothing to generate."""
     gen_slots: list[tuple[int, int, int]] = []     # (cell, prompt, invoke index)
     ab_saves: list[tuple[int, int, Any]] = []      # (cell, question, saved proxy)
     k = 0
+    want_ab = want_ab and plan.ab_mode == "letter"
+    if not (want_gen and plan.prompt_ids) and not (want_ab and plan.question_ids):
+        return None, gen_slots, ab_saves
     with lm.generate(max_new_tokens=max_tokens, do_sample=False, **trace_kw) as tracer:
         for ci, (layer, scale) in enumerate(cells):
             vec = vector[layer]
@@ -275,6 +300,29 @@ def _steered(lm: Any, plan: _Plan, cells: list[tuple[int, float]], vector: Steer
                         ab_saves.append((ci, qi, (lp[m] - lp[n]).save()))
                     k += 1
     return tracer, gen_slots, ab_saves
+
+
+def _ab_text(lm: Any, plan: _Plan, cells: list[tuple[int, float]], vector: SteeringVector,
+             positions: Any, trace_kw: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """One trace scoring each question's two answer texts in every cell, steered: the mean
+    log-probability per answer token of the matching answer and of the other one."""
+    saves: list[tuple[int, int, Any, Any]] = []   # (cell, question, matching, other)
+    if not plan.ab_texts:
+        return None, saves
+    with lm.trace(**trace_kw) as tracer:
+        for ci, (layer, scale) in enumerate(cells):
+            vec = vector[layer]
+            for qi, (stem, yes, no) in enumerate(plan.ab_texts):
+                pair = []
+                for ans in (yes, no):
+                    with tracer.invoke([stem + ans]):
+                        lm.layers[layer].output.steer(vec, scale=float(scale),
+                                                      positions=positions)
+                        lp = lm.logits[0, len(stem) - 1:-1].log_softmax(-1)
+                        tgt = torch.tensor(ans, dtype=torch.long)[:, None]
+                        pair.append(lp.gather(-1, tgt).mean().save())
+                saves.append((ci, qi, pair[0], pair[1]))
+    return tracer, saves
 
 
 def _generated(plan: _Plan, prompt_ids: list[int], ids: Any) -> list[int]:
@@ -321,13 +369,15 @@ class _Batch:
         self.tracer, self.gen_slots, self.ab_saves = _steered(
             sw.lm, sw.plan, cells, sw.vector, sw.max_tokens, sw.positions, sw.want_gen,
             sw.want_ab, sw.trace_kw)
+        self.ab_tracer, self.ab_text = (None, []) if not sw.want_ab else _ab_text(
+            sw.lm, sw.plan, cells, sw.vector, sw.positions, sw.trace_kw)
         self.scorer = None
 
     def score(self) -> None:
-        if self.sw.remote and self.tracer.handle is not None:
+        if self.sw.remote and self.tracer is not None and self.tracer.handle is not None:
             self.tracer.wait()
         plan = self.sw.plan
-        result = self.tracer.result or []
+        result = (self.tracer.result if self.tracer is not None else None) or []
         self.gens: list[dict[str, Any]] = []
         for ci, pi, k in self.gen_slots:
             gen = _generated(plan, plan.prompt_ids[pi], result[k])
@@ -341,11 +391,18 @@ class _Batch:
     def finish(self) -> list[tuple[int, float, list[dict[str, Any]]]]:
         if self.sw.remote and self.scorer is not None and self.scorer.handle is not None:
             self.scorer.wait()
+        if self.sw.remote and self.ab_tracer is not None and self.ab_tracer.handle is not None:
+            self.ab_tracer.wait()
         rows: list[list[dict[str, Any]]] = [[] for _ in self.cells]
         for ci, qi, val in self.ab_saves:
             rows[ci].append({"type": "ab", "index": qi, "matching":
                              self.sw.plan.questions[qi]["matching"],
                              "ab": float(torch.as_tensor(val))})
+        for ci, qi, yes, no in self.ab_text:
+            y, n = float(torch.as_tensor(yes)), float(torch.as_tensor(no))
+            rows[ci].append({"type": "ab", "index": qi, "matching":
+                             self.sw.plan.questions[qi]["matching"], "ab": y - n,
+                             "logprob_matching": y, "logprob_other": n})
         for g, slot in zip(self.gens, self.slots or [{}] * len(self.gens), strict=True):
             row = {"type": "generation", "index": g["index"], "prompt": g["prompt"],
                    "text": g["text"], "tokens": g["tokens"]}
@@ -376,7 +433,7 @@ def sweep(target: Any, vector: SteeringVector | str | os.PathLike[str],
           prompts: Sequence[str] | None = None, max_tokens: int = 32,
           metrics: Iterable[str] | str = METRICS, out_dir: str | os.PathLike[str] = "sweep",
           *, ab_questions: Sequence[dict[str, Any]] | None = None, positions: Any = "all",
-          batch_cells: int | None = None, model: str | None = None,
+          ab_mode: str = "text", batch_cells: int | None = None, model: str | None = None,
           api_key: str | None = None, labels: tuple[str, str] = (" positive", " negative"),
           progress: bool = True, plots: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) a layer x scale sweep; returns the summary rows (one per cell).
@@ -385,11 +442,14 @@ def sweep(target: Any, vector: SteeringVector | str | os.PathLike[str],
     (``model`` names its model if not the server's; ``api_key`` for servers with keys).
     ``vector``: a :class:`SteeringVector` or a path to one. ``layers``: default the vector's.
     ``prompts``: neutral prompts for ``behavior``/``fluency`` (default: the 50 shipped);
-    ``ab_questions``: for ``ab`` (default: the 40 shipped). ``batch_cells``: cells per
+    ``ab_questions``: for ``ab`` (default: the 40 shipped); ``ab_mode``: ``"text"`` (score
+    the answers' text; default) or ``"letter"`` (next token A vs B). ``batch_cells``: cells per
     batch (default: the whole grid in one batch; smaller batches show progress sooner and
     lose less to an interruption). Cells already in ``out_dir`` are skipped.
     """
     metrics = _parse_metrics(metrics)
+    if ab_mode not in AB_MODES:
+        raise SweepError(f"ab_mode must be one of {list(AB_MODES)}, got {ab_mode!r}")
     if isinstance(vector, (str, os.PathLike)):
         vector = SteeringVector.load(vector)
     scales = [float(s) for s in scales]
@@ -412,12 +472,15 @@ def sweep(target: Any, vector: SteeringVector | str | os.PathLike[str],
         layers = vector.check(cfg.hidden_size, cfg.num_hidden_layers, layers)
     except ValueError as exc:
         raise SweepError(str(exc)) from None
-    plan = _plan(tgt.lm, prompts if want_gen else [], questions if want_ab else [], labels)
+    plan = _plan(tgt.lm, prompts if want_gen else [], questions if want_ab else [], labels,
+                 ab_mode)
     settings = {"vector": vector_hash(vector), "model": Path(str(tgt.lm.path)).name,
                 "max_tokens": int(max_tokens), "metrics": metrics,
                 "positions": positions if isinstance(positions, (str, int)) or positions is None
                 else list(positions), "labels": list(labels),
                 "prompts": _hash(plan.prompts), "ab_questions": _hash(plan.questions)}
+    if want_ab:
+        settings["ab_mode"] = ab_mode
     out = Path(out_dir)
     old = out / SETTINGS_FILE
     if old.is_file():

@@ -3,7 +3,8 @@
 * ``sentiment_positive.txt`` / ``sentiment_negative.txt``: 100 line-aligned sentiment pairs;
 * ``neutral_prompts.txt``: 50 neutral prompts for steered generation;
 * ``ab_questions.jsonl``: 40 A/B questions, ``{"question": "...\\n(A) ...\\n(B) ...",
-  "matching": "A" | "B"}`` (the answer that matches positive sentiment).
+  "matching": "A" | "B"}`` (the answer that matches positive sentiment);
+  :func:`ab_answers` splits one into its stem and the two answer texts.
 
 Example::
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,26 @@ def read_ab_questions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not out:
         raise ValueError(f"{path} holds no A/B questions (empty file)")
     return out
+
+
+_AB = re.compile(r"(?P<stem>.*?)\n\(A\) (?P<a>.+?)\n\(B\) (?P<b>.+?)\s*", re.S)
+
+
+def ab_answers(question: dict[str, Any]) -> tuple[str, str, str]:
+    """``(stem, matching answer text, non-matching answer text)`` of an A/B question whose
+    text ends in the lines ``(A) ...`` and ``(B) ...``; ``ValueError`` for any other text.
+
+    Example::
+
+        >>> ab_answers({"question": "How was it?\\n(A) Awful.\\n(B) Lovely.", "matching": "B"})
+        ('How was it?', 'Lovely.', 'Awful.')
+    """
+    m = _AB.fullmatch(question["question"])
+    if m is None:
+        raise ValueError(f"an A/B question must end in the lines '(A) ...' and '(B) ...' to "
+                         f"score its answer texts: {question['question'][:80]!r}")
+    a, b = m["a"].strip(), m["b"].strip()
+    return (m["stem"], a, b) if question["matching"] == "A" else (m["stem"], b, a)
 
 
 def sentiment_pairs() -> tuple[list[str], list[str]]:
