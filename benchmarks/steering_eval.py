@@ -1,16 +1,33 @@
-"""The ``steering_eval`` workload: a layer x scale steering sweep as one batch vs cell by cell.
+"""The ``steering_eval`` workload (issue 12): a layer x scale steering sweep as one batch on the
+vllm backend, against the same sweep with nnsight ``generate``.
 
-Both runs use the same vllm-backend ``LanguageModel`` and the same steered generations
-(greedy, ``--tokens`` new tokens from each of ``--prompts`` neutral prompts, steered at one
-layer with one scale per cell): ``one batch`` is a single ``generate`` trace with an invoke per
-(cell, prompt), as ``vinterp.evals.sweep`` submits it; ``cell by cell`` is a loop with one
-trace per cell (the prompts of a cell batched), as people loop today. Reports wall time and
-generated tokens/s, and checks both runs produced the same tokens.
+The sweep: ``--layers`` layers x ``--scales`` scales x ``--prompts`` neutral prompts x
+``--tokens`` greedy tokens (full size 10 x 9 x 50 x 32 = 4,500 generations), each generation
+steered at its cell's layer by ``scale * v`` at every step (``v`` a fixed random direction,
+norm ``--norm``). Arms:
 
-Usage::
+* ``vinterp_one_batch``: the whole grid as one ``generate`` trace with an invoke per
+  (cell, prompt), as ``vinterp.evals.sweep`` submits it (vllm backend, eager, float32);
+* ``nnsight_looped``: nnsight 0.8.1, one ``generate`` per generation, looped cell by cell
+  (target: vinterp >= 10x);
+* ``nnsight_per_cell``: nnsight, one ``generate`` per cell with an invoke per prompt
+  (target: vinterp >= 2x);
+* ``vinterp_cell_by_cell`` (``--cell-by-cell``, optional): vinterp with one trace per cell.
 
-    .venv/bin/python -m benchmarks.steering_eval --layers 10 --scales 9 --prompts 50 --tokens 32
-    .venv/bin/python -m benchmarks.steering_eval --layers 2 --scales 3 --prompts 8 --tokens 16
+The nnsight arms run in ``.bench-venv`` (``make bench-setup``; module
+``benchmarks.steering_eval_nnsight``). At full size they would take hours on 2 CPU cores, so
+they time ``--nnsight-cells`` cells drawn at random from the grid (seeded) and the full
+sweep's wall time is **extrapolated** from their mean seconds per cell (every cell has the same
+prompts and token count); the result says so and from how many cells. Tokens are counted
+from the outputs (every generation must reach ``--tokens``), and the sampled cells'
+tokens are compared between vinterp and nnsight.
+
+Writes ``benchmarks/results/steering-eval/<date>-<host>.json`` (``--out``) and prints the
+Markdown section that ``python -m benchmarks report`` puts into RESULTS.md. Example::
+
+    .venv/bin/python -m benchmarks.steering_eval                       # full size
+    .venv/bin/python -m benchmarks.steering_eval --layers 2 --scales 3 --prompts 8 \\
+        --tokens 16 --nnsight-cells 2 --out /tmp/se
 """
 
 from __future__ import annotations
@@ -18,18 +35,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+NNSIGHT_PY = Path(os.environ.get("VINTERP_BENCH_NNSIGHT_PYTHON")
+                  or REPO / ".bench-venv" / "bin" / "python")
+TARGETS = {"nnsight_looped": 10.0, "nnsight_per_cell": 2.0}
 
 
-def _cells(n_layers: int, n_scales: int, num_hidden: int) -> list[tuple[int, float]]:
+def grid(n_layers: int, n_scales: int, num_hidden: int) -> list[tuple[int, float]]:
+    """The sweep's cells: ``n_layers`` evenly spaced layers x ``n_scales`` scales in
+    [-1.5, 1.5] (scales of a norm-``--norm`` vector).
+
+    Example: ``grid(2, 3, 30)`` -> ``[(10, -1.5), (10, 0.0), (10, 1.5), (20, -1.5), ...]``.
+    """
     step = max(1, num_hidden // (n_layers + 1))
     layers = [step * (i + 1) for i in range(n_layers)]
-    scales = [-1.5 + 3.0 * i / max(1, n_scales - 1) for i in range(n_scales)]
+    scales = [round(-1.5 + 3.0 * i / max(1, n_scales - 1), 6) for i in range(n_scales)]
     return [(la, s) for la in layers for s in scales]
 
 
-def _run(model, vec, cells, prompts, tokens, per_cell: bool) -> tuple[float, list[list[int]]]:
+def _vinterp_run(model: Any, vec: Any, cells: list[tuple[int, float]], prompts: list[str],
+                 tokens: int, per_cell: bool) -> tuple[float, list[list[int]]]:
+    """vinterp: the cells as one trace (or one trace per cell); (seconds, new ids)."""
     groups = [[c] for c in cells] if per_cell else [cells]
+    lens = [len(model.tokenizer(p)["input_ids"]) for p in prompts]
     out: list[list[int]] = []
     t0 = time.perf_counter()
     for group in groups:
@@ -39,45 +77,190 @@ def _run(model, vec, cells, prompts, tokens, per_cell: bool) -> tuple[float, lis
                     with tr.invoke(p):
                         with tr.all():
                             model.layers[layer].output.steer(vec, scale=scale)
-        out += [r.tolist() for r in tr.result]
+        res = [r.tolist() for r in tr.result]
+        out += [r[n:] for r, n in zip(res, lens * len(group), strict=True)]
     return time.perf_counter() - t0, out
 
 
-def main() -> None:
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def _nnsight(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    if not NNSIGHT_PY.exists():
+        raise RuntimeError(f"no nnsight interpreter at {NNSIGHT_PY}: run `make bench-setup`")
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    subprocess.run([str(NNSIGHT_PY), "-m", "benchmarks.steering_eval_nnsight",
+                    str(tmp / "spec.json"), str(tmp / "nnsight.json")], cwd=REPO, check=True)
+    return json.loads((tmp / "nnsight.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--scales", type=int, default=9)
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--json", help="also write the results here")
-    args = ap.parse_args()
+    ap.add_argument("--norm", type=float, default=20.0, help="the steering vector's norm")
+    ap.add_argument("--nnsight-cells", type=int, default=4,
+                    help="cells the nnsight arms time (0: leave nnsight out)")
+    ap.add_argument("--arms", nargs="+", default=["looped", "per_cell"],
+                    choices=["looped", "per_cell"], help="nnsight arms")
+    ap.add_argument("--cell-by-cell", action="store_true",
+                    help="also time vinterp with one trace per cell (full grid)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--note", default="", help="a line stored with the result")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "steering-eval")
+    args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import torch
 
+    import vinterp
     from vinterp import LanguageModel
+    from vinterp.models.registry import resolve_model
     from vinterp.steering.datasets import neutral_prompts
 
+    load_start, t_all = _load(), time.perf_counter()
+    model_path = str(resolve_model(args.model))
     model = LanguageModel(args.model, backend="vllm", max_model_len=512)
     prompts = (neutral_prompts() * 10)[:args.prompts]
-    cells = _cells(args.layers, args.scales, model.config.num_hidden_layers)
+    cells = grid(args.layers, args.scales, model.config.num_hidden_layers)
     vec = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    vec = vec / vec.norm() * 20
-    _run(model, vec, cells[:1], prompts[:2], 2, per_cell=False)          # warm-up
-    gen = len(cells) * len(prompts) * args.tokens
-    res = {"workload": "steering_eval", "model": args.model, "cells": len(cells),
-           "prompts": len(prompts), "tokens": args.tokens, "generations":
-           len(cells) * len(prompts), "generated_tokens": gen}
-    t_batch, ids_batch = _run(model, vec, cells, prompts, args.tokens, per_cell=False)
-    t_loop, ids_loop = _run(model, vec, cells, prompts, args.tokens, per_cell=True)
-    res.update(one_batch_s=round(t_batch, 2), one_batch_tok_s=round(gen / t_batch, 1),
-               cell_by_cell_s=round(t_loop, 2), cell_by_cell_tok_s=round(gen / t_loop, 1),
-               speedup=round(t_loop / t_batch, 2), same_tokens=ids_batch == ids_loop)
-    print(json.dumps(res, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    vec = vec / vec.norm() * args.norm
+    n_gen, n_tok = len(cells) * len(prompts), len(cells) * len(prompts) * args.tokens
+    res: dict[str, Any] = {
+        "kind": "steering_eval", "workloads": ["steering_eval"], "model": args.model,
+        "date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
+        "cpus": os.cpu_count(), "layers": args.layers, "scales": args.scales,
+        "cells": len(cells), "prompts": len(prompts), "tokens": args.tokens,
+        "generations": n_gen, "generated_tokens": n_tok, "vector_norm": args.norm,
+        "note": args.note, "vinterp_vllm_mode": "eager" if os.environ.get(
+            "VINTERP_VLLM_EAGER", "") not in ("", "0") else "compiled",
+        "versions": {"vinterp": getattr(vinterp, "__version__", "?"),
+                     "torch": torch.__version__}}
+    try:
+        import vllm
+        res["versions"]["vllm"] = vllm.__version__
+    except ImportError:
+        pass
+    _vinterp_run(model, vec, cells[:1], prompts[:2], 2, per_cell=False)     # warm-up
+    arms: dict[str, Any] = {}
+    t, ids = _vinterp_run(model, vec, cells, prompts, args.tokens, per_cell=False)
+    done = sum(min(len(x), args.tokens) for x in ids)
+    if done != n_tok:
+        raise RuntimeError(f"vinterp generated {done} of {n_tok} tokens")
+    arms["vinterp_one_batch"] = {"seconds": t, "tok_s": n_tok / t, "extrapolated": False,
+                                 "load_after": _load()}
+    print(f"vinterp one batch: {t:.1f} s, {n_tok / t:.1f} tok/s", file=sys.stderr)
+    if args.cell_by_cell:
+        t2, ids2 = _vinterp_run(model, vec, cells, prompts, args.tokens, per_cell=True)
+        arms["vinterp_cell_by_cell"] = {"seconds": t2, "tok_s": n_tok / t2,
+                                        "extrapolated": False, "same_tokens": ids2 == ids,
+                                        "load_after": _load()}
+    if args.nnsight_cells > 0:
+        sample = sorted(random.Random(args.seed).sample(range(len(cells)),
+                                                        min(args.nnsight_cells, len(cells))))
+        with tempfile.TemporaryDirectory(prefix="vinterp-steer-bench-") as tmp:
+            torch.save(vec, Path(tmp) / "vec.pt")
+            nn = _nnsight({"model_path": model_path, "prompts": prompts,
+                           "tokens": args.tokens, "vector": str(Path(tmp) / "vec.pt"),
+                           "cells": [list(cells[i]) for i in sample], "arms": args.arms},
+                          Path(tmp))
+        res["versions"]["nnsight_venv"] = nn["versions"]
+        per_tok = len(prompts) * args.tokens
+        for arm, rows in nn["arms"].items():
+            short = [n for r in rows for n in r["new_tokens"] if n < args.tokens]
+            if short:
+                raise RuntimeError(f"nnsight {arm}: {len(short)} generations stopped early")
+            secs = [r["seconds"] for r in rows]
+            st = _stats(secs)
+            same = [a == b for i, r in zip(sample, rows, strict=True)
+                    for a, b in zip(ids[i * len(prompts):(i + 1) * len(prompts)], r["ids"],
+                                    strict=True)]
+            arms[f"nnsight_{arm}"] = {
+                "seconds": st["mean"] * len(cells), "seconds_min": st["min"] * len(cells),
+                "seconds_max": st["max"] * len(cells), "tok_s": per_tok / st["mean"],
+                "extrapolated": True, "cells_timed": len(rows),
+                "cells": [[r["layer"], r["scale"]] for r in rows], "cell_seconds": secs,
+                "same_tokens_as_vinterp": f"{sum(same)}/{len(same)}", "load_after": _load()}
+    base = arms["vinterp_one_batch"]["seconds"]
+    for k, a in arms.items():
+        if k != "vinterp_one_batch":
+            a["speedup"] = a["seconds"] / base
+            if "seconds_min" in a:
+                a["speedup_range"] = [a["seconds_min"] / base, a["seconds_max"] / base]
+    res.update(arms=arms, load_start=load_start, load_end=_load(),
+               wall_s=time.perf_counter() - t_all)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{time.strftime('%Y-%m-%d-%H%M')}-{platform.node()}.json"
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    print("\n".join(steering_section(res)))
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def steering_section(result: dict[str, Any]) -> list[str]:
+    """A steering_eval run as Markdown (for RESULTS.md): arms, wall time, tokens/s, targets.
+
+    Example: ``"\\n".join(steering_section(json.loads(Path(run).read_text())))``.
+    """
+    r, arms = result, result["arms"]
+    lines = [f"- date: {r['date']}; model: {r['model']}; {r['cpus']} CPUs; load average "
+             f"(1/5/15 min) at start {r['load_start']}, at end {r['load_end']}"
+             + (" — the machine was shared with other work during this run"
+                if max(r["load_start"][0], r["load_end"][0]) > 1.5 else ""),
+             f"- sweep: {r['layers']} layers × {r['scales']} scales × {r['prompts']} prompts "
+             f"× {r['tokens']} greedy tokens = {r['generations']:,} generations, "
+             f"{r['generated_tokens']:,} generated tokens (counted from the outputs); each "
+             f"generation steered at its cell's layer, every step, by scale × a fixed random "
+             f"vector of norm {r['vector_norm']:g}; float32 everywhere; vinterp's vllm "
+             f"backend {r.get('vinterp_vllm_mode', 'eager')} (its default), engine start and "
+             f"warm-up untimed; nnsight 0.8.1 on transformers in its own venv",
+             f"- versions: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}",
+             *([f"- note: {r['note']}"] if r.get("note") else []), "",
+             "| arm | how | wall time (full sweep) | tok/s | vinterp speedup | target | met |",
+             "|---|---|---|---|---|---|---|"]
+    how = {"vinterp_one_batch": "vllm backend, the whole grid as one generate trace",
+           "vinterp_cell_by_cell": "vllm backend, one generate trace per cell",
+           "nnsight_looped": "nnsight generate per generation, looped cell by cell",
+           "nnsight_per_cell": "nnsight generate per cell, an invoke per prompt"}
+    for k, a in arms.items():
+        wall = f"{a['seconds']:.0f} s"
+        if a.get("extrapolated"):
+            wall = (f"**{a['seconds']:.0f} s extrapolated** from {a['cells_timed']} of "
+                    f"{r['cells']} cells ({a['seconds_min']:.0f}–{a['seconds_max']:.0f} s "
+                    f"by the fastest/slowest cell)")
+        sp = ""
+        if "speedup" in a:
+            sp = f"{a['speedup']:.1f}×"
+            if "speedup_range" in a:
+                sp += f" ({a['speedup_range'][0]:.1f}–{a['speedup_range'][1]:.1f})"
+        target = TARGETS.get(k)
+        met = ""
+        if target is not None:
+            lo, hi = a.get("speedup_range", [a["speedup"]] * 2)
+            met = "yes" if lo >= target else ("no" if hi < target else "within range")
+        lines.append(f"| {k} | {how.get(k, '')} | {wall} | {a['tok_s']:.1f} | {sp} "
+                     f"| {'' if target is None else f'≥ {target:g}×'} | {met} |")
+    ext = [a for a in arms.values() if a.get("extrapolated")]
+    if ext:
+        a = ext[0]
+        cells = ", ".join(f"L{c[0]}/{c[1]:+g}" for c in a["cells"])
+        lines += ["", f"nnsight rows are **extrapolated**: each arm timed {a['cells_timed']} "
+                  f"cells drawn at random from the grid ({cells}; every cell has the same "
+                  f"prompts and token count), and the full sweep's time is their mean seconds "
+                  f"per cell × {r['cells']} cells; tok/s is measured on those cells. Greedy "
+                  f"tokens identical to vinterp's on those cells: "
+                  + ", ".join(f"{k} {v['same_tokens_as_vinterp']}" for k, v in arms.items()
+                              if "same_tokens_as_vinterp" in v)
+                  + " generations (HF vs vLLM float32 kernels can differ in a late token)."]
+    return lines
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
