@@ -322,7 +322,10 @@ def write_combined(results: list[tuple[str, dict[str, Any]]], report_dir: Path,
                   f"(`{name}`)", ""] + body + [""]
     (report_dir / "RESULTS.md").write_text("\n".join(lines))
     with_sweep = [r for _, r in results if "concurrency" in r["workloads"]]
-    _plot_quietly((with_sweep or [results[0][1]])[0], report_dir / "results.png")
+    # (server and steering_eval runs have their own formats, no benchmark rows to plot)
+    plottable = with_sweep or [r for _, r in results if isinstance(r.get("rows"), list)]
+    if plottable:
+        _plot_quietly(plottable[0], report_dir / "results.png")
 
 
 def _plot_quietly(result: dict[str, Any], path: Path) -> None:

@@ -86,8 +86,34 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def _stats(xs: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+def extrapolate(cell_seconds: list[float], n_cells: int, tokens_per_cell: int
+                ) -> dict[str, Any]:
+    """The full sweep's time from the seconds of a few timed cells (all cells alike): mean
+    seconds per cell x ``n_cells``, with the range from the fastest and slowest cell; tokens/s
+    as measured on the timed cells.
+
+    Example: ``extrapolate([10.0, 14.0], 90, 1600)`` -> ``seconds`` 1080, ``seconds_min``
+    900, ``seconds_max`` 1260, ``tok_s`` 133.3.
+    """
+    mean = statistics.fmean(cell_seconds)
+    return {"seconds": mean * n_cells, "seconds_min": min(cell_seconds) * n_cells,
+            "seconds_max": max(cell_seconds) * n_cells, "tok_s": tokens_per_cell / mean,
+            "extrapolated": True, "cells_timed": len(cell_seconds),
+            "cell_seconds": list(cell_seconds)}
+
+
+def add_speedups(arms: dict[str, dict[str, Any]], base: str = "vinterp_one_batch") -> None:
+    """Each other arm's ``speedup`` (its seconds over ``base``'s) and, for extrapolated arms,
+    ``speedup_range`` from the fastest and slowest timed cell.
+
+    Example: base 100 s, an arm of 1080 s (900-1260) -> 10.8x (9.0-12.6).
+    """
+    t = arms[base]["seconds"]
+    for k, a in arms.items():
+        if k != base:
+            a["speedup"] = a["seconds"] / t
+            if "seconds_min" in a:
+                a["speedup_range"] = [a["seconds_min"] / t, a["seconds_max"] / t]
 
 
 def _nnsight(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
@@ -177,23 +203,14 @@ def main(argv: list[str] | None = None) -> int:
             short = [n for r in rows for n in r["new_tokens"] if n < args.tokens]
             if short:
                 raise RuntimeError(f"nnsight {arm}: {len(short)} generations stopped early")
-            secs = [r["seconds"] for r in rows]
-            st = _stats(secs)
             same = [a == b for i, r in zip(sample, rows, strict=True)
                     for a, b in zip(ids[i * len(prompts):(i + 1) * len(prompts)], r["ids"],
                                     strict=True)]
             arms[f"nnsight_{arm}"] = {
-                "seconds": st["mean"] * len(cells), "seconds_min": st["min"] * len(cells),
-                "seconds_max": st["max"] * len(cells), "tok_s": per_tok / st["mean"],
-                "extrapolated": True, "cells_timed": len(rows),
-                "cells": [[r["layer"], r["scale"]] for r in rows], "cell_seconds": secs,
+                **extrapolate([r["seconds"] for r in rows], len(cells), per_tok),
+                "cells": [[r["layer"], r["scale"]] for r in rows],
                 "same_tokens_as_vinterp": f"{sum(same)}/{len(same)}", "load_after": _load()}
-    base = arms["vinterp_one_batch"]["seconds"]
-    for k, a in arms.items():
-        if k != "vinterp_one_batch":
-            a["speedup"] = a["seconds"] / base
-            if "seconds_min" in a:
-                a["speedup_range"] = [a["seconds_min"] / base, a["seconds_max"] / base]
+    add_speedups(arms)
     res.update(arms=arms, load_start=load_start, load_end=_load(),
                wall_s=time.perf_counter() - t_all)
     args.out.mkdir(parents=True, exist_ok=True)
