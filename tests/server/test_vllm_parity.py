@@ -18,10 +18,12 @@ VOLATILE = {"id", "created", "system_fingerprint"}
 
 @pytest.fixture(scope="module")
 def plain_vllm(tmp_path_factory, smollm2_path):
-    # the engine settings vinterp serve uses (vinterp.backends.vllm.engine.engine_kwargs)
+    # the engine settings vinterp serve uses (vinterp.backends.vllm.engine.engine_kwargs):
+    # both compiled, so plain requests must match bit for bit (the plugin's op in vinterp's
+    # graph leaves rows no request touches exactly as plain vLLM computes them)
     cmd = vllm_serve_command(
         str(smollm2_path), "--served-model-name", MODEL, "--host", "127.0.0.1",
-        "--dtype", "float32", "--enforce-eager", "--seed", "0",
+        "--dtype", "float32", "--seed", "0",
         "--kv-cache-memory-bytes", str(DEFAULT_KV_CACHE_BYTES),
         "--max-model-len", str(MAX_MODEL_LEN))
     process = launch(cmd, log=tmp_path_factory.mktemp("vllm") / "vllm.log",
