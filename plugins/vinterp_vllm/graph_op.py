@@ -117,12 +117,26 @@ def install_point_hooks(model: torch.nn.Module, points: Sequence[tuple[str, str,
             mod.register_forward_hook(call, with_kwargs=True)
 
 
-def cuda_compilation_config(user: dict[str, Any] | None) -> dict[str, Any]:
+def cuda_compilation_config(user: dict[str, Any] | str | None) -> dict[str, Any]:
     """vLLM's ``compilation_config`` for the plugin on CUDA: graph pieces split at the op, so
     its Python runs every step between piecewise CUDA graphs (a full graph would replay the
-    op's first capture forever). Refuses a user setting that would freeze it."""
+    op's first capture forever). Refuses a user setting that would freeze it.
+
+    Example::
+
+        >>> cuda_compilation_config(None)["cudagraph_mode"]  # doctest: +SKIP
+        'PIECEWISE'
+    """
+    import json
+
     from vllm.config.compilation import CompilationConfig
 
+    if isinstance(user, str):   # as `vllm serve --compilation-config '{...}'` passes it
+        user = json.loads(user)
+    if user is not None and not isinstance(user, dict):
+        raise ValueError("with the vllm backend pass compilation_config as a dict (vinterp "
+                         "adds its op to splitting_ops), not a "
+                         f"{type(user).__name__}")
     cfg = dict(user or {})
     mode = str(cfg.get("cudagraph_mode", "PIECEWISE")).upper()
     if "FULL" in mode:

@@ -100,7 +100,7 @@ def _generate(m, vecs):
     """One generate trace: a different intervention per invoke, per-step captures."""
     layers = m.model.layers
     saves: list = []
-    with m.generate(max_new_tokens=NEW, do_sample=False) as tr:
+    with m.generate(max_new_tokens=NEW, do_sample=False, ignore_eos=True) as tr:
         for i, p in enumerate(PROMPTS * 3):
             with tr.invoke(p):
                 with tr.all():
@@ -126,9 +126,7 @@ def _generate(m, vecs):
 
 
 def _flat(value) -> torch.Tensor:
-    """A save made in ``tracer.all()`` holds one value per step: one tensor of them all."""
-    if isinstance(value, (list, tuple)):
-        return torch.cat([torch.as_tensor(v).reshape(-1) for v in value])
+    """One saved value (the body of ``tracer.all()`` runs per step: one save each)."""
     return torch.as_tensor(value).reshape(-1)
 
 
@@ -138,7 +136,7 @@ def test_steering_and_captures_compiled_equal_eager_and_hf(models, vecs):
     toks_e, saves_e = got["eager"]
     toks_h, saves_h = got["hf"]
     assert toks_c == toks_e == toks_h
-    assert len(saves_c) == len(saves_e) == len(saves_h) == 2 * 3 * len(PROMPTS)
+    assert len(saves_c) == len(saves_e) == len(saves_h) == 2 * 3 * len(PROMPTS) * NEW
     for c, e, h in zip(saves_c, saves_e, saves_h, strict=True):
         assert c.shape == e.shape == h.shape
         assert rel_err(c, e) <= 1e-5
@@ -176,3 +174,22 @@ def test_engine_without_vinterp_config_is_refused_clearly(tiny_path):
             llm.collective_rpc("vinterp_install", args=("llama",))
     finally:
         del llm
+
+
+def test_cuda_compilation_config_splits_at_the_op():
+    """On CUDA the op must run between piecewise graphs: vinterp's op joins vLLM's attention
+    splitting ops, FULL graph modes (which would replay the op's first capture) are refused."""
+    from vinterp_vllm.graph_op import OP_NAME, cuda_compilation_config
+    from vllm.config.compilation import CompilationConfig
+
+    cfg = cuda_compilation_config(None)
+    assert cfg["cudagraph_mode"] == "PIECEWISE"
+    assert OP_NAME in cfg["splitting_ops"]
+    assert set(CompilationConfig._attention_ops) <= set(cfg["splitting_ops"])
+    assert cuda_compilation_config('{"splitting_ops": ["x::y"]}')["splitting_ops"] == [
+        "x::y", OP_NAME]
+    for mode in ("FULL", "FULL_AND_PIECEWISE", "full_decode_only"):
+        with pytest.raises(ValueError, match="would replay vinterp's per-step"):
+            cuda_compilation_config({"cudagraph_mode": mode})
+    with pytest.raises(ValueError, match="as a dict"):
+        cuda_compilation_config(CompilationConfig())
