@@ -85,9 +85,11 @@ def test_per_invoke_max_new_tokens_equal_hf(models):
             steps = []
             for prompt, budget in [("The capital of France is", 2), ("Once upon a time", 7)]:
                 with tracer.invoke(prompt, max_new_tokens=budget):
+                    logits = list().save()
                     with tracer.all():
                         model.layers[10].output.steer(vector, scale=2.0)
-                        steps.append(model.logits.save())
+                        logits.append(model.logits)
+                    steps.append(logits)
         out[name] = ([t.tolist() for t in tracer.result], steps)
     assert out["vllm"][0] == out["hf"][0]
     for vl, hf in zip(out["vllm"][1], out["hf"][1], strict=True):
@@ -111,10 +113,15 @@ def test_steered_generation_tokens_and_step_logits(models):
             for v in vectors:
                 for p in prompts:
                     with tracer.invoke(p):
-                        with tracer.all():
-                            model.model.layers[5].output.steer(v, scale=1.0)
-                            if p == prompts[0]:
-                                saved.append(model.logits.save())
+                        if p == prompts[0]:
+                            logits = list().save()
+                            with tracer.all():
+                                model.model.layers[5].output.steer(v, scale=1.0)
+                                logits.append(model.logits)
+                            saved.append(logits)
+                        else:
+                            with tracer.all():   # edits only: recorded once for every step
+                                model.model.layers[5].output.steer(v, scale=1.0)
         res[name] = ([t.tolist() for t in tracer.result], saved)
     (tok_hf, lg_hf), (tok_vl, lg_vl) = res["hf"], res["vllm"]
     assert len(tok_vl) == 30

@@ -80,6 +80,7 @@ def main(model_path: str) -> None:
     out["trace_result_last_logits_argmax"] = int(trace_result.logits[0, -1].argmax())
 
     record_more(model, out)
+    record_with_forms(model, out)
 
     path = Path(__file__).with_name("nnsight_reference.json")
     path.write_text(json.dumps(out, indent=1) + "\n")
@@ -171,6 +172,56 @@ def record_more(model: LanguageModel, out: dict[str, object]) -> None:
         with tracer.invoke():
             batch = model.model.layers[1].output.save()
     out["empty_invoke"] = {"shape": list(batch.shape), "last": _rows(batch[:, -1])}
+
+
+def record_with_forms(model: LanguageModel, out: dict[str, object]) -> None:
+    """The ``with tracer.all():`` / ``with tracer.iter[...]:`` block forms (deprecated in 0.8,
+    still run: ``Iterations.execute`` re-runs the block once per step). Nothing may follow an
+    open-ended ``with tracer.all()`` in the trace: nnsight never runs it."""
+    # iter-all-next.md "`tracer.all()`", block form: append gives one item per step; a name
+    # bound to .save() inside holds the last step's value
+    with model.generate(PROMPT, max_new_tokens=4) as tracer:
+        hs = list().save()
+        with tracer.all():
+            last = model.model.layers[0].output.save()
+            hs.append(model.model.layers[0].output)
+    out["with_all"] = {"shapes": [list(h.shape) for h in hs],
+                       "hidden": [_rows(h[0, -1]) for h in hs],
+                       "saved_shape": list(last.shape), "saved": _rows(last[0, -1]),
+                       "saved_is_last": bool(torch.equal(last, hs[-1]))}
+
+    # the block's Python runs once per step too
+    with model.generate(PROMPT, max_new_tokens=4) as tracer:
+        count = [0]
+        counts = list().save()
+        with tracer.all():
+            model.model.layers[0].output  # noqa: B018 (each step waits for the model here)
+            count[0] += 1
+            counts.append(count[0])
+    out["with_all_counter"] = list(counts)
+
+    # edit every step in the block form, read the predictions per step
+    with model.generate(PROMPT, max_new_tokens=3) as tracer:
+        preds = list().save()
+        with tracer.all():
+            model.model.layers[0].output[:] = 0
+            preds.append(model.lm_head.output[0, -1].argmax(dim=-1))
+    out["with_all_zero"] = [int(p) for p in preds]
+
+    # iter-all-next.md "Slice", block form: steps 0..2; an edit at steps 1 and 2 only
+    with model.generate(PROMPT, max_new_tokens=N_NEW) as tracer:
+        first3 = list().save()
+        with tracer.iter[0:3]:
+            first3.append(model.model.layers[0].output)
+    with model.generate(PROMPT, max_new_tokens=N_NEW) as tracer:
+        mid = list().save()
+        with tracer.iter[1:3]:
+            model.model.layers[0].output[:] = 0
+            mid.append(model.lm_head.output[0, -1].argmax(dim=-1))
+        ids = tracer.result.save()
+    out["with_iter"] = {"shapes": [list(h.shape) for h in first3],
+                        "hidden": [_rows(h[0, -1]) for h in first3],
+                        "edit_1_3_predictions": [int(p) for p in mid], "edit_1_3_ids": _rows(ids)}
 
 
 if __name__ == "__main__":

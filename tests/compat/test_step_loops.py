@@ -150,18 +150,24 @@ def test_saved_list_and_dict_hold_tensors_after_the_block(model):
     assert not hasattr([], "save")  # .save() on plain objects exists only inside a trace
 
 
-def test_with_all_scope_keeps_one_body_for_every_step(model):
-    # nnsight's deprecated `with tracer.all():` form: vinterp records the body once for all
-    # steps (the fast path); a save inside gives one value per step.
+def test_with_all_scope_runs_its_body_once_per_step(model):
+    # nnsight's deprecated `with tracer.all():` form runs the block once per step
+    # (iterator.py Iterations.execute): an append gives one item per step, and a name bound to
+    # a save inside holds the last step's value (test_with_step_scopes.py: nnsight's numbers).
     read = f"model.layers.{READ_LAYER}"
     with model.generate(PROMPT, max_new_tokens=3, ignore_eos=True) as tracer:
+        every = list().save()
         with tracer.all():
-            every = model.model.layers[READ_LAYER].output.save()
+            every.append(model.model.layers[READ_LAYER].output)
+            last = model.model.layers[READ_LAYER].output.save()
     ref = raw_generate(model._model, _ids(model), 3, model._pad_id,
                        capture={read: lambda o: o}).captured[read]
     assert len(every) == 3
     for got, want in zip(every, ref, strict=True):
         assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert isinstance(last, torch.Tensor) and torch.allclose(last, ref[2], atol=1e-5, rtol=0)
+    saves = [(n.steps.start, n.steps.stop) for n in tracer.graph.nodes if n.op == "save"]
+    assert sorted(saves) == [(0, 1), (0, 1), (1, 2), (1, 2), (2, 3), (2, 3)]
 
 
 def test_step_loop_misuse_is_refused_clearly(model):

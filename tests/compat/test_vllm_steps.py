@@ -76,8 +76,8 @@ def test_samples_in_all_steps_per_invoke(backend, compat_vllm, hf_model):
                     out_ids[i].append(model.samples.output.item())
     for (prompt, n), ids, row in zip(PROMPTS.items(), out_ids, tracer.result, strict=True):
         p = len(model.tokenizer(prompt)["input_ids"])
-        assert ids == [row[p:].tolist()]   # tracer.all() records its body once: a list of steps
-        assert len(ids[0]) == n
+        assert ids == row[p:].tolist()   # tracer.all() runs its body per step: one id each
+        assert len(ids) == n
 
 
 def test_samples_refuse_writes_and_plain_traces(compat_vllm):

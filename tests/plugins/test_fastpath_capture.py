@@ -86,8 +86,10 @@ def test_generate_last_token_every_step_equals_hf(models):
         with model.generate(max_new_tokens=4) as tracer:
             saved = []
             for p in PROMPTS[1:]:
-                with tracer.invoke(p), tracer.all():
-                    saved.append(model.model.layers[1].output[:, -1].save())
+                steps = list().save()
+                with tracer.invoke(p), tracer.all():   # the body runs once per step
+                    steps.append(model.model.layers[1].output[:, -1].save())
+                saved.append(steps)
         out[name] = (saved, [_plan(tracer, i) for i in range(2)])
     (hf, _), (vl, plans) = out["hf"], out["vllm"]
     assert all(p is not None for p in plans)

@@ -187,10 +187,11 @@ def _generate(model, edit, vecs, form, layers=(0, 1)):
     with model.generate(max_new_tokens=NEW) as tracer:
         with tracer.invoke(PROMPTS[0]):
             if form == "all":
-                with tracer.all():
+                h = list().save()
+                with tracer.all():          # nnsight's block form: its body runs per step
                     for i in layers:
                         edit(model.model.layers[i], vecs)
-                    h = model.model.layers[1].output.save()
+                    h.append(model.model.layers[1].output)
             else:
                 h = list().save()
                 for step in tracer.iter[:]:

@@ -63,13 +63,15 @@ def _run(lm, prompts: list[str], vectors: list[torch.Tensor], general: list[bool
     with lm.generate(max_new_tokens=40, ignore_eos=True) as tracer:
         for p, v, gen in zip(prompts, vectors, general, strict=True):
             with tracer.invoke(p):
+                steps = list().save()
                 with tracer.all():
                     out = lm.layers[1].output
                     if gen:
                         lm.layers[1].output[:] = out + out.abs().mean(-1, keepdim=True) * v
                     else:
                         out.steer(v)
-                    caps.append(lm.layers[0].output.save())
+                    steps.append(lm.layers[0].output)
+                caps.append(steps)
     return [t.tolist() for t in tracer.result], caps
 
 

@@ -60,17 +60,17 @@ def _steered(lm, prompt, how: str, vector: torch.Tensor = VEC, save: bool = Fals
     """Steer layer 0's output at every position of every step, the shortcut or the idiom;
     with ``save`` also return layer 1's output at every step (a whole-value save: with the
     shortcut the plugin's vectorized path serves both)."""
-    saved = []
     with lm.generate(prompt, max_new_tokens=NEW, ignore_eos=True) as tracer:
+        saved = list().save()
         with tracer.all():
             if how == "steer":
                 lm.model.layers[0].output.steer(vector, scale=1.0, positions="all")
             else:
                 lm.model.layers[0].output[:] += vector
             if save:
-                saved.append(lm.model.layers[1].output.save())
+                saved.append(lm.model.layers[1].output)
     tokens = tracer.result[0].tolist()
-    return (tokens, list(saved[0])) if save else tokens
+    return (tokens, list(saved)) if save else tokens
 
 
 def _prompt_steered(lm, prompt, how: str) -> list[int]:

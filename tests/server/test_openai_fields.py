@@ -65,10 +65,11 @@ def test_steered_generation_captures_every_step_like_local(served, local_vllm, t
     choice = resp.choices[0]
     rows = npy(choice.model_extra["captures"][0])
     with local_vllm.generate("The capital of France is", max_new_tokens=6) as tr:
-        with tr.all():
+        h = list().save()
+        with tr.all():   # the body runs once per step: one item each
             local_vllm.layers[4].output.steer(vec, scale=2.0, positions="all")
             local_vllm.layers[5].output.steer(vec, scale=2.0, positions="all")
-            h = local_vllm.layers[10].output[:, -1].save()
+            h.append(local_vllm.layers[10].output[:, -1])
     prompt_len = len(tokenizer.encode("The capital of France is"))
     assert choice.text == tokenizer.decode(tr.result[0][prompt_len:])
     ref = torch.cat([x.reshape(-1, 576) for x in h])

@@ -39,9 +39,10 @@ def test_remote_generate_and_non_blocking(served, local_vllm):
     for kw in (opts, {}):
         with local_vllm.generate("The capital of France is", max_new_tokens=5, **kw) as tr:
             with tr.invoke("The capital of France is"):
-                with tr.all():
+                h = list().save()
+                with tr.all():   # the body runs once per step: one item each
                     local_vllm.layers[6].output.steer(vec, positions="generated")
-                    h = local_vllm.layers[9].output[:, -1].save()
+                    h.append(local_vllm.layers[9].output[:, -1])
             with tr.invoke("Once upon a time"):
                 g = local_vllm.layers[2].mlp.output.save()
         outs.append((tr.result, h, g))

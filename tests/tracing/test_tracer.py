@@ -55,11 +55,14 @@ def test_generate_invokes_of_different_lengths_equal_alone(model):
 def test_scopes_all_iter_next(model, roundtrip):
     n_new = 4
     with model.generate(PROMPT, max_new_tokens=n_new, ignore_eos=True) as tracer:
+        some = list().save()
         with tracer.iter[1:3]:
-            some = model.layers[1].output.save()
+            some.append(model.layers[1].output)
         first = model.logits.save()
-        with tracer.all():
-            every = model.logits.save()
+        every = list().save()
+        with tracer.all():   # nnsight: the block runs once per step
+            every.append(model.logits)
+            last = model.logits.save()
         loop = []
         for _step in tracer.iter[2:4]:   # unrolled at trace time: one body per step
             loop.append(model.logits.argmax(-1).save())
@@ -68,6 +71,7 @@ def test_scopes_all_iter_next(model, roundtrip):
     res = tracer.result[0]
     n = len(model.tokenizer(PROMPT)["input_ids"])
     assert isinstance(every, list) and len(every) == n_new
+    assert torch.equal(last, every[-1])          # a save in the block: the last step's
     assert all(e.shape == (1, 1, model.config.vocab_size) for e in every)
     assert torch.equal(every[0], first) and torch.equal(every[1], second)
     # the logits at step s choose token s (greedy)
@@ -76,7 +80,9 @@ def test_scopes_all_iter_next(model, roundtrip):
     assert all(s.shape == (1, 1, model.config.hidden_size) for s in some)
     assert [int(x[0, -1]) for x in loop] == res[n + 2:n + 4].tolist()
     scopes = [(n.steps.start, n.steps.stop) for n in tracer.graph.nodes if n.op == "save"]
-    assert scopes == [(1, 3), (0, 1), (0, None), (2, 3), (3, 4), (1, 2)]
+    # the block forms ran once per step: one save per step (the kept lists' come last)
+    assert scopes == [(0, 1), (0, 1), (1, 2), (2, 3), (3, 4), (2, 3), (3, 4), (1, 2),
+                      (1, 2), (2, 3), (0, 1), (1, 2), (2, 3), (3, 4)]
     roundtrip(model, tracer)
 
 
@@ -84,9 +90,10 @@ def test_steering_in_generate_equals_raw_hook(model, roundtrip):
     torch.manual_seed(0)
     v = torch.randn(model.config.hidden_size) * 4
     with model.generate(PROMPT, max_new_tokens=6, ignore_eos=True) as tracer:
+        logits = list().save()
         with tracer.all():
             model.layers[1].output.steer(v, scale=2.0)
-            logits = model.logits.save()
+            logits.append(model.logits)
     ref = _raw_generate(model, PROMPT, 6, lambda mod, a, o: o + 2.0 * v,
                         model._model.model.layers[1])
     plain = _raw_generate(model, PROMPT, 6)
@@ -100,12 +107,14 @@ def test_steering_in_generate_equals_raw_hook(model, roundtrip):
 def test_steering_positions_generated_only(model):
     v = torch.ones(model.config.hidden_size) * 3
     with model.generate(PROMPT, max_new_tokens=3, ignore_eos=True) as tracer:
+        outs = list().save()
         with tracer.all():
             model.layers[0].output.steer(v, positions="generated")
-            outs = model.layers[0].output.save()
+            outs.append(model.layers[0].output)
     with model.generate(PROMPT, max_new_tokens=3, ignore_eos=True) as plain_tracer:
+        plain = list().save()
         with plain_tracer.all():
-            plain = model.layers[0].output.save()
+            plain.append(model.layers[0].output)
     assert torch.equal(outs[0], plain[0])  # step 0 is the prompt: untouched
     n = len(model.tokenizer(PROMPT)["input_ids"])
     ids = tracer.result[0]

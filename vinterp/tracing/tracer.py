@@ -35,7 +35,7 @@ from vinterp.ir.tensors import dtype_name, encode_tensor
 from vinterp.ir import ops
 from vinterp.ir.interpreter import GraphRunner, RunState
 from vinterp.ir.validate import node_refs
-from vinterp.tracing import mount
+from vinterp.tracing import mount, stepbody
 from vinterp.tracing.errors import TracingError, not_saved
 from vinterp.tracing.proxy import Proxy, StepValue
 from vinterp.tracing.rebind import realize, rebind_frame
@@ -68,7 +68,8 @@ class _StepIter:
     body runs once per step with ``step`` a plain int, and what it records applies at that
     step only (so ``if step == 2:`` works and appends give one item per step). The
     generation budget (``max_new_tokens``) bounds open slices. ``with tracer.iter[a:b]:``
-    (nnsight's deprecated form) records its body once for every step of the range instead.
+    (nnsight's deprecated form) also runs its body once per step, without a step index (see
+    :meth:`_StepScope.__enter__`).
     """
 
     def __init__(self, tracer: Tracer) -> None:
@@ -108,24 +109,77 @@ class _StepScope:
                  indices: list[int] | None = None) -> None:
         self._tracer = tracer
         self._start, self._stop, self._indices = start, stop, indices
-        self._saved: list[Steps] = []
+        #: per open ``with``: the outer steps, the re-run plan (None: recorded once), the
+        #: first node recorded in it and whether its source was missing
+        self._saved: list[tuple[Steps, Any, int, bool]] = []
 
     def __enter__(self) -> _StepScope:
+        """``with tracer.all():`` / ``with tracer.iter[a:b]:`` (nnsight's deprecated form).
+
+        As in nnsight, the body runs once per step, like ``for step in tracer.iter[a:b]:``
+        (without a step index): appends give one item per step, and a name bound to a
+        ``.save()`` inside holds the last step's value after the block (the last step that
+        ran, when the generation ends early). The body runs natively for the first step,
+        then again from its source for each further step (:mod:`vinterp.tracing.stepbody`).
+        A body that only edits module values (``.steer(v)``, ``x[:] += v``, no names bound,
+        nothing saved) means the same run once or per step: it is recorded once for all steps.
+        """
         tracer = self._tracer
         if tracer._loop_step is not None:
             raise TracingError(
-                f"a `with tracer.iter/all()` scope inside `for step in tracer.iter[...]` (at "
-                f"step {tracer._loop_step}) would widen the loop's one step to several; put "
-                "the code in the loop body, or the scope outside the loop")
+                f"a `with tracer.iter/all()` scope inside `for step in tracer.iter[...]` (or "
+                f"another step scope; at step {tracer._loop_step}) would widen the loop's one "
+                "step to several; put the code in the loop body, or the scope outside the loop")
         if self._indices is not None:
             raise TracingError("`with tracer.iter[[...]]` cannot scope a list of steps; write "
                                "`for step in tracer.iter[[...]]:`")
-        self._saved.append(tracer._steps)
-        tracer._steps = Steps(start=self._start, stop=self._stop)
+        frame = sys._getframe(1)
+        body = stepbody.find(frame)
+        if body is None or body.pure:
+            # Recorded once for every step of the range (the same as once per step: nothing
+            # in the body binds a Python name or saves). Without the source (code run from a
+            # string) it cannot run per step: refused at the end if it saved anything.
+            self._saved.append((tracer._steps, None, len(tracer.nodes), body is None))
+            tracer._steps = Steps(start=self._start, stop=self._stop)
+            return self
+        steps = tracer._unrolled_steps(self._start, self._stop, None)
+        self._saved.append((tracer._steps, (frame, body, steps), len(tracer.nodes), False))
+        tracer._steps = Steps(start=steps[0], stop=steps[0] + 1)
+        tracer._loop_step = steps[0]
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self._tracer._steps = self._saved.pop()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        tracer = self._tracer
+        outer, plan, first, sourceless = self._saved.pop()
+        try:
+            if plan is None:
+                if exc_type is None and sourceless:
+                    self._check_sourceless(first)
+                return
+            frame, body, steps = plan
+            if exc_type is not None or len(steps) < 2:
+                return
+            rebound = tracer._rebound
+
+            def at_step(step: int) -> None:
+                tracer._steps = Steps(start=step, stop=step + 1)
+                tracer._loop_step = step
+
+            stepbody.rerun(frame, body, steps[1:], at_step, rebound)
+        finally:
+            tracer._steps = outer
+            tracer._loop_step = None
+
+    def _check_sourceless(self, first: int) -> None:
+        """A body recorded once for all steps because its source could not be read must not
+        have saved anything: nnsight would give a value per step (appends) or the last one."""
+        tracer = self._tracer
+        if any(p._id >= first for p in tracer.saved) or any(
+                _holds_proxy_from(obj, tracer, first, 0) for obj in tracer._kept):
+            raise TracingError(
+                "this `with tracer.all()` / `with tracer.iter[...]` block saves values, but "
+                "its source cannot be read (code run from a string?), so it cannot run once "
+                "per generation step as nnsight does; write `for step in tracer.iter[...]:`")
 
     def __iter__(self) -> Iterator[int]:
         tracer = self._tracer
@@ -138,14 +192,7 @@ class _StepScope:
             raise TracingError(
                 "`for step in tracer.iter[...]` inside a `with tracer.all()/iter[a:b]` scope: "
                 "the loop already picks its steps; write it outside the `with` scope")
-        budget, why = tracer._step_budget()
-        steps = self._indices if self._indices is not None else list(
-            range(self._start, budget if self._stop is None else self._stop))
-        past = [s for s in steps if s >= budget]
-        if past:
-            raise TracingError(
-                f"tracer.iter asks for step {max(past)}, but {why}, so steps 0..{budget - 1} "
-                f"exist; raise max_new_tokens or iterate over fewer steps")
+        steps = tracer._unrolled_steps(self._start, self._stop, self._indices)
         outer = tracer._steps
         try:
             for step in steps:
@@ -156,6 +203,19 @@ class _StepScope:
         finally:
             tracer._steps = outer
             tracer._loop_step = None
+
+
+def _holds_proxy_from(obj: Any, tracer: Tracer, first: int, depth: int) -> bool:
+    """Whether a kept container holds a proxy of ``tracer`` recorded at node ``first`` or later."""
+    if isinstance(obj, Proxy):
+        return obj._tracer is tracer and obj._id >= first
+    if depth > _KEEP_DEPTH:
+        return False
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple, set)):
+        return any(_holds_proxy_from(v, tracer, first, depth + 1) for v in obj)
+    return False
 
 
 class _GeneratorEnvoy:
@@ -316,6 +376,8 @@ class Tracer:
         self._stepped: set[int] = set()
         #: save nodes at generation steps their invoke never reached (EOS or its own budget)
         self._unreached: set[int] = set()
+        #: saved node -> the proxy its name held one step before (``with tracer.all()``)
+        self._fallback: dict[int, Proxy] = {}
         self._device_ids: dict[int, int] | None = None
         self._hidden: dict[int, int] = {}
         self._frame: FrameType | None = None
@@ -472,8 +534,9 @@ class Tracer:
 
         They are the generated ids at that step, so they are read after the generation (like
         :meth:`generator_output`): save them, combine them, ``.item()`` them; they cannot
-        feed an edit of the model. In a step loop each step's proxy is that step's tokens; in
-        ``tracer.all()`` the saved value is a list with one entry per step.
+        feed an edit of the model. In a step loop (or a ``with tracer.all()`` body, which runs
+        once per step) each step's proxy is that step's tokens: append them to a
+        ``list().save()`` for one entry per step.
         """
         if self.finished:
             raise TracingError("this trace has already run; use tracer.result after the block")
@@ -668,8 +731,17 @@ class Tracer:
         return _GeneratorEnvoy(self)
 
     def all(self) -> _StepScope:
-        """Every generation step: ``with tracer.all():`` records its body once for all steps;
-        ``for step in tracer.all():`` is ``for step in tracer.iter[:]`` (one body per step)."""
+        """Every generation step, as nnsight's ``tracer.all()`` (= ``tracer.iter[:]``).
+
+        ``for step in tracer.all():`` runs its body once per step with ``step`` an int. The
+        block form ``with tracer.all():`` also runs its body once per step (nnsight 0.8.1
+        does, verified): an append inside gives one item per step, and a name bound to a
+        ``.save()`` inside holds the last step's value after the block. (vinterp used to give
+        that name a list of every step's value; it now follows nnsight, so code moved from
+        nnsight means the same. Append to a ``list().save()`` for every step.) A body that
+        only edits module values (``.steer(v)``, ``x[:] += v``) is recorded once for all
+        steps, which is the same thing with one graph node per edit.
+        """
         return _StepScope(self, 0, None)
 
     def next(self, n: int = 1) -> None:
@@ -688,6 +760,26 @@ class Tracer:
         invokes = [self._invoke] if self._invoke is not None else list(range(len(self.invokes)))
         budgets = [self._invoke_budget(i) for i in invokes] or [self._invoke_budget(None)]
         return max(budgets), f"this generation has max_new_tokens={max(budgets)}"
+
+    def _unrolled_steps(self, start: int, stop: int | None,
+                        indices: list[int] | None) -> list[int]:
+        """The steps of ``tracer.iter[start:stop]`` (or ``[indices]``), bounded by the budget."""
+        budget, why = self._step_budget()
+        steps = indices if indices is not None else list(
+            range(start, budget if stop is None else stop))
+        past = [s for s in steps if s >= budget]
+        if past:
+            raise TracingError(
+                f"tracer.iter asks for step {max(past)}, but {why}, so steps 0..{budget - 1} "
+                f"exist; raise max_new_tokens or iterate over fewer steps")
+        return steps
+
+    def _rebound(self, old: Any, new: Any) -> None:
+        """A step of a ``with tracer.all()`` body rebound a name from ``old`` to ``new``: if
+        ``new`` is saved at a step its invoke never reaches, the name keeps ``old``'s value."""
+        if isinstance(old, Proxy) and isinstance(new, Proxy) and old._tracer is self \
+                and new._tracer is self and old._id != new._id:
+            self._fallback[new._id] = old
 
     def _invoke_budget(self, invoke: int | None) -> int:
         settings = {**self.generation, **self.invoke_generation.get(invoke, {})} \
@@ -925,6 +1017,16 @@ class Tracer:
                 object.__setattr__(proxy, "_has_value", True)
             elif proxy._id not in self._unreached:
                 missing.append(proxy._id)
+        for proxy in self.saved:
+            if not proxy._has_value and proxy._id in self._unreached:
+                # a name a `with tracer.all()` body rebound each step: nnsight's loop ended at
+                # the last step that ran, so the name holds that step's value
+                prev = self._fallback.get(proxy._id)
+                while prev is not None and not prev._has_value:
+                    prev = self._fallback.get(prev._id)
+                if prev is not None:
+                    object.__setattr__(proxy, "_value", prev._value)
+                    object.__setattr__(proxy, "_has_value", True)
         if missing and not any(n.op == "stop" for n in self._graph.nodes):
             # (with tracer.stop(), saves after the stop point are legitimately absent)
             raise TracingError(

@@ -290,9 +290,11 @@ def _per_invoke_budget_run(model, specs, vector):
         for prompt, budget in specs:
             extra = {"max_new_tokens": budget} if budget else {}
             with tracer.invoke(prompt, **extra):
+                steps = list().save()
                 with tracer.all():
                     model.layers[0].output.steer(vector)
-                    outs.append(model.layers[1].output[:, -1].save())
+                    steps.append(model.layers[1].output[:, -1])
+                outs.append(steps)
     return [t.tolist() for t in tracer.result], outs
 
 
