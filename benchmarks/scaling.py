@@ -16,7 +16,7 @@ Writes ``scaling.json``, ``scaling.md`` (tables) and ``scaling.png`` (the curves
 
 Usage::
 
-    .venv/bin/python -m benchmarks.scaling               # full: ~15 min on 2 idle CPU cores
+    .venv/bin/python -m benchmarks.scaling               # ~15 min on 2 idle CPU cores
     .venv/bin/python -m benchmarks.scaling --quick       # ~3 min
 """
 
@@ -147,9 +147,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for n in LAYERS:
         layers = _spread_layers(min(n, n_layers), n_layers)
         points.append(("layers_steered", str(n),
-                       lambda layers=layers: vin.steer(few, args.tokens, layer_vecs,
+                       lambda layers=layers: vin.steer(few, args.layer_tokens, layer_vecs,
                                                        args.layer_requests, layers),
-                       lambda: plain.generate(few, args.tokens)))
+                       lambda: plain.generate(few, args.layer_tokens)))
     for last in (True, False):
         for n in LAYERS:
             layers = _spread_layers(min(n, n_layers), n_layers)
@@ -184,7 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "host": platform.node(), "model": args.model, "eager": args.eager,
             "requests": args.requests, "tokens": args.tokens,
-            "layer_requests": args.layer_requests, "capture_prompts": args.capture_prompts,
+            "layer_requests": args.layer_requests, "layer_tokens": args.layer_tokens,
+            "capture_prompts": args.capture_prompts,
             "reps": args.reps, "load_avg": os.getloadavg(), "rows": rows}
 
 
@@ -193,7 +194,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"Scaling ({result['model']}, float32, both engines {mode}; "
              f"{result['reps']} interleaved repetitions; load average at end "
              f"{result['load_avg'][0]:.2f}). Ratio = vinterp / plain vLLM tokens/s in the same "
-             "repetition (median, then each repetition's).", "",
+             "repetition (median, then each repetition's). Sizes: distinct vectors "
+             f"{result['requests']} requests × {result['tokens']} new tokens in one batch; "
+             f"layers steered {result['layer_requests']} requests × {result['layer_tokens']} "
+             f"tokens; captures {result['capture_prompts']} prompts, prefill only.", "",
              "| curve | x | vinterp tok/s | plain tok/s | ratio | per repetition |",
              "|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -236,14 +240,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, 2 repetitions")
     ap.add_argument("--eager", action="store_true", help="both engines with enforce_eager")
     ap.add_argument("--requests", type=int, default=1024)
-    ap.add_argument("--tokens", type=int, default=8)
-    ap.add_argument("--layer-requests", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=4, help="new tokens per request (distinct "
+                    "vectors curve)")
+    ap.add_argument("--layer-requests", type=int, default=64)
+    ap.add_argument("--layer-tokens", type=int, default=32, help="new tokens per request "
+                    "(layers steered curve)")
     ap.add_argument("--capture-prompts", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.quick:
-        args.requests, args.tokens, args.layer_requests = 256, 4, 32
+        args.requests, args.tokens, args.layer_requests, args.layer_tokens = 256, 4, 32, 8
         args.capture_prompts, args.reps = 64, 2
     result = run(args)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
