@@ -264,18 +264,20 @@ def steering_section(result: dict[str, Any]) -> list[str]:
             met = "yes" if lo >= target else ("no" if hi < target else "within range")
         lines.append(f"| {k} | {how.get(k, '')} | {wall} | {a['tok_s']:.1f} | {sp} "
                      f"| {'' if target is None else f'≥ {target:g}×'} | {met} |")
-    ext = [a for a in arms.values() if a.get("extrapolated")]
+    ext = {k: a for k, a in arms.items() if a.get("extrapolated")}
     if ext:
-        a = ext[0]
-        cells = ", ".join(f"L{c[0]}/{c[1]:+g}" for c in a["cells"])
-        lines += ["", f"nnsight rows are **extrapolated**: each arm timed {a['cells_timed']} "
-                  f"cells drawn at random from the grid ({cells}; every cell has the same "
-                  f"prompts and token count), and the full sweep's time is their mean seconds "
-                  f"per cell × {r['cells']} cells; tok/s is measured on those cells. Greedy "
-                  f"tokens identical to vinterp's on those cells: "
-                  + ", ".join(f"{k} {v['same_tokens_as_vinterp']}" for k, v in arms.items()
-                              if "same_tokens_as_vinterp" in v)
-                  + " generations (HF vs vLLM float32 kernels can differ in a late token)."]
+        timed = "; ".join(f"{k} {a['cells_timed']} cells (" + ", ".join(
+            f"L{c[0]}/{c[1]:+g}" for c in a["cells"]) + ")" for k, a in ext.items())
+        lines += ["", f"nnsight rows are **extrapolated**: each arm timed cells drawn at random "
+                  f"from the grid ({timed}; every cell has the same prompts and token count), "
+                  f"and the full sweep's time is their mean seconds per cell × {r['cells']} "
+                  f"cells; tok/s is measured on those cells."]
+        same = [f"{k} {a['same_tokens_as_vinterp']}" for k, a in ext.items()
+                if "same_tokens_as_vinterp" in a]
+        if same:
+            lines[-1] += (" Greedy tokens identical to vinterp's on those cells: "
+                          + ", ".join(same) + " generations (HF vs vLLM float32 kernels can "
+                          "differ in a late token).")
     return lines
 
 

@@ -62,8 +62,8 @@ def test_section_says_extrapolated_and_judges_targets():
     assert "| 2.1× (1.8–2.4) | ≥ 2× | within range |" in text
     assert "| vinterp_one_batch | vllm backend, the whole grid as one generate trace | 600 s " \
            "| 240.0 |" in text
-    assert "each arm timed 3 cells drawn at random from the grid (L2/-1.5, L8/+0.375, " \
-           "L20/+1.5" in text
+    assert "each arm timed cells drawn at random from the grid (nnsight_looped 3 cells " \
+           "(L2/-1.5, L8/+0.375, L20/+1.5); nnsight_per_cell 3 cells" in text
     assert "nnsight_looped 140/150, nnsight_per_cell 139/150 generations" in text
 
 
