@@ -46,8 +46,29 @@ def _post(url: str, path: str, body: dict, key: str | None = None):
     assert r.status_code == 200, r.text
     if not body.get("stream"):
         return _strip(r.json())
-    return [_strip(json.loads(line[6:])) for line in r.text.splitlines()
-            if line.startswith("data: {")]
+    return _merged([_strip(json.loads(line[6:])) for line in r.text.splitlines()
+                    if line.startswith("data: {")])
+
+
+def _merged(chunks: list[dict]) -> dict:
+    """A stream's content, per choice, with chunk boundaries taken out: vLLM sends the tokens
+    produced while a slow client was behind as one chunk (" How can I help" against " How",
+    " can", ...), so where chunks split depends on timing, not on what the server computed.
+    Everything else in the chunks (roles, finish reasons, usage, logprobs) is compared."""
+    text: dict[int, str] = {}
+    rest: list = []
+    for chunk in chunks:
+        for choice in chunk.get("choices", []):
+            delta = choice.get("delta") or {}
+            piece = delta.get("content") if "delta" in choice else choice.get("text")
+            text[choice["index"]] = text.get(choice["index"], "") + (piece or "")
+            other = {k: v for k, v in choice.items() if k not in ("delta", "text")}
+            other["delta"] = {k: v for k, v in delta.items() if k != "content"}
+            if other.get("finish_reason") or other.get("logprobs") or other["delta"]:
+                rest.append(other)
+        if chunk.get("usage"):
+            rest.append({"usage": chunk["usage"]})
+    return {"text": text, "rest": rest}
 
 
 REQUESTS = [
