@@ -16,3 +16,11 @@ def compat_vllm():
     from vinterp import LanguageModel
 
     return LanguageModel("tiny-llama", backend="vllm", max_model_len=256, max_num_seqs=8)
+
+
+@pytest.fixture(scope="module", params=["hf", "vllm"])
+def backend(request, hf_model):
+    """``(name, model)`` for each backend a test compares with nnsight's recorded values."""
+    if request.param == "hf":
+        return "hf", hf_model("tiny-llama")
+    return "vllm", request.getfixturevalue("compat_vllm")

@@ -18,30 +18,21 @@ Both backends where the idiom applies (the vllm engine is the shared ``compat_vl
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from nnsight_recorded import ATOL, REF
 
 import vinterp
 from vinterp.tracing.errors import TracingError
 
-REF = json.loads((Path(__file__).with_name("nnsight_reference.json")).read_text())
 PROMPT = REF["prompt"]
 OTHER = REF["barrier"]["other"]
-ATOL = {"hf": 1e-5, "vllm": 1e-3}
 
 
 @pytest.fixture(scope="module")
 def hf(hf_model):
     return hf_model("tiny-llama")
-
-
-@pytest.fixture(scope="module", params=["hf", "vllm"])
-def backend(request, hf_model):
-    if request.param == "hf":
-        return "hf", hf_model("tiny-llama")
-    return "vllm", request.getfixturevalue("compat_vllm")
 
 
 def _same_top(logits: torch.Tensor, ref: dict, atol: float) -> None:

@@ -9,23 +9,11 @@ and https://github.com/ndif-team/nnsight/blob/main/tests/agent-evals/_audit.py
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
-import pytest
 import torch
+from nnsight_recorded import ATOL, REF
 
-REF = json.loads((Path(__file__).with_name("nnsight_reference.json")).read_text())
 PROMPT, N_NEW = REF["prompt"], REF["max_new_tokens"]
-# vLLM's CPU kernels differ from HF's in the last bits; HF runs the same ops as nnsight
-ATOL = {"hf": 1e-5, "vllm": 1e-3}
-
-
-@pytest.fixture(scope="module", params=["hf", "vllm"])
-def backend(request, hf_model):
-    if request.param == "hf":
-        return "hf", hf_model("tiny-llama")
-    return "vllm", request.getfixturevalue("compat_vllm")
 
 
 def test_iter_conditional_matches_nnsight(backend):

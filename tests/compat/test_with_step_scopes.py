@@ -11,25 +11,15 @@ nnsight's own (nnsight_reference.json, ``record_with_forms`` in record_nnsight.p
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
+from nnsight_recorded import ATOL, REF
 from compat_reference import raw_generate
 
 from vinterp.tracing.errors import TracingError
 
-REF = json.loads((Path(__file__).with_name("nnsight_reference.json")).read_text())
 PROMPT, N_NEW = REF["prompt"], REF["max_new_tokens"]
-ATOL = {"hf": 1e-5, "vllm": 1e-3}
-
-
-@pytest.fixture(scope="module", params=["hf", "vllm"])
-def backend(request, hf_model):
-    if request.param == "hf":
-        return "hf", hf_model("tiny-llama")
-    return "vllm", request.getfixturevalue("compat_vllm")
 
 
 def _close(got, want, name):
