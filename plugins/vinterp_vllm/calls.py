@@ -74,12 +74,14 @@ class ModuleCalls:
 
     def __init__(self, model: Any, arch: Architecture | None = None) -> None:
         self.model = model
-        self.arch = arch if arch is not None else for_model_type(
-            model.config.model_type)
-        vm = self.arch.vllm
-        if vm is None:
-            raise UnsupportedPoint(f"model type {self.arch.model_types[0]!r} has no vLLM "
-                                   f"mapping; {NOT_ON_VLLM}")
+        if arch is None:
+            arch = for_model_type(model.config.model_type)
+            if arch.vllm is None:
+                raise UnsupportedPoint(f"model type {arch.model_types[0]!r} has no vLLM "
+                                       f"mapping; {NOT_ON_VLLM}")
+            arch = arch.in_vllm(name for name, _ in model.named_modules())
+        self.arch = arch
+        vm = arch.vllm
         self._norm = dict(model.named_modules())[vm.final_norm]
         self._dtype = next(model.parameters()).dtype
         self._batch_dim = vm.batch_dim

@@ -43,8 +43,10 @@ def _tensor(value: str, args: tuple, kwargs: dict, out: Any,
 
     ``batch_dim``: the module sees HF's ``[1, tokens, hidden]`` (vLLM's Transformers backend).
     """
-    if out is None:
-        x = args[0] if args else kwargs["hidden_states"]
+    if out is None:   # the module's input: the hidden states, not positions (int) before them
+        x = kwargs.get("hidden_states")
+        if x is None:
+            x = next(a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
     elif isinstance(out, (tuple, list)):  # a fused norm's (normed, residual); HF (out, weights)
         x = out[0]
     else:

@@ -117,7 +117,10 @@ def attach_hooks(worker: Any) -> None:
     if not hasattr(runner, "input_batch"):
         raise RuntimeError("vinterp needs vLLM's V1 model runner; set "
                            "VLLM_USE_V2_MODEL_RUNNER=0")
-    hooks = _Hooks(runner, for_model_type(runner.model_config.hf_config.model_type))
+    arch = for_model_type(runner.model_config.hf_config.model_type)
+    # the mapping that fits how this vLLM version built the model
+    arch = arch.in_vllm(name for name, _ in runner.model.named_modules())
+    hooks = _Hooks(runner, arch)
     worker._vinterp = hooks
     runner._vinterp_hooks = hooks
 

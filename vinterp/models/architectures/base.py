@@ -8,7 +8,8 @@ aliases (``model.layers[i]``, ``.attn``, ``.mlp``, ``model.embed``, ``model.fina
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,31 @@ class Architecture:
     attn_dropout: str | None = None
     #: how the points map into vLLM's model; ``None``: the vllm backend refuses this model.
     vllm: VllmMapping | None = None
+    #: other mappings for vLLM versions that build the model differently (e.g. a native
+    #: implementation in one release, the Transformers backend in another); the plugin uses the
+    #: first of ``vllm`` and these whose modules the loaded model has (:meth:`in_vllm`).
+    vllm_alternatives: tuple[VllmMapping, ...] = ()
+
+    def in_vllm(self, module_names: Iterable[str]) -> Architecture:
+        """This table with ``vllm`` set to the mapping that fits a loaded vLLM model, given its
+        module names (``dict(model.named_modules())``); raises ``ValueError`` when none does.
+
+        Example::
+
+            >>> from vinterp.models.architectures import for_model_type
+            >>> names = {"gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm"}
+            >>> for_model_type("gpt_neox").in_vllm(names).vllm.layers
+            'gpt_neox.layers'
+        """
+        names = set(module_names)
+        candidates = ((self.vllm,) if self.vllm else ()) + self.vllm_alternatives
+        for m in candidates:
+            if {m.layers, m.embed, m.final_norm} <= names:
+                return replace(self, vllm=m, vllm_alternatives=())
+        raise ValueError(
+            f"vLLM built this {self.model_types[0]} model with modules vinterp has no mapping "
+            f"for (tried layers at {[m.layers for m in candidates]}); add a VllmMapping for "
+            f"this vLLM version in vinterp/models/architectures/")
 
     def layer(self, i: int) -> str:
         """Module path of decoder layer ``i``."""
