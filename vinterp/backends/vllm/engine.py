@@ -112,12 +112,36 @@ def engine_kwargs(model_path: pathlib.Path, *, dtype: str | None = None,
     extra = dict(kwargs.get("additional_config") or {})
     extra[CONFIG_KEY] = {"hooks": HOOKS_VERSION}
     kwargs["additional_config"] = extra
-    if not kwargs.get("enforce_eager") and _on_cuda():
-        kwargs["compilation_config"] = cuda_compilation_config(kwargs.get("compilation_config"))
+    if on_cuda():
+        allow_shared_gpu(kwargs)
+        if not kwargs.get("enforce_eager"):
+            kwargs["compilation_config"] = cuda_compilation_config(
+                kwargs.get("compilation_config"))
     return kwargs
 
 
-def _on_cuda() -> bool:
+# vLLM checks at start that gpu_memory_utilization of the whole card is free, even when the KV
+# cache is sized in bytes and that fraction is never used. With the default 0.9, a second
+# engine on the same GPU (tests, benchmark workers, replicas) is refused; this floor keeps the
+# check meaningful (the card must still have room) without reserving the card for one engine.
+SIZED_KV_MEMORY_CHECK = 0.05
+
+
+def allow_shared_gpu(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Let several engines share a CUDA device when each sizes its KV cache in bytes.
+
+    Example::
+
+        >>> allow_shared_gpu({"kv_cache_memory_bytes": 2**30})["gpu_memory_utilization"]
+        0.05
+    """
+    if kwargs.get("kv_cache_memory_bytes") and "gpu_memory_utilization" not in kwargs:
+        kwargs["gpu_memory_utilization"] = SIZED_KV_MEMORY_CHECK
+    return kwargs
+
+
+def on_cuda() -> bool:
+    """Whether vLLM runs on a CUDA device here (its platform, not only ``torch.cuda``)."""
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_cuda())
