@@ -225,3 +225,24 @@ def test_steps_an_invoke_never_ran_give_no_items(model):
     assert len(hs) == 1 and torch.allclose(hs[0], ref[0], atol=1e-5, rtol=0)
     with pytest.raises(TracingError, match="step 3, which never ran"):
         late.shape  # noqa: B018
+
+
+
+def test_saved_name_holds_the_last_step_when_generation_stops_early(backend, hf_model):
+    # nnsight's loop ends with the generation: `h = ....save()` rebound each step keeps the
+    # last step that ran, and appends stop there. Here the token greedy decoding makes at step
+    # 1 is named the EOS (HF's eos_token_id), so a 4-step loop stops after step 1.
+    _, model = backend
+    hf = hf_model("tiny-llama")
+    read = f"model.layers.{READ_LAYER}"
+    ids = _ids(hf)
+    ref = raw_generate(hf._model, ids, 4, hf._pad_id, capture={read: lambda o: o})
+    eos = int(ref.ids[len(ids) + 1])
+    with model.generate(PROMPT, max_new_tokens=4, eos_token_id=eos) as tracer:
+        hs = list().save()
+        for _step in tracer.iter[:]:
+            h = model.model.layers[READ_LAYER].output.save()
+            hs.append(model.model.layers[READ_LAYER].output)
+    assert tracer.result[0].tolist() == ref.ids[: len(ids) + 2].tolist()
+    assert len(hs) == 2
+    assert torch.allclose(torch.as_tensor(h), ref.captured[read][1], atol=1e-4, rtol=0)

@@ -194,12 +194,20 @@ class _StepScope:
                 "the loop already picks its steps; write it outside the `with` scope")
         steps = tracer._unrolled_steps(self._start, self._stop, self._indices)
         outer = tracer._steps
+        # the loop's frame: a name its body rebinds each step (``h = ....save()``) keeps the
+        # last step that ran when generation stops early, as nnsight's loop ends there
+        frame = sys._getframe(1)
+        bound = dict(frame.f_locals)
         try:
             for step in steps:
                 # Everything the body records now belongs to this step only.
                 tracer._steps = Steps(start=step, stop=step + 1)
                 tracer._loop_step = step
                 yield step
+                now = frame.f_locals
+                for name, value in now.items():
+                    tracer._rebound(bound.get(name), value)
+                bound = dict(now)
         finally:
             tracer._steps = outer
             tracer._loop_step = None
@@ -775,7 +783,8 @@ class Tracer:
         return steps
 
     def _rebound(self, old: Any, new: Any) -> None:
-        """A step of a ``with tracer.all()`` body rebound a name from ``old`` to ``new``: if
+        """A step of a step loop or a ``with tracer.all()`` body rebound a name from ``old`` to
+        ``new``: if
         ``new`` is saved at a step its invoke never reaches, the name keeps ``old``'s value."""
         if isinstance(old, Proxy) and isinstance(new, Proxy) and old._tracer is self \
                 and new._tracer is self and old._id != new._id:
@@ -1019,8 +1028,8 @@ class Tracer:
                 missing.append(proxy._id)
         for proxy in self.saved:
             if not proxy._has_value and proxy._id in self._unreached:
-                # a name a `with tracer.all()` body rebound each step: nnsight's loop ended at
-                # the last step that ran, so the name holds that step's value
+                # a name a step loop (or `with tracer.all()` body) rebound each step: nnsight's
+                # loop ended at the last step that ran, so the name holds that step's value
                 prev = self._fallback.get(proxy._id)
                 while prev is not None and not prev._has_value:
                     prev = self._fallback.get(prev._id)

@@ -36,7 +36,7 @@ from vinterp.models.architectures import Architecture
 _VLLM_TO_HF = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}
 _HF_GENERATE_KEYS = {
     "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k",
-    "repetition_penalty", "num_beams", "seed", "ignore_eos",
+    "repetition_penalty", "num_beams", "seed", "ignore_eos", "eos_token_id",
 }
 
 
@@ -353,14 +353,16 @@ class HfBackend(Backend):
             attention_mask=layout.attention_mask.to(device),
             pad_token_id=self.pad_id, **kwargs,
         )
-        eos = kwargs.get("eos_token_id", self.eos_id) if "eos_token_id" in kwargs else self.eos_id
+        eos = kwargs["eos_token_id"] if "eos_token_id" in kwargs else self.eos_id
+        if eos is not None:
+            eos = torch.as_tensor(eos).reshape(-1)   # one id or HF's list of ids
         width = layout.width
         result = []
         for b in range(out.shape[0]):
             prompt = out[b, width - int(layout.lengths[b]):width]
             new = out[b, width:width + row_limit[b]]
             if eos is not None:
-                hits = (new == eos).nonzero()
+                hits = torch.isin(new, eos.to(new.device)).nonzero()
                 if len(hits):
                     new = new[: int(hits[0]) + 1]
             result.append(torch.cat([prompt, new]).cpu())

@@ -18,7 +18,7 @@ from vllm import SamplingParams
 _HF_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
              "num_return_sequences": "n"}
 #: HF names that vLLM has no use for (harmless here)
-_IGNORED = frozenset({"pad_token_id", "eos_token_id", "use_cache", "num_beams"})
+_IGNORED = frozenset({"pad_token_id", "use_cache", "num_beams"})
 
 
 def _vllm_names() -> set[str]:
@@ -42,6 +42,12 @@ def sampling_params(generation: dict[str, Any], *, mode: str = "generate",
         known = _vllm_names()
         gen = dict(generation)
         do_sample = gen.pop("do_sample", None)
+        eos = gen.pop("eos_token_id", None)
+        if eos is not None and not gen.get("ignore_eos"):
+            # HF's eos_token_id replaces the model's EOS: stop on these ids instead
+            ids = [int(eos)] if isinstance(eos, int) else [int(i) for i in eos]
+            gen["stop_token_ids"] = list(gen.get("stop_token_ids") or []) + ids
+            gen["ignore_eos"] = True
         if gen.get("num_beams", 1) not in (1, None):
             raise ValueError("beam search (num_beams > 1) is not supported on the vllm backend")
         for name, value in gen.items():
