@@ -435,6 +435,10 @@ def test_value_accessor_and_scan_validate_accepted(hf):
         h = hf.model.layers[0].output
         kept = [h.save()]
         assert h.value is h   # inside the block: the proxy itself
+        h = h.save()
+    # after the block the name holds a plain tensor, with no `.value`: nnsight 0.8.1 does the
+    # same (checked in .bench-venv: AttributeError), so 0.4-era code drops `.value` there too
+    assert type(h) is torch.Tensor and not hasattr(h, "value")
     with hf.generate(PROMPT, max_new_tokens=2, scan=False, validate=False):
         pass
     with hf.trace(PROMPT):
