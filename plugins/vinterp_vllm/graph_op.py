@@ -87,12 +87,14 @@ def _hook_tensors(pair: bool, args: tuple, kwargs: dict, out: Any
 
 
 def install_point_hooks(model: torch.nn.Module, points: Sequence[tuple[str, str, bool]],
-                        ids: PointIds, active: Callable[[int], bool]) -> None:
+                        ids: PointIds, active: Callable[[int], bool],
+                        traced: Callable[[int], bool] = lambda i: True) -> None:
     """Hook ``(module name, side, pair)`` points of ``model`` to call the op; point ``i`` of
     ``points`` gets index ``i``.
 
-    ``active(i)`` lets eager steps skip the op call for points nothing uses this step; while
-    torch.compile traces, every hook emits the op (the graph must serve any future step).
+    ``active(i)`` lets eager steps skip the op call for points nothing uses this step. While
+    torch.compile traces, the hooks of points with ``traced(i)`` emit the op (the graph must
+    serve any future step) and the others emit nothing: those points work in eager steps only.
     """
     register_op()
     op = torch.ops.vinterp.point
@@ -104,7 +106,10 @@ def install_point_hooks(model: torch.nn.Module, points: Sequence[tuple[str, str,
 
         def call(mod: Any, args: tuple, kwargs: dict, out: Any, *, index: int = index,
                  pair: bool = pair, buf: str = buf) -> None:
-            if not torch.compiler.is_compiling() and not active(index):
+            if torch.compiler.is_compiling():
+                if not traced(index):
+                    return
+            elif not active(index):
                 return
             x, y = _hook_tensors(pair, args, kwargs, out)
             op(x, y, getattr(mod, buf))

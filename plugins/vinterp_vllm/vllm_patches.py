@@ -8,9 +8,10 @@
   load each other's compiled artifacts.
 * ``GPUModelRunner._model_forward`` (also the CPU runner's): runs inside the forward context
   after the inputs are prepared, with this step's ``positions``. It sets the per-step state
-  (which rows belong to which request) before the forward and closes it after. Dummy,
-  profile and warm-up runs call the model directly: the op finds no step open and does
-  nothing.
+  (which rows belong to which request) before the forward and closes it after, and runs the
+  step eagerly when it needs a point the compiled graph does not call the op from
+  (``graph_points``). Dummy, profile and warm-up runs call the model directly: the op finds no
+  step open and does nothing.
 
 Example (vLLM calls ``register()`` itself through the ``vllm.general_plugins`` entry point)::
 
@@ -25,6 +26,30 @@ from typing import Any
 #: the ``additional_config`` key that asks for the plugin's hooks (and its value's version)
 CONFIG_KEY = "vinterp"
 HOOKS_VERSION = 1
+#: which hooked points call the op from the compiled graph (``graph_points`` in the config):
+#: ``all``, or ``residual`` (embeddings, each layer's output, the final norm). A step that
+#: needs any other point runs eagerly, with every hook (see :func:`graph_points`).
+GRAPH_POINTS = ("all", "residual")
+
+
+def graph_points(vllm_config: Any) -> str:
+    """The engine's ``graph_points`` setting (``all`` when unset); refuses unknown values.
+
+    Fewer points in the graph means fewer graph pieces on CUDA, where vinterp's op splits
+    vLLM's piecewise CUDA graphs at every point it is called from.
+
+    Example::
+
+        >>> class C: additional_config = {"vinterp": {"graph_points": "residual"}}
+        >>> graph_points(C())
+        'residual'
+    """
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    value = (extra.get(CONFIG_KEY) or {}).get("graph_points", "all")
+    if value not in GRAPH_POINTS:
+        raise ValueError(f"additional_config['vinterp']['graph_points']={value!r}: use one of "
+                         f"{list(GRAPH_POINTS)}")
+    return value
 
 _applied = False
 
@@ -64,6 +89,8 @@ def apply() -> None:
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
         hooks.begin_step(positions)
         try:
+            if hooks.eager_step:
+                _run_eagerly()
             return model_forward(self, *args, **kwargs)
         finally:
             hooks.end_step()
@@ -71,3 +98,16 @@ def apply() -> None:
     Worker.load_model = load_model_then_hook
     GPUModelRunner._model_forward = model_forward_in_step
     _applied = True
+
+
+def _run_eagerly() -> None:
+    """Make this step's forward bypass the compiled graph (vLLM's ``skip_compiled``, which
+    runs the model's own ``forward`` with every Python hook) and CUDA graph replay."""
+    from vllm.forward_context import get_forward_context
+
+    ctx = get_forward_context()
+    ctx.skip_compiled = True
+    if hasattr(ctx, "cudagraph_runtime_mode"):
+        from vllm.config import CUDAGraphMode
+
+        ctx.cudagraph_runtime_mode = CUDAGraphMode.NONE

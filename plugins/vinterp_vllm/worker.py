@@ -95,13 +95,16 @@ class VinterpWorkerExtension:
         ``parsed_graphs`` (distinct request graphs parsed and kept, see ``ParsedGraphs``);
         ``compilation`` (vLLM's compilation mode, ``NONE`` when eager), ``points`` (hooked
         points) and ``point_calls`` (op calls so far: a compiled graph calls the op at every
-        point of every step, an eager forward only where a request intervenes)."""
+        point of every step, an eager forward only where a request intervenes);
+        ``graph_points`` (points the compiled graph calls the op from) and ``eager_steps``
+        (steps run eagerly because they needed another point)."""
         h = self._vinterp
         mode = self.vllm_config.compilation_config.mode  # type: ignore[attr-defined]
         return {"states": len(h.by_key), "tracked_ids": len(h.by_req),
                 "evicted": h.retention.evicted, "max_undrained": h.retention.cap,
                 "parsed_graphs": len(h.graphs), "compilation": getattr(mode, "name", str(mode)),
-                "points": len(h.points), "point_calls": h.point_calls}
+                "points": len(h.points), "point_calls": h.point_calls,
+                "graph_points": len(h.in_graph), "eager_steps": h.eager_steps}
 
     def vinterp_set_max_undrained(self, cap: int) -> None:
         """Cap the states kept for finished requests nobody drained (see ``Retention``)."""
@@ -112,6 +115,7 @@ def attach_hooks(worker: Any) -> None:
     """Install the point hooks on a worker's freshly loaded model (``vllm_patches`` calls it
     from ``Worker.load_model``, before vLLM compiles the model)."""
     from vinterp.models.architectures import for_model_type
+    from vinterp_vllm.vllm_patches import graph_points
 
     runner = worker.model_runner
     if not hasattr(runner, "input_batch"):
@@ -120,15 +124,16 @@ def attach_hooks(worker: Any) -> None:
     arch = for_model_type(runner.model_config.hf_config.model_type)
     # the mapping that fits how this vLLM version built the model
     arch = arch.in_vllm(name for name, _ in runner.model.named_modules())
-    hooks = _Hooks(runner, arch)
+    hooks = _Hooks(runner, arch, graph_points(runner.vllm_config))
     worker._vinterp = hooks
     runner._vinterp_hooks = hooks
 
 
 class _Hooks:
-    def __init__(self, runner: Any, arch: Any) -> None:
+    def __init__(self, runner: Any, arch: Any, graph_points: str = "all") -> None:
         self.runner = runner
         self.arch = arch
+        self.graph_points = graph_points
         self.model = runner.get_model()
         self.dtype = next(self.model.parameters()).dtype
         self.hidden = int(runner.model_config.get_hidden_size())
@@ -146,7 +151,14 @@ class _Hooks:
         #: the hooked points, in op-index order: (vLLM module, side), and whether the point
         #: carries a fused layer's (hidden, residual) pair
         self.points: list[tuple[tuple[str, str], bool]] = []
+        #: the hooked points the compiled graph calls the op from (see ``graph_points``)
+        self.in_graph: set[tuple[str, str]] = set()
         self.point_calls = 0
+        #: this step needs a point outside the graph: ``_model_forward`` runs it eagerly
+        self.eager_step = False
+        self.eager_steps = 0
+        #: the active points the forward reached (each must be, see ``end_step``)
+        self.reached: set[tuple[str, str]] = set()
         self._install()
 
     # ------------------------------------------------------------------ hooks
@@ -160,10 +172,18 @@ class _Hooks:
                 self.points += [((layer, side), vm.residual_pair),
                                 ((f"{layer}.{vm.attn}", side), False),
                                 ((f"{layer}.{vm.mlp}", side), False)]
+        residual = {(vm.embed, "output"), (vm.final_norm, "output")} | {
+            (f"{vm.layers}.{i}", "output") for i in range(n_layers)}
+        mode = self.runner.vllm_config.compilation_config.mode
+        compiled = getattr(mode, "name", str(mode)) != "NONE"
+        # an eager engine has no graph: every point is served where it is
+        self.in_graph = {key for key, _ in self.points
+                         if self.graph_points == "all" or not compiled or key in residual}
         ids = PointIds()
         ids.bind(self)
         install_point_hooks(self.model, [(m, side, pair) for (m, side), pair in self.points],
-                            ids, lambda i: self.points[i][0] in self.active_hooks)
+                            ids, lambda i: self.points[i][0] in self.active_hooks,
+                            lambda i: self.points[i][0] in self.in_graph)
 
     def at_point(self, index: int, x: torch.Tensor, y: torch.Tensor | None) -> None:
         """The op's body: point ``index`` of this step, its tensors ``x`` (and ``y``, a fused
@@ -171,6 +191,7 @@ class _Hooks:
         self.point_calls += 1
         key, pair = self.points[index]
         if key in self.active_hooks:
+            self.reached.add(key)
             self._at_point(key, (x, y) if pair else x)
 
     # ------------------------------------------------------------------ per forward
@@ -194,6 +215,7 @@ class _Hooks:
         model runner's ``_model_forward`` with the step's absolute ``positions``)."""
         self.step_fast, self.step_general, self.general_points = {}, [], {}
         self.active_hooks = set()
+        self.eager_step = False
         batch = self.runner.input_batch
         if len(self.by_req) > 8192:  # forget request ids vLLM no longer knows (plain ones)
             self.by_req = {r: s for r, s in self.by_req.items() if r in self.runner.requests}
@@ -235,13 +257,28 @@ class _Hooks:
                 self.active_hooks.add((vmod, side))
         for lst in self.general_points.values():
             lst.sort(key=lambda e: _ORDER[e[2].value])
+        self.eager_step = not self.active_hooks <= self.in_graph
+        self.eager_steps += self.eager_step
 
     def end_step(self) -> None:
         """Close the step's general graphs; the op does nothing until the next step opens
-        (dummy and warm-up runs call the model outside ``_model_forward``)."""
+        (dummy and warm-up runs call the model outside ``_model_forward``).
+
+        A point this step needed that the forward never reached (a compiled graph without it,
+        had the eager fallback not run) fails its requests: an intervention must never
+        silently not happen."""
+        for key in self.active_hooks - self.reached:
+            owners = {id(st): st for _, g in self.step_fast.get(key, ()) for st in g.owners}
+            owners.update({id(st): st for st, _, _ in self.general_points.get(key, ())})
+            for st in owners.values():
+                st.fail(f"internal error: the forward never reached {key[0]}.{key[1]}, so "
+                        "this request's intervention there did not run; please report it")
+            log.error("vinterp: point %s was needed but never reached this step", key)
         for st, _ in self.step_general:
             st.end()
+        self.reached = set()
         self.active_hooks = set()
+        self.eager_step = False
         self.step_fast, self.step_general, self.general_points = {}, [], {}
 
     def _at_point(self, key: tuple[str, str], out: Any) -> None:

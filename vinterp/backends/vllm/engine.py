@@ -84,7 +84,7 @@ def engine_kwargs(model_path: pathlib.Path, *, dtype: str | None = None,
     """
     from vinterp.models.architectures import for_model_type
     from vinterp_vllm.graph_op import cuda_compilation_config
-    from vinterp_vllm.vllm_patches import CONFIG_KEY, HOOKS_VERSION
+    from vinterp_vllm.vllm_patches import CONFIG_KEY, GRAPH_POINTS, HOOKS_VERSION
     from vinterp_vllm.worker import WORKER_EXTENSION
 
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -110,7 +110,15 @@ def engine_kwargs(model_path: pathlib.Path, *, dtype: str | None = None,
     # the hooks go in when the model loads (before compilation); this key asks for them and
     # keeps vinterp's compiled artifacts apart from plain vLLM's in the compile cache
     extra = dict(kwargs.get("additional_config") or {})
-    extra[CONFIG_KEY] = {"hooks": HOOKS_VERSION}
+    ours = dict(extra.get(CONFIG_KEY) or {})
+    # On CUDA each point the graph calls the op from splits vLLM's piecewise CUDA graphs, so
+    # only the residual stream stays in the graph there; steps that need attention or MLP
+    # points run eagerly. On CPU the op costs little: every point stays in the graph.
+    ours.setdefault("graph_points", "residual" if on_cuda() else "all")
+    if ours["graph_points"] not in GRAPH_POINTS:
+        raise ValueError(f"additional_config={{'vinterp': {{'graph_points': "
+                         f"{ours['graph_points']!r}}}}}: use one of {list(GRAPH_POINTS)}")
+    extra[CONFIG_KEY] = {**ours, "hooks": HOOKS_VERSION}
     kwargs["additional_config"] = extra
     if on_cuda():
         allow_shared_gpu(kwargs)
