@@ -22,6 +22,7 @@ import torch
 
 from vinterp_vllm.calls import ModuleCalls
 from vinterp_vllm.layout import RowSpan
+from vinterp_vllm.logit_rows import batched_logits, wanted_rows
 from vinterp_vllm.points import VllmPoint
 
 #: one :class:`ModuleCalls` per vLLM model (``call_module`` nodes: the logit lens)
@@ -99,7 +100,8 @@ class RowsEvent:
     """A :class:`~vinterp.ir.interpreter.PointEvent` over one request's rows of the batch."""
 
     def __init__(self, point: VllmPoint, span: RowSpan, step: int, args: tuple, kwargs: dict,
-                 out: Any, model: Any, *, trace: bool) -> None:
+                 out: Any, model: Any, *, trace: bool,
+                 logits: torch.Tensor | None = None) -> None:
         self.module, self.kind, self.step = point.hf_module, point.hf_kind, step
         self._p, self._span, self._trace = point, span, trace
         self._args, self._kwargs, self._out, self._model = args, kwargs, out, model
@@ -118,10 +120,16 @@ class RowsEvent:
             self._value = (_tensor(v, args, kwargs, out, point.batch_dim)[a:b].unsqueeze(0),
                            None)
         else:
-            normed = _tensor(v, args, kwargs, out, point.batch_dim)
-            rows = normed[a:b] if trace else normed[b - 1:b]
-            self._first_row = a if trace else b - 1
-            logits = model.compute_logits(rows).unsqueeze(0)
+            # ``logits``: this request's rows, computed with the step's other requests'
+            # (``logit_rows.batched_logits``); a trace sees every prompt position, a
+            # generation step the sampled one
+            if logits is None:
+                normed = _tensor(v, args, kwargs, out, point.batch_dim)
+                logits = batched_logits(model, normed,
+                                        [(span, wanted_rows(span, trace, None), trace)])[0]
+            if not trace:
+                self._first_row = b - 1
+            logits = logits.unsqueeze(0)
             if v == "logits":
                 self._value = logits
             else:

@@ -20,6 +20,7 @@ from vinterp.models.architectures import Architecture
 from vinterp_vllm.calls import call_target
 from vinterp_vllm.fastpath import Action, plan_for
 from vinterp_vllm.layout import RowSpan
+from vinterp_vllm.logit_rows import read_positions
 from vinterp_vllm.payload import Outcome, Payload
 from vinterp_vllm.points import VllmPoint, resolve_point
 
@@ -42,6 +43,8 @@ class Parsed:
     graph: Graph
     points: dict[tuple[str, str], VllmPoint]
     plan: dict[tuple[str, str], list[Action]] | None
+    #: logits points: the positions the graph can observe (``None``: all), see ``logit_rows``
+    logit_rows: dict[tuple[str, str], frozenset[int] | None]
 
 
 class ParsedGraphs:
@@ -93,7 +96,9 @@ class ParsedGraphs:
                     raise ValueError(
                         f"node {a.node.id} ({a.op}): vector has {a.vector.shape[-1]} "
                         f"entries but the model's hidden size is {self.hidden}")
-        return Parsed(graph, points, plan)
+        logits = {k: read_positions(graph, invoke, k, p.value) for k, p in points.items()
+                  if p.value in ("logits", "model_output")}
+        return Parsed(graph, points, plan, logits)
 
 
 class RequestState:
@@ -106,6 +111,7 @@ class RequestState:
         self.plan: dict[tuple[str, str], list[Action]] | None = None
         self.runner: GraphRunner | None = None
         self.points: dict[tuple[str, str], VllmPoint] = {}
+        self.logit_rows: dict[tuple[str, str], frozenset[int] | None] = {}
         self.captured_bytes = 0
         # fast captures: save id -> step -> [(first position, rows tensor)]
         self._chunks: dict[int, dict[int, list[tuple[int, torch.Tensor]]]] = {}
@@ -117,6 +123,7 @@ class RequestState:
         try:
             parsed = graphs.get(payload)
             self.graph, self.points, self.plan = parsed.graph, parsed.points, parsed.plan
+            self.logit_rows = parsed.logit_rows
             if self.plan is None:
                 state = RunState()
                 for nid, td in payload.imports.items():

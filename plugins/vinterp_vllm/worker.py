@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 
-from vinterp_vllm.events import RowsEvent, point_rows
+from vinterp_vllm.events import RowsEvent, _tensor, point_rows
 from vinterp_vllm.fastpath import Group, TensorCache, build_groups
 from vinterp_vllm.graph_op import PointIds, install_point_hooks
 from vinterp_vllm.layout import RowSpan, batch_spans
+from vinterp_vllm.logit_rows import batched_logits, wanted_rows
 from vinterp_vllm.payload import Outcome, Payload, outcomes_to_wire
 from vinterp_vllm.points import VllmPoint
 from vinterp_vllm.request_state import ParsedGraphs, RequestState, Retention
@@ -303,11 +304,13 @@ class _Hooks:
                 for st in g.owners:
                     st.fail(msg)
                 log.warning("vinterp: vectorized %s at %s failed: %s", g.op, key, msg)
-        for st, span, p in self.general_points.get(key, ()):
-            if st.failed or st.runner is None or st.open_step is None:
-                continue
+        entries = [(st, span, p) for st, span, p in self.general_points.get(key, ())
+                   if not (st.failed or st.runner is None or st.open_step is None)]
+        logits = self._logits(entries, out)
+        for st, span, p in entries:
             ev = RowsEvent(p, span, st.open_step, args, kwargs, out, self.model,
-                           trace=st.payload.mode == "trace")
+                           trace=st.payload.mode == "trace",
+                           logits=logits.get((id(st), p.key)))
             try:
                 st.runner.on_event(ev)
                 ev.write_back()
@@ -318,6 +321,20 @@ class _Hooks:
                     continue
                 st.fail(f"{type(exc).__name__}: {exc}" if not str(exc).startswith(
                     "intervention") else str(exc))
+
+    def _logits(self, entries: list[tuple[RequestState, RowSpan, VllmPoint]],
+                out: Any) -> dict[tuple[int, tuple[str, str]], torch.Tensor]:
+        """The logits every request reading them at this point needs, in one call (see
+        ``logit_rows``), by (``id`` of the request's state, HF point)."""
+        wants = [(st, span, p, st.payload.mode == "trace") for st, span, p in entries
+                 if p.value in ("logits", "model_output")]
+        if not wants:
+            return {}
+        normed = _tensor(wants[0][2].value, (), {}, out, wants[0][2].batch_dim)
+        rows = [(span, wanted_rows(span, trace, st.logit_rows.get(p.key)), trace)
+                for st, span, p, trace in wants]
+        return {(id(st), p.key): t for (st, _, p, _), t in
+                zip(wants, batched_logits(self.model, normed, rows), strict=True)}
 
     # ------------------------------------------------------------------ results
     def drain(self, keys: list[str]) -> dict[str, Outcome]:

@@ -21,6 +21,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+def on_engine(hf: Any, backend: Any) -> Any:
+    """A vllm-backend copy of the HF ``LanguageModel`` ``hf`` that runs on ``backend``, an
+    existing ``VllmBackend`` (tests share engines: each start costs seconds to minutes)."""
+    import copy
+
+    m = copy.copy(hf)
+    m.backend_name, m._backend, m._tracers, m._meta_backend = "vllm", backend, [], None
+    m._model = m._meta_model()
+    return m
+
+
 def ir_value(v: Any) -> Any:
     """A Python position spec as an IR value (lists and slices have their own IR types)."""
     if isinstance(v, list):

@@ -18,12 +18,11 @@ Compiled and eager are not bit-identical: inductor fuses and orders fp32 ops its
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
 import torch
-from helpers import VS_HF, rel_err
+from helpers import VS_HF, on_engine, rel_err
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -59,10 +58,7 @@ def models(tiny_path, engines):
     hf = LanguageModel(tiny_path)
     out = {"hf": hf}
     for name, backend in engines.items():
-        m = copy.copy(hf)
-        m.backend_name, m._backend, m._tracers, m._meta_backend = "vllm", backend, [], None
-        m._model = m._meta_model()
-        out[name] = m
+        out[name] = on_engine(hf, backend)
     return out
 
 

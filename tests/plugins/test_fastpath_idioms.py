@@ -16,12 +16,11 @@ at that level); generated tokens are identical.
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import on_engine, rel_err
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -42,10 +41,7 @@ TOL = 1e-4
 def models(tiny_path, tiny_vllm):
     """HF and vLLM LanguageModels; the vLLM one wraps conftest's engine (no second engine)."""
     hf = LanguageModel(tiny_path)
-    vl = copy.copy(hf)
-    vl.backend_name, vl._backend, vl._tracers, vl._meta_backend = "vllm", tiny_vllm, [], None
-    vl._model = vl._meta_model()
-    return {"hf": hf, "vllm": vl}
+    return {"hf": hf, "vllm": on_engine(hf, tiny_vllm)}
 
 
 @pytest.fixture(scope="session")
