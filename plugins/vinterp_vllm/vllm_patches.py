@@ -91,6 +91,13 @@ def apply() -> None:
         try:
             if hooks.eager_step:
                 _run_eagerly()
+                # also the torch.compile'd pieces vLLM calls outside the model's graph (custom
+                # ops' native forwards): compiling them mid-run would call other engines'
+                # Dynamo hooks, and an eager step should compile nothing
+                import torch
+
+                with torch.compiler.set_stance("force_eager"):
+                    return model_forward(self, *args, **kwargs)
             return model_forward(self, *args, **kwargs)
         finally:
             hooks.end_step()

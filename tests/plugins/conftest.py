@@ -1,4 +1,11 @@
-"""One vLLM engine per model for all plugin/backend tests (engine start is the slow part)."""
+"""One vLLM engine per model for all plugin/backend tests (engine start is the slow part).
+
+Engines that later tests may share live for the whole session and are never closed: closing
+an in-process engine tears down vLLM's process groups, which every other in-process engine
+uses (the next forward of a surviving engine fails with "pipeline model parallel group is not
+initialized"). A new engine sets them up again, so a module may close its own engines only
+while no session engine is alive (test_architectures runs before the first is built).
+"""
 
 from __future__ import annotations
 

@@ -35,11 +35,13 @@ def _compiled() -> bool:
     return os.environ.get(EAGER_ENV, "") in ("", "0")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def models():
+    """Session-scoped and never closed, like tests/compat's engine: closing an in-process
+    engine tears down vLLM's process groups, which the session's other engines share."""
     hf = LanguageModel("tiny-llama")
     vl = LanguageModel("tiny-llama", backend="vllm", max_model_len=256, max_num_seqs=8,
-                       additional_config=RESIDUAL)
+                       kv_cache_memory_bytes=2**27, additional_config=RESIDUAL)
     return hf, vl
 
 

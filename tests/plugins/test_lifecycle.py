@@ -26,7 +26,7 @@ KV_BYTES = 3 * 128 * 1024
 PROMPTS = [f"Story {i}: " + "once upon a time there was a " * 14 for i in range(6)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def small_kv():
     """tiny-llama whose KV cache holds 384 tokens: 6 requests x ~140 tokens must preempt."""
     lm = LanguageModel("tiny-llama", backend="vllm", kv_cache_memory_bytes=KV_BYTES,
@@ -48,8 +48,7 @@ def small_kv():
         return generate(jobs, *args, **kwargs)
 
     backend._generate = counting_generate
-    yield lm, count
-    lm._backend.close()
+    return lm, count   # never closed (see conftest): closing breaks the other engines
 
 
 def _run(lm, prompts: list[str], vectors: list[torch.Tensor], general: list[bool]):

@@ -25,13 +25,12 @@ BLOCK = 32
 NEW = 24                 # prompt 110 + 24 generated: the 4th block holds generated tokens
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cached():
-    lm = LanguageModel("tiny-llama", backend="vllm", block_size=BLOCK,
-                       enable_prefix_caching=True, max_num_batched_tokens=512, max_num_seqs=16,
-                       max_model_len=256)
-    yield lm
-    lm._backend.close()
+    # never closed (see conftest): closing would break the session's other engines
+    return LanguageModel("tiny-llama", backend="vllm", block_size=BLOCK,
+                         enable_prefix_caching=True, max_num_batched_tokens=512,
+                         max_num_seqs=16, max_model_len=256, kv_cache_memory_bytes=2**26)
 
 
 @pytest.fixture(scope="module")
