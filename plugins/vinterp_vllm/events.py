@@ -22,7 +22,6 @@ import torch
 
 from vinterp_vllm.calls import ModuleCalls
 from vinterp_vllm.layout import RowSpan
-from vinterp_vllm.logit_rows import batched_logits, wanted_rows
 from vinterp_vllm.points import VllmPoint
 
 #: one :class:`ModuleCalls` per vLLM model (``call_module`` nodes: the logit lens)
@@ -120,13 +119,10 @@ class RowsEvent:
             self._value = (_tensor(v, args, kwargs, out, point.batch_dim)[a:b].unsqueeze(0),
                            None)
         else:
-            # ``logits``: this request's rows, computed with the step's other requests'
-            # (``logit_rows.batched_logits``); a trace sees every prompt position, a
-            # generation step the sampled one
-            if logits is None:
-                normed = _tensor(v, args, kwargs, out, point.batch_dim)
-                logits = batched_logits(model, normed,
-                                        [(span, wanted_rows(span, trace, None), trace)])[0]
+            # ``logits``: this request's rows, which the worker computes with the step's
+            # other requests' in one call (``logit_rows.batched_logits``); a trace sees every
+            # prompt position, a generation step the sampled one
+            assert logits is not None, "a logits point's event needs logits="
             if not trace:
                 self._first_row = b - 1
             logits = logits.unsqueeze(0)
