@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +31,25 @@ def on_engine(hf: Any, backend: Any) -> Any:
     m.backend_name, m._backend, m._tracers, m._meta_backend = "vllm", backend, [], None
     m._model = m._meta_model()
     return m
+
+
+def generate_with_edits(m: Any, prompts: list[str], new: int,
+                        edits: list[Callable[[Any], None]],
+                        reads: Callable[[Any], tuple]) -> tuple[list, list[torch.Tensor]]:
+    """Greedy generation of ``new`` tokens, one invoke per prompt: invoke ``i`` applies
+    ``edits[i % len(edits)]`` to the first layer's output at every step, and saves each value
+    of ``reads(m)`` at every step. Returns the token lists and the saves (flattened, on the
+    CPU), in order."""
+    layers = m.layers
+    saves: list = []
+    with m.generate(max_new_tokens=new, do_sample=False, ignore_eos=True) as tr:
+        for i, p in enumerate(prompts):
+            with tr.invoke(p):
+                with tr.all():
+                    edits[i % len(edits)](layers[0].output)
+                    saves.extend(v.save() for v in reads(m))
+    return ([t.tolist() for t in tr.result],
+            [torch.as_tensor(s).float().cpu().reshape(-1) for s in saves])
 
 
 def ir_value(v: Any) -> Any:

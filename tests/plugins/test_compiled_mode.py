@@ -22,7 +22,7 @@ import os
 
 import pytest
 import torch
-from helpers import VS_HF, on_engine, rel_err
+from helpers import VS_HF, generate_with_edits, on_engine, rel_err
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -44,9 +44,10 @@ def _backend(tiny_path, eager: bool):
                        max_num_seqs=32, max_model_len=256, enforce_eager=eager)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def engines(tiny_path, tiny_vllm):
-    """conftest's engine (compiled, or eager in the suite's eager pass) and its counterpart."""
+    """conftest's engine (compiled, or eager in the suite's eager pass) and its counterpart
+    (session-scoped: collecting it would tear down the other engines' process groups)."""
     other = _backend(tiny_path, eager=not _eager_pass())
     if _eager_pass():
         return {"compiled": other, "eager": tiny_vllm}
@@ -97,36 +98,21 @@ def vecs():
 
 def _generate(m, vecs):
     """One generate trace: a different intervention per invoke, per-step captures."""
-    layers = m.model.layers
-    saves: list = []
-    with m.generate(max_new_tokens=NEW, do_sample=False, ignore_eos=True) as tr:
-        for i, p in enumerate(PROMPTS * 3):
-            with tr.invoke(p):
-                with tr.all():
-                    x = layers[0].output
-                    kind = i % 7
-                    if kind == 0:
-                        x.steer(vecs["v"], scale=2.0)
-                    elif kind == 1:
-                        x.scale(1.5, positions=[0, 1])
-                    elif kind == 2:
-                        x.ablate(vecs["d"])
-                    elif kind == 3:
-                        x.clamp(vecs["d"], min=-0.1, max=0.1)
-                    elif kind == 4:
-                        x.replace(vecs["w"], positions=-1)
-                    elif kind == 5:
-                        x[:] += vecs["v"]            # nnsight's idiom (fast path)
-                    else:
-                        x[:] = torch.tanh(x) * 3.0   # not recognised: the general path
-                    saves.append(layers[1].output[:, -1].save())
-                    saves.append(m.model.norm.output.save())
-    return [t.tolist() for t in tr.result], [_flat(s) for s in saves]
+    def idiom(x):
+        x[:] += vecs["v"]            # nnsight's idiom (fast path)
 
+    def general(x):
+        x[:] = torch.tanh(x) * 3.0   # not recognised: the general path
 
-def _flat(value) -> torch.Tensor:
-    """One saved value (the body of ``tracer.all()`` runs per step: one save each)."""
-    return torch.as_tensor(value).reshape(-1)
+    edits = [lambda x: x.steer(vecs["v"], scale=2.0),
+             lambda x: x.scale(1.5, positions=[0, 1]),
+             lambda x: x.ablate(vecs["d"]),
+             lambda x: x.clamp(vecs["d"], min=-0.1, max=0.1),
+             lambda x: x.replace(vecs["w"], positions=-1),
+             idiom, general]
+    # the body of ``tracer.all()`` runs per step: one save of each read per step
+    return generate_with_edits(m, PROMPTS * 3, NEW, edits,
+                               lambda m: (m.model.layers[1].output[:, -1], m.model.norm.output))
 
 
 def test_steering_and_captures_compiled_equal_eager_and_hf(models, vecs):
@@ -159,20 +145,22 @@ def test_general_graph_fires_when_compiled(models):
     assert rel_err(written, run(models["eager"], True)) <= 1e-5
 
 
-def test_engine_without_vinterp_config_is_refused_clearly(tiny_path):
-    """A plain engine with the worker extension but no ``additional_config`` has no hooks:
-    the install check says how to build it, instead of running interventions that never
-    fire."""
+@pytest.fixture(scope="session")
+def plain_engine(tiny_path):
+    """A plain engine with the worker extension but no ``additional_config`` (session-scoped
+    like the others: deleting it would tear down their process groups)."""
     from vllm import LLM
 
-    llm = LLM(model=str(tiny_path), dtype="float32", enforce_eager=True, seed=0,
-              worker_extension_cls="vinterp_vllm.worker.VinterpWorkerExtension",
-              kv_cache_memory_bytes=2**27, max_model_len=128)
-    try:
-        with pytest.raises(Exception, match="built without vinterp's hooks"):
-            llm.collective_rpc("vinterp_install", args=("llama",))
-    finally:
-        del llm
+    return LLM(model=str(tiny_path), dtype="float32", enforce_eager=True, seed=0,
+               worker_extension_cls="vinterp_vllm.worker.VinterpWorkerExtension",
+               kv_cache_memory_bytes=2**27, max_model_len=128)
+
+
+def test_engine_without_vinterp_config_is_refused_clearly(plain_engine):
+    """Such an engine has no hooks: the install check says how to build it, instead of
+    running interventions that never fire."""
+    with pytest.raises(Exception, match="built without vinterp's hooks"):
+        plain_engine.collective_rpc("vinterp_install", args=("llama",))
 
 
 def test_cuda_compilation_config_splits_at_the_op():

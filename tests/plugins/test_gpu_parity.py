@@ -21,7 +21,7 @@ import os
 
 import pytest
 import torch
-from helpers import VS_HF, rel_err
+from helpers import VS_HF, generate_with_edits, rel_err
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -40,25 +40,13 @@ ENGINE = dict(max_model_len=256, max_num_seqs=8,
 
 def _steered(m: LanguageModel, vecs: dict[str, torch.Tensor]):
     """Per-invoke interventions (fast-path ops and nnsight's idiom), per-step captures."""
-    layers = m.layers
-    last = len(layers) - 1
-    saves: list = []
-    with m.generate(max_new_tokens=NEW, do_sample=False, ignore_eos=True) as tr:
-        for i, p in enumerate(PROMPTS * 2):
-            with tr.invoke(p):
-                with tr.all():
-                    x = layers[0].output
-                    kind = i % 4
-                    if kind == 0:
-                        x.steer(vecs["v"], scale=4.0)
-                    elif kind == 1:
-                        x.ablate(vecs["d"])
-                    elif kind == 2:
-                        x[:] += vecs["v"] * 2.0        # nnsight's idiom, fast path
-                    else:
-                        x.scale(0.5, positions=-1)
-                    saves.append(layers[last].output[:, -1].save())
-    return [t.tolist() for t in tr.result], [torch.as_tensor(s).float().cpu() for s in saves]
+    def idiom(x):
+        x[:] += vecs["v"] * 2.0        # nnsight's idiom, fast path
+
+    edits = [lambda x: x.steer(vecs["v"], scale=4.0), lambda x: x.ablate(vecs["d"]), idiom,
+             lambda x: x.scale(0.5, positions=-1)]
+    return generate_with_edits(m, PROMPTS * 2, NEW, edits,
+                               lambda m: (m.layers[len(m.layers) - 1].output[:, -1],))
 
 
 @pytest.fixture(scope="module", params=MODELS)
