@@ -677,7 +677,7 @@ def _selected_capture(graph: Graph, invoke: int, save: Node, item: _Item,
     return a
 
 
-def _row_mask(a: Action, span: RowSpan, cache: dict[tuple[Any, ...], list[int]]) -> list[int]:
+def row_mask(a: Action, span: RowSpan, cache: dict[tuple[Any, ...], list[int]]) -> list[int]:
     """Batch row indices of ``span`` that action ``a`` touches this step (memoized per step)."""
     key = (a.spec_key, a.start, a.stop)
     hit = cache.get(key)
@@ -817,7 +817,7 @@ def build_groups(entries: list[tuple[Any, RowSpan, list[Action]]],
             any_left = True
             a = actions[slot]
             try:
-                rows = _row_mask(a, span, state.mask_cache)
+                rows = row_mask(a, span, state.mask_cache)
             except Exception as exc:
                 state.fail(f"{type(exc).__name__}: {exc}")
                 continue

@@ -49,17 +49,31 @@ def _point_fake(x: torch.Tensor, y: torch.Tensor | None, pid: torch.Tensor) -> N
     return None
 
 
+def _rows_fake(x: torch.Tensor, y: torch.Tensor | None, tid: torch.Tensor,
+               rowmap: torch.Tensor, vec: torch.Tensor, coef: torch.Tensor,
+               capbuf: torch.Tensor) -> None:
+    return None
+
+
 def register_op() -> None:
-    """Define ``vinterp::point`` once per process (idempotent)."""
+    """Define ``vinterp::point`` and ``vinterp::rows`` once per process (idempotent).
+
+    ``rows`` is the table path's op (``tables.apply_rows``): pure tensor math on persistent
+    tables, so unlike ``point`` it may be captured in a full CUDA graph.
+    """
     global _LIB
     if _LIB is not None:
         return
     from torch.library import Library
     from vllm.utils.torch_utils import direct_register_custom_op
 
+    from vinterp_vllm.tables import apply_rows
+
     lib = Library("vinterp", "FRAGMENT")
     direct_register_custom_op("point", _point, mutates_args=["x", "y"], fake_impl=_point_fake,
                               target_lib=lib)
+    direct_register_custom_op("rows", apply_rows, mutates_args=["x", "y", "capbuf"],
+                              fake_impl=_rows_fake, target_lib=lib)
     _LIB = lib
 
 
@@ -88,25 +102,42 @@ def _hook_tensors(pair: bool, args: tuple, kwargs: dict, out: Any
 
 def install_point_hooks(model: torch.nn.Module, points: Sequence[tuple[str, str, bool]],
                         ids: PointIds, active: Callable[[int], bool],
-                        traced: Callable[[int], bool] = lambda i: True) -> None:
+                        traced: Callable[[int], bool] = lambda i: True,
+                        tables: dict[str, torch.Tensor] | None = None,
+                        tabled: Callable[[int], int | None] = lambda i: None) -> None:
     """Hook ``(module name, side, pair)`` points of ``model`` to call the op; point ``i`` of
     ``points`` gets index ``i``.
 
     ``active(i)`` lets eager steps skip the op call for points nothing uses this step. While
     torch.compile traces, the hooks of points with ``traced(i)`` emit the op (the graph must
     serve any future step) and the others emit nothing: those points work in eager steps only.
+    With ``tables`` (``tables.StepTables.shared``), points with ``tabled(i)`` (their column of
+    the tables) emit the table op ``vinterp::rows`` into the graph instead.
     """
     register_op()
-    op = torch.ops.vinterp.point
+    op, rows_op = torch.ops.vinterp.point, torch.ops.vinterp.rows
     mods = dict(model.named_modules())
     for index, (name, side, pair) in enumerate(points):
         mod = mods[name]
         buf = f"_vinterp_{side}_pid"
         mod.register_buffer(buf, ids.pid(index), persistent=False)
+        column = tabled(index) if tables is not None else None
+        tbuf = f"_vinterp_{side}_tid"
+        if column is not None:
+            device = tables["rowmap"].device  # type: ignore[index]
+            mod.register_buffer(tbuf, torch.tensor([column], device=device), persistent=False)
+            for tname, t in tables.items():  # type: ignore[union-attr]
+                mod.register_buffer(f"_vinterp_{tname}", t, persistent=False)
 
         def call(mod: Any, args: tuple, kwargs: dict, out: Any, *, index: int = index,
-                 pair: bool = pair, buf: str = buf) -> None:
+                 pair: bool = pair, buf: str = buf, tbuf: str = tbuf,
+                 column: int | None = column) -> None:
             if torch.compiler.is_compiling():
+                if column is not None:
+                    x, y = _hook_tensors(pair, args, kwargs, out)
+                    rows_op(x, y, getattr(mod, tbuf), mod._vinterp_rowmap, mod._vinterp_vec,
+                            mod._vinterp_coef, mod._vinterp_capbuf)
+                    return
                 if not traced(index):
                     return
             elif not active(index):
@@ -122,10 +153,15 @@ def install_point_hooks(model: torch.nn.Module, points: Sequence[tuple[str, str,
             mod.register_forward_hook(call, with_kwargs=True)
 
 
-def cuda_compilation_config(user: dict[str, Any] | str | None) -> dict[str, Any]:
-    """vLLM's ``compilation_config`` for the plugin on CUDA: graph pieces split at the op, so
-    its Python runs every step between piecewise CUDA graphs (a full graph would replay the
-    op's first capture forever). Refuses a user setting that would freeze it.
+def cuda_compilation_config(user: dict[str, Any] | str | None,
+                            graph_points: str = "residual") -> dict[str, Any]:
+    """vLLM's ``compilation_config`` for the plugin on CUDA.
+
+    With the op in the graph (``graph_points`` ``all`` / ``residual``): graph pieces split at
+    the op, so its Python runs every step between piecewise CUDA graphs (a full graph would
+    replay the op's first capture forever); a user setting that would freeze it is refused.
+    With ``tables`` the graph holds only tensor math on persistent tables: vLLM's own
+    settings (full CUDA graphs for decode included) stand.
 
     Example::
 
@@ -143,11 +179,15 @@ def cuda_compilation_config(user: dict[str, Any] | str | None) -> dict[str, Any]
                          "adds its op to splitting_ops), not a "
                          f"{type(user).__name__}")
     cfg = dict(user or {})
+    if graph_points == "tables":
+        return cfg
     mode = str(cfg.get("cudagraph_mode", "PIECEWISE")).upper()
     if "FULL" in mode:
         raise ValueError(f"compilation_config cudagraph_mode={mode!r} would replay vinterp's "
                          "per-step interventions from their first capture; use PIECEWISE "
-                         "(the default vinterp sets) or enforce_eager=True")
+                         "(the default vinterp sets), additional_config={'vinterp': "
+                         "{'graph_points': 'tables'}} (full graphs, steering and captures in "
+                         "the graph) or enforce_eager=True")
     cfg["cudagraph_mode"] = "PIECEWISE"
     ops = list(cfg.get("splitting_ops") or CompilationConfig._attention_ops)
     if OP_NAME not in ops:

@@ -29,7 +29,9 @@ HOOKS_VERSION = 1
 #: which hooked points call the op from the compiled graph (``graph_points`` in the config):
 #: ``all``, or ``residual`` (embeddings, each layer's output, the final norm). A step that
 #: needs any other point runs eagerly, with every hook (see :func:`graph_points`).
-GRAPH_POINTS = ("all", "residual")
+#: ``tables``: the residual points run the table op (``tables.py``: no Python in the graph,
+#: full CUDA graphs allowed); a step the tables cannot hold runs eagerly.
+GRAPH_POINTS = ("all", "residual", "tables")
 
 
 def graph_points(vllm_config: Any) -> str:

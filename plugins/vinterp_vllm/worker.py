@@ -41,6 +41,7 @@ from vinterp_vllm.logit_rows import batched_logits, wanted_rows
 from vinterp_vllm.payload import Outcome, Payload, outcomes_to_wire
 from vinterp_vllm.points import VllmPoint
 from vinterp_vllm.request_state import ParsedGraphs, RequestState, Retention
+from vinterp_vllm.tables import StepTables
 from vinterp_vllm.wire import pack
 
 WORKER_EXTENSION = "vinterp_vllm.worker.VinterpWorkerExtension"
@@ -97,15 +98,18 @@ class VinterpWorkerExtension:
         ``compilation`` (vLLM's compilation mode, ``NONE`` when eager), ``points`` (hooked
         points) and ``point_calls`` (op calls so far: a compiled graph calls the op at every
         point of every step, an eager forward only where a request intervenes);
-        ``graph_points`` (points the compiled graph calls the op from) and ``eager_steps``
-        (steps run eagerly because they needed another point)."""
+        ``graph_points`` (points the compiled graph calls the op from), ``eager_steps``
+        (steps run eagerly because they needed another point), ``table_points`` and
+        ``table_steps`` (points with the table op in the graph, steps served by the tables
+        alone, see ``tables.py``)."""
         h = self._vinterp
         mode = self.vllm_config.compilation_config.mode  # type: ignore[attr-defined]
         return {"states": len(h.by_key), "tracked_ids": len(h.by_req),
                 "evicted": h.retention.evicted, "max_undrained": h.retention.cap,
                 "parsed_graphs": len(h.graphs), "compilation": getattr(mode, "name", str(mode)),
                 "points": len(h.points), "point_calls": h.point_calls,
-                "graph_points": len(h.in_graph), "eager_steps": h.eager_steps}
+                "graph_points": len(h.in_graph), "eager_steps": h.eager_steps,
+                "table_points": len(h.table_index), "table_steps": h.table_steps}
 
     def vinterp_set_max_undrained(self, cap: int) -> None:
         """Cap the states kept for finished requests nobody drained (see ``Retention``)."""
@@ -160,6 +164,10 @@ class _Hooks:
         self.eager_steps = 0
         #: the active points the forward reached (each must be, see ``end_step``)
         self.reached: set[tuple[str, str]] = set()
+        #: ``graph_points="tables"``, compiled: the tables and each table point's column
+        self.tables: StepTables | None = None
+        self.table_index: dict[tuple[str, str], int] = {}
+        self.table_steps = 0
         self._install()
 
     # ------------------------------------------------------------------ hooks
@@ -180,11 +188,33 @@ class _Hooks:
         # an eager engine has no graph: every point is served where it is
         self.in_graph = {key for key, _ in self.points
                          if self.graph_points == "all" or not compiled or key in residual}
+        if compiled and self.graph_points == "tables":
+            self.in_graph = set()
+            keys = [key for key, _ in self.points if key in residual]
+            self.table_index = {key: i for i, key in enumerate(keys)}
+            self.tables = self._make_tables(len(keys))
         ids = PointIds()
         ids.bind(self)
         install_point_hooks(self.model, [(m, side, pair) for (m, side), pair in self.points],
                             ids, lambda i: self.points[i][0] in self.active_hooks,
-                            lambda i: self.points[i][0] in self.in_graph)
+                            lambda i: self.points[i][0] in self.in_graph,
+                            None if self.tables is None else self.tables.shared(),
+                            lambda i: self.table_index.get(self.points[i][0]))
+
+    def _make_tables(self, points: int) -> StepTables:
+        """The table path's device tables, sized from the engine's limits (rows: the most
+        tokens one forward holds, CUDA-graph padding included) and the config's
+        ``table_entries`` / ``capture_slots``."""
+        from vinterp_vllm.vllm_patches import CONFIG_KEY
+
+        cfg = self.runner.vllm_config
+        ours = (cfg.additional_config or {}).get(CONFIG_KEY) or {}
+        tokens = int(cfg.scheduler_config.max_num_batched_tokens)
+        rows = max(tokens, int(cfg.compilation_config.max_cudagraph_capture_size or 0))
+        return StepTables(points=points, rows=rows, hidden=self.hidden, dtype=self.dtype,
+                          device=next(self.model.parameters()).device,
+                          entries=int(ours.get("table_entries", 4096)),
+                          slots=int(ours.get("capture_slots", tokens)))
 
     def at_point(self, index: int, x: torch.Tensor, y: torch.Tensor | None) -> None:
         """The op's body: point ``index`` of this step, its tensors ``x`` (and ``y``, a fused
@@ -224,6 +254,8 @@ class _Hooks:
         ids = [r for r in batch.req_ids[:batch.num_reqs] if r is not None]
         wanted = {r for r in ids if self._state(r) is not None}
         if not wanted:
+            if self.tables is not None:
+                self.tables.clear()
             return
         spans = batch_spans(batch, positions, wanted)
         fast: dict[tuple[str, str], list[tuple[RequestState, RowSpan, list]]] = {}
@@ -243,6 +275,8 @@ class _Hooks:
                     hook = (p.vllm_module, p.side)
                     self.general_points.setdefault(hook, []).append((st, span, p))
                     self.active_hooks.add(hook)
+        if self.tables is not None and self._fill_tables(fast, positions.shape[0]):
+            return
         device = positions.device
         self.tensors.next_step()
         for (vmod, side, value), entries in fast.items():
@@ -261,6 +295,22 @@ class _Hooks:
         self.eager_step = not self.active_hooks <= self.in_graph
         self.eager_steps += self.eager_step
 
+    def _fill_tables(self, fast: dict, n_rows: int) -> bool:
+        """Serve this step from the tables when they can hold all of it (no general graph,
+        nothing outside the residual points...); else reset them: the step runs eagerly."""
+        tables = self.tables
+        assert tables is not None
+        plan = None if self.step_general or not fast else tables.plan(
+            fast, self.table_index, n_rows)
+        if plan is None:
+            tables.clear()
+            return False
+        tables.fill(plan)
+        self.table_steps += 1
+        # the compiled graph serves these points; no Python hook runs this step
+        self.active_hooks = set()
+        return True
+
     def end_step(self) -> None:
         """Close the step's general graphs; the op does nothing until the next step opens
         (dummy and warm-up runs call the model outside ``_model_forward``).
@@ -268,6 +318,8 @@ class _Hooks:
         A point this step needed that the forward never reached (a compiled graph without it,
         had the eager fallback not run) fails its requests: an intervention must never
         silently not happen."""
+        if self.tables is not None:
+            self.tables.collect()
         for key in self.active_hooks - self.reached:
             owners = {id(st): st for _, g in self.step_fast.get(key, ()) for st in g.owners}
             owners.update({id(st): st for st, _, _ in self.general_points.get(key, ())})

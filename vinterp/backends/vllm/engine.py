@@ -124,7 +124,7 @@ def engine_kwargs(model_path: pathlib.Path, *, dtype: str | None = None,
         allow_shared_gpu(kwargs)
         if not kwargs.get("enforce_eager"):
             kwargs["compilation_config"] = cuda_compilation_config(
-                kwargs.get("compilation_config"))
+                kwargs.get("compilation_config"), ours["graph_points"])
     return kwargs
 
 

@@ -1,0 +1,267 @@
+"""The table path: steering and captures as tensor math on persistent tables, so that a
+compiled step runs no Python at all and full CUDA graphs can replay it.
+
+``graph_points="tables"`` (``additional_config={"vinterp": {...}}``). The hook at each residual
+point (embeddings, layer outputs, final norm) emits ``torch.ops.vinterp.rows``, whose body
+(:func:`apply_rows`) is plain tensor ops on device tables allocated when the hooks go in:
+
+* ``rowmap[row, point] = (entry, pre slot, post slot)``: what each row of the step gets there;
+* per entry ``e``: a vector ``vec[e]`` and ``coef[e] = (a, sb, sd, lo, hi)``, and the row
+  becomes ``a·x + sb·v + v·(clamp(p, lo, hi) − p)`` with ``p = x·(sd·v)``. That one update is
+  steer (``a=1, sb=1``), scale (``a=f``), replace (``a=0, sb=1``), ablate (``sd=1, lo=hi=0``)
+  and clamp (``sd=1``), with the float operations of the vectorized path (``fastpath.Group``);
+  entry 0 is the identity, and rows with entry 0 are left exactly as they were;
+* ``capbuf[slot]``: the value of each captured row, before (pre) or after (post) the update;
+  slot 0 is where every other row's copy goes.
+
+:meth:`StepTables.plan` turns a step's vectorized actions into tables (or answers ``None``
+when they cannot be expressed: the step then runs eagerly with the Python hooks), :meth:`fill`
+copies them to the device (one copy per table, none for vectors unchanged since the last step)
+and :meth:`collect` hands the captured rows to their requests after the forward.
+
+Nothing in :func:`apply_rows` reads a tensor's values on the host or has a value-dependent
+shape, so a CUDA graph captured once serves every later step: the tables hold the step.
+
+Example::
+
+    t = StepTables(points=2, rows=8192, hidden=576, dtype=torch.float32,
+                   device=torch.device("cuda"), entries=4096, slots=8192)
+    plan = t.plan(fast, {("model.layers.3", "output"): 1}, n_rows=64)
+    if plan is not None:
+        t.fill(plan)             # before the forward
+        ...                      # the forward replays its graph
+        t.collect()              # captured rows reach their requests
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vinterp_vllm.fastpath import Action, row_mask
+from vinterp_vllm.layout import RowSpan
+
+#: ``coef`` columns
+A, SB, SD, LO, HI = range(5)
+#: columns of ``rowmap``'s last dimension
+ENTRY, PRE, POST = range(3)
+
+
+def apply_rows(x: torch.Tensor, y: torch.Tensor | None, tid: torch.Tensor,
+               rowmap: torch.Tensor, vec: torch.Tensor, coef: torch.Tensor,
+               capbuf: torch.Tensor) -> None:
+    """The table update at one point, in place: ``x`` (and ``y``, a fused layer's residual:
+    the stream is ``x + y``) for this step's rows, as ``rowmap[:, tid]`` says.
+
+    Rows with entry 0 keep ``x`` and ``y`` unchanged; touched rows get the new stream in ``x``
+    and 0 in ``y`` (so the next fused add gives exactly it, as in ``events.point_rows``).
+    """
+    flat = x[0] if x.dim() == 3 else x           # vLLM's Transformers backend: [1, tokens, H]
+    res = None if y is None else (y[0] if y.dim() == 3 else y)
+    n = flat.shape[0]
+    m = rowmap[:n].index_select(1, tid).reshape(n, 3)
+    entry, pre, post = m[:, ENTRY], m[:, PRE], m[:, POST]
+    s = flat if res is None else flat + res
+    capbuf.index_copy_(0, pre, s.to(capbuf.dtype))
+    v = vec.index_select(0, entry).to(s.dtype)
+    c = coef.index_select(0, entry).to(s.dtype)
+    a, sb, sd, lo, hi = (c[:, i:i + 1] for i in range(5))
+    p = (s * (v * sd)).sum(-1, keepdim=True)
+    new = a * s + sb * v + v * (torch.clamp(p, lo, hi) - p)
+    touched = (entry != 0).unsqueeze(-1)
+    flat.copy_(torch.where(touched, new, flat))
+    if res is not None:
+        res.masked_fill_(touched, 0)
+    capbuf.index_copy_(0, post, torch.where(touched, new, s).to(capbuf.dtype))
+
+
+def _coef(a: Action) -> tuple[float, float, float, float, float]:
+    """``(a, sb, sd, lo, hi)`` of one steering action (see the module doc)."""
+    inf = float("inf")
+    if a.op == "steer":
+        return (1.0, 1.0, 0.0, -inf, inf)
+    if a.op == "scale":
+        return (a.factor, 0.0, 0.0, -inf, inf)
+    if a.op == "replace":
+        return (0.0, 1.0, 0.0, -inf, inf)
+    if a.op == "ablate":
+        return (1.0, 0.0, 1.0, 0.0, 0.0)
+    if a.op == "clamp":
+        return (1.0, 0.0, 1.0, a.lo, a.hi)
+    raise ValueError(f"no table form for {a.op!r}")
+
+
+@dataclass
+class TablePlan:
+    """One step's tables on the host, from :meth:`StepTables.plan`."""
+
+    rowmap: torch.Tensor                      # [n_rows, points, 3]
+    entries: list[Action]                     # entry i + 1
+    #: (request state, capture action, its span, its rows, their slots)
+    captures: list[tuple[Any, Action, RowSpan, list[int], list[int]]] = field(
+        default_factory=list)
+    slots: int = 1                            # slots used, the trash slot 0 included
+    points: set[tuple[str, str]] = field(default_factory=set)
+
+
+class _TooMuch(Exception):  # noqa: N818 - control flow: the step runs eagerly
+    pass
+
+
+class StepTables:
+    """The device tables of one engine and the per-step work around them."""
+
+    def __init__(self, *, points: int, rows: int, hidden: int, dtype: torch.dtype,
+                 device: torch.device, entries: int, slots: int) -> None:
+        self.points, self.rows, self.entries, self.slots = points, rows, entries, slots
+        self.device = device
+        self.rowmap = torch.zeros(rows, points, 3, dtype=torch.long, device=device)
+        self.vec = torch.zeros(entries, hidden, dtype=dtype, device=device)
+        self.coef = torch.zeros(entries, 5, dtype=dtype, device=device)
+        self.coef[0] = torch.tensor([1.0, 0.0, 0.0, float("-inf"), float("inf")])
+        self.capbuf = torch.zeros(slots, hidden, dtype=dtype, device=device)
+        self._dirty = 0              # rows of ``rowmap`` the last fill may have set
+        self._entry_key: tuple[int, ...] = ()
+        self._pending: TablePlan | None = None
+        self._pin = device.type == "cuda"
+
+    def shared(self) -> dict[str, torch.Tensor]:
+        """The tables every point's op reads (registered as buffers on the hooked modules)."""
+        return {"rowmap": self.rowmap, "vec": self.vec, "coef": self.coef,
+                "capbuf": self.capbuf}
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, fast: dict[tuple[str, str, str], list[tuple[Any, RowSpan, list[Action]]]],
+             table_index: dict[tuple[str, str], int], n_rows: int) -> TablePlan | None:
+        """This step's tables, or ``None`` when they cannot hold it: a point outside the
+        tables, two edits of one row at one point, a capture between edits, more entries or
+        capture slots than the tables have. A request whose rows cannot be worked out fails
+        alone (as on the vectorized path)."""
+        if n_rows > self.rows:
+            return None
+        rowmap = torch.zeros(n_rows, self.points, 3, dtype=torch.long)
+        plan = TablePlan(rowmap, [])
+        entry_of: dict[int, int] = {}
+        hooks: dict[tuple[str, str], str] = {}
+        try:
+            for (vmod, side, value), entries in fast.items():
+                t = table_index.get((vmod, side))
+                if t is None or hooks.setdefault((vmod, side), value) != value:
+                    return None
+                plan.points.add((vmod, side))
+                slot_of: tuple[dict[int, int], dict[int, int]] = ({}, {})
+                for st, span, actions in entries:
+                    if not st.failed:
+                        self._plan_request(plan, t, st, span, actions, entry_of, slot_of)
+        except _TooMuch:
+            return None
+        return plan
+
+    def _plan_request(self, plan: TablePlan, t: int, st: Any, span: RowSpan,
+                      actions: list[Action], entry_of: dict[int, int],
+                      slot_of: tuple[dict[int, int], dict[int, int]]) -> None:
+        try:
+            rows = [row_mask(a, span, st.mask_cache) for a in actions]
+        except Exception as exc:
+            st.fail(f"{type(exc).__name__}: {exc}")
+            return
+        edits = [i for i, (a, r) in enumerate(zip(actions, rows, strict=True))
+                 if r and a.op != "capture"]
+        hidden = self.vec.shape[1]
+        for i in edits:
+            v = actions[i].vector
+            if v is not None and tuple(v.shape) != (hidden,):
+                st.fail(f"{actions[i].op} vector has shape {list(v.shape)} but the value it "
+                        f"steers has hidden size {hidden}")
+                return
+        touched: set[int] = set()
+        for i in edits:
+            if touched.intersection(rows[i]):
+                raise _TooMuch    # two edits of one row: the Python hooks compose them
+            touched.update(rows[i])
+            a = actions[i]
+            e = entry_of.get(id(a))
+            if e is None:
+                if len(plan.entries) + 1 >= self.entries:
+                    raise _TooMuch
+                plan.entries.append(a)
+                e = entry_of[id(a)] = len(plan.entries)
+            plan.rowmap[rows[i], t, ENTRY] = e
+        for i, (a, r) in enumerate(zip(actions, rows, strict=True)):
+            if a.op != "capture" or not r:
+                continue
+            if edits and edits[0] < i < edits[-1]:
+                raise _TooMuch    # a capture between two edits sees a state no table holds
+            post = bool(edits) and i > edits[-1]
+            stage, col = slot_of[post], (POST if post else PRE)
+            slots = []
+            for row in r:
+                s = stage.get(row)
+                if s is None:
+                    if plan.slots >= self.slots:
+                        raise _TooMuch
+                    s = stage[row] = plan.slots
+                    plan.slots += 1
+                    plan.rowmap[row, t, col] = s
+                slots.append(s)
+            plan.captures.append((st, a, span, r, slots))
+
+    # ------------------------------------------------------------------ per step
+    def fill(self, plan: TablePlan) -> None:
+        """Copy ``plan`` to the device tables (rows past it back to the identity)."""
+        n = plan.rowmap.shape[0]
+        span = max(n, self._dirty)
+        host = plan.rowmap
+        if span > n:
+            host = torch.cat([host, torch.zeros(span - n, self.points, 3, dtype=torch.long)])
+        self.rowmap[:span].copy_(self._staged(host), non_blocking=True)
+        self._dirty = n
+        key = tuple(id(a) for a in plan.entries)
+        if key != self._entry_key:   # decode steps of an unchanged batch reuse the vectors
+            k = len(plan.entries)
+            if k:
+                vec = torch.stack([self._vector(a) for a in plan.entries])
+                coef = torch.tensor([_coef(a) for a in plan.entries], dtype=self.coef.dtype)
+                self.vec[1:k + 1].copy_(self._staged(vec), non_blocking=True)
+                self.coef[1:k + 1].copy_(self._staged(coef), non_blocking=True)
+            self._entry_key = key
+        self._pending = plan if plan.captures else None
+
+    def _vector(self, a: Action) -> torch.Tensor:
+        if a.vector is None:    # scale: the coefficients say it all
+            return torch.zeros(self.vec.shape[1], dtype=self.vec.dtype)
+        return a.vector.to(self.vec.dtype).cpu()
+
+    def _staged(self, t: torch.Tensor) -> torch.Tensor:
+        # pinned host memory makes the copy asynchronous on CUDA; a fresh buffer per copy
+        # keeps a copy still in flight from seeing the next step's values
+        return t.pin_memory() if self._pin else t
+
+    def clear(self) -> None:
+        """Back to the identity everywhere (a step with no table work)."""
+        if self._dirty:
+            self.rowmap[:self._dirty].zero_()
+            self._dirty = 0
+        self._pending = None
+
+    def collect(self) -> None:
+        """After the forward: hand each captured row to its request (on the device, one
+        copy of the used slots, since the next step overwrites them)."""
+        plan, self._pending = self._pending, None
+        if plan is None:
+            return
+        used = self.capbuf[:plan.slots].clone()
+        for st, a, span, rows, slots in plan.captures:
+            if st.failed:
+                continue
+            try:
+                first = slots[0]
+                if slots == list(range(first, first + len(slots))):
+                    vals = used[first:first + len(slots)]
+                else:
+                    vals = used[torch.tensor(slots, device=used.device)]
+                st.add_capture(a, span, rows, vals)
+            except Exception as exc:  # never take the engine down: this request fails
+                st.fail(f"{type(exc).__name__}: {exc}")
