@@ -171,7 +171,8 @@ def targets(result: dict[str, Any]) -> list[str]:
     # issue 11: the plugin inside vLLM's compiled mode, against plain vLLM compiled (the eager
     # plugin's rows show the gap compiled mode closes)
     present = {r["system"] for r in rows}
-    for sys_ in [s for s in ("vinterp_vllm", "vinterp_vllm_eager") if s in present]:
+    for sys_ in [s for s in ("vinterp_vllm", "vinterp_vllm_tables", "vinterp_vllm_eager")
+                 if s in present]:
         c = "vllm_compiled"
         add("11 1c distinct vector, 1 layer ≥ 0.95× plain compiled", sys_, "steer_generate",
             "distinct_1layer", c, 0.95)

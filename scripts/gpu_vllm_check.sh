@@ -19,9 +19,11 @@
 #                 same GPU, for each tiny architecture;
 #   architectures.log  tests/plugins/test_architectures.py (every point, every vLLM mapping);
 #   compiled.log  tests/plugins/test_compiled_mode.py on the GPU (compiled equals eager and HF);
+#   tables.log    tests/plugins/test_tables.py: graph_points="tables" under vLLM's default full
+#                 CUDA graphs (steering and captures from persistent tables, equal to HF);
 #   bench.log     the steer_generate workload on smollm2-135m-shaped random weights (float32):
-#                 plain vLLM with its default CUDA graphs and eager, vinterp compiled and eager
-#                 (targets: 1c >= 0.9x and 1d >= 0.8x of plain vLLM with CUDA graphs), and
+#                 plain vLLM with its default CUDA graphs and eager, vinterp compiled (piecewise,
+#                 residual points), with tables (full graphs) and eager (targets: 1c >= 0.9x and 1d >= 0.8x of plain vLLM with CUDA graphs), and
 #                 bench.tgz, the run's directory.
 set -uo pipefail
 BUNDLE=/tmp/vinterp-bundle
@@ -58,7 +60,7 @@ python3 -m vinterp.cli models pull tiny-llama tiny-gpt2 tiny-gptneox tiny-qwen2 
     >>"$OUT/setup.log" 2>&1 || { tail -20 "$OUT/setup.log"; exit 1; }
 status=0
 PYTEST="python3 -m pytest -p no:cacheprovider -rfE -v -s"
-STAGES=${STAGES:-parity architectures compiled bench}
+STAGES=${STAGES:-parity tables architectures compiled bench}
 stage() {   # stage NAME SECONDS TEST_FILE [pytest args]: runs if named in $STAGES
     local name=$1 limit=$2; shift 2
     [[ " $STAGES " == *" $name "* ]] || return 0
@@ -66,6 +68,7 @@ stage() {   # stage NAME SECONDS TEST_FILE [pytest args]: runs if named in $STAG
     grep -E "worst relative|PASSED|FAILED|ERROR|passed|failed|Error:" "$OUT/$name.log" | tail -15
 }
 stage parity "$T_PARITY" tests/plugins/test_gpu_parity.py ${PARITY_K:+-k "$PARITY_K"}
+stage tables "${T_TABLES:-120}" tests/plugins/test_tables.py
 stage architectures "$T_ARCH" tests/plugins/test_architectures.py
 stage compiled "$T_COMPILED" tests/plugins/test_compiled_mode.py
 [[ " $STAGES " == *" bench "* ]] || exit $status
@@ -83,7 +86,7 @@ for f in src.iterdir():
         shutil.copy(f, dst / f.name)
 PYEOF
 timeout "$T_BENCH" python3 -m benchmarks run --model-path "$MODEL" --results-dir /tmp/bench \
-    --only steer_generate --systems vllm_compiled vllm_eager vinterp_vllm vinterp_vllm_eager \
+    --only steer_generate --systems vllm_compiled vllm_eager vinterp_vllm vinterp_vllm_tables vinterp_vllm_eager \
     --reps "${BENCH_REPS:-3}" >"$OUT/bench.log" 2>&1 || status=1
 tail -30 "$OUT/bench.log"
 tar -C /tmp -czf "$OUT/bench.tgz" bench 2>/dev/null

@@ -17,6 +17,9 @@ SYSTEMS: dict[str, tuple[str, str, dict]] = {
     "vinterp_vllm": ("benchmarks.systems.vinterp_sys", "VinterpSystem", {"backend": "vllm"}),
     "vinterp_vllm_eager": ("benchmarks.systems.vinterp_sys", "VinterpSystem",
                            {"backend": "vllm", "enforce_eager": True}),
+    # compiled, steering and captures on persistent tables (full CUDA graphs on a GPU)
+    "vinterp_vllm_tables": ("benchmarks.systems.vinterp_sys", "VinterpSystem",
+                            {"backend": "vllm", "graph_points": "tables"}),
     "vinterp_hf": ("benchmarks.systems.vinterp_sys", "VinterpSystem", {"backend": "hf"}),
     "nnsight": ("benchmarks.systems.nnsight_sys", "NnsightSystem", {}),
     "hf_hooks": ("benchmarks.systems.hf_hooks", "HFHooksSystem", {}),
@@ -30,6 +33,7 @@ SYSTEM_WORKLOADS: dict[str, frozenset[str]] = {
     "vllm_compiled": frozenset({"steer_generate", "concurrency", "capture", "many_users"}),
     "vinterp_vllm": ALL - {"trace_overhead"},
     "vinterp_vllm_eager": frozenset({"steer_generate", "concurrency", "capture", "many_users"}),
+    "vinterp_vllm_tables": frozenset({"steer_generate", "concurrency", "capture", "many_users"}),
     "vinterp_hf": ALL,
     "nnsight": ALL,
     "hf_hooks": ALL,

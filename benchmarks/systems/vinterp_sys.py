@@ -28,9 +28,11 @@ from benchmarks.workloads import (
 
 
 class VinterpSystem(System):
-    def __init__(self, backend: str, enforce_eager: bool = False) -> None:
+    def __init__(self, backend: str, enforce_eager: bool = False,
+                 graph_points: str | None = None) -> None:
         self.backend = backend
         self.enforce_eager = enforce_eager
+        self.graph_points = graph_points   # vinterp's default for the device when None
 
     def setup(self, cfg: WorkloadConfig) -> dict[str, Any]:
         import transformers
@@ -52,6 +54,8 @@ class VinterpSystem(System):
             # The engine settings plain vLLM runs with (compiled unless enforce_eager).
             kwargs = {k: v for k, v in engine_kwargs(cfg, self.enforce_eager).items()
                       if k not in ("model", "dtype")}
+            if self.graph_points:
+                kwargs["additional_config"] = {"vinterp": {"graph_points": self.graph_points}}
         with Timer() as t:
             self.m = language_model.LanguageModel(cfg.model_path, backend=self.backend,
                                                   dtype=self.dtype, **kwargs)
@@ -69,7 +73,7 @@ class VinterpSystem(System):
         self.per_invoke_max = any(p.kind is p.VAR_KEYWORD or p.name == "max_new_tokens"
                                   for p in params)
         return {"load_s": t.seconds, "dtype": cfg.dtype, "backend": self.backend,
-                "enforce_eager": self.enforce_eager,
+                "enforce_eager": self.enforce_eager, "graph_points": self.graph_points,
                 "versions": versions}
 
     def tasks(self) -> list[Task]:
