@@ -49,17 +49,16 @@ def _point_fake(x: torch.Tensor, y: torch.Tensor | None, pid: torch.Tensor) -> N
     return None
 
 
-def _rows_fake(x: torch.Tensor, y: torch.Tensor | None, tid: torch.Tensor,
-               rowmap: torch.Tensor, vec: torch.Tensor, coef: torch.Tensor,
-               capbuf: torch.Tensor) -> None:
+def _slots_fake(capbuf: torch.Tensor, pre: torch.Tensor, before: torch.Tensor,
+                post: torch.Tensor, after: torch.Tensor) -> None:
     return None
 
 
 def register_op() -> None:
-    """Define ``vinterp::point`` and ``vinterp::rows`` once per process (idempotent).
+    """Define ``vinterp::point`` and ``vinterp::slots`` once per process (idempotent).
 
-    ``rows`` is the table path's op (``tables.apply_rows``): pure tensor math on persistent
-    tables, so unlike ``point`` it may be captured in a full CUDA graph.
+    ``slots`` is the table path's capture write (``tables.write_slots``): a copy into a
+    persistent buffer, so unlike ``point`` it may be captured in a full CUDA graph.
     """
     global _LIB
     if _LIB is not None:
@@ -67,13 +66,13 @@ def register_op() -> None:
     from torch.library import Library
     from vllm.utils.torch_utils import direct_register_custom_op
 
-    from vinterp_vllm.tables import apply_rows
+    from vinterp_vllm.tables import write_slots
 
     lib = Library("vinterp", "FRAGMENT")
     direct_register_custom_op("point", _point, mutates_args=["x", "y"], fake_impl=_point_fake,
                               target_lib=lib)
-    direct_register_custom_op("rows", apply_rows, mutates_args=["x", "y", "capbuf"],
-                              fake_impl=_rows_fake, target_lib=lib)
+    direct_register_custom_op("slots", write_slots, mutates_args=["capbuf"],
+                              fake_impl=_slots_fake, target_lib=lib)
     _LIB = lib
 
 
@@ -100,6 +99,15 @@ def _hook_tensors(pair: bool, args: tuple, kwargs: dict, out: Any
     return _tensor("tensor", args, kwargs, out), None
 
 
+def _replaced(out: Any, pair: bool, x: torch.Tensor, y: torch.Tensor | None) -> Any:
+    """A module's output with its point tensors replaced (see ``_hook_tensors``)."""
+    if pair:
+        return (x, y, *out[2:])
+    if isinstance(out, (tuple, list)):
+        return type(out)((x, *out[1:]))
+    return x
+
+
 def install_point_hooks(model: torch.nn.Module, points: Sequence[tuple[str, str, bool]],
                         ids: PointIds, active: Callable[[int], bool],
                         traced: Callable[[int], bool] = lambda i: True,
@@ -111,11 +119,14 @@ def install_point_hooks(model: torch.nn.Module, points: Sequence[tuple[str, str,
     ``active(i)`` lets eager steps skip the op call for points nothing uses this step. While
     torch.compile traces, the hooks of points with ``traced(i)`` emit the op (the graph must
     serve any future step) and the others emit nothing: those points work in eager steps only.
-    With ``tables`` (``tables.StepTables.shared``), points with ``tabled(i)`` (their column of
-    the tables) emit the table op ``vinterp::rows`` into the graph instead.
+    With ``tables`` (``tables.StepTables.shared``), output points with ``tabled(i)`` (their
+    column of the tables) trace the table update into the graph instead and return the
+    updated output (``tables.table_rows``; captures leave through ``vinterp::slots``).
     """
+    from vinterp_vllm.tables import table_rows
+
     register_op()
-    op, rows_op = torch.ops.vinterp.point, torch.ops.vinterp.rows
+    op, slots_op = torch.ops.vinterp.point, torch.ops.vinterp.slots
     mods = dict(model.named_modules())
     for index, (name, side, pair) in enumerate(points):
         mod = mods[name]
@@ -131,13 +142,20 @@ def install_point_hooks(model: torch.nn.Module, points: Sequence[tuple[str, str,
 
         def call(mod: Any, args: tuple, kwargs: dict, out: Any, *, index: int = index,
                  pair: bool = pair, buf: str = buf, tbuf: str = tbuf,
-                 column: int | None = column) -> None:
+                 column: int | None = column) -> Any:
             if torch.compiler.is_compiling():
                 if column is not None:
                     x, y = _hook_tensors(pair, args, kwargs, out)
-                    rows_op(x, y, getattr(mod, tbuf), mod._vinterp_rowmap, mod._vinterp_vec,
-                            mod._vinterp_coef, mod._vinterp_capbuf)
-                    return
+                    batch = x.dim() == 3       # vLLM's Transformers backend: [1, tokens, H]
+                    new_x, new_y, before, after, pre, post = table_rows(
+                        x[0] if batch else x, y[0] if batch and y is not None else y,
+                        getattr(mod, tbuf), mod._vinterp_rowmap, mod._vinterp_vec,
+                        mod._vinterp_coef)
+                    slots_op(mod._vinterp_capbuf, pre, before, post, after)
+                    if batch:
+                        new_x = new_x.unsqueeze(0)
+                        new_y = None if new_y is None else new_y.unsqueeze(0)
+                    return _replaced(out, pair, new_x, new_y)
                 if not traced(index):
                     return
             elif not active(index):
@@ -146,6 +164,7 @@ def install_point_hooks(model: torch.nn.Module, points: Sequence[tuple[str, str,
             op(x, y, getattr(mod, buf))
 
         if side == "input":
+            assert column is None, "the table path serves output points only"
             mod.register_forward_pre_hook(
                 lambda mod, args, kwargs, call=call: call(mod, args, kwargs, None),
                 with_kwargs=True)

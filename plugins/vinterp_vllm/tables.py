@@ -2,8 +2,10 @@
 compiled step runs no Python at all and full CUDA graphs can replay it.
 
 ``graph_points="tables"`` (``additional_config={"vinterp": {...}}``). The hook at each residual
-point (embeddings, layer outputs, final norm) emits ``torch.ops.vinterp.rows``, whose body
-(:func:`apply_rows`) is plain tensor ops on device tables allocated when the hooks go in:
+point (embeddings, layer outputs, final norm) traces :func:`table_rows` into the compiled graph
+(plain tensor ops, which inductor fuses with their neighbours) and returns the updated output;
+captured rows leave through ``torch.ops.vinterp.slots`` (:func:`write_slots`). Both read device
+tables allocated when the hooks go in:
 
 * ``rowmap[row, point] = (entry, pre slot, post slot)``: what each row of the step gets there;
 * per entry ``e``: a vector ``vec[e]`` and ``coef[e] = (a, sb, sd, lo, hi)``, and the row
@@ -19,8 +21,9 @@ when they cannot be expressed: the step then runs eagerly with the Python hooks)
 copies them to the device (one copy per table, none for vectors unchanged since the last step)
 and :meth:`collect` hands the captured rows to their requests after the forward.
 
-Nothing in :func:`apply_rows` reads a tensor's values on the host or has a value-dependent
-shape, so a CUDA graph captured once serves every later step: the tables hold the step.
+Nothing in :func:`table_rows` or :func:`write_slots` reads a tensor's values on the host or
+has a value-dependent shape, so a CUDA graph captured once serves every later step: the tables
+hold the step.
 
 Example::
 
@@ -49,32 +52,40 @@ A, SB, SD, LO, HI = range(5)
 ENTRY, PRE, POST = range(3)
 
 
-def apply_rows(x: torch.Tensor, y: torch.Tensor | None, tid: torch.Tensor,
-               rowmap: torch.Tensor, vec: torch.Tensor, coef: torch.Tensor,
-               capbuf: torch.Tensor) -> None:
-    """The table update at one point, in place: ``x`` (and ``y``, a fused layer's residual:
-    the stream is ``x + y``) for this step's rows, as ``rowmap[:, tid]`` says.
+def table_rows(x: torch.Tensor, y: torch.Tensor | None, tid: torch.Tensor,
+               rowmap: torch.Tensor, vec: torch.Tensor, coef: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor,
+                          torch.Tensor, torch.Tensor]:
+    """The table update at one point, as plain tensor ops (traced into the compiled graph,
+    where inductor fuses them): ``x`` (and ``y``, a fused layer's residual: the stream is
+    ``x + y``) are this step's ``[rows, hidden]`` values there, ``rowmap[:, tid]`` says what
+    each row gets.
 
-    Rows with entry 0 keep ``x`` and ``y`` unchanged; touched rows get the new stream in ``x``
-    and 0 in ``y`` (so the next fused add gives exactly it, as in ``events.point_rows``).
+    Returns ``(new x, new y, stream before, stream after, pre slots, post slots)``. Rows with
+    entry 0 keep ``x`` and ``y`` exactly; touched rows get the new stream in ``x`` and 0 in
+    ``y`` (so the next fused add gives exactly it, as in ``events.point_rows``).
     """
-    flat = x[0] if x.dim() == 3 else x           # vLLM's Transformers backend: [1, tokens, H]
-    res = None if y is None else (y[0] if y.dim() == 3 else y)
-    n = flat.shape[0]
+    n = x.shape[0]
     m = rowmap[:n].index_select(1, tid).reshape(n, 3)
     entry, pre, post = m[:, ENTRY], m[:, PRE], m[:, POST]
-    s = flat if res is None else flat + res
-    capbuf.index_copy_(0, pre, s.to(capbuf.dtype))
+    s = x if y is None else x + y
     v = vec.index_select(0, entry).to(s.dtype)
     c = coef.index_select(0, entry).to(s.dtype)
     a, sb, sd, lo, hi = (c[:, i:i + 1] for i in range(5))
     p = (s * (v * sd)).sum(-1, keepdim=True)
     new = a * s + sb * v + v * (torch.clamp(p, lo, hi) - p)
     touched = (entry != 0).unsqueeze(-1)
-    flat.copy_(torch.where(touched, new, flat))
-    if res is not None:
-        res.masked_fill_(touched, 0)
-    capbuf.index_copy_(0, post, torch.where(touched, new, s).to(capbuf.dtype))
+    new_y = None if y is None else y.masked_fill(touched, 0)
+    return (torch.where(touched, new, x), new_y, s, torch.where(touched, new, s), pre, post)
+
+
+def write_slots(capbuf: torch.Tensor, pre: torch.Tensor, before: torch.Tensor,
+                post: torch.Tensor, after: torch.Tensor) -> None:
+    """Copy each row's stream before / after the update into its capture slot (slot 0 takes
+    every row nobody captures). The op ``vinterp::slots``: a write into a persistent buffer,
+    like vLLM's KV-cache update, so the graph keeps it in place and a CUDA graph replays it."""
+    capbuf.index_copy_(0, pre, before.to(capbuf.dtype))
+    capbuf.index_copy_(0, post, after.to(capbuf.dtype))
 
 
 def _coef(a: Action) -> tuple[float, float, float, float, float]:
@@ -97,8 +108,12 @@ def _coef(a: Action) -> tuple[float, float, float, float, float]:
 class TablePlan:
     """One step's tables on the host, from :meth:`StepTables.plan`."""
 
-    rowmap: torch.Tensor                      # [n_rows, points, 3]
+    rowmap: torch.Tensor                      # [n_rows, points, 3], from ``where``/``what``
     entries: list[Action]                     # entry i + 1
+    #: flat ``rowmap`` indices and their values, gathered in plain Python (one tensor write at
+    #: the end: indexing a tensor per request and point cost more than the whole plan)
+    where: list[int] = field(default_factory=list)
+    what: list[int] = field(default_factory=list)
     #: (request state, capture action, its span, its rows, their slots)
     captures: list[tuple[Any, Action, RowSpan, list[int], list[int]]] = field(
         default_factory=list)
@@ -141,8 +156,7 @@ class StepTables:
         alone (as on the vectorized path)."""
         if n_rows > self.rows:
             return None
-        rowmap = torch.zeros(n_rows, self.points, 3, dtype=torch.long)
-        plan = TablePlan(rowmap, [])
+        plan = TablePlan(torch.zeros(n_rows, self.points, 3, dtype=torch.long), [])
         entry_of: dict[int, int] = {}
         hooks: dict[tuple[str, str], str] = {}
         try:
@@ -157,6 +171,8 @@ class StepTables:
                         self._plan_request(plan, t, st, span, actions, entry_of, slot_of)
         except _TooMuch:
             return None
+        if plan.where:
+            plan.rowmap.view(-1)[torch.tensor(plan.where)] = torch.tensor(plan.what)
         return plan
 
     def _plan_request(self, plan: TablePlan, t: int, st: Any, span: RowSpan,
@@ -169,13 +185,8 @@ class StepTables:
             return
         edits = [i for i, (a, r) in enumerate(zip(actions, rows, strict=True))
                  if r and a.op != "capture"]
-        hidden = self.vec.shape[1]
-        for i in edits:
-            v = actions[i].vector
-            if v is not None and tuple(v.shape) != (hidden,):
-                st.fail(f"{actions[i].op} vector has shape {list(v.shape)} but the value it "
-                        f"steers has hidden size {hidden}")
-                return
+        # (vectors were checked against the hidden size when the request's graph was parsed)
+        width = 3 * self.points
         touched: set[int] = set()
         for i in edits:
             if touched.intersection(rows[i]):
@@ -188,7 +199,8 @@ class StepTables:
                     raise _TooMuch
                 plan.entries.append(a)
                 e = entry_of[id(a)] = len(plan.entries)
-            plan.rowmap[rows[i], t, ENTRY] = e
+            plan.where.extend(r * width + 3 * t + ENTRY for r in rows[i])
+            plan.what.extend([e] * len(rows[i]))
         for i, (a, r) in enumerate(zip(actions, rows, strict=True)):
             if a.op != "capture" or not r:
                 continue
@@ -204,7 +216,8 @@ class StepTables:
                         raise _TooMuch
                     s = stage[row] = plan.slots
                     plan.slots += 1
-                    plan.rowmap[row, t, col] = s
+                    plan.where.append(row * width + 3 * t + col)
+                    plan.what.append(s)
                 slots.append(s)
             plan.captures.append((st, a, span, r, slots))
 

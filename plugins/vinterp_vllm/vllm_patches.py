@@ -12,6 +12,11 @@
   step eagerly when it needs a point the compiled graph does not call the op from
   (``graph_points``). Dummy, profile and warm-up runs call the model directly: the op finds no
   step open and does nothing.
+* ``EngineCore.shutdown``: several engines in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``:
+  a script holding two ``LanguageModel(..., backend="vllm")``, tests) share vLLM's
+  process-wide parallel groups, and shutting one down destroyed them for all: the next forward
+  of a survivor failed with "pipeline model parallel group is not initialized". The groups
+  now go only with the process's last engine.
 
 Example (vLLM calls ``register()`` itself through the ``vllm.general_plugins`` entry point)::
 
@@ -21,6 +26,8 @@ Example (vLLM calls ``register()`` itself through the ``vllm.general_plugins`` e
 from __future__ import annotations
 
 import functools
+import gc
+import weakref
 from typing import Any
 
 #: the ``additional_config`` key that asks for the plugin's hooks (and its value's version)
@@ -106,7 +113,41 @@ def apply() -> None:
 
     Worker.load_model = load_model_then_hook
     GPUModelRunner._model_forward = model_forward_in_step
+    _keep_groups_for_live_engines()
     _applied = True
+
+
+#: the engine cores alive in this process (see ``_keep_groups_for_live_engines``)
+_LIVE_CORES: weakref.WeakSet = weakref.WeakSet()
+
+
+def _keep_groups_for_live_engines() -> None:
+    """Make an engine core's shutdown keep vLLM's process-wide parallel groups while another
+    engine core of this process still lives (it would fail at its next forward without them).
+    """
+    from vllm.v1.engine import core
+
+    init, shutdown = core.EngineCore.__init__, core.EngineCore.shutdown
+
+    @functools.wraps(init)
+    def init_tracked(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        _LIVE_CORES.add(self)
+
+    @functools.wraps(shutdown)
+    def shutdown_sharing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _LIVE_CORES.discard(self)
+        cleanup = getattr(core, "cleanup_dist_env_and_memory", None)
+        if not _LIVE_CORES or cleanup is None:   # (a vLLM without that step keeps its own)
+            return shutdown(self, *args, **kwargs)
+        core.cleanup_dist_env_and_memory = lambda *a, **k: gc.collect()
+        try:
+            return shutdown(self, *args, **kwargs)
+        finally:
+            core.cleanup_dist_env_and_memory = cleanup
+
+    core.EngineCore.__init__ = init_tracked
+    core.EngineCore.shutdown = shutdown_sharing
 
 
 def _run_eagerly() -> None:

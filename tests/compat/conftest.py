@@ -11,8 +11,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 @pytest.fixture(scope="session")
 def compat_vllm():
-    """tiny-llama on the vllm backend. Session-scoped and never closed: tearing an in-process
-    engine down resets vLLM's distributed state, which other engines of the session use."""
+    """tiny-llama on the vllm backend, session-scoped (each engine start costs seconds)."""
     from vinterp import LanguageModel
 
     return LanguageModel("tiny-llama", backend="vllm", max_model_len=256, max_num_seqs=8)

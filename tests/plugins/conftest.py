@@ -1,10 +1,9 @@
 """One vLLM engine per model for all plugin/backend tests (engine start is the slow part).
 
-Engines that later tests may share live for the whole session and are never closed: closing
-an in-process engine tears down vLLM's process groups, which every other in-process engine
-uses (the next forward of a surviving engine fails with "pipeline model parallel group is not
-initialized"). A new engine sets them up again, so a module may close its own engines only
-while no session engine is alive (test_architectures runs before the first is built).
+Engines that later tests may share live for the whole session and are never closed: each
+start costs seconds. Closing one is safe for the others (the plugin keeps vLLM's shared
+parallel groups while any in-process engine lives; test_lifecycle checks it), but a closed
+engine cannot be shared.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def _backend(tiny_path, eager: bool):
 @pytest.fixture(scope="session")
 def engines(tiny_path, tiny_vllm):
     """conftest's engine (compiled, or eager in the suite's eager pass) and its counterpart
-    (session-scoped: collecting it would tear down the other engines' process groups)."""
+    (session-scoped, see conftest)."""
     other = _backend(tiny_path, eager=not _eager_pass())
     if _eager_pass():
         return {"compiled": other, "eager": tiny_vllm}
@@ -148,7 +148,7 @@ def test_general_graph_fires_when_compiled(models):
 @pytest.fixture(scope="session")
 def plain_engine(tiny_path):
     """A plain engine with the worker extension but no ``additional_config`` (session-scoped
-    like the others: deleting it would tear down their process groups)."""
+    like the others, see conftest)."""
     from vllm import LLM
 
     return LLM(model=str(tiny_path), dtype="float32", enforce_eager=True, seed=0,

@@ -37,8 +37,7 @@ def _compiled() -> bool:
 
 @pytest.fixture(scope="session")
 def models():
-    """Session-scoped and never closed, like tests/compat's engine: closing an in-process
-    engine tears down vLLM's process groups, which the session's other engines share."""
+    """Session-scoped, like tests/compat's engine (each engine start costs seconds)."""
     hf = LanguageModel("tiny-llama")
     vl = LanguageModel("tiny-llama", backend="vllm", max_model_len=256, max_num_seqs=8,
                        kv_cache_memory_bytes=2**27, additional_config=RESIDUAL)

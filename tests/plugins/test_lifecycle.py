@@ -213,3 +213,25 @@ def test_async_llm_concurrent_payloads_drain(tiny_path, tiny_vllm):
             got = outcome.saves[sid]
             assert got.shape == want.saves[sid].shape
             assert rel_err(got, want.saves[sid]) < 1e-4, (k, sid)
+
+
+def test_closing_one_engine_leaves_the_others_in_the_process_working(tiny_vllm):
+    """Engines in one process share vLLM's parallel groups; closing one used to destroy them,
+    and the next forward of any other failed ("pipeline model parallel group is not
+    initialized")."""
+    import gc
+
+    from vllm import SamplingParams
+
+    other = LanguageModel("tiny-llama", backend="vllm", max_model_len=128, max_num_seqs=4,
+                          kv_cache_memory_bytes=2**26)
+    with other.trace("Hello there"):
+        h = other.model.layers[0].output.save()
+    assert h.shape[-1] == 64
+    other._backend.close()
+    del other
+    gc.collect()
+    out = tiny_vllm.llm.generate(["Hello there"], SamplingParams(max_tokens=3, temperature=0.0,
+                                                                 ignore_eos=True),
+                                 use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3

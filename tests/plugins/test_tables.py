@@ -1,13 +1,14 @@
 """``graph_points="tables"``: steering and captures as tensor math on persistent tables.
 
-The table op (``tables.apply_rows``) is what a full CUDA graph can replay: no host reads, no
-value-dependent shapes. Checked here on the CPU, compiled:
+The table update (``tables.table_rows``, traced into the graph) and its capture write
+(``tables.write_slots``, the op ``vinterp::slots``) are what a full CUDA graph can replay: no
+host reads, no value-dependent shapes. Checked here on the CPU, compiled:
 
 * its math is the vectorized path's, float op for float op, and untouched rows (the fused
   residual included) stay bit-identical;
 * it traces symbolically, which a host read would not (the control shows the check can fail);
 * the plan refuses what the tables cannot hold (two edits of a row, a capture between edits,
-  too many entries or slots): such steps run eagerly;
+  too many entries or slots, a point without a column): such steps run eagerly;
 * in an engine: no Python runs at any point in a table step, every steering op and capture
   equals HF, chunked prefill and prefix caching included, and the tables go back to the
   identity for the next step;
@@ -29,7 +30,7 @@ from vinterp import LanguageModel  # noqa: E402
 from vinterp.backends.vllm.engine import EAGER_ENV  # noqa: E402
 from vinterp_vllm.fastpath import Action, Group  # noqa: E402
 from vinterp_vllm.layout import RowSpan  # noqa: E402
-from vinterp_vllm.tables import StepTables, apply_rows  # noqa: E402
+from vinterp_vllm.tables import StepTables, table_rows, write_slots  # noqa: E402
 
 H = 8
 INF = float("inf")
@@ -104,7 +105,13 @@ def _point(actions_per_request, n_rows: int, tables: StepTables, pair: bool = Tr
 
 
 def _apply(tables: StepTables, x, y) -> None:
-    apply_rows(x, y, torch.tensor([0]), tables.rowmap, tables.vec, tables.coef, tables.capbuf)
+    """What the hook traces into the graph: the update, the capture write, the new output."""
+    new_x, new_y, before, after, pre, post = table_rows(
+        x, y, torch.tensor([0]), tables.rowmap, tables.vec, tables.coef)
+    write_slots(tables.capbuf, pre, before, post, after)
+    x.copy_(new_x)
+    if y is not None:
+        y.copy_(new_y)
 
 
 def _tables(**kw) -> StepTables:
@@ -172,15 +179,6 @@ def test_the_plan_refuses_what_the_tables_cannot_hold():
                           {("layer", "output"): 0}, 2) is None
 
 
-def test_a_vector_of_the_wrong_size_fails_its_request_alone():
-    bad = Action("steer", None, 0, INF, vector=torch.ones(H + 1))
-    good = Action("steer", None, 0, INF, vector=torch.ones(H))
-    plan, _, _, (st_bad, st_good) = _point([[bad], [good]], 4, _tables())
-    assert plan is not None
-    assert st_bad.failed and f"hidden size {H}" in st_bad.error
-    assert not st_good.failed and plan.rowmap[2:, 0, 0].tolist() == [1, 1]
-
-
 def test_the_op_traces_without_reading_values_on_the_host():
     """A CUDA graph replays kernels only: any host read of a value (``.item()``,
     ``.tolist()``, a value-dependent shape) would freeze the first step. Symbolic tracing
@@ -190,12 +188,18 @@ def test_the_op_traces_without_reading_values_on_the_host():
     tables = _tables()
     args = (torch.randn(5, H), torch.randn(5, H), torch.tensor([0]), tables.rowmap,
             tables.vec, tables.coef, tables.capbuf)
-    make_fx(apply_rows, tracing_mode="symbolic")(*args)
+
+    def step(x, y, tid, rowmap, vec, coef, capbuf):
+        new_x, new_y, before, after, pre, post = table_rows(x, y, tid, rowmap, vec, coef)
+        write_slots(capbuf, pre, before, post, after)
+        return new_x, new_y
+
+    make_fx(step, tracing_mode="symbolic")(*args)
 
     def host_read(x, y, tid, rowmap, vec, coef, capbuf):
-        if int(rowmap[0, 0, 0]) != 0:   # what the op must never do
-            x.add_(1)
-        apply_rows(x, y, tid, rowmap, vec, coef, capbuf)
+        if int(rowmap[0, 0, 0]) != 0:   # what the table path must never do
+            x = x + 1
+        return step(x, y, tid, rowmap, vec, coef, capbuf)
 
     with pytest.raises(Exception, match="(?i)data.dependent"):
         make_fx(host_read, tracing_mode="symbolic")(*args)
@@ -220,8 +224,8 @@ SLOTS = 48
 
 @pytest.fixture(scope="session")
 def models():
-    """Chunked prefill (32 tokens a step) and prefix caching on; session-scoped and never
-    closed (see conftest)."""
+    """Chunked prefill (32 tokens a step) and prefix caching on; session-scoped (see
+    conftest)."""
     hf = LanguageModel("tiny-llama")
     vl = LanguageModel("tiny-llama", backend="vllm", max_model_len=256, max_num_seqs=8,
                        kv_cache_memory_bytes=2**27, max_num_batched_tokens=32,

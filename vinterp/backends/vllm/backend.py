@@ -171,7 +171,11 @@ class VllmBackend(Backend):
             run.record(job, drained.get(job.payload.key), out.outputs[0].token_ids)
 
     def close(self) -> None:
-        """Shut the engine down."""
+        """Shut the engine down now, freeing its memory (other engines in this process keep
+        working: the plugin keeps vLLM's shared parallel groups while one lives)."""
         llm = getattr(self, "llm", None)
         if llm is not None:
             del self.llm
+            client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if client is not None:
+                client.shutdown()
