@@ -95,7 +95,8 @@ class VinterpWorkerExtension:
         """Counts of what the worker holds: ``states`` (per request key, live or undrained),
         ``tracked_ids`` (vLLM request ids seen), ``evicted`` (undrained states dropped),
         ``parsed_graphs`` (distinct request graphs parsed and kept, see ``ParsedGraphs``);
-        ``compilation`` (vLLM's compilation mode, ``NONE`` when eager), ``points`` (hooked
+        ``compilation`` (vLLM's compilation mode, ``NONE`` when eager), ``cudagraph_mode``
+        (the CUDA graph mode vLLM settled on, ``NONE`` on the CPU), ``points`` (hooked
         points) and ``point_calls`` (op calls so far: a compiled graph calls the op at every
         point of every step, an eager forward only where a request intervenes);
         ``graph_points`` (points the compiled graph calls the op from), ``eager_steps``
@@ -103,10 +104,12 @@ class VinterpWorkerExtension:
         ``table_steps`` (points with the table op in the graph, steps served by the tables
         alone, see ``tables.py``)."""
         h = self._vinterp
-        mode = self.vllm_config.compilation_config.mode  # type: ignore[attr-defined]
+        cc = self.vllm_config.compilation_config  # type: ignore[attr-defined]
+        mode, graphs = cc.mode, getattr(cc, "cudagraph_mode", None)
         return {"states": len(h.by_key), "tracked_ids": len(h.by_req),
                 "evicted": h.retention.evicted, "max_undrained": h.retention.cap,
                 "parsed_graphs": len(h.graphs), "compilation": getattr(mode, "name", str(mode)),
+                "cudagraph_mode": getattr(graphs, "name", str(graphs)),
                 "points": len(h.points), "point_calls": h.point_calls,
                 "graph_points": len(h.in_graph), "eager_steps": h.eager_steps,
                 "table_points": len(h.table_index), "table_steps": h.table_steps}

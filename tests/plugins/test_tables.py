@@ -287,6 +287,8 @@ def test_table_steps_run_no_python_at_any_point(models, vecs):
         assert stats["table_points"] == 0 and stats["graph_points"] == stats["points"]
         return
     assert stats["table_points"] == 2 + 2 and stats["graph_points"] == 0
+    if torch.cuda.is_available():   # vLLM's full CUDA graphs, not piecewise ones split by us
+        assert "FULL" in stats["cudagraph_mode"], stats["cudagraph_mode"]
     _steer_all(vl, vecs)
     after = _stats(vl)
     assert after["point_calls"] == stats["point_calls"]    # no vinterp::point call
