@@ -138,7 +138,9 @@ class StepTables:
         self.coef[0] = torch.tensor([1.0, 0.0, 0.0, float("-inf"), float("inf")])
         self.capbuf = torch.zeros(slots, hidden, dtype=dtype, device=device)
         self._dirty = 0              # rows of ``rowmap`` the last fill may have set
-        self._entry_key: tuple[int, ...] = ()
+        #: the actions whose vectors the device tables hold (kept alive, so that an equal
+        #: list is the same actions, not new ones at recycled addresses)
+        self._held: list[Action] = []
         self._pending: TablePlan | None = None
         self._pin = device.type == "cuda"
 
@@ -231,15 +233,16 @@ class StepTables:
             host = torch.cat([host, torch.zeros(span - n, self.points, 3, dtype=torch.long)])
         self.rowmap[:span].copy_(self._staged(host), non_blocking=True)
         self._dirty = n
-        key = tuple(id(a) for a in plan.entries)
-        if key != self._entry_key:   # decode steps of an unchanged batch reuse the vectors
+        same = len(plan.entries) == len(self._held) and all(
+            a is b for a, b in zip(plan.entries, self._held, strict=True))
+        if not same:   # decode steps of an unchanged batch reuse the vectors
             k = len(plan.entries)
             if k:
                 vec = torch.stack([self._vector(a) for a in plan.entries])
                 coef = torch.tensor([_coef(a) for a in plan.entries], dtype=self.coef.dtype)
                 self.vec[1:k + 1].copy_(self._staged(vec), non_blocking=True)
                 self.coef[1:k + 1].copy_(self._staged(coef), non_blocking=True)
-            self._entry_key = key
+            self._held = list(plan.entries)
         self._pending = plan if plan.captures else None
 
     def _vector(self, a: Action) -> torch.Tensor:

@@ -161,6 +161,24 @@ def test_captures_before_and_after_the_edit_and_the_tables_reset():
     assert torch.equal(x, x1)
 
 
+def test_a_step_with_new_actions_gets_their_vectors():
+    """Decode steps of an unchanged batch reuse the device vectors; a step whose actions are
+    new objects (the last ones freed, as when a request finishes) must get its own."""
+    import gc
+
+    tables = _tables()
+    for value in (1.0, 2.0, 3.0):
+        plan, x, _, _ = _point([[Action("steer", None, 0, INF,
+                                        vector=torch.full((H,), value))]], 2, tables,
+                               pair=False)
+        x0 = x.clone()
+        tables.fill(plan)
+        _apply(tables, x, None)
+        assert torch.equal(x, x0 + value)
+        del plan
+        gc.collect()
+
+
 def test_the_plan_refuses_what_the_tables_cannot_hold():
     g = torch.Generator().manual_seed(2)
     steer, scale = _actions(g)[:2]
