@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,19 @@ from vinterp.ir import Graph, Invoke, ListV, Node, Ref, SliceV, Steps, TensorRef
 #: (its Triton backend) multiplies in TF32, Triton's default for fp32 ``tl.dot``: up to 7.5e-4
 #: against HF on the same H200 (benchmarks/results/gpu-h200-2026-11-27).
 VS_HF = 2e-3 if torch.cuda.is_available() else 1e-4
+
+
+def compiled_pass() -> bool:
+    """Whether this run's vLLM engines are compiled (``make test`` runs tests/plugins again with
+    ``VINTERP_VLLM_EAGER=1``)."""
+    from vinterp.backends.vllm.engine import EAGER_ENV
+
+    return os.environ.get(EAGER_ENV, "") in ("", "0")
+
+
+def worker_stats(llm: Any) -> dict[str, Any]:
+    """The plugin's counters (``vinterp_stats``) from a ``vllm.LLM``'s worker."""
+    return llm.collective_rpc("vinterp_stats")[0]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

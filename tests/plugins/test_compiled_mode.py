@@ -22,19 +22,14 @@ import os
 
 import pytest
 import torch
-from helpers import VS_HF, generate_with_edits, on_engine, rel_err
+from helpers import VS_HF, compiled_pass, generate_with_edits, on_engine, rel_err, worker_stats
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vinterp import LanguageModel  # noqa: E402
-from vinterp.backends.vllm.engine import EAGER_ENV  # noqa: E402
 
 PROMPTS = ["The capital of France is", "The quick brown fox jumps over the lazy dog. " * 6, "Hi"]
 NEW = 5
-
-
-def _eager_pass() -> bool:
-    return os.environ.get(EAGER_ENV, "") not in ("", "0")
 
 
 def _backend(tiny_path, eager: bool):
@@ -48,8 +43,8 @@ def _backend(tiny_path, eager: bool):
 def engines(tiny_path, tiny_vllm):
     """conftest's engine (compiled, or eager in the suite's eager pass) and its counterpart
     (session-scoped, see conftest)."""
-    other = _backend(tiny_path, eager=not _eager_pass())
-    if _eager_pass():
+    other = _backend(tiny_path, eager=compiled_pass())
+    if not compiled_pass():
         return {"compiled": other, "eager": tiny_vllm}
     return {"compiled": tiny_vllm, "eager": other}
 
@@ -63,26 +58,22 @@ def models(tiny_path, engines):
     return out
 
 
-def _stats(backend) -> dict:
-    return backend.llm.collective_rpc("vinterp_stats")[0]
-
-
 def test_compiled_engine_runs_the_op_from_its_graph(engines):
     from vllm import SamplingParams
 
     plain = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     calls = {}
     for name, backend in engines.items():
-        before = _stats(backend)
+        before = worker_stats(backend.llm)
         backend.llm.generate(["Hello there"], plain, use_tqdm=False)
-        after = _stats(backend)
+        after = worker_stats(backend.llm)
         calls[name] = after["point_calls"] - before["point_calls"]
         assert after["points"] == 2 + 6 * 2   # embed, final norm; 6 per layer, 2 layers
-    assert _stats(engines["compiled"])["compilation"] != "NONE"
-    assert _stats(engines["eager"])["compilation"] == "NONE"
+    assert worker_stats(engines["compiled"].llm)["compilation"] != "NONE"
+    assert worker_stats(engines["eager"].llm)["compilation"] == "NONE"
     # compiled: the graph calls the op at each of its points (all 14 on CPU; the residual
     # stream's 4 on CUDA, see test_graph_points.py) though no request intervenes; 3 forwards
-    in_graph = _stats(engines["compiled"])["graph_points"]
+    in_graph = worker_stats(engines["compiled"].llm)["graph_points"]
     assert in_graph == (4 if torch.cuda.is_available() else 14)
     assert calls["compiled"] >= 3 * in_graph
     # eager: hooks skip the op where nothing intervenes

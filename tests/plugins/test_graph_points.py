@@ -19,20 +19,15 @@ import os
 
 import pytest
 import torch
-from helpers import VS_HF, rel_err
+from helpers import VS_HF, compiled_pass, rel_err, worker_stats
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vinterp import LanguageModel  # noqa: E402
-from vinterp.backends.vllm.engine import EAGER_ENV  # noqa: E402
 
 PROMPTS = ["The capital of France is", "Once upon a time"]
 NEW = 4
 RESIDUAL = {"vinterp": {"graph_points": "residual"}}
-
-
-def _compiled() -> bool:
-    return os.environ.get(EAGER_ENV, "") in ("", "0")
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +42,6 @@ def models():
 @pytest.fixture(scope="module")
 def vec():
     return torch.randn(64, generator=torch.Generator().manual_seed(5))
-
-
-def _stats(m) -> dict:
-    return m._backend.llm.collective_rpc("vinterp_stats")[0]
 
 
 def _run(m, vec, *, inner: bool, residual: bool):
@@ -74,7 +65,7 @@ def _run(m, vec, *, inner: bool, residual: bool):
 def _check(models, vec, *, inner: bool, residual: bool) -> int:
     """Both backends agree; returns how many steps the vLLM engine ran eagerly."""
     hf, vl = models
-    before = _stats(vl)["eager_steps"]
+    before = worker_stats(vl._backend.llm)["eager_steps"]
     toks_v, saves_v = _run(vl, vec, inner=inner, residual=residual)
     toks_h, saves_h = _run(hf, vec, inner=inner, residual=residual)
     assert toks_v == toks_h
@@ -82,14 +73,14 @@ def _check(models, vec, *, inner: bool, residual: bool) -> int:
     for a, b in zip(saves_v, saves_h, strict=True):
         assert a.shape == b.shape
         assert rel_err(a, b) <= VS_HF
-    return _stats(vl)["eager_steps"] - before
+    return worker_stats(vl._backend.llm)["eager_steps"] - before
 
 
 def test_graph_calls_the_op_at_residual_points_only(models):
     _, vl = models
-    stats = _stats(vl)
+    stats = worker_stats(vl._backend.llm)
     assert stats["points"] == 2 + 6 * 2
-    if not _compiled():   # an eager engine has no graph: every point is served
+    if not compiled_pass():   # an eager engine has no graph: every point is served
         assert stats["graph_points"] == stats["points"]
         return
     assert stats["graph_points"] == 2 + 2   # embeddings, final norm, 2 layer outputs
@@ -98,7 +89,7 @@ def test_graph_calls_the_op_at_residual_points_only(models):
     calls = stats["point_calls"]
     vl._backend.llm.generate(["Hello there"], SamplingParams(max_tokens=3, temperature=0.0,
                                                              ignore_eos=True), use_tqdm=False)
-    assert _stats(vl)["point_calls"] - calls == 3 * 4
+    assert worker_stats(vl._backend.llm)["point_calls"] - calls == 3 * 4
 
 
 def test_residual_work_stays_compiled(models, vec):
@@ -107,12 +98,12 @@ def test_residual_work_stays_compiled(models, vec):
 
 def test_attention_and_mlp_work_runs_in_eager_steps(models, vec):
     eager = _check(models, vec, inner=True, residual=False)
-    assert eager == (NEW if _compiled() else 0)
+    assert eager == (NEW if compiled_pass() else 0)
 
 
 def test_mixed_batch_runs_eagerly_and_both_requests_are_right(models, vec):
     eager = _check(models, vec, inner=True, residual=True)
-    assert eager == (NEW if _compiled() else 0)
+    assert eager == (NEW if compiled_pass() else 0)
 
 
 def test_a_point_never_reached_fails_its_request(models, monkeypatch):
@@ -129,7 +120,7 @@ def test_a_point_never_reached_fails_its_request(models, monkeypatch):
             out = vl.model.layers[1].output.save()
         return out
 
-    if not _compiled():   # an eager engine has no graph to miss the point
+    if not compiled_pass():   # an eager engine has no graph to miss the point
         assert trace().shape[1] > 1
         return
     with pytest.raises(Exception, match="never reached"):

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import rel_err, worker_stats
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -112,10 +112,6 @@ def _payload_request(engine, req_id: str, ids: list[int], n_new: int = 32) -> No
     engine.add_request(req_id, {"prompt_token_ids": ids}, params)
 
 
-def _stats(llm) -> dict[str, int]:
-    return llm.collective_rpc("vinterp_stats")[0]
-
-
 def _run_until_done(engine) -> None:
     while engine.has_unfinished_requests():
         engine.step()
@@ -124,16 +120,16 @@ def _run_until_done(engine) -> None:
 def test_aborted_and_undrained_state_is_bounded(tiny_vllm):
     llm = tiny_vllm.llm
     engine = llm.llm_engine
-    base = _stats(llm)["states"]
+    base = worker_stats(llm)["states"]
     # an aborted request: its state exists while it runs and goes once released
     _payload_request(engine, "abort-a", list(range(10, 30)))
     for _ in range(3):
         engine.step()
-    assert _stats(llm)["states"] == base + 1
+    assert worker_stats(llm)["states"] == base + 1
     engine.abort_request(["abort-a"])
     _run_until_done(engine)
     llm.collective_rpc("vinterp_release", args=(["abort-a"],))
-    assert _stats(llm)["states"] == base
+    assert worker_stats(llm)["states"] == base
     # aborted and never-drained requests: the cap bounds what the worker keeps
     llm.collective_rpc("vinterp_set_max_undrained", args=(2,))
     try:
@@ -145,7 +141,7 @@ def test_aborted_and_undrained_state_is_bounded(tiny_vllm):
             _run_until_done(engine)
         _payload_request(engine, "last", list(range(5, 25)), n_new=2)  # one more forward
         _run_until_done(engine)
-        stats = _stats(llm)
+        stats = worker_stats(llm)
         assert stats["states"] <= base + 3, stats  # the cap (2) + "last", which finished after
         assert stats["evicted"] >= 4, stats
         drained = outcomes_from_wire(llm.collective_rpc(
@@ -154,7 +150,7 @@ def test_aborted_and_undrained_state_is_bounded(tiny_vllm):
         # the newest two finished ones at the last forward, and the one still running then
         assert set(drained) == {"undrained-3", "undrained-4", "last"}
         assert drained["last"].error is None
-        assert _stats(llm)["states"] == base
+        assert worker_stats(llm)["states"] == base
     finally:
         from vinterp_vllm.request_state import DEFAULT_MAX_UNDRAINED
 

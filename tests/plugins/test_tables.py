@@ -22,22 +22,17 @@ import os
 
 import pytest
 import torch
-from helpers import VS_HF, rel_err
+from helpers import VS_HF, compiled_pass, rel_err, worker_stats
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vinterp import LanguageModel  # noqa: E402
-from vinterp.backends.vllm.engine import EAGER_ENV  # noqa: E402
 from vinterp_vllm.fastpath import Action, Group  # noqa: E402
 from vinterp_vllm.layout import RowSpan  # noqa: E402
 from vinterp_vllm.tables import StepTables, table_rows, write_slots  # noqa: E402
 
 H = 8
 INF = float("inf")
-
-
-def _compiled() -> bool:
-    return os.environ.get(EAGER_ENV, "") in ("", "0")
 
 
 def _unit(g: torch.Generator) -> torch.Tensor:
@@ -259,10 +254,6 @@ def vecs():
     return [torch.randn(64, generator=g) for _ in range(3)]
 
 
-def _stats(m) -> dict:
-    return m._backend.llm.collective_rpc("vinterp_stats")[0]
-
-
 def _steer_all(m, vecs, *, steer: bool = True):
     """Every op (or none), one invoke each, with captures before and after the edit."""
     L = m.model.layers
@@ -300,15 +291,15 @@ def _equal(a, b) -> None:
 
 def test_table_steps_run_no_python_at_any_point(models, vecs):
     _, vl = models
-    stats = _stats(vl)
-    if not _compiled():   # an eager engine has no graph: its hooks serve every point
+    stats = worker_stats(vl._backend.llm)
+    if not compiled_pass():   # an eager engine has no graph: its hooks serve every point
         assert stats["table_points"] == 0 and stats["graph_points"] == stats["points"]
         return
     assert stats["table_points"] == 2 + 2 and stats["graph_points"] == 0
     if torch.cuda.is_available():   # vLLM's full CUDA graphs, not piecewise ones split by us
         assert "FULL" in stats["cudagraph_mode"], stats["cudagraph_mode"]
     _steer_all(vl, vecs)
-    after = _stats(vl)
+    after = worker_stats(vl._backend.llm)
     assert after["point_calls"] == stats["point_calls"]    # no vinterp::point call
     assert after["eager_steps"] == stats["eager_steps"]
     assert after["table_steps"] > stats["table_steps"]
@@ -342,9 +333,9 @@ def test_tables_go_back_to_the_identity_after_a_steered_step(models, vecs):
 
 
 def _eager_delta(vl, run) -> tuple[int, object]:
-    before = _stats(vl)["eager_steps"]
+    before = worker_stats(vl._backend.llm)["eager_steps"]
     out = run()
-    return _stats(vl)["eager_steps"] - before, out
+    return worker_stats(vl._backend.llm)["eager_steps"] - before, out
 
 
 def test_steps_the_tables_cannot_hold_run_eagerly_and_equal_hf(models, vecs):
@@ -378,4 +369,4 @@ def test_steps_the_tables_cannot_hold_run_eagerly_and_equal_hf(models, vecs):
         for a, b in zip(got, want, strict=True):
             a, b = torch.as_tensor(a), torch.as_tensor(b)
             assert a.shape == b.shape and rel_err(a, b) <= VS_HF, run.__name__
-        assert eager >= (1 if _compiled() else 0), run.__name__
+        assert eager >= (1 if compiled_pass() else 0), run.__name__
