@@ -131,7 +131,6 @@ class StepTables:
     def __init__(self, *, points: int, rows: int, hidden: int, dtype: torch.dtype,
                  device: torch.device, entries: int, slots: int) -> None:
         self.points, self.rows, self.entries, self.slots = points, rows, entries, slots
-        self.device = device
         self.rowmap = torch.zeros(rows, points, 3, dtype=torch.long, device=device)
         self.vec = torch.zeros(entries, hidden, dtype=dtype, device=device)
         self.coef = torch.zeros(entries, 5, dtype=dtype, device=device)
