@@ -75,3 +75,18 @@ def test_no_callables_or_pickle_possible():
     with pytest.raises(ir.GraphError, match="nodes.0.extra\n  Extra inputs are not permitted"):
         ir.load({"nodes": [{"id": 0, "op": "read", "extra": 1,
                             "kwargs": {"module": "", "kind": "output"}}]})
+
+
+def test_non_finite_numbers_survive_json():
+    # clamp(max=float("inf")) or a -inf mask fill must not turn into null on the way to a
+    # worker or a server (pydantic's default JSON writes inf and nan as null)
+    g = Graph(invokes=(Invoke(prompts=((1,),)),), nodes=(
+        Node(id=0, op="read", kwargs={"module": "model.layers.0", "kind": "output"}),
+        Node(id=1, op="method", args=(Ref(ref=0), float("-inf")),
+             kwargs={"name": "clamp", "max": float("inf")}),
+        Node(id=2, op="method", args=(Ref(ref=0), float("nan")), kwargs={"name": "add"}),
+    ))
+    back = ir.load(ir.dumps(g))
+    assert back.nodes[1].args[1] == float("-inf")
+    assert back.nodes[1].kwargs["max"] == float("inf")
+    assert back.nodes[2].args[1] != back.nodes[2].args[1]   # nan

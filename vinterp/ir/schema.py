@@ -37,7 +37,9 @@ DType = Literal[
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # ser_json_inf_nan: inf and nan arguments (clamp(max=float("inf")), a -inf mask fill) stay
+    # themselves in JSON, as Python's json module writes them, instead of becoming null
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
 
 class Ref(_Strict):
