@@ -34,6 +34,7 @@ from vinterp.ir.schema import (
     DictV, DTypeV, EllipsisV, Graph, ListV, Node, Ref, SliceV, TensorRef, TupleV, Value,
 )
 from vinterp.ir.tensors import decode_tensor, torch_dtype
+from vinterp.ir.index import graph_index
 from vinterp.ir.validate import node_refs
 from vinterp.steering import apply_steering
 
@@ -153,12 +154,13 @@ def _constructor_numel(fn: str, args: list[Any], kwargs: dict[str, Any]) -> int:
 
 def cross_refs(graph: Graph) -> dict[int, set[int]]:
     """invoke → ids of other invokes' nodes it uses directly."""
-    owner = {n.id: n.invoke for n in graph.nodes}
+    index = graph_index(graph)
+    owner = index.owner
     out: dict[int, set[int]] = {}
-    for n in graph.nodes:
+    for n, refs in zip(graph.nodes, index.refs, strict=True):
         if n.invoke < 0:
             continue
-        for r in node_refs(n):
+        for r in refs:
             if owner[r] >= 0 and owner[r] != n.invoke:
                 out.setdefault(n.invoke, set()).add(r)
     return out
@@ -169,7 +171,7 @@ def invoke_phases(graph: Graph, needs: dict[int, set[int]] | None = None) -> lis
 
     ``needs``: :func:`cross_refs` of ``graph`` when the caller has it already.
     """
-    owner = {n.id: n.invoke for n in graph.nodes}
+    owner = graph_index(graph).owner
     deps: dict[int, set[int]] = {i: set() for i in range(max(1, len(graph.invokes)))}
     for i, refs in (cross_refs(graph) if needs is None else needs).items():
         deps[i] = {owner[r] for r in refs}
@@ -232,8 +234,8 @@ class GraphRunner:
         self._fired: set[tuple[str, str]] = set()
         self._targets: dict[int, tuple[str, str] | None] = {}
         self._by_id = {n.id: n for n in graph.nodes}
-        self._refs = {n.id: tuple(node_refs(n))
-                      for n in graph.nodes}
+        self._refs = {n.id: tuple(r) for n, r in zip(graph.nodes, graph_index(graph).refs,
+                                                     strict=True)}
         # Per step (see _index_lanes): nodes not run yet, and who can unblock whom. A node's
         # slot is (lane index, position in the lane): the order a full pass would visit it.
         self._pending: set[int] = set()
@@ -383,7 +385,7 @@ class GraphRunner:
             if n.id in seen:
                 continue
             seen.add(n.id)
-            for r in node_refs(n):
+            for r in self._refs[n.id]:
                 src = self._node(r)
                 if src.invoke >= 0 and src.invoke != node.invoke and r not in env:
                     return True
@@ -512,8 +514,7 @@ class GraphRunner:
         raise TypeError(f"unknown IR value {v!r}")
 
     def _device_of(self, node: Node) -> torch.device | None:
-        refs = [self.state.env[r] for r in node_refs(node)]
-        return _first_device(refs)
+        return _first_device([self.state.env[r] for r in self._refs[node.id]])
 
     def _run(self, node: Node, ev: PointEvent | None) -> None:
         try:

@@ -21,10 +21,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from vinterp.ir import ops
-from vinterp.ir.schema import (
-    DictV, Graph, ListV, NamedTensor, Node, Ref, SessionValue, SliceV, TensorRef, TupleV,
-    Value,
-)
+from vinterp.ir.index import graph_index, node_uses
+from vinterp.ir.schema import Graph, NamedTensor, Node, SessionValue
 from vinterp.ir.tensors import nbytes
 
 #: default limits; servers may pass stricter ones.
@@ -38,58 +36,21 @@ class GraphError(ValueError):
     """A graph failed validation; the message names the node and what is wrong."""
 
 
-_CONTAINERS = (ListV, TupleV, SliceV, DictV)
-
-
-def _collect(value: Value, refs: list[int], tensors: list[int]) -> None:
-    """Append the node ids (:class:`Ref`) and tensor-constant indices (:class:`TensorRef`)
-    found anywhere inside ``value``.
-
-    Plain recursion with exact type checks, not generators: graphs have tens of thousands of
-    values and this walk runs in validation, splitting and scheduling.
-    """
-    t = type(value)
-    if t is Ref:
-        refs.append(value.ref)  # type: ignore[union-attr]
-    elif t is TensorRef:
-        tensors.append(value.tensor)  # type: ignore[union-attr]
-    elif t in _CONTAINERS:
-        if t is ListV:
-            children: Any = value.list  # type: ignore[union-attr]
-        elif t is TupleV:
-            children = value.tuple  # type: ignore[union-attr]
-        elif t is SliceV:
-            children = value.slice  # type: ignore[union-attr]
-        else:
-            children = value.mapping.values()  # type: ignore[union-attr]
-        for child in children:
-            _collect(child, refs, tensors)
-
-
-def _node_collect(node: Node) -> tuple[list[int], list[int]]:
-    refs: list[int] = []
-    tensors: list[int] = []
-    for v in node.args:
-        _collect(v, refs, tensors)
-    for v in node.kwargs.values():
-        _collect(v, refs, tensors)
-    return refs, tensors
-
-
 def node_refs(node: Node) -> list[int]:
     """Ids of the nodes ``node`` uses, in argument order (repeats kept).
 
     Example::
 
+        >>> from vinterp.ir import Node, Ref
         >>> node_refs(Node(id=2, op="add", args=(Ref(ref=0), Ref(ref=1))))
         [0, 1]
     """
-    return _node_collect(node)[0]
+    return node_uses(node)[0]
 
 
 def node_tensor_refs(node: Node) -> list[int]:
     """Indices of the tensor constants ``node`` uses."""
-    return _node_collect(node)[1]
+    return node_uses(node)[1]
 
 
 def load(
@@ -164,19 +125,21 @@ def validate(
         )
     n_invokes = len(graph.invokes)
     n_tensors = len(graph.tensors)
+    index = graph_index(graph)
     seen: set[int] = set()
-    for node in graph.nodes:
-        problem = _node_problem(graph, node, seen, n_invokes, n_tensors)
+    for node, refs, tensors in zip(graph.nodes, index.refs, index.tensors, strict=True):
+        problem = _node_problem(graph, node, refs, tensors, seen, n_invokes, n_tensors)
         if problem:
             where = f"node {node.id}" + (f" ({node.line})" if node.line else "")
             raise GraphError(f"{where}: {problem}")
         seen.add(node.id)
 
 
-def _node_problem(graph: Graph, node: Node, seen: set[int], n_invokes: int,
-                  n_tensors: int) -> str | None:
-    """What is wrong with ``node`` given the ids before it, or ``None`` (runs per node: the
-    message is only built when something is wrong)."""
+def _node_problem(graph: Graph, node: Node, refs: list[int], tensors: list[int],
+                  seen: set[int], n_invokes: int, n_tensors: int) -> str | None:
+    """What is wrong with ``node`` (which uses nodes ``refs`` and constants ``tensors``)
+    given the ids before it, or ``None`` (runs per node: the message is only built when
+    something is wrong)."""
     if node.id in seen:
         return "duplicate node id"
     if not ops.known_op(node.op):
@@ -188,7 +151,6 @@ def _node_problem(graph: Graph, node: Node, seen: set[int], n_invokes: int,
         return f"invoke {node.invoke} does not exist (the graph has {n_invokes})"
     if node.steps.stop is not None and node.steps.stop <= node.steps.start:
         return f"empty step range [{node.steps.start}, {node.steps.stop})"
-    refs, tensors = _node_collect(node)
     for ref in refs:
         # Only references to earlier nodes are allowed: this also excludes cycles.
         if ref not in seen:

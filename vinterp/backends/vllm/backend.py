@@ -25,6 +25,7 @@ from vinterp.backends.base import NOT_ON_VLLM, Backend, RunResult
 from vinterp.backends.vllm import requests as rq
 from vinterp.backends.vllm.engine import build_engine, model_type
 from vinterp.backends.vllm.runs import GraphRun, Job
+from vinterp.ir.index import graph_index
 from vinterp.ir.interpreter import cross_refs
 from vinterp.ir.schema import Graph, Ref
 from vinterp.models.architectures import Architecture, for_model_type
@@ -90,7 +91,7 @@ def check_graph(graph: Graph, arch: Architecture, dtype: torch.dtype,
     if not long:
         return
     needs = cross_refs(graph)
-    owner = {n.id: n.invoke for n in graph.nodes}
+    owner = graph_index(graph).owner
     linked = set(needs) | {owner[r] for refs in needs.values() for r in refs}
     grouped = rq.nodes_by_invoke(graph)
     for i in long:

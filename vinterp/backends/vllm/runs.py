@@ -31,6 +31,7 @@ from vinterp.backends.vllm.sampling import sampling_params
 from vinterp.ir.interpreter import (
     GraphRunner, InterventionError, RunState, collect_results, cross_refs, invoke_phases,
 )
+from vinterp.ir.index import graph_index
 from vinterp.ir.schema import Graph
 from vinterp.ir.tensors import encode_tensor
 from vinterp_vllm.payload import Outcome, Payload
@@ -83,7 +84,7 @@ class GraphRun:
         self.run_id = run_id
         self.capture_cap = capture_cap
         self.needs = cross_refs(graph)
-        owner = {n.id: n.invoke for n in graph.nodes}
+        owner = graph_index(graph).owner
         self.exported: dict[int, set[int]] = {}
         for refs in [*self.needs.values(), rq.global_refs(graph)]:
             for r in refs:
