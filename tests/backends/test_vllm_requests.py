@@ -85,3 +85,14 @@ def test_invokes_using_other_invokes_are_not_compacted():
     split = GraphSplitter(graph)
     assert split.request_json(1) is None
     assert split.request_json(0) is not None
+
+
+def test_request_graphs_keep_non_finite_numbers():
+    graph = ir.load({"invokes": [{"prompts": [[1, 2]]}], "nodes": [
+        {"id": 0, "op": "read", "kwargs": {"module": "model.layers.0", "kind": "output"}},
+        {"id": 1, "op": "method", "args": [{"ref": 0}, float("-inf")],
+         "kwargs": {"name": "clamp", "max": float("inf")}},
+    ]})
+    text, _ = GraphSplitter(graph).request_json(0)
+    node = ir.load(text).nodes[1]
+    assert node.args[1] == float("-inf") and node.kwargs["max"] == float("inf")
