@@ -40,6 +40,14 @@ def test_structure_is_kept_and_tensors_are_independent_copies():
     assert back[2]["nested"][0].tolist() == [0.0]
 
 
+def test_each_tensor_owns_its_storage():
+    # a view into one shared buffer would make torch.save(one capture) write every capture
+    values = [torch.full((1, 576), float(k)) for k in range(50)]
+    for k, t in enumerate(unpack(pack(values))):
+        assert t.untyped_storage().nbytes() == 576 * 4
+        assert t.tolist() == [[float(k)] * 576]
+
+
 def test_objects_it_does_not_open_are_pickled_whole():
     out = CausalLMOutputWithPast(logits=torch.full((1, 2, 3), 7.0))
     back = unpack(pack({"o": out}))["o"]
