@@ -173,3 +173,19 @@ def test_proxy_clamp_is_elementwise_with_numbers(model, base):
         c = model.layers[0].output.clamp(-0.5, 0.5).save()
     assert torch.equal(c, h0.clamp(-0.5, 0.5))
     assert any(n.op == "method" and n.kwargs.get("name") == "clamp" for n in tracer.graph.nodes)
+
+
+def test_index_keys_that_compare_equal_stay_distinct(model, base):
+    # converted index keys are shared between nodes; True == 1 and 1.0 == 1 in Python, but
+    # h[:, True] adds a dimension and h[:, 1] picks a position
+    h0 = base[0]
+    with model.trace(PROMPT):
+        h = model.layers[0].output
+        pos = h[:, 1].save()
+        new_dim = h[:, True].save()
+        pos_again = h[:, 1].save()
+        sliced = h[:, 1:3].save()
+        stepped = h[:, 1:3:1].save()
+    assert torch.equal(pos, h0[:, 1]) and torch.equal(pos_again, h0[:, 1])
+    assert torch.equal(new_dim, h0[:, True]) and new_dim.shape != pos.shape
+    assert torch.equal(sliced, h0[:, 1:3]) and torch.equal(stepped, h0[:, 1:3:1])

@@ -51,14 +51,46 @@ _KEEP_DEPTH = 6
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+#: source file -> its base name, or None for vinterp's own files (runs for every node)
+_FILES: dict[str, str | None] = {}
+
+
 def _user_line() -> str | None:
     """``file:line`` of the first frame outside vinterp, for error messages."""
     f: FrameType | None = sys._getframe(2)
-    while f is not None and f.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while f is not None:
+        path = f.f_code.co_filename
+        name = _FILES.get(path, "")
+        if name == "":
+            name = _FILES[path] = None if path.startswith(_PACKAGE_DIR) else \
+                os.path.basename(path)
+        if name is not None:
+            return f"{name}:{f.f_lineno}"
         f = f.f_back
-    if f is None:
-        return None
-    return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
+    return None
+
+
+#: converted index keys (IR values are frozen, so one object serves every node using it)
+_KEYS: dict[tuple, TupleV] = {}
+
+
+def _plain_key(v: tuple) -> tuple | None:
+    """A hashable stand-in for a tuple of ints, ``None``, ``...`` and slices of ints and
+    ``None`` (``x[:, -1]``'s key), or ``None`` for anything else. Exact types: ``True`` and
+    ``1.0`` must not share ``1``'s entry."""
+    out: list[Any] = []
+    for x in v:
+        t = type(x)
+        if t is int or x is None or x is Ellipsis:
+            out.append(x)
+        elif t is slice:
+            parts = (x.start, x.stop, x.step)
+            if not all(p is None or type(p) is int for p in parts):
+                return None
+            out.append((slice, *parts))
+        else:
+            return None
+    return tuple(out)
 
 
 class _StepIter:
@@ -619,6 +651,15 @@ class Tracer:
         return f"{node.op} {name}" if isinstance(name, str) else node.op
 
     def _value(self, v: Any) -> Value:
+        if type(v) is tuple:   # an index key such as [:, -1]: converted once, then shared
+            key = _plain_key(v)
+            if key is not None:
+                hit = _KEYS.get(key)
+                if hit is None:
+                    if len(_KEYS) > 4096:
+                        _KEYS.clear()
+                    hit = _KEYS[key] = TupleV(tuple=tuple(self._value(x) for x in v))
+                return hit
         if isinstance(v, Proxy):
             if v._tracer is not self:
                 if v._has_value:   # saved in an earlier trace (model.session()): its value
