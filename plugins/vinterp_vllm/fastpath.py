@@ -76,7 +76,10 @@ class Action:
 
     def assemble(self, step: int, chunks: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """The saved value at ``step`` from its captured ``(position, row)`` chunks, HF-shaped."""
-        rows = torch.stack([v for _, v in chunks]).unsqueeze(0)   # [1, m, hidden]
+        if len(chunks) == 1:   # x[:, -1] and decode steps: a view (the row is a copy already)
+            rows = chunks[0][1][None, None]
+        else:
+            rows = torch.stack([v for _, v in chunks]).unsqueeze(0)   # [1, m, hidden]
         if self.select is None:
             return rows
         return self.select.shape(step, [p for p, _ in chunks], rows)
