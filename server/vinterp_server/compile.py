@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vinterp.backends.vllm.requests import _remap_node
+from vinterp.ir.jsonform import node_json
 from vinterp.ir import Graph, GraphError, Invoke, Node, Ref, SliceV, Steps, TupleV, load
 from vinterp.ir.schema import ListV, NamedTensor, TensorRef
 from vinterp.ir.tensors import encode_tensor, torch_dtype
@@ -322,15 +322,10 @@ def resolve_named(graph: Graph, lookup: VectorLookup, field_name: str = "graph")
 
 def _shifted(graph: Graph, node_base: int, tensor_base: int) -> list[Node]:
     """``graph``'s nodes renumbered after ``node_base`` nodes and ``tensor_base`` tensors."""
-    data = graph.model_dump(mode="json")["nodes"]
     refs = {n.id: node_base + n.id for n in graph.nodes}
     tens = {k: tensor_base + k for k in range(len(graph.tensors))}
-    out = []
-    for d in data:
-        d = _remap_node(d, tens, refs)
-        d["id"] = refs[d["id"]]
-        out.append(Node.model_validate(d))
-    return out
+    return [Node.model_validate(node_json(n, id=refs[n.id], refs=refs, tensors=tens))
+            for n in graph.nodes]
 
 
 def _msg(exc: BaseException) -> str:
