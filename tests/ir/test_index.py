@@ -19,10 +19,10 @@ def _graph() -> Graph:
 
 def test_refs_tensors_and_owners_of_every_node():
     idx = ix.graph_index(_graph())
-    assert idx.refs == [[], [0, 0], [1, 1]]
-    assert idx.tensors == [[], [2], [0]]
+    assert idx.refs == [(), (0, 0), (1, 1)]
+    assert idx.tensors == [(), (2,), (0,)]
     assert idx.owner == {0: 0, 1: 1, 5: 0}
-    assert idx.refs_of(5) == [1, 1]
+    assert idx.refs_of(5) == (1, 1)
 
 
 def test_built_once_per_graph_and_dropped_with_it():

@@ -12,7 +12,7 @@ Example::
     >>> g = Graph(nodes=[Node(id=0, op="read", kwargs={"module": "m", "kind": "output"}),
     ...                  Node(id=1, op="save", args=[Ref(ref=0)])])
     >>> graph_index(g).refs
-    [[], [0]]
+    [(), (0,)]
     >>> graph_index(g) is graph_index(g)
     True
 """
@@ -71,13 +71,21 @@ class GraphIndex:
     __slots__ = ("refs", "tensors", "owner", "position")
 
     def __init__(self, graph: Graph) -> None:
-        uses = [node_uses(n) for n in graph.nodes]
-        self.refs: list[list[int]] = [r for r, _ in uses]
-        self.tensors: list[list[int]] = [t for _, t in uses]
+        # Tuples, and the one empty tuple for nodes that use nothing: the index lives as long
+        # as its graph, and 46,080 lists for a 23,040-node graph made Python's cyclic
+        # collector's next pass over them cost more than building them did.
+        refs: list[tuple[int, ...]] = []
+        tensors: list[tuple[int, ...]] = []
+        for n in graph.nodes:
+            r, t = node_uses(n)
+            refs.append(tuple(r) if r else ())
+            tensors.append(tuple(t) if t else ())
+        self.refs = refs
+        self.tensors = tensors
         self.owner: dict[int, int] = {n.id: n.invoke for n in graph.nodes}
         self.position: dict[int, int] = {n.id: k for k, n in enumerate(graph.nodes)}
 
-    def refs_of(self, node_id: int) -> list[int]:
+    def refs_of(self, node_id: int) -> tuple[int, ...]:
         """The node ids node ``node_id`` uses."""
         return self.refs[self.position[node_id]]
 

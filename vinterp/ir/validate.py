@@ -135,7 +135,7 @@ def validate(
         seen.add(node.id)
 
 
-def _node_problem(graph: Graph, node: Node, refs: list[int], tensors: list[int],
+def _node_problem(graph: Graph, node: Node, refs: tuple[int, ...], tensors: tuple[int, ...],
                   seen: set[int], n_invokes: int, n_tensors: int) -> str | None:
     """What is wrong with ``node`` (which uses nodes ``refs`` and constants ``tensors``)
     given the ids before it, or ``None`` (runs per node: the message is only built when
