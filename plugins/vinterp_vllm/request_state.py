@@ -150,7 +150,10 @@ class RequestState:
         self.plan = None
 
     def _account(self, value: Any) -> None:
-        self.captured_bytes += _nbytes(value)
+        self._add_bytes(_nbytes(value))
+
+    def _add_bytes(self, n: int) -> None:
+        self.captured_bytes += n
         if self.captured_bytes > self.payload.capture_cap:
             self.fail(f"captures exceeded this request's cap of {self.payload.capture_cap} "
                       f"bytes; save fewer points or positions (e.g. x[:, -1]) or raise "
@@ -163,17 +166,21 @@ class RequestState:
         sid = action.node.id
         nxt = self._next_pos.get(sid, 0)
         per_step = self._chunks.setdefault(sid, {})
+        first, start, prompt_len = span.first_pos, span.start, span.prompt_len
         # rows are consecutive positions within one step except across the prompt's end
         for i, r in enumerate(rows):
-            pos = span.first_pos + (r - span.start)
+            pos = first + (r - start)
             if pos < nxt:
                 continue
-            step = max(0, pos - span.prompt_len + 1)
-            per_step.setdefault(step, []).append((pos, values[i]))
-            self._prompt_len = span.prompt_len
+            step = pos - prompt_len + 1 if pos >= prompt_len else 0
+            chunk = per_step.get(step)
+            if chunk is None:
+                chunk = per_step[step] = []
+            chunk.append((pos, values[i]))
             nxt = pos + 1
+        self._prompt_len = prompt_len
         self._next_pos[sid] = nxt
-        self._account(values)
+        self._add_bytes(values.numel() * values.element_size())
 
     def take_steps(self) -> dict[int, list[tuple[int, Any]]]:
         """Fast captures of the steps already complete, as ``save id -> [(step, value)]``,
