@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from vinterp_vllm.wire import pack, unpack
+from vinterp_vllm.wire import copies, pack, unpack
 
 #: the key under ``SamplingParams.extra_args`` that holds a vinterp payload.
 EXTRA_ARGS_KEY = "vinterp"
@@ -84,10 +84,22 @@ def outcomes_to_wire(outcomes: dict[str, Outcome]) -> bytes:
 
     With the engine core in another process (always under ``AsyncLLM``), vLLM's msgpack RPC
     hands nested tensors of an RPC result back as unresolved buffer references, so captures
-    would arrive as ``['float32', [1, 10, 64], 1]``. Bytes cross every transport unchanged, so
-    the offline ``LLM`` and ``AsyncLLM`` paths share this one channel (see ``wire.py``).
+    would arrive as ``['float32', [1, 10, 64], 1]``. Bytes cross every transport unchanged
+    (see ``wire.py``). Only a caller sharing the worker's process skips them
+    (:func:`own_copies`).
     """
     return pack({k: (o.saves, o.exports, o.error, o.retry_alone) for k, o in outcomes.items()})
+
+
+def own_copies(outcomes: dict[str, Outcome]) -> dict[str, Outcome]:
+    """The outcomes, each tensor its own copy: what ``outcomes_from_wire(outcomes_to_wire(
+    outcomes))`` gives, without the trip through bytes (for a caller in the worker's own
+    process: an in-process engine core). Copies, not the worker's views: one capture must
+    not keep (or ``torch.save``) the rows of every request gathered with it."""
+    for o in outcomes.values():
+        o.saves = copies(o.saves)
+        o.exports = copies(o.exports)
+    return outcomes
 
 
 def outcomes_from_wire(data: bytes) -> dict[str, Outcome]:

@@ -29,10 +29,12 @@ import torch
 
 
 @dataclass(frozen=True)
-class _Slot:
-    """Where a tensor was: its index in the packed list."""
+class _Plain:
+    """A leaf that is not a tensor, kept as it is (in the skeleton a bare int is a tensor's
+    index: captures are thousands of tensors and a handful of other leaves, so the rare ones
+    carry the wrapper)."""
 
-    index: int
+    value: Any
 
 
 #: byte alignment of each group in the blob, so every group can be read in its own dtype
@@ -51,8 +53,8 @@ def pack(obj: Any) -> bytes:
     def slot(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
             tensors.append(v)
-            return _Slot(len(tensors) - 1)
-        return v
+            return len(tensors) - 1
+        return _Plain(v)
 
     skeleton = _map(obj, slot)
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
@@ -92,7 +94,13 @@ def unpack(data: bytes) -> Any:
         groups.append(list(torch.split(flat, numels)))
     tensors = [groups[g][k].view(shape).clone() for (g, k), shape in zip(where, shapes,
                                                                           strict=True)]
-    return _map(skeleton, lambda v: tensors[v.index] if type(v) is _Slot else v)
+    return _map(skeleton, lambda v: v.value if type(v) is _Plain else tensors[v])
+
+
+def copies(obj: Any) -> Any:
+    """``obj`` with each tensor inside its dicts, lists and tuples replaced by its own
+    detached copy: what ``unpack(pack(obj))`` gives, for a reader in the same process."""
+    return _map(obj, lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v)
 
 
 def _map(obj: Any, leaf: Any) -> Any:

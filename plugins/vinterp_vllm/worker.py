@@ -38,7 +38,7 @@ from vinterp_vllm.fastpath import Group, TensorCache, build_groups
 from vinterp_vllm.graph_op import PointIds, install_point_hooks
 from vinterp_vllm.layout import RowSpan, batch_spans
 from vinterp_vllm.logit_rows import batched_logits, wanted_rows
-from vinterp_vllm.payload import Outcome, Payload, outcomes_to_wire
+from vinterp_vllm.payload import Outcome, Payload, outcomes_to_wire, own_copies
 from vinterp_vllm.points import VllmPoint
 from vinterp_vllm.request_state import ParsedGraphs, RequestState, Retention
 from vinterp_vllm.tables import StepTables
@@ -66,13 +66,17 @@ class VinterpWorkerExtension:
                 "hooks must be in place before vLLM compiles the model")
         return True
 
-    def vinterp_drain(self, keys: list[str]) -> bytes:
+    def vinterp_drain(self, keys: list[str], as_bytes: bool = True) -> Any:
         """Outcomes of the given request keys (finished requests), freeing their state.
 
         Returned as bytes (``payload.outcomes_to_wire``; read them with
-        ``outcomes_from_wire``): the same channel in-process and across vLLM's RPC transport.
+        ``outcomes_from_wire``), which cross vLLM's RPC transport unchanged. A caller in this
+        process (an in-process engine core) may pass ``as_bytes=False`` and get the outcomes
+        themselves, each tensor its own copy (``payload.own_copies``), without a round trip
+        through bytes.
         """
-        return outcomes_to_wire(self._vinterp.drain(keys))
+        outcomes = self._vinterp.drain(keys)
+        return outcomes_to_wire(outcomes) if as_bytes else own_copies(outcomes)
 
     def vinterp_take_steps(self, keys: list[str]) -> bytes:
         """Captures of the steps already complete of still-running requests (streaming), as

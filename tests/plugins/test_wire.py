@@ -62,3 +62,19 @@ def test_outcomes_round_trip_with_errors():
     assert torch.equal(back["k1"].saves[3], torch.ones(1, 4))
     assert torch.equal(back["k1"].exports[5], torch.zeros(2))
     assert back["k2"].error == "boom" and back["k2"].retry_alone and not back["k2"].saves
+
+
+def test_in_process_outcomes_equal_the_wire_path_and_own_their_storage():
+    from vinterp_vllm.payload import own_copies
+
+    base = torch.arange(12.0).view(4, 3)           # the worker's gathered rows
+    outs = {"k": Outcome(saves={1: base[2:3], 2: [(base[0], None)]}, exports={3: base[1]})}
+    wired = outcomes_from_wire(outcomes_to_wire(outs))["k"]
+    direct = own_copies(outs)["k"]
+    assert torch.equal(direct.saves[1], wired.saves[1])
+    assert torch.equal(direct.saves[2][0][0], wired.saves[2][0][0])
+    assert direct.saves[2][0][1] is None and torch.equal(direct.exports[3], base[1])
+    for t in (direct.saves[1], direct.saves[2][0][0], direct.exports[3]):
+        assert t.untyped_storage().nbytes() == 3 * 4   # not a view of all gathered rows
+    base.zero_()                                   # the worker reuses its buffer
+    assert direct.saves[1].tolist() == [[6.0, 7.0, 8.0]]

@@ -124,6 +124,10 @@ class VllmBackend(Backend):
         self.max_batched_tokens = int(sched.max_num_batched_tokens)
         self.dtype = self.llm.llm_engine.vllm_config.model_config.dtype
         self._undrained_cap = DEFAULT_MAX_UNDRAINED
+        from vllm.v1.engine.core_client import InprocClient
+
+        # (the default: build_engine keeps the engine core in this process)
+        self._engine_in_process = isinstance(self.llm.llm_engine.engine_core, InprocClient)
 
     # ------------------------------------------------------------------ checks
     def check(self, graph: Graph) -> None:
@@ -166,8 +170,12 @@ class VllmBackend(Backend):
             outs = self.llm.generate([p for p, _ in requests], [sp for _, sp in requests],
                                      use_tqdm=False)
         finally:
-            drained = outcomes_from_wire(self.llm.collective_rpc(
-                "vinterp_drain", args=([job.payload.key for job in jobs],))[0])
+            keys = [job.payload.key for job in jobs]
+            if self._engine_in_process:   # the outcomes themselves, no trip through bytes
+                drained = self.llm.collective_rpc("vinterp_drain", args=(keys, False))[0]
+            else:
+                drained = outcomes_from_wire(
+                    self.llm.collective_rpc("vinterp_drain", args=(keys,))[0])
         for job, out in zip(jobs, outs, strict=True):
             run.record(job, drained.get(job.payload.key), out.outputs[0].token_ids)
 
