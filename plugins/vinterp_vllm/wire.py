@@ -61,7 +61,7 @@ def pack(obj: Any) -> bytes:
     for i, t in enumerate(tensors):
         groups.setdefault((t.dtype, t.device), []).append(i)
     where: list[tuple[int, int]] = [(0, 0)] * len(tensors)   # tensor -> (group, index in it)
-    shapes: list[tuple[int, ...]] = [()] * len(tensors)
+    shapes = [tuple(t.shape) for t in tensors]
     header, chunks, at = [], [], 0
     for g, ((dtype, device), members) in enumerate(groups.items()):
         flat = torch.cat([tensors[i].detach().reshape(-1) for i in members]).cpu()
@@ -71,7 +71,6 @@ def pack(obj: Any) -> bytes:
                        [tensors[i].numel() for i in members]))
         for k, i in enumerate(members):
             where[i] = (g, k)
-            shapes[i] = tuple(tensors[i].shape)
         pad = -len(data) % _ALIGN
         chunks.append(data + bytes(pad))
         at += len(data) + pad

@@ -22,7 +22,7 @@ def test_refs_tensors_and_owners_of_every_node():
     assert idx.refs == [(), (0, 0), (1, 1)]
     assert idx.tensors == [(), (2,), (0,)]
     assert idx.owner == {0: 0, 1: 1, 5: 0}
-    assert idx.refs_of(5) == (1, 1)
+    assert idx.refs[idx.position[5]] == (1, 1)
 
 
 def test_built_once_per_graph_and_dropped_with_it():

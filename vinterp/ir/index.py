@@ -85,10 +85,6 @@ class GraphIndex:
         self.owner: dict[int, int] = {n.id: n.invoke for n in graph.nodes}
         self.position: dict[int, int] = {n.id: k for k, n in enumerate(graph.nodes)}
 
-    def refs_of(self, node_id: int) -> tuple[int, ...]:
-        """The node ids node ``node_id`` uses."""
-        return self.refs[self.position[node_id]]
-
 
 # id(graph) -> its index; an entry leaves when its graph is collected. (Not a
 # WeakKeyDictionary: that hashes and compares its keys, and a frozen pydantic graph hashes

@@ -30,12 +30,11 @@ from typing import Any, Protocol
 import torch
 
 from vinterp.ir import ops
+from vinterp.ir.index import graph_index
 from vinterp.ir.schema import (
     DictV, DTypeV, EllipsisV, Graph, ListV, Node, Ref, SliceV, TensorRef, TupleV, Value,
 )
 from vinterp.ir.tensors import decode_tensor, torch_dtype
-from vinterp.ir.index import graph_index
-from vinterp.ir.validate import node_refs
 from vinterp.steering import apply_steering
 
 #: largest tensor a graph may allocate with torch.zeros & co. (elements)
@@ -234,8 +233,8 @@ class GraphRunner:
         self._fired: set[tuple[str, str]] = set()
         self._targets: dict[int, tuple[str, str] | None] = {}
         self._by_id = {n.id: n for n in graph.nodes}
-        self._refs = {n.id: tuple(r) for n, r in zip(graph.nodes, graph_index(graph).refs,
-                                                     strict=True)}
+        self._refs = dict(zip((n.id for n in graph.nodes), graph_index(graph).refs,
+                              strict=True))
         # Per step (see _index_lanes): nodes not run yet, and who can unblock whom. A node's
         # slot is (lane index, position in the lane): the order a full pass would visit it.
         self._pending: set[int] = set()
@@ -619,7 +618,7 @@ class GraphRunner:
         while True:
             if seen.op == "read":
                 return _point_name((seen.kwargs["module"], seen.kwargs["kind"]))
-            refs = node_refs(seen)
+            refs = self._refs[seen.id]
             if not refs:
                 return "the value"
             seen = self._node(refs[0])

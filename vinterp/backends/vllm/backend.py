@@ -170,12 +170,10 @@ class VllmBackend(Backend):
             outs = self.llm.generate([p for p, _ in requests], [sp for _, sp in requests],
                                      use_tqdm=False)
         finally:
-            keys = [job.payload.key for job in jobs]
-            if self._engine_in_process:   # the outcomes themselves, no trip through bytes
-                drained = self.llm.collective_rpc("vinterp_drain", args=(keys, False))[0]
-            else:
-                drained = outcomes_from_wire(
-                    self.llm.collective_rpc("vinterp_drain", args=(keys,))[0])
+            # in-process: the outcomes themselves, no trip through bytes
+            got = self.llm.collective_rpc("vinterp_drain", args=(
+                [job.payload.key for job in jobs], not self._engine_in_process))[0]
+            drained = got if self._engine_in_process else outcomes_from_wire(got)
         for job, out in zip(jobs, outs, strict=True):
             run.record(job, drained.get(job.payload.key), out.outputs[0].token_ids)
 
