@@ -224,7 +224,7 @@ class LanguageModel:
 
         Edits apply to every invoke, at every generation step, before the trace's own code.
         """
-        from vinterp.tracing.tracer import EditTracer
+        from vinterp.tracing.edit import EditTracer
 
         return EditTracer(self, inputs, inplace=inplace)
 
@@ -252,7 +252,7 @@ class LanguageModel:
             ...         model.layers[8].output[:] = clean
             ...         logits = model.logits.save()
         """
-        from vinterp.tracing.tracer import RemoteSession
+        from vinterp.tracing.session import RemoteSession
 
         backend = self._remote(remote, kwargs)
         if kwargs:
@@ -348,7 +348,7 @@ class LanguageModel:
 
     @samples.setter
     def samples(self, value: Any) -> None:
-        from vinterp.tracing.tracer import _NO_SAMPLE_WRITES
+        from vinterp.tracing.generated import _NO_SAMPLE_WRITES
 
         raise TracingError(_NO_SAMPLE_WRITES)
 

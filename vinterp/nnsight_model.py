@@ -96,7 +96,7 @@ class NNsight(LanguageModel):
 
     def edit(self, *args: Any, inplace: bool = False) -> Any:
         """Persistent edits, as :meth:`LanguageModel.edit` (inputs optional: only shapes)."""
-        from vinterp.tracing.tracer import EditTracer
+        from vinterp.tracing.edit import EditTracer
 
         return EditTracer(self, _call_of(args, {}) or _Call((), {}), inplace=inplace)
 
