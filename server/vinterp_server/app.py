@@ -105,7 +105,7 @@ def build_app(host: EngineHost, keys: ApiKeys | None = None, store: Store | None
     async def prometheus() -> Response:
         """Prometheus metrics: vLLM's ``vllm:*`` and vinterp's ``vinterp_*`` (no key needed)."""
         body, ctype = metrics.render()
-        return Response(body, media_type=ctype)
+        return Response(body + await host.engine_metrics(), media_type=ctype)
 
     @app.get("/v1/stats", dependencies=[Depends(require_key)])
     async def stats() -> Any:

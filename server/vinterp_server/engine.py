@@ -50,6 +50,8 @@ class RequestContext:
         self.keys: dict[int, str] = {}
         self._engine: AsyncEngine | None = None
         self._prompts = 0
+        #: step captures computed where the engine runs, not yet taken (a remote host)
+        self._received: dict[int, dict[int, list[tuple[int, Any]]]] = {}
 
     async def generate(self, engine: AsyncEngine, prompt: Any, params: Any, request_id: str,
                        **kwargs: Any) -> AsyncIterator[Any]:
@@ -91,6 +93,8 @@ class RequestContext:
 
     async def take_steps(self, index: int) -> dict[int, list[tuple[int, Any]]]:
         """Captures of the steps rendered prompt ``index`` completed so far (streaming)."""
+        if index in self._received:
+            return self._received.pop(index)
         key = self.keys.get(index)
         if key is None or self._engine is None or index in self.outcomes:
             return {}
@@ -99,6 +103,20 @@ class RequestContext:
     def outcome(self, index: int) -> Outcome | None:
         """The worker's outcome for rendered prompt ``index`` (once it finished)."""
         return self.outcomes.get(index)
+
+    def receive(self, steps: dict[int, dict[int, list[tuple[int, Any]]]],
+                outcomes: dict[int, Outcome], tokens: list[int]) -> None:
+        """Take in what the same request's context computed where the engine runs (a Ray
+        replica): step captures, finished prompts' outcomes and token counts, so the app
+        reads this context as if the engine were here."""
+        for index, parts in steps.items():
+            mine = self._received.setdefault(index, {})
+            for nid, values in parts.items():
+                mine.setdefault(nid, []).extend(values)
+        self.outcomes.update(outcomes)
+        if self.on_tokens is not None:
+            for n in tokens:
+                self.on_tokens(n)
 
 
 def _http(exc: Exception, status: int) -> Exception:
@@ -156,8 +174,12 @@ class EngineHost(Protocol):
     async def run(self, graph: Graph, *, capture_cap: int | None = None) -> RunResult:
         """Run a whole trace/generate graph."""
 
-    async def stats(self) -> dict[str, int]:
+    async def stats(self) -> dict[str, Any]:
         """The plugin's counts of state held in the worker."""
+
+    async def engine_metrics(self) -> bytes:
+        """The engine's Prometheus metrics when they live in other processes (``b""`` when
+        vLLM's ``vllm:*`` metrics are in this process's registry)."""
 
     async def shutdown(self) -> None:
         """Stop the engine."""
@@ -241,8 +263,11 @@ class LocalEngineHost:
     async def run(self, graph: Graph, *, capture_cap: int | None = None) -> RunResult:
         return await self.engine.run(graph, capture_cap=capture_cap)
 
-    async def stats(self) -> dict[str, int]:
+    async def stats(self) -> dict[str, Any]:
         return await self.engine.stats()
+
+    async def engine_metrics(self) -> bytes:
+        return b""   # this process's registry has them
 
     async def shutdown(self) -> None:
         await self.engine.shutdown()

@@ -7,7 +7,11 @@ these add what only vinterp knows.
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from collections.abc import Iterator, Sequence
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 INTERVENTIONS = Counter("vinterp_interventions", "Interventions requested, by op "
                         "(one per layer they apply at)", ["op"])
@@ -20,3 +24,35 @@ REQUESTS = Counter("vinterp_requests", "OpenAI requests, by endpoint and whether
 def render() -> tuple[bytes, str]:
     """The registry in Prometheus' text format, and its content type."""
     return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def engine_families(prefix: str = "vllm:") -> bytes:
+    """This process's families named ``prefix...`` (an engine replica's, for the ingress)."""
+    text = generate_latest().decode()
+    keep = [f for f in text_string_to_metric_families(text) if f.name.startswith(prefix)]
+    return _render(keep)
+
+
+def merge_replicas(texts: Sequence[bytes]) -> bytes:
+    """Several replicas' expositions as one, each sample labelled ``replica="k"`` (the same
+    family from two registries may not appear twice in one exposition)."""
+    merged: dict[str, Metric] = {}
+    for k, text in enumerate(texts):
+        for family in text_string_to_metric_families(text.decode()):
+            into = merged.get(family.name)
+            if into is None:
+                into = merged[family.name] = Metric(family.name, family.documentation,
+                                                    family.type, family.unit)
+            into.samples += [s._replace(labels={**s.labels, "replica": str(k)})
+                             for s in family.samples]
+    return _render(list(merged.values()))
+
+
+def _render(families: list[Metric]) -> bytes:
+    class Fixed:
+        def collect(self) -> Iterator[Metric]:
+            return iter(families)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Fixed())
+    return generate_latest(registry)

@@ -135,6 +135,16 @@ class InterventionFields(BaseModel):
         """Hand ``context`` to the engine client with every prompt's sampling params."""
         self._vinterp_context = context
 
+    def attached(self) -> Any:
+        """The context :meth:`attach` gave (``None`` if none)."""
+        return self._vinterp_context
+
+    def detached(self) -> Any:
+        """A copy of this request without its context (to send to another process)."""
+        copy = self.model_copy()
+        copy._vinterp_context = None
+        return copy
+
     def _with_context(self, params: Any) -> Any:
         # vLLM calls to_sampling_params once per rendered prompt, then engine.generate with
         # them: the context rides along and the engine client takes it out again.

@@ -17,6 +17,7 @@ import ipaddress
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from vinterp_server.auth import ApiKeys, Limits
@@ -47,6 +48,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="larger request bodies get 413")
     p.add_argument("--result-ttl", type=float, default=st.capture_ttl,
                    help="seconds stored captures and trace results are kept")
+    ray = p.add_argument_group("Ray Serve (scale-out: the same app in front of N engines)")
+    ray.add_argument("--replicas", type=int, default=1,
+                     help="engine replicas; more than 1 serves through Ray Serve")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve through Ray Serve even with one replica")
+    ray.add_argument("--ray-address", metavar="ADDR",
+                     help="join this Ray cluster (default: start one on this machine)")
+    ray.add_argument("--replica-gpus", type=float, default=None,
+                     help="GPUs per engine replica (default: 1 where CUDA is present, else 0)")
+    ray.add_argument("--replica-cpus", type=float, default=0,
+                     help="CPUs Ray reserves per engine replica")
 
 
 def _is_loopback(host: str) -> bool:
@@ -58,14 +70,8 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-async def serve(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
-    """Start the engine, then serve HTTP until SIGINT/SIGTERM (in-flight requests finish)."""
-    import uvicorn
-
-    from vinterp_server.app import build_app
-    from vinterp_server.engine import LocalEngineHost
-    from vinterp_server.store import MemoryStore
-
+def _keys_and_address(args: argparse.Namespace) -> tuple[ApiKeys, str]:
+    """The API keys, and the address to bind (loopback when no keys are configured)."""
     limits = Limits(concurrent=args.max_concurrent, tokens_per_minute=args.tokens_per_minute,
                     capture_bytes=args.max_capture_bytes, graph_nodes=args.max_graph_nodes)
     keys = ApiKeys.load(args.api_keys, limits)
@@ -78,13 +84,28 @@ async def serve(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
     elif len(keys) == 0:
         print("vinterp serve: no API keys configured: open to local callers only (loopback)",
               file=sys.stderr, flush=True)
+    return keys, host_addr
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(inline_capture_bytes=args.inline_capture_bytes,
+                    capture_ttl=args.result_ttl, trace_ttl=args.result_ttl,
+                    max_body_bytes=args.max_body_bytes)
+
+
+async def serve(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
+    """Start the engine, then serve HTTP until SIGINT/SIGTERM (in-flight requests finish)."""
+    import uvicorn
+
+    from vinterp_server.app import build_app
+    from vinterp_server.engine import LocalEngineHost
+    from vinterp_server.store import MemoryStore
+
+    keys, host_addr = _keys_and_address(args)
     print(f"vinterp serve: starting the engine for {args.model} ...", file=sys.stderr,
           flush=True)
     host = await LocalEngineHost.start(args.model, list(vllm_argv))
-    settings = Settings(inline_capture_bytes=args.inline_capture_bytes,
-                        capture_ttl=args.result_ttl, trace_ttl=args.result_ttl,
-                        max_body_bytes=args.max_body_bytes)
-    app = build_app(host, keys, MemoryStore(), settings)
+    app = build_app(host, keys, MemoryStore(), _settings(args))
     config = uvicorn.Config(app, host=host_addr, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=30, lifespan="off")
     server = uvicorn.Server(config)
@@ -96,12 +117,57 @@ async def serve(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
         await host.shutdown()
 
 
+def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
+    """The same app on Ray Serve, in front of ``--replicas`` engine replicas, until
+    SIGINT/SIGTERM (then the deployments and, if this process started it, Ray stop)."""
+    import ray
+    from ray import serve as ray_serve
+
+    from vinterp_server.ray_deployment import build_ray_app
+
+    keys, host_addr = _keys_and_address(args)
+    gpus = args.replica_gpus
+    if gpus is None:
+        import torch
+
+        gpus = 1 if torch.cuda.is_available() else 0
+    # the engine core runs in a child process of each replica, as in `vinterp serve`
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_HOST_IP": "127.0.0.1"}
+    ray.init(address=args.ray_address, runtime_env={"env_vars": env},
+             include_dashboard=False, log_to_driver=False)
+    # ray.init installs a SIGTERM handler that only logs and dies: take it back, so SIGTERM
+    # stops the deployments and the local cluster below (else Ray's agents outlive us)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        ray_serve.start(http_options={"host": host_addr, "port": args.port})
+        print(f"vinterp serve: starting {args.replicas} engine replica(s) for {args.model} "
+              f"on Ray Serve ...", file=sys.stderr, flush=True)
+        app = build_ray_app(args.model, list(vllm_argv), replicas=args.replicas, keys=keys,
+                            settings=_settings(args),
+                            replica_actor_options={"num_cpus": args.replica_cpus,
+                                                   "num_gpus": gpus})
+        ray_serve.run(app, name="vinterp", route_prefix="/")
+        print(f"vinterp serve: ready on http://{host_addr}:{args.port} (model {args.model}; "
+              f"OpenAI API at /v1; {args.replicas} replica(s) on Ray Serve)",
+              file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()
+
+
 def main(args: argparse.Namespace, vllm_argv: Sequence[str]) -> int:
     """Run the server in the foreground; returns the exit code."""
     # The engine core is a child process; the CPU platform spawns it, which re-imports
     # __main__ — the CLI entry point is import-safe.
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if args.replicas > 1 or args.ray or args.ray_address:
+        serve_ray(args, vllm_argv)
+        return 0
     try:
         asyncio.run(serve(args, vllm_argv))
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -39,17 +40,23 @@ class Served:
             return c.get("/v1/stats").json()
 
 
-@pytest.fixture(scope="session")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """The shared server (started once per test session)."""
-    tmp = tmp_path_factory.mktemp("server")
+def start_server(tmp: Path, *extra: str, timeout: float = 240) -> ServerProcess:
+    """``vinterp serve`` on smollm2-135m with the tests' keys and limits (``extra``: more
+    options, e.g. Ray Serve's)."""
     keys = tmp / "keys.txt"
     keys.write_text(f"{KEYS['alice']} alice\n{KEYS['bob']} bob\n"
                     f"{KEYS['tight']} tight concurrent=1 tokens_per_minute=400 "
                     f"capture_bytes=20000 graph_nodes=8\n")
-    process = launch(serve_command(MODEL, "--api-keys", str(keys), "--max-model-len",
-                                   str(MAX_MODEL_LEN), "--max-body-bytes", str(MAX_BODY),
-                                   "--inline-capture-bytes", "65536"), log=tmp / "server.log")
+    return launch(serve_command(MODEL, "--api-keys", str(keys), "--max-model-len",
+                                str(MAX_MODEL_LEN), "--max-body-bytes", str(MAX_BODY),
+                                "--inline-capture-bytes", "65536", *extra),
+                  log=tmp / "server.log", timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The shared server (started once per test session)."""
+    process = start_server(tmp_path_factory.mktemp("server"))
     try:
         yield Served(process)
     finally:

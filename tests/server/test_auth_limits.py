@@ -108,7 +108,8 @@ def _bad(served, path: str, body, expect: str, who: str = "alice", status: int =
 BASE = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
 
 
-@pytest.mark.parametrize("fields,expect", [
+#: bad vinterp fields and what the 400 must say
+BAD_FIELDS = [
     ({"interventions": [{"op": "explode", "layers": 1, "vector": {"values": [1.0]}}]},
      "interventions[0].op"),
     ({"interventions": [{"op": "steer", "layers": 30, "vector": {"values": [0.0] * 576}}]},
@@ -133,7 +134,10 @@ BASE = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
     ({"graph": {"nodes": [{"id": 0, "op": "save", "args": [{"ref": 5}]}]}}, "graph"),
     ({"interventions": [{"op": "steer", "layers": 1, "vector": {"values": [0.0] * 576}}],
       "n": 2}, "n > 1"),
-])
+]
+
+
+@pytest.mark.parametrize("fields,expect", BAD_FIELDS)
 def test_bad_fields_get_400_naming_the_field(served, fields, expect):
     before = served.stats()
     _bad(served, "/v1/completions", {**BASE, **fields}, expect)

@@ -1,0 +1,297 @@
+"""Ray Serve: the same app as an ingress in front of N engine replicas.
+
+``vinterp serve --replicas N`` (or ``--ray``) runs :func:`vinterp_server.app.build_app`, the
+app of the one-process server, in an ingress deployment. Its engine host is a
+:class:`RayEngineHost`: every OpenAI request, remote trace and stats call goes over a Ray
+Serve handle to an :class:`EngineReplica`, each of which holds a whole
+:class:`~vinterp_server.engine.LocalEngineHost` (an ``AsyncLLM`` engine with the plugin).
+Ray Serve spreads requests over the replicas, restarts one whose engine died (its health
+check asks the engine), and serves HTTP through its proxy.
+
+What crosses between them is data: the request model without its context, the compiled
+interventions (:class:`~vinterp_server.compile.CompiledRequest`), and back, per SSE chunk, a
+:class:`Piece` with the chunk, the step captures and finished prompts' outcomes. The
+ingress feeds them into the request's own :class:`~vinterp_server.engine.RequestContext`,
+so routes, captures, keys and limits run exactly as in one process: per-key state stays in
+the ingress's :class:`~vinterp_server.store.Store`.
+
+Example::
+
+    app = build_ray_app("smollm2-135m", ["--max-model-len", "2048"], replicas=2,
+                        keys=ApiKeys.load("keys.txt"))
+    serve.run(app, name="vinterp", route_prefix="/")
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import serve
+
+from vinterp.backends.base import RunResult
+from vinterp.ir.schema import Graph
+from vinterp_server.auth import ApiKeys
+from vinterp_server.compile import CompiledRequest
+from vinterp_server.context import Settings
+from vinterp_server.engine import LocalEngineHost, RequestContext
+
+#: requests one replica (or the ingress) takes at once: Ray Serve's default of 5 would
+#: starve the engine's continuous batch, which is where the speed is
+MAX_ONGOING = 1024
+
+
+@dataclass
+class RemoteCall:
+    """One OpenAI request, sent from the ingress to an engine replica."""
+
+    endpoint: str                     # "completions" or "chat"
+    request: Any                      # the request model, without its context
+    spec: CompiledRequest | None      # its compiled interventions (None: plain)
+    capture_cap: int
+
+
+@dataclass
+class Piece:
+    """What a replica sends back: one SSE chunk, or the whole response, or an error; with
+    the request context's news since the last piece."""
+
+    chunk: str | None = None
+    result: Any = None                # a whole (non-streamed) response or ErrorResponse
+    error: BaseException | None = None
+    steps: dict[int, dict[int, list[tuple[int, Any]]]] = field(default_factory=dict)
+    outcomes: dict[int, Any] = field(default_factory=dict)
+    tokens: list[int] = field(default_factory=list)
+
+
+class EngineReplica:
+    """One engine (a :class:`LocalEngineHost`) as a Ray Serve replica."""
+
+    async def __init__(self, model: str, vllm_argv: list[str]) -> None:
+        self.host = await LocalEngineHost.start(model, vllm_argv)
+        self.requests = 0
+
+    def info(self) -> dict[str, Any]:
+        """What the ingress needs to compile and check requests without a round trip."""
+        engine = self.host.engine
+        return {"model_name": self.host.model_name, "model": self.host.model,
+                "max_model_len": self.host.max_model_len,
+                "check": (engine.arch, engine.dtype, engine.max_batched_tokens)}
+
+    async def models(self) -> Any:
+        return await self.host.models()
+
+    async def serve(self, call: RemoteCall) -> AsyncIterator[Piece]:
+        """Run one OpenAI request here; one :class:`Piece` per chunk (one in all if not
+        streamed)."""
+        self.requests += 1
+        tokens: list[int] = []
+        ctx = RequestContext(call.spec, capture_cap=call.capture_cap, on_tokens=tokens.append)
+        call.request.attach(ctx)
+        handler = self.host.completions if call.endpoint == "completions" else self.host.chat
+        sent: set[int] = set()
+        try:
+            result = await handler(call.request, None)
+        except Exception as exc:   # vLLM's request errors and ours (400, 429, ...)
+            yield Piece(error=_portable(exc))
+            return
+        if not hasattr(result, "__aiter__"):
+            yield _news(ctx, sent, tokens, Piece(result=result))
+            return
+        try:
+            async for chunk in result:
+                steps = {}
+                for index in ctx.keys:   # running prompts' completed steps (streamed captures)
+                    if index not in ctx.outcomes:
+                        parts = await ctx.take_steps(index)
+                        if parts:
+                            steps[index] = parts
+                yield _news(ctx, sent, tokens, Piece(chunk=chunk, steps=steps))
+        finally:
+            await result.aclose()
+
+    async def run(self, graph: Graph, capture_cap: int | None) -> RunResult:
+        self.requests += 1
+        return await self.host.run(graph, capture_cap=capture_cap)
+
+    async def stats(self) -> dict[str, Any]:
+        """The engine's counts, the requests this replica took and its Ray Serve id."""
+        replica = serve.get_replica_context().replica_id.unique_id
+        return {**await self.host.stats(), "requests": self.requests, "replica_id": replica}
+
+    def metrics(self) -> bytes:
+        """This replica's ``vllm:*`` metrics."""
+        from vinterp_server.metrics import engine_families
+
+        return engine_families()
+
+    async def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose engine died is replaced."""
+        await self.host.engine.llm.check_health()
+
+    async def __del__(self) -> None:
+        await self.host.shutdown()
+
+
+def _news(ctx: RequestContext, sent: set[int], tokens: list[int], piece: Piece) -> Piece:
+    piece.outcomes = {i: o for i, o in ctx.outcomes.items() if i not in sent}
+    sent.update(piece.outcomes)
+    piece.tokens = tokens[:]
+    tokens.clear()
+    return piece
+
+
+def _portable(exc: Exception) -> BaseException:
+    """``exc`` as something that survives pickling with its meaning (HTTP status included)."""
+    from vllm.exceptions import GracefulHTTPError
+
+    if isinstance(exc, GracefulHTTPError):   # its __init__ takes two arguments: rebuilt there
+        return _Graceful(exc.message, int(exc.http_status),
+                         getattr(exc, "retry_after", None))
+    try:
+        return pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+@dataclass
+class _Graceful(Exception):
+    message: str
+    status: int
+    retry_after: float | None
+
+    def rebuild(self) -> Exception:
+        from http import HTTPStatus
+
+        from vllm.exceptions import GracefulHTTPError
+
+        err = GracefulHTTPError(self.message, HTTPStatus(self.status))
+        err.retry_after = self.retry_after  # type: ignore[attr-defined]
+        return err
+
+
+class RayEngineHost:
+    """The :class:`~vinterp_server.engine.EngineHost` the ingress's app talks to: each call
+    goes to an :class:`EngineReplica` over a Ray Serve handle."""
+
+    def __init__(self, handle: Any, info: dict[str, Any]) -> None:
+        self._handle = handle
+        self.model_name: str = info["model_name"]
+        self.model = info["model"]
+        self.max_model_len: int = info["max_model_len"]
+        self._check_args = info["check"]
+
+    @classmethod
+    async def connect(cls, handle: Any) -> RayEngineHost:
+        """The host for the engine deployment behind ``handle`` (waits for a replica)."""
+        return cls(handle, await handle.info.remote())
+
+    async def completions(self, request: Any, raw_request: Any) -> Any:
+        return await self._call("completions", request)
+
+    async def chat(self, request: Any, raw_request: Any) -> Any:
+        return await self._call("chat", request)
+
+    async def _call(self, endpoint: str, request: Any) -> Any:
+        ctx: RequestContext | None = request.attached()
+        call = RemoteCall(endpoint, request.detached(), None if ctx is None else ctx.spec,
+                          0 if ctx is None else ctx.capture_cap)
+        pieces = self._handle.options(stream=True).serve.remote(call)
+        first = _take(ctx, await pieces.__anext__())
+        if first.chunk is None:
+            return first.result
+        return _chunks(first.chunk, pieces, ctx)
+
+    async def models(self) -> Any:
+        return await self._handle.models.remote()
+
+    def check(self, graph: Graph) -> None:
+        from vinterp.backends.vllm.backend import check_graph
+
+        check_graph(graph, *self._check_args)
+
+    async def run(self, graph: Graph, *, capture_cap: int | None = None) -> RunResult:
+        return await self._handle.run.remote(graph, capture_cap)
+
+    async def stats(self) -> dict[str, Any]:
+        """The replicas' counts summed, their shared settings, and each replica's own
+        (``per_replica``)."""
+        each = await self._handle.broadcast("stats").results_async(timeout_s=60)
+        total: dict[str, Any] = {}
+        for stats in each:
+            for name, value in stats.items():
+                if name == "replica_id":
+                    continue
+                if name in _COUNTS:
+                    total[name] = total.get(name, 0) + value
+                elif total.setdefault(name, value) != value:
+                    total[name] = "differs"   # see per_replica
+        return {**total, "replicas": len(each), "per_replica": each}
+
+    async def engine_metrics(self) -> bytes:
+        """The replicas' ``vllm:*`` metrics, each sample labelled with its ``replica``."""
+        from vinterp_server.metrics import merge_replicas
+
+        return merge_replicas(await self._handle.broadcast("metrics").results_async(
+            timeout_s=60))
+
+    async def shutdown(self) -> None:
+        """Nothing: Ray Serve owns the replicas."""
+
+
+#: the stats that add up over replicas (the rest are settings, the same on each)
+_COUNTS = frozenset({"states", "tracked_ids", "evicted", "parsed_graphs", "point_calls",
+                     "eager_steps", "table_steps", "requests"})
+
+
+def _take(ctx: RequestContext | None, piece: Piece) -> Piece:
+    if piece.error is not None:
+        raise piece.error.rebuild() if isinstance(piece.error, _Graceful) else piece.error
+    if ctx is not None:
+        ctx.receive(piece.steps, piece.outcomes, piece.tokens)
+    return piece
+
+
+async def _chunks(first: str, pieces: Any, ctx: RequestContext | None) -> AsyncIterator[str]:
+    done = False
+    try:
+        yield first
+        async for piece in pieces:
+            yield _take(ctx, piece).chunk   # type: ignore[misc]
+        done = True
+    finally:
+        if not done:   # the client went away: stop the request on its replica
+            pieces.cancel()
+
+
+@serve.ingress()
+class Ingress:
+    """The app of ``vinterp serve`` as Ray Serve's HTTP ingress."""
+
+    async def __init__(self, engine: Any, keys: ApiKeys, settings: Settings) -> None:
+        self._host = await RayEngineHost.connect(engine)
+        self._keys = keys
+        self._settings = settings
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from vinterp_server.app import build_app
+        from vinterp_server.store import MemoryStore
+
+        return build_app(self._host, self._keys, MemoryStore(), self._settings)
+
+
+def build_ray_app(model: str, vllm_argv: list[str], *, replicas: int = 1,
+                  keys: ApiKeys | None = None, settings: Settings | None = None,
+                  replica_actor_options: dict[str, Any] | None = None) -> Any:
+    """The Ray Serve application: the ingress bound to ``replicas`` engine replicas."""
+    engine = serve.deployment(EngineReplica, name="engine").options(
+        num_replicas=replicas, max_ongoing_requests=MAX_ONGOING,
+        ray_actor_options=replica_actor_options or {"num_cpus": 0},
+        health_check_period_s=10, health_check_timeout_s=60,
+        graceful_shutdown_timeout_s=30)
+    ingress = serve.deployment(Ingress, name="ingress").options(
+        max_ongoing_requests=MAX_ONGOING, ray_actor_options={"num_cpus": 0})
+    return ingress.bind(engine.bind(model, list(vllm_argv)), keys or ApiKeys(),
+                        settings or Settings())

@@ -1,0 +1,151 @@
+"""The same app on Ray Serve: ``vinterp serve --replicas 2`` (a real local Ray cluster, the
+ingress deployment in front of two engine replicas, Ray Serve's HTTP proxy on loopback).
+
+The single-process server's own tests run here unchanged against it (they are the
+specification of the API), plus what only a replicated deployment has: requests spread over
+both replicas with each one's own interventions, stats and metrics gathered from every
+replica, and per-key state kept in the ingress.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import test_auth_limits as auth
+import test_openai_fields as fields
+import test_remote_sessions as sessions
+import test_remote_traces as traces
+import torch
+from conftest import Served, start_server
+from server_helpers import KEYS, MODEL, values
+
+pytest.importorskip("ray.serve")
+
+
+@pytest.fixture(scope="module")
+def ray_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """``vinterp serve --replicas 2`` (started for this module, stopped after it)."""
+    process = start_server(tmp_path_factory.mktemp("ray-server"), "--replicas", "2",
+                           "--kv-cache-memory-bytes", str(256 * 2**20), timeout=900)
+    try:
+        yield Served(process)
+    finally:
+        assert process.stop() == 0, process.log_tail()
+        assert "Traceback" not in process.log.read_text(), process.log_tail()
+
+
+def test_captures_and_steering_equal_the_local_backend(ray_served, local_vllm, tokenizer):
+    fields.test_capture_equals_local_vllm_backend(ray_served, local_vllm)
+    fields.test_steered_generation_captures_every_step_like_local(ray_served, local_vllm,
+                                                                  tokenizer)
+    fields.test_graph_field_runs_the_library_ir(ray_served, local_vllm)
+
+
+def test_streamed_and_stored_captures(ray_served):
+    fields.test_chat_stream_carries_captures_chunk_by_chunk(ray_served)
+    fields.test_large_captures_are_stored_and_fetched_by_their_owner_only(ray_served)
+
+
+def test_remote_traces_and_sessions(ray_served, local_vllm, monkeypatch):
+    traces.test_seed_patching_example_remote_equals_local(ray_served, local_vllm, monkeypatch)
+    traces.test_remote_generate_and_non_blocking(ray_served, local_vllm)
+    sessions.test_remote_session_is_one_request_with_local_values(ray_served, local_vllm,
+                                                                  monkeypatch)
+
+
+def test_keys_limits_and_bad_input(ray_served):
+    """Keys, per-key limits and 4xx answers live in the ingress: the same as one process."""
+    auth.test_every_route_but_health_and_metrics_needs_a_key(ray_served, "wrong")
+    auth.test_traces_and_captures_are_per_key(ray_served)
+    auth.test_bad_bodies(ray_served)
+    auth.test_limits_answer_429_with_retry_after(ray_served)
+    for case in auth.BAD_FIELDS:
+        auth.test_bad_fields_get_400_naming_the_field(ray_served, *case)
+
+
+def test_concurrent_requests_spread_over_both_replicas(ray_served, local_vllm, tokenizer):
+    """Sixteen concurrent requests, each with its own vector: both replicas serve some, each
+    answer equals the local backend's for that request alone, and no state is left."""
+    prompts = [f"Story {i}: once upon a time" for i in range(16)]
+    vecs = [torch.randn(576, generator=torch.Generator().manual_seed(i)) * 4
+            for i in range(16)]
+    before = ray_served.stats()["per_replica"]
+
+    def one(i: int) -> str:
+        return ray_served.openai("bob").completions.create(
+            model=MODEL, prompt=prompts[i], max_tokens=5, temperature=0,
+            extra_body={"interventions": [{"op": "steer", "layers": [6], "positions": "all",
+                                           "vector": values(vecs[i])}]}).choices[0].text
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(one, range(16)))
+    for i in (0, 7, 15):
+        with local_vllm.generate(prompts[i], max_new_tokens=5) as tr:
+            with tr.all():   # the server's steering applies at every step
+                local_vllm.layers[6].output.steer(vecs[i], positions="all")
+        n = len(tokenizer.encode(prompts[i]))
+        assert texts[i] == tokenizer.decode(tr.result[0][n:]), i
+    assert len(set(texts)) > 1
+    after = _settled(ray_served)
+    assert after["replicas"] == 2 and len(after["per_replica"]) == 2
+    took = {r["replica_id"]: r["requests"] for r in after["per_replica"]}
+    for r in before:
+        took[r["replica_id"]] -= r["requests"]
+    served = list(took.values())
+    assert sum(served) == 16 and all(n > 0 for n in served), served
+    assert after["compilation"] != "NONE"   # the replicas run vLLM compiled, as by default
+    metrics = httpx.get(ray_served.url + "/metrics").text
+    assert 'replica="0"' in metrics and 'replica="1"' in metrics
+    assert "vllm:generation_tokens_total" in metrics and "vinterp_requests_total" in metrics
+
+
+def _settled(served: Served, timeout: float = 30) -> dict:
+    """Stats once no request state is held (finished requests are drained right away)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = served.stats()
+        if stats["states"] == 0 or time.monotonic() > deadline:
+            assert stats["states"] == 0, stats
+            return stats
+        time.sleep(0.5)
+
+
+def test_client_gone_mid_stream_stops_the_request_on_its_replica(ray_served):
+    """A streaming client that hangs up: the ingress cancels the replica's call, and the
+    engine aborts the request instead of generating its remaining ~470 tokens."""
+    before = _generated(ray_served)
+    with httpx.Client(base_url=ray_served.url, timeout=120,
+                      headers={"Authorization": f"Bearer {KEYS['alice']}"}) as c:
+        with c.stream("POST", "/v1/completions", json={
+                "model": MODEL, "prompt": "Count:", "max_tokens": 480, "ignore_eos": True,
+                "stream": True, "capture": [{"point": "layers.3.output", "steps": "all"}]}) as r:
+            assert r.status_code == 200
+            for _ in zip(range(4), r.iter_lines()):
+                pass
+    _settled(ray_served)
+    deadline = time.monotonic() + 30
+    while _running(ray_served) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _running(ray_served) == 0
+    assert _generated(ray_served) - before < 240   # stopped early, not run to 480 tokens
+
+
+def _metric(served: Served, name: str) -> float:
+    """A metric's sum over its samples (every replica's) in ``/metrics``."""
+    total = 0.0
+    for line in httpx.get(served.url + "/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _generated(served: Served) -> float:
+    return _metric(served, "vllm:generation_tokens_total")
+
+
+def _running(served: Served) -> float:
+    return _metric(served, "vllm:num_requests_running")
