@@ -75,7 +75,7 @@ def _body(k: int, case: str, tokens: int) -> dict[str, Any]:
     return body
 
 
-async def _round(url: str, key: str | None, case: str, clients: int, tokens: int,
+async def stream_round(url: str, key: str | None, case: str, clients: int, tokens: int,
                  sequential: bool = False) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as c:
@@ -93,7 +93,7 @@ async def _round(url: str, key: str | None, case: str, clients: int, tokens: int
             "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], "outs": outs}
 
 
-def _verify(case: str, res: dict[str, Any], plain: dict[str, Any] | None, clients: int,
+def verify_round(case: str, res: dict[str, Any], plain: dict[str, Any] | None, clients: int,
             tokens: int) -> None:
     assert res["tokens"] == clients * tokens, (case, res["tokens"])
     if case == "steer" and plain is not None:
@@ -198,19 +198,19 @@ def main(argv: list[str] | None = None) -> int:
     rows["vinterp_one_at_a_time"] = []
     try:
         for url in (vllm_url, vi_url):   # warm-up
-            asyncio.run(_round(url, None, "plain", 4, 8))
-        asyncio.run(_round(vi_url, None, "steer", 4, 8))
+            asyncio.run(stream_round(url, None, "plain", 4, 8))
+        asyncio.run(stream_round(vi_url, None, "steer", 4, 8))
         for rep in range(a.reps):
             order = cases[rep % len(cases):] + cases[:rep % len(cases)]
             got: dict[str, dict[str, Any]] = {}
             for name, url, case, seq in order:
-                got[name] = asyncio.run(_round(url, None, case, a.clients, a.tokens, seq))
+                got[name] = asyncio.run(stream_round(url, None, case, a.clients, a.tokens, seq))
             for name, _, case, _ in cases:
-                _verify(case, got[name], got["vinterp"], a.clients, a.tokens)
+                verify_round(case, got[name], got["vinterp"], a.clients, a.tokens)
                 rows[name].append({k: v for k, v in got[name].items() if k != "outs"})
             # NDIF's model: the same requests one at a time (fewer, it is slow)
             n_seq = max(4, a.clients // 4)
-            seq = asyncio.run(_round(vi_url, None, "plain", n_seq, a.tokens, True))
+            seq = asyncio.run(stream_round(vi_url, None, "plain", n_seq, a.tokens, True))
             rows["vinterp_one_at_a_time"].append({k: v for k, v in seq.items() if k != "outs"})
             print(f"rep {rep + 1}/{a.reps}: " + ", ".join(
                 f"{k} {v[-1]['tok_s']:.0f} tok/s" for k, v in rows.items()), flush=True)

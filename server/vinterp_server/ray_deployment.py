@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -55,8 +56,8 @@ class RemoteCall:
 
 @dataclass
 class Piece:
-    """What a replica sends back: one SSE chunk, or the whole response, or an error; with
-    the request context's news since the last piece."""
+    """What a replica sends back: one SSE chunk (``""``: none, only news), or the whole
+    response, or an error; with the request context's news since the last piece."""
 
     chunk: str | None = None
     result: Any = None                # a whole (non-streamed) response or ErrorResponse
@@ -109,6 +110,8 @@ class EngineReplica:
                         if parts:
                             steps[index] = parts
                 yield _news(ctx, sent, tokens, Piece(chunk=chunk, steps=steps))
+            if tokens or len(sent) < len(ctx.outcomes):   # news after the last chunk
+                yield _news(ctx, sent, tokens, Piece(chunk=""))
         finally:
             await result.aclose()
 
@@ -117,9 +120,11 @@ class EngineReplica:
         return await self.host.run(graph, capture_cap=capture_cap)
 
     async def stats(self) -> dict[str, Any]:
-        """The engine's counts, the requests this replica took and its Ray Serve id."""
+        """The engine's counts, the requests this replica took, its Ray Serve id and its
+        process id."""
         replica = serve.get_replica_context().replica_id.unique_id
-        return {**await self.host.stats(), "requests": self.requests, "replica_id": replica}
+        return {**await self.host.stats(), "requests": self.requests, "replica_id": replica,
+                "pid": os.getpid()}
 
     def metrics(self) -> bytes:
         """This replica's ``vllm:*`` metrics."""
@@ -218,24 +223,30 @@ class RayEngineHost:
     async def stats(self) -> dict[str, Any]:
         """The replicas' counts summed, their shared settings, and each replica's own
         (``per_replica``)."""
-        each = await self._handle.broadcast("stats").results_async(timeout_s=60)
+        each = await self._handle.broadcast("stats").results_async(
+            timeout_s=60, return_exceptions=True)
+        # a replica whose engine died answers with its error until Ray Serve replaces it
+        each = [{"error": f"{type(s).__name__}: {s}"} if isinstance(s, BaseException) else s
+                for s in each]
         total: dict[str, Any] = {}
         for stats in each:
             for name, value in stats.items():
-                if name == "replica_id":
+                if name in ("replica_id", "pid", "error"):
                     continue
                 if name in _COUNTS:
                     total[name] = total.get(name, 0) + value
                 elif total.setdefault(name, value) != value:
                     total[name] = "differs"   # see per_replica
-        return {**total, "replicas": len(each), "per_replica": each}
+        return {**total, "replicas": len(each), "failing": sum("error" in s for s in each),
+                "per_replica": each}
 
     async def engine_metrics(self) -> bytes:
         """The replicas' ``vllm:*`` metrics, each sample labelled with its ``replica``."""
         from vinterp_server.metrics import merge_replicas
 
-        return merge_replicas(await self._handle.broadcast("metrics").results_async(
-            timeout_s=60))
+        each = await self._handle.broadcast("metrics").results_async(
+            timeout_s=60, return_exceptions=True)
+        return merge_replicas([m for m in each if isinstance(m, bytes)])
 
     async def shutdown(self) -> None:
         """Nothing: Ray Serve owns the replicas."""
@@ -257,9 +268,12 @@ def _take(ctx: RequestContext | None, piece: Piece) -> Piece:
 async def _chunks(first: str, pieces: Any, ctx: RequestContext | None) -> AsyncIterator[str]:
     done = False
     try:
-        yield first
+        if first:
+            yield first
         async for piece in pieces:
-            yield _take(ctx, piece).chunk   # type: ignore[misc]
+            chunk = _take(ctx, piece).chunk
+            if chunk:   # ("": news only)
+                yield chunk
         done = True
     finally:
         if not done:   # the client went away: stop the request on its replica

@@ -149,3 +149,33 @@ def _generated(served: Served) -> float:
 
 def _running(served: Served) -> float:
     return _metric(served, "vllm:num_requests_running")
+
+
+def test_a_replica_whose_engine_dies_is_replaced(ray_served):
+    """Kill one replica's engine core: its health check fails, Ray Serve starts a new replica,
+    and the deployment serves steered requests correctly again on two replicas. (Runs last:
+    the other tests need both replicas up.)"""
+    import psutil
+
+    victim = ray_served.stats()["per_replica"][0]
+    cores = [c for c in psutil.Process(victim["pid"]).children(recursive=True)
+             if "EngineCore" in c.name() + " ".join(c.cmdline())]
+    assert cores, "the replica's engine core process was not found"
+    for c in cores:
+        c.kill()
+    deadline = time.monotonic() + 600
+    while True:
+        stats = ray_served.stats()
+        ids = [r.get("replica_id") for r in stats["per_replica"]]
+        if victim["replica_id"] not in ids and stats["replicas"] == 2 and not stats["failing"]:
+            break
+        assert time.monotonic() < deadline, stats
+        time.sleep(2)
+    vec = torch.randn(576, generator=torch.Generator().manual_seed(5)) * 4
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0,
+            "interventions": [{"op": "steer", "layers": [6], "vector": values(vec)}]}
+    with ray_served.client("bob") as c:
+        texts = {c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+                 for _ in range(6)}
+        plain = c.post("/v1/completions", json={**body, "interventions": None}).json()
+    assert len(texts) == 1 and texts != {plain["choices"][0]["text"]}
