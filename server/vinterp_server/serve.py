@@ -165,6 +165,9 @@ def main(args: argparse.Namespace, vllm_argv: Sequence[str]) -> int:
     # __main__ — the CLI entry point is import-safe.
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if args.replicas < 1:
+        print(f"vinterp serve: --replicas {args.replicas}: use 1 or more", file=sys.stderr)
+        return 2
     if args.replicas > 1 or args.ray or args.ray_address:
         serve_ray(args, vllm_argv)
         return 0
