@@ -133,7 +133,8 @@ class EngineReplica:
         return engine_families()
 
     async def check_health(self) -> None:
-        """Ray Serve's health check: a replica whose engine died is replaced."""
+        """Ray Serve's health check (every 2 s: it only reads the engine's error flag): a
+        replica whose engine died stops getting requests and is replaced."""
         await self.host.engine.llm.check_health()
 
     async def __del__(self) -> None:
@@ -284,28 +285,40 @@ async def _chunks(first: str, pieces: Any, ctx: RequestContext | None) -> AsyncI
 class Ingress:
     """The app of ``vinterp serve`` as Ray Serve's HTTP ingress."""
 
-    async def __init__(self, engine: Any, keys: ApiKeys, settings: Settings) -> None:
+    async def __init__(self, engine: Any, keys: ApiKeys, settings: Settings,
+                       store_actor: str | None) -> None:
         self._host = await RayEngineHost.connect(engine)
         self._keys = keys
         self._settings = settings
+        self._store_actor = store_actor
 
     def __serve_build_asgi_app__(self) -> Any:
         from vinterp_server.app import build_app
+        from vinterp_server.ray_store import ActorStore
         from vinterp_server.store import MemoryStore
 
-        return build_app(self._host, self._keys, MemoryStore(), self._settings)
+        # one ingress keeps per-key state in its memory; several share the store's actor
+        store = MemoryStore() if self._store_actor is None else ActorStore(self._store_actor)
+        return build_app(self._host, self._keys, store, self._settings)
 
 
 def build_ray_app(model: str, vllm_argv: list[str], *, replicas: int = 1,
                   keys: ApiKeys | None = None, settings: Settings | None = None,
-                  replica_actor_options: dict[str, Any] | None = None) -> Any:
-    """The Ray Serve application: the ingress bound to ``replicas`` engine replicas."""
+                  replica_actor_options: dict[str, Any] | None = None,
+                  ingress_replicas: int = 1, store_actor: str | None = None) -> Any:
+    """The Ray Serve application: the ingress (``ingress_replicas`` of it, sharing the store
+    actor ``store_actor``, see :mod:`vinterp_server.ray_store`) bound to ``replicas`` engine
+    replicas."""
+    if ingress_replicas > 1 and store_actor is None:
+        raise ValueError("several ingress replicas need a shared store: pass store_actor "
+                         "(vinterp_server.ray_store.start_store_actor)")
     engine = serve.deployment(EngineReplica, name="engine").options(
         num_replicas=replicas, max_ongoing_requests=MAX_ONGOING,
         ray_actor_options=replica_actor_options or {"num_cpus": 0},
-        health_check_period_s=10, health_check_timeout_s=60,
+        health_check_period_s=2, health_check_timeout_s=60,
         graceful_shutdown_timeout_s=30)
     ingress = serve.deployment(Ingress, name="ingress").options(
-        max_ongoing_requests=MAX_ONGOING, ray_actor_options={"num_cpus": 0})
+        num_replicas=ingress_replicas, max_ongoing_requests=MAX_ONGOING,
+        ray_actor_options={"num_cpus": 0})
     return ingress.bind(engine.bind(model, list(vllm_argv)), keys or ApiKeys(),
-                        settings or Settings())
+                        settings or Settings(), store_actor)

@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ray = p.add_argument_group("Ray Serve (scale-out: the same app in front of N engines)")
     ray.add_argument("--replicas", type=int, default=1,
                      help="engine replicas; more than 1 serves through Ray Serve")
+    ray.add_argument("--ingress-replicas", type=int, default=1,
+                     help="replicas of the HTTP app; more than 1 share per-key state through "
+                          "a Ray actor")
     ray.add_argument("--ray", action="store_true",
                      help="serve through Ray Serve even with one replica")
     ray.add_argument("--ray-address", metavar="ADDR",
@@ -124,6 +127,7 @@ def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
     from ray import serve as ray_serve
 
     from vinterp_server.ray_deployment import build_ray_app
+    from vinterp_server.ray_store import NAMESPACE, start_store_actor
 
     keys, host_addr = _keys_and_address(args)
     gpus = args.replica_gpus
@@ -138,17 +142,23 @@ def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
     # ray.init installs a SIGTERM handler that only logs and dies: take it back, so SIGTERM
     # stops the deployments and the local cluster below (else Ray's agents outlive us)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    store_actor = None
     try:
         ray_serve.start(http_options={"host": host_addr, "port": args.port})
         print(f"vinterp serve: starting {args.replicas} engine replica(s) for {args.model} "
               f"on Ray Serve ...", file=sys.stderr, flush=True)
+        if args.ingress_replicas > 1:
+            store_actor = f"vinterp-store-{os.getpid()}"
+            start_store_actor(store_actor)
         app = build_ray_app(args.model, list(vllm_argv), replicas=args.replicas, keys=keys,
                             settings=_settings(args),
                             replica_actor_options={"num_cpus": args.replica_cpus,
-                                                   "num_gpus": gpus})
+                                                   "num_gpus": gpus},
+                            ingress_replicas=args.ingress_replicas, store_actor=store_actor)
         ray_serve.run(app, name="vinterp", route_prefix="/")
         print(f"vinterp serve: ready on http://{host_addr}:{args.port} (model {args.model}; "
-              f"OpenAI API at /v1; {args.replicas} replica(s) on Ray Serve)",
+              f"OpenAI API at /v1; {args.replicas} engine and {args.ingress_replicas} ingress "
+              f"replica(s) on Ray Serve)",
               file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
@@ -156,6 +166,8 @@ def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
         pass
     finally:
         ray_serve.shutdown()
+        if store_actor is not None:   # detached: it would outlive us on a shared cluster
+            ray.kill(ray.get_actor(store_actor, namespace=NAMESPACE))
         ray.shutdown()
 
 
@@ -165,10 +177,12 @@ def main(args: argparse.Namespace, vllm_argv: Sequence[str]) -> int:
     # __main__ — the CLI entry point is import-safe.
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    if args.replicas < 1:
-        print(f"vinterp serve: --replicas {args.replicas}: use 1 or more", file=sys.stderr)
-        return 2
-    if args.replicas > 1 or args.ray or args.ray_address:
+    for flag in ("replicas", "ingress_replicas"):
+        if getattr(args, flag) < 1:
+            print(f"vinterp serve: --{flag.replace('_', '-')} {getattr(args, flag)}: use 1 or "
+                  f"more", file=sys.stderr)
+            return 2
+    if args.replicas > 1 or args.ingress_replicas > 1 or args.ray or args.ray_address:
         serve_ray(args, vllm_argv)
         return 0
     try:

@@ -1,10 +1,12 @@
-"""The same app on Ray Serve: ``vinterp serve --replicas 2`` (a real local Ray cluster, the
-ingress deployment in front of two engine replicas, Ray Serve's HTTP proxy on loopback).
+"""The same app on Ray Serve: ``vinterp serve --replicas 2 --ingress-replicas 2`` (a real
+local Ray cluster, two replicas of the app sharing per-key state through the store actor, in
+front of two engine replicas, Ray Serve's HTTP proxy on loopback).
 
 The single-process server's own tests run here unchanged against it (they are the
 specification of the API), plus what only a replicated deployment has: requests spread over
 both replicas with each one's own interventions, stats and metrics gathered from every
-replica, and per-key state kept in the ingress.
+replica, an engine replica replaced after its engine dies. The key tests (limits, traces
+polled later, stored captures) pass only if both ingresses see the same per-key state.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ pytest.importorskip("ray.serve")
 
 @pytest.fixture(scope="module")
 def ray_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """``vinterp serve --replicas 2`` (started for this module, stopped after it)."""
+    """``vinterp serve --replicas 2 --ingress-replicas 2`` (started for this module, stopped
+    after it)."""
     process = start_server(tmp_path_factory.mktemp("ray-server"), "--replicas", "2",
+                           "--ingress-replicas", "2",
                            "--kv-cache-memory-bytes", str(256 * 2**20), timeout=900)
     try:
         yield Served(process)
@@ -58,7 +62,8 @@ def test_remote_traces_and_sessions(ray_served, local_vllm, monkeypatch):
 
 
 def test_keys_limits_and_bad_input(ray_served):
-    """Keys, per-key limits and 4xx answers live in the ingress: the same as one process."""
+    """Keys, per-key limits and 4xx answers live in the ingresses: the same as one process
+    (a key's requests in flight and tokens per minute counted over both)."""
     auth.test_every_route_but_health_and_metrics_needs_a_key(ray_served, "wrong")
     auth.test_traces_and_captures_are_per_key(ray_served)
     auth.test_bad_bodies(ray_served)
@@ -149,6 +154,20 @@ def _generated(served: Served) -> float:
 
 def _running(served: Served) -> float:
     return _metric(served, "vllm:num_requests_running")
+
+
+def test_per_key_state_is_shared_by_both_ingresses(ray_served):
+    """A vector stored through whichever ingress took the PUT is there for every later GET,
+    whichever ingress Ray's proxy picks (each GET picks anew: with state per ingress about
+    half of them would answer 404)."""
+    from safetensors.torch import save
+
+    vec = torch.randn(576)
+    with ray_served.client("alice") as c:
+        assert c.put("/v1/vectors/shared", content=save({"v": vec})).status_code == 201
+        codes = [c.get("/v1/vectors/shared").status_code for _ in range(16)]
+        assert codes == [200] * 16
+        assert c.delete("/v1/vectors/shared").status_code in (200, 204)
 
 
 def test_a_replica_whose_engine_dies_is_replaced(ray_served):

@@ -1,0 +1,65 @@
+"""The :class:`~vinterp_server.store.Store` that several Ray Serve ingress replicas share.
+
+One ingress replica keeps per-key state (vectors, stored captures, trace results, the
+limiter's counters) in its own :class:`~vinterp_server.store.MemoryStore`. With
+``--ingress-replicas N`` Ray's proxy spreads one key's requests over N ingresses, so they must
+see the same state: a key's limits hold across all of them, and a trace started through one
+is polled through another. :class:`ActorStore` is that store: a named Ray actor holding one
+``MemoryStore``, created by ``vinterp serve`` before the ingresses and killed after them.
+Each call is one actor round trip (about a millisecond on one machine).
+
+Example::
+
+    actor = start_store_actor("vinterp-store")     # in the driver
+    store = ActorStore("vinterp-store")            # in each ingress replica
+    store.put("key-a", "vector", "happy", tensors, ttl=None)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from vinterp_server.store import MemoryStore
+
+NAMESPACE = "vinterp"
+
+
+def start_store_actor(name: str) -> Any:
+    """Create the shared store's actor (detached: it outlives the replicas that use it, and
+    ``vinterp serve`` kills it at shutdown)."""
+    actor_cls = ray.remote(num_cpus=0)(MemoryStore)
+    return actor_cls.options(name=name, namespace=NAMESPACE, lifetime="detached",
+                             get_if_exists=True).remote()
+
+
+class ActorStore:
+    """:class:`~vinterp_server.store.Store` over the named actor of :func:`start_store_actor`."""
+
+    def __init__(self, name: str) -> None:
+        self._actor = ray.get_actor(name, namespace=NAMESPACE)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        return ray.get(getattr(self._actor, method).remote(*args))
+
+    def put(self, owner: str, kind: str, name: str, value: Any, ttl: float | None) -> None:
+        self._call("put", owner, kind, name, value, ttl)
+
+    def get(self, owner: str, kind: str, name: str) -> Any | None:
+        return self._call("get", owner, kind, name)
+
+    def delete(self, owner: str, kind: str, name: str) -> bool:
+        return self._call("delete", owner, kind, name)
+
+    def names(self, owner: str, kind: str) -> list[str]:
+        return self._call("names", owner, kind)
+
+    def add(self, owner: str, counter: str, amount: float, window: float) -> float:
+        return self._call("add", owner, counter, amount, window)
+
+    def incr(self, owner: str, counter: str, delta: int) -> int:
+        return self._call("incr", owner, counter, delta)
+
+    def oldest(self, owner: str, counter: str) -> float | None:
+        return self._call("oldest", owner, counter)
