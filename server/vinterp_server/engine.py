@@ -76,14 +76,14 @@ class RequestContext:
         ids = list(prompt["prompt_token_ids"])
         need = self.spec.estimate_capture_bytes(len(ids), int(params.max_tokens or 1))
         if need > self.capture_cap:
-            raise _http(LimitExceeded(
+            raise http_error(LimitExceeded(
                 f"the requested captures can reach {need} bytes for this prompt; this key may "
                 f"capture at most {self.capture_cap} bytes per request", 60), 429)
         graph = self.spec.graph_for(ids)
         try:
             engine.check(graph)   # e.g. a general graph on a prompt longer than one forward
         except ValueError as exc:
-            raise _http(exc, 400) from None
+            raise http_error(exc, 400) from None
         gjson = graph.model_dump_json()
         payload = Payload(key=f"srv-{uuid.uuid4().hex}", graph_json=gjson, invoke=0,
                           mode="generate", capture_cap=self.capture_cap)
@@ -119,7 +119,7 @@ class RequestContext:
                 self.on_tokens(n)
 
 
-def _http(exc: Exception, status: int) -> Exception:
+def http_error(exc: Exception, status: int) -> Exception:
     """``exc`` as the error vLLM's serving layer turns into an HTTP status (and SSE error)."""
     from http import HTTPStatus
 
@@ -145,7 +145,7 @@ class InterventionClient:
         ctx = extra.pop(CONTEXT_KEY, None)
         if EXTRA_ARGS_KEY in extra:
             # a client may not hand the worker a payload of its own making (vllm_xargs)
-            raise _http(FieldError("vllm_xargs", f"the key {EXTRA_ARGS_KEY!r} is reserved; "
+            raise http_error(FieldError("vllm_xargs", f"the key {EXTRA_ARGS_KEY!r} is reserved; "
                                                  "use interventions/capture/graph"), 400)
         if ctx is None:
             return self._engine.llm.generate(prompt, sampling_params, request_id, **kwargs)

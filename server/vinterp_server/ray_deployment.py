@@ -37,7 +37,7 @@ from vinterp.ir.schema import Graph
 from vinterp_server.auth import ApiKeys
 from vinterp_server.compile import CompiledRequest
 from vinterp_server.context import Settings
-from vinterp_server.engine import LocalEngineHost, RequestContext
+from vinterp_server.engine import LocalEngineHost, RequestContext, http_error
 
 #: requests one replica (or the ingress) takes at once: Ray Serve's default of 5 would
 #: starve the engine's continuous batch, which is where the speed is
@@ -168,14 +168,11 @@ class _Graceful(Exception):
     status: int
     retry_after: float | None
 
+    def __str__(self) -> str:
+        return self.message
+
     def rebuild(self) -> Exception:
-        from http import HTTPStatus
-
-        from vllm.exceptions import GracefulHTTPError
-
-        err = GracefulHTTPError(self.message, HTTPStatus(self.status))
-        err.retry_after = self.retry_after  # type: ignore[attr-defined]
-        return err
+        return http_error(self, self.status)
 
 
 class RayEngineHost:

@@ -127,7 +127,7 @@ def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
     from ray import serve as ray_serve
 
     from vinterp_server.ray_deployment import build_ray_app
-    from vinterp_server.ray_store import NAMESPACE, start_store_actor
+    from vinterp_server.ray_store import start_store_actor
 
     keys, host_addr = _keys_and_address(args)
     gpus = args.replica_gpus
@@ -142,14 +142,14 @@ def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
     # ray.init installs a SIGTERM handler that only logs and dies: take it back, so SIGTERM
     # stops the deployments and the local cluster below (else Ray's agents outlive us)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    store_actor = None
+    store_actor = store = None
     try:
         ray_serve.start(http_options={"host": host_addr, "port": args.port})
         print(f"vinterp serve: starting {args.replicas} engine replica(s) for {args.model} "
               f"on Ray Serve ...", file=sys.stderr, flush=True)
         if args.ingress_replicas > 1:
             store_actor = f"vinterp-store-{os.getpid()}"
-            start_store_actor(store_actor)
+            store = start_store_actor(store_actor)
         app = build_ray_app(args.model, list(vllm_argv), replicas=args.replicas, keys=keys,
                             settings=_settings(args),
                             replica_actor_options={"num_cpus": args.replica_cpus,
@@ -166,8 +166,8 @@ def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
         pass
     finally:
         ray_serve.shutdown()
-        if store_actor is not None:   # detached: it would outlive us on a shared cluster
-            ray.kill(ray.get_actor(store_actor, namespace=NAMESPACE))
+        if store is not None:   # detached: it would outlive us on a shared cluster
+            ray.kill(store)
         ray.shutdown()
 
 
