@@ -27,7 +27,7 @@ from vinterp_server import captures, metrics, openai_routes, traces, vectors
 from vinterp_server.auth import ApiKeys
 from vinterp_server.context import Server, Settings, require_key
 from vinterp_server.engine import EngineHost
-from vinterp_server.errors import error_body
+from vinterp_server.errors import EngineUnavailable, error_body, error_response
 from vinterp_server.store import MemoryStore, Store
 
 DESCRIPTION = """vinterp: an OpenAI-compatible server whose requests can read and change the
@@ -98,8 +98,15 @@ def build_app(host: EngineHost, keys: ApiKeys | None = None, store: Store | None
 
     @app.get("/health")
     async def health() -> Any:
-        """Liveness, the served model and the IR version (no key needed)."""
-        return {"status": "ok", "model": host.model_name, "ir_version": IR_VERSION}
+        """Liveness, the served model and the IR version (no key needed); 503 once the
+        engine cannot take requests, so a supervisor or load balancer sees it."""
+        about = {"model": host.model_name, "ir_version": IR_VERSION}
+        try:
+            await host.check_health()
+        except EngineUnavailable as exc:
+            return JSONResponse({"status": "unavailable", "error": str(exc), **about},
+                                status_code=503, headers={"Retry-After": str(exc.retry_after)})
+        return {"status": "ok", **about}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -122,6 +129,10 @@ def build_app(host: EngineHost, keys: ApiKeys | None = None, store: Store | None
             field, msg = "body", f"the body is not valid JSON ({first.get('ctx', {})})"
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
         return JSONResponse(error_body(f"{field}: {msg}{more}", 400, field), status_code=400)
+
+    @app.exception_handler(EngineUnavailable)
+    async def unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -31,6 +31,7 @@ from vinterp.backends.vllm.async_engine import AsyncEngine
 from vinterp.ir.schema import Graph
 from vinterp.models.registry import resolve_model
 from vinterp_server.compile import CompiledRequest, FieldError, ModelInfo
+from vinterp_server.errors import EngineUnavailable
 from vinterp_server.limits import LimitExceeded
 from vinterp_server.schemas import CONTEXT_KEY
 from vinterp_vllm.payload import EXTRA_ARGS_KEY, Outcome, Payload
@@ -177,6 +178,10 @@ class EngineHost(Protocol):
     async def stats(self) -> dict[str, Any]:
         """The plugin's counts of state held in the worker."""
 
+    async def check_health(self) -> None:
+        """Raise :class:`~vinterp_server.errors.EngineUnavailable` when no engine can take
+        requests (cheap: ``/health`` and every failed request ask)."""
+
     async def engine_metrics(self) -> bytes:
         """The engine's Prometheus metrics when they live in other processes (``b""`` when
         vLLM's ``vllm:*`` metrics are in this process's registry)."""
@@ -203,6 +208,12 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     skip = {"model", "served_model_name", "tokenizer"}
     return {f.name: getattr(given, f.name) for f in dataclasses.fields(given)
             if f.name not in skip and getattr(given, f.name) != getattr(default, f.name)}
+
+
+#: what a request gets once the engine is gone (vLLM's own message says only "EngineCore
+#: encountered an issue", with a 500, as if the request were at fault)
+ENGINE_DIED = ("the engine stopped (the server log says why) and cannot take requests until "
+               "the server is restarted; the request itself was not at fault")
 
 
 class LocalEngineHost:
@@ -265,6 +276,10 @@ class LocalEngineHost:
 
     async def stats(self) -> dict[str, Any]:
         return await self.engine.stats()
+
+    async def check_health(self) -> None:
+        if self.engine.llm.errored:   # (a flag: the engine core process died or failed)
+            raise EngineUnavailable(ENGINE_DIED, retry_after=30)
 
     async def engine_metrics(self) -> bytes:
         return b""   # this process's registry has them

@@ -1,5 +1,5 @@
 """Every error the server answers, in OpenAI's shape: ``{"error": {message, type, param,
-code}}``, with the HTTP status in ``code`` (and ``Retry-After`` on 429).
+code}}``, with the HTTP status in ``code`` (and ``Retry-After`` on 429 and 503).
 
 Example::
 
@@ -16,6 +16,18 @@ from fastapi.responses import JSONResponse
 
 from vinterp_server.compile import FieldError
 from vinterp_server.limits import LimitExceeded
+
+
+class EngineUnavailable(Exception):
+    """The engine cannot take requests (it died, or no engine replica is healthy): 503, with
+    ``Retry-After`` (a restarted server or a replaced replica can take the request)."""
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))
+
+    def __reduce__(self) -> tuple[Any, ...]:   # (crosses from a Ray replica with its wait)
+        return (type(self), (str(self), self.retry_after))
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
@@ -39,11 +51,13 @@ def error_response(exc: Any, retry_after: int | None = None) -> JSONResponse:
         status, body = 400, error_body(str(exc), 400, exc.field)
     elif isinstance(exc, LimitExceeded):
         status, body = 429, error_body(str(exc), 429)
+    elif isinstance(exc, EngineUnavailable):
+        status, body = 503, error_body(str(exc), 503)
     elif isinstance(exc, ValueError):
         status, body = 400, error_body(str(exc), 400)
     else:
         status, body = 500, error_body(str(exc), 500)
     retry = retry_after or getattr(exc, "retry_after", None)
-    if status == 429:
+    if status in (429, 503):
         headers["Retry-After"] = str(retry or 1)
     return JSONResponse(body, status_code=status, headers=headers)

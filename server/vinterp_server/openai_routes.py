@@ -24,7 +24,7 @@ from vinterp_server.captures import CaptureWriter
 from vinterp_server.compile import CompiledRequest, FieldError
 from vinterp_server.context import Server, require_key, server
 from vinterp_server.engine import RequestContext
-from vinterp_server.errors import error_response
+from vinterp_server.errors import EngineUnavailable, error_response
 from vinterp_server.limits import LimitExceeded
 from vinterp_server.schemas import (
     InterventionFields, VinterpChatCompletionRequest, VinterpCompletionRequest,
@@ -97,19 +97,19 @@ async def _serve(request: Any, raw_request: Request, key: KeyInfo, srv: Server,
         try:
             result = await handler(request, raw_request)
         except Exception as exc:  # vLLM's own request errors (too long a prompt, ...)
-            return error_response(_as_error(exc), retry_after=getattr(exc, "retry_after", None))
+            return await _error(srv, _as_error(exc), getattr(exc, "retry_after", None))
         if hasattr(result, "__aiter__"):
             streaming = True
             return await _stream(result, ctx, key, srv, release)
         if hasattr(result, "error"):   # vLLM's ErrorResponse
-            return error_response(result)
+            return await _error(srv, result)
         body = result.model_dump()
         if spec is not None:
             writer = CaptureWriter(srv, key)
             for choice in body["choices"]:
                 outcome = ctx.outcome(choice["index"])
                 if outcome is None or outcome.error:
-                    return error_response(_failed(outcome))
+                    return await _error(srv, _failed(outcome))
                 choice["captures"] = writer.encode(spec, outcome.saves)
         return JSONResponse(body)
     finally:
@@ -117,11 +117,25 @@ async def _serve(request: Any, raw_request: Request, key: KeyInfo, srv: Server,
             release()
 
 
+async def _error(srv: Server, err: Any, retry_after: int | None = None) -> Response:
+    """``err`` as a response; a server-side failure while the engine is down is the engine's
+    503 instead (vLLM would blame the request with a 500)."""
+    response = error_response(err, retry_after)
+    if response.status_code >= 500:
+        try:
+            await srv.host.check_health()
+        except EngineUnavailable as exc:
+            return error_response(exc)
+    return response
+
+
 def _as_error(exc: Exception) -> Any:
     """A handler's exception as vLLM's error response (its status rules), or a 500."""
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
     from vllm.exceptions import VLLMError
 
+    if isinstance(exc, EngineUnavailable):   # (no replica could take it: 503)
+        return exc
     if isinstance(exc, (VLLMError, ValueError, TypeError, OverflowError)):
         return create_error_response(exc)
     return RuntimeError(f"{type(exc).__name__}: {exc}")
@@ -146,7 +160,7 @@ async def _stream(gen: AsyncIterator[str], ctx: RequestContext, key: KeyInfo, sr
     if early is not None:
         release()
         await gen.aclose()
-        return error_response(early)
+        return await _error(srv, early)
     writer = CaptureWriter(srv, key) if ctx.spec is not None else None
 
     async def events() -> AsyncIterator[str]:

@@ -24,11 +24,13 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ray import serve
 
@@ -38,6 +40,10 @@ from vinterp_server.auth import ApiKeys
 from vinterp_server.compile import CompiledRequest
 from vinterp_server.context import Settings
 from vinterp_server.engine import LocalEngineHost, RequestContext, http_error
+from vinterp_server.errors import EngineUnavailable
+from vinterp_server.metrics import RETRIES
+
+T = TypeVar("T")
 
 #: requests one replica (or the ingress) takes at once: Ray Serve's default of 5 would
 #: starve the engine's continuous batch, which is where the speed is
@@ -96,13 +102,21 @@ class EngineReplica:
         try:
             result = await handler(call.request, None)
         except Exception as exc:   # vLLM's request errors and ours (400, 429, ...)
-            yield Piece(error=_portable(exc))
+            yield Piece(error=await self._engine_down() or _portable(exc))
             return
         if not hasattr(result, "__aiter__"):
-            yield _news(ctx, sent, tokens, Piece(result=result))
+            down = await self._engine_down() if hasattr(result, "error") else None
+            yield Piece(error=down) if down else _news(ctx, sent, tokens, Piece(result=result))
             return
         try:
+            first = True
             async for chunk in result:
+                # an error before any output: if the engine died, another replica retries it
+                if first and chunk.startswith('data: {"error"') and (
+                        down := await self._engine_down()):
+                    yield Piece(error=down)
+                    return
+                first = False
                 steps = {}
                 for index in ctx.keys:   # running prompts' completed steps (streamed captures)
                     if index not in ctx.outcomes:
@@ -117,7 +131,20 @@ class EngineReplica:
 
     async def run(self, graph: Graph, capture_cap: int | None) -> RunResult:
         self.requests += 1
-        return await self.host.run(graph, capture_cap=capture_cap)
+        try:
+            return await self.host.run(graph, capture_cap=capture_cap)
+        except Exception:
+            await self.host.check_health()   # (EngineUnavailable: the ingress retries)
+            raise
+
+    async def _engine_down(self) -> EngineUnavailable | None:
+        """Why this replica cannot serve (its engine died; the ingress then retries the
+        request on another replica), or ``None``."""
+        try:
+            await self.host.check_health()
+        except EngineUnavailable as exc:
+            return exc
+        return None
 
     async def stats(self) -> dict[str, Any]:
         """The engine's counts, the requests this replica took, its Ray Serve id and its
@@ -201,8 +228,12 @@ class RayEngineHost:
         ctx: RequestContext | None = request.attached()
         call = RemoteCall(endpoint, request.detached(), None if ctx is None else ctx.spec,
                           0 if ctx is None else ctx.capture_cap)
-        pieces = self._handle.options(stream=True).serve.remote(call)
-        first = _take(ctx, await pieces.__anext__())
+
+        async def attempt() -> tuple[Any, Piece]:
+            pieces = self._handle.options(stream=True).serve.remote(call)
+            return pieces, _take(ctx, await pieces.__anext__())
+
+        pieces, first = await _on_a_live_replica(attempt)
         if first.chunk is None:
             return first.result
         return _chunks(first.chunk, pieces, ctx)
@@ -216,7 +247,16 @@ class RayEngineHost:
         check_graph(graph, *self._check_args)
 
     async def run(self, graph: Graph, *, capture_cap: int | None = None) -> RunResult:
-        return await self._handle.run.remote(graph, capture_cap)
+        return await _on_a_live_replica(lambda: self._handle.run.remote(graph, capture_cap))
+
+    async def check_health(self) -> None:
+        """Unavailable only when no replica's engine is alive (Ray Serve replaces dead ones;
+        requests meanwhile go to the others)."""
+        each = await self._handle.broadcast("check_health").results_async(
+            timeout_s=10, return_exceptions=True)
+        if not any(r is None for r in each):
+            raise EngineUnavailable("no engine replica is alive; Ray Serve is starting new "
+                                    "ones", retry_after=30)
 
     async def stats(self) -> dict[str, Any]:
         """The replicas' counts summed, their shared settings, and each replica's own
@@ -253,6 +293,33 @@ class RayEngineHost:
 #: the stats that add up over replicas (the rest are settings, the same on each)
 _COUNTS = frozenset({"states", "tracked_ids", "evicted", "parsed_graphs", "point_calls",
                      "eager_steps", "table_steps", "requests"})
+
+
+#: how long the ingress retries a request whose replica is gone or whose engine died before
+#: any of its output was sent: Ray Serve's health check (every 2 s) then stops routing to
+#: that replica, and a lone replica's replacement starts (an engine start, ~30 s on CPU)
+RETRY_WINDOW_S = 90.0
+
+
+async def _on_a_live_replica(attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()`` (one call to some replica), again while replicas answer that their
+    engine died (:class:`EngineUnavailable`) or are gone (``RayActorError``), with backoff,
+    for up to :data:`RETRY_WINDOW_S`; then the 503."""
+    from ray.exceptions import RayActorError
+
+    deadline = time.monotonic() + RETRY_WINDOW_S
+    delay = 0.1
+    while True:
+        try:
+            return await attempt()
+        except (EngineUnavailable, RayActorError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise EngineUnavailable(f"no engine replica could take the request in "
+                                        f"{RETRY_WINDOW_S:.0f} s (last: {type(exc).__name__})",
+                                        retry_after=30) from None
+            RETRIES.inc()
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, 2.0)
 
 
 def _take(ctx: RequestContext | None, piece: Piece) -> Piece:

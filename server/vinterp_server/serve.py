@@ -19,9 +19,13 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from vinterp_server.auth import ApiKeys, Limits
 from vinterp_server.context import Settings
+
+if TYPE_CHECKING:  # (the CLI imports this module without loading vLLM)
+    from vinterp_server.engine import EngineHost
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """vinterp's ``serve`` options (the rest go to vLLM)."""
@@ -96,8 +100,9 @@ def _settings(args: argparse.Namespace) -> Settings:
                     max_body_bytes=args.max_body_bytes)
 
 
-async def serve(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
-    """Start the engine, then serve HTTP until SIGINT/SIGTERM (in-flight requests finish)."""
+async def serve(args: argparse.Namespace, vllm_argv: Sequence[str]) -> int:
+    """Start the engine, then serve HTTP until SIGINT/SIGTERM (in-flight requests finish) or
+    the engine dies; returns the exit code (1: the engine died)."""
     import uvicorn
 
     from vinterp_server.app import build_app
@@ -112,12 +117,37 @@ async def serve(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
     config = uvicorn.Config(app, host=host_addr, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=30, lifespan="off")
     server = uvicorn.Server(config)
+    watchdog = asyncio.create_task(_exit_when_engine_dies(host, server))
     try:
         print(f"vinterp serve: ready on http://{host_addr}:{args.port} "
               f"(model {args.model}; OpenAI API at /v1)", file=sys.stderr, flush=True)
         await server.serve()
     finally:
+        watchdog.cancel()
         await host.shutdown()
+    return 1 if watchdog.done() and not watchdog.cancelled() and watchdog.result() else 0
+
+
+async def _exit_when_engine_dies(host: EngineHost, server: Any, every: float = 1.0) -> bool:
+    """Stop serving once the engine died (True), so the process exits 1 and its supervisor
+    restarts it: a server that answers ``/health`` but fails every request helps nobody.
+    vLLM's ``VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1`` keeps it up, answering 503s."""
+    import vllm.envs
+
+    from vinterp_server.errors import EngineUnavailable
+
+    if vllm.envs.VLLM_KEEP_ALIVE_ON_ENGINE_DEATH:
+        return False
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await host.check_health()
+        except EngineUnavailable:
+            print("vinterp serve: the engine died (see above); stopping with exit code 1 so "
+                  "that a supervisor restarts the server (VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1 "
+                  "keeps it up, answering 503)", file=sys.stderr, flush=True)
+            server.should_exit = True
+            return True
 
 
 def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
@@ -186,7 +216,6 @@ def main(args: argparse.Namespace, vllm_argv: Sequence[str]) -> int:
         serve_ray(args, vllm_argv)
         return 0
     try:
-        asyncio.run(serve(args, vllm_argv))
+        return asyncio.run(serve(args, vllm_argv))
     except KeyboardInterrupt:
-        pass
-    return 0
+        return 0

@@ -124,6 +124,9 @@ async def _execute(graph: Graph, key: KeyInfo, srv: Server) -> RunResult:
     release = srv.limiter.acquire(key)
     try:
         result = await srv.host.run(graph, capture_cap=key.limits.capture_bytes)
+    except Exception:
+        await srv.host.check_health()   # the engine died: its 503, not the trace's failure
+        raise
     finally:
         release()
     tokens = sum(len(p) for inv in graph.invokes for p in inv.prompts)

@@ -12,6 +12,7 @@ polled later, stored captures) pass only if both ingresses see the same per-key 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import time
 from collections.abc import Iterator
 
@@ -171,10 +172,40 @@ def test_per_key_state_is_shared_by_both_ingresses(ray_served):
 
 
 def test_a_replica_whose_engine_dies_is_replaced(ray_served):
-    """Kill one replica's engine core: its health check fails, Ray Serve starts a new replica,
-    and the deployment serves steered requests correctly again on two replicas. (Runs last:
-    the other tests need both replicas up.)"""
+    """Kill one replica's engine core. Requests sent at once, while Ray Serve still routes to
+    that replica, are retried on the other one: every answer is right, none fails. Then its
+    health check fails, Ray Serve starts a new replica, and the deployment serves steered
+    requests correctly again on two replicas. (Runs last: the other tests need both replicas
+    up.)"""
     import psutil
+
+    vec = torch.randn(576, generator=torch.Generator().manual_seed(5)) * 4
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0,
+            "interventions": [{"op": "steer", "layers": [6], "vector": values(vec)}]}
+    with ray_served.client("bob") as c:
+        want = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        plain = c.post("/v1/completions", json={**body, "interventions": None}).json()
+    assert want != plain["choices"][0]["text"]
+    from vinterp import LanguageModel
+
+    lm = LanguageModel(MODEL, backend="remote", host=ray_served.url, api_key=KEYS["bob"])
+
+    def remote_trace() -> torch.Tensor:
+        with lm.trace(traces.EIFFEL):
+            out = lm.layers[6].output.save()
+        return out
+
+    want_trace = remote_trace()
+
+    def answer(i: int) -> tuple[int, str]:
+        with ray_served.client("alice") as c:
+            if i % 2:
+                r = c.post("/v1/completions", json=body)
+                return r.status_code, r.json()["choices"][0]["text"] if r.is_success else r.text
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                events = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
+            return r.status_code, "".join(json.loads(e)["choices"][0]["text"]
+                                          if '"error"' not in e else e for e in events)
 
     victim = ray_served.stats()["per_replica"][0]
     cores = [c for c in psutil.Process(victim["pid"]).children(recursive=True)
@@ -182,6 +213,15 @@ def test_a_replica_whose_engine_dies_is_replaced(ray_served):
     assert cores, "the replica's engine core process was not found"
     for c in cores:
         c.kill()
+    with cf.ThreadPoolExecutor(8) as pool:
+        answers = pool.map(answer, range(16))
+        traced = [remote_trace() for _ in range(3)]   # (meanwhile, from here)
+        answers = list(answers)
+    assert answers == [(200, want)] * 16
+    assert all(torch.allclose(t, want_trace, rtol=1e-5, atol=1e-6) for t in traced)
+    with ray_served.client("alice") as c:
+        assert c.get("/health").status_code == 200   # the other replica serves
+
     deadline = time.monotonic() + 600
     while True:
         stats = ray_served.stats()
@@ -190,11 +230,7 @@ def test_a_replica_whose_engine_dies_is_replaced(ray_served):
             break
         assert time.monotonic() < deadline, stats
         time.sleep(2)
-    vec = torch.randn(576, generator=torch.Generator().manual_seed(5)) * 4
-    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0,
-            "interventions": [{"op": "steer", "layers": [6], "vector": values(vec)}]}
     with ray_served.client("bob") as c:
         texts = {c.post("/v1/completions", json=body).json()["choices"][0]["text"]
                  for _ in range(6)}
-        plain = c.post("/v1/completions", json={**body, "interventions": None}).json()
-    assert len(texts) == 1 and texts != {plain["choices"][0]["text"]}
+    assert texts == {want}
