@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -87,9 +88,16 @@ def _field(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
+async def _this_process_metrics() -> bytes:
+    return metrics.render()[0]
+
+
 def build_app(host: EngineHost, keys: ApiKeys | None = None, store: Store | None = None,
-              settings: Settings | None = None) -> FastAPI:
-    """The server's app around an engine host (see the module docstring)."""
+              settings: Settings | None = None,
+              app_metrics: Callable[[], Awaitable[bytes]] = _this_process_metrics) -> FastAPI:
+    """The server's app around an engine host (see the module docstring). ``app_metrics``:
+    the app's own ``vinterp_*`` metrics for ``/metrics`` (default: this process's registry;
+    replicas of the app gather every replica's)."""
     app = FastAPI(title="vinterp", description=DESCRIPTION, version=f"IR {IR_VERSION}")
     app.state.vinterp = Server(host=host, keys=keys or ApiKeys(), store=store or MemoryStore(),
                                settings=settings or Settings())
@@ -111,8 +119,8 @@ def build_app(host: EngineHost, keys: ApiKeys | None = None, store: Store | None
     @app.get("/metrics")
     async def prometheus() -> Response:
         """Prometheus metrics: vLLM's ``vllm:*`` and vinterp's ``vinterp_*`` (no key needed)."""
-        body, ctype = metrics.render()
-        return Response(body + await host.engine_metrics(), media_type=ctype)
+        body = await app_metrics() + await host.engine_metrics()
+        return Response(body, media_type=metrics.CONTENT_TYPE)
 
     @app.get("/v1/stats", dependencies=[Depends(require_key)])
     async def stats() -> Any:

@@ -7,7 +7,7 @@ these add what only vinterp knows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -23,29 +23,35 @@ RETRIES = Counter("vinterp_replica_retries", "Requests sent again to another eng
                   "because theirs had died before any output was sent (Ray Serve)")
 
 
+#: the content type of :func:`render`'s text
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
 def render() -> tuple[bytes, str]:
     """The registry in Prometheus' text format, and its content type."""
-    return generate_latest(), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE
 
 
-def engine_families(prefix: str = "vllm:") -> bytes:
-    """This process's families named ``prefix...`` (an engine replica's, for the ingress)."""
+def families(prefix: str) -> bytes:
+    """This process's families named ``prefix...`` (``vllm:``: an engine replica's;
+    ``vinterp_``: an ingress replica's)."""
     text = generate_latest().decode()
     keep = [f for f in text_string_to_metric_families(text) if f.name.startswith(prefix)]
     return _render(keep)
 
 
-def merge_replicas(texts: Sequence[bytes]) -> bytes:
-    """Several replicas' expositions as one, each sample labelled ``replica="k"`` (the same
-    family from two registries may not appear twice in one exposition)."""
+def merge_replicas(texts: Mapping[str, bytes], label: str = "replica") -> bytes:
+    """Several replicas' expositions (by replica id) as one, each sample labelled with its
+    replica's id (the same family from two registries may not appear twice in one
+    exposition; a stable id keeps each series the same from one scrape to the next)."""
     merged: dict[str, Metric] = {}
-    for k, text in enumerate(texts):
+    for rid, text in sorted(texts.items()):
         for family in text_string_to_metric_families(text.decode()):
             into = merged.get(family.name)
             if into is None:
                 into = merged[family.name] = Metric(family.name, family.documentation,
                                                     family.type, family.unit)
-            into.samples += [s._replace(labels={**s.labels, "replica": str(k)})
+            into.samples += [s._replace(labels={**s.labels, label: rid})
                              for s in family.samples]
     return _render(list(merged.values()))
 

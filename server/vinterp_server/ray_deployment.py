@@ -41,7 +41,7 @@ from vinterp_server.compile import CompiledRequest
 from vinterp_server.context import Settings
 from vinterp_server.engine import LocalEngineHost, RequestContext, http_error
 from vinterp_server.errors import EngineUnavailable
-from vinterp_server.metrics import RETRIES
+from vinterp_server.metrics import RETRIES, families, merge_replicas
 
 T = TypeVar("T")
 
@@ -149,15 +149,12 @@ class EngineReplica:
     async def stats(self) -> dict[str, Any]:
         """The engine's counts, the requests this replica took, its Ray Serve id and its
         process id."""
-        replica = serve.get_replica_context().replica_id.unique_id
-        return {**await self.host.stats(), "requests": self.requests, "replica_id": replica,
-                "pid": os.getpid()}
+        return {**await self.host.stats(), "requests": self.requests,
+                "replica_id": _replica_id(), "pid": os.getpid()}
 
-    def metrics(self) -> bytes:
-        """This replica's ``vllm:*`` metrics."""
-        from vinterp_server.metrics import engine_families
-
-        return engine_families()
+    def metrics(self) -> tuple[str, bytes]:
+        """This replica's id and its ``vllm:*`` metrics."""
+        return _replica_id(), families("vllm:")
 
     async def check_health(self) -> None:
         """Ray Serve's health check (every 2 s: it only reads the engine's error flag): a
@@ -279,12 +276,8 @@ class RayEngineHost:
                 "per_replica": each}
 
     async def engine_metrics(self) -> bytes:
-        """The replicas' ``vllm:*`` metrics, each sample labelled with its ``replica``."""
-        from vinterp_server.metrics import merge_replicas
-
-        each = await self._handle.broadcast("metrics").results_async(
-            timeout_s=60, return_exceptions=True)
-        return merge_replicas([m for m in each if isinstance(m, bytes)])
+        """The replicas' ``vllm:*`` metrics, each sample labelled with its ``replica`` id."""
+        return await _gather_metrics(self._handle, "replica")
 
     async def shutdown(self) -> None:
         """Nothing: Ray Serve owns the replicas."""
@@ -322,6 +315,19 @@ async def _on_a_live_replica(attempt: Callable[[], Awaitable[T]]) -> T:
         delay = min(2 * delay, 2.0)
 
 
+def _replica_id() -> str:
+    """This Ray Serve replica's id (stable for its life: a label for its metrics)."""
+    return serve.get_replica_context().replica_id.unique_id
+
+
+async def _gather_metrics(handle: Any, label: str) -> bytes:
+    """Every replica's ``metrics()`` behind ``handle``, merged, each sample labelled with
+    its replica's id (those that fail to answer are left out)."""
+    each = await handle.broadcast("metrics").results_async(timeout_s=60,
+                                                           return_exceptions=True)
+    return merge_replicas(dict(m for m in each if isinstance(m, tuple)), label)
+
+
 def _take(ctx: RequestContext | None, piece: Piece) -> Piece:
     if piece.error is not None:
         raise piece.error.rebuild() if isinstance(piece.error, _Graceful) else piece.error
@@ -356,6 +362,17 @@ class Ingress:
         self._settings = settings
         self._store_actor = store_actor
 
+    def metrics(self) -> tuple[str, bytes]:
+        """This ingress replica's id and its ``vinterp_*`` metrics."""
+        return _replica_id(), families("vinterp_")
+
+    async def _all_ingress_metrics(self) -> bytes:
+        # a scrape through Ray's proxy reaches one ingress: it answers for all of them, so
+        # the counters do not jump between scrapes
+        ctx = serve.get_replica_context()
+        me = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+        return await _gather_metrics(me, "ingress")
+
     def __serve_build_asgi_app__(self) -> Any:
         from vinterp_server.app import build_app
         from vinterp_server.ray_store import ActorStore
@@ -363,7 +380,8 @@ class Ingress:
 
         # one ingress keeps per-key state in its memory; several share the store's actor
         store = MemoryStore() if self._store_actor is None else ActorStore(self._store_actor)
-        return build_app(self._host, self._keys, store, self._settings)
+        return build_app(self._host, self._keys, store, self._settings,
+                         app_metrics=self._all_ingress_metrics)
 
 
 def build_ray_app(model: str, vllm_argv: list[str], *, replicas: int = 1,

@@ -28,8 +28,10 @@ NAMESPACE = "vinterp"
 
 def start_store_actor(name: str) -> Any:
     """Create the shared store's actor (detached: it outlives the replicas that use it, and
-    ``vinterp serve`` kills it at shutdown)."""
-    actor_cls = ray.remote(num_cpus=0)(MemoryStore)
+    ``vinterp serve`` kills it at shutdown). If its process dies, Ray starts it again, empty:
+    vectors, stored results and limit counters are lost, but the server keeps serving (the
+    calls that were in flight are retried on the new one)."""
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(MemoryStore)
     return actor_cls.options(name=name, namespace=NAMESPACE, lifetime="detached",
                              get_if_exists=True).remote()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import re
 import time
 from collections.abc import Iterator
 
@@ -80,6 +81,7 @@ def test_concurrent_requests_spread_over_both_replicas(ray_served, local_vllm, t
     vecs = [torch.randn(576, generator=torch.Generator().manual_seed(i)) * 4
             for i in range(16)]
     before = ray_served.stats()["per_replica"]
+    requests_before = _metric(ray_served, "vinterp_requests_total")
 
     def one(i: int) -> str:
         return ray_served.openai("bob").completions.create(
@@ -105,8 +107,12 @@ def test_concurrent_requests_spread_over_both_replicas(ray_served, local_vllm, t
     assert sum(served) == 16 and all(n > 0 for n in served), served
     assert after["compilation"] != "NONE"   # the replicas run vLLM compiled, as by default
     metrics = httpx.get(ray_served.url + "/metrics").text
-    assert 'replica="0"' in metrics and 'replica="1"' in metrics
-    assert "vllm:generation_tokens_total" in metrics and "vinterp_requests_total" in metrics
+    assert "vllm:generation_tokens_total" in metrics
+    assert set(took) == set(re.findall(r'replica="([^"]+)"', metrics))
+    # every ingress's counters, whichever ingress the scrape reaches
+    assert len(set(re.findall(r'ingress="([^"]+)"', metrics))) == 2
+    for _ in range(4):
+        assert _metric(ray_served, "vinterp_requests_total") - requests_before == 16
 
 
 def _settled(served: Served, timeout: float = 30) -> dict:
@@ -169,6 +175,28 @@ def test_per_key_state_is_shared_by_both_ingresses(ray_served):
         codes = [c.get("/v1/vectors/shared").status_code for _ in range(16)]
         assert codes == [200] * 16
         assert c.delete("/v1/vectors/shared").status_code in (200, 204)
+
+
+def test_the_shared_store_comes_back_after_its_process_dies(ray_served):
+    """Kill the store actor's process: Ray starts it again (empty), and the keys, limits and
+    vectors work through both ingresses as before."""
+    import psutil
+    from safetensors.torch import save
+
+    stores = [p for p in psutil.process_iter(["cmdline"])
+              if "ray::MemoryStore" in " ".join(p.info["cmdline"] or ())]
+    assert len(stores) == 1, "the store actor's process was not found"
+    stores[0].kill()
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+    with ray_served.client("alice") as c:
+        assert c.post("/v1/completions", json=body).status_code == 200
+        assert c.put("/v1/vectors/again", content=save({"v": torch.randn(576)})
+                     ).status_code == 201
+        assert [c.get("/v1/vectors/again").status_code for _ in range(8)] == [200] * 8
+    with ray_served.client("tight") as c:   # a limit still holds (tokens_per_minute=400)
+        codes = [c.post("/v1/completions", json={**body, "max_tokens": 60}).status_code
+                 for _ in range(12)]
+    assert 429 in codes and codes[0] == 200, codes
 
 
 def test_a_replica_whose_engine_dies_is_replaced(ray_served):
