@@ -244,7 +244,13 @@ class RayEngineHost:
         check_graph(graph, *self._check_args)
 
     async def run(self, graph: Graph, *, capture_cap: int | None = None) -> RunResult:
-        return await _on_a_live_replica(lambda: self._handle.run.remote(graph, capture_cap))
+        from ray.exceptions import RayTaskError
+
+        try:
+            return await _on_a_live_replica(
+                lambda: self._handle.run.remote(graph, capture_cap))
+        except RayTaskError as exc:   # the replica's own error, without Ray's traceback
+            raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
 
     async def check_health(self) -> None:
         """Unavailable only when no replica's engine is alive (Ray Serve replaces dead ones;

@@ -59,6 +59,7 @@ def test_streamed_and_stored_captures(ray_served):
 def test_remote_traces_and_sessions(ray_served, local_vllm, monkeypatch):
     traces.test_seed_patching_example_remote_equals_local(ray_served, local_vllm, monkeypatch)
     traces.test_remote_generate_and_non_blocking(ray_served, local_vllm)
+    traces.test_a_trace_failing_at_run_time_says_why(ray_served, local_vllm)
     sessions.test_remote_session_is_one_request_with_local_values(ray_served, local_vllm,
                                                                   monkeypatch)
 

@@ -111,3 +111,16 @@ def test_remote_backend_loads_no_weights(served, local_vllm):
     lm = LanguageModel("smollm2-135m", backend="remote", host=served.url, api_key=KEYS["bob"])
     assert all(p.device.type == "meta" for p in lm._model.parameters())
     assert _patch(lm) == pytest.approx(_patch(local_vllm), rel=1e-4)
+
+
+def test_a_trace_failing_at_run_time_says_why(served, local_vllm):
+    """A trace that fails in the worker (an index past its 5-token prompt) is a 500 naming
+    the cause, and nothing of how it was hosted (no Ray traceback)."""
+    lm = local_vllm
+    with pytest.raises(RemoteError) as err:
+        with lm.trace("Hello there", remote=served.url, api_key=KEYS["bob"]):
+            lm.layers[2].output[:, 500].save()
+    assert err.value.status == 500
+    message = str(err.value)
+    assert "intervention failed" in message and "index 500 is out of bounds" in message
+    assert "ray::" not in message and "Traceback" not in message, message
