@@ -27,7 +27,7 @@ from vinterp.ir import IR_VERSION
 from vinterp_server import captures, metrics, openai_routes, traces, vectors
 from vinterp_server.auth import ApiKeys
 from vinterp_server.context import Server, Settings, require_key
-from vinterp_server.engine import EngineHost
+from vinterp_server.engine import EngineHost, engine_down
 from vinterp_server.errors import EngineUnavailable, error_body, error_response
 from vinterp_server.store import MemoryStore, Store
 
@@ -141,6 +141,13 @@ def build_app(host: EngineHost, keys: ApiKeys | None = None, store: Store | None
     @app.exception_handler(EngineUnavailable)
     async def unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # what no route handled (e.g. /v1/stats on a dead engine): the engine's 503 when it
+        # is down, else an OpenAI-shaped 500 naming the error
+        return error_response(await engine_down(host) or
+                              RuntimeError(f"{type(exc).__name__}: {exc}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

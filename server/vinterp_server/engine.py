@@ -210,6 +210,15 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
             if f.name not in skip and getattr(given, f.name) != getattr(default, f.name)}
 
 
+async def engine_down(host: EngineHost) -> EngineUnavailable | None:
+    """Why ``host`` cannot take requests (its engine died), or ``None`` when it can."""
+    try:
+        await host.check_health()
+    except EngineUnavailable as exc:
+        return exc
+    return None
+
+
 #: what a request gets once the engine is gone (vLLM's own message says only "EngineCore
 #: encountered an issue", with a 500, as if the request were at fault)
 ENGINE_DIED = ("the engine stopped (the server log says why) and cannot take requests until "

@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 from http import HTTPStatus
 from typing import Any
 
@@ -28,6 +29,16 @@ class EngineUnavailable(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:   # (crosses from a Ray replica with its wait)
         return (type(self), (str(self), self.retry_after))
+
+
+def error_event(chunk: str | None) -> dict[str, Any] | None:
+    """The error in an SSE chunk of vLLM's stream (``data: {"error": ...}``), else ``None``."""
+    if chunk is None or not chunk.startswith("data: {\"error\""):
+        return None
+    try:
+        return json.loads(chunk[len("data: "):])
+    except ValueError:
+        return None
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:

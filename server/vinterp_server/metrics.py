@@ -19,8 +19,9 @@ CAPTURE_BYTES = Counter("vinterp_capture_bytes", "Bytes of captures returned or 
 TRACES = Counter("vinterp_traces", "Remote traces run, by outcome", ["status"])
 REQUESTS = Counter("vinterp_requests", "OpenAI requests, by endpoint and whether they "
                    "carried interventions", ["endpoint", "intervened"])
-RETRIES = Counter("vinterp_replica_retries", "Requests sent again to another engine replica "
-                  "because theirs had died before any output was sent (Ray Serve)")
+RETRIES = Counter("vinterp_replica_retries", "Attempts to send a request again, to another "
+                  "engine replica, because the last one's engine had died before any output "
+                  "was sent (Ray Serve)")
 
 
 #: the content type of :func:`render`'s text

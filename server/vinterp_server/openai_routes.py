@@ -23,8 +23,8 @@ from vinterp_server.auth import KeyInfo
 from vinterp_server.captures import CaptureWriter
 from vinterp_server.compile import CompiledRequest, FieldError
 from vinterp_server.context import Server, require_key, server
-from vinterp_server.engine import RequestContext
-from vinterp_server.errors import EngineUnavailable, error_response
+from vinterp_server.engine import RequestContext, engine_down
+from vinterp_server.errors import EngineUnavailable, error_event, error_response
 from vinterp_server.limits import LimitExceeded
 from vinterp_server.schemas import (
     InterventionFields, VinterpChatCompletionRequest, VinterpCompletionRequest,
@@ -121,11 +121,8 @@ async def _error(srv: Server, err: Any, retry_after: int | None = None) -> Respo
     """``err`` as a response; a server-side failure while the engine is down is the engine's
     503 instead (vLLM would blame the request with a 500)."""
     response = error_response(err, retry_after)
-    if response.status_code >= 500:
-        try:
-            await srv.host.check_health()
-        except EngineUnavailable as exc:
-            return error_response(exc)
+    if response.status_code >= 500 and (down := await engine_down(srv.host)):
+        return error_response(down)
     return response
 
 
@@ -156,7 +153,7 @@ async def _stream(gen: AsyncIterator[str], ctx: RequestContext, key: KeyInfo, sr
     except BaseException:
         release()
         raise
-    early = _error_event(first)
+    early = error_event(first)
     if early is not None:
         release()
         await gen.aclose()
@@ -174,15 +171,6 @@ async def _stream(gen: AsyncIterator[str], ctx: RequestContext, key: KeyInfo, sr
             await gen.aclose()
 
     return StreamingResponse(events(), media_type="text/event-stream")
-
-
-def _error_event(chunk: str | None) -> dict[str, Any] | None:
-    if chunk is None or not chunk.startswith("data: {\"error\""):
-        return None
-    try:
-        return json.loads(chunk[len("data: "):])
-    except ValueError:
-        return None
 
 
 async def _with_captures(chunk: str, ctx: RequestContext,

@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pickle
 import time
@@ -39,11 +40,12 @@ from vinterp.ir.schema import Graph
 from vinterp_server.auth import ApiKeys
 from vinterp_server.compile import CompiledRequest
 from vinterp_server.context import Settings
-from vinterp_server.engine import LocalEngineHost, RequestContext, http_error
-from vinterp_server.errors import EngineUnavailable
+from vinterp_server.engine import LocalEngineHost, RequestContext, engine_down, http_error
+from vinterp_server.errors import EngineUnavailable, error_event
 from vinterp_server.metrics import RETRIES, families, merge_replicas
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 #: requests one replica (or the ingress) takes at once: Ray Serve's default of 5 would
 #: starve the engine's continuous batch, which is where the speed is
@@ -102,18 +104,17 @@ class EngineReplica:
         try:
             result = await handler(call.request, None)
         except Exception as exc:   # vLLM's request errors and ours (400, 429, ...)
-            yield Piece(error=await self._engine_down() or _portable(exc))
+            yield Piece(error=await engine_down(self.host) or _portable(exc))
             return
         if not hasattr(result, "__aiter__"):
-            down = await self._engine_down() if hasattr(result, "error") else None
+            down = await engine_down(self.host) if hasattr(result, "error") else None
             yield Piece(error=down) if down else _news(ctx, sent, tokens, Piece(result=result))
             return
         try:
             first = True
             async for chunk in result:
                 # an error before any output: if the engine died, another replica retries it
-                if first and chunk.startswith('data: {"error"') and (
-                        down := await self._engine_down()):
+                if first and error_event(chunk) and (down := await engine_down(self.host)):
                     yield Piece(error=down)
                     return
                 first = False
@@ -137,15 +138,6 @@ class EngineReplica:
             await self.host.check_health()   # (EngineUnavailable: the ingress retries)
             raise
 
-    async def _engine_down(self) -> EngineUnavailable | None:
-        """Why this replica cannot serve (its engine died; the ingress then retries the
-        request on another replica), or ``None``."""
-        try:
-            await self.host.check_health()
-        except EngineUnavailable as exc:
-            return exc
-        return None
-
     async def stats(self) -> dict[str, Any]:
         """The engine's counts, the requests this replica took, its Ray Serve id and its
         process id."""
@@ -159,7 +151,7 @@ class EngineReplica:
     async def check_health(self) -> None:
         """Ray Serve's health check (every 2 s: it only reads the engine's error flag): a
         replica whose engine died stops getting requests and is replaced."""
-        await self.host.engine.llm.check_health()
+        await self.host.check_health()
 
     async def __del__(self) -> None:
         await self.host.shutdown()
@@ -209,6 +201,7 @@ class RayEngineHost:
         self.model = info["model"]
         self.max_model_len: int = info["max_model_len"]
         self._check_args = info["check"]
+        self._health = (0.0, True)   # (when asked, any replica alive)
 
     @classmethod
     async def connect(cls, handle: Any) -> RayEngineHost:
@@ -228,7 +221,11 @@ class RayEngineHost:
 
         async def attempt() -> tuple[Any, Piece]:
             pieces = self._handle.options(stream=True).serve.remote(call)
-            return pieces, _take(ctx, await pieces.__anext__())
+            try:
+                return pieces, _take(ctx, await pieces.__anext__())
+            except BaseException:   # (a client gone while waiting: stop it there too)
+                pieces.cancel()
+                raise
 
         pieces, first = await _on_a_live_replica(attempt)
         if first.chunk is None:
@@ -250,16 +247,27 @@ class RayEngineHost:
             return await _on_a_live_replica(
                 lambda: self._handle.run.remote(graph, capture_cap))
         except RayTaskError as exc:   # the replica's own error, without Ray's traceback
+            logger.info("a remote trace failed on its replica: %s", exc)
             raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
 
     async def check_health(self) -> None:
         """Unavailable only when no replica's engine is alive (Ray Serve replaces dead ones;
-        requests meanwhile go to the others)."""
-        each = await self._handle.broadcast("check_health").results_async(
-            timeout_s=10, return_exceptions=True)
-        if not any(r is None for r in each):
+        requests meanwhile go to the others). The answer is kept for a second: failed
+        requests ask too, and each asking is a call to every replica."""
+        now = time.monotonic()
+        if now - self._health[0] > 1.0:
+            self._health = (now, await self._any_replica_alive())
+        if not self._health[1]:
             raise EngineUnavailable("no engine replica is alive; Ray Serve is starting new "
                                     "ones", retry_after=30)
+
+    async def _any_replica_alive(self) -> bool:
+        try:
+            each = await self._handle.broadcast("check_health").results_async(
+                timeout_s=10, return_exceptions=True)
+        except Exception:   # (no replica to ask, or none answered in time)
+            return False
+        return any(r is None for r in each)
 
     async def stats(self) -> dict[str, Any]:
         """The replicas' counts summed, their shared settings, and each replica's own
@@ -306,12 +314,14 @@ async def _on_a_live_replica(attempt: Callable[[], Awaitable[T]]) -> T:
     for up to :data:`RETRY_WINDOW_S`; then the 503."""
     from ray.exceptions import RayActorError
 
-    deadline = time.monotonic() + RETRY_WINDOW_S
+    deadline = None
     delay = 0.1
     while True:
         try:
             return await attempt()
         except (EngineUnavailable, RayActorError) as exc:
+            # (counted from the first failure: an attempt may run long before it fails)
+            deadline = deadline or time.monotonic() + RETRY_WINDOW_S
             if time.monotonic() + delay > deadline:
                 raise EngineUnavailable(f"no engine replica could take the request in "
                                         f"{RETRY_WINDOW_S:.0f} s (last: {type(exc).__name__})",
@@ -329,8 +339,11 @@ def _replica_id() -> str:
 async def _gather_metrics(handle: Any, label: str) -> bytes:
     """Every replica's ``metrics()`` behind ``handle``, merged, each sample labelled with
     its replica's id (those that fail to answer are left out)."""
-    each = await handle.broadcast("metrics").results_async(timeout_s=60,
-                                                           return_exceptions=True)
+    try:   # (well within a Prometheus scrape's default 10 s)
+        each = await handle.broadcast("metrics").results_async(timeout_s=5,
+                                                               return_exceptions=True)
+    except Exception:   # (no replica to ask, or none answered in time)
+        each = []
     return merge_replicas(dict(m for m in each if isinstance(m, tuple)), label)
 
 

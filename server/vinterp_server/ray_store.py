@@ -24,6 +24,8 @@ import ray
 from vinterp_server.store import MemoryStore
 
 NAMESPACE = "vinterp"
+#: the longest one store call may take (a restarting actor answers within a few seconds)
+CALL_TIMEOUT_S = 20.0
 
 
 def start_store_actor(name: str) -> Any:
@@ -43,7 +45,8 @@ class ActorStore:
         self._actor = ray.get_actor(name, namespace=NAMESPACE)
 
     def _call(self, method: str, *args: Any) -> Any:
-        return ray.get(getattr(self._actor, method).remote(*args))
+        # bounded: an actor that cannot come back must fail requests, not hang the ingress
+        return ray.get(getattr(self._actor, method).remote(*args), timeout=CALL_TIMEOUT_S)
 
     def put(self, owner: str, kind: str, name: str, value: Any, ttl: float | None) -> None:
         self._call("put", owner, kind, name, value, ttl)

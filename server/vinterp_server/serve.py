@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vinterp_server.auth import ApiKeys, Limits
@@ -100,9 +101,23 @@ def _settings(args: argparse.Namespace) -> Settings:
                     max_body_bytes=args.max_body_bytes)
 
 
-async def serve(args: argparse.Namespace, vllm_argv: Sequence[str]) -> int:
+@dataclass
+class Outcome:
+    """How serving ended: ``engine_died`` makes the exit code 1 (also when SIGTERM comes
+    while the server drains after the death)."""
+
+    engine_died: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.engine_died else 0
+
+
+async def serve(args: argparse.Namespace, vllm_argv: Sequence[str],
+                outcome: Outcome | None = None) -> int:
     """Start the engine, then serve HTTP until SIGINT/SIGTERM (in-flight requests finish) or
     the engine dies; returns the exit code (1: the engine died)."""
+    outcome = outcome or Outcome()
     import uvicorn
 
     from vinterp_server.app import build_app
@@ -117,7 +132,7 @@ async def serve(args: argparse.Namespace, vllm_argv: Sequence[str]) -> int:
     config = uvicorn.Config(app, host=host_addr, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=30, lifespan="off")
     server = uvicorn.Server(config)
-    watchdog = asyncio.create_task(_exit_when_engine_dies(host, server))
+    watchdog = asyncio.create_task(_exit_when_engine_dies(host, server, outcome))
     try:
         print(f"vinterp serve: ready on http://{host_addr}:{args.port} "
               f"(model {args.model}; OpenAI API at /v1)", file=sys.stderr, flush=True)
@@ -125,29 +140,27 @@ async def serve(args: argparse.Namespace, vllm_argv: Sequence[str]) -> int:
     finally:
         watchdog.cancel()
         await host.shutdown()
-    return 1 if watchdog.done() and not watchdog.cancelled() and watchdog.result() else 0
+    return outcome.exit_code
 
 
-async def _exit_when_engine_dies(host: EngineHost, server: Any, every: float = 1.0) -> bool:
-    """Stop serving once the engine died (True), so the process exits 1 and its supervisor
-    restarts it: a server that answers ``/health`` but fails every request helps nobody.
-    vLLM's ``VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1`` keeps it up, answering 503s."""
+async def _exit_when_engine_dies(host: EngineHost, server: Any, outcome: Outcome,
+                                 every: float = 1.0) -> None:
+    """Stop serving once the engine died, so the process exits 1 and its supervisor restarts
+    it: a server that answers ``/health`` but fails every request helps nobody. vLLM's
+    ``VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1`` keeps it up, answering 503s."""
     import vllm.envs
 
-    from vinterp_server.errors import EngineUnavailable
+    from vinterp_server.engine import engine_down
 
     if vllm.envs.VLLM_KEEP_ALIVE_ON_ENGINE_DEATH:
-        return False
-    while True:
+        return
+    while not await engine_down(host):
         await asyncio.sleep(every)
-        try:
-            await host.check_health()
-        except EngineUnavailable:
-            print("vinterp serve: the engine died (see above); stopping with exit code 1 so "
-                  "that a supervisor restarts the server (VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1 "
-                  "keeps it up, answering 503)", file=sys.stderr, flush=True)
-            server.should_exit = True
-            return True
+    print("vinterp serve: the engine died (see above); stopping with exit code 1 so that a "
+          "supervisor restarts the server (VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1 keeps it up, "
+          "answering 503)", file=sys.stderr, flush=True)
+    outcome.engine_died = True
+    server.should_exit = True
 
 
 def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
@@ -215,7 +228,8 @@ def main(args: argparse.Namespace, vllm_argv: Sequence[str]) -> int:
     if args.replicas > 1 or args.ingress_replicas > 1 or args.ray or args.ray_address:
         serve_ray(args, vllm_argv)
         return 0
+    outcome = Outcome()
     try:
-        return asyncio.run(serve(args, vllm_argv))
+        return asyncio.run(serve(args, vllm_argv, outcome))
     except KeyboardInterrupt:
-        return 0
+        return outcome.exit_code

@@ -41,7 +41,8 @@ class Store(Protocol):
         ``amount=0`` this only reads). Used for tokens per minute."""
 
     def incr(self, owner: str, counter: str, delta: int) -> int:
-        """Add ``delta`` to a gauge and return its new value (requests in flight)."""
+        """Add ``delta`` to a gauge, never below 0, and return its new value (requests in
+        flight; a store restarted empty must not go negative when they finish)."""
 
     def oldest(self, owner: str, counter: str) -> float | None:
         """Seconds since the oldest event :meth:`add` still counts (for ``Retry-After``)."""
@@ -99,7 +100,7 @@ class MemoryStore:
 
     def incr(self, owner: str, counter: str, delta: int) -> int:
         with self._lock:
-            value = self._gauges.get((owner, counter), 0) + delta
+            value = max(0, self._gauges.get((owner, counter), 0) + delta)
             self._gauges[(owner, counter)] = value
             return value
 

@@ -80,6 +80,8 @@ def test_a_dead_engine_gets_503s_with_the_reason(tmp_path):
         assert health.status_code == 503, health.text
         assert health.json()["status"] == "unavailable"
         assert int(health.headers["retry-after"]) > 0
+        stats = httpx.get(srv.url + "/v1/stats")   # (a route with no error handling of its own)
+        assert stats.status_code == 503 and "engine stopped" in stats.text, stats.text
         for body in ({**LONG, "max_tokens": 3}, {**LONG, "max_tokens": 3, "stream": True},
                      {**LONG, "max_tokens": 3, "interventions": STEER}):
             r = httpx.post(srv.url + "/v1/completions", json=body, timeout=30)

@@ -236,6 +236,7 @@ def test_a_replica_whose_engine_dies_is_replaced(ray_served):
             return r.status_code, "".join(json.loads(e)["choices"][0]["text"]
                                           if '"error"' not in e else e for e in events)
 
+    retries = _metric(ray_served, "vinterp_replica_retries_total")
     victim = ray_served.stats()["per_replica"][0]
     cores = [c for c in psutil.Process(victim["pid"]).children(recursive=True)
              if "EngineCore" in c.name() + " ".join(c.cmdline())]
@@ -248,6 +249,7 @@ def test_a_replica_whose_engine_dies_is_replaced(ray_served):
         answers = list(answers)
     assert answers == [(200, want)] * 16
     assert all(torch.allclose(t, want_trace, rtol=1e-5, atol=1e-6) for t in traced)
+    assert _metric(ray_served, "vinterp_replica_retries_total") > retries   # (some were)
     with ray_served.client("alice") as c:
         assert c.get("/health").status_code == 200   # the other replica serves
 
