@@ -13,6 +13,9 @@ How it fits together (one topic a module):
 * ``openai_routes``, ``traces``, ``vectors``, ``captures`` — the routes.
 * ``auth``, ``limits``, ``store`` — API keys (hashed), per-key limits, per-key state behind
   one small ``Store`` interface.
-* ``metrics``, ``errors``, ``process`` — Prometheus counters, OpenAI-shaped errors, running a
-  server as a child process (demo, tests, benchmarks).
+* ``metrics``, ``errors``, ``process`` — Prometheus counters, OpenAI-shaped errors (503 when
+  the engine died), running a server as a child process (demo, tests, benchmarks).
+* ``ray_deployment``, ``ray_store`` — Ray Serve: the same app as an ingress in front of N
+  engine replicas (retrying a request whose replica's engine died on another), and the store
+  several ingress replicas share through one Ray actor.
 """
