@@ -89,7 +89,7 @@ def _field(loc: tuple[Any, ...]) -> str:
 
 
 async def _this_process_metrics() -> bytes:
-    return metrics.render()[0]
+    return metrics.render()
 
 
 def build_app(host: EngineHost, keys: ApiKeys | None = None, store: Store | None = None,
@@ -109,11 +109,9 @@ def build_app(host: EngineHost, keys: ApiKeys | None = None, store: Store | None
         """Liveness, the served model and the IR version (no key needed); 503 once the
         engine cannot take requests, so a supervisor or load balancer sees it."""
         about = {"model": host.model_name, "ir_version": IR_VERSION}
-        try:
-            await host.check_health()
-        except EngineUnavailable as exc:
-            return JSONResponse({"status": "unavailable", "error": str(exc), **about},
-                                status_code=503, headers={"Retry-After": str(exc.retry_after)})
+        if down := await engine_down(host):
+            return JSONResponse({"status": "unavailable", "error": str(down), **about},
+                                status_code=503, headers={"Retry-After": str(down.retry_after)})
         return {"status": "ok", **about}
 
     @app.get("/metrics")

@@ -24,13 +24,14 @@ RETRIES = Counter("vinterp_replica_retries", "Attempts to send a request again, 
                   "was sent (Ray Serve)")
 
 
-#: the content type of :func:`render`'s text
+#: the content type of the text :func:`render`, :func:`families` and :func:`merge_replicas`
+#: return
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-def render() -> tuple[bytes, str]:
-    """The registry in Prometheus' text format, and its content type."""
-    return generate_latest(), CONTENT_TYPE
+def render() -> bytes:
+    """This process's registry in Prometheus' text format."""
+    return generate_latest()
 
 
 def families(prefix: str) -> bytes:

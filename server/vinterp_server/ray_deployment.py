@@ -262,12 +262,8 @@ class RayEngineHost:
                                     "ones", retry_after=30)
 
     async def _any_replica_alive(self) -> bool:
-        try:
-            each = await self._handle.broadcast("check_health").results_async(
-                timeout_s=10, return_exceptions=True)
-        except Exception:   # (no replica to ask, or none answered in time)
-            return False
-        return any(r is None for r in each)
+        return any(r is None for r in await _ask_every_replica(self._handle, "check_health",
+                                                               timeout_s=10))
 
     async def stats(self) -> dict[str, Any]:
         """The replicas' counts summed, their shared settings, and each replica's own
@@ -336,14 +332,21 @@ def _replica_id() -> str:
     return serve.get_replica_context().replica_id.unique_id
 
 
+async def _ask_every_replica(handle: Any, method: str, timeout_s: float) -> list[Any]:
+    """Each replica's answer to ``method`` (its exception if it failed); ``[]`` when there
+    is no replica to ask or none answered in time."""
+    try:
+        return await handle.broadcast(method).results_async(timeout_s=timeout_s,
+                                                            return_exceptions=True)
+    except Exception:
+        return []
+
+
 async def _gather_metrics(handle: Any, label: str) -> bytes:
     """Every replica's ``metrics()`` behind ``handle``, merged, each sample labelled with
     its replica's id (those that fail to answer are left out)."""
-    try:   # (well within a Prometheus scrape's default 10 s)
-        each = await handle.broadcast("metrics").results_async(timeout_s=5,
-                                                               return_exceptions=True)
-    except Exception:   # (no replica to ask, or none answered in time)
-        each = []
+    # (5 s: well within a Prometheus scrape's default 10 s)
+    each = await _ask_every_replica(handle, "metrics", timeout_s=5)
     return merge_replicas(dict(m for m in each if isinstance(m, tuple)), label)
 
 
