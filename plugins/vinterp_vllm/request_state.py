@@ -17,8 +17,9 @@ from vinterp.ir import Graph, load
 from vinterp.ir.interpreter import GraphRunner, RunState, snapshot
 from vinterp.ir.tensors import decode_tensor
 from vinterp.models.architectures import Architecture
+from vinterp_vllm.actions import Action
 from vinterp_vllm.calls import call_target
-from vinterp_vllm.fastpath import Action, plan_for
+from vinterp_vllm.fastpath import plan_for
 from vinterp_vllm.layout import RowSpan
 from vinterp_vllm.logit_rows import read_positions
 from vinterp_vllm.payload import Outcome, Payload

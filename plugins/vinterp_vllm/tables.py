@@ -11,7 +11,7 @@ tables allocated when the hooks go in:
 * per entry ``e``: a vector ``vec[e]`` and ``coef[e] = (a, sb, sd, lo, hi)``, and the row
   becomes ``a·x + sb·v + v·(clamp(p, lo, hi) − p)`` with ``p = x·(sd·v)``. That one update is
   steer (``a=1, sb=1``), scale (``a=f``), replace (``a=0, sb=1``), ablate (``sd=1, lo=hi=0``)
-  and clamp (``sd=1``), with the float operations of the vectorized path (``fastpath.Group``);
+  and clamp (``sd=1``), with the float operations of the vectorized path (``groups.Group``);
   entry 0 is the identity, and rows with entry 0 are left exactly as they were;
 * ``capbuf[slot]``: the value of each captured row, before (pre) or after (post) the update;
   slot 0 is where every other row's copy goes.
@@ -43,7 +43,8 @@ from typing import Any
 
 import torch
 
-from vinterp_vllm.fastpath import Action, row_mask
+from vinterp_vllm.actions import Action
+from vinterp_vllm.groups import row_mask
 from vinterp_vllm.layout import RowSpan
 
 #: ``coef`` columns

@@ -14,7 +14,7 @@ caller reaches it with ``collective_rpc``:
 
 Each forward: ``begin_step`` (from the model runner's ``_model_forward``) works out which rows
 belong to which intervened request (``layout.py``), builds the vectorized groups per point
-(``fastpath.py``) and starts the steps of general graphs; the op at each point applies them;
+(``groups.py``) and starts the steps of general graphs; the op at each point applies them;
 ``end_step`` closes the steps. Requests without a
 payload are never touched: their rows are bit-identical to plain vLLM.
 
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from vinterp_vllm.events import RowsEvent, _tensor, point_rows
-from vinterp_vllm.fastpath import Group, TensorCache, build_groups
+from vinterp_vllm.groups import Group, TensorCache, build_groups
 from vinterp_vllm.graph_op import PointIds, install_point_hooks
 from vinterp_vllm.layout import RowSpan, batch_spans
 from vinterp_vllm.logit_rows import batched_logits, wanted_rows

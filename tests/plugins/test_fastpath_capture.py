@@ -116,16 +116,16 @@ def test_unsupported_keys_keep_the_general_path(models):
 
 def test_equal_keys_share_a_selection_but_bools_and_floats_never_pass_as_ints():
     from vinterp.ir.schema import SliceV, TupleV
-    from vinterp_vllm.fastpath import _NotFast, _selection
+    from vinterp_vllm.actions import NotFast, selection
 
     full = SliceV(slice=(None, None, None))
-    one = _selection(TupleV(tuple=(full, 1)), 5, True, False)
-    assert one is _selection(TupleV(tuple=(full, 1)), 5, True, False)   # resolved once
+    one = selection(TupleV(tuple=(full, 1)), 5, True, False)
+    assert one is selection(TupleV(tuple=(full, 1)), 5, True, False)   # resolved once
     assert one.prompt_index == (1,)
-    assert _selection(TupleV(tuple=(full, -1)), 5, True, False).prompt_index == (4,)
+    assert selection(TupleV(tuple=(full, -1)), 5, True, False).prompt_index == (4,)
     for odd in (True, 1.0):   # equal to 1 in Python, but HF indexes differently
-        with pytest.raises(_NotFast):
-            _selection(TupleV(tuple=(full, odd)), 5, True, False)
+        with pytest.raises(NotFast):
+            selection(TupleV(tuple=(full, odd)), 5, True, False)
 
 
 SAME_LENGTH = ["red apple pie", "blue sky now", "old stone wall", "big dog runs"]

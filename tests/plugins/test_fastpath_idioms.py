@@ -332,7 +332,7 @@ def test_position_key_out_of_range_at_decode_steps(models, vecs):
 def test_merge_keeps_step_order():
     """Per-step blocks merge only when equal; a step with an extra edit stays its own block."""
     from vinterp.ir.schema import Node
-    from vinterp_vllm.fastpath import Action
+    from vinterp_vllm.actions import Action
 
     node = Node(id=0, op="steer")
 

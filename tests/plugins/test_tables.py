@@ -27,7 +27,8 @@ from helpers import VS_HF, compiled_pass, rel_err, worker_stats
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vinterp import LanguageModel  # noqa: E402
-from vinterp_vllm.fastpath import Action, Group  # noqa: E402
+from vinterp_vllm.actions import Action  # noqa: E402
+from vinterp_vllm.groups import Group  # noqa: E402
 from vinterp_vllm.layout import RowSpan  # noqa: E402
 from vinterp_vllm.tables import StepTables, table_rows, write_slots  # noqa: E402
 
