@@ -63,7 +63,7 @@ class CaptureWriter:
         self.key = key
         self.inline_left = srv.settings.inline_capture_bytes
 
-    def encode(self, spec: CompiledRequest, saves: dict[int, Any], *,
+    async def encode(self, spec: CompiledRequest, saves: dict[int, Any], *,
                fragment: bool = False) -> list[dict[str, Any]]:
         """The captures in ``saves`` (a finished request's, or with ``fragment=True`` the
         steps a stream hands over now: captures with nothing new are left out)."""
@@ -79,10 +79,10 @@ class CaptureWriter:
             t = rows(value, spec.model.hidden_size) if cap is not None else _graph_value(value)
             if fragment and t.shape[0] == 0:
                 continue
-            out.append(self._item(index, label, cap, t))
+            out.append(await self._item(index, label, cap, t))
         return out
 
-    def _item(self, index: int, label: str, cap: Any, t: torch.Tensor) -> dict[str, Any]:
+    async def _item(self, index: int, label: str, cap: Any, t: torch.Tensor) -> dict[str, Any]:
         data = npy_bytes(t)
         metrics.CAPTURE_BYTES.inc(len(data))
         item: dict[str, Any] = {
@@ -95,7 +95,8 @@ class CaptureWriter:
             item["data"] = base64.b64encode(data).decode("ascii")
         else:
             cid = f"cap-{uuid.uuid4().hex}"
-            self.srv.store.put(self.key.id, "capture", cid, data, self.srv.settings.capture_ttl)
+            await self.srv.store.put(self.key.id, "capture", cid, data,
+                                     self.srv.settings.capture_ttl)
             item["id"] = cid
         return item
 
@@ -105,7 +106,7 @@ class CaptureWriter:
 async def get_capture(capture_id: str, key: KeyInfo = Depends(require_key),
                       srv: Server = Depends(server)) -> Response:
     """A stored capture (an ``.npy`` file); 404 once expired or if it is not this key's."""
-    data = srv.store.get(key.id, "capture", capture_id)
+    data = await srv.store.get(key.id, "capture", capture_id)
     if data is None:
         raise HTTPException(404, f"no capture {capture_id!r} for this key (expired after "
                                  f"{int(srv.settings.capture_ttl)} s, or never existed)")

@@ -10,7 +10,8 @@ Bad input raises :class:`FieldError` naming the field (the app answers 400).
 
 Example::
 
-    spec = CompiledRequest.build(fields, model, vectors=lambda name: store_lookup(name))
+    stored = {name: vectors_of(name) for name in vector_names(fields)}   # fetched first
+    spec = CompiledRequest.build(fields, model, vectors=stored.get)
     graph = spec.graph_for([1, 2, 3])
 """
 
@@ -58,6 +59,20 @@ class ModelInfo:
 
 
 VectorLookup = Callable[[str], dict[int | None, torch.Tensor] | None]
+
+
+def vector_names(source: InterventionFields | Graph) -> set[str]:
+    """The stored vectors ``source`` uses by name. Compiling is synchronous, and a shared store
+    is not: the caller fetches these first and compiles with a lookup into what it fetched."""
+    if isinstance(source, Graph):
+        return {t.named for t in source.tensors if isinstance(t, NamedTensor)}
+    names = {iv.vector.name for iv in source.interventions or ()
+             if iv.vector is not None and iv.vector.name is not None}
+    # the graph field is JSON until build() loads it; its named tensors are those with "named"
+    for t in (source.graph or {}).get("tensors") or ():
+        if isinstance(t, dict) and isinstance(t.get("named"), str):
+            names.add(t["named"])
+    return names
 
 
 def parse_point(text: str, model: ModelInfo) -> tuple[str, str]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from vinterp.backends.base import RunResult
@@ -42,11 +42,12 @@ class RequestContext:
     ``spec`` is ``None`` for a plain request: only its tokens are counted.
     """
 
-    def __init__(self, spec: CompiledRequest | None, *, capture_cap: int,
-                 on_tokens: Callable[[int], None] | None = None) -> None:
+    def __init__(self, spec: CompiledRequest | None, *, capture_cap: int) -> None:
         self.spec = spec
         self.capture_cap = capture_cap
-        self.on_tokens = on_tokens
+        #: prompt + generated tokens of the prompts that finished (the key's budget counts
+        #: them when the request gives its slot back)
+        self.tokens = 0
         self.outcomes: dict[int, Outcome] = {}
         self.keys: dict[int, str] = {}
         self._engine: AsyncEngine | None = None
@@ -68,9 +69,9 @@ class RequestContext:
                                          **kwargs):
             final = out
             yield out
-        if final is not None and self.on_tokens is not None:
-            self.on_tokens(len(final.prompt_token_ids or ()) +
-                           sum(len(c.token_ids) for c in final.outputs))
+        if final is not None:
+            self.tokens += (len(final.prompt_token_ids or ()) +
+                            sum(len(c.token_ids) for c in final.outputs))
 
     def _attach(self, engine: AsyncEngine, prompt: Any, params: Any) -> str:
         assert self.spec is not None
@@ -106,7 +107,7 @@ class RequestContext:
         return self.outcomes.get(index)
 
     def receive(self, steps: dict[int, dict[int, list[tuple[int, Any]]]],
-                outcomes: dict[int, Outcome], tokens: list[int]) -> None:
+                outcomes: dict[int, Outcome], tokens: int) -> None:
         """Take in what the same request's context computed where the engine runs (a Ray
         replica): step captures, finished prompts' outcomes and token counts, so the app
         reads this context as if the engine were here."""
@@ -115,9 +116,7 @@ class RequestContext:
             for nid, values in parts.items():
                 mine.setdefault(nid, []).extend(values)
         self.outcomes.update(outcomes)
-        if self.on_tokens is not None:
-            for n in tokens:
-                self.on_tokens(n)
+        self.tokens += tokens
 
 
 def http_error(exc: Exception, status: int) -> Exception:

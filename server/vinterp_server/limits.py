@@ -6,18 +6,19 @@ limits. Past a limit the app answers 429 with ``Retry-After``.
 Example::
 
     limiter = Limiter(store)
-    release = limiter.acquire(key)             # raises LimitExceeded past a limit
+    slot = await limiter.acquire(key)          # raises LimitExceeded past a limit
     try:
         ...
-        limiter.record_tokens(key, 120)
     finally:
-        release()
+        await slot.release(tokens=120)         # the slot back, the tokens counted
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Coroutine
+from typing import Any
 
 from vinterp_server.auth import KeyInfo
 from vinterp_server.store import Store
@@ -33,39 +34,79 @@ class LimitExceeded(Exception):
         self.retry_after = max(1, int(retry_after))
 
 
+class Slot:
+    """One of a key's concurrent slots, held from :meth:`Limiter.acquire` to :meth:`release`
+    (a streamed response holds it until its last chunk)."""
+
+    def __init__(self, limiter: Limiter, key: KeyInfo) -> None:
+        self._limiter = limiter
+        self._key = key
+        self._released = False
+
+    async def release(self, tokens: int = 0) -> None:
+        """Give the slot back and count the request's ``tokens`` (prompt + generated)
+        against the key's per-minute budget; later calls do nothing."""
+        if self._released:
+            return
+        self._released = True
+        await asyncio.shield(self._limiter.spawn(self._limiter.give_back(self._key, tokens)))
+
+
 class Limiter:
-    """Checks and counts each key's use of the server."""
+    """Checks and counts each key's use of the server.
+
+    Updates of the in-flight gauge run as tasks of their own, shielded from the request: a
+    request cancelled while it waits on a shared store (a client that hung up) must not keep
+    a slot taken for good.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._updates: set[asyncio.Task[Any]] = set()
 
-    def acquire(self, key: KeyInfo) -> Callable[[], None]:
-        """Take one of the key's concurrent slots; call the returned function to give it back
-        (a streamed response keeps it until its last chunk). Refuses when the key's token
-        budget for the last minute is spent."""
-        used = self.store.add(key.id, "tokens", 0, _WINDOW)
+    async def acquire(self, key: KeyInfo) -> Slot:
+        """Take one of the key's concurrent slots. Refuses when the key's token budget for the
+        last minute is spent, or all its slots are taken."""
+        used = await self.store.add(key.id, "tokens", 0, _WINDOW)
         if used >= key.limits.tokens_per_minute:
-            oldest = self.store.oldest(key.id, "tokens")
+            oldest = await self.store.oldest(key.id, "tokens")
             wait = _WINDOW - oldest if oldest is not None else _WINDOW
             raise LimitExceeded(f"this key used {int(used)} tokens in the last minute "
                                 f"(limit {key.limits.tokens_per_minute})", math.ceil(wait))
-        if self.store.incr(key.id, "inflight", 1) > key.limits.concurrent:
-            self.store.incr(key.id, "inflight", -1)
+        taking = self.spawn(self._take(key))
+        try:
+            took = await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            taking.add_done_callback(lambda task: self._undo(task, key))
+            raise
+        if not took:
             raise LimitExceeded(f"this key already has {key.limits.concurrent} requests in "
                                 f"flight (its limit); wait for one to finish", 1)
-        released = False
+        return Slot(self, key)
 
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.store.incr(key.id, "inflight", -1)
-        return release
+    async def _take(self, key: KeyInfo) -> bool:
+        if await self.store.incr(key.id, "inflight", 1) <= key.limits.concurrent:
+            return True
+        await self.store.incr(key.id, "inflight", -1)
+        return False
 
-    def record_tokens(self, key: KeyInfo, n: int) -> None:
-        """Count ``n`` prompt + generated tokens against the key's per-minute budget."""
-        if n > 0:
-            self.store.add(key.id, "tokens", n, _WINDOW)
+    def _undo(self, taking: asyncio.Task[bool], key: KeyInfo) -> None:
+        """Give back the slot a cancelled :meth:`acquire` took but its caller never got."""
+        if not taking.cancelled() and taking.exception() is None and taking.result():
+            self.spawn(self.give_back(key, 0))
+
+    async def give_back(self, key: KeyInfo, tokens: int) -> None:
+        """One of ``key``'s slots back; ``tokens`` counted against its per-minute budget."""
+        await self.store.incr(key.id, "inflight", -1)
+        if tokens > 0:
+            await self.store.add(key.id, "tokens", tokens, _WINDOW)
+
+    def spawn(self, update: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """``update`` as a task the limiter keeps (the loop holds only a weak reference)."""
+        task = asyncio.ensure_future(update)
+        self._updates.add(task)
+        task.add_done_callback(self._updates.discard)
+        return task
 
     @staticmethod
     def check_graph(key: KeyInfo, n_nodes: int) -> None:

@@ -21,14 +21,15 @@ from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 from vinterp_server import metrics
 from vinterp_server.auth import KeyInfo
 from vinterp_server.captures import CaptureWriter
-from vinterp_server.compile import CompiledRequest, FieldError
+from vinterp_server.compile import CompiledRequest, FieldError, vector_names
 from vinterp_server.context import Server, require_key, server
 from vinterp_server.engine import RequestContext, engine_down
 from vinterp_server.errors import EngineUnavailable, error_event, error_response
-from vinterp_server.limits import LimitExceeded
+from vinterp_server.limits import LimitExceeded, Slot
 from vinterp_server.schemas import (
     InterventionFields, VinterpChatCompletionRequest, VinterpCompletionRequest,
 )
+from vinterp_server.vectors import stored_vectors
 
 router = APIRouter()
 
@@ -58,10 +59,11 @@ async def chat_completions(request: VinterpChatCompletionRequest, raw_request: R
     return await _serve(request, raw_request, key, srv, srv.host.chat, "chat")
 
 
-def compile_fields(fields: InterventionFields, key: KeyInfo, srv: Server) -> CompiledRequest:
+async def compile_fields(fields: InterventionFields, key: KeyInfo,
+                         srv: Server) -> CompiledRequest:
     """Check and compile a request's vinterp fields (``FieldError`` / ``LimitExceeded``)."""
-    spec = CompiledRequest.build(
-        fields, srv.host.model, vectors=lambda name: srv.store.get(key.id, "vector", name))
+    found = await stored_vectors(srv, key, vector_names(fields))
+    spec = CompiledRequest.build(fields, srv.host.model, vectors=found.get)
     srv.limiter.check_graph(key, spec.n_nodes)
     try:  # structure only: the prompt is not rendered yet
         srv.host.check(spec.graph_for([0]))
@@ -85,12 +87,11 @@ async def _serve(request: Any, raw_request: Request, key: KeyInfo, srv: Server,
             if getattr(request, "use_beam_search", False):
                 raise FieldError("use_beam_search", "beam search cannot be combined with "
                                                     "interventions or captures")
-            spec = compile_fields(request, key, srv)
-        release = srv.limiter.acquire(key)
+            spec = await compile_fields(request, key, srv)
+        slot = await srv.limiter.acquire(key)
     except (FieldError, LimitExceeded) as exc:
         return error_response(exc)
-    ctx = RequestContext(spec, capture_cap=key.limits.capture_bytes,
-                         on_tokens=lambda n: srv.limiter.record_tokens(key, n))
+    ctx = RequestContext(spec, capture_cap=key.limits.capture_bytes)
     request.attach(ctx)
     streaming = False
     try:
@@ -100,7 +101,7 @@ async def _serve(request: Any, raw_request: Request, key: KeyInfo, srv: Server,
             return await _error(srv, _as_error(exc), getattr(exc, "retry_after", None))
         if hasattr(result, "__aiter__"):
             streaming = True
-            return await _stream(result, ctx, key, srv, release)
+            return await _stream(result, ctx, key, srv, slot)
         if hasattr(result, "error"):   # vLLM's ErrorResponse
             return await _error(srv, result)
         body = result.model_dump()
@@ -110,11 +111,11 @@ async def _serve(request: Any, raw_request: Request, key: KeyInfo, srv: Server,
                 outcome = ctx.outcome(choice["index"])
                 if outcome is None or outcome.error:
                     return await _error(srv, _failed(outcome))
-                choice["captures"] = writer.encode(spec, outcome.saves)
+                choice["captures"] = await writer.encode(spec, outcome.saves)
         return JSONResponse(body)
     finally:
         if not streaming:
-            release()
+            await slot.release(ctx.tokens)
 
 
 async def _error(srv: Server, err: Any, retry_after: int | None = None) -> Response:
@@ -144,18 +145,18 @@ def _failed(outcome: Any) -> Exception:
 
 
 async def _stream(gen: AsyncIterator[str], ctx: RequestContext, key: KeyInfo, srv: Server,
-                  release: Callable[[], None]) -> Response:
+                  slot: Slot) -> Response:
     """A streamed response; an error before the first token is a real HTTP error status."""
     try:
         first = await gen.__anext__()
     except StopAsyncIteration:
         first = None
     except BaseException:
-        release()
+        await slot.release(ctx.tokens)
         raise
     early = error_event(first)
     if early is not None:
-        release()
+        await slot.release(ctx.tokens)
         await gen.aclose()
         return await _error(srv, early)
     writer = CaptureWriter(srv, key) if ctx.spec is not None else None
@@ -167,7 +168,7 @@ async def _stream(gen: AsyncIterator[str], ctx: RequestContext, key: KeyInfo, sr
             async for chunk in gen:
                 yield await _with_captures(chunk, ctx, writer)
         finally:
-            release()
+            await slot.release(ctx.tokens)
             await gen.aclose()
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -189,14 +190,14 @@ async def _with_captures(chunk: str, ctx: RequestContext,
         if choice.get("finish_reason") is None:
             parts = await ctx.take_steps(index)
             if parts:
-                choice["captures"] = writer.encode(spec, parts, fragment=True)
+                choice["captures"] = await writer.encode(spec, parts, fragment=True)
                 changed = True
             continue
         outcome = ctx.outcome(index)
         if outcome is None or outcome.error:
             errors.append(str(_failed(outcome)))
             continue
-        choice["captures"] = writer.encode(spec, outcome.saves)
+        choice["captures"] = await writer.encode(spec, outcome.saves)
         changed = True
     if errors:
         err = {"error": {"message": "; ".join(errors), "type": "InternalServerError",

@@ -72,7 +72,7 @@ class Piece:
     error: BaseException | None = None
     steps: dict[int, dict[int, list[tuple[int, Any]]]] = field(default_factory=dict)
     outcomes: dict[int, Any] = field(default_factory=dict)
-    tokens: list[int] = field(default_factory=list)
+    tokens: int = 0                   # tokens of the prompts that finished since then
 
 
 class EngineReplica:
@@ -96,11 +96,10 @@ class EngineReplica:
         """Run one OpenAI request here; one :class:`Piece` per chunk (one in all if not
         streamed)."""
         self.requests += 1
-        tokens: list[int] = []
-        ctx = RequestContext(call.spec, capture_cap=call.capture_cap, on_tokens=tokens.append)
+        ctx = RequestContext(call.spec, capture_cap=call.capture_cap)
         call.request.attach(ctx)
         handler = self.host.completions if call.endpoint == "completions" else self.host.chat
-        sent: set[int] = set()
+        sent = _Sent()
         try:
             result = await handler(call.request, None)
         except Exception as exc:   # vLLM's request errors and ours (400, 429, ...)
@@ -108,7 +107,7 @@ class EngineReplica:
             return
         if not hasattr(result, "__aiter__"):
             down = await engine_down(self.host) if hasattr(result, "error") else None
-            yield Piece(error=down) if down else _news(ctx, sent, tokens, Piece(result=result))
+            yield Piece(error=down) if down else _news(ctx, sent, Piece(result=result))
             return
         try:
             first = True
@@ -124,9 +123,9 @@ class EngineReplica:
                         parts = await ctx.take_steps(index)
                         if parts:
                             steps[index] = parts
-                yield _news(ctx, sent, tokens, Piece(chunk=chunk, steps=steps))
-            if tokens or len(sent) < len(ctx.outcomes):   # news after the last chunk
-                yield _news(ctx, sent, tokens, Piece(chunk=""))
+                yield _news(ctx, sent, Piece(chunk=chunk, steps=steps))
+            if sent.tokens < ctx.tokens or len(sent.outcomes) < len(ctx.outcomes):
+                yield _news(ctx, sent, Piece(chunk=""))   # news after the last chunk
         finally:
             await result.aclose()
 
@@ -157,11 +156,18 @@ class EngineReplica:
         await self.host.shutdown()
 
 
-def _news(ctx: RequestContext, sent: set[int], tokens: list[int], piece: Piece) -> Piece:
-    piece.outcomes = {i: o for i, o in ctx.outcomes.items() if i not in sent}
-    sent.update(piece.outcomes)
-    piece.tokens = tokens[:]
-    tokens.clear()
+@dataclass
+class _Sent:
+    """What a replica already sent the ingress of one request's context."""
+
+    outcomes: set[int] = field(default_factory=set)
+    tokens: int = 0
+
+
+def _news(ctx: RequestContext, sent: _Sent, piece: Piece) -> Piece:
+    piece.outcomes = {i: o for i, o in ctx.outcomes.items() if i not in sent.outcomes}
+    sent.outcomes.update(piece.outcomes)
+    piece.tokens, sent.tokens = ctx.tokens - sent.tokens, ctx.tokens
     return piece
 
 

@@ -6,17 +6,19 @@ limiter's counters) in its own :class:`~vinterp_server.store.MemoryStore`. With
 see the same state: a key's limits hold across all of them, and a trace started through one
 is polled through another. :class:`ActorStore` is that store: a named Ray actor holding one
 ``MemoryStore``, created by ``vinterp serve`` before the ingresses and killed after them.
-Each call is one actor round trip (about a millisecond on one machine).
+Each call is one actor round trip (about a millisecond on one machine), awaited: the
+ingress's event loop serves other requests meanwhile.
 
 Example::
 
     actor = start_store_actor("vinterp-store")     # in the driver
     store = ActorStore("vinterp-store")            # in each ingress replica
-    store.put("key-a", "vector", "happy", tensors, ttl=None)
+    await store.put("key-a", "vector", "happy", tensors, ttl=None)
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import ray
@@ -44,27 +46,28 @@ class ActorStore:
     def __init__(self, name: str) -> None:
         self._actor = ray.get_actor(name, namespace=NAMESPACE)
 
-    def _call(self, method: str, *args: Any) -> Any:
-        # bounded: an actor that cannot come back must fail requests, not hang the ingress
-        return ray.get(getattr(self._actor, method).remote(*args), timeout=CALL_TIMEOUT_S)
+    async def _call(self, method: str, *args: Any) -> Any:
+        # bounded: an actor that cannot come back must fail requests, not hang them
+        return await asyncio.wait_for(getattr(self._actor, method).remote(*args),
+                                      CALL_TIMEOUT_S)
 
-    def put(self, owner: str, kind: str, name: str, value: Any, ttl: float | None) -> None:
-        self._call("put", owner, kind, name, value, ttl)
+    async def put(self, owner: str, kind: str, name: str, value: Any, ttl: float | None) -> None:
+        await self._call("put", owner, kind, name, value, ttl)
 
-    def get(self, owner: str, kind: str, name: str) -> Any | None:
-        return self._call("get", owner, kind, name)
+    async def get(self, owner: str, kind: str, name: str) -> Any | None:
+        return await self._call("get", owner, kind, name)
 
-    def delete(self, owner: str, kind: str, name: str) -> bool:
-        return self._call("delete", owner, kind, name)
+    async def delete(self, owner: str, kind: str, name: str) -> bool:
+        return await self._call("delete", owner, kind, name)
 
-    def names(self, owner: str, kind: str) -> list[str]:
-        return self._call("names", owner, kind)
+    async def names(self, owner: str, kind: str) -> list[str]:
+        return await self._call("names", owner, kind)
 
-    def add(self, owner: str, counter: str, amount: float, window: float) -> float:
-        return self._call("add", owner, counter, amount, window)
+    async def add(self, owner: str, counter: str, amount: float, window: float) -> float:
+        return await self._call("add", owner, counter, amount, window)
 
-    def incr(self, owner: str, counter: str, delta: int) -> int:
-        return self._call("incr", owner, counter, delta)
+    async def incr(self, owner: str, counter: str, delta: int) -> int:
+        return await self._call("incr", owner, counter, delta)
 
-    def oldest(self, owner: str, counter: str) -> float | None:
-        return self._call("oldest", owner, counter)
+    async def oldest(self, owner: str, counter: str) -> float | None:
+        return await self._call("oldest", owner, counter)

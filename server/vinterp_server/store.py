@@ -7,11 +7,14 @@ deployment swaps in a shared store (Redis, say) without touching the app.
 Every read names the owner: one key can never see another key's objects, whatever id it
 guesses.
 
+The interface is async: a shared store answers over the network (a Ray actor, Redis), and
+its round trips must not block the event loop that serves every other request.
+
 Example::
 
     store = MemoryStore()
-    store.put("key-a", "vector", "happy", tensors, ttl=None)
-    store.get("key-b", "vector", "happy")      # None: not this key's
+    await store.put("key-a", "vector", "happy", tensors, ttl=None)
+    await store.get("key-b", "vector", "happy")      # None: not this key's
 """
 
 from __future__ import annotations
@@ -22,34 +25,37 @@ from typing import Any, Protocol
 
 
 class Store(Protocol):
-    """What the app needs of per-key state."""
+    """What the app needs of per-key state (every method a coroutine)."""
 
-    def put(self, owner: str, kind: str, name: str, value: Any, ttl: float | None) -> None:
+    async def put(self, owner: str, kind: str, name: str, value: Any, ttl: float | None) -> None:
         """Keep ``value`` (``ttl`` seconds; ``None``: until deleted)."""
 
-    def get(self, owner: str, kind: str, name: str) -> Any | None:
+    async def get(self, owner: str, kind: str, name: str) -> Any | None:
         """The value, or ``None`` (missing, expired, or another owner's)."""
 
-    def delete(self, owner: str, kind: str, name: str) -> bool:
+    async def delete(self, owner: str, kind: str, name: str) -> bool:
         """Forget it; whether it existed."""
 
-    def names(self, owner: str, kind: str) -> list[str]:
+    async def names(self, owner: str, kind: str) -> list[str]:
         """The owner's live names of a kind."""
 
-    def add(self, owner: str, counter: str, amount: float, window: float) -> float:
+    async def add(self, owner: str, counter: str, amount: float, window: float) -> float:
         """Record ``amount`` now; the counter's sum over the last ``window`` seconds (with
         ``amount=0`` this only reads). Used for tokens per minute."""
 
-    def incr(self, owner: str, counter: str, delta: int) -> int:
+    async def incr(self, owner: str, counter: str, delta: int) -> int:
         """Add ``delta`` to a gauge, never below 0, and return its new value (requests in
         flight; a store restarted empty must not go negative when they finish)."""
 
-    def oldest(self, owner: str, counter: str) -> float | None:
+    async def oldest(self, owner: str, counter: str) -> float | None:
         """Seconds since the oldest event :meth:`add` still counts (for ``Retry-After``)."""
 
 
 class MemoryStore:
-    """:class:`Store` in this process's memory (thread-safe; expired objects purged lazily)."""
+    """:class:`Store` in this process's memory (thread-safe; expired objects purged lazily).
+
+    Its methods never wait: they are coroutines only to meet the interface (and so Ray runs
+    the shared store's actor, which holds one, as an async actor)."""
 
     def __init__(self, clock: Any = time.monotonic) -> None:
         self._clock = clock
@@ -58,14 +64,14 @@ class MemoryStore:
         self._gauges: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
 
-    def put(self, owner: str, kind: str, name: str, value: Any, ttl: float | None) -> None:
+    async def put(self, owner: str, kind: str, name: str, value: Any, ttl: float | None) -> None:
         expires = None if ttl is None else self._clock() + ttl
         with self._lock:
             self._objects[(owner, kind, name)] = (value, expires)
             if len(self._objects) % 256 == 0:
                 self._purge()
 
-    def get(self, owner: str, kind: str, name: str) -> Any | None:
+    async def get(self, owner: str, kind: str, name: str) -> Any | None:
         with self._lock:
             hit = self._objects.get((owner, kind, name))
             if hit is None:
@@ -76,17 +82,17 @@ class MemoryStore:
                 return None
             return value
 
-    def delete(self, owner: str, kind: str, name: str) -> bool:
+    async def delete(self, owner: str, kind: str, name: str) -> bool:
         with self._lock:
             return self._objects.pop((owner, kind, name), None) is not None
 
-    def names(self, owner: str, kind: str) -> list[str]:
+    async def names(self, owner: str, kind: str) -> list[str]:
         now = self._clock()
         with self._lock:
             return sorted(n for (o, k, n), (_, exp) in self._objects.items()
                           if o == owner and k == kind and (exp is None or exp >= now))
 
-    def add(self, owner: str, counter: str, amount: float, window: float) -> float:
+    async def add(self, owner: str, counter: str, amount: float, window: float) -> float:
         now = self._clock()
         with self._lock:
             events = self._events.setdefault((owner, counter), [])
@@ -98,13 +104,13 @@ class MemoryStore:
             del events[:cut]
             return sum(a for _, a in events)
 
-    def incr(self, owner: str, counter: str, delta: int) -> int:
+    async def incr(self, owner: str, counter: str, delta: int) -> int:
         with self._lock:
             value = max(0, self._gauges.get((owner, counter), 0) + delta)
             self._gauges[(owner, counter)] = value
             return value
 
-    def oldest(self, owner: str, counter: str) -> float | None:
+    async def oldest(self, owner: str, counter: str) -> float | None:
         """Seconds since the oldest event still counted (for ``Retry-After``)."""
         with self._lock:
             events = self._events.get((owner, counter))

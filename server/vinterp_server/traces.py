@@ -29,11 +29,12 @@ from vinterp.ir.interpreter import InterventionError
 from vinterp.ir.results import encode_results
 from vinterp_server import metrics
 from vinterp_server.auth import KeyInfo
-from vinterp_server.compile import FieldError, resolve_named
+from vinterp_server.compile import FieldError, resolve_named, vector_names
 from vinterp_server.context import Server, require_key, server
 from vinterp_server.errors import error_response
 from vinterp_server.limits import LimitExceeded
 from vinterp_server.schemas import TraceRequest, TraceStatus
+from vinterp_server.vectors import stored_vectors
 
 router = APIRouter()
 
@@ -76,7 +77,7 @@ def _check_session_refs(graph: Graph, earlier: list[Graph], name: str,
                                     f"a save; only saved values cross traces")
 
 
-def _load_all(body: TraceRequest, key: KeyInfo, srv: Server) -> list[Graph]:
+async def _load_all(body: TraceRequest, key: KeyInfo, srv: Server) -> list[Graph]:
     """The request's graph(s): validated, named vectors resolved, checked against the engine
     (all of a session's before any runs)."""
     single = body.graph is not None
@@ -88,7 +89,8 @@ def _load_all(body: TraceRequest, key: KeyInfo, srv: Server) -> list[Graph]:
             graph = load(text)
         except GraphError as exc:
             raise FieldError(name, str(exc)) from None
-        graph = resolve_named(graph, lambda n: srv.store.get(key.id, "vector", n), name)
+        found = await stored_vectors(srv, key, vector_names(graph))
+        graph = resolve_named(graph, found.get, name)
         _check_session_refs(graph, graphs, name, not single)
         _check(graph, key, srv)
         graphs.append(graph)
@@ -121,18 +123,18 @@ def _fill_session(graph: Graph, results: list[RunResult], j: int) -> Graph:
 
 
 async def _execute(graph: Graph, key: KeyInfo, srv: Server) -> RunResult:
-    release = srv.limiter.acquire(key)
+    slot = await srv.limiter.acquire(key)
+    tokens = 0
     try:
         result = await srv.host.run(graph, capture_cap=key.limits.capture_bytes)
+        tokens = sum(len(p) for inv in graph.invokes for p in inv.prompts)
+        if result.generated is not None:
+            tokens = sum(len(g) for g in result.generated)
     except Exception:
         await srv.host.check_health()   # the engine died: its 503, not the trace's failure
         raise
     finally:
-        release()
-    tokens = sum(len(p) for inv in graph.invokes for p in inv.prompts)
-    if result.generated is not None:
-        tokens = sum(len(g) for g in result.generated)
-    srv.limiter.record_tokens(key, tokens)
+        await slot.release(tokens)
     return result
 
 
@@ -153,7 +155,7 @@ async def create_trace(body: TraceRequest, key: KeyInfo = Depends(require_key),
     """Run a graph: blocking (the result in the answer) or not (an id to poll)."""
     session = body.session is not None
     try:
-        graphs = _load_all(body, key, srv)
+        graphs = await _load_all(body, key, srv)
     except (FieldError, LimitExceeded) as exc:
         return error_response(exc)
     tid = f"trace-{uuid.uuid4().hex}"
@@ -168,17 +170,18 @@ async def create_trace(body: TraceRequest, key: KeyInfo = Depends(require_key),
         metrics.TRACES.labels(status="done").inc()
         return JSONResponse(TraceStatus(id=tid, status="done", result=result).model_dump())
     ttl = srv.settings.trace_ttl
-    srv.store.put(key.id, "trace", tid, TraceStatus(id=tid, status="queued"), ttl)
+    await srv.store.put(key.id, "trace", tid, TraceStatus(id=tid, status="queued"), ttl)
 
     async def background() -> None:
-        srv.store.put(key.id, "trace", tid, TraceStatus(id=tid, status="running"), ttl)
         try:
+            await srv.store.put(key.id, "trace", tid, TraceStatus(id=tid, status="running"),
+                                ttl)
             result = await _run(graphs, key, srv, session)
             status = TraceStatus(id=tid, status="done", result=result)
         except Exception as exc:  # noqa: BLE001 - the poller reads why
             status = TraceStatus(id=tid, status="failed", error=f"{exc}")
         metrics.TRACES.labels(status=status.status).inc()
-        srv.store.put(key.id, "trace", tid, status, ttl)
+        await srv.store.put(key.id, "trace", tid, status, ttl)
 
     task = asyncio.create_task(background())
     srv.tasks.add(task)
@@ -190,7 +193,7 @@ async def create_trace(body: TraceRequest, key: KeyInfo = Depends(require_key),
 async def get_trace(trace_id: str, key: KeyInfo = Depends(require_key),
                     srv: Server = Depends(server)) -> Any:
     """A trace's status, and its result once done."""
-    status = srv.store.get(key.id, "trace", trace_id)
+    status = await srv.store.get(key.id, "trace", trace_id)
     if status is None:
         raise HTTPException(404, f"no trace {trace_id!r} for this key (results are kept "
                                  f"{int(srv.settings.trace_ttl)} s)")

@@ -13,7 +13,9 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -59,6 +61,14 @@ def parse_vectors(data: bytes, hidden: int, num_layers: int) -> dict[int | None,
     return out
 
 
+async def stored_vectors(srv: Server, key: KeyInfo,
+                         names: Iterable[str]) -> dict[str, dict[int | None, torch.Tensor]]:
+    """The key's vectors of these names that exist (fetched together: each is a store read)."""
+    names = sorted(set(names))
+    found = await asyncio.gather(*(srv.store.get(key.id, "vector", n) for n in names))
+    return {n: v for n, v in zip(names, found) if v is not None}
+
+
 def _check_name(name: str) -> None:
     if not _NAME.match(name):
         raise HTTPException(400, f"vector name {name!r}: use 1-128 letters, digits, '_', '-', "
@@ -75,7 +85,7 @@ async def put_vector(name: str, request: Request, key: KeyInfo = Depends(require
         vectors = parse_vectors(await request.body(), m.hidden_size, m.num_layers)
     except ValueError as exc:
         return error_response(FieldError("body", str(exc)))
-    srv.store.put(key.id, "vector", name, vectors, None)
+    await srv.store.put(key.id, "vector", name, vectors, None)
     return {"name": name, "layers": sorted(k for k in vectors if k is not None) or "all",
             "hidden_size": m.hidden_size}
 
@@ -84,7 +94,7 @@ async def put_vector(name: str, request: Request, key: KeyInfo = Depends(require
 async def list_vectors(key: KeyInfo = Depends(require_key),
                        srv: Server = Depends(server)) -> Any:
     """This key's vector names."""
-    return {"vectors": srv.store.names(key.id, "vector")}
+    return {"vectors": await srv.store.names(key.id, "vector")}
 
 
 @router.get("/v1/vectors/{name}", response_class=Response,
@@ -92,7 +102,7 @@ async def list_vectors(key: KeyInfo = Depends(require_key),
 async def get_vector(name: str, key: KeyInfo = Depends(require_key),
                      srv: Server = Depends(server)) -> Response:
     """The vector as a safetensors file (as uploaded: ``vector`` or one per layer index)."""
-    vectors = srv.store.get(key.id, "vector", name)
+    vectors = await srv.store.get(key.id, "vector", name)
     if vectors is None:
         raise HTTPException(404, f"no vector named {name!r} for this key")
     tensors = {("vector" if k is None else str(k)): v.contiguous() for k, v in vectors.items()}
@@ -103,6 +113,6 @@ async def get_vector(name: str, key: KeyInfo = Depends(require_key),
 async def delete_vector(name: str, key: KeyInfo = Depends(require_key),
                         srv: Server = Depends(server)) -> Any:
     """Delete a named vector."""
-    if not srv.store.delete(key.id, "vector", name):
+    if not await srv.store.delete(key.id, "vector", name):
         raise HTTPException(404, f"no vector named {name!r} for this key")
     return {"deleted": name}
