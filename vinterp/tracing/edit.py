@@ -1,7 +1,7 @@
 """``model.edit()``: a tracer that records persistent edits of a model instead of running.
 
 Separate from the tracer: it is a subclass with its own ending (the recorded nodes become an
-edit every later trace runs first, see ``Tracer._edit_nodes``).
+edit every later trace runs first, see ``build._edit_nodes``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class EditTracer(Tracer):
     The body is recorded like a trace over a stand-in prompt; at the end its nodes become a
     persistent edit of a new model sharing the weights and backend (or of the model itself
     with ``inplace=True``), which every later trace of it runs first (see
-    ``Tracer._edit_nodes``). ``.save()`` inside an edit saves nothing.
+    ``build._edit_nodes``). ``.save()`` inside an edit saves nothing.
     """
 
     def __init__(self, lm: LanguageModel, inputs: Any = None, *, inplace: bool = False

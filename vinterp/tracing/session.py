@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from vinterp.tracing.running import apply
+
 if TYPE_CHECKING:
     from vinterp.tracing.tracer import Tracer
 
@@ -53,4 +55,4 @@ class RemoteSession:
         graphs = [t._graph for t in self.tracers]
         results = self.backend.run_session(graphs)
         for tracer, result in zip(self.tracers, results, strict=True):
-            tracer._apply(result)
+            apply(tracer, result)

@@ -1,4 +1,8 @@
-"""The tracer: records a trace as an intervention graph, runs it, hands back saved values.
+"""The tracer: records a trace as an intervention graph while the user's ``with`` block runs.
+
+When the block ends the recording is built into the graph a backend runs
+(:mod:`vinterp.tracing.build`), run, and its saved values handed back
+(:mod:`vinterp.tracing.running`).
 
 Example::
 
@@ -22,30 +26,22 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from vinterp import ir
 from vinterp.backends.base import gc_paused
-from vinterp.backends.remote import NamedVector
-from vinterp.ir.schema import (
-    DictV, DTypeV, EllipsisV, ListV, Node, Ref, SliceV, Steps, TensorRef, TupleV, Value,
-)
-from vinterp.ir.tensors import dtype_name, encode_tensor
 from vinterp.ir import ops
-from vinterp.ir.interpreter import GraphRunner, RunState
+from vinterp.ir.schema import Node, Ref, Steps
 from vinterp.ir.validate import node_refs
-from vinterp.tracing import mount
+from vinterp.tracing import mount, running, shapes
+from vinterp.tracing.build import build_graph
 from vinterp.tracing.cache import Cache, _CacheEntry
 from vinterp.tracing.errors import TracingError, not_saved
-from vinterp.tracing.generated import (
-    _GeneratedEvent, _GeneratorEnvoy, _pad_generated, _SampledEvent,
-)
-from vinterp.tracing.kept import _drop_proxies, _save_inside
+from vinterp.tracing.generated import _GeneratorEnvoy
+from vinterp.tracing.kept import _save_inside
 from vinterp.tracing.proxy import Proxy, StepValue
-from vinterp.tracing.rebind import realize, rebind_frame
-from vinterp.tracing.remap import _remap
 from vinterp.tracing.steps import _StepIter, _StepScope
+from vinterp.tracing.values import ir_value
 
 if TYPE_CHECKING:
     from vinterp.language_model import LanguageModel
@@ -74,29 +70,6 @@ def _user_line() -> str | None:
             return f"{name}:{f.f_lineno}"
         f = f.f_back
     return None
-
-
-#: converted index keys (IR values are frozen, so one object serves every node using it)
-_KEYS: dict[tuple, TupleV] = {}
-
-
-def _plain_key(v: tuple) -> tuple | None:
-    """A hashable stand-in for a tuple of ints, ``None``, ``...`` and slices of ints and
-    ``None`` (``x[:, -1]``'s key), or ``None`` for anything else. Exact types: ``True`` and
-    ``1.0`` must not share ``1``'s entry."""
-    out: list[Any] = []
-    for x in v:
-        t = type(x)
-        if t is int or x is None or x is Ellipsis:
-            out.append(x)
-        elif t is slice:
-            parts = (x.start, x.stop, x.step)
-            if not all(p is None or type(p) is int for p in parts):
-                return None
-            out.append((slice, *parts))
-        else:
-            return None
-    return tuple(out)
 
 
 class Tracer:
@@ -133,7 +106,7 @@ class Tracer:
         self._loop_step: int | None = None
         #: plain objects (``list().save()``) whose proxies are saved and realized after the run
         self._kept: list[Any] = []
-        #: nodes computed from the generated ids: run here, after the backend (see _run_post)
+        #: nodes computed from the generated ids: run here, after the backend (see running.py)
         self._post: set[int] = set()
         self._generator_node: dict[int, int] = {}
         #: post-run nodes that depend on model.samples: run once per generation step
@@ -146,6 +119,8 @@ class Tracer:
         self._hidden: dict[int, int] = {}
         self._frame: FrameType | None = None
         self._graph: ir.Graph | None = None
+        #: the model's persistent edits' tensors, after the trace's own (see build._edit_nodes)
+        self._edit_tensors: list[ir.TensorData] = []
         #: trace-time shapes from meta passes: node id -> torch.Size (tensor) or int (length
         #: of a tuple/list value); None: unknown (see known_shape)
         self._shapes: dict[int, Any] = {}
@@ -169,8 +144,8 @@ class Tracer:
         node_id = len(self.nodes)
         invoke = self._invoke if self._invoke is not None else -1
         node = Node(
-            id=node_id, op=op, args=tuple(self._value(a) for a in args),
-            kwargs={k: self._value(v) for k, v in kwargs.items()},
+            id=node_id, op=op, args=tuple(ir_value(self, a) for a in args),
+            kwargs={k: ir_value(self, v) for k, v in kwargs.items()},
             invoke=invoke, steps=self._steps, line=_user_line(),
         )
         if self._post and any(r in self._post for r in node_refs(node)):
@@ -218,47 +193,7 @@ class Tracer:
         value belongs to a generation step after the first (its sequence length differs
         from step to step), depends on the generated ids, or the meta pass cannot run it.
         """
-        if node_id in self._shapes:
-            return self._shapes[node_id]
-        need: set[int] = set()
-        stack = [node_id]
-        while stack:
-            n = stack.pop()
-            if n in need:
-                continue
-            need.add(n)
-            stack.extend(node_refs(self.nodes[n]))
-        if not self.invokes or any(
-                n in self._post or (self.nodes[n].steps.start, self.nodes[n].steps.stop)
-                != (0, 1) or self.nodes[n].op in ("backward", "stop") for n in need):
-            self._shapes[node_id] = None
-            return None
-        order = sorted(need)
-        ids = {old: new for new, old in enumerate(order)}
-        nodes = [self.nodes[o].model_copy(update={
-            "id": ids[o], "args": _remap(self.nodes[o].args, ids),
-            "kwargs": _remap(self.nodes[o].kwargs, ids), "steps": Steps()}) for o in order]
-        for o in order:
-            nodes.append(Node(id=len(nodes), op="save", args=(Ref(ref=ids[o]),),
-                              invoke=self.nodes[o].invoke))
-        graph = ir.Graph(invokes=tuple(ir.Invoke(prompts=p) for p in self.invokes),
-                         nodes=tuple(nodes), tensors=tuple(self.tensors))
-        try:
-            backend = self.lm._scan_backend()
-            backend.check(graph)
-            saves = backend.run(graph).saves
-        except Exception:
-            self._shapes[node_id] = None
-            return None
-        for o in order:
-            v = saves.get(len(order) + ids[o])
-            if isinstance(v, torch.Tensor):
-                self._shapes[o] = v.shape
-            elif isinstance(v, (tuple, list)) and not hasattr(v, "keys"):
-                self._shapes[o] = len(v)
-            else:
-                self._shapes.setdefault(o, None)
-        return self._shapes.get(node_id)
+        return shapes.known_shape(self, node_id)
 
     def write(self, module: str, kind: str, value: Any) -> None:
         """Replace a module's value at a point."""
@@ -273,7 +208,8 @@ class Tracer:
         tokens, padded with the pad id (prompts on the left, early-ending rows on the right);
         inside an invoke, that invoke's prompts only. These values exist once generation has
         ended, so they and whatever is computed from them run here after the backend (see
-        :meth:`_run_post`): they can be saved and combined, not written into the model.
+        :func:`vinterp.tracing.running._run_post`): they can be saved and combined, not
+        written into the model.
         """
         if self.finished:
             raise TracingError("this trace has already run; use tracer.result after the block")
@@ -333,30 +269,6 @@ class Tracer:
                 f"{what} was used outside any invoke; with `model.trace()` and no prompt, "
                 "put module accesses inside `with tracer.invoke(prompt):` blocks")
 
-    def _session_value(self, v: Proxy) -> int:
-        """The tensor-table index of ``v`` (a saved value of an earlier trace of this remote
-        session, not run yet): an :class:`ir.SessionValue` the server fills in."""
-        other: Tracer = v._tracer
-        assert self._session is not None
-        if not any(p._id == v._id for p in other.saved):
-            raise TracingError(
-                "a value of an earlier trace of this session was used without .save(): save "
-                "it in its own trace, then use the saved value here")
-        if v._id in other._post:
-            raise TracingError(
-                "values computed from the generated ids cannot cross traces of a remote "
-                "session (they are computed on this side after the generation); use the "
-                "model's values, or run the session locally")
-        key = (id(other), v._id)
-        if key not in self._session_refs:
-            node = other._device_ids[v._id] if other._device_ids is not None else v._id
-            shape = other.known_shape(v._id)
-            self.tensors.append(ir.SessionValue(
-                trace=self._session.index(other), node=node,
-                shape=tuple(shape) if isinstance(shape, torch.Size) else ()))
-            self._session_refs[key] = len(self.tensors) - 1
-        return self._session_refs[key]
-
     def recording_for(self) -> Tracer | None:
         """Where an operation on one of this finished trace's proxies is recorded: the open
         trace of the same remote session (the value crosses as an ``ir.SessionValue``), or
@@ -373,66 +285,6 @@ class Tracer:
             return f"{node.op} {node.kwargs['module'] or 'model'}.{node.kwargs['kind']}"
         name = node.kwargs.get("name") or node.kwargs.get("fn")
         return f"{node.op} {name}" if isinstance(name, str) else node.op
-
-    def _value(self, v: Any) -> Value:
-        if type(v) is tuple:   # an index key such as [:, -1]: converted once, then shared
-            key = _plain_key(v)
-            if key is not None:
-                hit = _KEYS.get(key)
-                if hit is None:
-                    if len(_KEYS) > 4096:
-                        _KEYS.clear()
-                    hit = _KEYS[key] = TupleV(tuple=tuple(self._value(x) for x in v))
-                return hit
-        if isinstance(v, Proxy):
-            if v._tracer is not self:
-                if v._has_value:   # saved in an earlier trace (model.session()): its value
-                    return self._value(v._value)
-                if self._session is not None and self._session.holds(v._tracer):
-                    return TensorRef(tensor=self._session_value(v))
-                raise TracingError("a value of another trace was used here: .save() it in "
-                                   "its own trace and pass the saved value instead")
-            return Ref(ref=v._id)
-        if v is None or isinstance(v, (bool, int, float, str)):
-            return v
-        if isinstance(v, torch.Tensor):
-            return TensorRef(tensor=self._constant(v))
-        if isinstance(v, NamedVector):   # the server fills it in (remote=True)
-            self.tensors.append(ir.NamedTensor(named=v.name, layer=v.layer,
-                                               shape=(int(self.lm.config.hidden_size),)))
-            return TensorRef(tensor=len(self.tensors) - 1)
-        if isinstance(v, np.ndarray):
-            return TensorRef(tensor=self._constant(torch.from_numpy(v)))
-        if isinstance(v, (np.integer, np.floating)):
-            return v.item()
-        if isinstance(v, slice):
-            return SliceV(slice=(self._value(v.start), self._value(v.stop), self._value(v.step)))
-        if v is Ellipsis:
-            return EllipsisV()
-        if isinstance(v, torch.Size):
-            return TupleV(tuple=tuple(int(s) for s in v))
-        if isinstance(v, tuple):
-            return TupleV(tuple=tuple(self._value(x) for x in v))
-        if isinstance(v, list):
-            return ListV(list=tuple(self._value(x) for x in v))
-        if isinstance(v, dict):
-            return DictV(mapping={str(k): self._value(x) for k, x in v.items()})
-        if isinstance(v, torch.dtype):
-            return DTypeV(dtype=dtype_name(v))
-        if isinstance(v, torch.device):
-            return str(v)
-        raise TracingError(
-            f"a {type(v).__name__} cannot be part of an intervention graph; use tensors, "
-            "numbers, strings, slices, lists/tuples/dicts of those, or proxies")
-
-    def _constant(self, t: torch.Tensor) -> int:
-        key = id(t)
-        hit = self._const_ids.get(key)
-        if hit is not None and hit[0] is t:
-            return hit[1]
-        self.tensors.append(encode_tensor(t))
-        self._const_ids[key] = (t, len(self.tensors) - 1)
-        return len(self.tensors) - 1
 
     # ------------------------------------------------------------------ user API
     @contextmanager
@@ -615,82 +467,11 @@ class Tracer:
         """The intervention graph recorded so far (validated)."""
         if self._graph is not None:
             return self._graph
-        return ir.load(self._build())
+        return ir.load(build_graph(self))
 
     def to_json(self, indent: int | None = None) -> str:
         """The graph in its versioned JSON encoding."""
         return ir.dumps(self.graph, indent=indent)
-
-    def _build(self) -> ir.Graph:
-        if not any(self.invokes):
-            raise TracingError("nothing to run: pass a prompt to model.trace(...) or add "
-                               "`with tracer.invoke(prompt):` blocks (a prompt-less "
-                               "tracer.invoke() works on the batch the others make)")
-        return ir.Graph(
-            mode="generate" if self.mode == "generate" else "trace",
-            invokes=tuple(
-                ir.Invoke(prompts=p, generation={
-                    k: self._value(v) for k, v in self.invoke_generation.get(i, {}).items()})
-                for i, p in enumerate(self.invokes)),
-            nodes=self._device_nodes(), tensors=tuple(self.tensors) + tuple(self._edit_tensors),
-            generation={k: self._value(v) for k, v in self.generation.items()},
-        )
-
-    def _device_nodes(self) -> tuple[Node, ...]:
-        """The nodes the backend runs: the model's persistent edits (``model.edit()``), then
-        all of the trace's but those computed from the generated ids.
-
-        With edits or such nodes the trace's are renumbered densely (``_device_ids``: trace
-        id -> graph id), and each model value the generated-ids nodes use gets a save of its
-        own so it comes back.
-        """
-        out: list[Node] = self._edit_nodes()
-        if not self._post and not out:
-            self._device_ids = None
-            return tuple(self.nodes)
-        ids: dict[int, int] = {}
-        for n in self.nodes:
-            if n.id in self._post:
-                continue
-            ids[n.id] = len(out)
-            out.append(n.model_copy(update={"id": len(out), "args": _remap(n.args, ids),
-                                            "kwargs": _remap(n.kwargs, ids)}))
-        used = sorted({r for n in self.nodes if n.id in self._post for r in node_refs(n)
-                       if r not in self._post})
-        self._hidden = {}
-        for r in used:
-            src = self.nodes[r]
-            self._hidden[r] = len(out)
-            out.append(Node(id=len(out), op="save", args=(Ref(ref=ids[r]),),
-                            invoke=src.invoke, steps=src.steps, line=src.line))
-        self._device_ids = ids
-        return tuple(out)
-
-    def _edit_nodes(self) -> list[Node]:
-        """The model's persistent edits as nodes of this graph: one copy per invoke, at every
-        step (their tensors go after the trace's own, see ``_edit_tensors``)."""
-        from vinterp.tracing.edit import EditTracer   # (a subclass of Tracer: imported here)
-
-        edits = getattr(self.lm, "_edits", None)
-        self._edit_tensors: list[ir.TensorData] = []
-        if not edits or isinstance(self, EditTracer):
-            return []
-        out: list[Node] = []
-        steps = Steps(start=0, stop=None) if self.mode == "generate" else Steps()
-        for edit in edits:
-            base = len(self.tensors) + len(self._edit_tensors)
-            self._edit_tensors.extend(edit.tensors)
-            for i, prompts in enumerate(self.invokes):
-                if not prompts:
-                    continue
-                ids: dict[int, int] = {}
-                for n in edit.nodes:
-                    ids[n.id] = len(out)
-                    out.append(n.model_copy(update={
-                        "id": len(out), "invoke": i, "steps": steps,
-                        "args": _remap(n.args, ids, base),
-                        "kwargs": _remap(n.kwargs, ids, base)}))
-        return out
 
     def _save_kept(self) -> None:
         """Save the proxies inside ``list().save()``-kept objects, each at its own step."""
@@ -719,7 +500,7 @@ class Tracer:
                 "token, or a smaller max_new_tokens for its invoke)")
         return not_saved(node_id)
 
-    # ------------------------------------------------------------------ running
+    # ------------------------------------------------------------------ the with block
     def __enter__(self) -> Tracer:
         self.lm._push_tracer(self)
         mount.push(self)
@@ -744,24 +525,8 @@ class Tracer:
             self._gc.__exit__(None, None, None)
 
     def _run(self) -> None:
-        try:
-            self._graph = ir.load(self._build())
-            backend = self.remote or (self.lm._scan_backend() if self.scan else self.lm._backend)
-            named = [t.named for t in self._graph.tensors if isinstance(t, ir.NamedTensor)]
-            if named and self.remote is None:
-                raise ValueError(f"the named vector {named[0]!r} lives on a vinterp server: run "
-                                 f"this trace with remote=True (or pass the tensor itself)")
-            backend.check(self._graph)
-            if self._session is not None:   # runs with the session's other traces, at its end
-                self._session.add(self)
-                return
-            if self.remote is not None and not self.remote.blocking:
-                self.handle = self.remote.submit(self._graph)   # results: tracer.wait()
-                return
-            result = backend.run(self._graph)
-        finally:
-            self.finished = True
-        self._apply(result)
+        # (a method, not running.run itself: EditTracer records an edit instead)
+        running.run(self)
 
     def wait(self, timeout: float | None = None) -> Tracer:
         """``remote=True, blocking=False``: wait for the server's result and fill the saves.
@@ -774,153 +539,8 @@ class Tracer:
         """
         if self.handle is None:
             raise TracingError("wait() is for traces run with remote=True, blocking=False")
-        self._apply(self.handle.wait(timeout))
+        running.apply(self, self.handle.wait(timeout))
         return self
-
-    def _apply(self, result: Any) -> None:
-        saves = result.saves
-        if self._device_ids is not None:  # back to the trace's node ids
-            back = {new: old for old, new in self._device_ids.items()}
-            saves = {back[k]: v for k, v in saves.items() if k in back}
-            hidden = {r: result.saves[k] for r, k in self._hidden.items() if k in result.saves}
-            saves.update(self._run_post(result.generated, hidden))
-        self._result = result.generated
-        self._drop_unreached(saves)
-        missing = []
-        for proxy in self.saved:
-            if proxy._id in saves:
-                object.__setattr__(proxy, "_value", saves[proxy._id])
-                object.__setattr__(proxy, "_has_value", True)
-            elif proxy._id not in self._unreached:
-                missing.append(proxy._id)
-        for proxy in self.saved:
-            if not proxy._has_value and proxy._id in self._unreached:
-                # a name a step loop (or `with tracer.all()` body) rebound each step: nnsight's
-                # loop ended at the last step that ran, so the name holds that step's value
-                prev = self._fallback.get(proxy._id)
-                while prev is not None and not prev._has_value:
-                    prev = self._fallback.get(prev._id)
-                if prev is not None:
-                    object.__setattr__(proxy, "_value", prev._value)
-                    object.__setattr__(proxy, "_has_value", True)
-        if missing and not any(n.op == "stop" for n in self._graph.nodes):
-            # (with tracer.stop(), saves after the stop point are legitimately absent)
-            raise TracingError(
-                f"the {(self.remote or self.lm._backend).name} backend returned no value for "
-                f"saved node(s) {missing}; "
-                "this is a vinterp bug, please report it with tracer.to_json()")
-        for cache in self._caches:
-            for entry in cache.values():
-                entry.output = realize(entry.output)[0]
-                entry.inputs = realize(entry.inputs)[0]
-        for items in self._logs:
-            print(*(realize(v)[0] for v in items))
-        unreached = self._unreached
-        for obj in self._kept:
-            # nnsight's loop simply stops at the last step that ran: no item for the others
-            _drop_proxies(obj, unreached, 0)
-            realize(obj)
-        if self._frame is not None:
-            rebind_frame(self._frame)
-            self._frame = None
-
-    def _steps_run(self) -> dict[int, int]:
-        """invoke -> generation steps it ran (= new tokens: its budget, or up to EOS)."""
-        rows = iter(self._result or ())
-        out = {}
-        for i, prompts in enumerate(self.invokes):
-            if prompts:
-                out[i] = max(len(next(rows)) - len(p) for p in prompts)
-        out[-1] = max(out.values(), default=0)
-        for i, prompts in enumerate(self.invokes):
-            if not prompts:   # a prompt-less invoke is the whole batch
-                out[i] = out[-1]
-        return out
-
-    def _drop_unreached(self, saves: dict[int, Any]) -> None:
-        """Single-step saves at steps past their invoke's end are not part of its result.
-
-        (Batched HF generation keeps computing rows that have ended, vLLM does not: dropping
-        them gives both backends the values of each request run alone.)
-        """
-        if self.mode != "generate" or self._result is None:
-            return
-        ran = self._steps_run()
-        for proxy in self.saved:
-            node = self.nodes[proxy._id]
-            stop = node.steps.stop
-            if stop is not None and stop - node.steps.start == 1 \
-                    and node.steps.start >= ran[node.invoke]:
-                self._unreached.add(proxy._id)
-                saves.pop(proxy._id, None)
-                # the unsaved value the user holds: same explanation when touched
-                for r in node_refs(node):
-                    self._unreached.add(r)
-
-    def _run_post(self, generated: list[torch.Tensor] | None,
-                  values: dict[int, Any]) -> dict[int, Any]:
-        """Run the nodes computed from the generated ids, here, on the finished generation.
-
-        They form a graph of their own whose one point is ``generator.output``; model values
-        they use came back as hidden saves (``values``).
-        """
-        if generated is None:
-            return {}
-        pad = self.lm._pad_id
-        rows: dict[int, torch.Tensor] = {}
-        start = 0
-        for i, prompts in enumerate(self.invokes):
-            if not prompts:
-                continue
-            lens = [len(p) for p in prompts]
-            rows[i] = _pad_generated(generated[start:start + len(prompts)], lens, pad)
-            start += len(prompts)
-        rows[-1] = _pad_generated(list(generated), [len(p) for ps in self.invokes for p in ps],
-                                  pad)
-        for i, prompts in enumerate(self.invokes):
-            if not prompts:
-                rows[i] = rows[-1]
-        # values of the generation as a whole run once (step 0); model.samples and what is
-        # computed from it keep their steps and run once per generated step
-        nodes = tuple(n if n.id in self._stepped else n.model_copy(update={"steps": Steps()})
-                      for n in self.nodes if n.id in self._post)
-        graph = ir.Graph(invokes=self._graph.invokes if self._graph else (), nodes=nodes,
-                         tensors=tuple(self.tensors))
-        state = RunState(env=dict(values), env_step=dict.fromkeys(values, 0))
-        runner = GraphRunner(graph, state=state)
-        sampled: dict[int, tuple[list[torch.Tensor], list[int]]] = {}
-        new_tokens: dict[int, int] = {}
-        start = 0
-        everyone: tuple[list[torch.Tensor], list[int]] = (list(generated), [])
-        for i, prompts in enumerate(self.invokes):
-            lens = [len(p) for p in prompts]
-            sampled[i] = (list(generated[start:start + len(prompts)]), lens)
-            everyone[1].extend(lens)
-            new_tokens[i] = max((len(r) - n for r, n in zip(*sampled[i], strict=True)),
-                                default=0)
-            start += len(prompts)
-        sampled[-1] = everyone
-        for i, prompts in enumerate(self.invokes):
-            if not prompts:
-                sampled[i] = everyone
-                new_tokens[i] = max(new_tokens.values(), default=0)
-        steps = max(new_tokens.values(), default=0) if self._stepped else 1
-        for step in range(max(1, steps)):
-            for r in values:   # model values the post nodes use are there at every step
-                state.env_step[r] = step
-            runner.begin_step(step)
-            if step == 0:
-                runner.on_event(_GeneratedEvent(rows))
-            if self._stepped:
-                runner.on_event(_SampledEvent(step, sampled, pad))
-            runner.end_step()
-        saves = runner.results()
-        for n in nodes:   # a step loop over all steps: one entry per step its invoke ran
-            if n.id in saves and n.id in self._stepped and isinstance(saves[n.id], list) \
-                    and (n.steps.stop is None or n.steps.stop - n.steps.start > 1):
-                ran = new_tokens.get(n.invoke, steps)
-                saves[n.id] = saves[n.id][: max(0, ran - n.steps.start)]
-        return saves
 
 
 class _Barrier:
