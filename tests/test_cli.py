@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,3 +45,16 @@ def test_pull_unknown_model_exit_2_on_stderr(tmp_path):
 def test_pull_known_model_is_quick_when_present(smollm2_path, capsys):
     assert main(["models", "pull", "smollm2-135m"]) == 0
     assert str(smollm2_path) in capsys.readouterr().out
+
+
+def test_serve_refuses_replica_and_shard_counts_below_one(capsys):
+    """Checked before anything starts (no engine, no Ray)."""
+    sigterm = signal.getsignal(signal.SIGTERM)   # (serve takes SIGTERM over)
+    try:
+        for flag in ("--replicas", "--ingress-replicas", "--store-shards"):
+            start = time.monotonic()
+            assert main(["serve", flag, "0"]) == 2
+            assert time.monotonic() - start < 5
+            assert f"vinterp serve: {flag} 0: use 1 or more" in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)

@@ -64,7 +64,7 @@ class CaptureWriter:
         self.inline_left = srv.settings.inline_capture_bytes
 
     async def encode(self, spec: CompiledRequest, saves: dict[int, Any], *,
-               fragment: bool = False) -> list[dict[str, Any]]:
+                     fragment: bool = False) -> list[dict[str, Any]]:
         """The captures in ``saves`` (a finished request's, or with ``fragment=True`` the
         steps a stream hands over now: captures with nothing new are left out)."""
         out = []

@@ -61,18 +61,19 @@ class ModelInfo:
 VectorLookup = Callable[[str], dict[int | None, torch.Tensor] | None]
 
 
-def vector_names(source: InterventionFields | Graph) -> set[str]:
-    """The stored vectors ``source`` uses by name. Compiling is synchronous, and a shared store
-    is not: the caller fetches these first and compiles with a lookup into what it fetched."""
+def vector_names(source: InterventionFields | Graph) -> list[str]:
+    """The stored vectors ``source`` uses by name, in the order compiling meets them. Compiling
+    is synchronous, and a shared store is not: the caller fetches these first and compiles
+    with a lookup into what it fetched."""
     if isinstance(source, Graph):
-        return {t.named for t in source.tensors if isinstance(t, NamedTensor)}
-    names = {iv.vector.name for iv in source.interventions or ()
-             if iv.vector is not None and iv.vector.name is not None}
-    # the graph field is JSON until build() loads it; its named tensors are those with "named"
-    for t in (source.graph or {}).get("tensors") or ():
-        if isinstance(t, dict) and isinstance(t.get("named"), str):
-            names.add(t["named"])
-    return names
+        names = [t.named for t in source.tensors if isinstance(t, NamedTensor)]
+    else:
+        names = [iv.vector.name for iv in source.interventions or ()
+                 if iv.vector is not None and iv.vector.name is not None]
+        # the graph field is JSON until build() loads it; its named tensors have "named"
+        names += [t["named"] for t in (source.graph or {}).get("tensors") or ()
+                  if isinstance(t, dict) and isinstance(t.get("named"), str)]
+    return list(dict.fromkeys(names))
 
 
 def parse_point(text: str, model: ModelInfo) -> tuple[str, str]:

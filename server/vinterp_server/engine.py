@@ -35,6 +35,7 @@ from vinterp_server.errors import EngineUnavailable
 from vinterp_server.limits import LimitExceeded
 from vinterp_server.schemas import CONTEXT_KEY
 from vinterp_vllm.payload import EXTRA_ARGS_KEY, Outcome, Payload
+from vllm.sampling_params import RequestOutputKind
 
 class RequestContext:
     """One HTTP request's interventions, limits and outcomes (one per rendered prompt).
@@ -45,8 +46,8 @@ class RequestContext:
     def __init__(self, spec: CompiledRequest | None, *, capture_cap: int) -> None:
         self.spec = spec
         self.capture_cap = capture_cap
-        #: prompt + generated tokens of the prompts that finished (the key's budget counts
-        #: them when the request gives its slot back)
+        #: prompt + generated tokens so far (the key's budget counts them when the request
+        #: gives its slot back)
         self.tokens = 0
         self.outcomes: dict[int, Outcome] = {}
         self.keys: dict[int, str] = {}
@@ -63,15 +64,20 @@ class RequestContext:
         if self.spec is not None:
             self.keys[index] = self._attach(engine, prompt, params)
             self._engine = engine
-        final = None
+        # counted as outputs arrive, so a request cut short (a client that hung up) still
+        # counts what it generated; a stream's outputs carry only the new tokens (DELTA)
+        delta = getattr(params, "output_kind", None) == RequestOutputKind.DELTA
+        counted = None   # generated tokens counted so far (None: not even the prompt yet)
         async for out in engine.generate(prompt, params, request_id,
                                          on_outcome=lambda o: self.outcomes.__setitem__(index, o),
                                          **kwargs):
-            final = out
+            if counted is None:
+                self.tokens += len(out.prompt_token_ids or ())
+                counted = 0
+            n = sum(len(c.token_ids) for c in out.outputs)
+            self.tokens += n if delta else n - counted
+            counted = counted + n if delta else n
             yield out
-        if final is not None:
-            self.tokens += (len(final.prompt_token_ids or ()) +
-                            sum(len(c.token_ids) for c in final.outputs))
 
     def _attach(self, engine: AsyncEngine, prompt: Any, params: Any) -> str:
         assert self.spec is not None

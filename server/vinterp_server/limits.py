@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Coroutine
 from typing import Any
@@ -24,6 +25,7 @@ from vinterp_server.auth import KeyInfo
 from vinterp_server.store import Store
 
 _WINDOW = 60.0
+log = logging.getLogger(__name__)
 
 
 class LimitExceeded(Exception):
@@ -49,15 +51,16 @@ class Slot:
         if self._released:
             return
         self._released = True
-        await asyncio.shield(self._limiter.spawn(self._limiter.give_back(self._key, tokens)))
+        limiter = self._limiter
+        await asyncio.shield(limiter._spawn(limiter._give_back(self._key, tokens)))
 
 
 class Limiter:
     """Checks and counts each key's use of the server.
 
-    Updates of the in-flight gauge run as tasks of their own, shielded from the request: a
-    request cancelled while it waits on a shared store (a client that hung up) must not keep
-    a slot taken for good.
+    Taking and giving back a slot run as tasks of their own, shielded from the request: a
+    request cancelled while it waits on a shared store (a client that hung up) must neither
+    keep a slot taken for good nor lose the tokens it used.
     """
 
     def __init__(self, store: Store) -> None:
@@ -73,7 +76,7 @@ class Limiter:
             wait = _WINDOW - oldest if oldest is not None else _WINDOW
             raise LimitExceeded(f"this key used {int(used)} tokens in the last minute "
                                 f"(limit {key.limits.tokens_per_minute})", math.ceil(wait))
-        taking = self.spawn(self._take(key))
+        taking = self._spawn(self._take(key))
         try:
             took = await asyncio.shield(taking)
         except asyncio.CancelledError:
@@ -93,15 +96,20 @@ class Limiter:
     def _undo(self, taking: asyncio.Task[bool], key: KeyInfo) -> None:
         """Give back the slot a cancelled :meth:`acquire` took but its caller never got."""
         if not taking.cancelled() and taking.exception() is None and taking.result():
-            self.spawn(self.give_back(key, 0))
+            self._spawn(self._give_back(key, 0))
 
-    async def give_back(self, key: KeyInfo, tokens: int) -> None:
-        """One of ``key``'s slots back; ``tokens`` counted against its per-minute budget."""
-        await self.store.incr(key.id, "inflight", -1)
-        if tokens > 0:
-            await self.store.add(key.id, "tokens", tokens, _WINDOW)
+    async def _give_back(self, key: KeyInfo, tokens: int) -> None:
+        """One of ``key``'s slots back; ``tokens`` counted against its per-minute budget first
+        (the request that gets the slot must see them)."""
+        try:
+            if tokens > 0:
+                await self.store.add(key.id, "tokens", tokens, _WINDOW)
+            await self.store.incr(key.id, "inflight", -1)
+        except Exception:   # the request is done: its answer stands, the store's fault is logged
+            log.exception("could not give back a slot of key %r (%d tokens) to the store",
+                          key.id, tokens)
 
-    def spawn(self, update: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    def _spawn(self, update: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """``update`` as a task the limiter keeps (the loop holds only a weak reference)."""
         task = asyncio.ensure_future(update)
         self._updates.add(task)

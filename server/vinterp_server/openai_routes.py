@@ -144,9 +144,33 @@ def _failed(outcome: Any) -> Exception:
     return RuntimeError(f"intervention failed: {reason}")
 
 
+class _SlotStream(StreamingResponse):
+    """An SSE response that gives back its request's slot however it ends: after the last
+    chunk, when the client hangs up, or when the body never starts (an async generator that
+    never began skips its own ``finally``, so the body cannot be the one to give it back)."""
+
+    def __init__(self, events: AsyncIterator[str],
+                 close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self._close = close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._close()
+
+
 async def _stream(gen: AsyncIterator[str], ctx: RequestContext, key: KeyInfo, srv: Server,
                   slot: Slot) -> Response:
     """A streamed response; an error before the first token is a real HTTP error status."""
+
+    async def close() -> None:
+        try:   # (a client that hangs up cancels every await here: close the stream anyway)
+            await slot.release(ctx.tokens)
+        finally:
+            await gen.aclose()
+
     try:
         first = await gen.__anext__()
     except StopAsyncIteration:
@@ -156,22 +180,17 @@ async def _stream(gen: AsyncIterator[str], ctx: RequestContext, key: KeyInfo, sr
         raise
     early = error_event(first)
     if early is not None:
-        await slot.release(ctx.tokens)
-        await gen.aclose()
+        await close()
         return await _error(srv, early)
     writer = CaptureWriter(srv, key) if ctx.spec is not None else None
 
     async def events() -> AsyncIterator[str]:
-        try:
-            if first is not None:
-                yield await _with_captures(first, ctx, writer)
-            async for chunk in gen:
-                yield await _with_captures(chunk, ctx, writer)
-        finally:
-            await slot.release(ctx.tokens)
-            await gen.aclose()
+        if first is not None:
+            yield await _with_captures(first, ctx, writer)
+        async for chunk in gen:
+            yield await _with_captures(chunk, ctx, writer)
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return _SlotStream(events(), close)
 
 
 async def _with_captures(chunk: str, ctx: RequestContext,

@@ -72,7 +72,7 @@ class Piece:
     error: BaseException | None = None
     steps: dict[int, dict[int, list[tuple[int, Any]]]] = field(default_factory=dict)
     outcomes: dict[int, Any] = field(default_factory=dict)
-    tokens: int = 0                   # tokens of the prompts that finished since then
+    tokens: int = 0                   # prompt + generated tokens since the previous piece
 
 
 class EngineReplica:
@@ -158,7 +158,7 @@ class EngineReplica:
 
 @dataclass
 class _Sent:
-    """What a replica already sent the ingress of one request's context."""
+    """What a replica has already sent the ingress for one request."""
 
     outcomes: set[int] = field(default_factory=set)
     tokens: int = 0
@@ -384,11 +384,11 @@ class Ingress:
     """The app of ``vinterp serve`` as Ray Serve's HTTP ingress."""
 
     async def __init__(self, engine: Any, keys: ApiKeys, settings: Settings,
-                       store_actor: str | None) -> None:
+                       store_actors: list[str] | None) -> None:
         self._host = await RayEngineHost.connect(engine)
         self._keys = keys
         self._settings = settings
-        self._store_actor = store_actor
+        self._store_actors = store_actors
 
     def metrics(self) -> tuple[str, bytes]:
         """This ingress replica's id and its ``vinterp_*`` metrics."""
@@ -403,11 +403,11 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> Any:
         from vinterp_server.app import build_app
-        from vinterp_server.ray_store import ActorStore
+        from vinterp_server.ray_store import shared_store
         from vinterp_server.store import MemoryStore
 
-        # one ingress keeps per-key state in its memory; several share the store's actor
-        store = MemoryStore() if self._store_actor is None else ActorStore(self._store_actor)
+        # one ingress keeps per-key state in its memory; several share the store's actors
+        store = MemoryStore() if not self._store_actors else shared_store(self._store_actors)
         return build_app(self._host, self._keys, store, self._settings,
                          app_metrics=self._all_ingress_metrics)
 
@@ -415,13 +415,13 @@ class Ingress:
 def build_ray_app(model: str, vllm_argv: list[str], *, replicas: int = 1,
                   keys: ApiKeys | None = None, settings: Settings | None = None,
                   replica_actor_options: dict[str, Any] | None = None,
-                  ingress_replicas: int = 1, store_actor: str | None = None) -> Any:
+                  ingress_replicas: int = 1, store_actors: list[str] | None = None) -> Any:
     """The Ray Serve application: the ingress (``ingress_replicas`` of it, sharing the store
-    actor ``store_actor``, see :mod:`vinterp_server.ray_store`) bound to ``replicas`` engine
-    replicas."""
-    if ingress_replicas > 1 and store_actor is None:
-        raise ValueError("several ingress replicas need a shared store: pass store_actor "
-                         "(vinterp_server.ray_store.start_store_actor)")
+    actors named ``store_actors``, see :mod:`vinterp_server.ray_store`) bound to ``replicas``
+    engine replicas."""
+    if ingress_replicas > 1 and not store_actors:
+        raise ValueError("several ingress replicas need a shared store: pass store_actors "
+                         "(vinterp_server.ray_store.start_store_actors)")
     engine = serve.deployment(EngineReplica, name="engine").options(
         num_replicas=replicas, max_ongoing_requests=MAX_ONGOING,
         ray_actor_options=replica_actor_options or {"num_cpus": 0},
@@ -431,4 +431,4 @@ def build_ray_app(model: str, vllm_argv: list[str], *, replicas: int = 1,
         num_replicas=ingress_replicas, max_ongoing_requests=MAX_ONGOING,
         ray_actor_options={"num_cpus": 0})
     return ingress.bind(engine.bind(model, list(vllm_argv)), keys or ApiKeys(),
-                        settings or Settings(), store_actor)
+                        settings or Settings(), store_actors)

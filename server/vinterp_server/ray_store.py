@@ -9,39 +9,57 @@ is polled through another. :class:`ActorStore` is that store: a named Ray actor 
 Each call is one actor round trip (about a millisecond on one machine), awaited: the
 ingress's event loop serves other requests meanwhile.
 
+One actor answers its calls one at a time, and every ingress waits on it a few times per
+request, so ``vinterp serve`` starts ``--store-shards`` of them (one per ingress replica by
+default) and each key's state lives in one (:class:`~vinterp_server.store.ShardedStore`).
+(On a 2-core machine one actor and two shards both took 1,400-1,650 calls a second from two
+client processes: the clients' CPU was the limit there, so what shards gain is unmeasured.)
+
 Example::
 
-    actor = start_store_actor("vinterp-store")     # in the driver
-    store = ActorStore("vinterp-store")            # in each ingress replica
+    start_store_actors("vinterp-store", shards=2)              # in the driver
+    store = shared_store(["vinterp-store-0", "vinterp-store-1"])  # in each ingress replica
     await store.put("key-a", "vector", "happy", tensors, ttl=None)
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import ray
 
-from vinterp_server.store import MemoryStore
+from vinterp_server.store import MemoryStore, ShardedStore, Store
 
 NAMESPACE = "vinterp"
 #: the longest one store call may take (a restarting actor answers within a few seconds)
 CALL_TIMEOUT_S = 20.0
 
 
-def start_store_actor(name: str) -> Any:
-    """Create the shared store's actor (detached: it outlives the replicas that use it, and
-    ``vinterp serve`` kills it at shutdown). If its process dies, Ray starts it again, empty:
-    vectors, stored results and limit counters are lost, but the server keeps serving (the
+def start_store_actors(name: str, shards: int = 1) -> dict[str, Any]:
+    """Create the shared store's actors, ``shards`` of them (``{name}-0``, ...), by name.
+
+    Detached: they outlive the replicas that use them, and ``vinterp serve`` kills them at
+    shutdown. If an actor's process dies, Ray starts it again, empty: the vectors, stored
+    results and limit counters of the keys it held are lost, but the server keeps serving (the
     calls that were in flight are retried on the new one)."""
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(MemoryStore)
-    return actor_cls.options(name=name, namespace=NAMESPACE, lifetime="detached",
-                             get_if_exists=True).remote()
+    names = [f"{name}-{i}" for i in range(shards)]
+    return {n: actor_cls.options(name=n, namespace=NAMESPACE, lifetime="detached",
+                                 get_if_exists=True).remote() for n in names}
+
+
+def shared_store(names: Sequence[str]) -> Store:
+    """The store over the actors of :func:`start_store_actors` (sharded by key when there are
+    several)."""
+    stores = [ActorStore(n) for n in names]
+    return stores[0] if len(stores) == 1 else ShardedStore(stores)
 
 
 class ActorStore:
-    """:class:`~vinterp_server.store.Store` over the named actor of :func:`start_store_actor`."""
+    """:class:`~vinterp_server.store.Store` over one named actor of
+    :func:`start_store_actors`."""
 
     def __init__(self, name: str) -> None:
         self._actor = ray.get_actor(name, namespace=NAMESPACE)

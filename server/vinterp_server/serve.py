@@ -58,7 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="engine replicas; more than 1 serves through Ray Serve")
     ray.add_argument("--ingress-replicas", type=int, default=1,
                      help="replicas of the HTTP app; more than 1 share per-key state through "
-                          "a Ray actor")
+                          "Ray actors")
+    ray.add_argument("--store-shards", type=int, default=None,
+                     help="Ray actors holding the shared per-key state, each key in one "
+                          "(default: one per ingress replica)")
     ray.add_argument("--ray", action="store_true",
                      help="serve through Ray Serve even with one replica")
     ray.add_argument("--ray-address", metavar="ADDR",
@@ -170,7 +173,7 @@ def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
     from ray import serve as ray_serve
 
     from vinterp_server.ray_deployment import build_ray_app
-    from vinterp_server.ray_store import start_store_actor
+    from vinterp_server.ray_store import start_store_actors
 
     keys, host_addr = _keys_and_address(args)
     gpus = args.replica_gpus
@@ -185,19 +188,20 @@ def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
     # ray.init installs a SIGTERM handler that only logs and dies: take it back, so SIGTERM
     # stops the deployments and the local cluster below (else Ray's agents outlive us)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    store_actor = store = None
+    stores: dict[str, Any] = {}
     try:
         ray_serve.start(http_options={"host": host_addr, "port": args.port})
         print(f"vinterp serve: starting {args.replicas} engine replica(s) for {args.model} "
               f"on Ray Serve ...", file=sys.stderr, flush=True)
         if args.ingress_replicas > 1:
-            store_actor = f"vinterp-store-{os.getpid()}"
-            store = start_store_actor(store_actor)
+            stores = start_store_actors(f"vinterp-store-{os.getpid()}",
+                                        args.store_shards or args.ingress_replicas)
         app = build_ray_app(args.model, list(vllm_argv), replicas=args.replicas, keys=keys,
                             settings=_settings(args),
                             replica_actor_options={"num_cpus": args.replica_cpus,
                                                    "num_gpus": gpus},
-                            ingress_replicas=args.ingress_replicas, store_actor=store_actor)
+                            ingress_replicas=args.ingress_replicas,
+                            store_actors=list(stores) or None)
         ray_serve.run(app, name="vinterp", route_prefix="/")
         print(f"vinterp serve: ready on http://{host_addr}:{args.port} (model {args.model}; "
               f"OpenAI API at /v1; {args.replicas} engine and {args.ingress_replicas} ingress "
@@ -209,7 +213,7 @@ def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
         pass
     finally:
         ray_serve.shutdown()
-        if store is not None:   # detached: it would outlive us on a shared cluster
+        for store in stores.values():   # detached: they would outlive us on a shared cluster
             ray.kill(store)
         ray.shutdown()
 
@@ -220,8 +224,8 @@ def main(args: argparse.Namespace, vllm_argv: Sequence[str]) -> int:
     # __main__ — the CLI entry point is import-safe.
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    for flag in ("replicas", "ingress_replicas"):
-        if getattr(args, flag) < 1:
+    for flag in ("replicas", "ingress_replicas", "store_shards"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             print(f"vinterp serve: --{flag.replace('_', '-')} {getattr(args, flag)}: use 1 or "
                   f"more", file=sys.stderr)
             return 2

@@ -2,7 +2,8 @@
 
 Named vectors, stored captures, trace results and the limiter's usage counters all go
 through :class:`Store`. The server ships :class:`MemoryStore` (one process); a replicated
-deployment swaps in a shared store (Redis, say) without touching the app.
+deployment swaps in a shared store (the Ray actors of :mod:`vinterp_server.ray_store`, Redis)
+without touching the app. :class:`ShardedStore` spreads keys over several stores.
 
 Every read names the owner: one key can never see another key's objects, whatever id it
 guesses.
@@ -19,8 +20,10 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 
@@ -54,8 +57,9 @@ class Store(Protocol):
 class MemoryStore:
     """:class:`Store` in this process's memory (thread-safe; expired objects purged lazily).
 
-    Its methods never wait: they are coroutines only to meet the interface (and so Ray runs
-    the shared store's actor, which holds one, as an async actor)."""
+    Its methods never wait: they are coroutines only to meet the interface, so its lock is
+    never held across an ``await`` (Ray runs the shared store's actors, each a
+    ``MemoryStore``, as async actors: one event loop, the lock uncontended)."""
 
     def __init__(self, clock: Any = time.monotonic) -> None:
         self._clock = clock
@@ -121,3 +125,48 @@ class MemoryStore:
         dead = [k for k, (_, exp) in self._objects.items() if exp is not None and exp < now]
         for k in dead:
             del self._objects[k]
+
+
+class ShardedStore:
+    """:class:`Store` over several stores, each key's objects and counters all in one of
+    them (chosen by a hash of the owner). One shared store serves its calls one at a time;
+    shards serve them side by side, and a key's limits still hold, since its counters live in
+    one shard.
+
+    Example::
+
+        store = ShardedStore([MemoryStore(), MemoryStore()])
+        await store.put("key-a", "vector", "happy", tensors, ttl=None)   # in one of them
+    """
+
+    def __init__(self, shards: Sequence[Store]) -> None:
+        if not shards:
+            raise ValueError("a sharded store needs at least one shard")
+        self.shards = list(shards)
+
+    def shard(self, owner: str) -> Store:
+        """The store that holds ``owner``'s state: the same in every process (Python's own
+        ``hash`` of a string differs between processes, so it cannot pick the shard)."""
+        digest = hashlib.blake2b(owner.encode(), digest_size=8).digest()
+        return self.shards[int.from_bytes(digest, "little") % len(self.shards)]
+
+    async def put(self, owner: str, kind: str, name: str, value: Any, ttl: float | None) -> None:
+        await self.shard(owner).put(owner, kind, name, value, ttl)
+
+    async def get(self, owner: str, kind: str, name: str) -> Any | None:
+        return await self.shard(owner).get(owner, kind, name)
+
+    async def delete(self, owner: str, kind: str, name: str) -> bool:
+        return await self.shard(owner).delete(owner, kind, name)
+
+    async def names(self, owner: str, kind: str) -> list[str]:
+        return await self.shard(owner).names(owner, kind)
+
+    async def add(self, owner: str, counter: str, amount: float, window: float) -> float:
+        return await self.shard(owner).add(owner, counter, amount, window)
+
+    async def incr(self, owner: str, counter: str, delta: int) -> int:
+        return await self.shard(owner).incr(owner, counter, delta)
+
+    async def oldest(self, owner: str, counter: str) -> float | None:
+        return await self.shard(owner).oldest(owner, counter)

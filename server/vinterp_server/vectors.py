@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from vinterp_server.auth import KeyInfo
 from vinterp_server.compile import FieldError, check_vector
 from vinterp_server.context import Server, require_key, server
 from vinterp_server.errors import error_response
+from vinterp_server.limits import LimitExceeded
 
 router = APIRouter()
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -61,12 +62,26 @@ def parse_vectors(data: bytes, hidden: int, num_layers: int) -> dict[int | None,
     return out
 
 
+#: store reads one request makes at once while it fetches its named vectors
+FETCH_BATCH = 16
+
+
 async def stored_vectors(srv: Server, key: KeyInfo,
-                         names: Iterable[str]) -> dict[str, dict[int | None, torch.Tensor]]:
-    """The key's vectors of these names that exist (fetched together: each is a store read)."""
-    names = sorted(set(names))
-    found = await asyncio.gather(*(srv.store.get(key.id, "vector", n) for n in names))
-    return {n: v for n, v in zip(names, found) if v is not None}
+                         names: Sequence[str]) -> dict[str, dict[int | None, torch.Tensor]]:
+    """The key's vectors of these names (in the order compiling meets them), fetched a batch
+    at a time up to the first that does not exist: compiling stops there with a 400 naming
+    it. More names than the key's graph may have nodes is a 429 before any read."""
+    if len(names) > key.limits.graph_nodes:   # (each use of a vector is at least one node)
+        raise LimitExceeded(f"the request names {len(names)} stored vectors; a graph of this "
+                            f"key may have at most {key.limits.graph_nodes} nodes", 60)
+    found: dict[str, dict[int | None, torch.Tensor]] = {}
+    for start in range(0, len(names), FETCH_BATCH):
+        batch = names[start:start + FETCH_BATCH]
+        values = await asyncio.gather(*(srv.store.get(key.id, "vector", n) for n in batch))
+        found.update((n, v) for n, v in zip(batch, values) if v is not None)
+        if len(found) < start + len(batch):
+            break
+    return found
 
 
 def _check_name(name: str) -> None:

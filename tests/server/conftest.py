@@ -1,7 +1,8 @@
 """One real ``vinterp serve`` (smollm2-135m) on a loopback port for all server tests.
 
-It runs as a child process, exactly as users start it, with three API keys: ``alice`` and
-``bob`` (default limits) and ``tight`` (small limits, for the 429 tests). Tests reach it with
+It runs as a child process, exactly as users start it, with four API keys: ``alice`` and
+``bob`` (default limits), ``tight`` (small limits, for the 429 tests) and ``streamer`` (a small
+token budget, spent by one stream). Tests reach it with
 httpx and the official ``openai`` client. A local vLLM backend on the same model is the
 reference for values.
 """
@@ -46,7 +47,8 @@ def start_server(tmp: Path, *extra: str, timeout: float = 240) -> ServerProcess:
     keys = tmp / "keys.txt"
     keys.write_text(f"{KEYS['alice']} alice\n{KEYS['bob']} bob\n"
                     f"{KEYS['tight']} tight concurrent=1 tokens_per_minute=400 "
-                    f"capture_bytes=20000 graph_nodes=8\n")
+                    f"capture_bytes=20000 graph_nodes=8\n"
+                    f"{KEYS['streamer']} streamer tokens_per_minute=200\n")
     return launch(serve_command(MODEL, "--api-keys", str(keys), "--max-model-len",
                                 str(MAX_MODEL_LEN), "--max-body-bytes", str(MAX_BODY),
                                 "--inline-capture-bytes", "65536", *extra),

@@ -201,6 +201,19 @@ def test_limits_answer_429_with_retry_after(served):
         assert c.post("/v1/completions", json=BASE).status_code == 200
 
 
+def test_streamed_tokens_count_against_the_budget(served):
+    """A stream's outputs carry only their new tokens: all of them count, so streaming does
+    not get around tokens_per_minute (200 for this key)."""
+    with served.client("streamer") as c:
+        with c.stream("POST", "/v1/completions", json={
+                **BASE, "max_tokens": 250, "ignore_eos": True, "stream": True}) as r:
+            assert r.status_code == 200
+            chunks = [line for line in r.iter_lines() if line.startswith("data: {")]
+        assert len(chunks) >= 250
+        r = c.post("/v1/completions", json={**BASE, "stream": True})
+        assert r.status_code == 429 and "tokens in the last minute" in r.text, r.text
+
+
 def test_openapi_documents_the_fields(served):
     spec = httpx.get(served.url + "/openapi.json").json()
     schemas = spec["components"]["schemas"]

@@ -81,3 +81,39 @@ def test_a_request_cancelled_while_giving_back_its_slot_still_gives_it_back():
         assert await MemoryStore.incr(store, "alice", "inflight", 0) == 0
         assert await store.add("alice", "tokens", 0, 60) == 7
     asyncio.run(main())
+
+
+class FailingStore(MemoryStore):
+    """A shared store that stops answering after the slot was taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.down = False
+
+    async def add(self, owner: str, counter: str, amount: float, window: float) -> float:
+        self.calls.append(f"add {amount}")
+        if self.down:
+            raise TimeoutError("store actor unreachable")
+        return await super().add(owner, counter, amount, window)
+
+    async def incr(self, owner: str, counter: str, delta: int) -> int:
+        self.calls.append(f"incr {delta}")
+        return await super().incr(owner, counter, delta)
+
+
+def test_tokens_are_counted_before_the_slot_is_freed_and_a_failing_store_is_logged(caplog):
+    """The request that gets the freed slot sees the tokens; a store failing at release does
+    not fail the request that already has its answer (it is logged)."""
+    async def main() -> None:
+        store = FailingStore()
+        limiter = Limiter(store)
+        slot = await limiter.acquire(KEY)
+        store.calls.clear()
+        await slot.release(tokens=5)
+        assert store.calls == ["add 5", "incr -1"]
+        slot = await limiter.acquire(KEY)
+        store.down = True
+        await slot.release(tokens=5)
+    asyncio.run(main())
+    assert "could not give back a slot of key 'alice'" in caplog.text

@@ -1,5 +1,5 @@
 """The same app on Ray Serve: ``vinterp serve --replicas 2 --ingress-replicas 2`` (a real
-local Ray cluster, two replicas of the app sharing per-key state through the store actor, in
+local Ray cluster, two replicas of the app sharing per-key state through two store actors, in
 front of two engine replicas, Ray Serve's HTTP proxy on loopback).
 
 The single-process server's own tests run here unchanged against it (they are the
@@ -71,6 +71,7 @@ def test_keys_limits_and_bad_input(ray_served):
     auth.test_traces_and_captures_are_per_key(ray_served)
     auth.test_bad_bodies(ray_served)
     auth.test_limits_answer_429_with_retry_after(ray_served)
+    auth.test_streamed_tokens_count_against_the_budget(ray_served)
     for case in auth.BAD_FIELDS:
         auth.test_bad_fields_get_400_naming_the_field(ray_served, *case)
 
@@ -179,15 +180,17 @@ def test_per_key_state_is_shared_by_both_ingresses(ray_served):
 
 
 def test_the_shared_store_comes_back_after_its_process_dies(ray_served):
-    """Kill the store actor's process: Ray starts it again (empty), and the keys, limits and
-    vectors work through both ingresses as before."""
+    """Kill the store actors' processes (one per ingress by default, each holding some keys):
+    Ray starts them again (empty), and the keys, limits and vectors work through both
+    ingresses as before."""
     import psutil
     from safetensors.torch import save
 
     stores = [p for p in psutil.process_iter(["cmdline"])
               if "ray::MemoryStore" in " ".join(p.info["cmdline"] or ())]
-    assert len(stores) == 1, "the store actor's process was not found"
-    stores[0].kill()
+    assert len(stores) == 2, "the two store shards' processes were not found"
+    for store in stores:
+        store.kill()
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
     with ray_served.client("alice") as c:
         assert c.post("/v1/completions", json=body).status_code == 200

@@ -4,10 +4,14 @@ what the shared Ray store actor holds)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from vinterp_server.store import MemoryStore
+from vinterp_server.store import MemoryStore, ShardedStore
 
 
 def run(call: Coroutine[Any, Any, Any]) -> Any:
@@ -57,3 +61,29 @@ def test_a_gauge_never_goes_below_zero():
     assert run(store.incr("alice", "inflight", 1)) == 1
     assert run(store.incr("alice", "inflight", 1)) == 2
     assert run(store.incr("alice", "inflight", -3)) == 0
+
+
+def test_a_sharded_store_keeps_each_key_whole_in_one_shard():
+    """Every object and counter of a key lands in the same shard, the same one in any process
+    (so every ingress finds it there), and keys spread over all the shards."""
+    shards = [MemoryStore(), MemoryStore(), MemoryStore()]
+    store = ShardedStore(shards)
+    owners = [f"key-{i}" for i in range(60)]
+    for owner in owners:
+        run(store.put(owner, "vector", "v", owner, ttl=None))
+        run(store.incr(owner, "inflight", 1))
+        run(store.add(owner, "tokens", 5, window=60))
+    for owner in owners:
+        holders = [s for s in shards if run(s.get(owner, "vector", "v")) == owner]
+        assert len(holders) == 1
+        assert run(holders[0].incr(owner, "inflight", 0)) == 1
+        assert run(holders[0].add(owner, "tokens", 0, window=60)) == 5
+        assert run(store.names(owner, "vector")) == ["v"]
+    assert all(any(run(s.get(o, "vector", "v")) for o in owners) for s in shards)
+    # another process (another string hash seed) picks the same shard for every key
+    code = ("from vinterp_server.store import ShardedStore, MemoryStore\n"
+            "s = ShardedStore([MemoryStore() for _ in range(3)])\n"
+            f"print([s.shards.index(s.shard(o)) for o in {owners!r}])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True).stdout
+    assert json.loads(out) == [shards.index(store.shard(o)) for o in owners]
