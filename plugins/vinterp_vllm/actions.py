@@ -3,8 +3,9 @@ and :class:`Selection` (the positions ``x[:, positions]`` saves), with the resol
 ``getitem`` key into a selection.
 
 Planning (``fastpath.py``) and idiom recognition (``idioms.py``) build actions, the per-step
-grouping (``groups.py``) and the table path (``tables.py``) run them. Either builder gives up
-on a graph by raising :class:`NotFast`: the graph then runs on the general path.
+grouping (``groups.py``) and the table path (``tables.py``) run them. The planner gives up
+on a graph by raising :class:`NotFast` (the graph then runs on the general path); idiom
+recognition leaves what it does not recognise as it is, and that then fails the plan.
 """
 
 from __future__ import annotations

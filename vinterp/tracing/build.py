@@ -24,33 +24,41 @@ if TYPE_CHECKING:
 
 
 def build_graph(tracer: Tracer) -> ir.Graph:
-    """The graph the backend runs for ``tracer``'s recording (not validated: ``ir.load`` it)."""
+    """The graph the backend runs for ``tracer``'s recording (not validated: ``ir.load`` it).
+
+    It also sets ``tracer._device_ids`` and ``tracer._hidden`` (see :func:`_device_nodes`),
+    which :func:`vinterp.tracing.running.apply_result` and a later trace of the same session
+    (:mod:`vinterp.tracing.values`) read to map the graph's node ids back to the trace's.
+    """
     if not any(tracer.invokes):
         raise TracingError("nothing to run: pass a prompt to model.trace(...) or add "
                            "`with tracer.invoke(prompt):` blocks (a prompt-less "
                            "tracer.invoke() works on the batch the others make)")
+    # generation settings may add tensor constants: before the edits' tensors, which go last
+    invokes = tuple(
+        ir.Invoke(prompts=p, generation={
+            k: ir_value(tracer, v) for k, v in tracer.invoke_generation.get(i, {}).items()})
+        for i, p in enumerate(tracer.invokes))
+    generation = {k: ir_value(tracer, v) for k, v in tracer.generation.items()}
+    edits, edit_tensors = _edit_nodes(tracer)
     return ir.Graph(
         mode="generate" if tracer.mode == "generate" else "trace",
-        invokes=tuple(
-            ir.Invoke(prompts=p, generation={
-                k: ir_value(tracer, v) for k, v in tracer.invoke_generation.get(i, {}).items()})
-            for i, p in enumerate(tracer.invokes)),
-        # (_device_nodes fills tracer._edit_tensors: the nodes go first)
-        nodes=_device_nodes(tracer),
-        tensors=tuple(tracer.tensors) + tuple(tracer._edit_tensors),
-        generation={k: ir_value(tracer, v) for k, v in tracer.generation.items()},
+        invokes=invokes,
+        nodes=_device_nodes(tracer, edits),
+        tensors=tuple(tracer.tensors) + tuple(edit_tensors),
+        generation=generation,
     )
 
 
-def _device_nodes(tracer: Tracer) -> tuple[Node, ...]:
+def _device_nodes(tracer: Tracer, edits: list[Node]) -> tuple[Node, ...]:
     """The nodes the backend runs: the model's persistent edits (``model.edit()``), then
     all of the trace's but those computed from the generated ids.
 
-    With edits or such nodes the trace's are renumbered densely (``_device_ids``: trace
-    id -> graph id), and each model value the generated-ids nodes use gets a save of its
-    own so it comes back.
+    With edits or such nodes the trace's are renumbered densely (``tracer._device_ids``:
+    trace id -> graph id), and each model value the generated-ids nodes use gets a save of
+    its own so it comes back (``tracer._hidden``: trace id -> that save's graph id).
     """
-    out: list[Node] = _edit_nodes(tracer)
+    out = list(edits)
     if not tracer._post and not out:
         tracer._device_ids = None
         return tuple(tracer.nodes)
@@ -73,20 +81,20 @@ def _device_nodes(tracer: Tracer) -> tuple[Node, ...]:
     return tuple(out)
 
 
-def _edit_nodes(tracer: Tracer) -> list[Node]:
-    """The model's persistent edits as nodes of this graph: one copy per invoke, at every
-    step (their tensors go after the trace's own, in ``tracer._edit_tensors``)."""
+def _edit_nodes(tracer: Tracer) -> tuple[list[Node], list[ir.TensorData]]:
+    """The model's persistent edits as nodes of this graph (one copy per invoke, at every
+    step) and their tensors, which go after the trace's own (all of them recorded by now)."""
     from vinterp.tracing.edit import EditTracer   # (a subclass of Tracer: imported here)
 
     edits = getattr(tracer.lm, "_edits", None)
-    tracer._edit_tensors = []
+    tensors: list[ir.TensorData] = []
     if not edits or isinstance(tracer, EditTracer):
-        return []
+        return [], tensors
     out: list[Node] = []
     steps = Steps(start=0, stop=None) if tracer.mode == "generate" else Steps()
     for edit in edits:
-        base = len(tracer.tensors) + len(tracer._edit_tensors)
-        tracer._edit_tensors.extend(edit.tensors)
+        base = len(tracer.tensors) + len(tensors)
+        tensors.extend(edit.tensors)
         for i, prompts in enumerate(tracer.invokes):
             if not prompts:
                 continue
@@ -97,4 +105,4 @@ def _edit_nodes(tracer: Tracer) -> list[Node]:
                     "id": len(out), "invoke": i, "steps": steps,
                     "args": _remap(n.args, ids, base),
                     "kwargs": _remap(n.kwargs, ids, base)}))
-    return out
+    return out, tensors

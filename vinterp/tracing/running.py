@@ -51,10 +51,10 @@ def run(tracer: Tracer) -> None:
         result = backend.run(tracer._graph)
     finally:
         tracer.finished = True
-    apply(tracer, result)
+    apply_result(tracer, result)
 
 
-def apply(tracer: Tracer, result: Any) -> None:
+def apply_result(tracer: Tracer, result: Any) -> None:
     """Give ``tracer``'s saved proxies (and caches, logs, kept objects, the user's names) the
     values of a backend's ``result``."""
     saves = result.saves

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from vinterp.tracing.running import apply
+from vinterp.tracing.running import apply_result
 
 if TYPE_CHECKING:
     from vinterp.tracing.tracer import Tracer
@@ -55,4 +55,4 @@ class RemoteSession:
         graphs = [t._graph for t in self.tracers]
         results = self.backend.run_session(graphs)
         for tracer, result in zip(self.tracers, results, strict=True):
-            apply(tracer, result)
+            apply_result(tracer, result)

@@ -119,8 +119,6 @@ class Tracer:
         self._hidden: dict[int, int] = {}
         self._frame: FrameType | None = None
         self._graph: ir.Graph | None = None
-        #: the model's persistent edits' tensors, after the trace's own (see build._edit_nodes)
-        self._edit_tensors: list[ir.TensorData] = []
         #: trace-time shapes from meta passes: node id -> torch.Size (tensor) or int (length
         #: of a tuple/list value); None: unknown (see known_shape)
         self._shapes: dict[int, Any] = {}
@@ -539,7 +537,7 @@ class Tracer:
         """
         if self.handle is None:
             raise TracingError("wait() is for traces run with remote=True, blocking=False")
-        running.apply(self, self.handle.wait(timeout))
+        running.apply_result(self, self.handle.wait(timeout))
         return self
 
 
