@@ -58,3 +58,24 @@ def test_serve_refuses_replica_and_shard_counts_below_one(capsys):
             assert f"vinterp serve: {flag} 0: use 1 or more" in capsys.readouterr().err
     finally:
         signal.signal(signal.SIGTERM, sigterm)
+
+
+def test_serve_refuses_a_store_path_it_would_misread(tmp_path, capsys):
+    """A store directory split another way, or a file that is not a store, is refused before
+    anything starts, with what to do about it."""
+    from vinterp_server.sqlite_store import SqliteStore, shard_files
+
+    for f in shard_files(tmp_path / "two", 2):
+        SqliteStore(f).close()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "store-0-of-1.sqlite").write_bytes(b"not sqlite" * 200)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        start = time.monotonic()
+        assert main(["serve", "--store-path", str(tmp_path / "two")]) == 2
+        assert "split 2 way(s), not 1" in capsys.readouterr().err
+        assert main(["serve", "--store-path", str(tmp_path / "junk")]) == 2
+        assert "not a database" in capsys.readouterr().err
+        assert time.monotonic() - start < 5
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)

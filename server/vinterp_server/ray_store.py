@@ -5,7 +5,8 @@ limiter's counters) in its own :class:`~vinterp_server.store.MemoryStore`. With
 ``--ingress-replicas N`` Ray's proxy spreads one key's requests over N ingresses, so they must
 see the same state: a key's limits hold across all of them, and a trace started through one
 is polled through another. :class:`ActorStore` is that store: a named Ray actor holding one
-``MemoryStore``, created by ``vinterp serve`` before the ingresses and killed after them.
+``MemoryStore`` (a :class:`~vinterp_server.sqlite_store.SqliteStore` with ``--store-path``),
+created by ``vinterp serve`` before the ingresses and killed after them.
 Each call is one actor round trip (about a millisecond on one machine), awaited: the
 ingress's event loop serves other requests meanwhile.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -37,17 +39,34 @@ NAMESPACE = "vinterp"
 CALL_TIMEOUT_S = 20.0
 
 
-def start_store_actors(name: str, shards: int = 1) -> dict[str, Any]:
+def start_store_actors(name: str, shards: int = 1,
+                       files: Sequence[str | Path] | None = None) -> dict[str, Any]:
     """Create the shared store's actors, ``shards`` of them (``{name}-0``, ...), by name.
 
     Detached: they outlive the replicas that use them, and ``vinterp serve`` kills them at
-    shutdown. If an actor's process dies, Ray starts it again, empty: the vectors, stored
-    results and limit counters of the keys it held are lost, but the server keeps serving (the
-    calls that were in flight are retried on the new one)."""
-    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(MemoryStore)
+    shutdown. If an actor's process dies, Ray starts it again. Without ``files`` it starts
+    empty: the vectors, stored results and limit counters of the keys it held are lost, but
+    the server keeps serving (the calls that were in flight are retried on the new one). With
+    ``files`` (one per shard, :func:`~vinterp_server.sqlite_store.shard_files`) each actor keeps
+    its objects in its file (:class:`~vinterp_server.sqlite_store.SqliteStore`), and a restarted
+    one opens it again: only the counters start at zero. Those actors run on this node, where
+    the files are, and Ray restarts them there."""
     names = [f"{name}-{i}" for i in range(shards)]
+    if files is None:
+        actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(MemoryStore)
+        return {n: actor_cls.options(name=n, namespace=NAMESPACE, lifetime="detached",
+                                     get_if_exists=True).remote() for n in names}
+    if len(files) != shards:
+        raise ValueError(f"{len(files)} store files for {shards} shards: give one per shard")
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from vinterp_server.sqlite_store import SqliteStore
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(SqliteStore)
     return {n: actor_cls.options(name=n, namespace=NAMESPACE, lifetime="detached",
-                                 get_if_exists=True).remote() for n in names}
+                                 get_if_exists=True, scheduling_strategy=here).remote(str(f))
+            for n, f in zip(names, files)}
 
 
 def shared_store(names: Sequence[str]) -> Store:

@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="larger request bodies get 413")
     p.add_argument("--result-ttl", type=float, default=st.capture_ttl,
                    help="seconds stored captures and trace results are kept")
+    p.add_argument("--store-path", metavar="DIR",
+                   help="keep named vectors, stored captures and trace results in SQLite files "
+                        "in DIR, so they outlive a restart (default: in memory)")
     ray = p.add_argument_group("Ray Serve (scale-out: the same app in front of N engines)")
     ray.add_argument("--replicas", type=int, default=1,
                      help="engine replicas; more than 1 serves through Ray Serve")
@@ -125,13 +128,17 @@ async def serve(args: argparse.Namespace, vllm_argv: Sequence[str],
 
     from vinterp_server.app import build_app
     from vinterp_server.engine import LocalEngineHost
-    from vinterp_server.store import MemoryStore
+    from vinterp_server.sqlite_store import SqliteStore
+    from vinterp_server.store import MemoryStore, ShardedStore, Store
 
     keys, host_addr = _keys_and_address(args)
+    files = [SqliteStore(f) for f in args.store_files or ()]
+    store: Store = (MemoryStore() if not files else files[0] if len(files) == 1
+                    else ShardedStore(files))
     print(f"vinterp serve: starting the engine for {args.model} ...", file=sys.stderr,
           flush=True)
     host = await LocalEngineHost.start(args.model, list(vllm_argv))
-    app = build_app(host, keys, MemoryStore(), _settings(args))
+    app = build_app(host, keys, store, _settings(args))
     config = uvicorn.Config(app, host=host_addr, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=30, lifespan="off")
     server = uvicorn.Server(config)
@@ -143,6 +150,8 @@ async def serve(args: argparse.Namespace, vllm_argv: Sequence[str],
     finally:
         watchdog.cancel()
         await host.shutdown()
+        for f in files:
+            f.close()
     return outcome.exit_code
 
 
@@ -193,9 +202,11 @@ def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
         ray_serve.start(http_options={"host": host_addr, "port": args.port})
         print(f"vinterp serve: starting {args.replicas} engine replica(s) for {args.model} "
               f"on Ray Serve ...", file=sys.stderr, flush=True)
-        if args.ingress_replicas > 1:
-            stores = start_store_actors(f"vinterp-store-{os.getpid()}",
-                                        args.store_shards or args.ingress_replicas)
+        # several ingresses share the store's actors; a store kept on disk is an actor too,
+        # so that Ray brings it back (with its file) if its process dies
+        if args.ingress_replicas > 1 or args.store_files:
+            stores = start_store_actors(f"vinterp-store-{os.getpid()}", _shards(args),
+                                        args.store_files)
         app = build_ray_app(args.model, list(vllm_argv), replicas=args.replicas, keys=keys,
                             settings=_settings(args),
                             replica_actor_options={"num_cpus": args.replica_cpus,
@@ -218,6 +229,11 @@ def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
         ray.shutdown()
 
 
+def _shards(args: argparse.Namespace) -> int:
+    """How many shards the per-key store has: ``--store-shards``, else one per ingress."""
+    return args.store_shards or args.ingress_replicas
+
+
 def main(args: argparse.Namespace, vllm_argv: Sequence[str]) -> int:
     """Run the server in the foreground; returns the exit code."""
     # The engine core is a child process; the CPU platform spawns it, which re-imports
@@ -228,6 +244,19 @@ def main(args: argparse.Namespace, vllm_argv: Sequence[str]) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             print(f"vinterp serve: --{flag.replace('_', '-')} {getattr(args, flag)}: use 1 or "
                   f"more", file=sys.stderr)
+            return 2
+    args.store_files = None
+    if args.store_path:
+        import sqlite3
+
+        from vinterp_server.sqlite_store import SqliteStore, shard_files
+
+        try:   # refused before anything starts: a wrong shard count, a file not ours
+            args.store_files = shard_files(args.store_path, _shards(args))
+            for f in args.store_files:
+                SqliteStore(f).close()
+        except (ValueError, OSError, sqlite3.DatabaseError) as exc:
+            print(f"vinterp serve: --store-path {args.store_path}: {exc}", file=sys.stderr)
             return 2
     if args.replicas > 1 or args.ingress_replicas > 1 or args.ray or args.ray_address:
         serve_ray(args, vllm_argv)

@@ -1,9 +1,11 @@
 """Per-key server state behind one small interface: objects with an owner, a kind and a TTL.
 
 Named vectors, stored captures, trace results and the limiter's usage counters all go
-through :class:`Store`. The server ships :class:`MemoryStore` (one process); a replicated
-deployment swaps in a shared store (the Ray actors of :mod:`vinterp_server.ray_store`, Redis)
-without touching the app. :class:`ShardedStore` spreads keys over several stores.
+through :class:`Store`. The server ships :class:`MemoryStore` (one process) and
+:class:`~vinterp_server.sqlite_store.SqliteStore` (objects on disk, ``--store-path``); a
+replicated deployment swaps in a shared store (the Ray actors of
+:mod:`vinterp_server.ray_store`; Redis would fit the same interface) without touching the app.
+:class:`ShardedStore` spreads keys over several stores.
 
 Every read names the owner: one key can never see another key's objects, whatever id it
 guesses.

@@ -1,5 +1,6 @@
 """``MemoryStore``, the per-key state behind keys, limits, vectors and stored results (also
-what the shared Ray store actor holds)."""
+what the shared Ray store actor holds); the object tests also run on ``SqliteStore``
+(``test_sqlite_store.py`` has what only it does)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from vinterp_server.store import MemoryStore, ShardedStore
 
@@ -27,9 +31,19 @@ class Clock:
         return self.now
 
 
-def test_objects_expire_and_are_per_owner():
+@pytest.fixture(params=["memory", "sqlite"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[Clock], Any]:
+    """Each store that keeps objects (the in-memory one, and SQLite on disk)."""
+    from vinterp_server.sqlite_store import SqliteStore
+
+    if request.param == "memory":
+        return MemoryStore
+    return lambda clock: SqliteStore(tmp_path / "store.sqlite", clock)
+
+
+def test_objects_expire_and_are_per_owner(make_store):
     clock = Clock()
-    store = MemoryStore(clock)
+    store = make_store(clock)
     run(store.put("alice", "trace", "t1", {"done": True}, ttl=10))
     run(store.put("alice", "vector", "v", [1.0], ttl=None))
     assert run(store.get("alice", "trace", "t1")) == {"done": True}
