@@ -274,9 +274,9 @@ class RayEngineHost:
     async def stats(self) -> dict[str, Any]:
         """The replicas' counts summed, their shared settings, and each replica's own
         (``per_replica``)."""
-        each = await self._handle.broadcast("stats").results_async(
-            timeout_s=60, return_exceptions=True)
-        # a replica whose engine died answers with its error until Ray Serve replaces it
+        # a replica whose engine died answers with its error until Ray Serve replaces it;
+        # none answering (all being replaced) reads as no replicas, not as a 500
+        each = await _ask_every_replica(self._handle, "stats", timeout_s=60)
         each = [{"error": f"{type(s).__name__}: {s}"} if isinstance(s, BaseException) else s
                 for s in each]
         total: dict[str, Any] = {}
