@@ -29,6 +29,29 @@ def test_unknown_module_path_lists_nearest_names(model):
         model.model.layerz  # noqa: B018
 
 
+def test_module_lists_take_slices_and_integer_scalars(model):
+    """``layers[:2]`` is a list of the layers (nnsight users loop over a slice), numpy's
+    integers index like ints, and a wrong index type says so instead of "out of range"."""
+    import numpy as np
+
+    with model.trace(PROMPT):
+        sliced = [layer.output.save() for layer in model.model.layers[:2]]
+        one = model.model.layers[np.int64(1)].output.save()
+        last = model.model.layers[-1].output.save()
+    assert len(sliced) == 2 and torch.equal(sliced[1], one) and torch.equal(one, last)
+    assert [e._path for e in model.model.layers[::-1]] == ["model.layers.1", "model.layers.0"]
+    with pytest.raises(TypeError, match="takes an integer or a slice, not str"):
+        model.model.layers["1"]
+    with pytest.raises(IndexError, match="has 2 modules; index 5 is out of range"):
+        model.model.layers[5]
+
+
+def test_nnsight_04_module_next_points_to_the_tracer(model):
+    with pytest.raises(AttributeError, match=r"module.next\(\) is tracer.next\(\)"):
+        with model.generate(PROMPT, max_new_tokens=2):
+            model.model.layers[1].next()
+
+
 def test_unsaved_proxy_after_trace_names_save(model):
     with model.trace(PROMPT):
         h = model.layers[0].output

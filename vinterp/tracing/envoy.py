@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import operator
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -127,9 +128,12 @@ class Envoy:
 
     def _missing(self, name: str) -> str:
         options = list(self._module._modules) if self._module is not None else []
-        options += list(self._lm._layer_aliases_of(self._path))
+        options = list(dict.fromkeys(options + list(self._lm._layer_aliases_of(self._path))))
         close = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
+        if name == "next":   # nnsight <= 0.4: module.next() moved to the next generation step
+            hint = ("; nnsight 0.4's module.next() is tracer.next() here, or a loop over "
+                    "tracer.iter[...] (see the README's From nnsight)")
         return (f"{self._name()} has no module {name!r}{hint} (its children: "
                 f"{', '.join(options) or 'none'})")
 
@@ -153,15 +157,23 @@ class Envoy:
                 return getattr(self._module, name)
             raise
 
-    def __getitem__(self, index: int) -> Envoy:
+    def __getitem__(self, index: int | slice) -> Any:
+        """``layers[3]``, ``layers[-1]``, ``layers[np.int64(3)]``; ``layers[:4]`` is a list of
+        them (nnsight users loop over a slice of the layers)."""
         module = self._module
         if not isinstance(module, (nn.ModuleList, nn.Sequential)):
             raise TypeError(f"{self._name()} is not a list of modules")
         n = len(module)
-        if not isinstance(index, int) or not -n <= index < n:
-            raise IndexError(f"{self._name()} has {n} modules; index {index!r} is out of range")
-        index %= n
-        return self._child(str(index))
+        if isinstance(index, slice):
+            return [self._child(str(i)) for i in range(n)[index]]
+        try:
+            i = operator.index(index)   # ints, and numpy's or torch's integer scalars
+        except TypeError:
+            raise TypeError(f"{self._name()} takes an integer or a slice, not "
+                            f"{type(index).__name__} {index!r}") from None
+        if not -n <= i < n:
+            raise IndexError(f"{self._name()} has {n} modules; index {i} is out of range")
+        return self._child(str(i % n))
 
     def __len__(self) -> int:
         return len(self._module) if self._module is not None else 0

@@ -294,7 +294,12 @@ def _unary(op: str) -> Any:
 
 def _inplace(op: str) -> Any:
     def method(self: Proxy, other: Any) -> Proxy:
-        return self._add(op, self, other)
+        out = self._add(op, self, other)
+        # ``h = x.save(); h += 1``: Python rebinds ``h`` to what this returns, so it must stay
+        # saved (in nnsight ``h`` is the tensor itself, edited in place, still saved)
+        if self._tracer.nodes[self._id].op == "save" and not self._tracer.finished:
+            return out.save()
+        return out
     return method
 
 
