@@ -113,11 +113,15 @@ class RowsEvent:
             h, r = _pair(args, kwargs, out)
             self._value = (h[a:b] if r is None else h[a:b] + r[a:b]).unsqueeze(0)
             self._dirty = True  # a fresh sum: always written back (exact, see module doc)
-        elif v in ("tensor", "norm"):
-            self._value = _tensor(v, args, kwargs, out, point.batch_dim)[a:b].unsqueeze(0)
-        elif v == "attn":
-            self._value = (_tensor(v, args, kwargs, out, point.batch_dim)[a:b].unsqueeze(0),
-                           None)
+        elif v in ("tensor", "norm", "attn"):
+            # a copy of vLLM's rows, written back after the graph ran (write_back): an
+            # assignment then replaces the copy and leaves what earlier reads hold alone, as
+            # a PyTorch hook returning a new tensor does (writing into vLLM's rows would
+            # change those reads too)
+            self._rows = _tensor(v, args, kwargs, out, point.batch_dim)[a:b]
+            copy = self._rows.unsqueeze(0).clone()
+            self._value = (copy, None) if v == "attn" else copy
+            self._dirty = True  # in-place edits of the copy must land too
         else:
             # ``logits``: this request's rows, which the worker computes with the step's
             # other requests' in one call (``logit_rows.batched_logits``); a trace sees every
@@ -155,10 +159,8 @@ class RowsEvent:
         value = torch.as_tensor(value).to(old.dtype)
         if value.shape != old.shape:
             value = value.expand_as(old)  # raises a clear shape error when it cannot
-        if self._p.value == "residual":
-            self._value = value.clone()
-        else:
-            old.copy_(value)
+        value = value.clone()   # (the old value stays as earlier reads saw it)
+        self._value = (value, None) if isinstance(self._value, tuple) else value
         self._dirty = True
 
     def row_positions(self, invoke: int) -> torch.Tensor:
@@ -170,8 +172,12 @@ class RowsEvent:
         return torch.tensor([[self._span.prompt_len]])
 
     def write_back(self) -> None:
-        """Store a residual-stream value (edited in place or replaced) into vLLM's tensors."""
-        if self._p.value != "residual" or not self._dirty:
+        """Store the value (edited in place or replaced) into vLLM's tensors."""
+        if not self._dirty:
+            return
+        if self._p.value != "residual":
+            new = self._value[0] if isinstance(self._value, tuple) else self._value
+            self._rows.copy_(new[0])
             return
         a, b = self._span.start, self._span.stop
         h, r = _pair(self._args, self._kwargs, self._out)

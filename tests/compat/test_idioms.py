@@ -237,6 +237,20 @@ def test_shapes_at_trace_time_on_both_backends(backend, hf):
     assert torch.allclose(logits.cpu(), want, atol=ATOL[name] * 10, rtol=0)
 
 
+def test_generate_logits_shape_at_trace_time_is_the_first_steps(backend):
+    # inside model.generate the first step's logits cover the last position only (HF generate
+    # asks for logits_to_keep=1; vLLM computes the sampled row): the shape known while
+    # tracing must say so, or `_, S, _ = logits.shape; logits[:, S - 1]` is out of range
+    _, model = backend
+    with model.generate(PROMPT, max_new_tokens=2):
+        traced = tuple(model.lm_head.output.shape)
+        _, S, _ = model.logits.shape
+        last = model.logits[:, S - 1].save()
+        real = model.lm_head.output.save()
+    assert traced == tuple(real.shape) == (1, 1, model.config.vocab_size)
+    assert torch.equal(last, real[:, -1])
+
+
 def test_torch_randn_of_a_traced_shape(hf):
     # torch.randn(x.shape): real noise of the value's shape, made while tracing
     torch.manual_seed(0)

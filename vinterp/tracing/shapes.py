@@ -47,7 +47,10 @@ def known_shape(tracer: Tracer, node_id: int) -> Any:
     for o in order:
         nodes.append(Node(id=len(nodes), op="save", args=(Ref(ref=ids[o]),),
                           invoke=tracer.nodes[o].invoke))
-    graph = ir.Graph(invokes=tuple(ir.Invoke(prompts=p) for p in tracer.invokes),
+    # a generation's shapes are its first step's (the meta pass runs that step only): HF
+    # generate computes the last position's logits there, not the whole prompt's
+    graph = ir.Graph(mode="generate" if tracer.mode == "generate" else "trace",
+                     invokes=tuple(ir.Invoke(prompts=p) for p in tracer.invokes),
                      nodes=tuple(nodes), tensors=tuple(tracer.tensors))
     try:
         backend = tracer.lm._scan_backend()

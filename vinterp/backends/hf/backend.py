@@ -52,9 +52,19 @@ class _Event:
         self.step = run.step
         self.value = value
         self.replaced = False
-        # views handed out while autograd records: routed back into the batch afterwards so
-        # gradients reach them (see _Run.event)
+        # while autograd records, each invoke gets its own copy of its rows (a view of the
+        # batch would tie it to the other invokes' views: an in-place edit through one rebuilds
+        # the others' autograd history, and a gradient retained on them is lost). They are
+        # routed back into the batch afterwards, so edits land and gradients reach them (see
+        # _Run.event)
         self.handed: dict[int, torch.Tensor] = {}
+        # Without autograd, reads are views of the batch (in-place edits land, for free). An
+        # assignment (``.output = new``) must then leave the value those views show alone, as
+        # in PyTorch, where a hook returning a new tensor leaves the old one as it was: it
+        # writes into a copy, unless the value was already copied by an assignment at this
+        # point and no view of its rows was handed out since.
+        self._copied = False
+        self._exposed: list[slice] = []
 
     def _dims(self, invoke: int) -> tuple[slice, int, int, int]:
         layout = self.run.layout
@@ -67,15 +77,24 @@ class _Event:
         return self.value
 
     def get(self, invoke: int, kind: str = "output") -> Any:
+        if invoke in self.handed and kind != "inputs":
+            return self.handed[invoke]
         target = self._target(kind)
-        view = cut(target, *self._dims(invoke))
+        dims = self._dims(invoke)
+        view = cut(target, *dims)
         if torch.is_grad_enabled() and isinstance(view, torch.Tensor) and view is not target:
-            self.handed[invoke] = view
+            view = self.handed[invoke] = view.clone()
+        else:
+            self._exposed.append(dims[0])
         return view
 
     def set(self, invoke: int, new: Any, kind: str = "output") -> None:
         where = f"{self.module or 'model'}.{kind}"
-        out_of_place = torch.is_grad_enabled()
+        rows = self._dims(invoke)[0]
+        out_of_place = (torch.is_grad_enabled() or not self._copied
+                        or any(_overlap(rows, seen) for seen in self._exposed))
+        if out_of_place:
+            self._copied, self._exposed = True, []
         self.handed.pop(invoke, None)
         if kind == "input":
             backend = self.run.backend
@@ -91,6 +110,10 @@ class _Event:
 
     def prompt_lens(self, invoke: int) -> torch.Tensor:
         return self.run.layout.prompt_lens(invoke)
+
+
+def _overlap(a: slice, b: slice) -> bool:
+    return a.start < b.stop and b.start < a.stop
 
 
 class _Run:
@@ -315,7 +338,7 @@ class HfBackend(Backend):
         grad = torch.enable_grad() if runner.wants_grad else torch.no_grad()
         with self._hooks(run, graph, self._needs_eager(graph)), grad:
             try:
-                if graph.mode == "generate":
+                if graph.mode == "generate" and not self.scan:
                     if self.feed is not None:
                         raise ValueError("generate() needs a language model (token ids); "
                                          "this model takes other inputs: use trace()")
@@ -326,10 +349,18 @@ class HfBackend(Backend):
                     return None
                 mask = None if self.scan else layout.attention_mask.to(device)
                 self.model(input_ids=layout.input_ids.to(device), attention_mask=mask,
-                           position_ids=layout.position_ids.to(device))
+                           position_ids=layout.position_ids.to(device),
+                           **(self._first_step_kwargs() if graph.mode == "generate" else {}))
             except StopForward:
                 pass
         return None
+
+    def _first_step_kwargs(self) -> dict[str, Any]:
+        """A generation's first forward as HF generate makes it (the scan backend runs only
+        that step: meta tensors cannot be sampled): logits for the last position only, where
+        the model supports that."""
+        params = inspect.signature(self.model.forward).parameters
+        return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def _generate(self, graph: Graph, layout: BatchLayout, device: torch.device
                   ) -> list[torch.Tensor]:
