@@ -77,9 +77,9 @@ def local(model: LanguageModel) -> tuple[float, torch.Tensor]:
 
     with model.trace() as tracer:
         with tracer.invoke("I love this. It is wonderful and"):
-            pos = model.layers[LAYER].output[0].mean(dim=0).save()
+            pos = model.layers[LAYER].output.mean(dim=1)[0].save()
         with tracer.invoke("I hate this. It is terrible and"):
-            neg = model.layers[LAYER].output[0].mean(dim=0).save()
+            neg = model.layers[LAYER].output.mean(dim=1)[0].save()
     vector = pos - neg
     with model.generate(PROMPT, max_new_tokens=12) as tracer:
         with tracer.all():

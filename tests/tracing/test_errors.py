@@ -46,6 +46,25 @@ def test_module_lists_take_slices_and_integer_scalars(model):
         model.model.layers[5]
 
 
+def test_a_layers_output_0_warns_that_it_is_batch_row_0(model):
+    """Code written for transformers 4 (the seed's ``h[5].output[0]``) means the hidden states;
+    in transformers 5 it is batch row 0, which runs with other shapes: it warns, naming the
+    fix. Row 0 spelled ``[0, :]``, and ``[0]`` of an attention's tuple, do not warn."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"model.layers.1.output\[0\] is batch row 0.*"
+                                         r"write \.output"):
+        with model.trace(PROMPT):
+            row = model.model.layers[1].output[0].save()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with model.trace(PROMPT):
+            same = model.model.layers[1].output[0, :].save()
+            model.model.layers[1].self_attn.output[0].save()
+            model.model.layers[1].output[1:].save()
+    assert torch.equal(row, same) and row.dim() == 2
+
+
 def test_nnsight_04_module_next_points_to_the_tracer(model):
     with pytest.raises(AttributeError, match=r"module.next\(\) is tracer.next\(\)"):
         with model.generate(PROMPT, max_new_tokens=2):

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -207,6 +208,8 @@ class Proxy:
         return tracer.add("call", *args, fn=name, **kwargs)
 
     def __getitem__(self, key: Any) -> Proxy:
+        if type(key) is int and key == 0:
+            _warn_if_layer_row(self)
         return self._add("getitem", self, key)
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -290,6 +293,31 @@ def _unary(op: str) -> Any:
     def method(self: Proxy) -> Proxy:
         return self._add(op, self)
     return method
+
+
+def _warn_if_layer_row(proxy: Proxy) -> None:
+    """Warn about ``layer.output[0]`` on a decoder layer: code written for transformers 4
+    (the seed's, most nnsight tutorials) means the hidden states there, but transformers 5
+    layers return the hidden-states tensor itself, so ``[0]`` is batch row 0, ``[seq,
+    hidden]``: the code runs and its shapes and gradients are silently different."""
+    tracer = proxy._tracer
+    if tracer.finished:
+        return
+    node = tracer.nodes[proxy._id]
+    arch = tracer.lm.architecture
+    if node.op != "read" or node.kwargs.get("kind") != "output" or arch is None:
+        return
+    from vinterp.tracing.envoy import layer_index
+
+    module = node.kwargs["module"]
+    if layer_index(arch.layers, module) is None:
+        return
+    warnings.warn(
+        f"{module}.output[0] is batch row 0 (shape [seq, hidden]): in transformers 5 a "
+        f"decoder layer returns its hidden states as a tensor, not a tuple. For the hidden "
+        f"states (code written for transformers 4, as nnsight's older examples are) write "
+        f".output; for row 0 write .output[0, :], which does not warn.", UserWarning,
+        stacklevel=3)
 
 
 def _inplace(op: str) -> Any:
