@@ -171,16 +171,32 @@ class RowsEvent:
     def prompt_lens(self, invoke: int) -> torch.Tensor:
         return torch.tensor([[self._span.prompt_len]])
 
+    def _before(self) -> torch.Tensor:
+        """This request's rows as vLLM still holds them (nothing is written before
+        :meth:`write_back`)."""
+        if self._p.value != "residual":
+            return self._rows
+        a, b = self._span.start, self._span.stop
+        h, r = _pair(self._args, self._kwargs, self._out)
+        return h[a:b] if r is None else h[a:b] + r[a:b]
+
     def write_back(self) -> None:
         """Store the value (edited in place or replaced) into vLLM's tensors."""
         if not self._dirty:
             return
+        new = self._value[0] if isinstance(self._value, tuple) else self._value
+        if not bool(torch.isfinite(new).all()) and bool(torch.isfinite(self._before()).all()):
+            # never into vLLM's tensors: the KV cache would carry it to other requests
+            # (see worker.finite_rows); the caller fails this request
+            raise ValueError(
+                f"the graph made {self.module or 'model'}.{self.kind} inf or NaN for this "
+                f"request (a division by zero, an overflow?); the request was stopped and the "
+                f"value was not written, so no other request can see it")
         if self._p.value != "residual":
-            new = self._value[0] if isinstance(self._value, tuple) else self._value
             self._rows.copy_(new[0])
             return
         a, b = self._span.start, self._span.stop
         h, r = _pair(self._args, self._kwargs, self._out)
-        h[a:b] = self._value[0]
+        h[a:b] = new[0]
         if r is not None:
             r[a:b] = 0

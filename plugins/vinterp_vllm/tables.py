@@ -75,7 +75,9 @@ def table_rows(x: torch.Tensor, y: torch.Tensor | None, tid: torch.Tensor,
     a, sb, sd, lo, hi = (c[:, i:i + 1] for i in range(5))
     p = (s * (v * sd)).sum(-1, keepdim=True)
     new = a * s + sb * v + v * (torch.clamp(p, lo, hi) - p)
-    touched = (entry != 0).unsqueeze(-1)
+    # a row the update makes inf/NaN keeps its value (the KV cache would carry it to other
+    # requests, see worker.finite_rows); graph-safe, no sync
+    touched = ((entry != 0) & torch.isfinite(new).all(-1)).unsqueeze(-1)
     new_y = None if y is None else y.masked_fill(touched, 0)
     return (torch.where(touched, new, x), new_y, s, torch.where(touched, new, s), pre, post)
 

@@ -51,6 +51,19 @@ log = logging.getLogger("vinterp_vllm")
 _ORDER = {"residual": 0, "tensor": 0, "attn": 0, "norm": 0, "logits": 1, "model_output": 2}
 
 
+
+def finite_rows(x: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``new`` with each row that is not all finite replaced by its row of ``x``, and which
+    rows those were (``[R]`` bools, left on the device: no sync in the forward).
+
+    Why: an intervention that overflows (a huge vector or scale, a division by zero) would
+    put inf/NaN into the KV cache. Blocks are reused after a request ends, and attention
+    multiplies a masked slot's value by a zero weight, which is NaN for NaN: other users'
+    later requests would come out NaN. The offending request is failed at the step's end.
+    (A row that was not finite before, the model's own overflow, is not blamed on it.)"""
+    bad = ~torch.isfinite(new).all(dim=-1) & torch.isfinite(x).all(dim=-1)
+    return torch.where(bad.unsqueeze(-1), x, new), bad
+
 class VinterpWorkerExtension:
     """Methods vLLM mixes into its worker; state lives on the worker instance."""
 
@@ -175,6 +188,9 @@ class _Hooks:
         self.tables: StepTables | None = None
         self.table_index: dict[tuple[str, str], int] = {}
         self.table_steps = 0
+        #: this step's steering groups and which of their rows came out non-finite (read in
+        #: end_step, so the forward needs no sync; see ``finite_rows``)
+        self.step_nonfinite: list[tuple[tuple[str, str], Group, torch.Tensor]] = []
         self._install()
 
     # ------------------------------------------------------------------ hooks
@@ -252,6 +268,7 @@ class _Hooks:
         """Map this step's rows to requests and prepare their interventions (called by the
         model runner's ``_model_forward`` with the step's absolute ``positions``)."""
         self.step_fast, self.step_general, self.general_points = {}, [], {}
+        self.step_nonfinite = []
         self.active_hooks = set()
         self.eager_step = False
         batch = self.runner.input_batch
@@ -327,6 +344,7 @@ class _Hooks:
         silently not happen."""
         if self.tables is not None:
             self.tables.collect()
+        self._fail_nonfinite()
         for key in self.active_hooks - self.reached:
             owners = {id(st): st for _, g in self.step_fast.get(key, ()) for st in g.owners}
             owners.update({id(st): st for st, _, _ in self.general_points.get(key, ())})
@@ -340,6 +358,19 @@ class _Hooks:
         self.active_hooks = set()
         self.eager_step = False
         self.step_fast, self.step_general, self.general_points = {}, [], {}
+
+    def _fail_nonfinite(self) -> None:
+        """Fail the requests whose steering made a row inf or NaN this step (those rows kept
+        their values, see ``finite_rows``): one sync for the whole step."""
+        found, self.step_nonfinite = self.step_nonfinite, []
+        for key, g, bad in found:
+            if not bool(bad.any()):
+                continue
+            for k in sorted(set(g.table_index[bad].tolist())):
+                g.owners[k].fail(
+                    f"{g.op} at {key[0]} made this request's activations inf or NaN (a "
+                    f"vector or scale too large for {self.dtype}?); the request was stopped "
+                    f"and its rows kept their values there, so no other request can see them")
 
     def _at_point(self, key: tuple[str, str], out: Any) -> None:
         """Run this step's work at point ``key``; ``out`` holds its tensors as a forward hook's
@@ -357,7 +388,10 @@ class _Hooks:
                         at += len(rows)
                 else:
                     rows = g.rows if g.span is None else g.span
-                    put(rows, g.apply(get(rows)))
+                    x = get(rows)
+                    new, bad = finite_rows(x, g.apply(x))
+                    self.step_nonfinite.append((key, g, bad))
+                    put(rows, new)
             except Exception as exc:  # e.g. a vector of the wrong hidden size
                 msg = f"{type(exc).__name__}: {exc}"
                 for st in g.owners:

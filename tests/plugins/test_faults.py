@@ -64,3 +64,45 @@ def test_refusals_at_trace_time(tiny_vllm):
     long = _bad_setitem(list(range(3, 60)))  # a general graph, 57 tokens > 32-token chunks
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         tiny_vllm.check(long)
+
+
+def _inf_write(prompt: list[int], module: str) -> Graph:
+    # a general graph: module.output = module.output / zeros(hidden), a division by zero
+    return Graph(invokes=(Invoke(prompts=(tuple(prompt),)),), nodes=(
+        Node(id=0, op="read", kwargs={"module": module, "kind": "output"}),
+        Node(id=1, op="truediv", args=(Ref(ref=0), TensorRef(tensor=0))),
+        Node(id=2, op="write", args=(Ref(ref=1),), kwargs={"module": module, "kind": "output"}),
+    ), tensors=(encode_tensor(torch.zeros(64)),))
+
+
+def test_an_intervention_that_overflows_fails_alone_and_poisons_nobody(tiny_vllm):
+    """A steering vector whose values overflow (each finite, the sum not) and a graph writing
+    inf: each fails with a message saying so, and the requests served after them get exactly
+    the tokens and finite logits they got before. Without the guard the inf/NaN rows reached
+    the KV cache; its blocks are reused once a request ends, and attention gives a masked
+    slot's NaN a zero weight, which is NaN: later, unrelated requests came out NaN."""
+    prompts = [[5 + i, 6, 7, 8, 9, 10, 11, 12, 13] for i in range(4)]
+
+    def plain() -> tuple[list, list]:
+        graph, saves = capture_graph(prompts, ["lm_head"])
+        run = tiny_vllm.run(graph)
+        tokens = tiny_vllm.run(steer_graph(prompts, [None] * 4, max_new_tokens=6)).generated
+        return [t.tolist() for t in tokens], [run.saves[s] for s in saves]
+
+    tokens_before, logits_before = plain()
+    huge = torch.full((64,), 3e38)
+    prompt = [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]
+    runs = _one_batch(tiny_vllm, {
+        "steer": steer_graph([prompt], [{"layer": 0, "vector": huge, "scale": 3e38}],
+                             max_new_tokens=4),
+        "write": _inf_write(prompt[:7], "model.layers.0.mlp"),
+        "good": steer_graph(prompts[:2], [None, None], max_new_tokens=4)})
+    assert "made this request's activations inf or NaN" in runs["steer"].outcomes[(0, 0)].error
+    assert "made model.layers.0.mlp.output inf or NaN" in runs["write"].outcomes[(0, 0)].error
+    assert [t.tolist() for t in runs["good"].result().generated] == \
+        [t[:len(p) + 4] for t, p in zip(tokens_before[:2], prompts[:2], strict=True)]
+    tokens_after, logits_after = plain()
+    assert tokens_after == tokens_before
+    for a, b in zip(logits_after, logits_before, strict=True):
+        assert torch.isfinite(a).all()
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
