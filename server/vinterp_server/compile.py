@@ -240,6 +240,11 @@ class CompiledRequest:
         module, kind = parse_point(cap.point, self.model)
         steps = _STEPS[cap.steps]
         read = self._add("read", steps=steps, module=module, kind=kind)
+        from vinterp_vllm.points import resolve_point
+
+        if kind == "output" and resolve_point(self.model.arch, module, kind).value == "attn":
+            # an attention's output is HF's (hidden, weights) tuple: capture the hidden part
+            read = self._add("getitem", Ref(ref=read), 0, steps=steps)
         value = read
         full = SliceV(slice=(None, None, None))
         if cap.positions == "last":

@@ -156,6 +156,12 @@ def test_refusals_with_their_messages(models):
         with pytest.raises(Exception, match="writing logits is " + NOT_HERE):
             with model.trace("hello"):
                 write()
+    # several sequences per prompt came back as one, silently (a value has a row per prompt)
+    for many in ({"num_return_sequences": 2}, {"n": 3}):
+        with pytest.raises(Exception, match=f"{next(iter(many))}=.* is not supported on the "
+                                            f"vllm backend.*repeat the prompt"):
+            with model.generate("hello", max_new_tokens=2, do_sample=True, **many):
+                model.model.layers[0].output.steer(torch.ones(576))
     # the engine still serves the next trace
     with model.trace("hello"):
         h = model.model.layers[0].output.save()

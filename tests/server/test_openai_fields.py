@@ -30,6 +30,23 @@ def test_capture_equals_local_vllm_backend(served, local_vllm):
     assert rel(got, ref) <= 1e-4
 
 
+def test_attention_output_captures_equal_local_vllm_backend(served, local_vllm):
+    """``layers.N.attn.output`` (the README's example point) captures the attention's hidden
+    output, for each position selection: the module's value is HF's ``(hidden, weights)``
+    tuple, which the capture used to index as a tensor (500)."""
+    with local_vllm.trace(PARIS_PROMPT):
+        ref = local_vllm.layers[5].attn.output[0][0].save()
+    for positions, want in (("last", ref[-1:]), ("all", ref), ([1, -1], ref[[1, -1]])):
+        resp = served.openai().completions.create(
+            model=MODEL, prompt=PARIS_PROMPT, max_tokens=1, temperature=0,
+            extra_body={"capture": [{"point": "layers.5.attn.output", "positions": positions,
+                                     "steps": "prompt"}]})
+        (cap,) = resp.choices[0].model_extra["captures"]
+        got = fetch(served, cap)
+        assert got.shape == want.shape, positions
+        assert rel(got, want) <= 1e-4, positions
+
+
 def test_contrastive_vector_raises_target_logprob(served, tokenizer):
     """A "Paris minus Rome" vector (mean difference of layer-4 activations, captured through
     the server) raises " Paris" on the Rome prompt."""

@@ -50,6 +50,14 @@ def sampling_params(generation: dict[str, Any], *, mode: str = "generate",
             gen["ignore_eos"] = True
         if gen.get("num_beams", 1) not in (1, None):
             raise ValueError("beam search (num_beams > 1) is not supported on the vllm backend")
+        for many in ("num_return_sequences", "n", "best_of"):
+            if gen.get(many, 1) not in (1, None):
+                # each sequence would need its own rows in the graph's values; only the
+                # first came back, silently
+                raise ValueError(
+                    f"{many}={gen[many]} is not supported on the vllm backend (a trace's "
+                    f"values have one row per prompt); repeat the prompt in more invokes, or "
+                    f"pass it several times in one invoke's list, with do_sample=True")
         for name, value in gen.items():
             if name in _IGNORED:
                 continue
