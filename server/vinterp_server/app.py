@@ -28,7 +28,9 @@ from vinterp_server import captures, metrics, openai_routes, traces, vectors
 from vinterp_server.auth import ApiKeys
 from vinterp_server.context import Server, Settings, require_key
 from vinterp_server.engine import EngineHost, engine_down
-from vinterp_server.errors import EngineUnavailable, error_body, error_response
+from vinterp_server.errors import (
+    EngineUnavailable, error_body, error_response, is_client_error,
+)
 from vinterp_server.store import MemoryStore, Store
 
 DESCRIPTION = """vinterp: an OpenAI-compatible server whose requests can read and change the
@@ -144,6 +146,8 @@ def build_app(host: EngineHost, keys: ApiKeys | None = None, store: Store | None
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # what no route handled (e.g. /v1/stats on a dead engine): the engine's 503 when it
         # is down, else an OpenAI-shaped 500 naming the error
+        if is_client_error(exc):   # e.g. vLLM refusing an empty prompt in its validators
+            return error_response(exc)
         return error_response(await engine_down(host) or
                               RuntimeError(f"{type(exc).__name__}: {exc}"))
 

@@ -160,6 +160,8 @@ class CompiledRequest:
     captures: list[tuple[int, Capture | None, str]] = field(default_factory=list)
     user_graph: Graph | None = None
     ops: dict[str, int] = field(default_factory=dict)   # interventions by op (for metrics)
+    #: (field name, absolute positions) checked against each prompt (see check_prompt)
+    positions: list[tuple[str, tuple[int, ...], bool]] = field(default_factory=list)
 
     @classmethod
     def build(cls, fields: InterventionFields, model: ModelInfo, *,
@@ -173,11 +175,16 @@ class CompiledRequest:
                 raise FieldError(f"interventions[{k}].{exc.field}", str(exc).split(": ", 1)[1])
             except (ValueError, KeyError) as exc:
                 raise FieldError(f"interventions[{k}]", _msg(exc)) from None
+            if isinstance(iv.positions, list):
+                spec.positions.append((f"interventions[{k}].positions", tuple(iv.positions),
+                                       True))
         for k, cap in enumerate(fields.capture or ()):
             try:
                 spec._capture(cap)
             except (ValueError, KeyError) as exc:
                 raise FieldError(f"capture[{k}]", _msg(exc)) from None
+            if isinstance(cap.positions, list):
+                spec.positions.append((f"capture[{k}].positions", tuple(cap.positions), False))
         if fields.graph is not None:
             spec._graph(fields.graph, vectors)
         return spec
@@ -211,6 +218,9 @@ class CompiledRequest:
                 if vec is None:
                     raise FieldError("vector", f"the named vector {iv.vector.name!r} has no "  # type: ignore[union-attr]
                                                f"entry for layer {i}")
+                if iv.op in ("ablate", "clamp") and not bool(vec.abs().sum() > 0):
+                    raise FieldError("vector", f"{iv.op} projects onto the vector's direction, "
+                                               f"and this vector (layer {i}) is all zeros")
                 kwargs[_VECTOR_KW[iv.op]] = self._tensor(vec)
             if iv.op == "steer":
                 kwargs["scale"] = iv.scale
@@ -276,6 +286,20 @@ class CompiledRequest:
     def n_nodes(self) -> int:
         """Nodes this request runs (for the per-key graph-size limit)."""
         return len(self.nodes) + (len(self.user_graph.nodes) if self.user_graph else 0)
+
+    def check_prompt(self, prompt_len: int, max_tokens: int) -> None:
+        """Refuse positions this prompt does not have (they would select nothing, or fail
+        inside the engine): a capture's list selects prompt tokens; a steering list may also
+        name generated tokens by absolute position, up to ``max_tokens`` past the prompt."""
+        n = prompt_len
+        for where, positions, generated in self.positions:
+            stop = n + max_tokens - 1 if generated else n
+            for p in positions:
+                if not -n <= p < stop:
+                    raise FieldError(where, f"position {p} is outside this request's "
+                                            f"{'tokens' if generated else 'prompt'} "
+                                            f"(0..{stop - 1}, or -{n}..-1 from the prompt's "
+                                            f"end; the prompt has {n} tokens)")
 
     def graph_for(self, prompt_ids: list[int]) -> Graph:
         """The request's IR graph on these prompt tokens (one invoke, mode ``generate``)."""

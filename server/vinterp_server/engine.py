@@ -87,6 +87,10 @@ class RequestContext:
             raise http_error(LimitExceeded(
                 f"the requested captures can reach {need} bytes for this prompt; this key may "
                 f"capture at most {self.capture_cap} bytes per request", 60), 429)
+        try:
+            self.spec.check_prompt(len(ids), int(params.max_tokens or 1))
+        except FieldError as exc:
+            raise http_error(exc, 400) from None
         graph = self.spec.graph_for(ids)
         try:
             engine.check(graph)   # e.g. a general graph on a prompt longer than one forward

@@ -48,6 +48,16 @@ def error_body(message: str, status: int, param: str | None = None) -> dict[str,
         "Error") else phrase, "param": param, "code": status}}
 
 
+def is_client_error(exc: Any) -> bool:
+    """vLLM's own "the request is wrong" errors (an empty prompt, ...), wherever they are
+    raised: some come from its request models' validators, before any route runs."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:   # (a vLLM without the class)
+        return False
+    return isinstance(exc, VLLMClientError)
+
+
 def error_response(exc: Any, retry_after: int | None = None) -> JSONResponse:
     """An exception, a vLLM ``ErrorResponse`` or an error dict as a JSON response."""
     headers: dict[str, str] = {}
@@ -64,7 +74,7 @@ def error_response(exc: Any, retry_after: int | None = None) -> JSONResponse:
         status, body = 429, error_body(str(exc), 429)
     elif isinstance(exc, EngineUnavailable):
         status, body = 503, error_body(str(exc), 503)
-    elif isinstance(exc, ValueError):
+    elif isinstance(exc, ValueError) or is_client_error(exc):
         status, body = 400, error_body(str(exc), 400)
     else:
         status, body = 500, error_body(str(exc), 500)

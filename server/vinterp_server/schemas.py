@@ -22,7 +22,9 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, field_validator, model_validator,
+)
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
@@ -77,7 +79,7 @@ class Intervention(_Field):
     """
 
     op: Literal["steer", "scale", "ablate", "clamp", "replace"]
-    layers: int | list[int] | Literal["all"] = Field(
+    layers: StrictInt | list[StrictInt] | Literal["all"] = Field(
         description="decoder layer index, list of indices, or \"all\"")
     vector: VectorSpec | None = Field(None, description="needed by steer/ablate/clamp/replace")
     scale: float = Field(1.0, description="steer: multiplier of the vector")
@@ -96,6 +98,11 @@ class Intervention(_Field):
             raise ValueError("op 'scale' needs a factor")
         if self.op == "clamp" and self.min is None and self.max is None:
             raise ValueError("op 'clamp' needs min or max")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"clamp: min {self.min} is above max {self.max}")
+        if isinstance(self.positions, list) and not self.positions:
+            raise ValueError("positions: give at least one position, or 'all', 'prompt' or "
+                             "'generated'")
         return self
 
 

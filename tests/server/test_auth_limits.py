@@ -134,6 +134,25 @@ BAD_FIELDS = [
     ({"graph": {"nodes": [{"id": 0, "op": "save", "args": [{"ref": 5}]}]}}, "graph"),
     ({"interventions": [{"op": "steer", "layers": 1, "vector": {"values": [0.0] * 576}}],
       "n": 2}, "n > 1"),
+    # found by an audit: these ran, doing nothing or something else, or failed as a 500
+    ({"interventions": [{"op": "steer", "layers": True, "vector": {"values": [0.0] * 576}}]},
+     "interventions[0].layers"),
+    ({"interventions": [{"op": "clamp", "layers": 1, "min": 2, "max": 1,
+                         "vector": {"values": [1.0] * 576}}]}, "min 2.0 is above max 1.0"),
+    ({"interventions": [{"op": "steer", "layers": 1, "positions": [],
+                         "vector": {"values": [1.0] * 576}}]}, "at least one position"),
+    ({"interventions": [{"op": "ablate", "layers": 1, "vector": {"values": [0.0] * 576}}]},
+     "ablate projects onto the vector's direction, and this vector (layer 1) is all zeros"),
+    ({"interventions": [{"op": "steer", "layers": 1, "positions": [100000],
+                         "vector": {"values": [1.0] * 576}}]},
+     "interventions[0].positions: position 100000 is outside this request's tokens"),
+    ({"interventions": [{"op": "steer", "layers": 1, "positions": [-50],
+                         "vector": {"values": [1.0] * 576}}]},
+     "position -50 is outside this request's tokens"),
+    ({"capture": [{"point": "layers.3.output", "positions": [1000]}]},
+     "capture[0].positions: position 1000 is outside this request's prompt"),
+    # (vLLM refuses it in its request model's validator, before any route runs)
+    ({"prompt": "", "capture": [{"point": "layers.3.output"}]}, "non-empty"),
 ]
 
 
