@@ -398,11 +398,15 @@ class LanguageModel:
         return repr(self._model)
 
     # ------------------------------------------------------------------ internals
-    def _layer_aliases_of(self, path: str) -> dict[str, str]:
+    def _is_layer(self, path: str) -> bool:
+        """Whether ``path`` is one of the decoder layers (``model.layers.3``)."""
         arch = self.architecture
-        if arch is None or layer_index(arch.layers, path) is None:
+        return arch is not None and layer_index(arch.layers, path) is not None
+
+    def _layer_aliases_of(self, path: str) -> dict[str, str]:
+        if not self._is_layer(path):
             return {}
-        return arch.layer_aliases()
+        return self.architecture.layer_aliases()  # type: ignore[union-attr]
 
     def _layer_alias(self, path: str, name: str) -> str | None:
         return self._layer_aliases_of(path).get(name)
@@ -448,7 +452,7 @@ class LanguageModel:
         arch = self.architecture
         if arch is None or not path.endswith("." + arch.attn):
             return False
-        return layer_index(arch.layers, path[: -len(arch.attn) - 1]) is not None
+        return self._is_layer(path[: -len(arch.attn) - 1])
 
     def _tokenize(self, inputs: Any) -> tuple[tuple[int, ...], ...]:
         if isinstance(inputs, str):

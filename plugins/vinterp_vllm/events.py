@@ -110,8 +110,7 @@ class RowsEvent:
         a, b = span.start, span.stop
         v = point.value
         if v == "residual":
-            h, r = _pair(args, kwargs, out)
-            self._value = (h[a:b] if r is None else h[a:b] + r[a:b]).unsqueeze(0)
+            self._value = self._before().unsqueeze(0)
             self._dirty = True  # a fresh sum: always written back (exact, see module doc)
         elif v in ("tensor", "norm", "attn"):
             # a copy of vLLM's rows, written back after the graph ran (write_back): an
@@ -173,7 +172,8 @@ class RowsEvent:
 
     def _before(self) -> torch.Tensor:
         """This request's rows as vLLM still holds them (nothing is written before
-        :meth:`write_back`)."""
+        :meth:`write_back`); at a fused layer, the stream ``hidden + residual`` (a fresh
+        tensor)."""
         if self._p.value != "residual":
             return self._rows
         a, b = self._span.start, self._span.stop

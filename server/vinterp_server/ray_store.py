@@ -52,21 +52,23 @@ def start_store_actors(name: str, shards: int = 1,
     one opens it again: only the counters start at zero. Those actors run on this node, where
     the files are, and Ray restarts them there."""
     names = [f"{name}-{i}" for i in range(shards)]
-    if files is None:
-        actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(MemoryStore)
-        return {n: actor_cls.options(name=n, namespace=NAMESPACE, lifetime="detached",
-                                     get_if_exists=True).remote() for n in names}
-    if len(files) != shards:
-        raise ValueError(f"{len(files)} store files for {shards} shards: give one per shard")
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    cls: type = MemoryStore
+    args: list[tuple[str, ...]] = [()] * shards
+    placement: dict[str, Any] = {}
+    if files is not None:
+        if len(files) != shards:
+            raise ValueError(f"{len(files)} store files for {shards} shards: give one per shard")
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from vinterp_server.sqlite_store import SqliteStore
+        from vinterp_server.sqlite_store import SqliteStore
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(SqliteStore)
+        cls, args = SqliteStore, [(str(f),) for f in files]
+        placement = {"scheduling_strategy": NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)}
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(cls)
     return {n: actor_cls.options(name=n, namespace=NAMESPACE, lifetime="detached",
-                                 get_if_exists=True, scheduling_strategy=here).remote(str(f))
-            for n, f in zip(names, files)}
+                                 get_if_exists=True, **placement).remote(*a)
+            for n, a in zip(names, args, strict=True)}
 
 
 def shared_store(names: Sequence[str]) -> Store:

@@ -132,9 +132,9 @@ async def serve(args: argparse.Namespace, vllm_argv: Sequence[str],
     from vinterp_server.store import MemoryStore, ShardedStore, Store
 
     keys, host_addr = _keys_and_address(args)
-    files = [SqliteStore(f) for f in args.store_files or ()]
-    store: Store = (MemoryStore() if not files else files[0] if len(files) == 1
-                    else ShardedStore(files))
+    on_disk = [SqliteStore(f) for f in args.store_files or ()]
+    store: Store = (MemoryStore() if not on_disk else on_disk[0] if len(on_disk) == 1
+                    else ShardedStore(on_disk))
     print(f"vinterp serve: starting the engine for {args.model} ...", file=sys.stderr,
           flush=True)
     host = await LocalEngineHost.start(args.model, list(vllm_argv))
@@ -150,8 +150,8 @@ async def serve(args: argparse.Namespace, vllm_argv: Sequence[str],
     finally:
         watchdog.cancel()
         await host.shutdown()
-        for f in files:
-            f.close()
+        for shard in on_disk:
+            shard.close()
     return outcome.exit_code
 
 

@@ -304,13 +304,10 @@ def _warn_if_layer_row(proxy: Proxy) -> None:
     if tracer.finished:
         return
     node = tracer.nodes[proxy._id]
-    arch = tracer.lm.architecture
-    if node.op != "read" or node.kwargs.get("kind") != "output" or arch is None:
+    if node.op != "read" or node.kwargs.get("kind") != "output":
         return
-    from vinterp.tracing.envoy import layer_index
-
     module = node.kwargs["module"]
-    if layer_index(arch.layers, module) is None:
+    if not tracer.lm._is_layer(module):
         return
     warnings.warn(
         f"{module}.output[0] is batch row 0 (shape [seq, hidden]): in transformers 5 a "
