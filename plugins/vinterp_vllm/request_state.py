@@ -183,11 +183,15 @@ class RequestState:
         self._next_pos[sid] = nxt
         self._add_bytes(values.numel() * values.element_size())
 
-    def take_steps(self) -> dict[int, list[tuple[int, Any]]]:
+    def take_steps(self, before: int | None = None) -> dict[int, list[tuple[int, Any]]]:
         """Fast captures of the steps already complete, as ``save id -> [(step, value)]``,
         handed over now (streaming) and so left out of :meth:`finish`. A decode step is one
         row, complete when seen; the prompt's step once its last position is captured (or a
-        generated row follows). General graphs hand everything over at the end."""
+        generated row follows). General graphs hand everything over at the end.
+
+        ``before``: hand over only earlier steps. A caller that has seen ``k`` generated
+        tokens passes ``k``: step ``k`` is the forward over token ``k``, which only counts
+        if that token is not the last (vLLM may run it before noticing a stop string)."""
         out: dict[int, list[tuple[int, Any]]] = {}
         if self.plan is None or self.failed:
             return out
@@ -198,13 +202,14 @@ class RequestState:
                 steps = self._chunks.get(a.node.id)
                 if a.op != "capture" or not steps:
                     continue
-                done = [s for s in sorted(steps) if s > 0 or len(steps) > 1
-                        or self._next_pos.get(a.node.id, 0) >= self._prompt_len]
+                done = [s for s in sorted(steps) if (s > 0 or len(steps) > 1
+                        or self._next_pos.get(a.node.id, 0) >= self._prompt_len)
+                        and (before is None or s < before)]
                 if done:
                     out[a.node.id] = [(s, a.assemble(s, steps.pop(s))) for s in done]
         return out
 
-    def fast_saves(self) -> dict[int, Any]:
+    def fast_saves(self, before_step: int | None = None) -> dict[int, Any]:
         out: dict[int, Any] = {}
         assert self.plan is not None
         for point, actions in self.plan.items():
@@ -213,8 +218,8 @@ class RequestState:
                 if a.op != "capture":
                     continue
                 steps = self._chunks.get(a.node.id, {})
-                vals: list[Any] = [a.assemble(s, steps[s])
-                                   for s in sorted(steps)]
+                vals: list[Any] = [a.assemble(s, steps[s]) for s in sorted(steps)
+                                   if before_step is None or s < before_step]
                 if wrap:
                     vals = [(v, None) for v in vals]
                 multi = a.node.steps.stop is None or a.node.steps.stop - a.node.steps.start > 1
@@ -276,14 +281,21 @@ class RequestState:
             if nid in runner.state.env:
                 self.outcome.exports[nid] = snapshot(runner.state.env[nid])
 
-    def finish(self) -> Outcome:
-        """The outcome to hand back (saves assembled)."""
+    def finish(self, steps: int | None = None) -> Outcome:
+        """The outcome to hand back (saves assembled).
+
+        ``steps``: how many forwards of the request count, its number of generated tokens
+        (the forward over the last one is not part of the generation). vLLM notices a stop
+        string in its front end, after the engine may have run that forward: its captures
+        and saves are left out. (The prompt's forward always counts.)"""
+        if steps is not None:
+            steps = max(steps, 1)
         if not self.failed:
             try:
                 if self.plan is not None:
-                    self.outcome.saves = self.fast_saves()
+                    self.outcome.saves = self.fast_saves(steps)
                 elif self.runner is not None:
-                    self.outcome.saves = self.runner.results()
+                    self.outcome.saves = self.runner.results(steps)
                     self._account(self.outcome.saves)
             except Exception as exc:
                 self.fail(f"{type(exc).__name__}: {exc}")

@@ -84,8 +84,12 @@ class VinterpWorkerExtension:
                 "hooks must be in place before vLLM compiles the model")
         return True
 
-    def vinterp_drain(self, keys: list[str], as_bytes: bool = True) -> Any:
+    def vinterp_drain(self, keys: list[str], as_bytes: bool = True,
+                      steps: dict[str, int] | None = None) -> Any:
         """Outcomes of the given request keys (finished requests), freeing their state.
+
+        ``steps``: per key, the request's number of generated tokens as its caller saw them;
+        captures of later forwards are left out (see ``RequestState.finish``).
 
         Returned as bytes (``payload.outcomes_to_wire``; read them with
         ``outcomes_from_wire``), which cross vLLM's RPC transport unchanged. A caller in this
@@ -93,18 +97,20 @@ class VinterpWorkerExtension:
         themselves, each tensor its own copy (``payload.own_copies``), without a round trip
         through bytes.
         """
-        outcomes = self._vinterp.drain(keys)
+        outcomes = self._vinterp.drain(keys, steps)
         return outcomes_to_wire(outcomes) if as_bytes else own_copies(outcomes)
 
-    def vinterp_take_steps(self, keys: list[str]) -> bytes:
+    def vinterp_take_steps(self, keys: list[str],
+                           before: dict[str, int] | None = None) -> bytes:
         """Captures of the steps already complete of still-running requests (streaming), as
         ``wire`` bytes of ``{key: {save id: [(step, value), ...]}}``; taken steps are left out
-        of the final outcome."""
+        of the final outcome. ``before``: per key, hand over only steps before that one
+        (``RequestState.take_steps``)."""
         out = {}
         for key in keys:
             st = self._vinterp.by_key.get(key)
             if st is not None:
-                taken = st.take_steps()
+                taken = st.take_steps((before or {}).get(key))
                 if taken:
                     out[key] = taken
         return pack(out)
@@ -435,13 +441,14 @@ class _Hooks:
                 zip(wants, batched_logits(self.model, normed, rows), strict=True)}
 
     # ------------------------------------------------------------------ results
-    def drain(self, keys: list[str]) -> dict[str, Outcome]:
+    def drain(self, keys: list[str], steps: dict[str, int] | None = None
+              ) -> dict[str, Outcome]:
         out: dict[str, Outcome] = {}
         for key in keys:
             st = self.by_key.pop(key, None)
             if st is None:
                 continue
-            out[key] = st.finish()
+            out[key] = st.finish((steps or {}).get(key))
         live = set(self.by_key.values())
         self.by_req = {r: s for r, s in self.by_req.items() if s is None or s in live}
         # plain request ids leave the cache once vLLM forgets them

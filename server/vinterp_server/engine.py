@@ -51,6 +51,8 @@ class RequestContext:
         self.tokens = 0
         self.outcomes: dict[int, Outcome] = {}
         self.keys: dict[int, str] = {}
+        #: generated tokens each rendered prompt's output has shown so far
+        self.generated: dict[int, int] = {}
         self._engine: AsyncEngine | None = None
         self._prompts = 0
         #: step captures computed where the engine runs, not yet taken (a remote host)
@@ -77,6 +79,7 @@ class RequestContext:
             n = sum(len(c.token_ids) for c in out.outputs)
             self.tokens += n if delta else n - counted
             counted = counted + n if delta else n
+            self.generated[index] = counted
             yield out
 
     def _attach(self, engine: AsyncEngine, prompt: Any, params: Any) -> str:
@@ -110,7 +113,9 @@ class RequestContext:
         key = self.keys.get(index)
         if key is None or self._engine is None or index in self.outcomes:
             return {}
-        return await self._engine.take_steps(key)
+        # only the steps before the newest token's forward: it is not part of the generation
+        # if that token turns out to be the last (a stop string, noticed later)
+        return await self._engine.take_steps(key, self.generated.get(index, 0))
 
     def outcome(self, index: int) -> Outcome | None:
         """The worker's outcome for rendered prompt ``index`` (once it finished)."""

@@ -231,3 +231,75 @@ def test_closing_one_engine_leaves_the_others_in_the_process_working(tiny_vllm):
                                                                  ignore_eos=True),
                                  use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+# ---------------------------------------------------------------------- a late stop
+def _capture_request(engine, req_id: str, ids: list[int], general: bool) -> None:
+    """A request saving layer 1's output at every step: the fast path's capture, or (general)
+    a save of a value computed from it, which only the graph runner can do."""
+    from vinterp_vllm.payload import Payload
+
+    from vinterp.backends.vllm.requests import subgraph_json
+    from vinterp.backends.vllm.sampling import sampling_params
+    from vinterp.ir import Graph, Invoke, Node, Ref, Steps
+
+    every = Steps(start=0, stop=None)
+    read = Node(id=0, op="read", kwargs={"module": "model.layers.1", "kind": "output"},
+                steps=every)
+    nodes = [read, Node(id=1, op="save", args=(Ref(ref=0),), steps=every)]
+    if general:
+        nodes = [read, Node(id=2, op="mul", args=(Ref(ref=0), 2.0), steps=every),
+                 Node(id=1, op="save", args=(Ref(ref=2),), steps=every)]
+    graph = Graph(mode="generate", invokes=(Invoke(prompts=(tuple(ids),)),),
+                  nodes=tuple(nodes), generation={"max_new_tokens": 8})
+    payload = Payload(key=req_id, graph_json=subgraph_json(graph, 0), invoke=0,
+                      mode="generate")
+    params = sampling_params({"max_new_tokens": 8, "ignore_eos": True},
+                             extra_args=payload.to_extra_args())
+    engine.add_request(req_id, {"prompt_token_ids": ids}, params)
+
+
+@pytest.mark.parametrize("general", [False, True], ids=["fast", "general"])
+def test_forwards_past_the_last_counted_token_are_left_out(tiny_vllm, general):
+    """vLLM notices a stop string in its front end, after the engine core may already have
+    run the forward over the token that completed it. The caller says how many tokens the
+    request generated; captures and saves of later forwards are left out (they used to come
+    back as one row too many). Here the request runs 8 forwards and the drain counts 5."""
+    llm = tiny_vllm.llm
+    engine = llm.llm_engine
+    ids = list(range(30, 42))
+    tag = "general" if general else "fast"
+    _capture_request(engine, f"late-stop-{tag}", ids, general)
+    _capture_request(engine, f"whole-{tag}", ids, general)
+    _run_until_done(engine)
+    got = outcomes_from_wire(llm.collective_rpc(
+        "vinterp_drain", args=([f"late-stop-{tag}", f"whole-{tag}"], True,
+                               {f"late-stop-{tag}": 5}))[0])
+    whole, cut = got[f"whole-{tag}"], got[f"late-stop-{tag}"]
+    assert whole.error is None and cut.error is None, (whole.error, cut.error)
+    full, kept = whole.saves[1], cut.saves[1]
+    assert len(full) == 8 and len(kept) == 5     # step 0 (the prompt) + steps 1..4
+    for a, b in zip(kept, full, strict=False):
+        assert torch.equal(a, b)
+
+
+def test_streamed_steps_wait_for_the_token_after_them(tiny_vllm):
+    """``take_steps`` with ``before=k`` hands over only steps < k: the forward over the newest
+    token counts only once a token follows it."""
+    from vinterp_vllm.wire import unpack
+
+    llm = tiny_vllm.llm
+    engine = llm.llm_engine
+    ids = list(range(50, 60))
+    _capture_request(engine, "stream-before", ids, general=False)
+    for _ in range(5):   # the prompt's forward and four decode steps: steps 0..4 captured
+        engine.step()
+    assert engine.has_unfinished_requests()
+    taken = unpack(llm.collective_rpc("vinterp_take_steps",
+                                      args=(["stream-before"], {"stream-before": 3}))[0])
+    steps = [s for s, _ in taken["stream-before"][1]]
+    assert steps == [0, 1, 2]
+    _run_until_done(engine)
+    rest = outcomes_from_wire(llm.collective_rpc(
+        "vinterp_drain", args=(["stream-before"], True, {"stream-before": 8}))[0])
+    assert len(rest["stream-before"].saves[1]) == 5    # steps 3..7

@@ -125,6 +125,36 @@ def test_chat_stream_carries_captures_chunk_by_chunk(served):
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
+def test_stop_string_captures_one_row_per_forward_that_counts(served):
+    """A stop string ends the request in vLLM's front end, after the engine may already have
+    run the forward over the token that completed it: that forward's row used to come back
+    (one row past ``completion_tokens - 1``, streamed and not differently). Both now hold
+    exactly the prompt's rows and one per generated token but the last, equal to the same
+    rows of the unstopped run."""
+    client = served.openai()
+    body = {"capture": [{"point": "layers.5.output", "positions": "all", "steps": "all"}]}
+    kw = {"model": MODEL, "prompt": PARIS_PROMPT, "temperature": 0, "extra_body": body}
+    free = client.completions.create(max_tokens=24, **kw)
+    words = free.choices[0].text.split()
+    assert len(words) >= 6, free.choices[0].text
+    stop = " " + words[4]
+    ref = fetch(served, free.choices[0].model_extra["captures"][0])
+    n_prompt = free.usage.prompt_tokens
+    for attempt in range(3):   # the extra forward depends on timing: give it chances
+        cut = client.completions.create(max_tokens=24, stop=[stop], **kw)
+        n = cut.usage.completion_tokens
+        assert cut.choices[0].finish_reason == "stop" and n < 24
+        got = fetch(served, cut.choices[0].model_extra["captures"][0])
+        assert got.shape == (n_prompt + n - 1, 576), (attempt, got.shape, n)
+        assert rel(got, ref[:n_prompt + n - 1]) <= 1e-4
+        chunks = list(client.completions.create(max_tokens=24, stop=[stop], stream=True,
+                                                stream_options={"include_usage": True}, **kw))
+        pieces = [fetch(served, item) for c in chunks if c.choices
+                  for item in c.choices[0].model_extra.get("captures") or []]
+        assert chunks[-1].usage.completion_tokens == n
+        assert torch.equal(torch.cat(pieces), got), attempt
+
+
 def test_scale_by_zero_at_every_layer_changes_the_text(served):
     client = served.openai()
     messages = [{"role": "user", "content": "What is the capital of France?"}]

@@ -95,6 +95,9 @@ class _Lane:
 class _Saved:
     snapshot: Any
     live: Any
+    #: the step (forward) it was saved at: a request that finished early (a stop string)
+    #: may have run one more forward, whose saves are dropped (``results(before_step=)``)
+    step: int = 0
 
 
 @dataclass
@@ -544,7 +547,7 @@ class GraphRunner:
             return args[0]
         if op == "save":
             saved = self.state.saves.setdefault(node.id, [])
-            saved.append(_Saved(snapshot(args[0]), args[0]))
+            saved.append(_Saved(snapshot(args[0]), args[0], self._step))
             src = node.args[0]
             if isinstance(src, Ref) and src.ref in self.state.positions:
                 self.state.positions[node.id] = self.state.positions[src.ref]
@@ -640,20 +643,25 @@ class GraphRunner:
         return target
 
     # ----------------------------------------------------------------- results
-    def results(self) -> dict[int, Any]:
-        """Saved values by save-node id: one value, or a list (one per step) in scopes."""
-        return collect_results(self.graph, self.state)
+    def results(self, before_step: int | None = None) -> dict[int, Any]:
+        """Saved values by save-node id: one value, or a list (one per step) in scopes.
+        ``before_step``: leave out what steps from that one on saved."""
+        return collect_results(self.graph, self.state, before_step)
 
 
-def collect_results(graph: Graph, state: RunState) -> dict[int, Any]:
-    """Saved values of a finished run (all phases) by save-node id."""
+def collect_results(graph: Graph, state: RunState,
+                    before_step: int | None = None) -> dict[int, Any]:
+    """Saved values of a finished run (all phases) by save-node id; with ``before_step``,
+    only those saved at earlier steps (vLLM can run one forward past a request's end)."""
     out: dict[int, Any] = {}
     for node in graph.nodes:
         if node.op != "save" or node.id not in state.saves:
             continue
-        values = [_final(s) for s in state.saves[node.id]]
+        values = [_final(s) for s in state.saves[node.id]
+                  if before_step is None or s.step < before_step]
         multi = node.steps.stop is None or node.steps.stop - node.steps.start > 1
-        out[node.id] = values if multi else values[-1]
+        if multi or values:
+            out[node.id] = values if multi else values[-1]
     return out
 
 

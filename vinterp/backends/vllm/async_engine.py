@@ -34,29 +34,31 @@ from vinterp.ir.schema import Graph
 from vinterp.models.architectures import Architecture, for_model_type
 from vinterp_vllm.payload import Outcome, Payload, outcomes_from_wire
 from vinterp_vllm.request_state import DEFAULT_MAX_UNDRAINED
+from vllm.sampling_params import RequestOutputKind
 
 class Batcher:
     """Coalesces per-key calls into one call over all keys that are waiting.
 
-    ``call(keys)`` returns a dict key → result. While one call is in flight, new keys wait and
-    go together in the next. A failed call fails every key of its batch.
+    ``call(args)`` gets each waiting key with the argument it was asked with and returns a
+    dict key → result. While one call is in flight, new keys wait and go together in the
+    next. A failed call fails every key of its batch.
 
     Example::
 
-        drains = Batcher(lambda keys: engine_rpc("vinterp_drain", keys))
+        drains = Batcher(lambda args: engine_rpc("vinterp_drain", list(args)))
         outcome = await drains.get("key-1")
     """
 
-    def __init__(self, call: Callable[[list[str]], Awaitable[dict[str, Any]]]) -> None:
+    def __init__(self, call: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
         self._call = call
-        self._pending: dict[str, asyncio.Future[Any]] = {}
+        self._pending: dict[str, tuple[Any, asyncio.Future[Any]]] = {}
         self._task: asyncio.Task[None] | None = None
         self.calls = 0
 
-    async def get(self, key: str) -> Any:
+    async def get(self, key: str, arg: Any = None) -> Any:
         """The result for ``key`` (``None`` when the call returned nothing for it)."""
         fut = asyncio.get_running_loop().create_future()
-        self._pending[key] = fut
+        self._pending[key] = (arg, fut)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
         return await fut
@@ -67,13 +69,13 @@ class Batcher:
             batch, self._pending = self._pending, {}
             self.calls += 1
             try:
-                results = await self._call(list(batch))
+                results = await self._call({k: arg for k, (arg, _) in batch.items()})
             except Exception as exc:  # noqa: BLE001 - handed to every waiter
-                for fut in batch.values():
+                for _, fut in batch.values():
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            for key, fut in batch.items():
+            for key, (_, fut) in batch.items():
                 if not fut.done():
                     fut.set_result(results.get(key))
 
@@ -132,11 +134,17 @@ class AsyncEngine:
         """
         payload = Payload.from_extra_args(params.extra_args)
         done = False
+        delta = params.output_kind == RequestOutputKind.DELTA
+        generated = 0   # tokens of the (one) sequence so far
         try:
             async for out in self.llm.generate(prompt, params, request_id, **kwargs):
+                n = len(out.outputs[0].token_ids) if out.outputs else 0
+                generated = generated + n if delta else n
                 if out.finished and payload is not None and not done:
                     done = True
-                    outcome = await self._drains.get(payload.key)
+                    # the forwards that count: one per generated token (see
+                    # RequestState.finish: a stop string can leave one more behind)
+                    outcome = await self._drains.get(payload.key, generated)
                     if on_outcome is not None:
                         on_outcome(outcome or Outcome(
                             error="the worker never saw this request (no forward ran for it)"))
@@ -152,23 +160,27 @@ class AsyncEngine:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _drain_rpc(self, keys: list[str]) -> dict[str, Outcome]:
-        (blob,) = await self.llm.collective_rpc("vinterp_drain", args=(keys,))
+    async def _drain_rpc(self, steps: dict[str, int]) -> dict[str, Outcome]:
+        (blob,) = await self.llm.collective_rpc("vinterp_drain",
+                                                args=(list(steps), True, steps))
         return outcomes_from_wire(blob)
 
-    async def take_steps(self, key: str) -> dict[int, list[tuple[int, Any]]]:
+    async def take_steps(self, key: str, generated: int) -> dict[int, list[tuple[int, Any]]]:
         """Captures of the steps a running request completed so far (taken out of its final
-        outcome): ``save id -> [(step, value)]``. Batched like drains."""
-        return await self._takes.get(key) or {}
+        outcome): ``save id -> [(step, value)]``, for the steps before ``generated`` (the
+        tokens its caller has seen; the forward over the newest may not count, see
+        ``RequestState.take_steps``). Batched like drains."""
+        return await self._takes.get(key, generated) or {}
 
-    async def _take_rpc(self, keys: list[str]) -> dict[str, Any]:
+    async def _take_rpc(self, before: dict[str, int]) -> dict[str, Any]:
         from vinterp_vllm.wire import unpack
 
-        (blob,) = await self.llm.collective_rpc("vinterp_take_steps", args=(keys,))
+        (blob,) = await self.llm.collective_rpc("vinterp_take_steps",
+                                                args=(list(before), before))
         return unpack(blob)
 
-    async def _release_rpc(self, keys: list[str]) -> dict[str, Any]:
-        await self.llm.collective_rpc("vinterp_release", args=(keys,))
+    async def _release_rpc(self, keys: dict[str, Any]) -> dict[str, Any]:
+        await self.llm.collective_rpc("vinterp_release", args=(list(keys),))
         return {}
 
     @property

@@ -166,13 +166,18 @@ class VllmBackend(Backend):
             self._undrained_cap = 2 * len(jobs)
             self.llm.collective_rpc("vinterp_set_max_undrained", args=(self._undrained_cap,))
         requests = [run.request(job) for job in jobs]
+        outs = None
         try:
             outs = self.llm.generate([p for p, _ in requests], [sp for _, sp in requests],
                                      use_tqdm=False)
         finally:
+            # the forwards that count: one per generated token (RequestState.finish)
+            steps = None if outs is None else {
+                job.payload.key: len(out.outputs[0].token_ids)
+                for job, out in zip(jobs, outs, strict=True)}
             # in-process: the outcomes themselves, no trip through bytes
             got = self.llm.collective_rpc("vinterp_drain", args=(
-                [job.payload.key for job in jobs], not self._engine_in_process))[0]
+                [job.payload.key for job in jobs], not self._engine_in_process, steps))[0]
             drained = got if self._engine_in_process else outcomes_from_wire(got)
         for job, out in zip(jobs, outs, strict=True):
             run.record(job, drained.get(job.payload.key), out.outputs[0].token_ids)
