@@ -50,7 +50,8 @@ def _point_fake(x: torch.Tensor, y: torch.Tensor | None, pid: torch.Tensor) -> N
 
 
 def _slots_fake(capbuf: torch.Tensor, pre: torch.Tensor, before: torch.Tensor,
-                post: torch.Tensor, after: torch.Tensor) -> None:
+                post: torch.Tensor, after: torch.Tensor, flags: torch.Tensor,
+                bad: torch.Tensor) -> None:
     return None
 
 
@@ -71,7 +72,7 @@ def register_op() -> None:
     lib = Library("vinterp", "FRAGMENT")
     direct_register_custom_op("point", _point, mutates_args=["x", "y"], fake_impl=_point_fake,
                               target_lib=lib)
-    direct_register_custom_op("slots", write_slots, mutates_args=["capbuf"],
+    direct_register_custom_op("slots", write_slots, mutates_args=["capbuf", "flags"],
                               fake_impl=_slots_fake, target_lib=lib)
     _LIB = lib
 
@@ -147,11 +148,12 @@ def install_point_hooks(model: torch.nn.Module, points: Sequence[tuple[str, str,
                 if column is not None:
                     x, y = _hook_tensors(pair, args, kwargs, out)
                     batch = x.dim() == 3       # vLLM's Transformers backend: [1, tokens, H]
-                    new_x, new_y, before, after, pre, post = table_rows(
+                    new_x, new_y, before, after, pre, post, bad = table_rows(
                         x[0] if batch else x, y[0] if batch and y is not None else y,
                         getattr(mod, tbuf), mod._vinterp_rowmap, mod._vinterp_vec,
                         mod._vinterp_coef)
-                    slots_op(mod._vinterp_capbuf, pre, before, post, after)
+                    slots_op(mod._vinterp_capbuf, pre, before, post, after,
+                             mod._vinterp_flags, bad)
                     if batch:
                         new_x = new_x.unsqueeze(0)
                         new_y = None if new_y is None else new_y.unsqueeze(0)

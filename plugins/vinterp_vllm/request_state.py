@@ -150,6 +150,13 @@ class RequestState:
         self.runner = None
         self.plan = None
 
+    def fail_nonfinite(self, what: str, dtype: torch.dtype) -> None:
+        """Fail because ``what`` (an op at a point) made this request's rows inf or NaN; the
+        rows kept their values (see ``worker.finite_rows``)."""
+        self.fail(f"{what} made this request's activations inf or NaN (a vector or scale too "
+                  f"large for {dtype}?); the request was stopped and its rows kept their "
+                  f"values there, so no other request can see them")
+
     def _account(self, value: Any) -> None:
         self._add_bytes(_nbytes(value))
 

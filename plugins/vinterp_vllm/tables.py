@@ -14,7 +14,10 @@ tables allocated when the hooks go in:
   and clamp (``sd=1``), with the float operations of the vectorized path (``groups.Group``);
   entry 0 is the identity, and rows with entry 0 are left exactly as they were;
 * ``capbuf[slot]``: the value of each captured row, before (pre) or after (post) the update;
-  slot 0 is where every other row's copy goes.
+  slot 0 is where every other row's copy goes;
+* ``flags[row]``: set where the update would have made the row inf or NaN (it then keeps its
+  value); read after the step without a sync of its own, and its requests fail
+  (:meth:`StepTables.blame`).
 
 :meth:`StepTables.plan` turns a step's vectorized actions into tables (or answers ``None``
 when they cannot be expressed: the step then runs eagerly with the Python hooks), :meth:`fill`
@@ -56,15 +59,16 @@ ENTRY, PRE, POST = range(3)
 def table_rows(x: torch.Tensor, y: torch.Tensor | None, tid: torch.Tensor,
                rowmap: torch.Tensor, vec: torch.Tensor, coef: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor,
-                          torch.Tensor, torch.Tensor]:
+                          torch.Tensor, torch.Tensor, torch.Tensor]:
     """The table update at one point, as plain tensor ops (traced into the compiled graph,
     where inductor fuses them): ``x`` (and ``y``, a fused layer's residual: the stream is
     ``x + y``) are this step's ``[rows, hidden]`` values there, ``rowmap[:, tid]`` says what
     each row gets.
 
-    Returns ``(new x, new y, stream before, stream after, pre slots, post slots)``. Rows with
-    entry 0 keep ``x`` and ``y`` exactly; touched rows get the new stream in ``x`` and 0 in
-    ``y`` (so the next fused add gives exactly it, as in ``events.point_rows``).
+    Returns ``(new x, new y, stream before, stream after, pre slots, post slots, bad)``.
+    Rows with entry 0 keep ``x`` and ``y`` exactly; touched rows get the new stream in ``x``
+    and 0 in ``y`` (so the next fused add gives exactly it, as in ``events.point_rows``).
+    ``bad``: the rows the update would have made inf/NaN (finite before), which keep theirs.
     """
     n = x.shape[0]
     m = rowmap[:n].index_select(1, tid).reshape(n, 3)
@@ -76,19 +80,27 @@ def table_rows(x: torch.Tensor, y: torch.Tensor | None, tid: torch.Tensor,
     p = (s * (v * sd)).sum(-1, keepdim=True)
     new = a * s + sb * v + v * (torch.clamp(p, lo, hi) - p)
     # a row the update makes inf/NaN keeps its value (the KV cache would carry it to other
-    # requests, see worker.finite_rows); graph-safe, no sync
-    touched = ((entry != 0) & torch.isfinite(new).all(-1)).unsqueeze(-1)
+    # requests, see worker.finite_rows) and is flagged; graph-safe, no sync. A row's float32
+    # sum is inf/NaN exactly when the row holds one (as in finite_rows).
+    edited = entry != 0
+    finite = torch.isfinite(new.sum(-1, dtype=torch.float32))
+    bad = edited & ~finite & torch.isfinite(s.sum(-1, dtype=torch.float32))
+    touched = (edited & finite).unsqueeze(-1)
     new_y = None if y is None else y.masked_fill(touched, 0)
-    return (torch.where(touched, new, x), new_y, s, torch.where(touched, new, s), pre, post)
+    return (torch.where(touched, new, x), new_y, s, torch.where(touched, new, s), pre, post,
+            bad)
 
 
 def write_slots(capbuf: torch.Tensor, pre: torch.Tensor, before: torch.Tensor,
-                post: torch.Tensor, after: torch.Tensor) -> None:
+                post: torch.Tensor, after: torch.Tensor, flags: torch.Tensor,
+                bad: torch.Tensor) -> None:
     """Copy each row's stream before / after the update into its capture slot (slot 0 takes
-    every row nobody captures). The op ``vinterp::slots``: a write into a persistent buffer,
-    like vLLM's KV-cache update, so the graph keeps it in place and a CUDA graph replays it."""
+    every row nobody captures), and mark the ``bad`` rows in ``flags``. The op
+    ``vinterp::slots``: writes into persistent buffers, like vLLM's KV-cache update, so the
+    graph keeps them in place and a CUDA graph replays them."""
     capbuf.index_copy_(0, pre, before.to(capbuf.dtype))
     capbuf.index_copy_(0, post, after.to(capbuf.dtype))
+    flags[:bad.shape[0]].logical_or_(bad)
 
 
 def _coef(a: Action) -> tuple[float, float, float, float, float]:
@@ -120,6 +132,8 @@ class TablePlan:
     #: (request state, capture action, its span, its rows, their slots)
     captures: list[tuple[Any, Action, RowSpan, list[int], list[int]]] = field(
         default_factory=list)
+    #: requests with edits this step and their spans (blamed for rows the edits flag)
+    edited: list[tuple[Any, RowSpan]] = field(default_factory=list)
     slots: int = 1                            # slots used, the trash slot 0 included
     points: set[tuple[str, str]] = field(default_factory=set)
 
@@ -139,6 +153,9 @@ class StepTables:
         self.coef = torch.zeros(entries, 5, dtype=dtype, device=device)
         self.coef[0] = torch.tensor([1.0, 0.0, 0.0, float("-inf"), float("inf")])
         self.capbuf = torch.zeros(slots, hidden, dtype=dtype, device=device)
+        self.flags = torch.zeros(rows, dtype=torch.bool, device=device)
+        #: the last table step's flags on their way to the host: (edited, copy, event)
+        self._flagged: tuple[list[tuple[Any, RowSpan]], torch.Tensor, Any] | None = None
         self._dirty = 0              # rows of ``rowmap`` the last fill may have set
         #: the actions whose vectors the device tables hold (kept alive, so that an equal
         #: list is the same actions, not new ones at recycled addresses)
@@ -149,7 +166,7 @@ class StepTables:
     def shared(self) -> dict[str, torch.Tensor]:
         """The tables every point's op reads (registered as buffers on the hooked modules)."""
         return {"rowmap": self.rowmap, "vec": self.vec, "coef": self.coef,
-                "capbuf": self.capbuf}
+                "capbuf": self.capbuf, "flags": self.flags}
 
     # ------------------------------------------------------------------ planning
     def plan(self, fast: dict[tuple[str, str, str], list[tuple[Any, RowSpan, list[Action]]]],
@@ -205,6 +222,8 @@ class StepTables:
                 e = entry_of[id(a)] = len(plan.entries)
             plan.where.extend(r * width + 3 * t + ENTRY for r in rows[i])
             plan.what.extend([e] * len(rows[i]))
+        if edits:
+            plan.edited.append((st, span))
         for i, (a, r) in enumerate(zip(actions, rows, strict=True)):
             if a.op != "capture" or not r:
                 continue
@@ -245,7 +264,7 @@ class StepTables:
                 self.vec[1:k + 1].copy_(self._staged(vec), non_blocking=True)
                 self.coef[1:k + 1].copy_(self._staged(coef), non_blocking=True)
             self._held = list(plan.entries)
-        self._pending = plan if plan.captures else None
+        self._pending = plan if plan.captures or plan.edited else None
 
     def _vector(self, a: Action) -> torch.Tensor:
         if a.vector is None:    # scale: the coefficients say it all
@@ -270,6 +289,20 @@ class StepTables:
         plan, self._pending = self._pending, None
         if plan is None:
             return
+        if plan.edited:
+            # the flags leave without a sync here: the copy is queued after the forward, and
+            # vLLM waits for the step's sampled tokens before the next step (or drain) reads it
+            n = plan.rowmap.shape[0]
+            host = torch.empty(n, dtype=torch.bool, pin_memory=self._pin)
+            host.copy_(self.flags[:n], non_blocking=True)
+            self.flags[:n].zero_()
+            event = None
+            if self._pin:
+                event = torch.cuda.Event()
+                event.record()
+            self._flagged = (plan.edited, host, event)
+        if not plan.captures:
+            return
         used = self.capbuf[:plan.slots].clone()
         for st, a, span, rows, slots in plan.captures:
             if st.failed:
@@ -283,3 +316,20 @@ class StepTables:
                 st.add_capture(a, span, rows, vals)
             except Exception as exc:  # never take the engine down: this request fails
                 st.fail(f"{type(exc).__name__}: {exc}")
+
+    def blame(self, dtype: torch.dtype) -> None:
+        """Fail the requests whose edits the last table step flagged (rows that would have
+        become inf/NaN, kept as they were: see :func:`table_rows`). Called before the next
+        step is planned and before outcomes are drained."""
+        flagged, self._flagged = self._flagged, None
+        if flagged is None:
+            return
+        edited, host, event = flagged
+        if event is not None:
+            event.synchronize()   # (done already: vLLM read the step's tokens since)
+        if not bool(host.any()):
+            return
+        bad = host.nonzero().flatten().tolist()
+        for st, span in edited:
+            if any(span.start <= r < span.stop for r in bad):
+                st.fail_nonfinite("its steering", dtype)

@@ -107,6 +107,7 @@ class VinterpWorkerExtension:
         of the final outcome. ``before``: per key, hand over only steps before that one
         (``RequestState.take_steps``)."""
         out = {}
+        self._vinterp.blame_tables()
         for key in keys:
             st = self._vinterp.by_key.get(key)
             if st is not None:
@@ -282,6 +283,7 @@ class _Hooks:
         self.step_nonfinite = []
         self.active_hooks = set()
         self.eager_step = False
+        self.blame_tables()
         batch = self.runner.input_batch
         if len(self.by_req) > 8192:  # forget request ids vLLM no longer knows (plain ones)
             self.by_req = {r: s for r, s in self.by_req.items() if r in self.runner.requests}
@@ -378,10 +380,7 @@ class _Hooks:
             if not bool(bad.any()):
                 continue
             for k in sorted(set(g.table_index[bad].tolist())):
-                g.owners[k].fail(
-                    f"{g.op} at {key[0]} made this request's activations inf or NaN (a "
-                    f"vector or scale too large for {self.dtype}?); the request was stopped "
-                    f"and its rows kept their values there, so no other request can see them")
+                g.owners[k].fail_nonfinite(f"{g.op} at {key[0]}", self.dtype)
 
     def _at_point(self, key: tuple[str, str], out: Any) -> None:
         """Run this step's work at point ``key``; ``out`` holds its tensors as a forward hook's
@@ -441,8 +440,14 @@ class _Hooks:
                 zip(wants, batched_logits(self.model, normed, rows), strict=True)}
 
     # ------------------------------------------------------------------ results
+    def blame_tables(self) -> None:
+        """Fail the requests whose edits the last table step flagged as inf/NaN."""
+        if self.tables is not None:
+            self.tables.blame(self.dtype)
+
     def drain(self, keys: list[str], steps: dict[str, int] | None = None
               ) -> dict[str, Outcome]:
+        self.blame_tables()
         out: dict[str, Outcome] = {}
         for key in keys:
             st = self.by_key.pop(key, None)

@@ -70,6 +70,9 @@ class _State:
     def fail(self, msg: str) -> None:
         self.failed, self.error = True, msg
 
+    def fail_nonfinite(self, what: str, dtype) -> None:
+        self.fail(f"{what} made this request's activations inf or NaN")
+
     def add_capture(self, action, span, rows, vals) -> None:
         self.captures.append((action, rows, vals.clone()))
 
@@ -102,9 +105,9 @@ def _point(actions_per_request, n_rows: int, tables: StepTables, pair: bool = Tr
 
 def _apply(tables: StepTables, x, y) -> None:
     """What the hook traces into the graph: the update, the capture write, the new output."""
-    new_x, new_y, before, after, pre, post = table_rows(
+    new_x, new_y, before, after, pre, post, bad = table_rows(
         x, y, torch.tensor([0]), tables.rowmap, tables.vec, tables.coef)
-    write_slots(tables.capbuf, pre, before, post, after)
+    write_slots(tables.capbuf, pre, before, post, after, tables.flags, bad)
     x.copy_(new_x)
     if y is not None:
         y.copy_(new_y)
@@ -175,6 +178,31 @@ def test_a_step_with_new_actions_gets_their_vectors():
         gc.collect()
 
 
+def test_rows_an_edit_makes_inf_keep_their_values_and_fail_their_request():
+    """A steer whose sum overflows (each value finite) leaves its rows as they were, flags
+    them, and after the step fails that request only; the model's own non-finite rows are
+    not blamed on it. (The flags reach the host without a sync of their own.)"""
+    g = torch.Generator().manual_seed(5)
+    huge = Action("steer", None, 0, INF)  # type: ignore[arg-type]
+    huge.vector = torch.full((H,), 3e38)
+    fine = _actions(g)[0]
+    tables = _tables()
+    plan, x, y, states = _point([[huge], [fine], [huge]], 12, tables)
+    assert plan is not None
+    x[8:12] = float("nan")     # the third request's rows were not finite before its edit
+    x0, y0 = x.clone(), y.clone()
+    tables.fill(plan)
+    _apply(tables, x, y)
+    assert torch.equal(x[:4], x0[:4]) and torch.equal(y[:4], y0[:4])
+    assert not torch.equal(x[4:8], x0[4:8])
+    tables.collect()
+    assert not any(st.failed for st in states)    # not before the step is over
+    tables.blame(torch.float32)
+    assert [st.failed for st in states] == [True, False, False]
+    assert "inf or NaN" in states[0].error
+    assert not tables.flags.any()                 # cleared for the next step
+
+
 def test_the_plan_refuses_what_the_tables_cannot_hold():
     g = torch.Generator().manual_seed(2)
     steer, scale = _actions(g)[:2]
@@ -201,19 +229,19 @@ def test_the_op_traces_without_reading_values_on_the_host():
 
     tables = _tables()
     args = (torch.randn(5, H), torch.randn(5, H), torch.tensor([0]), tables.rowmap,
-            tables.vec, tables.coef, tables.capbuf)
+            tables.vec, tables.coef, tables.capbuf, tables.flags)
 
-    def step(x, y, tid, rowmap, vec, coef, capbuf):
-        new_x, new_y, before, after, pre, post = table_rows(x, y, tid, rowmap, vec, coef)
-        write_slots(capbuf, pre, before, post, after)
+    def step(x, y, tid, rowmap, vec, coef, capbuf, flags):
+        new_x, new_y, before, after, pre, post, bad = table_rows(x, y, tid, rowmap, vec, coef)
+        write_slots(capbuf, pre, before, post, after, flags, bad)
         return new_x, new_y
 
     make_fx(step, tracing_mode="symbolic")(*args)
 
-    def host_read(x, y, tid, rowmap, vec, coef, capbuf):
+    def host_read(x, y, tid, rowmap, vec, coef, capbuf, flags):
         if int(rowmap[0, 0, 0]) != 0:   # what the table path must never do
             x = x + 1
-        return step(x, y, tid, rowmap, vec, coef, capbuf)
+        return step(x, y, tid, rowmap, vec, coef, capbuf, flags)
 
     with pytest.raises(Exception, match="(?i)data.dependent"):
         make_fx(host_read, tracing_mode="symbolic")(*args)
@@ -331,6 +359,27 @@ def test_tables_go_back_to_the_identity_after_a_steered_step(models, vecs):
     # captures only, right after steered steps
     _steer_all(vl, vecs)
     _equal(_steer_all(vl, vecs, steer=False), _steer_all(hf, vecs, steer=False))
+
+
+def test_a_steer_that_overflows_fails_alone_and_poisons_nobody(models, vecs):
+    """In an engine: the overflowing request fails with a message saying so (from the
+    tables' flags on a compiled pass), its batch-mate and every later request equal HF."""
+    from vinterp.ir.interpreter import InterventionError
+
+    hf, vl = models
+    before = worker_stats(vl._backend.llm)
+    with pytest.raises(InterventionError, match=r"invoke 0, prompt 0: .*inf or NaN") as info:
+        with vl.generate(max_new_tokens=NEW, do_sample=False, ignore_eos=True) as tr:
+            with tr.invoke(PROMPTS[0]):
+                vl.model.layers[0].output.steer(torch.full((64,), 3e38), scale=3e38)
+            with tr.invoke(PROMPTS[1]):
+                vl.model.layers[1].output.steer(vecs[0])
+    assert "invoke 1" not in str(info.value)
+    if compiled_pass():
+        after = worker_stats(vl._backend.llm)
+        assert after["table_steps"] > before["table_steps"]
+        assert after["eager_steps"] == before["eager_steps"]
+    _equal(_steer_all(vl, vecs), _steer_all(hf, vecs))
 
 
 def _eager_delta(vl, run) -> tuple[int, object]:
