@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from vinterp.ir import Graph, load
-from vinterp.ir.interpreter import GraphRunner, RunState, snapshot
+from vinterp.ir.interpreter import GraphRunner
+from vinterp.ir.run_state import RunState, snapshot
 from vinterp.ir.tensors import decode_tensor
 from vinterp.models.architectures import Architecture
 from vinterp_vllm.actions import Action

@@ -418,7 +418,7 @@ class _Hooks:
                 st.runner.on_event(ev)
                 ev.write_back()
             except Exception as exc:
-                from vinterp.ir.interpreter import StopForward
+                from vinterp.ir.errors import StopForward
 
                 if isinstance(exc, StopForward):
                     continue

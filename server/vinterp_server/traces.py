@@ -25,7 +25,7 @@ import torch
 
 from vinterp.backends.base import RunResult
 from vinterp.ir import Graph, GraphError, SessionValue, encode_tensor, load
-from vinterp.ir.interpreter import InterventionError
+from vinterp.ir.errors import InterventionError
 from vinterp.ir.results import encode_results
 from vinterp_server import metrics
 from vinterp_server.auth import KeyInfo

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from vinterp import ir
-from vinterp.ir.interpreter import GraphRunner, InterventionError, invoke_phases
+from vinterp.ir.errors import InterventionError
+from vinterp.ir.interpreter import GraphRunner
+from vinterp.ir.phases import invoke_phases
 
 
 class FakeEvent:

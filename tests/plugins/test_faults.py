@@ -8,7 +8,7 @@ from helpers import capture_graph, steer_graph
 
 from vinterp.backends.vllm.runs import GraphRun
 from vinterp.ir import Graph, Invoke, Node, Ref, TensorRef, TupleV, encode_tensor
-from vinterp.ir.interpreter import InterventionError
+from vinterp.ir.errors import InterventionError
 from vinterp_vllm.payload import outcomes_from_wire
 
 

@@ -364,7 +364,7 @@ def test_tables_go_back_to_the_identity_after_a_steered_step(models, vecs):
 def test_a_steer_that_overflows_fails_alone_and_poisons_nobody(models, vecs):
     """In an engine: the overflowing request fails with a message saying so (from the
     tables' flags on a compiled pass), its batch-mate and every later request equal HF."""
-    from vinterp.ir.interpreter import InterventionError
+    from vinterp.ir.errors import InterventionError
 
     hf, vl = models
     before = worker_stats(vl._backend.llm)

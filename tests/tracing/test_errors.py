@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vinterp.ir.interpreter import InterventionError
+from vinterp.ir.errors import InterventionError
 from vinterp.tracing.errors import TracingError
 
 PROMPT = "Hello there friend"

@@ -24,13 +24,15 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from vinterp.ir import ops
+from vinterp.ir.errors import InterventionError, NeedsPhases, StopForward
 from vinterp.ir.index import graph_index
+from vinterp.ir.run_state import RunState, Saved, collect_results, snapshot
 from vinterp.ir.schema import (
     DictV, DTypeV, EllipsisV, Graph, ListV, Node, Ref, SliceV, TensorRef, TupleV, Value,
 )
@@ -39,18 +41,6 @@ from vinterp.steering import apply_steering
 
 #: largest tensor a graph may allocate with torch.zeros & co. (elements)
 MAX_CONSTRUCTED_NUMEL = 64 * 2**20
-
-
-class InterventionError(RuntimeError):
-    """An intervention failed while running; the message names the node and the user's line."""
-
-
-class StopForward(Exception):  # noqa: N818 - control flow, not an error
-    """Raised from inside the forward once ``tracer.stop()`` is reached and nothing is pending."""
-
-
-class NeedsPhases(Exception):  # noqa: N818 - control flow, not an error
-    """A cross-invoke dependency could not be met in one forward; rerun by phases."""
 
 
 class PointEvent(Protocol):
@@ -91,44 +81,6 @@ class _Lane:
     nodes: list[Node]
 
 
-@dataclass
-class _Saved:
-    snapshot: Any
-    live: Any
-    #: the step (forward) it was saved at: a request that finished early (a stop string)
-    #: may have run one more forward, whose saves are dropped (``results(before_step=)``)
-    step: int = 0
-
-
-@dataclass
-class RunState:
-    """Everything a run accumulates; survives phase reruns for finished invokes."""
-
-    env: dict[int, Any] = field(default_factory=dict)
-    env_step: dict[int, int] = field(default_factory=dict)
-    saves: dict[int, list[_Saved]] = field(default_factory=dict)
-    #: per read node: () -> (row positions, prompt lengths) of its value
-    positions: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = field(
-        default_factory=dict)
-
-
-def snapshot(value: Any) -> Any:
-    """A copy of ``value`` unaffected by later in-place edits (tensors cloned, nesting kept)."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # named tuple (topk, max, ...)
-        return type(value)(*(snapshot(v) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(snapshot(v) for v in value)
-    if isinstance(value, dict):
-        out = {k: snapshot(v) for k, v in value.items()}
-        try:
-            return type(value)(**out)  # HF ModelOutput and plain dicts
-        except TypeError:
-            return out
-    return value
-
-
 def _first_device(values: Iterable[Any]) -> torch.device | None:
     for v in values:
         if isinstance(v, torch.Tensor):
@@ -152,47 +104,6 @@ def _constructor_numel(fn: str, args: list[Any], kwargs: dict[str, Any]) -> int:
     if isinstance(size, int):
         size = [a for a in args if isinstance(a, int)] if fn != "torch.full" else [size]
     return math.prod(int(s) for s in size)
-
-
-def cross_refs(graph: Graph) -> dict[int, set[int]]:
-    """invoke → ids of other invokes' nodes it uses directly."""
-    index = graph_index(graph)
-    owner = index.owner
-    out: dict[int, set[int]] = {}
-    for n, refs in zip(graph.nodes, index.refs, strict=True):
-        if n.invoke < 0:
-            continue
-        for r in refs:
-            if owner[r] >= 0 and owner[r] != n.invoke:
-                out.setdefault(n.invoke, set()).add(r)
-    return out
-
-
-def invoke_phases(graph: Graph, needs: dict[int, set[int]] | None = None) -> list[list[int]]:
-    """Group invokes so each depends only on invokes in earlier groups.
-
-    ``needs``: :func:`cross_refs` of ``graph`` when the caller has it already.
-    """
-    owner = graph_index(graph).owner
-    deps: dict[int, set[int]] = {i: set() for i in range(max(1, len(graph.invokes)))}
-    for i, refs in (cross_refs(graph) if needs is None else needs).items():
-        deps[i] = {owner[r] for r in refs}
-    phase: dict[int, int] = {}
-
-    def depth(i: int, stack: tuple[int, ...] = ()) -> int:
-        if i in phase:
-            return phase[i]
-        if i in stack:
-            raise InterventionError(f"invokes {list(stack)} depend on each other in a cycle")
-        phase[i] = max((depth(d, stack + (i,)) + 1 for d in deps[i]), default=0)
-        return phase[i]
-
-    for i in deps:
-        depth(i)
-    groups: list[list[int]] = [[] for _ in range(max(phase.values(), default=0) + 1)]
-    for i in sorted(phase):
-        groups[phase[i]].append(i)
-    return groups
 
 
 class GraphRunner:
@@ -547,7 +458,7 @@ class GraphRunner:
             return args[0]
         if op == "save":
             saved = self.state.saves.setdefault(node.id, [])
-            saved.append(_Saved(snapshot(args[0]), args[0], self._step))
+            saved.append(Saved(snapshot(args[0]), args[0], self._step))
             src = node.args[0]
             if isinstance(src, Ref) and src.ref in self.state.positions:
                 self.state.positions[node.id] = self.state.positions[src.ref]
@@ -647,31 +558,6 @@ class GraphRunner:
         """Saved values by save-node id: one value, or a list (one per step) in scopes.
         ``before_step``: leave out what steps from that one on saved."""
         return collect_results(self.graph, self.state, before_step)
-
-
-def collect_results(graph: Graph, state: RunState,
-                    before_step: int | None = None) -> dict[int, Any]:
-    """Saved values of a finished run (all phases) by save-node id; with ``before_step``,
-    only those saved at earlier steps (vLLM can run one forward past a request's end)."""
-    out: dict[int, Any] = {}
-    for node in graph.nodes:
-        if node.op != "save" or node.id not in state.saves:
-            continue
-        values = [_final(s) for s in state.saves[node.id]
-                  if before_step is None or s.step < before_step]
-        multi = node.steps.stop is None or node.steps.stop - node.steps.start > 1
-        if multi or values:
-            out[node.id] = values if multi else values[-1]
-    return out
-
-
-def _final(saved: _Saved) -> Any:
-    # A saved tensor whose gradient the user asked for is returned live, so .grad is there.
-    live = saved.live
-    if isinstance(live, torch.Tensor) and (
-            live.retains_grad or (live.is_leaf and live.requires_grad)):
-        return live
-    return saved.snapshot
 
 
 def _lazy_positions(ev: PointEvent, invoke: int) -> Callable[[], tuple[torch.Tensor,

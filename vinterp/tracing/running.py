@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vinterp import ir
-from vinterp.ir.interpreter import GraphRunner, RunState
+from vinterp.ir.interpreter import GraphRunner
+from vinterp.ir.run_state import RunState
 from vinterp.ir.schema import Steps
 from vinterp.ir.validate import node_refs
 from vinterp.tracing.build import build_graph

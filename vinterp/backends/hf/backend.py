@@ -27,9 +27,10 @@ from vinterp.backends.hf import attention
 from vinterp.backends.hf.batching import BatchLayout
 from vinterp.backends.hf.views import assign, cut
 from vinterp.ir import Graph
-from vinterp.ir.interpreter import (
-    GraphRunner, NeedsPhases, RunState, StopForward, collect_results, invoke_phases,
-)
+from vinterp.ir.errors import NeedsPhases, StopForward
+from vinterp.ir.interpreter import GraphRunner
+from vinterp.ir.phases import invoke_phases
+from vinterp.ir.run_state import RunState, collect_results
 from vinterp.models.architectures import Architecture
 
 #: generate() names accepted besides HF's own: vLLM SamplingParams spellings.

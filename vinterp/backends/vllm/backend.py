@@ -26,7 +26,7 @@ from vinterp.backends.vllm import requests as rq
 from vinterp.backends.vllm.engine import build_engine, model_type
 from vinterp.backends.vllm.runs import GraphRun, Job
 from vinterp.ir.index import graph_index
-from vinterp.ir.interpreter import cross_refs
+from vinterp.ir.phases import cross_refs
 from vinterp.ir.schema import Graph, Ref
 from vinterp.models.architectures import Architecture, for_model_type
 from vinterp_vllm.calls import call_target

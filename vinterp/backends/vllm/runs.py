@@ -28,9 +28,10 @@ import torch
 from vinterp.backends.base import RunResult
 from vinterp.backends.vllm import requests as rq
 from vinterp.backends.vllm.sampling import sampling_params
-from vinterp.ir.interpreter import (
-    GraphRunner, InterventionError, RunState, collect_results, cross_refs, invoke_phases,
-)
+from vinterp.ir.errors import InterventionError
+from vinterp.ir.interpreter import GraphRunner
+from vinterp.ir.phases import cross_refs, invoke_phases
+from vinterp.ir.run_state import RunState, collect_results
 from vinterp.ir.index import graph_index
 from vinterp.ir.schema import Graph
 from vinterp.ir.tensors import encode_tensor
