@@ -154,8 +154,8 @@ class StepTables:
         self.coef[0] = torch.tensor([1.0, 0.0, 0.0, float("-inf"), float("inf")])
         self.capbuf = torch.zeros(slots, hidden, dtype=dtype, device=device)
         self.flags = torch.zeros(rows, dtype=torch.bool, device=device)
-        #: the last table step's flags on their way to the host: (edited, copy, event)
-        self._flagged: tuple[list[tuple[Any, RowSpan]], torch.Tensor, Any] | None = None
+        #: table steps' flags on their way to the host: (edited, host copy, CUDA event)
+        self._flagged: list[tuple[list[tuple[Any, RowSpan]], torch.Tensor, Any]] = []
         self._dirty = 0              # rows of ``rowmap`` the last fill may have set
         #: the actions whose vectors the device tables hold (kept alive, so that an equal
         #: list is the same actions, not new ones at recycled addresses)
@@ -290,8 +290,8 @@ class StepTables:
         if plan is None:
             return
         if plan.edited:
-            # the flags leave without a sync here: the copy is queued after the forward, and
-            # vLLM waits for the step's sampled tokens before the next step (or drain) reads it
+            # the flags leave without a sync: the copy is queued after the forward and read
+            # once done (blame), normally at the next step: vLLM has read the step's tokens
             n = plan.rowmap.shape[0]
             host = torch.empty(n, dtype=torch.bool, pin_memory=self._pin)
             host.copy_(self.flags[:n], non_blocking=True)
@@ -300,7 +300,7 @@ class StepTables:
             if self._pin:
                 event = torch.cuda.Event()
                 event.record()
-            self._flagged = (plan.edited, host, event)
+            self._flagged.append((plan.edited, host, event))
         if not plan.captures:
             return
         used = self.capbuf[:plan.slots].clone()
@@ -317,19 +317,22 @@ class StepTables:
             except Exception as exc:  # never take the engine down: this request fails
                 st.fail(f"{type(exc).__name__}: {exc}")
 
-    def blame(self, dtype: torch.dtype) -> None:
-        """Fail the requests whose edits the last table step flagged (rows that would have
-        become inf/NaN, kept as they were: see :func:`table_rows`). Called before the next
-        step is planned and before outcomes are drained."""
-        flagged, self._flagged = self._flagged, None
-        if flagged is None:
-            return
-        edited, host, event = flagged
-        if event is not None:
-            event.synchronize()   # (done already: vLLM read the step's tokens since)
-        if not bool(host.any()):
-            return
-        bad = host.nonzero().flatten().tolist()
-        for st, span in edited:
-            if any(span.start <= r < span.stop for r in bad):
-                st.fail_nonfinite("its steering", dtype)
+    def blame(self, dtype: torch.dtype, *, wait: bool = False) -> None:
+        """Fail the requests whose edits earlier table steps flagged (rows that would have
+        become inf/NaN, kept as they were: see :func:`table_rows`). Called before each step
+        is planned, for the flags already on the host (``wait=False``: with vLLM's async
+        scheduling the last step may still run, and waiting would stall the next one), and
+        before outcomes are drained or streamed (``wait=True``)."""
+        while self._flagged:
+            edited, host, event = self._flagged[0]
+            if event is not None and not event.query():
+                if not wait:
+                    return
+                event.synchronize()
+            self._flagged.pop(0)
+            if not bool(host.any()):
+                continue
+            bad = host.nonzero().flatten().tolist()
+            for st, span in edited:
+                if any(span.start <= r < span.stop for r in bad):
+                    st.fail_nonfinite("its steering", dtype)

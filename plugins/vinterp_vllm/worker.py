@@ -107,7 +107,7 @@ class VinterpWorkerExtension:
         of the final outcome. ``before``: per key, hand over only steps before that one
         (``RequestState.take_steps``)."""
         out = {}
-        self._vinterp.blame_tables()
+        self._vinterp.blame_tables(wait=True)
         for key in keys:
             st = self._vinterp.by_key.get(key)
             if st is not None:
@@ -440,14 +440,15 @@ class _Hooks:
                 zip(wants, batched_logits(self.model, normed, rows), strict=True)}
 
     # ------------------------------------------------------------------ results
-    def blame_tables(self) -> None:
-        """Fail the requests whose edits the last table step flagged as inf/NaN."""
+    def blame_tables(self, *, wait: bool = False) -> None:
+        """Fail the requests whose edits table steps flagged as inf/NaN (``StepTables.blame``;
+        ``wait``: for the flags still on their way too)."""
         if self.tables is not None:
-            self.tables.blame(self.dtype)
+            self.tables.blame(self.dtype, wait=wait)
 
     def drain(self, keys: list[str], steps: dict[str, int] | None = None
               ) -> dict[str, Outcome]:
-        self.blame_tables()
+        self.blame_tables(wait=True)
         out: dict[str, Outcome] = {}
         for key in keys:
             st = self.by_key.pop(key, None)
