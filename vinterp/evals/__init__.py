@@ -7,8 +7,9 @@ Example::
     print(show("out"))
 """
 
+from vinterp.evals.results import METRICS, mean_ci, summarize
 from vinterp.evals.show import best_cells, pareto_front, show
-from vinterp.evals.sweep import METRICS, SweepError, mean_ci, summarize, sweep
+from vinterp.evals.sweep import SweepError, sweep
 
 __all__ = ["METRICS", "SweepError", "best_cells", "mean_ci", "pareto_front", "show",
            "summarize", "sweep"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vinterp.evals.sweep import HIGHER_IS_BETTER, metrics_of, summarize
+from vinterp.evals.results import HIGHER_IS_BETTER, metrics_of, summarize
 
 
 def _mean(row: dict[str, Any], metric: str) -> float | None:
