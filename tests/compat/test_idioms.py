@@ -65,6 +65,26 @@ def test_grad_backward_block_matches_nnsight(hf):
     assert torch.allclose(g, torch.tensor(REF["grad_backward_block"]), atol=1e-3, rtol=1e-5)
 
 
+def test_each_backward_block_reads_its_own_gradient(hf):
+    """Two ``with loss.backward():`` blocks in one trace: each block's ``.grad`` is the
+    gradient of its own backward (nnsight's per-backward hooks), against torch.autograd.grad.
+    The first block used to wait for the second backward, and both read the sum."""
+    with hf.trace(PROMPT):
+        h = hf.model.layers[1].output
+        logits = hf.output.logits
+        with logits[0, -1, 0].backward(retain_graph=True):
+            a = h.grad.save()
+        with logits[0, -1, 1].backward():
+            b = h.grad.save()
+    kept = {}
+    with torch.enable_grad():
+        out = _raw_forward(hf, hooks={"model.layers.1": lambda m, a_, o: kept.update(h=o)})
+        ra, = torch.autograd.grad(out.logits[0, -1, 0], kept["h"], retain_graph=True)
+        rb, = torch.autograd.grad(out.logits[0, -1, 1], kept["h"])
+    assert (ra - rb).abs().max() > 1e-3    # (distinct gradients: the check can fail)
+    assert torch.allclose(a, ra, atol=1e-6) and torch.allclose(b, rb, atol=1e-6)
+
+
 def test_grad_saved_before_backward_04_order(hf):
     # nnsight 0.4 gradients tutorial: `.grad.save()` written before `.backward()`
     with hf.trace(PROMPT):

@@ -33,6 +33,19 @@ def test_non_allowlisted_names(node, msg):
         ir.load({"nodes": [_read(), node]})
 
 
+def test_a_grad_bound_to_a_backward_block_must_name_a_backward():
+    grad = {"id": 1, "op": "getattr", "args": [{"ref": 0}],
+            "kwargs": {"name": "grad", "backward": {"ref": 0}}}
+    with pytest.raises(GraphError, match=r"node 1: 'backward' refers to node 0, which is not"):
+        ir.load({"nodes": [_read(), grad]})
+    shape = {**grad, "kwargs": {"name": "shape", "backward": {"ref": 0}}}
+    with pytest.raises(GraphError, match=r"node 1: getattr's 'backward'"):
+        ir.load({"nodes": [_read(), shape]})
+    back = {"id": 1, "op": "backward", "args": [{"ref": 0}]}
+    ir.load({"nodes": [_read(), back, {**grad, "id": 2, "kwargs": {
+        "name": "grad", "backward": {"ref": 1}}}]})
+
+
 def test_dangling_reference():
     with pytest.raises(GraphError, match=r"node 1: argument refers to node 7, a node that does"):
         ir.load({"nodes": [_read(), {"id": 1, "op": "save", "args": [{"ref": 7}]}]})

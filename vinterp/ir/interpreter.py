@@ -156,6 +156,8 @@ class GraphRunner:
         self._point_slots: dict[tuple[str, str], list[tuple[int, int]]] = {}
         self._edit_lanes: dict[tuple[str, str], set[int]] = {}
         self._backwards: dict[int, list[int]] = {}
+        #: backward node -> the values whose .grad its `with` block reads
+        self._block_grads: dict[int, set[int]] = {}
         self._grad_targets = self._link_grads(graph)
 
     def _link_grads(self, graph: Graph) -> set[int]:
@@ -174,6 +176,10 @@ class GraphRunner:
                     or not isinstance(n.args[0], Ref):
                 continue
             targets.add(n.args[0].ref)
+            block = n.kwargs.get("backward")
+            if isinstance(block, Ref):   # read inside `with loss.backward():` (a reference)
+                self._block_grads.setdefault(block.ref, set()).add(n.args[0].ref)
+                continue
             later = [b for b in backs if b > n.id]
             earlier = [b for b in backs if b < n.id]
             dep = later[0] if later else (earlier[-1] if earlier else None)
@@ -499,6 +505,12 @@ class GraphRunner:
                 raise ValueError("this backend cannot call the model's modules on values")
             return modules(kwargs["module"])(*args, **(kwargs.get("kwargs") or {}))
         if op == "backward":
+            # a `with loss.backward():` block reads this backward's gradient alone (as
+            # nnsight's hooks on it do): what an earlier backward left in .grad goes
+            for ref in self._block_grads.get(node.id, ()):
+                value = self.state.env.get(ref)
+                if isinstance(value, torch.Tensor):
+                    value.grad = None
             args[0].backward(**kwargs)
             return None
         if op == "retain_grad":

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vinterp.ir.schema import DictV
+from vinterp.ir.schema import DictV, Ref
 
 POINT_OPS = frozenset({"read", "write"})
 POINT_KINDS = frozenset({"output", "input", "inputs"})
@@ -170,6 +170,11 @@ def check_call(node_op: str, kwargs: dict[str, Any]) -> str | None:
         name = kwargs.get("name")
         if name not in ATTRIBUTES:
             return f"attribute {name!r} is not in the allowlist"
+        if set(kwargs) - {"name", "backward"}:
+            return f"getattr takes only 'name' (and 'backward' for grad), got {sorted(kwargs)}"
+        if "backward" in kwargs and (name != "grad" or not isinstance(kwargs["backward"], Ref)):
+            return "getattr's 'backward' (the backward a .grad belongs to) must be a reference " \
+                   "to a backward node, on name 'grad'"
     elif node_op in MODULE_OPS:
         path = kwargs.get("module")
         if not isinstance(path, str) or not MODULE_PATH.fullmatch(path):

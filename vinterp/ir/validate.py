@@ -160,6 +160,10 @@ def _node_problem(graph: Graph, node: Node, refs: tuple[int, ...], tensors: tupl
     for t in tensors:
         if not 0 <= t < n_tensors:
             return f"tensor constant {t} does not exist"
+    back = node.kwargs.get("backward") if node.op == "getattr" else None
+    if back is not None and not any(n.id == back.ref and n.op == "backward"
+                                    for n in graph.nodes):
+        return f"'backward' refers to node {back.ref}, which is not a backward"
     return None
 
 

@@ -78,8 +78,8 @@ class Proxy:
         around the ``.grad`` reads (nnsight 0.5+); and ``h.grad.save()`` written before
         ``loss.backward()`` (nnsight 0.4): each ``.grad`` is read once its backward has run.
         """
-        self._add("backward", self, **kwargs)
-        return BackwardBlock()
+        back = self._add("backward", self, **kwargs)
+        return BackwardBlock(back)
 
     @property
     def value(self) -> Any:
@@ -157,6 +157,10 @@ class Proxy:
             shape = self._tracer.known_shape(self._id)
             if isinstance(shape, torch.Size):
                 return shape if name == "shape" else len(shape)
+        if name == "grad" and self._tracer.backward_blocks:
+            # inside `with loss.backward():` the gradient of that backward (nnsight 0.5+)
+            return self._add("getattr", self, name=name,
+                             backward=self._tracer.backward_blocks[-1])
         if name in ops.ATTRIBUTES:
             return self._add("getattr", self, name=name)
         if name in ops.TENSOR_METHODS:
@@ -259,14 +263,20 @@ def _find_proxy(args: Any, kwargs: Any) -> Proxy:
 
 class BackwardBlock:
     """What ``loss.backward()`` returns: ignorable as a statement, or nnsight 0.5's
-    ``with loss.backward():`` around the ``.grad`` reads (the backward is recorded at the
-    call either way; each ``.grad`` waits for it, see ``GraphRunner._link_grads``)."""
+    ``with loss.backward():`` around the ``.grad`` reads. The backward is recorded at the
+    call either way; a ``.grad`` read inside the block is that backward's gradient alone
+    (another backward before it does not add to it), others wait for the backward they
+    belong to (``GraphRunner._link_grads``)."""
+
+    def __init__(self, backward: Proxy) -> None:
+        self._backward = backward
 
     def __enter__(self) -> BackwardBlock:
+        self._backward._tracer.backward_blocks.append(self._backward)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        return None
+        self._backward._tracer.backward_blocks.remove(self._backward)
 
 
 #: a tensor's operators (and torch's functions of the same name) as IR binary ops: what torch

@@ -126,6 +126,8 @@ class Tracer:
         self._logs: list[list[Any]] = []
         #: tracer.cache() results: filled in after the run
         self._caches: list[Cache] = []
+        #: the ``with loss.backward():`` blocks open now (innermost last)
+        self.backward_blocks: list[Proxy] = []
         self.iter = _StepIter(self)
         if inputs is not None:
             self.invokes.append(lm._tokenize(inputs))
