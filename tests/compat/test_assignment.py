@@ -146,6 +146,48 @@ def test_a_gradient_reaches_a_value_patched_into_another_invoke(hf):
         assert hb.grad.norm() > 0, write
 
 
+def test_an_in_place_edit_reaches_every_reference_with_or_without_autograd():
+    """``m.drop.output[:] = 0`` where the module returns its input and the caller keeps that
+    tensor for a residual: as a PyTorch hook's in-place edit, the residual is zeroed too,
+    whether or not the trace calls ``.backward()`` and however many invokes it has. With a
+    backward and two invokes the edit used to land on a copy only (the residual kept h)."""
+    import vinterp
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.drop, self.fc2 = nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc2(self.drop(h)) + h   # eval: drop(h) is h itself
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    m = vinterp.NNsight(net)
+    x, y = torch.randn(2, 4), torch.randn(1, 4)
+    handle = net.drop.register_forward_hook(lambda mod, args, out: out.zero_())
+    try:
+        with torch.no_grad():
+            want = net(x)
+    finally:
+        handle.remove()
+    assert not torch.allclose(want, net(x).detach())   # (the edit matters)
+    for backward in (False, True):
+        for second in (False, True):
+            with m.trace() as tracer:
+                with tracer.invoke(x):
+                    m.drop.output[:] = 0
+                    out = m.output.save()
+                    if backward:
+                        m.output.sum().backward()
+                if second:
+                    with tracer.invoke(y):
+                        pass
+            assert torch.allclose(out, want, atol=1e-6), (backward, second)
+
+
 @pytest.fixture(scope="module")
 def hf(hf_model):
     return hf_model("tiny-llama")

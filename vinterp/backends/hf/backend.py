@@ -57,8 +57,9 @@ class _Event:
         # batch would tie it to the other invokes' views: an in-place edit through one rebuilds
         # the others' autograd history, and a gradient retained on them is lost). They are
         # routed back into the batch afterwards, so edits land and gradients reach them (see
-        # _Run.event)
+        # _Run.event); ``versions``: each copy's version counter when handed out (edited?)
         self.handed: dict[int, torch.Tensor] = {}
+        self.versions: dict[int, int] = {}
         # Without autograd, reads are views of the batch (in-place edits land, for free). An
         # assignment (``.output = new``) must then leave the value those views show alone, as
         # in PyTorch, where a hook returning a new tensor leaves the old one as it was: it
@@ -85,15 +86,18 @@ class _Event:
         view = cut(target, *dims)
         if torch.is_grad_enabled() and isinstance(view, torch.Tensor) and view is not target:
             view = self.handed[invoke] = view.clone()
+            self.versions[invoke] = view._version
         else:
             self._exposed.append(dims[0])
         return view
 
-    def set(self, invoke: int, new: Any, kind: str = "output") -> None:
+    def set(self, invoke: int, new: Any, kind: str = "output", *,
+            in_place: bool = False) -> None:
         where = f"{self.module or 'model'}.{kind}"
         rows = self._dims(invoke)[0]
-        out_of_place = (torch.is_grad_enabled() or not self._copied
-                        or any(_overlap(rows, seen) for seen in self._exposed))
+        out_of_place = not in_place and (
+            torch.is_grad_enabled() or not self._copied
+            or any(_overlap(rows, seen) for seen in self._exposed))
         if out_of_place:
             self._copied, self._exposed = True, []
         self.handed.pop(invoke, None)
@@ -144,9 +148,20 @@ class _Run:
     def event(self, module: str, kind: str, value: Any) -> Any:
         ev = _Event(self, module, kind, value)
         self.runner.on_event(ev)
-        for invoke, view in list(ev.handed.items()):
-            # make the batch depend on each invoke's view, so view.grad is filled on backward
-            ev.set(invoke, view, "input" if kind == "inputs" else kind)
+        where = "input" if kind == "inputs" else kind
+        handed = list(ev.handed.items())
+        edited = {i for i, view in handed if view._version != ev.versions[i]}
+        for invoke, view in handed:
+            if invoke in edited:
+                # edited in place: back in place, as a hook's in-place edit would land, so
+                # every reference to this value sees it (a residual its caller keeps), with
+                # or without autograd recording
+                ev.set(invoke, view, where, in_place=True)
+        for invoke, view in handed:
+            if invoke not in edited:
+                # make the batch depend on each invoke's view, so view.grad is filled on
+                # backward (values unchanged: out of place, as nothing needs to see it)
+                ev.set(invoke, view, where)
         return ev
 
 
