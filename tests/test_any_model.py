@@ -159,6 +159,57 @@ def test_language_model_from_loaded_object_equals_from_path(tiny_model_path: Any
         vinterp.LanguageModel(hf, tokenizer=tok, dtype=torch.float16)
 
 
+def test_classifier_logits_are_not_cut_as_a_sequence(tiny_model_path: Any) -> None:
+    """A sequence classifier's ``[batch, labels]`` logits, in a padded batch whose width
+    equals the number of labels: the short invoke gets all its labels, as run alone (they
+    were cut to its 2 tokens, as if labels were positions)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path("tiny-llama"))
+    long, short = "The Eiffel Tower is in the city of", "Hi there"
+    ids = [tok(p, return_tensors="pt").input_ids for p in (long, short)]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                      num_labels=ids[0].shape[1], pad_token_id=tok.eos_token_id)
+    net = LlamaForSequenceClassification(cfg).eval()
+    lm = vinterp.LanguageModel(net, tokenizer=tok)
+    with lm.trace() as tracer:
+        with tracer.invoke(long):
+            a = lm.output.logits.save()
+        with tracer.invoke(short):
+            b = lm.output.logits.save()
+    with torch.no_grad():
+        want = [net(i).logits for i in ids]
+    assert ids[1].shape[1] < ids[0].shape[1]
+    for got, ref in zip((a, b), want, strict=True):
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_module_run_twice_says_its_first_call_is_served() -> None:
+    """A shared module called twice per forward: vinterp serves its first call, as a raw hook
+    on the first call sees it, and warns that the later calls run unchanged."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.shared(torch.tanh(self.shared(x)))
+
+    torch.manual_seed(0)
+    net = Twice().eval()
+    m = vinterp.NNsight(net)
+    x = torch.randn(2, 4)
+    with pytest.warns(UserWarning, match="shared ran more than once .* first call only"):
+        with m.trace(x):
+            first = m.shared.output.save()
+    with torch.no_grad():
+        torch.testing.assert_close(first, net.shared(x))
+
+
 def _tiny_mamba() -> Any:
     from transformers import MambaConfig, MambaForCausalLM
 

@@ -71,6 +71,14 @@ def test_nnsight_04_module_next_points_to_the_tracer(model):
             model.model.layers[1].next()
 
 
+def test_tracer_next_in_a_trace_is_refused_with_what_to_do(model):
+    # it used to fail after the run with "this is a vinterp bug"
+    with pytest.raises(TracingError, match=r"model\.trace runs one forward .*model\.generate"):
+        with model.trace(PROMPT) as tracer:
+            model.layers[0].output.save()
+            tracer.next()
+
+
 def test_unsaved_proxy_after_trace_names_save(model):
     with model.trace(PROMPT):
         h = model.layers[0].output

@@ -375,6 +375,11 @@ class Tracer:
             raise TracingError(
                 "tracer.next() inside `for step in tracer.iter[...]`: the loop sets the step "
                 "of each iteration itself; use `if step == ...:` or a list of steps instead")
+        if self.mode != "generate":
+            raise TracingError(
+                "tracer.next() moves to the next generation step, and model.trace runs one "
+                "forward (step 0); use model.generate(...) for several steps. (A module that "
+                "runs more than once in one forward: vinterp reaches its first call only)")
         start = self._steps.start + n
         self._steps = Steps(start=start, stop=start + 1)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -132,6 +133,10 @@ class _Run:
         #: while a graph calls one of the model's modules on values (``call_module``), the
         #: hooks stay silent: that call is not the forward reaching the module
         self.calling = 0
+        #: (module, kind, step) reached so far: a module run twice in one forward is served
+        #: at its first call only, and says so (``_warned``)
+        self._reached: set[tuple[str, str, int]] = set()
+        self._warned: set[str] = set()
 
     def call_module(self, path: str) -> Any:
         """``path``'s module as a callable for ``call_module`` nodes (hooks muted inside)."""
@@ -146,6 +151,14 @@ class _Run:
         return call
 
     def event(self, module: str, kind: str, value: Any) -> Any:
+        reached = (module, kind, self.step)
+        if reached in self._reached and module and module not in self._warned:
+            self._warned.add(module)
+            warnings.warn(
+                f"{module} ran more than once in one forward (a shared or reused module): "
+                f"vinterp reads and edits its first call only; later calls run unchanged",
+                stacklevel=2)
+        self._reached.add(reached)
         ev = _Event(self, module, kind, value)
         self.runner.on_event(ev)
         where = "input" if kind == "inputs" else kind

@@ -2,10 +2,14 @@
 
 A point's batched value (a tensor, a tuple such as attention's ``(out, weights)``, an HF
 ``ModelOutput``, or a module's ``(args, kwargs)``) is cut to one invoke's rows and to its
-sequence window: sequence dims are dim 1 of 2-D/3-D tensors and dims 2-3 of 4-D ones
-(``[batch, heads, q, k]``), cut only where their size is the current key length (so decode
-steps, with one query row, keep their single row). Views share storage with the batch, so
-in-place edits write through.
+sequence window: sequence dims are dim 1 of 3-D tensors and of 2-D integer ones (token ids,
+masks, positions: a 2-D float value is ``[batch, features]``, such as a classifier's logits),
+and dims 2-3 of 4-D ones (``[batch, heads, q, k]``), cut only where their size is the current
+key length (so decode steps, with one query row, keep their single row). Views share storage
+with the batch, so in-place edits write through.
+
+Values that are not per example (a scalar loss, a tensor whose first dim is not the batch)
+cannot be cut: every invoke sees, and edits, the whole batch's value, as in nnsight.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def cut(value: Any, rows: slice, offset: int, key_len: int, batch: int) -> Any:
         if offset == 0 and rows.start == 0 and rows.stop == batch:
             return value  # the invoke is the whole batch: the tensor itself (keeps autograd)
         out = value[rows]
-        if offset:
+        if offset and not (value.dim() == 2 and value.is_floating_point()):
             for d in _SEQ_DIMS.get(value.dim(), ()):
                 if out.shape[d] == key_len:
                     out = out.narrow(d, offset, key_len - offset)
