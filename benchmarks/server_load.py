@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--out", default="benchmarks/results/server")
     a = ap.parse_args(argv)
-    from vinterp.backends.vllm.engine import DEFAULT_KV_CACHE_BYTES
+    from vinterp.backends.vllm.engine import default_kv_cache_bytes
     from vinterp.models.registry import resolve_model
 
     path = str(resolve_model(MODEL))
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = launch(vllm_serve_command(
         path, "--served-model-name", MODEL, "--host", "127.0.0.1", "--dtype", "float32",
         "--enforce-eager", "--seed", "0", "--kv-cache-memory-bytes",
-        str(DEFAULT_KV_CACHE_BYTES), *common), log=tmp / "vllm.log",
+        str(default_kv_cache_bytes()), *common), log=tmp / "vllm.log",
         env={**env, "VLLM_PLUGINS": ""})   # plain vLLM: no vinterp plugin loaded
     ours = launch(serve_command(MODEL, *common), log=tmp / "vinterp.log", env=env)
     vllm_url, vi_url = plain.url, ours.url

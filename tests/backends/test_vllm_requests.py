@@ -96,3 +96,17 @@ def test_request_graphs_keep_non_finite_numbers():
     text, _ = GraphSplitter(graph).request_json(0)
     node = ir.load(text).nodes[1]
     assert node.args[1] == float("-inf") and node.kwargs["max"] == float("inf")
+
+
+def test_the_default_kv_cache_follows_the_environment(monkeypatch, tiny_model_path):
+    """``VINTERP_KV_CACHE_BYTES`` sets the default KV cache; an explicit argument wins."""
+    from vinterp.backends.vllm.engine import (
+        DEFAULT_KV_CACHE_BYTES, KV_CACHE_ENV, engine_kwargs,
+    )
+
+    path = tiny_model_path("tiny-llama")
+    monkeypatch.delenv(KV_CACHE_ENV, raising=False)
+    assert engine_kwargs(path)["kv_cache_memory_bytes"] == DEFAULT_KV_CACHE_BYTES
+    monkeypatch.setenv(KV_CACHE_ENV, str(2**28))
+    assert engine_kwargs(path)["kv_cache_memory_bytes"] == 2**28
+    assert engine_kwargs(path, kv_cache_memory_bytes=2**27)["kv_cache_memory_bytes"] == 2**27

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from server_helpers import KEYS, MAX_MODEL_LEN, MODEL
 
-from vinterp.backends.vllm.engine import DEFAULT_KV_CACHE_BYTES
+from vinterp.backends.vllm.engine import default_kv_cache_bytes
 from vinterp_server.process import launch, vllm_serve_command
 
 VOLATILE = {"id", "created", "system_fingerprint"}
@@ -24,7 +24,7 @@ def plain_vllm(tmp_path_factory, smollm2_path):
     cmd = vllm_serve_command(
         str(smollm2_path), "--served-model-name", MODEL, "--host", "127.0.0.1",
         "--dtype", "float32", "--seed", "0",
-        "--kv-cache-memory-bytes", str(DEFAULT_KV_CACHE_BYTES),
+        "--kv-cache-memory-bytes", str(default_kv_cache_bytes()),
         "--max-model-len", str(MAX_MODEL_LEN))
     process = launch(cmd, log=tmp_path_factory.mktemp("vllm") / "vllm.log",
                      env={"VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_PLUGINS": ""})

@@ -26,6 +26,15 @@ from typing import Any
 EAGER_ENV = "VINTERP_VLLM_EAGER"
 #: default KV cache for the models vinterp ships (plenty for smollm2-135m)
 DEFAULT_KV_CACHE_BYTES = 1 * 2**30
+#: set to a byte count to change that default (the test suite, which holds many engines in
+#: one machine's memory at once, uses 512 MiB); an explicit kv_cache_memory_bytes wins
+KV_CACHE_ENV = "VINTERP_KV_CACHE_BYTES"
+
+
+def default_kv_cache_bytes() -> int:
+    """The KV cache an engine gets unless told otherwise (``VINTERP_KV_CACHE_BYTES``, else
+    :data:`DEFAULT_KV_CACHE_BYTES`)."""
+    return int(os.environ.get(KV_CACHE_ENV) or DEFAULT_KV_CACHE_BYTES)
 
 
 def model_type(model_path: pathlib.Path) -> str:
@@ -105,7 +114,7 @@ def engine_kwargs(model_path: pathlib.Path, *, dtype: str | None = None,
     if os.environ.get(EAGER_ENV, "") not in ("", "0"):
         kwargs["enforce_eager"] = True
     if "gpu_memory_utilization" not in overrides:
-        kwargs["kv_cache_memory_bytes"] = DEFAULT_KV_CACHE_BYTES
+        kwargs["kv_cache_memory_bytes"] = default_kv_cache_bytes()
     kwargs.update(overrides)
     # the hooks go in when the model loads (before compilation); this key asks for them and
     # keeps vinterp's compiled artifacts apart from plain vLLM's in the compile cache
