@@ -187,7 +187,7 @@ class RowsEvent:
         new = self._value[0] if isinstance(self._value, tuple) else self._value
         if not bool(torch.isfinite(new).all()) and bool(torch.isfinite(self._before()).all()):
             # never into vLLM's tensors: the KV cache would carry it to other requests
-            # (see worker.finite_rows); the caller fails this request
+            # (see finite.py); the caller fails this request
             raise ValueError(
                 f"the graph made {self.module or 'model'}.{self.kind} inf or NaN for this "
                 f"request (a division by zero, an overflow?); the request was stopped and the "

@@ -153,7 +153,7 @@ class RequestState:
 
     def fail_nonfinite(self, what: str, dtype: torch.dtype) -> None:
         """Fail because ``what`` (an op at a point) made this request's rows inf or NaN; the
-        rows kept their values (see ``worker.finite_rows``)."""
+        rows kept their values (see ``finite.py``)."""
         self.fail(f"{what} made this request's activations inf or NaN (a vector or scale too "
                   f"large for {dtype}?); the request was stopped and its rows kept their "
                   f"values there, so no other request can see them")

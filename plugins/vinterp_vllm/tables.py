@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from vinterp_vllm.actions import Action
+from vinterp_vllm.finite import rows_finite
 from vinterp_vllm.groups import row_mask
 from vinterp_vllm.layout import RowSpan
 
@@ -80,11 +81,10 @@ def table_rows(x: torch.Tensor, y: torch.Tensor | None, tid: torch.Tensor,
     p = (s * (v * sd)).sum(-1, keepdim=True)
     new = a * s + sb * v + v * (torch.clamp(p, lo, hi) - p)
     # a row the update makes inf/NaN keeps its value (the KV cache would carry it to other
-    # requests, see worker.finite_rows) and is flagged; graph-safe, no sync. A row's float32
-    # sum is inf/NaN exactly when the row holds one (as in finite_rows).
+    # requests, see finite.py) and is flagged; graph-safe, no sync
     edited = entry != 0
-    finite = torch.isfinite(new.sum(-1, dtype=torch.float32))
-    bad = edited & ~finite & torch.isfinite(s.sum(-1, dtype=torch.float32))
+    finite = rows_finite(new)
+    bad = edited & ~finite & rows_finite(s)
     touched = (edited & finite).unsqueeze(-1)
     new_y = None if y is None else y.masked_fill(touched, 0)
     return (torch.where(touched, new, x), new_y, s, torch.where(touched, new, s), pre, post,
@@ -321,8 +321,8 @@ class StepTables:
         """Fail the requests whose edits earlier table steps flagged (rows that would have
         become inf/NaN, kept as they were: see :func:`table_rows`). Called before each step
         is planned, for the flags already on the host (``wait=False``: with vLLM's async
-        scheduling the last step may still run, and waiting would stall the next one), and
-        before outcomes are drained or streamed (``wait=True``)."""
+        scheduling the last step may still run, and waiting would stall the next one; a
+        stream's take does the same), and before outcomes are drained (``wait=True``)."""
         while self._flagged:
             edited, host, event = self._flagged[0]
             if event is not None and not event.query():

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from vinterp_vllm.events import RowsEvent, _tensor, point_rows
+from vinterp_vllm.finite import finite_rows
 from vinterp_vllm.groups import Group, TensorCache, build_groups
 from vinterp_vllm.graph_op import PointIds, install_point_hooks
 from vinterp_vllm.layout import RowSpan, batch_spans
@@ -50,24 +51,6 @@ log = logging.getLogger("vinterp_vllm")
 #: HF point value kinds served at one vLLM hook, in the order the HF model produces them
 _ORDER = {"residual": 0, "tensor": 0, "attn": 0, "norm": 0, "logits": 1, "model_output": 2}
 
-
-
-def finite_rows(x: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``new`` with each row that is not all finite replaced by its row of ``x``, and which
-    rows those were (``[R]`` bools, left on the device: no sync in the forward).
-
-    Why: an intervention that overflows (a huge vector or scale, a division by zero) would
-    put inf/NaN into the KV cache. Blocks are reused after a request ends, and attention
-    multiplies a masked slot's value by a zero weight, which is NaN for NaN: other users'
-    later requests would come out NaN. The offending request is failed at the step's end.
-    (A row that was not finite before, the model's own overflow, is not blamed on it.)"""
-    # a row's float32 sum is inf/NaN exactly when the row holds one (finite activations
-    # cannot sum past 3e38): one reduction, far cheaper than an elementwise isfinite
-    bad = ~torch.isfinite(new.sum(-1, dtype=torch.float32)) & torch.isfinite(
-        x.sum(-1, dtype=torch.float32))
-    if new.device.type == "cpu":   # looking is free here; the copy is only needed then
-        return (torch.where(bad.unsqueeze(-1), x, new) if bool(bad.any()) else new), bad
-    return torch.where(bad.unsqueeze(-1), x, new), bad
 
 class VinterpWorkerExtension:
     """Methods vLLM mixes into its worker; state lives on the worker instance."""
@@ -107,7 +90,9 @@ class VinterpWorkerExtension:
         of the final outcome. ``before``: per key, hand over only steps before that one
         (``RequestState.take_steps``)."""
         out = {}
-        self._vinterp.blame_tables(wait=True)
+        # (flags already on the host only: a stream's take must not stall the engine on a
+        # step still running; the drain waits for the rest)
+        self._vinterp.blame_tables()
         for key in keys:
             st = self._vinterp.by_key.get(key)
             if st is not None:

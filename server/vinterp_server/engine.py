@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from vinterp.backends.base import RunResult
 from vinterp.backends.vllm import requests as rq
-from vinterp.backends.vllm.async_engine import AsyncEngine
+from vinterp.backends.vllm.async_engine import AsyncEngine, generated_so_far
 from vinterp.ir.schema import Graph
 from vinterp.models.registry import resolve_model
 from vinterp_server.compile import CompiledRequest, FieldError, ModelInfo
@@ -35,7 +35,6 @@ from vinterp_server.errors import EngineUnavailable
 from vinterp_server.limits import LimitExceeded
 from vinterp_server.schemas import CONTEXT_KEY
 from vinterp_vllm.payload import EXTRA_ARGS_KEY, Outcome, Payload
-from vllm.sampling_params import RequestOutputKind
 
 class RequestContext:
     """One HTTP request's interventions, limits and outcomes (one per rendered prompt).
@@ -67,8 +66,7 @@ class RequestContext:
             self.keys[index] = self._attach(engine, prompt, params)
             self._engine = engine
         # counted as outputs arrive, so a request cut short (a client that hung up) still
-        # counts what it generated; a stream's outputs carry only the new tokens (DELTA)
-        delta = getattr(params, "output_kind", None) == RequestOutputKind.DELTA
+        # counts what it generated
         counted = None   # generated tokens counted so far (None: not even the prompt yet)
         async for out in engine.generate(prompt, params, request_id,
                                          on_outcome=lambda o: self.outcomes.__setitem__(index, o),
@@ -76,10 +74,9 @@ class RequestContext:
             if counted is None:
                 self.tokens += len(out.prompt_token_ids or ())
                 counted = 0
-            n = sum(len(c.token_ids) for c in out.outputs)
-            self.tokens += n if delta else n - counted
-            counted = counted + n if delta else n
-            self.generated[index] = counted
+            now = generated_so_far(params, counted, out)
+            self.tokens += now - counted
+            counted = self.generated[index] = now
             yield out
 
     def _attach(self, engine: AsyncEngine, prompt: Any, params: Any) -> str:

@@ -36,6 +36,15 @@ from vinterp_vllm.payload import Outcome, Payload, outcomes_from_wire
 from vinterp_vllm.request_state import DEFAULT_MAX_UNDRAINED
 from vllm.sampling_params import RequestOutputKind
 
+def generated_so_far(params: Any, before: int, out: Any) -> int:
+    """The tokens a request's sequences hold after output ``out``, ``before`` being the count
+    after the previous one: a stream of deltas (``RequestOutputKind.DELTA``) carries only the
+    new tokens, the other kinds all of them."""
+    n = sum(len(c.token_ids) for c in out.outputs)
+    delta = getattr(params, "output_kind", None) == RequestOutputKind.DELTA
+    return before + n if delta else n
+
+
 class Batcher:
     """Coalesces per-key calls into one call over all keys that are waiting.
 
@@ -134,12 +143,10 @@ class AsyncEngine:
         """
         payload = Payload.from_extra_args(params.extra_args)
         done = False
-        delta = params.output_kind == RequestOutputKind.DELTA
-        generated = 0   # tokens of the (one) sequence so far
+        generated = 0
         try:
             async for out in self.llm.generate(prompt, params, request_id, **kwargs):
-                n = len(out.outputs[0].token_ids) if out.outputs else 0
-                generated = generated + n if delta else n
+                generated = generated_so_far(params, generated, out)
                 if out.finished and payload is not None and not done:
                     done = True
                     # the forwards that count: one per generated token (see
