@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -13,6 +15,21 @@ KEYS = {"alice": "sk-alice-0123456789", "bob": "sk-bob-0123456789",
 MODEL = "smollm2-135m"
 MAX_MODEL_LEN = 512
 MAX_BODY = 2 * 2**20
+
+
+def wait_until(check: Callable[[], object], what: str, timeout: float = 60.0,
+               every: float = 0.05) -> object:
+    """Poll ``check`` until it returns something truthy and return that; fail naming
+    ``what`` after ``timeout`` seconds. A deadline, not a count of polls: a loaded CI
+    machine can take seconds to get a request to the worker."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not after {timeout:.0f} s")
+        time.sleep(every)
 
 
 def npy(item: dict) -> torch.Tensor:

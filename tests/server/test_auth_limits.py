@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import save as st_save
-from server_helpers import MAX_BODY, MAX_MODEL_LEN, MODEL
+from server_helpers import MAX_BODY, MAX_MODEL_LEN, MODEL, wait_until
 
 ROUTES = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
           ("POST", "/v1/traces"), ("GET", "/v1/traces/trace-x"), ("PUT", "/v1/vectors/v"),
@@ -86,12 +86,8 @@ def test_traces_and_captures_are_per_key(served):
         r = a.post("/v1/traces", json={"graph": graph, "blocking": False})
         assert r.status_code == 202
         tid = r.json()["id"]
-        for _ in range(200):
-            st = a.get(f"/v1/traces/{tid}").json()
-            if st["status"] == "done":
-                break
-            time.sleep(0.1)
-        assert st["status"] == "done"
+        wait_until(lambda: a.get(f"/v1/traces/{tid}").json()["status"] == "done",
+                   "the trace done")
         assert b.get(f"/v1/traces/{tid}").status_code == 404
 
 

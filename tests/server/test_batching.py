@@ -12,7 +12,7 @@ import time
 
 import httpx
 import torch
-from server_helpers import KEYS, MODEL, fetch, rel, values
+from server_helpers import KEYS, MODEL, fetch, rel, values, wait_until
 
 PROMPTS = ["The capital of France is", "My favourite food is", "Once upon a time",
            "The best way to learn is", "In the year 2050,", "Dogs are"]
@@ -123,12 +123,12 @@ def test_disconnect_mid_stream_frees_worker_state(served):
                 if got >= 3:
                     break          # hang up mid-generation
         assert got >= 3
-    for _ in range(100):
+
+    def freed() -> bool:
         st = served.stats()
-        if st["states"] == 0 and st["tracked_ids"] == 0:
-            break
-        time.sleep(0.1)
-    assert st["states"] == 0 and st["tracked_ids"] == 0, st
+        return st["states"] == 0 and st["tracked_ids"] == 0
+
+    wait_until(freed, "the worker's state for the hung-up stream freed")
     with served.client("alice") as c:   # the engine carries on
         assert c.post("/v1/completions", json={"model": MODEL, "prompt": "Hi",
                                                "max_tokens": 2}).status_code == 200

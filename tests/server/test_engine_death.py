@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from server_helpers import KEYS, MODEL
+from server_helpers import KEYS, MODEL, wait_until
 
 from vinterp.backends.remote import RemoteError
 from vinterp_server.process import ServerProcess, launch, serve_command
@@ -51,11 +51,8 @@ def _in_flight(srv: ServerProcess, results: dict, name: str, body: dict) -> thre
 
 
 def _wait_running(srv: ServerProcess, n: int) -> None:
-    for _ in range(400):
-        if httpx.get(srv.url + "/v1/stats").json()["states"] >= n:
-            return
-        time.sleep(0.02)
-    raise AssertionError("the requests never started")
+    wait_until(lambda: httpx.get(srv.url + "/v1/stats").json()["states"] >= n,
+               f"{n} request(s) running in the worker")
 
 
 def test_a_dead_engine_gets_503s_with_the_reason(tmp_path):

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import threading
-import time
-
 import httpx
+from server_helpers import wait_until
 
 from vinterp_server.process import launch, serve_command
 
@@ -24,12 +23,12 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
     try:
         t = threading.Thread(target=long_request)
         t.start()
-        for _ in range(200):       # until the request is running in the worker
-            if httpx.get(srv.url + "/v1/stats").json()["states"] == 1:
-                break
-            time.sleep(0.02)
-        else:
-            raise AssertionError("the request never started")
+
+        def running() -> bool:
+            assert t.is_alive(), f"the request ended before it ran: {result}"
+            return httpx.get(srv.url + "/v1/stats").json()["states"] == 1
+
+        wait_until(running, "the request running in the worker")
         code = srv.stop(timeout=90)
         t.join(120)
     finally:
