@@ -59,12 +59,14 @@ python3 -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm._
 python3 -m vinterp.cli models pull tiny-llama tiny-gpt2 tiny-gptneox tiny-qwen2 tiny-mistral \
     >>"$OUT/setup.log" 2>&1 || { tail -20 "$OUT/setup.log"; exit 1; }
 status=0
-PYTEST="python3 -m pytest -p no:cacheprovider -rfE -v -s"
+PYTEST="python3 -m pytest -p no:cacheprovider -rfE -v -s --tb=short"
 STAGES=${STAGES:-parity tables architectures compiled bench}
 stage() {   # stage NAME SECONDS TEST_FILE [pytest args]: runs if named in $STAGES
     local name=$1 limit=$2; shift 2
     [[ " $STAGES " == *" $name "* ]] || return 0
-    timeout "$limit" $PYTEST "$@" >"$OUT/$name.log" 2>&1 || status=1
+    # SIGINT first: pytest then prints the failures it has so far (a run cut by its time
+    # limit lost its failure report once); SIGKILL 20 s later if it does not stop
+    timeout -s INT -k 20 "$limit" $PYTEST "$@" >"$OUT/$name.log" 2>&1 || status=1
     grep -E "worst relative|PASSED|FAILED|ERROR|passed|failed|Error:" "$OUT/$name.log" | tail -15
 }
 stage parity "$T_PARITY" tests/plugins/test_gpu_parity.py ${PARITY_K:+-k "$PARITY_K"}
