@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
@@ -59,11 +60,71 @@ class RequestContext:
 
     async def generate(self, engine: AsyncEngine, prompt: Any, params: Any, request_id: str,
                        **kwargs: Any) -> AsyncIterator[Any]:
-        """The engine's outputs for one rendered prompt, with this request's payload."""
-        index = self._prompts
+        """The engine's outputs for one rendered prompt, with this request's payload.
+
+        With ``n > 1`` and interventions, each of the ``n`` samples is an engine request of
+        its own (:meth:`_samples`): the worker keeps state per request, and vLLM's parallel
+        sampling would give all its child requests one payload.
+        """
+        prompt_index = self._prompts
         self._prompts += 1
-        if self.spec is not None:
-            self.keys[index] = self._attach(engine, prompt, params)
+        n = int(getattr(params, "n", 1) or 1)
+        if self.spec is None or n == 1:
+            key = None if self.spec is None else self._attach(engine, prompt, params)
+            async for out in self._run(engine, prompt, params, request_id, prompt_index, key,
+                                       kwargs):
+                yield out
+            return
+        async for out in self._samples(engine, prompt, params, request_id, prompt_index, n,
+                                       kwargs):
+            yield out
+
+    async def _samples(self, engine: AsyncEngine, prompt: Any, params: Any, request_id: str,
+                       prompt_index: int, n: int, kwargs: dict[str, Any]
+                       ) -> AsyncIterator[Any]:
+        """``n`` samples of one prompt as ``n`` engine requests, merged into the outputs
+        vLLM's parallel sampling gives (``output.index`` = the sample; a non-streamed request
+        gets one final output holding all ``n``). Sample ``j`` has seed ``seed + j``, as in
+        vLLM, so its tokens are those of vLLM's own ``n > 1``. Its choice is
+        ``prompt_index * n + j``, as the OpenAI layer numbers choices."""
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.utils.async_utils import merge_async_iterators
+
+        children = []
+        for j in range(n):
+            child = copy.copy(params)
+            child.n = 1
+            if params.seed is not None:
+                child.seed = params.seed + j
+            children.append(child)
+        # every sample is checked before any runs (a refused one refuses the request)
+        keys = [self._attach(engine, prompt, child, samples=n) for child in children]
+        runs = [self._run(engine, prompt, child, f"{j}_{request_id}", prompt_index * n + j,
+                          key, kwargs, count_prompt=j == 0)
+                for j, (child, key) in enumerate(zip(children, keys, strict=True))]
+        final_only = params.output_kind == RequestOutputKind.FINAL_ONLY
+        finals: list[Any] = [None] * n
+        running = n
+        async for j, out in merge_async_iterators(*runs):
+            for sample in out.outputs:
+                sample.index = j
+            if out.finished:
+                running -= 1
+                finals[j] = out
+            if not final_only:
+                out.finished = running == 0   # (vLLM's: the parent request finished)
+                yield out
+        if final_only:
+            merged = copy.copy(finals[-1])
+            merged.outputs = [f.outputs[0] for f in finals]
+            yield merged
+
+    async def _run(self, engine: AsyncEngine, prompt: Any, params: Any, request_id: str,
+                   index: int, key: str | None, kwargs: dict[str, Any], *,
+                   count_prompt: bool = True) -> AsyncIterator[Any]:
+        """One engine request; its outcome and generated tokens are choice ``index``'s."""
+        if key is not None:
+            self.keys[index] = key
             self._engine = engine
         # counted as outputs arrive, so a request cut short (a client that hung up) still
         # counts what it generated
@@ -72,21 +133,23 @@ class RequestContext:
                                          on_outcome=lambda o: self.outcomes.__setitem__(index, o),
                                          **kwargs):
             if counted is None:
-                self.tokens += len(out.prompt_token_ids or ())
+                if count_prompt:
+                    self.tokens += len(out.prompt_token_ids or ())
                 counted = 0
             now = generated_so_far(params, counted, out)
             self.tokens += now - counted
             counted = self.generated[index] = now
             yield out
 
-    def _attach(self, engine: AsyncEngine, prompt: Any, params: Any) -> str:
+    def _attach(self, engine: AsyncEngine, prompt: Any, params: Any, samples: int = 1) -> str:
         assert self.spec is not None
         ids = list(prompt["prompt_token_ids"])
-        need = self.spec.estimate_capture_bytes(len(ids), int(params.max_tokens or 1))
+        need = samples * self.spec.estimate_capture_bytes(len(ids), int(params.max_tokens or 1))
         if need > self.capture_cap:
+            each = f" ({samples} samples)" if samples > 1 else ""
             raise http_error(LimitExceeded(
-                f"the requested captures can reach {need} bytes for this prompt; this key may "
-                f"capture at most {self.capture_cap} bytes per request", 60), 429)
+                f"the requested captures can reach {need} bytes for this prompt{each}; this "
+                f"key may capture at most {self.capture_cap} bytes per request", 60), 429)
         try:
             self.spec.check_prompt(len(ids), int(params.max_tokens or 1))
         except FieldError as exc:

@@ -81,9 +81,6 @@ async def _serve(request: Any, raw_request: Request, key: KeyInfo, srv: Server,
     spec = None
     try:
         if intervened:
-            if (request.n or 1) > 1:
-                raise FieldError("n", "n > 1 cannot be combined with interventions or "
-                                      "captures; send n separate requests (they batch)")
             if getattr(request, "use_beam_search", False):
                 raise FieldError("use_beam_search", "beam search cannot be combined with "
                                                     "interventions or captures")

@@ -128,8 +128,6 @@ BAD_FIELDS = [
      "use steps='prompt'"),
     ({"graph": {"nodes": [{"id": 0, "op": "os.system", "args": ["ls"]}]}}, "graph"),
     ({"graph": {"nodes": [{"id": 0, "op": "save", "args": [{"ref": 5}]}]}}, "graph"),
-    ({"interventions": [{"op": "steer", "layers": 1, "vector": {"values": [0.0] * 576}}],
-      "n": 2}, "n > 1"),
     # found by an audit: these ran, doing nothing or something else, or failed as a 500
     ({"interventions": [{"op": "steer", "layers": True, "vector": {"values": [0.0] * 576}}]},
      "interventions[0].layers"),

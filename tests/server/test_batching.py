@@ -8,7 +8,6 @@ disconnects mid-stream leaves no state in the worker."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import torch

@@ -23,6 +23,7 @@ import test_auth_limits as auth
 import test_openai_fields as fields
 import test_remote_sessions as sessions
 import test_remote_traces as traces
+import test_samples as samples
 import torch
 from conftest import Served, start_server
 from server_helpers import KEYS, MODEL, values
@@ -54,6 +55,8 @@ def test_captures_and_steering_equal_the_local_backend(ray_served, local_vllm, t
 def test_streamed_and_stored_captures(ray_served):
     fields.test_chat_stream_carries_captures_chunk_by_chunk(ray_served)
     fields.test_large_captures_are_stored_and_fetched_by_their_owner_only(ray_served)
+    samples.test_samples_equal_vllm_parallel_sampling_and_one_sample_requests(ray_served)
+    samples.test_streamed_samples_carry_their_own_captures(ray_served)
 
 
 def test_remote_traces_and_sessions(ray_served, local_vllm, monkeypatch):
