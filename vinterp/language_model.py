@@ -146,13 +146,9 @@ class LanguageModel:
         return model.eval()
 
     def _meta_model(self) -> nn.Module:
-        from transformers import AutoModelForCausalLM
+        from vinterp.models.meta import meta_model
 
-        if self._from_object:
-            model = meta_copy(self._model)
-        else:
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(self.config)
+        model = meta_copy(self._model) if self._from_object else meta_model(self.config)
         # This check reads token values (impossible on meta tensors) only to print a warning.
         for module in model.modules():
             if hasattr(module, "warn_if_padding_and_no_attention_mask"):

@@ -70,13 +70,15 @@ class Outcome:
     ``saves``: save-node id → value (list per step inside scopes). ``error``: why the request's
     intervention failed (the request itself still finished). ``retry_alone``: the failure was
     only a scheduling accident (its prompt was split across chunks, or vLLM preempted it)
-    and running it alone fixes it.
+    and running it alone fixes it. ``too_large``: it failed because its captures passed its
+    cap (the caller asked for too much: a 413 on a server, not a 500).
     """
 
     saves: dict[int, Any] = field(default_factory=dict)
     exports: dict[int, Any] = field(default_factory=dict)
     error: str | None = None
     retry_alone: bool = False
+    too_large: bool = False
 
 
 def outcomes_to_wire(outcomes: dict[str, Outcome]) -> bytes:
@@ -88,7 +90,8 @@ def outcomes_to_wire(outcomes: dict[str, Outcome]) -> bytes:
     (see ``wire.py``). Only a caller sharing the worker's process skips them
     (:func:`own_copies`).
     """
-    return pack({k: (o.saves, o.exports, o.error, o.retry_alone) for k, o in outcomes.items()})
+    return pack({k: (o.saves, o.exports, o.error, o.retry_alone, o.too_large)
+                 for k, o in outcomes.items()})
 
 
 def own_copies(outcomes: dict[str, Outcome]) -> dict[str, Outcome]:
@@ -104,5 +107,5 @@ def own_copies(outcomes: dict[str, Outcome]) -> dict[str, Outcome]:
 
 def outcomes_from_wire(data: bytes) -> dict[str, Outcome]:
     """The outcomes of :func:`outcomes_to_wire` (from this client's own engine: trusted)."""
-    return {k: Outcome(saves=s, exports=e, error=err, retry_alone=r)
-            for k, (s, e, err, r) in unpack(data).items()}
+    return {k: Outcome(saves=s, exports=e, error=err, retry_alone=r, too_large=big)
+            for k, (s, e, err, r, big) in unpack(data).items()}

@@ -144,10 +144,11 @@ class RequestState:
     def failed(self) -> bool:
         return self.outcome.error is not None
 
-    def fail(self, message: str, *, retry_alone: bool = False) -> None:
+    def fail(self, message: str, *, retry_alone: bool = False, too_large: bool = False) -> None:
         if self.outcome.error is None:
             self.outcome.error = message
             self.outcome.retry_alone = retry_alone
+            self.outcome.too_large = too_large
         self.runner = None
         self.plan = None
 
@@ -165,8 +166,9 @@ class RequestState:
         self.captured_bytes += n
         if self.captured_bytes > self.payload.capture_cap:
             self.fail(f"captures exceeded this request's cap of {self.payload.capture_cap} "
-                      f"bytes; save fewer points or positions (e.g. x[:, -1]) or raise "
-                      f"capture_cap")
+                      f"bytes; save fewer points, positions (e.g. x[:, -1]) or steps, or ask "
+                      f"for a larger cap (capture_cap= in the library; a server key's "
+                      f"capture_bytes limit)", too_large=True)
 
     # ------------------------------------------------------------------ fast captures
     def add_capture(self, action: Action, span: RowSpan, rows: list[int],

@@ -55,24 +55,33 @@ class BodyLimit:
                 f"the request body has {int(declared)} bytes; the limit is {self.limit}", 413))
             return
         seen = 0
+        refused = False
 
         async def limited() -> Message:
-            nonlocal seen
+            # a body without Content-Length (chunked) is counted as it arrives; past the
+            # limit the 413 is sent here and the app sees the client gone (raising instead
+            # would reach FastAPI's body parsing, which answers any error with a 400)
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise _TooLarge()
+                refused = True
+                await _send_json(send, 413, error_body(
+                    f"the request body is over the limit of {self.limit} bytes", 413))
+                return {"type": "http.disconnect"}
             return message
 
+        async def unless_refused(message: Message) -> None:
+            if not refused:   # (the app's own answer to the "disconnect" is dropped)
+                await send(message)
+
         try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _send_json(send, 413, error_body(
-                f"the request body is over the limit of {self.limit} bytes", 413))
-
-
-class _TooLarge(Exception):
-    pass
+            await self.app(scope, limited, unless_refused)
+        except Exception:
+            if not refused:
+                raise
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:

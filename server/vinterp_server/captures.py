@@ -8,7 +8,10 @@ the rest are kept per key for ``capture_ttl`` seconds and fetched with
 A streamed response carries captures chunk by chunk: each chunk the rows of the steps
 completed since the previous one (the prompt's rows first, then one row per generated token),
 the chunk that finishes the choice the rest. Concatenating one capture's pieces (same
-``index``) in order gives the non-streamed array. Graph saves come whole in the last chunk.
+``index``) in order gives the non-streamed array. A graph's save at one step comes whole in
+the chunk after that step (a save over several steps in pieces, like a capture); a save at a
+generation step that never ran (the request stopped earlier: EOS, a stop string,
+``max_tokens``) is left out, as a step loop in the library keeps only the steps that ran.
 
 Example (one capture in a response)::
 
@@ -48,6 +51,8 @@ def _graph_value(value: Any) -> torch.Tensor:
     """A graph save as one array: per-step lists are stacked (or joined on dim 1)."""
     if not isinstance(value, list):
         return torch.as_tensor(value)
+    if not value:
+        return torch.zeros(0)
     parts = [torch.as_tensor(v) for v in value]
     try:
         return torch.stack(parts)
@@ -70,12 +75,17 @@ class CaptureWriter:
         out = []
         for index, (save_id, cap, label) in enumerate(spec.capture_points()):
             value = saves.get(save_id)
+            if cap is None and value is None and not fragment:
+                continue     # a graph's save at a step that never ran (generation ended first)
             if value is None or (isinstance(value, list) and not value):
                 if fragment:
                     continue
-                if cap is None:
-                    raise RuntimeError(f"capture {label!r} produced no value")
-                value = []   # every row was streamed already
+                value = []   # every row was streamed already (or a graph's empty list)
+            if cap is None and isinstance(value, list) and value and isinstance(value[0], tuple):
+                # a stream's (step, value) pairs of a graph's save: its steps' values
+                value = [v for _, v in value]
+                if not spec.graph_save_is_per_step(save_id):
+                    (value,) = value
             t = rows(value, spec.model.hidden_size) if cap is not None else _graph_value(value)
             if fragment and t.shape[0] == 0:
                 continue

@@ -30,6 +30,7 @@ from vinterp.ir import Graph, GraphError, Invoke, Node, Ref, SliceV, Steps, Tupl
 from vinterp.ir.schema import ListV, NamedTensor, TensorRef
 from vinterp.ir.tensors import encode_tensor, torch_dtype
 from vinterp.models.architectures import Architecture
+from vinterp.models.meta import unknown_module
 from vinterp_server.schemas import Capture, Intervention, InterventionFields, VectorSpec
 
 #: steps a spec word selects: [start, stop) of generation steps (step 0 is the prompt)
@@ -56,6 +57,9 @@ class ModelInfo:
     num_layers: int
     hidden_size: int
     dtype: torch.dtype
+    vocab_size: int = 0   # (the width of logits captures; 0: unknown, sized as hidden)
+    #: the HF model's module paths (``models.meta.module_names``; empty: not checked)
+    modules: frozenset[str] = frozenset()
 
 
 VectorLookup = Callable[[str], dict[int | None, torch.Tensor] | None]
@@ -105,6 +109,9 @@ def parse_point(text: str, model: ModelInfo) -> tuple[str, str]:
         prefix = arch.layers + "."
         if module.startswith(prefix):
             _layer(int(module[len(prefix):].split(".")[0]), model)
+    missing = unknown_module(module, model.modules, arch.layers)
+    if missing is not None:
+        raise ValueError(f"point {text!r}: {missing}")
     from vinterp_vllm.points import resolve_point  # validates the point on the vLLM model
 
     resolve_point(arch, module, kind)
@@ -162,6 +169,8 @@ class CompiledRequest:
     ops: dict[str, int] = field(default_factory=dict)   # interventions by op (for metrics)
     #: (field name, absolute positions) checked against each prompt (see check_prompt)
     positions: list[tuple[str, tuple[int, ...], bool]] = field(default_factory=list)
+    #: save nodes of captures whose rows are logits (vocabulary-wide, not hidden-wide)
+    wide_saves: set[int] = field(default_factory=set)
 
     @classmethod
     def build(cls, fields: InterventionFields, model: ModelInfo, *,
@@ -249,10 +258,20 @@ class CompiledRequest:
                              "(or positions 'last'/'all' for generated tokens)")
         module, kind = parse_point(cap.point, self.model)
         steps = _STEPS[cap.steps]
-        read = self._add("read", steps=steps, module=module, kind=kind)
         from vinterp_vllm.points import resolve_point
 
-        if kind == "output" and resolve_point(self.model.arch, module, kind).value == "attn":
+        value_kind = resolve_point(self.model.arch, module, kind).value
+        if value_kind in ("logits", "model_output") and cap.steps != "generated" and (
+                cap.positions != "last"):
+            # vLLM computes logits where it samples: at the prompt's last position only
+            raise ValueError(f"{cap.point} exists at the prompt's last position only while "
+                             "generating (vLLM computes logits where it samples): use "
+                             "positions 'last' (or steps 'generated'), capture "
+                             "final_norm.output at these positions and apply the LM head, or "
+                             "run a trace (POST /v1/traces, remote=True), which computes "
+                             "logits at every prompt position")
+        read = self._add("read", steps=steps, module=module, kind=kind)
+        if kind == "output" and value_kind == "attn":
             # an attention's output is HF's (hidden, weights) tuple: capture the hidden part
             read = self._add("getitem", Ref(ref=read), 0, steps=steps)
         value = read
@@ -266,6 +285,8 @@ class CompiledRequest:
             value = self._add("getitem", Ref(ref=read), TupleV(tuple=(full, idx)), steps=steps)
         save = self._add("save", Ref(ref=value), steps=steps)
         self.captures.append((save, cap, cap.point))
+        if value_kind in ("logits", "model_output"):
+            self.wide_saves.add(save)
 
     def _graph(self, data: dict[str, Any], vectors: VectorLookup) -> None:
         if not data.get("invokes"):   # the request's prompt is the one invoke
@@ -321,19 +342,33 @@ class CompiledRequest:
                      for n in self.user_graph.nodes if n.op == "save"]
         return self.captures + extra
 
+    def graph_save_is_per_step(self, save_id: int) -> bool:
+        """Whether the graph's save ``save_id`` (its id in :meth:`graph_for`) runs at more than
+        one step, so that its value is a list, one item per step."""
+        assert self.user_graph is not None
+        own = save_id - len(self.nodes)
+        steps = next(n.steps for n in self.user_graph.nodes if n.id == own)
+        return steps.stop is None or steps.stop - steps.start > 1
+
     def estimate_capture_bytes(self, prompt_len: int, max_tokens: int) -> int:
-        """An upper bound of what the shortcut captures hold (float32, hidden-size rows)."""
-        rows = 0
-        for _, cap, _ in self.captures:
+        """An upper bound of what the shortcut captures hold (float32 rows, hidden-wide or,
+        for logits, vocabulary-wide)."""
+        total = 0
+        for save, cap, _ in self.captures:
             assert cap is not None
             per_step = {"last": 1, "all": None}.get(cap.positions) if isinstance(
                 cap.positions, str) else len(cap.positions)
             prompt_rows = prompt_len if per_step is None else per_step
+            rows = 0
             if cap.steps in ("prompt", "all"):
                 rows += prompt_rows
             if cap.steps in ("generated", "all"):
                 rows += max_tokens
-        return rows * self.model.hidden_size * 4
+            width = self.model.hidden_size
+            if save in self.wide_saves:
+                width = self.model.vocab_size or width
+            total += rows * width * 4
+        return total
 
 
 def resolve_named(graph: Graph, lookup: VectorLookup, field_name: str = "graph") -> Graph:

@@ -33,7 +33,7 @@ from vinterp.ir.schema import Graph
 from vinterp.models.registry import resolve_model
 from vinterp_server.compile import CompiledRequest, FieldError, ModelInfo
 from vinterp_server.errors import EngineUnavailable
-from vinterp_server.limits import LimitExceeded
+from vinterp_server.limits import TooLarge
 from vinterp_server.schemas import CONTEXT_KEY
 from vinterp_vllm.payload import EXTRA_ARGS_KEY, Outcome, Payload
 
@@ -147,9 +147,10 @@ class RequestContext:
         need = samples * self.spec.estimate_capture_bytes(len(ids), int(params.max_tokens or 1))
         if need > self.capture_cap:
             each = f" ({samples} samples)" if samples > 1 else ""
-            raise http_error(LimitExceeded(
+            raise http_error(TooLarge(
                 f"the requested captures can reach {need} bytes for this prompt{each}; this "
-                f"key may capture at most {self.capture_cap} bytes per request", 60), 429)
+                f"key may capture at most {self.capture_cap} bytes per request (capture fewer "
+                f"layers, positions or tokens)"), 413)
         try:
             self.spec.check_prompt(len(ids), int(params.max_tokens or 1))
         except FieldError as exc:
@@ -306,7 +307,8 @@ class LocalEngineHost:
         self.engine = engine
         self.state = state
         self.model_name = model_name
-        self.model = ModelInfo(engine.arch, engine.num_layers, engine.hidden_size, engine.dtype)
+        self.model = ModelInfo(engine.arch, engine.num_layers, engine.hidden_size, engine.dtype,
+                               engine.vocab_size, engine.module_names)
         self.max_model_len = engine.max_model_len
 
     @classmethod

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from vinterp_server.compile import FieldError
-from vinterp_server.limits import LimitExceeded
+from vinterp_server.limits import LimitExceeded, TooLarge
 
 
 class EngineUnavailable(Exception):
@@ -70,6 +70,8 @@ def error_response(exc: Any, retry_after: int | None = None) -> JSONResponse:
         body = exc.model_dump()
     elif isinstance(exc, FieldError):
         status, body = 400, error_body(str(exc), 400, exc.field)
+    elif isinstance(exc, TooLarge):
+        status, body = 413, error_body(str(exc), 413)
     elif isinstance(exc, LimitExceeded):
         status, body = 429, error_body(str(exc), 429)
     elif isinstance(exc, EngineUnavailable):

@@ -36,6 +36,11 @@ class LimitExceeded(Exception):
         self.retry_after = max(1, int(retry_after))
 
 
+class TooLarge(LimitExceeded):
+    """A request larger than its key may send (graph nodes, capture bytes): 413, without
+    ``Retry-After``: as it stands it can never pass (a 429 would have clients retry it)."""
+
+
 class Slot:
     """One of a key's concurrent slots, held from :meth:`Limiter.acquire` to :meth:`release`
     (a streamed response holds it until its last chunk)."""
@@ -120,13 +125,13 @@ class Limiter:
     def check_graph(key: KeyInfo, n_nodes: int) -> None:
         """Refuse graphs larger than the key may send."""
         if n_nodes > key.limits.graph_nodes:
-            raise LimitExceeded(f"the graph has {n_nodes} nodes; this key may send at most "
-                                f"{key.limits.graph_nodes}", 60)
+            raise TooLarge(f"the graph has {n_nodes} nodes; this key may send at most "
+                           f"{key.limits.graph_nodes}")
 
     @staticmethod
     def check_capture(key: KeyInfo, n_bytes: int) -> None:
         """Refuse requests whose captures could exceed the key's per-request bytes."""
         if n_bytes > key.limits.capture_bytes:
-            raise LimitExceeded(f"the requested captures can reach {n_bytes} bytes; this key "
-                                f"may capture at most {key.limits.capture_bytes} bytes per "
-                                f"request (capture fewer layers/positions or fewer tokens)", 60)
+            raise TooLarge(f"the requested captures can reach {n_bytes} bytes; this key may "
+                           f"capture at most {key.limits.capture_bytes} bytes per request "
+                           f"(capture fewer layers/positions or fewer tokens)")

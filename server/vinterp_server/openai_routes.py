@@ -24,8 +24,8 @@ from vinterp_server.captures import CaptureWriter
 from vinterp_server.compile import CompiledRequest, FieldError, vector_names
 from vinterp_server.context import Server, require_key, server
 from vinterp_server.engine import RequestContext, engine_down
-from vinterp_server.errors import EngineUnavailable, error_event, error_response
-from vinterp_server.limits import LimitExceeded, Slot
+from vinterp_server.errors import EngineUnavailable, error_body, error_event, error_response
+from vinterp_server.limits import LimitExceeded, Slot, TooLarge
 from vinterp_server.schemas import (
     InterventionFields, VinterpChatCompletionRequest, VinterpCompletionRequest,
 )
@@ -138,6 +138,8 @@ def _as_error(exc: Exception) -> Any:
 
 def _failed(outcome: Any) -> Exception:
     reason = "the request finished without an outcome" if outcome is None else outcome.error
+    if outcome is not None and outcome.too_large:   # the caller asked for too much: 413
+        return TooLarge(f"intervention failed: {reason}")
     return RuntimeError(f"intervention failed: {reason}")
 
 
@@ -182,10 +184,16 @@ async def _stream(gen: AsyncIterator[str], ctx: RequestContext, key: KeyInfo, sr
     writer = CaptureWriter(srv, key) if ctx.spec is not None else None
 
     async def events() -> AsyncIterator[str]:
-        if first is not None:
-            yield await _with_captures(first, ctx, writer)
-        async for chunk in gen:
-            yield await _with_captures(chunk, ctx, writer)
+        try:
+            if first is not None:
+                yield await _with_captures(first, ctx, writer)
+            async for chunk in gen:
+                yield await _with_captures(chunk, ctx, writer)
+        except Exception as exc:  # the body has begun: the status is sent, say it in an event
+            # (an exception escaping here would drop the connection mid-body, which clients
+            # report as a network error, with no reason)
+            yield f"data: {json.dumps(error_body(f'{type(exc).__name__}: {exc}', 500))}\n\n"
+            yield "data: [DONE]\n\n"
 
     return _SlotStream(events(), close)
 
@@ -200,7 +208,7 @@ async def _with_captures(chunk: str, ctx: RequestContext,
     spec = ctx.spec
     assert spec is not None
     changed = False
-    errors = []
+    errors: list[Exception] = []
     for choice in data.get("choices") or ():
         index = choice.get("index", 0)
         if choice.get("finish_reason") is None:
@@ -211,12 +219,12 @@ async def _with_captures(chunk: str, ctx: RequestContext,
             continue
         outcome = ctx.outcome(index)
         if outcome is None or outcome.error:
-            errors.append(str(_failed(outcome)))
+            errors.append(_failed(outcome))
             continue
         choice["captures"] = await writer.encode(spec, outcome.saves)
         changed = True
     if errors:
-        err = {"error": {"message": "; ".join(errors), "type": "InternalServerError",
-                         "param": None, "code": 500}}
+        status = 413 if all(isinstance(e, TooLarge) for e in errors) else 500
+        err = error_body("; ".join(map(str, errors)), status)
         return f"data: {json.dumps(err)}\n\n"
     return f"data: {json.dumps(data)}\n\n" if changed else chunk

@@ -87,7 +87,7 @@ class EngineReplica:
         engine = self.host.engine
         return {"model_name": self.host.model_name, "model": self.host.model,
                 "max_model_len": self.host.max_model_len,
-                "check": (engine.arch, engine.dtype, engine.max_batched_tokens)}
+                "check": engine.check_args}
 
     async def models(self) -> Any:
         return await self.host.models()

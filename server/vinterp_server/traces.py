@@ -25,14 +25,14 @@ import torch
 
 from vinterp.backends.base import RunResult
 from vinterp.ir import Graph, GraphError, SessionValue, encode_tensor, load
-from vinterp.ir.errors import InterventionError
+from vinterp.ir.errors import CaptureLimitError, InterventionError
 from vinterp.ir.results import encode_results
 from vinterp_server import metrics
 from vinterp_server.auth import KeyInfo
 from vinterp_server.compile import FieldError, resolve_named, vector_names
 from vinterp_server.context import Server, require_key, server
 from vinterp_server.errors import error_response
-from vinterp_server.limits import LimitExceeded
+from vinterp_server.limits import LimitExceeded, TooLarge
 from vinterp_server.schemas import TraceRequest, TraceStatus
 from vinterp_server.vectors import stored_vectors
 
@@ -162,6 +162,9 @@ async def create_trace(body: TraceRequest, key: KeyInfo = Depends(require_key),
     if body.blocking:
         try:
             result = await _run(graphs, key, srv, session)
+        except CaptureLimitError as exc:   # the caller asked for too much: 413
+            metrics.TRACES.labels(status="failed").inc()
+            return error_response(TooLarge(f"intervention failed: {exc}"))
         except (InterventionError, RuntimeError) as exc:
             metrics.TRACES.labels(status="failed").inc()
             return error_response(RuntimeError(f"intervention failed: {exc}"))

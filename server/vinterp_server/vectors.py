@@ -28,7 +28,7 @@ from vinterp_server.auth import KeyInfo
 from vinterp_server.compile import FieldError, check_vector
 from vinterp_server.context import Server, require_key, server
 from vinterp_server.errors import error_response
-from vinterp_server.limits import LimitExceeded
+from vinterp_server.limits import TooLarge
 
 router = APIRouter()
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -72,8 +72,8 @@ async def stored_vectors(srv: Server, key: KeyInfo,
     at a time up to the first that does not exist: compiling stops there with a 400 naming
     it. More names than the key's graph may have nodes is a 429 before any read."""
     if len(names) > key.limits.graph_nodes:   # (each use of a vector is at least one node)
-        raise LimitExceeded(f"the request names {len(names)} stored vectors; a graph of this "
-                            f"key may have at most {key.limits.graph_nodes} nodes", 60)
+        raise TooLarge(f"the request names {len(names)} stored vectors; a graph of this key "
+                       f"may have at most {key.limits.graph_nodes} nodes")
     found: dict[str, dict[int | None, torch.Tensor]] = {}
     for start in range(0, len(names), FETCH_BATCH):
         batch = names[start:start + FETCH_BATCH]

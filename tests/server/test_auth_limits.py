@@ -121,7 +121,19 @@ BAD_FIELDS = [
     ({"interventions": [{"op": "steer", "layers": 3, "vector": {"name": "nope"}}]},
      "no vector named 'nope'"),
     ({"interventions": [{"op": "steer", "layers": 3}]}, "needs a vector"),
-    ({"capture": [{"point": "layers.3.banana.output"}]}, "capture[0]"),
+    ({"capture": [{"point": "layers.3.banana.output"}]},
+     "capture[0]: point 'layers.3.banana.output': the model has no module "
+     "'model.layers.3.banana': it has 30 layers"),
+    # vLLM computes logits where it samples: a capture cannot label them as other positions
+    ({"capture": [{"point": "lm_head.output", "positions": "all"}]},
+     "at the prompt's last position only"),
+    ({"capture": [{"point": "lm_head.output", "positions": [0]}]},
+     "at the prompt's last position only"),
+    # a hand-written graph's unknown module (was a 500 "internal error" at run time)
+    ({"graph": {"nodes": [
+        {"id": 0, "op": "read", "kwargs": {"module": "model.layers.99", "kind": "output"}},
+        {"id": 1, "op": "save", "args": [{"ref": 0}]}]}},
+     "node 0 (read): the model has no module 'model.layers.99'"),
     ({"capture": [{"point": "layers.99.output"}]}, "layer 99 is out of range"),
     ({"capture": [{"point": "layers.3"}]}, "must end in .output or .input"),
     ({"capture": [{"point": "layers.3.output", "positions": [1], "steps": "all"}]},
@@ -169,6 +181,16 @@ def test_bad_bodies(served):
         r = c.post("/v1/completions", content=b"x" * (MAX_BODY + 1),
                    headers={"content-type": "application/json"})
         assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+        def chunked():   # no Content-Length: counted as it arrives (was a 400 "parsing")
+            yield b'{"model": "x", "prompt": "'
+            for _ in range(MAX_BODY // 2**16 + 2):
+                yield b"a" * 2**16
+            yield b'"}'
+
+        r = c.post("/v1/completions", content=chunked(),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "limit" in r.json()["error"]["message"], r.text
         r = c.put("/v1/vectors/bad", content=b"not safetensors")
         assert r.status_code == 400 and "safetensors" in r.json()["error"]["message"]
         r = c.put("/v1/vectors/bad", content=_st({"7": torch.zeros(12)}))
@@ -178,16 +200,30 @@ def test_bad_bodies(served):
         assert r.status_code == 400 and "out of range" in r.json()["error"]["message"]
 
 
-def test_limits_answer_429_with_retry_after(served):
+def test_limits_answer_413_for_size_and_429_with_retry_after_for_rate(served):
+    """A request larger than its key allows is a 413 without ``Retry-After`` (it can never
+    pass; clients retry a 429); concurrency and tokens per minute are 429s."""
     with served.client("tight") as c:
-        r = c.post("/v1/completions", json={**BASE, "max_tokens": 10, "capture": [
-            {"point": f"layers.{i}.output", "positions": "all", "steps": "all"}
-            for i in range(2)]})
-        assert r.status_code == 429 and "capture" in r.json()["error"]["message"]
-        assert int(r.headers["Retry-After"]) >= 1
-        r = c.post("/v1/completions", json={**BASE, "interventions": [
-            {"op": "scale", "layers": "all", "factor": 1.0}]})
-        assert r.status_code == 429 and "nodes" in r.json()["error"]["message"]
+        too_large = [
+            # up front: the captures' bound, and the graph's size
+            ({"max_tokens": 10, "capture": [
+                {"point": f"layers.{i}.output", "positions": "all", "steps": "all"}
+                for i in range(2)]}, "capture"),
+            ({"interventions": [{"op": "scale", "layers": "all", "factor": 1.0}]}, "nodes"),
+            # logits rows are vocabulary-wide (49152), not hidden-wide (they passed the
+            # bound, then failed at run time with a 500)
+            ({"capture": [{"point": "lm_head.output", "positions": "last"}]}, "capture"),
+            # at run time: a graph's save past the cap (its size is known only there)
+            ({"prompt": "word " * 40, "graph": {"nodes": [
+                {"id": 0, "op": "read", "kwargs": {"module": "model.layers.3",
+                                                   "kind": "output"}},
+                {"id": 1, "op": "save", "args": [{"ref": 0}]}]}},
+             "captures exceeded this request's cap of 20000 bytes"),
+        ]
+        for fields, expect in too_large:
+            r = c.post("/v1/completions", json={**BASE, **fields})
+            assert r.status_code == 413 and expect in r.json()["error"]["message"], r.text
+            assert "Retry-After" not in r.headers
         # one request in flight at a time: a second, concurrent one is refused
         import threading
         results = []

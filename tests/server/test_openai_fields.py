@@ -202,3 +202,29 @@ def test_large_captures_are_stored_and_fetched_by_their_owner_only(served):
         assert list(np.load(io.BytesIO(r.content)).shape) == stored[0]["shape"]
     with served.client("bob") as c:
         assert c.get(f"/v1/captures/{stored[0]['id']}").status_code == 404
+
+
+def test_graph_saves_of_steps_that_never_ran_are_left_out(served, local_vllm):
+    """A graph saving at every step of ``max_new_tokens=6``, on a request that stops after 2
+    tokens: the saves of the steps that ran come back (equal to the library's), the others
+    are left out. It used to fail with a 500 ("produced no value"), and a stream lost its
+    connection mid-body."""
+    with local_vllm.generate(PARIS_PROMPT, max_new_tokens=6, temperature=0) as tr:
+        hs = [None] * 6
+        for step in tr.iter[:]:
+            hs[step] = local_vllm.layers[10].output[:, -1].save()
+    graph = json.loads(tr.to_json())
+    graph["invokes"] = []
+    kw = {"model": MODEL, "prompt": PARIS_PROMPT, "temperature": 0, "max_tokens": 2,
+          "extra_body": {"graph": graph}}
+    whole = served.openai().completions.create(**kw)
+    caps = whole.choices[0].model_extra["captures"]
+    assert len(caps) == 2 and whole.usage.completion_tokens == 2
+    for cap, ref in zip(caps, hs[:2], strict=True):
+        assert rel(npy(cap).reshape(-1), ref.reshape(-1)) <= 1e-4
+    chunks = list(served.openai().completions.create(stream=True, **kw))
+    streamed = [item for c in chunks if c.choices
+                for item in c.choices[0].model_extra.get("captures") or []]
+    assert [c["point"] for c in streamed] == [c["point"] for c in caps]
+    for piece, cap in zip(streamed, caps, strict=True):
+        assert piece["shape"] == cap["shape"] and rel(npy(piece), npy(cap)) <= 1e-5

@@ -73,7 +73,7 @@ def test_keys_limits_and_bad_input(ray_served):
     auth.test_every_route_but_health_and_metrics_needs_a_key(ray_served, "wrong")
     auth.test_traces_and_captures_are_per_key(ray_served)
     auth.test_bad_bodies(ray_served)
-    auth.test_limits_answer_429_with_retry_after(ray_served)
+    auth.test_limits_answer_413_for_size_and_429_with_retry_after_for_rate(ray_served)
     auth.test_streamed_tokens_count_against_the_budget(ray_served)
     for case in auth.BAD_FIELDS:
         auth.test_bad_fields_get_400_naming_the_field(ray_served, *case)

@@ -32,6 +32,7 @@ from vinterp.backends.vllm.engine import engine_kwargs, hf_classes_untouched, mo
 from vinterp.backends.vllm.runs import GraphRun, Job
 from vinterp.ir.schema import Graph
 from vinterp.models.architectures import Architecture, for_model_type
+from vinterp.models.meta import module_names
 from vinterp_vllm.payload import Outcome, Payload, outcomes_from_wire
 from vinterp_vllm.request_state import DEFAULT_MAX_UNDRAINED
 from vllm.sampling_params import RequestOutputKind
@@ -104,6 +105,9 @@ class AsyncEngine:
         cfg = llm.vllm_config
         self.dtype = cfg.model_config.dtype
         self.hidden_size = int(cfg.model_config.get_hidden_size())
+        self.vocab_size = int(cfg.model_config.get_vocab_size())
+        #: the HF model's module paths, to refuse a hand-written graph's unknown modules
+        self.module_names = module_names(self.model_path)
         self.num_layers = int(cfg.model_config.hf_config.num_hidden_layers)
         self.max_model_len = int(cfg.model_config.max_model_len)
         self.max_batched_tokens = int(cfg.scheduler_config.max_num_batched_tokens)
@@ -203,7 +207,12 @@ class AsyncEngine:
     # ------------------------------------------------------------------ whole graphs
     def check(self, graph: Graph) -> None:
         """Raise a clear error for what this engine cannot run (before anything is sent)."""
-        check_graph(graph, self.arch, self.dtype, self.max_batched_tokens)
+        check_graph(graph, *self.check_args)
+
+    @property
+    def check_args(self) -> tuple[Any, ...]:
+        """``check_graph``'s arguments after the graph (what a Ray ingress checks with)."""
+        return (self.arch, self.dtype, self.max_batched_tokens, self.module_names)
 
     async def run(self, graph: Graph, *, capture_cap: int | None = None) -> RunResult:
         """Run a whole graph (validated and checked): every prompt one request."""

@@ -29,6 +29,7 @@ from vinterp.ir.index import graph_index
 from vinterp.ir.phases import cross_refs
 from vinterp.ir.schema import Graph, Ref
 from vinterp.models.architectures import Architecture, for_model_type
+from vinterp.models.meta import unknown_module
 from vinterp_vllm.calls import call_target
 from vinterp_vllm.fastpath import plan_for
 from vinterp_vllm.payload import outcomes_from_wire
@@ -40,11 +41,13 @@ _run_ids = itertools.count()
 
 
 def check_graph(graph: Graph, arch: Architecture, dtype: torch.dtype,
-                max_batched_tokens: int) -> None:
+                max_batched_tokens: int, modules: frozenset[str] = frozenset()) -> None:
     """Raise a clear error for points and ops a vLLM engine cannot serve for ``graph``.
 
     Shared by the library (at trace time) and the server (before anything reaches the
-    engine): one rule, one message.
+    engine): one rule, one message. ``modules``: the HF model's module paths
+    (``models.meta.module_names``), for graphs written by hand (a module the model does not
+    have is refused here; the library's tracer cannot make one).
     """
     if any(not inv.prompts for inv in graph.invokes):
         raise ValueError(
@@ -66,6 +69,10 @@ def check_graph(graph: Graph, arch: Architecture, dtype: torch.dtype,
                 f"combining invokes' values at generation steps other than the first, "
                 f"outside an invoke, is {NOT_ON_VLLM}{where}; save each invoke's values "
                 f"and combine them after the block")
+        if n.op in ("read", "write", "call_module"):
+            missing = unknown_module(n.kwargs.get("module", ""), modules, arch.layers)
+            if missing is not None:
+                raise ValueError(f"node {n.id} ({n.op}): {missing}{where}")
         if n.op == "call_module":
             try:   # the final norm and LM head only (the logit lens)
                 call_target(arch, n.kwargs.get("module", ""))

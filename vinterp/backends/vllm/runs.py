@@ -28,7 +28,7 @@ import torch
 from vinterp.backends.base import RunResult
 from vinterp.backends.vllm import requests as rq
 from vinterp.backends.vllm.sampling import sampling_params
-from vinterp.ir.errors import InterventionError
+from vinterp.ir.errors import CaptureLimitError, InterventionError
 from vinterp.ir.interpreter import GraphRunner
 from vinterp.ir.phases import cross_refs, invoke_phases
 from vinterp.ir.run_state import RunState, collect_results
@@ -161,7 +161,8 @@ class GraphRun:
         errors = [f"invoke {i}, prompt {j}: {o.error}"
                   for (i, j), o in sorted(self.outcomes.items()) if o.error]
         if errors:
-            raise InterventionError("; ".join(errors))
+            big = any(o.too_large for o in self.outcomes.values())
+            raise (CaptureLimitError if big else InterventionError)("; ".join(errors))
         saves: dict[int, Any] = {}
         for n in graph.nodes:
             if n.op != "save" or n.invoke < 0:
