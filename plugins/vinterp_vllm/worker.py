@@ -394,21 +394,27 @@ class _Hooks:
                 log.warning("vinterp: vectorized %s at %s failed: %s", g.op, key, msg)
         entries = [(st, span, p) for st, span, p in self.general_points.get(key, ())
                    if not (st.failed or st.runner is None or st.open_step is None)]
-        logits = self._logits(entries, out)
-        for st, span, p in entries:
-            ev = RowsEvent(p, span, st.open_step, args, kwargs, out, self.model,
-                           trace=st.payload.mode == "trace",
-                           logits=logits.get((id(st), p.key)))
-            try:
-                st.runner.on_event(ev)
-                ev.write_back()
-            except Exception as exc:
-                from vinterp.ir.errors import StopForward
+        # the final norm's point is also the logits' (and the model output's): its own events
+        # run and write back first, so that logits are computed from the edited rows
+        for phase in (False, True):
+            now = [e for e in entries if (e[2].value in ("logits", "model_output")) == phase]
+            logits = self._logits(now, out) if phase else {}
+            for st, span, p in now:
+                if st.failed or st.runner is None or st.open_step is None:
+                    continue   # (it failed in the first phase)
+                ev = RowsEvent(p, span, st.open_step, args, kwargs, out, self.model,
+                               trace=st.payload.mode == "trace",
+                               logits=logits.get((id(st), p.key)))
+                try:
+                    st.runner.on_event(ev)
+                    ev.write_back()
+                except Exception as exc:
+                    from vinterp.ir.errors import StopForward
 
-                if isinstance(exc, StopForward):
-                    continue
-                st.fail(f"{type(exc).__name__}: {exc}" if not str(exc).startswith(
-                    "intervention") else str(exc))
+                    if isinstance(exc, StopForward):
+                        continue
+                    st.fail(f"{type(exc).__name__}: {exc}" if not str(exc).startswith(
+                        "intervention") else str(exc))
 
     def _logits(self, entries: list[tuple[RequestState, RowSpan, VllmPoint]],
                 out: Any) -> dict[tuple[int, tuple[str, str]], torch.Tensor]:

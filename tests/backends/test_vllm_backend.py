@@ -198,3 +198,28 @@ def test_layer_and_mlp_inputs_equal_hf(models):
             assert _rel(a, b) < 1e-4
     # the MLP's input is the normalized residual, not the layer's input
     assert _rel(out["hf"][0][4], out["hf"][0][1]) > 0.5
+
+
+def test_final_norm_edits_reach_the_logits_read_after_them(models):
+    """The final norm's output, the logits and the model output are one point in vLLM: an
+    edit of the norm must be in the logits read after it (they were computed before the edit
+    was written back: the unedited logits, in traces and in each step's saved logits)."""
+    prompt = "The Eiffel Tower is in the city of"
+    got = {}
+    for name, model in models.items():
+        with model.trace(prompt):
+            model.model.norm.output[:, -1] *= 2
+            model.model.norm.output[:, 3] = 0
+            logits = model.logits.save()
+        with model.generate(prompt, max_new_tokens=3) as tracer:
+            steps = list().save()
+            with tracer.all():
+                model.model.norm.output[:] = model.model.norm.output * -1
+                steps.append(model.logits[:, -1])
+        got[name] = (logits, torch.cat(steps), torch.as_tensor(tracer.result[0]))
+    (lv, sv, tv), (lh, sh, th) = got["vllm"], got["hf"]
+    assert _rel(lv, lh) < 1e-4
+    assert float(lv[0, 3].abs().max()) == 0.0
+    assert _rel(sv, sh) < 1e-4
+    assert torch.equal(sv.argmax(-1), tv[-3:]), "each step's logits are the sampled ones"
+    assert torch.equal(tv, th)
