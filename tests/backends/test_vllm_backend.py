@@ -223,3 +223,39 @@ def test_final_norm_edits_reach_the_logits_read_after_them(models):
     assert _rel(sv, sh) < 1e-4
     assert torch.equal(sv.argmax(-1), tv[-3:]), "each step's logits are the sampled ones"
     assert torch.equal(tv, th)
+
+
+CAT, DOG = "The cat sat on the mat", "A dog ran in the park"   # (6 tokens each)
+
+
+@pytest.mark.parametrize("code", [
+    lambda h, m: h.mean(0).save(),
+    lambda h, m: h.norm().save(),
+    lambda h, m: h[1].save(),
+    lambda h, m: h.__setitem__(slice(None), h[:1]),
+    lambda h, m: torch.cat([h, h]).save(),
+    lambda h, m: torch.sum(h, 0).save(),
+])
+def test_code_mixing_an_invokes_prompts_is_refused(models, code):
+    """Each prompt of an invoke is its own vLLM request: code that mixes an invoke's prompts
+    would silently see one prompt at a time (h.mean(0) gave each prompt's own mean, h[:] =
+    h[:1] did nothing). It is refused, saying what to write instead."""
+    model = models["vllm"]
+    with pytest.raises(ValueError, match="mixes the 2 prompts of invoke 0"):
+        with model.trace([CAT, DOG]):
+            code(model.model.layers[3].output, model)
+
+
+def test_row_wise_code_in_an_invoke_of_several_prompts_equals_hf(models):
+    got = {}
+    for name, model in models.items():
+        with model.trace([CAT, DOG]):
+            h = model.model.layers[3].output
+            a = h[:, -1].norm(dim=-1).save()
+            b = model.model.layers[4].self_attn.output[0][:, 2].save()
+            h[:, -1] += 1.0
+            c = h.sum(1).save()
+            d = model.logits[:, -1].save()
+        got[name] = (a, b, c, d)
+    for v, r in zip(got["vllm"], got["hf"], strict=True):
+        assert v.shape == r.shape and _rel(v, r) < 1e-4

@@ -24,6 +24,7 @@ import torch
 from vinterp.backends.base import NOT_ON_VLLM, Backend, RunResult
 from vinterp.backends.vllm import requests as rq
 from vinterp.backends.vllm.engine import build_engine, model_type
+from vinterp.backends.vllm.prompt_batches import check_prompt_batches
 from vinterp.backends.vllm.runs import GraphRun, Job
 from vinterp.ir.index import graph_index
 from vinterp.ir.phases import cross_refs
@@ -92,6 +93,7 @@ def check_graph(graph: Graph, arch: Architecture, dtype: torch.dtype,
                 if n.op == "write":
                     raise UnsupportedPoint(f"writing logits is {NOT_ON_VLLM}{where}")
                 logit_views.add(n.id)
+    check_prompt_batches(graph, kinds)
     # Only prompts longer than one forward's token budget can be split across chunks.
     long = [i for i, inv in enumerate(graph.invokes)
             if max((len(p) for p in inv.prompts), default=0) > max_batched_tokens]
