@@ -23,7 +23,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-key limits; past any of them a request gets 429."""
+    """Per-key limits: past ``concurrent`` or ``tokens_per_minute`` a request gets 429, past
+    ``capture_bytes`` or ``graph_nodes`` 413."""
 
     concurrent: int = 64                    # requests in flight
     tokens_per_minute: int = 2_000_000      # prompt + generated tokens, last 60 s

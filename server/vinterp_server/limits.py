@@ -1,7 +1,8 @@
 """Per-key admission: requests in flight, tokens per minute, graph size, capture bytes.
 
 State lives in the :class:`~vinterp_server.store.Store`, so replicas sharing a store share
-limits. Past a limit the app answers 429 with ``Retry-After``.
+limits. Past a rate (requests in flight, tokens per minute) the app answers 429 with
+``Retry-After``; a request larger than the key allows (graph size, capture bytes) gets 413.
 
 Example::
 

@@ -70,7 +70,7 @@ async def stored_vectors(srv: Server, key: KeyInfo,
                          names: Sequence[str]) -> dict[str, dict[int | None, torch.Tensor]]:
     """The key's vectors of these names (in the order compiling meets them), fetched a batch
     at a time up to the first that does not exist: compiling stops there with a 400 naming
-    it. More names than the key's graph may have nodes is a 429 before any read."""
+    it. More names than the key's graph may have nodes is a 413 before any read."""
     if len(names) > key.limits.graph_nodes:   # (each use of a vector is at least one node)
         raise TooLarge(f"the request names {len(names)} stored vectors; a graph of this key "
                        f"may have at most {key.limits.graph_nodes} nodes")
