@@ -86,6 +86,19 @@ def test_samples_refuse_writes_and_plain_traces(compat_vllm):
     with pytest.raises(TracingError, match="forcing the sampled tokens"):
         with compat_vllm.generate("Hi", max_new_tokens=2):
             compat_vllm.samples = torch.zeros(1, dtype=torch.long)
+    # in place too (it changed only the ids read back, silently: found by an audit)
+    for edit in (lambda s: s.__setitem__(slice(None), 5), lambda s: s[0].add_(1)):
+        with pytest.raises(TracingError, match="forcing the sampled tokens"):
+            with compat_vllm.generate("Hi", max_new_tokens=2) as tracer:
+                with tracer.all():
+                    edit(compat_vllm.samples)
+    with compat_vllm.generate("Hi", max_new_tokens=2) as tracer:   # a copy is the user's
+        ids = list().save()
+        with tracer.all():
+            s = compat_vllm.samples.clone()
+            s[:] = 5
+            ids.append(s)
+    assert [int(v) for v in ids] == [5, 5]
     with pytest.raises(TracingError, match="only in a generation"):
         with compat_vllm.trace("Hi"):
             compat_vllm.samples.save()

@@ -111,6 +111,9 @@ class Tracer:
         self._generator_node: dict[int, int] = {}
         #: post-run nodes that depend on model.samples: run once per generation step
         self._stepped: set[int] = set()
+        #: model.samples reads and views of them (getitem): an in-place edit of one would
+        #: change only the ids read back, never the generation, so it is refused
+        self._samples_views: set[int] = set()
         #: save nodes at generation steps their invoke never reached (EOS or its own budget)
         self._unreached: set[int] = set()
         #: saved node -> the proxy its name held one step before (``with tracer.all()``)
@@ -148,6 +151,14 @@ class Tracer:
             kwargs={k: ir_value(self, v) for k, v in kwargs.items()},
             invoke=invoke, steps=self._steps, line=_user_line(),
         )
+        target = node.args[0] if node.args else None
+        if isinstance(target, Ref) and target.ref in self._samples_views:
+            if ops.is_edit(op, node.kwargs.get("name")):
+                from vinterp.tracing.generated import _NO_SAMPLE_WRITES
+
+                raise TracingError(_NO_SAMPLE_WRITES)
+            if op == "getitem":
+                self._samples_views.add(node_id)
         if self._post and any(r in self._post for r in node_refs(node)):
             if op in ("write", "backward") or ops.is_edit(op, node.kwargs.get("name")) and \
                     self._edits_model(node):
@@ -252,6 +263,7 @@ class Tracer:
                                invoke=invoke, steps=self._steps, line=_user_line()))
         self._post.add(node_id)
         self._stepped.add(node_id)
+        self._samples_views.add(node_id)
         return StepValue(self, node_id)
 
     def keep(self, obj: Any) -> Any:
