@@ -246,3 +246,11 @@ def test_saved_name_holds_the_last_step_when_generation_stops_early(backend, hf_
     assert tracer.result[0].tolist() == ref.ids[: len(ids) + 2].tolist()
     assert len(hs) == 2
     assert torch.allclose(torch.as_tensor(h), ref.captured[read][1], atol=1e-4, rtol=0)
+    # the name rebound each step and saved only after the loop: the same last step (it used
+    # to fail, "a value it needs was never computed", for the steps that never ran)
+    with model.generate(PROMPT, max_new_tokens=4, eos_token_id=eos) as tracer:
+        for _step in tracer.iter[:]:
+            last = model.model.layers[READ_LAYER].output[:, -1]
+        last = last.save()
+    assert torch.allclose(torch.as_tensor(last), ref.captured[read][1][:, -1], atol=1e-4,
+                          rtol=0)

@@ -58,6 +58,8 @@ class Proxy:
     # ------------------------------------------------------------------ graph-level API
     def save(self) -> Proxy:
         """Mark this value to be returned after the block (a snapshot at this point)."""
+        if self._tracer.rebound_after_its_loop(self):
+            return self._tracer.save_rebound(self)
         proxy = self._add("save", self)
         self._tracer.saved.append(proxy)
         return proxy

@@ -496,6 +496,23 @@ class Tracer:
         for obj in self._kept:
             _save_inside(obj, self, saved, 0)
 
+    def rebound_after_its_loop(self, proxy: Proxy) -> bool:
+        """Whether ``proxy`` is a name a step loop rebound each step, used after the loop."""
+        return proxy._id in self._fallback and not self.finished and \
+            self.nodes[proxy._id].steps != self._steps
+
+    def save_rebound(self, proxy: Proxy) -> Proxy:
+        """``name.save()`` after a step loop that rebound ``name`` each step: every step's
+        value is saved at its own step, so after the block the name holds the last step that
+        ran (nnsight's loop stops there when generation ends early, at an EOS)."""
+        chain = [proxy]
+        while chain[-1]._id in self._fallback:
+            chain.append(self._fallback[chain[-1]._id])
+        saves = [self._save_as_recorded(p) for p in reversed(chain)]   # the first step's first
+        for old, new in zip(saves, saves[1:], strict=False):
+            self._fallback[new._id] = old
+        return saves[-1]
+
     def _save_as_recorded(self, proxy: Proxy) -> Proxy:
         """``proxy.save()`` in the invoke and steps where ``proxy`` was recorded."""
         node = self.nodes[proxy._id]
