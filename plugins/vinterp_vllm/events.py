@@ -22,7 +22,7 @@ import torch
 
 from vinterp_vllm.calls import ModuleCalls
 from vinterp_vllm.layout import RowSpan
-from vinterp_vllm.points import VllmPoint
+from vinterp_vllm.points import LOGIT_VALUES, VllmPoint
 
 #: one :class:`ModuleCalls` per vLLM model (``call_module`` nodes: the logit lens)
 _CALLS: weakref.WeakKeyDictionary[Any, ModuleCalls] = weakref.WeakKeyDictionary()
@@ -149,7 +149,7 @@ class RowsEvent:
         return calls
 
     def set(self, invoke: int, value: Any) -> None:
-        if self._p.value in ("logits", "model_output"):
+        if self._p.value in LOGIT_VALUES:
             raise ValueError("writing logits is not supported on the vllm backend yet "
                              "(vLLM samples from its own logits); use backend='hf'")
         if self._p.value == "attn" and isinstance(value, tuple):

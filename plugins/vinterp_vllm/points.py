@@ -26,6 +26,9 @@ from vinterp.models.architectures import Architecture
 #: plain tensor is ``tensor``); ``logits`` / ``model_output`` = computed from the final norm's
 #: rows on demand.
 VALUE_KINDS = ("residual", "tensor", "attn", "norm", "logits", "model_output")
+#: the value kinds computed from the final norm's rows on demand (vLLM's logits are only
+#: where it samples): the logits, and the model output that holds them
+LOGIT_VALUES = frozenset({"logits", "model_output"})
 
 
 class UnsupportedPoint(ValueError):

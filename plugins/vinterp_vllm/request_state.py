@@ -24,7 +24,7 @@ from vinterp_vllm.fastpath import plan_for
 from vinterp_vllm.layout import RowSpan
 from vinterp_vllm.logit_rows import read_positions
 from vinterp_vllm.payload import Outcome, Payload
-from vinterp_vllm.points import VllmPoint, resolve_point
+from vinterp_vllm.points import LOGIT_VALUES, VllmPoint, resolve_point
 
 
 def _nbytes(v: Any) -> int:
@@ -99,7 +99,7 @@ class ParsedGraphs:
                         f"node {a.node.id} ({a.op}): vector has {a.vector.shape[-1]} "
                         f"entries but the model's hidden size is {self.hidden}")
         logits = {k: read_positions(graph, invoke, k, p.value) for k, p in points.items()
-                  if p.value in ("logits", "model_output")}
+                  if p.value in LOGIT_VALUES}
         return Parsed(graph, points, plan, logits)
 
 

@@ -40,7 +40,7 @@ from vinterp_vllm.graph_op import PointIds, install_point_hooks
 from vinterp_vllm.layout import RowSpan, batch_spans
 from vinterp_vllm.logit_rows import batched_logits, wanted_rows
 from vinterp_vllm.payload import Outcome, Payload, outcomes_to_wire, own_copies
-from vinterp_vllm.points import VllmPoint
+from vinterp_vllm.points import LOGIT_VALUES, VllmPoint
 from vinterp_vllm.request_state import ParsedGraphs, RequestState, Retention
 from vinterp_vllm.tables import StepTables
 from vinterp_vllm.wire import pack
@@ -392,16 +392,15 @@ class _Hooks:
                 for st in g.owners:
                     st.fail(msg)
                 log.warning("vinterp: vectorized %s at %s failed: %s", g.op, key, msg)
-        entries = [(st, span, p) for st, span, p in self.general_points.get(key, ())
-                   if not (st.failed or st.runner is None or st.open_step is None)]
         # the final norm's point is also the logits' (and the model output's): its own events
-        # run and write back first, so that logits are computed from the edited rows
+        # run and write back first, so that logits are computed from the edited rows (and for
+        # requests still running: one may fail in the first phase)
         for phase in (False, True):
-            now = [e for e in entries if (e[2].value in ("logits", "model_output")) == phase]
+            now = [(st, span, p) for st, span, p in self.general_points.get(key, ())
+                   if (p.value in LOGIT_VALUES) == phase
+                   and not (st.failed or st.runner is None or st.open_step is None)]
             logits = self._logits(now, out) if phase else {}
             for st, span, p in now:
-                if st.failed or st.runner is None or st.open_step is None:
-                    continue   # (it failed in the first phase)
                 ev = RowsEvent(p, span, st.open_step, args, kwargs, out, self.model,
                                trace=st.payload.mode == "trace",
                                logits=logits.get((id(st), p.key)))
@@ -421,7 +420,7 @@ class _Hooks:
         """The logits every request reading them at this point needs, in one call (see
         ``logit_rows``), by (``id`` of the request's state, HF point)."""
         wants = [(st, span, p, st.payload.mode == "trace") for st, span, p in entries
-                 if p.value in ("logits", "model_output")]
+                 if p.value in LOGIT_VALUES]
         if not wants:
             return {}
         normed = _tensor(wants[0][2].value, (), {}, out, wants[0][2].batch_dim)

@@ -258,10 +258,10 @@ class CompiledRequest:
                              "(or positions 'last'/'all' for generated tokens)")
         module, kind = parse_point(cap.point, self.model)
         steps = _STEPS[cap.steps]
-        from vinterp_vllm.points import resolve_point
+        from vinterp_vllm.points import LOGIT_VALUES, resolve_point
 
         value_kind = resolve_point(self.model.arch, module, kind).value
-        if value_kind in ("logits", "model_output") and cap.steps != "generated" and (
+        if value_kind in LOGIT_VALUES and cap.steps != "generated" and (
                 cap.positions != "last"):
             # vLLM computes logits where it samples: at the prompt's last position only
             raise ValueError(f"{cap.point} exists at the prompt's last position only while "
@@ -285,7 +285,7 @@ class CompiledRequest:
             value = self._add("getitem", Ref(ref=read), TupleV(tuple=(full, idx)), steps=steps)
         save = self._add("save", Ref(ref=value), steps=steps)
         self.captures.append((save, cap, cap.point))
-        if value_kind in ("logits", "model_output"):
+        if value_kind in LOGIT_VALUES:
             self.wide_saves.add(save)
 
     def _graph(self, data: dict[str, Any], vectors: VectorLookup) -> None:

@@ -33,7 +33,7 @@ from vinterp.ir.schema import Graph
 from vinterp.models.registry import resolve_model
 from vinterp_server.compile import CompiledRequest, FieldError, ModelInfo
 from vinterp_server.errors import EngineUnavailable
-from vinterp_server.limits import TooLarge
+from vinterp_server.limits import Limiter, TooLarge
 from vinterp_server.schemas import CONTEXT_KEY
 from vinterp_vllm.payload import EXTRA_ARGS_KEY, Outcome, Payload
 
@@ -70,7 +70,9 @@ class RequestContext:
         self._prompts += 1
         n = int(getattr(params, "n", 1) or 1)
         if self.spec is None or n == 1:
-            key = None if self.spec is None else self._attach(engine, prompt, params)
+            key = None
+            if self.spec is not None:
+                key = self._attach(params, *self._checked_graph(engine, prompt, params), prompt)
             async for out in self._run(engine, prompt, params, request_id, prompt_index, key,
                                        kwargs):
                 yield out
@@ -97,8 +99,9 @@ class RequestContext:
             if params.seed is not None:
                 child.seed = params.seed + j
             children.append(child)
-        # every sample is checked before any runs (a refused one refuses the request)
-        keys = [self._attach(engine, prompt, child, samples=n) for child in children]
+        # the samples share one graph, checked before any runs
+        graph, gjson = self._checked_graph(engine, prompt, params, samples=n)
+        keys = [self._attach(child, graph, gjson, prompt) for child in children]
         runs = [self._run(engine, prompt, child, f"{j}_{request_id}", prompt_index * n + j,
                           key, kwargs, count_prompt=j == 0)
                 for j, (child, key) in enumerate(zip(children, keys, strict=True))]
@@ -141,16 +144,18 @@ class RequestContext:
             counted = self.generated[index] = now
             yield out
 
-    def _attach(self, engine: AsyncEngine, prompt: Any, params: Any, samples: int = 1) -> str:
+    def _checked_graph(self, engine: AsyncEngine, prompt: Any, params: Any,
+                       samples: int = 1) -> tuple[Graph, str]:
+        """The request's graph on this prompt (and its JSON), once its captures' bound, its
+        positions and the engine have accepted it (else the HTTP error saying why)."""
         assert self.spec is not None
         ids = list(prompt["prompt_token_ids"])
         need = samples * self.spec.estimate_capture_bytes(len(ids), int(params.max_tokens or 1))
-        if need > self.capture_cap:
-            each = f" ({samples} samples)" if samples > 1 else ""
-            raise http_error(TooLarge(
-                f"the requested captures can reach {need} bytes for this prompt{each}; this "
-                f"key may capture at most {self.capture_cap} bytes per request (capture fewer "
-                f"layers, positions or tokens)"), 413)
+        try:
+            Limiter.check_capture(self.capture_cap, need, " for this prompt" + (
+                f" ({samples} samples)" if samples > 1 else ""))
+        except TooLarge as exc:
+            raise http_error(exc, 413) from None
         try:
             self.spec.check_prompt(len(ids), int(params.max_tokens or 1))
         except FieldError as exc:
@@ -160,7 +165,10 @@ class RequestContext:
             engine.check(graph)   # e.g. a general graph on a prompt longer than one forward
         except ValueError as exc:
             raise http_error(exc, 400) from None
-        gjson = graph.model_dump_json()
+        return graph, graph.model_dump_json()
+
+    def _attach(self, params: Any, graph: Graph, gjson: str, prompt: Any) -> str:
+        """Give ``params`` a payload of its own (a new worker key) running ``graph``."""
         payload = Payload(key=f"srv-{uuid.uuid4().hex}", graph_json=gjson, invoke=0,
                           mode="generate", capture_cap=self.capture_cap)
         params.extra_args = {**(params.extra_args or {}), **payload.to_extra_args()}

@@ -130,9 +130,10 @@ class Limiter:
                            f"{key.limits.graph_nodes}")
 
     @staticmethod
-    def check_capture(key: KeyInfo, n_bytes: int) -> None:
-        """Refuse requests whose captures could exceed the key's per-request bytes."""
-        if n_bytes > key.limits.capture_bytes:
-            raise TooLarge(f"the requested captures can reach {n_bytes} bytes; this key may "
-                           f"capture at most {key.limits.capture_bytes} bytes per request "
-                           f"(capture fewer layers/positions or fewer tokens)")
+    def check_capture(cap: int, n_bytes: int, what: str = "") -> None:
+        """Refuse requests whose captures could exceed the key's per-request bytes ``cap``
+        (``what``: which part of the request, for the message)."""
+        if n_bytes > cap:
+            raise TooLarge(f"the requested captures can reach {n_bytes} bytes{what}; this key "
+                           f"may capture at most {cap} bytes per request (capture fewer "
+                           f"layers, positions or tokens)")

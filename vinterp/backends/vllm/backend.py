@@ -35,7 +35,7 @@ from vinterp_vllm.calls import call_target
 from vinterp_vllm.fastpath import plan_for
 from vinterp_vllm.payload import outcomes_from_wire
 from vinterp_vllm.request_state import DEFAULT_MAX_UNDRAINED
-from vinterp_vllm.points import UnsupportedPoint, resolve_point
+from vinterp_vllm.points import LOGIT_VALUES, UnsupportedPoint, resolve_point
 
 _GRAD_OPS = frozenset({"backward", "retain_grad", "requires_grad"})
 _run_ids = itertools.count()
@@ -89,7 +89,7 @@ def check_graph(graph: Graph, arch: Architecture, dtype: torch.dtype,
             point = (n.kwargs["module"], n.kwargs["kind"])
             if point not in kinds:
                 kinds[point] = resolve_point(arch, *point).value  # type: ignore[arg-type]
-            if kinds[point] in ("logits", "model_output"):
+            if kinds[point] in LOGIT_VALUES:
                 if n.op == "write":
                     raise UnsupportedPoint(f"writing logits is {NOT_ON_VLLM}{where}")
                 logit_views.add(n.id)
