@@ -51,9 +51,9 @@ def test_train_eval_show_round_trip(files, vector, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(_eval_args(files, vector, out)) == 0
     cells = sorted(p.name for p in (out / "cells").iterdir())
-    assert cells == ["L00_S+0.000.jsonl", "L00_S+4.000.jsonl", "L00_S-4.000.jsonl",
-                     "L01_S+0.000.jsonl", "L01_S+4.000.jsonl", "L01_S-4.000.jsonl"]
-    rows = [json.loads(x) for x in (out / "cells" / "L01_S+4.000.jsonl").read_text()
+    assert cells == ["L00_S+0.0.jsonl", "L00_S+4.0.jsonl", "L00_S-4.0.jsonl",
+                     "L01_S+0.0.jsonl", "L01_S+4.0.jsonl", "L01_S-4.0.jsonl"]
+    rows = [json.loads(x) for x in (out / "cells" / "L01_S+4.0.jsonl").read_text()
             .splitlines()]
     assert [r["type"] for r in rows] == ["ab", "ab"] + ["generation"] * 3 + ["summary"]
     assert all(len(r["tokens"]) <= 4 for r in rows if r["type"] == "generation")
@@ -66,7 +66,7 @@ def test_train_eval_show_round_trip(files, vector, tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     assert len((out / "summary.csv").read_text().splitlines()) == 7
     # scale 0 is the unsteered model at every layer
-    zero = [json.loads((out / "cells" / f"L0{i}_S+0.000.jsonl").read_text().splitlines()[-1])
+    zero = [json.loads((out / "cells" / f"L0{i}_S+0.0.jsonl").read_text().splitlines()[-1])
             for i in (0, 1)]
     assert zero[0]["fluency"]["mean"] == pytest.approx(zero[1]["fluency"]["mean"], rel=1e-5)
     capsys.readouterr()
@@ -144,9 +144,9 @@ def test_a_different_sweep_in_the_same_directory_is_refused(files, vector, tmp_p
     out = tmp_path / "s"
     assert main(_eval_args(files, vector, out, "--metrics", "ab")) == 0
     before = sorted(p.name for p in out.rglob("*"))
-    cell = (out / "cells" / "L00_S+4.000.jsonl").stat().st_mtime_ns
+    cell = (out / "cells" / "L00_S+4.0.jsonl").stat().st_mtime_ns
     assert main(_eval_args(files, vector, out, "--metrics", "ab")) == 0    # all skipped
-    assert (out / "cells" / "L00_S+4.000.jsonl").stat().st_mtime_ns == cell
+    assert (out / "cells" / "L00_S+4.0.jsonl").stat().st_mtime_ns == cell
     capsys.readouterr()
     assert main(_eval_args(files, vector, out, "--metrics", "fluency")) == 2
     assert "holds a different sweep (its metrics" in capsys.readouterr().err

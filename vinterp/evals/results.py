@@ -49,8 +49,23 @@ def mean_ci(values: Iterable[float | None]) -> dict[str, Any]:
 
 
 def cell_name(layer: int, scale: float) -> str:
-    """The cell's file name, e.g. ``L08_S+4.000.jsonl``."""
-    return f"L{int(layer):02d}_S{float(scale):+.3f}.jsonl"
+    """The cell's file name, e.g. ``L08_S+4.0.jsonl``: the scale in its shortest exact form,
+    so two scales never share a file (rounded to 3 decimals, 0.0002 and 0.0004 once both
+    became ``S+0.000``, and a resumed sweep took one for the other)."""
+    return f"L{int(layer):02d}_S{float(scale):+}.jsonl"
+
+
+def finished_cell(cells: Path, layer: int, scale: float) -> dict[str, Any] | None:
+    """Cell ``(layer, scale)``'s summary row if it is finished, else ``None``.
+
+    Sweeps written before the exact names used ``L08_S+4.000.jsonl``; such a file counts only
+    when the scale it stored is exactly this one."""
+    row = read_cell(cells / cell_name(layer, scale))
+    if row is None:
+        old = read_cell(cells / f"L{int(layer):02d}_S{float(scale):+.3f}.jsonl")
+        if old is not None and old.get("layer") == layer and old.get("scale") == float(scale):
+            row = old
+    return row
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -89,6 +104,8 @@ def summarize(out: Path, layers: Sequence[int] | None = None,
             continue
         if scales is not None and not any(math.isclose(s["scale"], x) for x in scales):
             continue
+        if any(r["layer"] == s["layer"] and r["scale"] == s["scale"] for r in rows):
+            continue   # a cell under both its old and its exact name (finished_cell)
         rows.append(s)
     rows.sort(key=lambda r: (r["layer"], r["scale"]))
     return rows

@@ -51,9 +51,10 @@ import torch
 
 from vinterp.evals.progress import Progress
 from vinterp.evals.results import (
-    METRICS, cell_name, mean_ci, read_cell, summarize, write_atomic, write_reports,
+    METRICS, cell_name, finished_cell, mean_ci, summarize, write_atomic, write_reports,
 )
 from vinterp.steering.datasets import ab_answers
+from vinterp.steering.kernels import position_mask
 from vinterp.steering.datasets import ab_questions as builtin_ab_questions
 from vinterp.steering.datasets import neutral_prompts
 from vinterp.steering.vectors import SteeringVector
@@ -221,13 +222,26 @@ def _ab_text(lm: Any, plan: _Plan, cells: list[tuple[int, float]], vector: Steer
                 pair = []
                 for ans in (yes, no):
                     with tracer.invoke([stem + ans]):
-                        lm.layers[layer].output.steer(vec, scale=float(scale),
-                                                      positions=positions)
+                        lm.layers[layer].output.steer(
+                            vec, scale=float(scale),
+                            positions=_text_positions(positions, len(stem), len(ans)))
                         lp = lm.logits[0, len(stem) - 1:-1].log_softmax(-1)
                         tgt = torch.tensor(ans, dtype=torch.long)[:, None]
                         pair.append(lp.gather(-1, tgt).mean().save())
                 saves.append((ci, qi, pair[0], pair[1]))
     return tracer, saves
+
+
+def _text_positions(positions: Any, stem: int, answer: int) -> Any:
+    """``positions`` for scoring an answer text after its question as one prompt, read as in
+    generation: the question is the prompt and the answer its generated tokens (``-1`` is the
+    question's last token, ``"generated"`` the answer's tokens). Passed as they are, they
+    would count from the answer's end: ``-1`` then steered only the last answer token, whose
+    effect the score never sees."""
+    if positions is None or positions == "all":
+        return positions
+    keep = position_mask(positions, torch.arange(stem + answer), stem)
+    return [i for i, k in enumerate(keep.tolist()) if k]
 
 
 def _generated(plan: _Plan, prompt_ids: list[int], ids: Any) -> list[int]:
@@ -386,6 +400,10 @@ def sweep(target: Any, vector: SteeringVector | str | os.PathLike[str],
                 "prompts": _hash(plan.prompts), "ab_questions": _hash(plan.questions)}
     if want_ab:
         settings["ab_mode"] = ab_mode
+        if ab_mode == "text" and positions not in (None, "all"):
+            # earlier versions counted these positions from the answer's end (see
+            # _text_positions): their cells are not these
+            settings["ab_positions"] = "question"
     out = Path(out_dir)
     old = out / SETTINGS_FILE
     if old.is_file():
@@ -397,7 +415,7 @@ def sweep(target: Any, vector: SteeringVector | str | os.PathLike[str],
     # ---- from here on, files are written
     (out / "cells").mkdir(parents=True, exist_ok=True)
     grid = [(lay, s) for lay in layers for s in scales]
-    todo = [c for c in grid if read_cell(out / "cells" / cell_name(*c)) is None]
+    todo = [c for c in grid if finished_cell(out / "cells", *c) is None]
     write_atomic(old, json.dumps({"settings": settings, "layers": layers, "scales": scales,
                                   "target": tgt.label, "vector_meta": vector.metadata()},
                                  indent=1))
