@@ -315,3 +315,43 @@ def test_vit_patch_token_patching_equals_raw_hooks() -> None:
         grad = model.vit.layers[0].output.grad.save()
         model.output.logits.sum().backward()
     assert grad.shape == h.shape and grad.abs().sum() > 0
+
+
+def test_vit_steering_shortcuts_index_the_values_own_positions() -> None:
+    """The steering shortcuts on an ``NNsight`` model: without token prompts, ``positions``
+    index dim -2 of the value itself (the patch tokens here). They once failed on any value
+    whose dim -2 was not 2 ("2 positions for 17 rows"): each input is recorded as a
+    two-token placeholder prompt, whose positions reached the kernel."""
+    vit = _tiny_vit()
+    model = vinterp.NNsight(vit)
+    torch.manual_seed(2)
+    images = torch.randn(2, 3, 32, 32)
+    v = torch.randn(vit.config.hidden_size)
+    layer = vit.vit.layers[0]
+
+    def raw(edit: Any) -> torch.Tensor:
+        handle = layer.register_forward_hook(lambda m, a, o: edit(o.clone()))
+        with torch.no_grad():
+            out = vit(images).logits
+        handle.remove()
+        return out
+
+    def last(o: torch.Tensor) -> torch.Tensor:
+        o[:, -1] += 2.0 * v
+        return o
+
+    def first_two(o: torch.Tensor) -> torch.Tensor:
+        o[:, :2] *= 0.5
+        return o
+
+    cases = [
+        (lambda h: h.steer(v, scale=2.0), lambda o: o + 2.0 * v),
+        (lambda h: h.steer(v, scale=2.0, positions=-1), last),
+        (lambda h: h.scale(0.5, positions=[0, 1]), first_two),
+        (lambda h: h.replace(v), lambda o: v.expand_as(o).clone()),
+    ]
+    for shortcut, edit in cases:
+        with model.trace(images):
+            shortcut(model.vit.layers[0].output)
+            got = model.output.logits.save()
+        torch.testing.assert_close(got, raw(edit))

@@ -65,8 +65,9 @@ class PointEvent(Protocol):
     def set(self, invoke: int, value: Any) -> None:
         """Replace the invoke's value here."""
 
-    def row_positions(self, invoke: int) -> torch.Tensor:
-        """Absolute token position of each sequence row of the invoke's value, ``[n, seq]``."""
+    def row_positions(self, invoke: int) -> torch.Tensor | None:
+        """Absolute token position of each sequence row of the invoke's value, ``[n, seq]``;
+        ``None`` where the inputs are not token sequences (a module wrapped with NNsight)."""
 
     def prompt_lens(self, invoke: int) -> torch.Tensor:
         """Prompt length of each of the invoke's sequences, ``[n, 1]``."""
@@ -554,9 +555,13 @@ class GraphRunner:
         if not isinstance(target, torch.Tensor):
             raise TypeError(f"{node.op} needs a tensor (e.g. a decoder layer's output), got "
                             f"{type(target).__name__}")
-        if isinstance(src, Ref) and src.ref in self.state.positions:
-            row_pos, plens = self.state.positions[src.ref]()
-        elif kwargs.get("positions") in (None, "all"):
+        read = isinstance(src, Ref) and src.ref in self.state.positions
+        tokens = self.state.positions[src.ref]() if read else None
+        if tokens is not None:
+            row_pos, plens = tokens
+        elif read or kwargs.get("positions") in (None, "all"):
+            # no token positions (a module wrapped with NNsight): positions index dim -2 of
+            # the value itself
             row_pos = torch.arange(target.shape[-2]).expand(target.shape[:-1])
             plens = torch.tensor(target.shape[-2])
         else:
@@ -572,13 +577,14 @@ class GraphRunner:
         return collect_results(self.graph, self.state, before_step)
 
 
-def _lazy_positions(ev: PointEvent, invoke: int) -> Callable[[], tuple[torch.Tensor,
-                                                                         torch.Tensor]]:
-    cached: list[tuple[torch.Tensor, torch.Tensor]] = []
+def _lazy_positions(ev: PointEvent, invoke: int
+                    ) -> Callable[[], tuple[torch.Tensor, torch.Tensor] | None]:
+    cached: list[tuple[torch.Tensor, torch.Tensor] | None] = []
 
-    def positions() -> tuple[torch.Tensor, torch.Tensor]:
+    def positions() -> tuple[torch.Tensor, torch.Tensor] | None:
         if not cached:
-            cached.append((ev.row_positions(invoke), ev.prompt_lens(invoke)))
+            rows = ev.row_positions(invoke)
+            cached.append(None if rows is None else (rows, ev.prompt_lens(invoke)))
         return cached[0]
     return positions
 

@@ -40,8 +40,9 @@ class RunState:
     env: dict[int, Any] = field(default_factory=dict)
     env_step: dict[int, int] = field(default_factory=dict)
     saves: dict[int, list[Saved]] = field(default_factory=dict)
-    #: per read node: () -> (row positions, prompt lengths) of its value
-    positions: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = field(
+    #: per read node: () -> (row positions, prompt lengths) of its value (``None``: the
+    #: inputs are not tokens, see ``PointEvent.row_positions``)
+    positions: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor] | None]] = field(
         default_factory=dict)
 
 

@@ -111,7 +111,9 @@ class _Event:
             self.value = assign(self.value, new, *self._dims(invoke), where, out_of_place)
         self.replaced = True
 
-    def row_positions(self, invoke: int) -> torch.Tensor:
+    def row_positions(self, invoke: int) -> torch.Tensor | None:
+        if self.run.backend.feed is not None:
+            return None   # the layout's "prompts" are placeholders for the fed inputs
         return self.run.layout.row_positions(invoke, self.step)
 
     def prompt_lens(self, invoke: int) -> torch.Tensor:
