@@ -385,7 +385,8 @@ class _Hooks:
                     rows = g.rows if g.span is None else g.span
                     x = get(rows)
                     new, bad = finite_rows(x, g.apply(x))
-                    self.step_nonfinite.append((key, g, bad))
+                    if bad is not None:
+                        self.step_nonfinite.append((key, g, bad))
                     put(rows, new)
             except Exception as exc:  # e.g. a vector of the wrong hidden size
                 msg = f"{type(exc).__name__}: {exc}"
