@@ -355,3 +355,58 @@ def test_vit_steering_shortcuts_index_the_values_own_positions() -> None:
             shortcut(model.vit.layers[0].output)
             got = model.output.logits.save()
         torch.testing.assert_close(got, raw(edit))
+
+
+def _tiny_bert(tok: Any) -> Any:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=128, num_labels=3,
+                     pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def test_encoder_invokes_of_different_lengths_equal_each_alone(tiny_model_path: Any) -> None:
+    """A BERT classifier's pooler reads column 0 ([CLS]): with left padding the shorter
+    invoke's logits read a pad token there (0.018 off, the pooler output 0.28), silently.
+    Encoders are padded on the right; every invoke equals its prompt run alone, steering at
+    a position included."""
+    from transformers import AutoTokenizer
+
+    from vinterp.backends.hf.backend import attends_both_ways
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path("tiny-llama"))
+    net = _tiny_bert(tok)
+    assert attends_both_ways(net)
+    lm = vinterp.LanguageModel(net, tokenizer=tok)
+    prompts = ["The Eiffel Tower is in the city of", "Hello there"]
+    v = torch.randn(64)
+    got = []
+    with lm.trace() as tracer:
+        for p in prompts:
+            with tracer.invoke(p):
+                lm.bert.encoder.layer[0].output.steer(v, positions=-1)
+                got.append((lm.output.logits.save(), lm.bert.pooler.output.save(),
+                            lm.bert.encoder.layer[1].output.save()))
+    for p, (logits, pooled, hidden) in zip(prompts, got, strict=True):
+        ids = tok(p, return_tensors="pt").input_ids
+
+        def steer(m: Any, a: Any, o: Any) -> Any:
+            o = o.clone()
+            o[:, -1] += v
+            return o
+
+        seen: list[torch.Tensor] = []
+        handles = [net.bert.encoder.layer[0].register_forward_hook(steer),
+                   net.bert.encoder.layer[1].register_forward_hook(
+                       lambda m, a, o: seen.append(o.clone()))]
+        with torch.no_grad():
+            ref = net(ids)
+        for h in handles:
+            h.remove()
+        torch.testing.assert_close(logits, ref.logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(hidden, seen[0], rtol=0, atol=1e-5)
+        with torch.no_grad():
+            pooled_ref = net.bert.pooler(seen[0])
+        torch.testing.assert_close(pooled, pooled_ref, rtol=0, atol=1e-5)

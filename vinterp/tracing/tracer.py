@@ -308,8 +308,9 @@ class Tracer:
         only, e.g. ``tracer.invoke(prompt, max_new_tokens=16)``; sampling arguments in
         ``model.trace`` (``temperature=``, ``max_tokens=``...) make it a generation, as in
         nnsight's vLLM traces. ``tracer.invoke()`` with no prompt (nnsight's empty invoke)
-        sees the whole batch: every other invoke's rows, left-padded to the longest prompt
-        (hf backend only; on vllm every prompt is its own request).
+        sees the whole batch: every other invoke's rows, padded to the longest prompt (on the
+        left; an encoder's on the right) (hf backend only; on vllm every prompt is its own
+        request).
         """
         if self._invoke_open:
             raise TracingError("tracer.invoke blocks cannot be nested")

@@ -48,3 +48,16 @@ def test_padded_batch_equals_alone_on_the_raw_model(hf_model):
         for b, p in enumerate(prompts):
             alone = model._model(input_ids=torch.tensor([p])).logits
             assert (batched[b, -len(p):] - alone[0]).abs().max() <= 1e-5
+
+
+def test_encoders_pad_on_the_right():
+    """Encoders read fixed columns (BERT's pooler: column 0), so their prompts are padded on
+    the right; each invoke's window starts at column 0 and ends at its longest prompt."""
+    layout = BatchLayout.build([((1, 2, 3),), ((4,), (5, 6))], pad_id=0, right=True)
+    assert layout.input_ids.tolist() == [[1, 2, 3], [4, 0, 0], [5, 6, 0]]
+    assert layout.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert layout.position_ids.tolist() == [[0, 1, 2], [0, 0, 0], [0, 1, 1]]
+    assert layout.window(0) == (0, 3) and layout.window(1) == (0, 2)
+    assert layout.row_positions(1, 0).tolist() == [[0, -1], [0, 1]]
+    left = BatchLayout.build([((1, 2, 3),), ((4,), (5, 6))], pad_id=0)
+    assert left.window(1) == (1, 3)

@@ -1,8 +1,9 @@
 """The Hugging Face backend: runs intervention graphs with forward hooks on an HF model.
 
 Only modules the graph touches get hooks (plus the root, which marks generation steps), so a
-trace costs little more than a plain forward. Invokes are packed as left-padded rows with true
-position ids (see :mod:`.batching`); each invoke sees exactly its own rows (see :mod:`.views`).
+trace costs little more than a plain forward. Invokes are packed as left-padded rows (an
+encoder's on the right) with true position ids (see :mod:`.batching`); each invoke sees exactly
+its own rows (see :mod:`.views`).
 
 Example::
 
@@ -26,7 +27,7 @@ from torch import nn
 from vinterp.backends.base import Backend, RunResult
 from vinterp.backends.hf import attention
 from vinterp.backends.hf.batching import BatchLayout
-from vinterp.backends.hf.views import assign, cut
+from vinterp.backends.hf.views import Region, assign, cut
 from vinterp.ir import Graph
 from vinterp.ir.errors import NeedsPhases, StopForward
 from vinterp.ir.interpreter import GraphRunner
@@ -69,10 +70,13 @@ class _Event:
         self._copied = False
         self._exposed: list[slice] = []
 
-    def _dims(self, invoke: int) -> tuple[slice, int, int, int]:
+    def _dims(self, invoke: int) -> Region:
         layout = self.run.layout
         key_len = layout.width + self.step
-        return layout.rows(invoke), layout.offset(invoke), key_len, layout.input_ids.shape[0]
+        start, stop = layout.window(invoke)
+        # left padding: the window grows with each generated token
+        return Region(layout.rows(invoke), start, stop if layout.right else key_len, key_len,
+                      layout.input_ids.shape[0])
 
     def _target(self, kind: str) -> Any:
         if kind == "input":
@@ -84,18 +88,18 @@ class _Event:
             return self.handed[invoke]
         target = self._target(kind)
         dims = self._dims(invoke)
-        view = cut(target, *dims)
+        view = cut(target, dims)
         if torch.is_grad_enabled() and isinstance(view, torch.Tensor) and view is not target:
             view = self.handed[invoke] = view.clone()
             self.versions[invoke] = view._version
         else:
-            self._exposed.append(dims[0])
+            self._exposed.append(dims.rows)
         return view
 
     def set(self, invoke: int, new: Any, kind: str = "output", *,
             in_place: bool = False) -> None:
         where = f"{self.module or 'model'}.{kind}"
-        rows = self._dims(invoke)[0]
+        rows = self._dims(invoke).rows
         out_of_place = not in_place and (
             torch.is_grad_enabled() or not self._copied
             or any(_overlap(rows, seen) for seen in self._exposed))
@@ -104,11 +108,11 @@ class _Event:
         self.handed.pop(invoke, None)
         if kind == "input":
             backend = self.run.backend
-            first = assign(backend.first_arg(self.module, self.value), new, *self._dims(invoke),
+            first = assign(backend.first_arg(self.module, self.value), new, self._dims(invoke),
                            where, out_of_place)
             self.value = backend.with_first_arg(self.module, self.value, first)
         else:
-            self.value = assign(self.value, new, *self._dims(invoke), where, out_of_place)
+            self.value = assign(self.value, new, self._dims(invoke), where, out_of_place)
         self.replaced = True
 
     def row_positions(self, invoke: int) -> torch.Tensor | None:
@@ -202,6 +206,9 @@ class HfBackend(Backend):
         self.eos_id = eos_id
         self.paths = {name: mod for name, mod in model.named_modules()}
         self._first_params: dict[str, str] = {}
+        #: the model attends both ways (BERT and the like): traces pad its prompts on the
+        #: right (see :mod:`.batching`)
+        self.encoder = attends_both_ways(model)
 
     # ------------------------------------------------------------------ .input
     def _first_param(self, module: str) -> str:
@@ -362,7 +369,8 @@ class HfBackend(Backend):
                    ) -> list[torch.Tensor] | None:
         runner = GraphRunner(graph, state=state, active_invokes=invokes)
         prompts = [inv.prompts for inv in graph.invokes]
-        layout = BatchLayout.build(prompts, self.pad_id, invokes)
+        layout = BatchLayout.build(prompts, self.pad_id, invokes,
+                                   right=self.encoder and graph.mode == "trace")
         run = _Run(self, runner, layout)
         runner.modules = run.call_module
         device = self.device
@@ -429,6 +437,15 @@ class HfBackend(Backend):
                     new = new[: int(hits[0]) + 1]
             result.append(torch.cat([prompt, new]).cpu())
         return result
+
+
+def attends_both_ways(model: nn.Module) -> bool:
+    """Whether ``model`` is an encoder: its attention modules all say ``is_causal = False``
+    (BERT, RoBERTa...). A model with no attention (Mamba) or with any causal attention (a
+    decoder, also one with a vision tower) is not."""
+    flags = {m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None),
+                                                                 bool)}
+    return flags == {False}
 
 
 def _rows_of(graph: Graph, group: list[int]) -> list[int]:

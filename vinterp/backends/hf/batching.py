@@ -1,8 +1,11 @@
-"""Batch layout for the HF backend: invokes packed as left-padded rows with true positions.
+"""Batch layout for the HF backend: invokes packed as padded rows with true positions.
 
 Left padding lets batched generation append tokens at the end of every row; explicit
 ``position_ids`` (counting from each row's first real token) make every row's values equal
-running that prompt alone — the bug nnsight's issue #672 is about.
+running that prompt alone — the bug nnsight's issue #672 is about. Encoders (BERT and the like,
+which attend both ways and read fixed columns, such as the pooler's ``[CLS]`` at column 0) are
+padded on the right instead (``right=True``): left padding would put a pad token where they
+look. They do not generate.
 
 Example::
 
@@ -30,11 +33,13 @@ class BatchLayout:
     position_ids: torch.Tensor     # [B, T] (0 at each row's first real token; pads at 0)
     lengths: torch.Tensor          # [B] prompt length per row
     invoke_rows: dict[int, slice]  # invoke index -> its rows
+    right: bool = False            # padded on the right (encoders; see the module doc)
 
     @classmethod
     def build(cls, prompts_by_invoke: Sequence[tuple[tuple[int, ...], ...]], pad_id: int,
-              invokes: Sequence[int] | None = None) -> BatchLayout:
-        """Pack the given invokes (all by default) in order."""
+              invokes: Sequence[int] | None = None, *, right: bool = False) -> BatchLayout:
+        """Pack the given invokes (all by default) in order, left-padded (``right``: on the
+        right)."""
         chosen = list(range(len(prompts_by_invoke))) if invokes is None else list(invokes)
         rows: list[tuple[int, ...]] = []
         invoke_rows: dict[int, slice] = {}
@@ -53,11 +58,12 @@ class BatchLayout:
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for b, r in enumerate(rows):
-            ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[b, width - len(r):] = 1
+            cols = slice(0, len(r)) if right else slice(width - len(r), width)
+            ids[b, cols] = torch.tensor(r, dtype=torch.long)
+            mask[b, cols] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-        return cls(ids, mask, positions, lengths, invoke_rows)
+        return cls(ids, mask, positions, lengths, invoke_rows, right)
 
     @property
     def width(self) -> int:
@@ -69,18 +75,26 @@ class BatchLayout:
 
     def offset(self, invoke: int) -> int:
         """Columns of left padding every row of ``invoke`` has (its window starts here)."""
-        cache = self.__dict__.setdefault("_offsets", {})
+        return self.window(invoke)[0]
+
+    def window(self, invoke: int) -> tuple[int, int]:
+        """The columns ``[start, stop)`` of the prompt step that ``invoke`` sees: its longest
+        prompt's, the padding every one of its rows has left out."""
+        cache = self.__dict__.setdefault("_windows", {})
         if invoke not in cache:
-            cache[invoke] = self.width - int(self.lengths[self.invoke_rows[invoke]].max())
+            longest = int(self.lengths[self.invoke_rows[invoke]].max())
+            cache[invoke] = (0, longest) if self.right else (self.width - longest, self.width)
         return cache[invoke]
 
     def row_positions(self, invoke: int, step: int) -> torch.Tensor:
         """Absolute positions of the invoke's rows at ``step``: ``[n, seq]`` (pads are -1)."""
         lens = self.lengths[self.invoke_rows[invoke]]
         if step == 0:
-            window = self.width - self.offset(invoke)
-            cols = torch.arange(window).unsqueeze(0)
-            pad = (window - lens).unsqueeze(1)
+            start, stop = self.window(invoke)
+            cols = torch.arange(stop - start).unsqueeze(0)
+            if self.right:
+                return torch.where(cols < lens.unsqueeze(1), cols, torch.full((1,), -1))
+            pad = (stop - start - lens).unsqueeze(1)
             return torch.where(cols >= pad, cols - pad, torch.full((1,), -1))
         return (lens + step - 1).unsqueeze(1)
 

@@ -14,33 +14,45 @@ cannot be cut: every invoke sees, and edits, the whole batch's value, as in nnsi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 _SEQ_DIMS = {2: (1,), 3: (1,), 4: (2, 3)}
 
 
-def cut(value: Any, rows: slice, offset: int, key_len: int, batch: int) -> Any:
-    """The view of ``value`` for rows ``rows`` and sequence window ``[offset:key_len]``."""
+class Region(NamedTuple):
+    """One invoke's part of a batched value: its rows, and its sequence window
+    ``[start, stop)`` of sequence dims whose size is ``key_len`` (of ``batch`` rows)."""
+
+    rows: slice
+    start: int
+    stop: int
+    key_len: int
+    batch: int
+
+
+def cut(value: Any, r: Region) -> Any:
+    """The view of ``value`` for region ``r``: its rows, and its window of sequence dims."""
     if isinstance(value, torch.Tensor):
-        if value.dim() == 0 or value.shape[0] != batch:
+        if value.dim() == 0 or value.shape[0] != r.batch:
             return value
-        if offset == 0 and rows.start == 0 and rows.stop == batch:
+        narrow = (r.start, r.stop) != (0, r.key_len)
+        if not narrow and r.rows.start == 0 and r.rows.stop == r.batch:
             return value  # the invoke is the whole batch: the tensor itself (keeps autograd)
-        out = value[rows]
-        if offset and not (value.dim() == 2 and value.is_floating_point()):
+        out = value[r.rows]
+        if narrow and not (value.dim() == 2 and value.is_floating_point()):
             for d in _SEQ_DIMS.get(value.dim(), ()):
-                if out.shape[d] == key_len:
-                    out = out.narrow(d, offset, key_len - offset)
+                if out.shape[d] == r.key_len:
+                    out = out.narrow(d, r.start, r.stop - r.start)
         return out
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(cut(v, rows, offset, key_len, batch) for v in value))
+        return type(value)(*(cut(v, r) for v in value))
     if isinstance(value, (list, tuple)):
-        return type(value)(cut(v, rows, offset, key_len, batch) for v in value)
+        return type(value)(cut(v, r) for v in value)
     if isinstance(value, dict):
         # every entry (a module's kwargs hold tuples, caches, flags, None too)
-        fields = {k: cut(v, rows, offset, key_len, batch) for k, v in value.items()}
+        fields = {k: cut(v, r) for k, v in value.items()}
         try:
             return type(value)(**fields)
         except TypeError:
@@ -48,8 +60,7 @@ def cut(value: Any, rows: slice, offset: int, key_len: int, batch: int) -> Any:
     return value
 
 
-def assign(full: Any, new: Any, rows: slice, offset: int, key_len: int, batch: int,
-           where: str, out_of_place: bool) -> Any:
+def assign(full: Any, new: Any, r: Region, where: str, out_of_place: bool) -> Any:
     """Write ``new`` into ``full``'s region for one invoke; returns the (maybe new) full value.
 
     In place under ``no_grad`` (cheap); out of place when autograd is recording, so tensors
@@ -59,8 +70,8 @@ def assign(full: Any, new: Any, rows: slice, offset: int, key_len: int, batch: i
         if not isinstance(new, torch.Tensor):
             new = torch.as_tensor(new, dtype=full.dtype, device=full.device)
         target = full.clone() if out_of_place else full
-        region = cut(target, rows, offset, key_len, batch)
-        if region is target and target.dim() > 0 and target.shape[0] != batch:
+        region = cut(target, r)
+        if region is target and target.dim() > 0 and target.shape[0] != r.batch:
             region = target
         try:
             region.copy_(new.expand_as(region) if new.shape != region.shape else new)
@@ -74,8 +85,7 @@ def assign(full: Any, new: Any, rows: slice, offset: int, key_len: int, batch: i
             raise ValueError(f"cannot set {where}: it is a {type(full).__name__} of "
                              f"{len(full)} items; assign one with the same structure")
         items = [
-            f if (n is None or n is f) else assign(f, n, rows, offset, key_len, batch,
-                                                   f"{where}[{i}]", out_of_place)
+            f if (n is None or n is f) else assign(f, n, r, f"{where}[{i}]", out_of_place)
             for i, (f, n) in enumerate(zip(full, new, strict=True))
         ]
         return type(full)(*items) if hasattr(full, "_fields") else type(full)(items)
@@ -84,7 +94,6 @@ def assign(full: Any, new: Any, rows: slice, offset: int, key_len: int, batch: i
             raise ValueError(f"cannot set {where}: assign a mapping with the same fields")
         for k, v in new.items():
             if k in full and isinstance(full[k], torch.Tensor) and v is not None:
-                full[k] = assign(full[k], v, rows, offset, key_len, batch, f"{where}.{k}",
-                                 out_of_place)
+                full[k] = assign(full[k], v, r, f"{where}.{k}", out_of_place)
         return full
     raise ValueError(f"cannot set {where}: its value is a {type(full).__name__}")
