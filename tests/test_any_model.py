@@ -387,7 +387,7 @@ def test_encoder_invokes_of_different_lengths_equal_each_alone(tiny_model_path: 
         for p in prompts:
             with tracer.invoke(p):
                 lm.bert.encoder.layer[0].output.steer(v, positions=-1)
-                got.append((lm.output.logits.save(), lm.bert.pooler.output.save(),
+                got.append((lm.output.logits.save(), lm.bert.output.pooler_output.save(),
                             lm.bert.encoder.layer[1].output.save()))
     for p, (logits, pooled, hidden) in zip(prompts, got, strict=True):
         ids = tok(p, return_tensors="pt").input_ids
@@ -410,3 +410,66 @@ def test_encoder_invokes_of_different_lengths_equal_each_alone(tiny_model_path: 
         with torch.no_grad():
             pooled_ref = net.bert.pooler(seen[0])
         torch.testing.assert_close(pooled, pooled_ref, rtol=0, atol=1e-5)
+
+
+def test_dataclass_outputs_are_cut_per_invoke_and_their_fields_read() -> None:
+    """A module returning a dataclass: its fields are read as attributes (they were refused:
+    "not available on a vinterp proxy"), and each invoke sees and edits its own rows (the
+    whole batch's dataclass reached every invoke, so an edit in one changed the other)."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Pair:
+        a: torch.Tensor
+        b: torch.Tensor
+
+    class Sub(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> Pair:
+            return Pair(self.lin(x), torch.tanh(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sub, self.head = Sub(), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            o = self.sub(x)
+            return self.head(o.a * o.b)
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    model = vinterp.NNsight(net)
+    x1, x2 = torch.randn(2, 4), torch.randn(3, 4)
+    with model.trace() as tracer:
+        with tracer.invoke(x1):
+            a1 = model.sub.output.a.save()
+            out1 = model.output.save()
+        with tracer.invoke(x2):
+            model.sub.output.b[:] = 0
+            out2 = model.output.save()
+    with torch.no_grad():
+        torch.testing.assert_close(a1, net.sub.lin(x1), rtol=0, atol=0)
+        torch.testing.assert_close(out1, net(x1), rtol=0, atol=0)
+        torch.testing.assert_close(out2, net.head.bias.expand(3, 3), rtol=0, atol=0)
+    x3 = torch.randn(2, 4)
+    with model.trace() as tracer:       # the whole value patched from another invoke
+        with tracer.invoke(x1):
+            source = model.sub.output
+        with tracer.invoke(x3):
+            model.sub.output = source
+            patched = model.output.save()
+        with tracer.invoke(x2):
+            out2 = model.output.save()
+    with torch.no_grad():
+        torch.testing.assert_close(patched, net(x1), rtol=0, atol=0)
+        torch.testing.assert_close(out2, net(x2), rtol=0, atol=0)
+    with pytest.raises(Exception, match="a Pair has no field 'c'; its fields are"):
+        with model.trace(x1):
+            model.sub.output.c.save()
+    with pytest.raises(AttributeError, match="'meen' is not available on a vinterp proxy"):
+        with model.trace(x1):
+            model.sub.output.a.meen()

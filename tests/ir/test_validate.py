@@ -26,6 +26,10 @@ def test_unknown_op():
      "function 'os.system'"),
     ({"id": 1, "op": "getattr", "args": [{"ref": 0}], "kwargs": {"name": "__class__"}},
      "attribute '__class__'"),
+    ({"id": 1, "op": "getattr", "args": [{"ref": 0}], "kwargs": {"name": "_modules"}},
+     "attribute '_modules' is neither"),
+    ({"id": 1, "op": "getattr", "args": [{"ref": 0}], "kwargs": {"name": "a.b"}},
+     "attribute 'a.b' is neither"),
     ({"id": 1, "op": "read", "kwargs": {"module": "x", "kind": "weights"}}, "point kind"),
 ])
 def test_non_allowlisted_names(node, msg):
@@ -145,3 +149,33 @@ def test_node_refs_walk_nested_values():
         "kwargs": {"name": "add", "alpha": {"mapping": {"k": {"ref": 1}}}}}]},
     )
     assert ir.validate.node_refs(g.nodes[2]) == [0, 1, 0, 1]
+
+
+def test_field_reads_run_only_on_structured_values():
+    """A getattr outside the allowlist is a field of a ModelOutput, dataclass or named tuple,
+    checked when it runs: a tensor's other attributes and an object's are refused."""
+    import dataclasses
+    from collections import namedtuple
+
+    import torch
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from vinterp.ir.ops import read_attribute
+
+    @dataclasses.dataclass
+    class Out:
+        a: torch.Tensor
+
+    t = torch.ones(2)
+    assert read_attribute(Out(t), "a") is t
+    assert read_attribute(namedtuple("NT", "a b")(t, 1), "a") is t
+    assert read_attribute(BaseModelOutputWithPooling(pooler_output=t), "pooler_output") is t
+    assert read_attribute(t, "shape") == torch.Size([2])
+    with pytest.raises(AttributeError, match="'requires_grad' is not available on a tensor"):
+        read_attribute(t, "requires_grad")
+    with pytest.raises(AttributeError, match=r"a Out has no field 'b'; its fields are \['a'\]"):
+        read_attribute(Out(t), "b")
+    with pytest.raises(AttributeError, match=r"read its entries as value\[key\]"):
+        read_attribute({"a": t}, "a")
+    with pytest.raises(AttributeError, match="a Linear has no field 'weight'"):
+        read_attribute(torch.nn.Linear(2, 2), "weight")

@@ -486,7 +486,7 @@ class GraphRunner:
             self._setitem(node, target, key, val)
             return target
         if op == "getattr":
-            return getattr(args[0], kwargs["name"])
+            return ops.read_attribute(args[0], kwargs["name"])
         if op == "method":
             name = kwargs.pop("name")
             return getattr(args[0], name)(*args[1:], **kwargs)

@@ -21,6 +21,7 @@ Op families (``Node.op``):
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import re
 from collections.abc import Callable
@@ -79,6 +80,38 @@ ATTRIBUTES = frozenset({
     "logits", "last_hidden_state", "hidden_states", "attentions", "past_key_values",
     "values", "indices", "loss",
 })
+
+#: any other attribute a graph reads must be a field of a structured value (an HF
+#: ``ModelOutput`` such as ``.pooler_output``, a dataclass, a named tuple), checked when it
+#: runs (:func:`read_attribute`): a plain name, never a private or dunder one
+FIELD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def read_attribute(value: Any, name: str) -> Any:
+    """``value.name`` for a ``getattr`` node: an allowlisted attribute, or a field of a
+    structured value; anything else is refused, naming what the value offers.
+
+    Example::
+
+        >>> read_attribute(torch.zeros(2, 3), "shape")
+        torch.Size([2, 3])
+    """
+    if name in ATTRIBUTES:
+        return getattr(value, name)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names = [f.name for f in dataclasses.fields(value)]
+    else:
+        names = list(getattr(value, "_fields", ())) if isinstance(value, tuple) else []
+    if name in names:
+        return getattr(value, name)
+    if isinstance(value, torch.Tensor):
+        raise AttributeError(f"{name!r} is not available on a tensor: allowed tensor methods "
+                             f"are {sorted(TENSOR_METHODS)} and attributes {sorted(ATTRIBUTES)}")
+    hint = f"; its fields are {names}" if names else ""
+    if isinstance(value, dict):
+        hint = f"; read its entries as value[key] (keys: {list(value)})"
+    raise AttributeError(f"a {type(value).__name__} has no field {name!r}{hint}")
+
 
 #: torch functions a graph may call, by the dotted name users write.
 TORCH_FUNCTIONS: dict[str, Callable[..., Any]] = {
@@ -168,8 +201,9 @@ def check_call(node_op: str, kwargs: dict[str, Any]) -> str | None:
             return f"function {fn!r} is not in the allowlist"
     elif node_op == "getattr":
         name = kwargs.get("name")
-        if name not in ATTRIBUTES:
-            return f"attribute {name!r} is not in the allowlist"
+        if name not in ATTRIBUTES and not (isinstance(name, str) and FIELD_NAME.fullmatch(name)):
+            return (f"attribute {name!r} is neither in the allowlist nor a field name (letters, "
+                    "digits and '_', not starting with '_')")
         if set(kwargs) - {"name", "backward"}:
             return f"getattr takes only 'name' (and 'backward' for grad), got {sorted(kwargs)}"
         if "backward" in kwargs and (name != "grad" or not isinstance(kwargs["backward"], Ref)):

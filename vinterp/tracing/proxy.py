@@ -177,10 +177,17 @@ class Proxy:
             return to_python
         if name in ("item", "tolist", "numpy"):
             raise data_dependent(f".{name}()")
-        raise AttributeError(
-            f"{name!r} is not available on a vinterp proxy: allowed tensor methods are "
-            f"{sorted(ops.TENSOR_METHODS)} and attributes {sorted(ops.ATTRIBUTES)}"
-        )
+        if ops.FIELD_NAME.fullmatch(name):
+            # a field of a structured value (``output.pooler_output``, a dataclass's ``.a``):
+            # what the value is shows only when the graph runs (ops.read_attribute checks it)
+            return self._add("getattr", self, name=name)
+        raise _not_available(name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        node = self._tracer.nodes[self._id]
+        if node.op == "getattr" and node.kwargs["name"] not in ops.ATTRIBUTES:
+            raise _not_available(node.kwargs["name"])   # x.meen(): a method not allowed
+        raise TypeError("a vinterp proxy is not callable")
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "grad":
@@ -403,3 +410,10 @@ class StepValue(Proxy):
     def output(self) -> Proxy:
         """The same value (nnsight's ``model.logits.output`` spelling)."""
         return Proxy(self._tracer, self._id)
+
+
+def _not_available(name: str) -> AttributeError:
+    return AttributeError(
+        f"{name!r} is not available on a vinterp proxy: allowed tensor methods are "
+        f"{sorted(ops.TENSOR_METHODS)} and attributes {sorted(ops.ATTRIBUTES)} (and the "
+        "fields of structured outputs, such as output.pooler_output)")

@@ -1,12 +1,12 @@
 """Per-invoke views of batched HF values, and writing replacements back into the batch.
 
 A point's batched value (a tensor, a tuple such as attention's ``(out, weights)``, an HF
-``ModelOutput``, or a module's ``(args, kwargs)``) is cut to one invoke's rows and to its
-sequence window: sequence dims are dim 1 of 3-D tensors and of 2-D integer ones (token ids,
-masks, positions: a 2-D float value is ``[batch, features]``, such as a classifier's logits),
-and dims 2-3 of 4-D ones (``[batch, heads, q, k]``), cut only where their size is the current
-key length (so decode steps, with one query row, keep their single row). Views share storage
-with the batch, so in-place edits write through.
+``ModelOutput``, a dataclass, or a module's ``(args, kwargs)``) is cut to one invoke's rows
+and to its sequence window: sequence dims are dim 1 of 3-D tensors and of 2-D integer ones
+(token ids, masks, positions: a 2-D float value is ``[batch, features]``, such as a
+classifier's logits), and dims 2-3 of 4-D ones (``[batch, heads, q, k]``), cut only where
+their size is the current key length (so decode steps, with one query row, keep their single
+row). Views share storage with the batch, so in-place edits write through.
 
 Values that are not per example (a scalar loss, a tensor whose first dim is not the batch)
 cannot be cut: every invoke sees, and edits, the whole batch's value, as in nnsight.
@@ -14,6 +14,7 @@ cannot be cut: every invoke sees, and edits, the whole batch's value, as in nnsi
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import torch
@@ -57,7 +58,18 @@ def cut(value: Any, r: Region) -> Any:
             return type(value)(**fields)
         except TypeError:
             return fields
+    if _is_dataclass(value):   # (an HF ModelOutput is a dict, above)
+        return dataclasses.replace(value, **{k: cut(v, r) for k, v in _fields(value).items()})
     return value
+
+
+def _is_dataclass(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    """A dataclass instance's fields that its constructor takes, by name."""
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init}
 
 
 def assign(full: Any, new: Any, r: Region, where: str, out_of_place: bool) -> Any:
@@ -96,4 +108,12 @@ def assign(full: Any, new: Any, r: Region, where: str, out_of_place: bool) -> An
             if k in full and isinstance(full[k], torch.Tensor) and v is not None:
                 full[k] = assign(full[k], v, r, f"{where}.{k}", out_of_place)
         return full
+    if _is_dataclass(full):
+        if type(new) is not type(full):
+            raise ValueError(f"cannot set {where}: assign a {type(full).__name__} (the same "
+                             "dataclass)")
+        old, given = _fields(full), _fields(new)
+        return dataclasses.replace(full, **{
+            k: assign(v, given[k], r, f"{where}.{k}", out_of_place)
+            for k, v in old.items() if given[k] is not None and given[k] is not v})
     raise ValueError(f"cannot set {where}: its value is a {type(full).__name__}")
