@@ -478,3 +478,22 @@ def test_value_accessor_and_scan_validate_accepted(hf):
     with hf.trace(PROMPT):
         ref = hf.model.layers[0].output.save()
     assert torch.equal(kept[0], ref)
+
+
+def test_cache_outside_the_invokes_holds_the_whole_batch(hf):
+    """nnsight users call ``tracer.cache()`` before their invokes; it caches the whole batch
+    (as a prompt-less invoke sees it: left-padded rows). It failed with 'model.output was used
+    outside any invoke', naming a value the user never wrote."""
+    with hf.trace() as tracer:
+        cache = tracer.cache(modules=[hf.model.layers[0]])
+        with tracer.invoke(PROMPT):
+            a = hf.model.layers[0].output.save()
+        with tracer.invoke(OTHER):
+            b = hf.model.layers[0].output.save()
+        late = tracer.cache(modules=[hf.model.layers[1]])
+    got = cache["model.model.layers.0"].output
+    width = max(a.shape[1], b.shape[1])
+    assert got.shape == (2, width, a.shape[2])
+    torch.testing.assert_close(got[0, width - a.shape[1]:], a[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1, width - b.shape[1]:], b[0], rtol=0, atol=0)
+    assert late["model.model.layers.1"].output.shape == got.shape

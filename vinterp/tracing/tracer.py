@@ -452,7 +452,14 @@ class Tracer:
 
         ``positions`` (an int, list or slice; a vinterp extension) keeps only those sequence
         positions of each output and returns a plain dict ``{module path: value}``.
+
+        Called outside the invokes of ``model.trace()`` (as nnsight users often do, before
+        them), it caches the whole batch, as a prompt-less ``tracer.invoke()`` sees it.
         """
+        if self._invoke is None:
+            with self.invoke():
+                return self.cache(modules, positions, include_output=include_output,
+                                  include_inputs=include_inputs)
         if modules is None:
             paths = [name for name, _ in self.lm._model.named_modules()]
             paths = [p for p in paths if self.lm._backend_has_point(p, "output")] \
