@@ -10,6 +10,7 @@ recognition leaves what it does not recognise as it is, and that then fails the 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -24,6 +25,29 @@ FAST_VALUES = frozenset({"residual", "tensor", "norm", "attn"})
 
 class NotFast(Exception):  # noqa: N818 - control flow
     """Not a graph (or key) the vectorized path serves: the general path runs it."""
+
+
+_LAYOUT_IDS = itertools.count()
+
+
+@lru_cache(maxsize=4096)
+def _layout_id(layout: tuple[Any, ...]) -> int:
+    # a counter never hands out an id twice: after an eviction an equal layout gets a new id,
+    # which only forgoes sharing, never groups two different layouts together
+    return next(_LAYOUT_IDS)
+
+
+class ActionList(list):
+    """One request's actions at one point, with ``layout_id``: equal for equal layouts, what
+    decides the rows the actions touch and how they group (op, positions, steps, per action).
+    Two points whose requests have equal layouts group the same way in a step, so
+    ``groups.build_groups`` works the grouping out once for both (steering every layer: once
+    per step instead of once per layer)."""
+
+    def __init__(self, actions: list[Action]) -> None:
+        super().__init__(actions)
+        self.layout_id = _layout_id(tuple((x.op, x.spec_key, x.start, x.stop)
+                                          for x in actions))
 
 
 @dataclass

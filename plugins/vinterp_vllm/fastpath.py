@@ -20,7 +20,7 @@ import torch
 from vinterp.ir import ops
 from vinterp.ir.schema import Graph, ListV, Node, Ref, SliceV, TensorRef, TupleV, Value
 from vinterp.ir.tensors import decode_tensor
-from vinterp_vllm.actions import FAST_VALUES, Action, NotFast, selection
+from vinterp_vllm.actions import FAST_VALUES, Action, ActionList, NotFast, selection
 from vinterp_vllm.idioms import Idioms
 
 
@@ -125,7 +125,7 @@ def plan_for(graph: Graph, invoke: int, point_value: dict[tuple[str, str], str],
                 raise NotFast
     except (NotFast, KeyError, TypeError):
         return None
-    return {point: _merge_steps(actions) for point, actions in plan.items()}
+    return {point: ActionList(_merge_steps(actions)) for point, actions in plan.items()}
 
 
 def _signature(a: Action) -> tuple[Any, ...] | None:

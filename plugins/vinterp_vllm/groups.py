@@ -99,10 +99,14 @@ class TensorCache:
     def __init__(self) -> None:
         self._now: dict[tuple[Any, ...], Any] = {}
         self._prev: dict[tuple[Any, ...], Any] = {}
+        #: this step's groupings by the points' entries (see :func:`build_groups`); keyed by
+        #: the ids of the step's request states and spans, so they live for one step only
+        self.layouts: dict[tuple[Any, ...], list[_Layout]] = {}
 
     def next_step(self) -> None:
         """Start a new step: entries unused in the previous one are dropped."""
         self._prev, self._now = self._now, {}
+        self.layouts = {}
 
     def _get(self, key: tuple[Any, ...], make: Any) -> Any:
         hit = self._now.get(key)
@@ -142,22 +146,66 @@ def _ascending(rows: list[int]) -> bool:
     return all(b == a + 1 for a, b in zip(rows, rows[1:], strict=False))
 
 
+@dataclass
+class _Layout:
+    """How one (slot, op) of a point's entries groups: the rows, each row's table index, and
+    which entries own them (entry index and its rows), with the group's row shortcuts."""
+
+    op: str
+    slot: int
+    rows: torch.Tensor
+    table_index: torch.Tensor
+    members: list[tuple[int, list[int]]]
+    span: slice | None
+    identity: bool
+
+
 def build_groups(entries: list[tuple[Any, RowSpan, list[Action]]],
-                 device: torch.device, cache: TensorCache | None = None) -> list[Group]:
+                 device: torch.device, cache: TensorCache | None = None,
+                 key: tuple[Any, ...] | None = None) -> list[Group]:
     """Groups for one point this step; ``entries`` = (request state, its rows, its actions).
 
     Actions of one request run in order; the k-th actions of all requests form slot k, and
     within a slot requests touch disjoint rows, so each (slot, op) is one batched op. A
     request whose row selection fails (e.g. a bad position) fails alone. ``cache`` shares the
-    device tensors with other points and steps (see :class:`TensorCache`).
+    device tensors with other points and steps (see :class:`TensorCache`). ``key``: what
+    decides the grouping, equal for two points of this step that group alike (per entry: the
+    request's index in the step and its ``ActionList.layout_id``); the grouping is then
+    worked out once (steering all 30 layers worked the same rows out 30 times a step).
     """
     cache = cache or TensorCache()
-    groups: list[Group] = []
+    found = cache.layouts.get(key) if key is not None else None
+    if found is None:
+        found, clean = _group_layouts(entries, device, cache)
+        if not clean:
+            # a request failed: groupings kept this step may hold it, and must not serve it
+            cache.layouts.clear()
+        elif key is not None:
+            cache.layouts[key] = found
+    groups = []
+    for lay in found:
+        acts = [entries[i][2][lay.slot] for i, _ in lay.members]
+        t = cache.table(lay.op, acts, device)
+        g = Group(lay.op, lay.rows, lay.table_index, table=t.table, factor=t.factor, lo=t.lo,
+                  hi=t.hi, owners=[entries[i][0] for i, _ in lay.members], span=lay.span,
+                  identity=lay.identity)
+        if lay.op == "capture":
+            g.captures = [(entries[i][0], a, entries[i][1], r)
+                          for (i, r), a in zip(lay.members, acts, strict=True)]
+        groups.append(g)
+    return groups
+
+
+def _group_layouts(entries: list[tuple[Any, RowSpan, list[Action]]], device: torch.device,
+                   cache: TensorCache) -> tuple[list[_Layout], bool]:
+    """The groupings of :func:`build_groups`, and whether no request failed on the way."""
+    out: list[_Layout] = []
+    clean = True
     slot = 0
     while True:
-        by_op: dict[str, tuple[list[int], list[int], list[Action], list[Any]]] = {}
+        by_op: dict[str, tuple[list[int], list[int], list[tuple[int, list[int]]]]] = {}
         any_left = False
-        for state, span, actions in entries:
+        for i, (state, span, actions) in enumerate(entries):
             if slot >= len(actions) or state.failed:
                 continue
             any_left = True
@@ -166,27 +214,22 @@ def build_groups(entries: list[tuple[Any, RowSpan, list[Action]]],
                 rows = row_mask(a, span, state.mask_cache)
             except Exception as exc:
                 state.fail(f"{type(exc).__name__}: {exc}")
+                clean = False
                 continue
             if not rows:
                 continue
-            bucket = by_op.setdefault(a.op, ([], [], [], []))
+            bucket = by_op.setdefault(a.op, ([], [], []))
             k = len(bucket[2])
             bucket[0].extend(rows)
             bucket[1].extend([k] * len(rows))
-            bucket[2].append(a)
-            bucket[3].append((state, span, rows))
+            bucket[2].append((i, rows))
         if not any_left:
-            return groups
-        for op, (rows, tidx, acts, owners) in by_op.items():
-            t = cache.table(op, acts, device)
-            g = Group(op, cache.index(rows, device), cache.index(tidx, device),
-                      table=t.table, factor=t.factor, lo=t.lo, hi=t.hi,
-                      owners=[o[0] for o in owners])
-            if op == "capture":
-                g.captures = [(st, a, sp, r) for (st, sp, r), a in zip(owners, acts, strict=True)]
-            else:  # captures keep gathers: a slice would hand out views of vLLM's buffers
-                g.identity = len(rows) == len(acts)
-                if rows[-1] - rows[0] + 1 == len(rows) and _ascending(rows):
-                    g.span = slice(rows[0], rows[-1] + 1)
-            groups.append(g)
+            return out, clean
+        for op, (rows, tidx, members) in by_op.items():
+            span = None
+            if op != "capture" and rows[-1] - rows[0] + 1 == len(rows) and _ascending(rows):
+                span = slice(rows[0], rows[-1] + 1)   # captures keep gathers: a slice would
+                                                      # hand out views of vLLM's buffers
+            out.append(_Layout(op, slot, cache.index(rows, device), cache.index(tidx, device),
+                               members, span, op != "capture" and len(rows) == len(members)))
         slot += 1

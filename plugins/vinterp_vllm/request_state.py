@@ -18,7 +18,7 @@ from vinterp.ir.interpreter import GraphRunner
 from vinterp.ir.run_state import RunState, snapshot
 from vinterp.ir.tensors import decode_tensor
 from vinterp.models.architectures import Architecture
-from vinterp_vllm.actions import Action
+from vinterp_vllm.actions import Action, ActionList
 from vinterp_vllm.calls import call_target
 from vinterp_vllm.fastpath import plan_for
 from vinterp_vllm.layout import RowSpan
@@ -47,6 +47,8 @@ class Parsed:
     plan: dict[tuple[str, str], list[Action]] | None
     #: logits points: the positions the graph can observe (``None``: all), see ``logit_rows``
     logit_rows: dict[tuple[str, str], frozenset[int] | None]
+    #: the plan by the worker's point key ``(vLLM module, side, value kind)``
+    fast_plan: tuple[tuple[tuple[str, str, str], ActionList], ...] = ()
 
 
 class ParsedGraphs:
@@ -100,7 +102,9 @@ class ParsedGraphs:
                         f"entries but the model's hidden size is {self.hidden}")
         logits = {k: read_positions(graph, invoke, k, p.value) for k, p in points.items()
                   if p.value in LOGIT_VALUES}
-        return Parsed(graph, points, plan, logits)
+        fast = tuple(((points[k].vllm_module, points[k].side, points[k].value), actions)
+                     for k, actions in (plan or {}).items())
+        return Parsed(graph, points, plan, logits, fast)
 
 
 class RequestState:
@@ -111,6 +115,7 @@ class RequestState:
         self.outcome = Outcome()
         self.mask_cache: dict[tuple[Any, ...], list[int]] = {}
         self.plan: dict[tuple[str, str], list[Action]] | None = None
+        self.fast_plan: tuple[tuple[tuple[str, str, str], ActionList], ...] = ()
         self.runner: GraphRunner | None = None
         self.points: dict[tuple[str, str], VllmPoint] = {}
         self.logit_rows: dict[tuple[str, str], frozenset[int] | None] = {}
@@ -125,6 +130,7 @@ class RequestState:
         try:
             parsed = graphs.get(payload)
             self.graph, self.points, self.plan = parsed.graph, parsed.points, parsed.plan
+            self.fast_plan = parsed.fast_plan
             self.logit_rows = parsed.logit_rows
             if self.plan is None:
                 state = RunState()

@@ -280,17 +280,22 @@ class _Hooks:
                 self.tables.clear()
             return
         spans = batch_spans(batch, positions, wanted)
-        fast: dict[tuple[str, str], list[tuple[RequestState, RowSpan, list]]] = {}
-        for span in spans:
+        fast: dict[tuple[str, str, str], list[tuple[RequestState, RowSpan, list]]] = {}
+        #: per point, what decides its grouping (see build_groups)
+        layouts: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
+        for i, span in enumerate(spans):
             st = self.by_req[span.req_id]
             if st is None or st.failed:
                 continue
             st.mask_cache = {}
             if st.plan is not None:
-                for hf_key, actions in st.plan.items():
-                    p = st.points[hf_key]
-                    fast.setdefault((p.vllm_module, p.side, p.value), []).append(
-                        (st, span, actions))
+                for point, actions in st.fast_plan:
+                    entries = fast.get(point)
+                    if entries is None:
+                        entries = fast[point] = []
+                        layouts[point] = []
+                    entries.append((st, span, actions))
+                    layouts[point].append((i, actions.layout_id))
             elif st.begin(span):
                 self.step_general.append((st, span))
                 for p in st.points.values():
@@ -303,7 +308,8 @@ class _Hooks:
         self.tensors.next_step()
         for (vmod, side, value), entries in fast.items():
             try:
-                groups = build_groups(entries, device, self.tensors)
+                groups = build_groups(entries, device, self.tensors,
+                                      tuple(layouts[(vmod, side, value)]))
             except Exception as exc:  # never take the step down: fail these requests only
                 for st, _, _ in entries:
                     st.fail(f"{type(exc).__name__}: {exc}")
