@@ -99,8 +99,8 @@ class TensorCache:
     def __init__(self) -> None:
         self._now: dict[tuple[Any, ...], Any] = {}
         self._prev: dict[tuple[Any, ...], Any] = {}
-        #: this step's groupings by the points' entries (see :func:`build_groups`); keyed by
-        #: the ids of the step's request states and spans, so they live for one step only
+        #: this step's groupings by the points' keys (see :func:`build_groups`); keyed by the
+        #: requests' indices in the step, so they live for one step only
         self.layouts: dict[tuple[Any, ...], list[_Layout]] = {}
 
     def next_step(self) -> None:
