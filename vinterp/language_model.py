@@ -455,7 +455,7 @@ class LanguageModel:
             return (tuple(self.tokenizer(inputs)["input_ids"]),)
         if isinstance(inputs, torch.Tensor):
             inputs = inputs.tolist()
-        if hasattr(inputs, "keys") and "input_ids" in inputs:
+        if hasattr(type(inputs), "keys") and "input_ids" in inputs:   # (a proxy answers any name)
             ids = inputs["input_ids"]
             mask = inputs.get("attention_mask")
             ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
