@@ -14,7 +14,7 @@ def test_layout_left_pads_with_true_positions():
     assert layout.position_ids.tolist() == [[0, 1, 2], [0, 0, 0], [0, 0, 1]]
     assert layout.lengths.tolist() == [3, 1, 2]
     assert layout.rows(0) == slice(0, 1) and layout.rows(1) == slice(1, 3)
-    assert layout.offset(0) == 0 and layout.offset(1) == 1
+    assert layout.window(0) == (0, 3) and layout.window(1) == (1, 3)
     assert layout.prompt_lens(1).tolist() == [[1], [2]]
 
 

@@ -12,8 +12,8 @@ Example::
     >>> layout = BatchLayout.build([((1, 2, 3),), ((4,), (5, 6))], pad_id=0)
     >>> layout.input_ids.tolist()
     [[1, 2, 3], [0, 0, 4], [0, 5, 6]]
-    >>> layout.rows(1), layout.offset(1)
-    (slice(1, 3, None), 1)
+    >>> layout.rows(1), layout.window(1)
+    (slice(1, 3, None), (1, 3))
 """
 
 from __future__ import annotations
@@ -72,10 +72,6 @@ class BatchLayout:
     def rows(self, invoke: int) -> slice:
         """Batch rows of ``invoke``."""
         return self.invoke_rows[invoke]
-
-    def offset(self, invoke: int) -> int:
-        """Columns of left padding every row of ``invoke`` has (its window starts here)."""
-        return self.window(invoke)[0]
 
     def window(self, invoke: int) -> tuple[int, int]:
         """The columns ``[start, stop)`` of the prompt step that ``invoke`` sees: its longest
