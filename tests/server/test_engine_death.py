@@ -50,9 +50,18 @@ def _in_flight(srv: ServerProcess, results: dict, name: str, body: dict) -> thre
     return t
 
 
-def _wait_running(srv: ServerProcess, n: int) -> None:
-    wait_until(lambda: httpx.get(srv.url + "/v1/stats").json()["states"] >= n,
-               f"{n} request(s) running in the worker")
+def _wait_running(srv: ServerProcess, n: int, results: dict, threads: int) -> None:
+    """Wait until ``n`` requests hold state in the worker. Fails at once, with what they
+    answered and the server's log, if every request thread ended first; on a timeout the log
+    says where the requests were (a loaded CI machine once took over 60 s)."""
+    def running() -> bool:
+        if len(results) == threads:
+            raise AssertionError("the requests ended before the engine was killed")
+        return httpx.get(srv.url + "/v1/stats").json()["states"] >= n
+    try:
+        wait_until(running, f"{n} request(s) running in the worker", timeout=180)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; answers so far: {results}\n{srv.log_tail()}") from None
 
 
 def test_a_dead_engine_gets_503s_with_the_reason(tmp_path):
@@ -63,7 +72,7 @@ def test_a_dead_engine_gets_503s_with_the_reason(tmp_path):
         results: dict = {}
         threads = [_in_flight(srv, results, "whole", {**LONG, "interventions": STEER}),
                    _in_flight(srv, results, "stream", {**LONG, "stream": True})]
-        _wait_running(srv, 1)
+        _wait_running(srv, 1, results, len(threads))
         time.sleep(0.5)               # (both are generating)
         _kill_engine_core(srv)
         for t in threads:
