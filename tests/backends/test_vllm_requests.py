@@ -7,7 +7,7 @@ import json
 import torch
 
 from vinterp import ir
-from vinterp.backends.vllm.requests import GraphSplitter
+from vinterp.backends.vllm.requests import GraphSplitter, writes
 from vinterp.ir.tensors import decode_tensor, encode_tensor
 
 
@@ -110,3 +110,19 @@ def test_the_default_kv_cache_follows_the_environment(monkeypatch, tiny_model_pa
     monkeypatch.setenv(KV_CACHE_ENV, str(2**28))
     assert engine_kwargs(path)["kv_cache_memory_bytes"] == 2**28
     assert engine_kwargs(path, kv_cache_memory_bytes=2**27)["kv_cache_memory_bytes"] == 2**27
+
+
+def _call(fn: str, *args: object, **kwargs: object) -> ir.Node:
+    return ir.Node(id=1, op="call", args=(ir.Ref(ref=0), *args), kwargs={"fn": fn, **kwargs})
+
+
+def test_what_counts_as_a_write():
+    """The prefix cache isolates writers (``cache_salt``): a function called in place is one,
+    by keyword or position; the same function returning a new tensor is not."""
+    relu = "torch.nn.functional.relu"
+    assert writes([_call(relu, inplace=True)]) and writes([_call(relu, True)])
+    assert not writes([_call(relu)]) and not writes([_call(relu, inplace=False)])
+    assert not writes([_call("torch.abs")])
+    assert writes([ir.Node(id=1, op="method", args=(ir.Ref(ref=0), 2.0),
+                           kwargs={"name": "mul_"})])
+    assert writes([ir.Node(id=1, op="iadd", args=(ir.Ref(ref=0), 1.0))])

@@ -31,6 +31,9 @@ def test_unknown_op():
     ({"id": 1, "op": "getattr", "args": [{"ref": 0}], "kwargs": {"name": "a.b"}},
      "attribute 'a.b' is neither"),
     ({"id": 1, "op": "read", "kwargs": {"module": "x", "kind": "weights"}}, "point kind"),
+    ({"id": 1, "op": "call", "args": [{"ref": 0}], "kwargs": {"fn": "torch.abs",
+                                                            "out": {"ref": 0}}},
+     "'out=' is not supported"),
 ])
 def test_non_allowlisted_names(node, msg):
     with pytest.raises(GraphError, match=r"node 1: .*" + msg):

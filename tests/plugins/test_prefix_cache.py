@@ -83,6 +83,15 @@ def _prompt_steered(lm, prompt, how: str) -> list[int]:
     return tracer.result[0].tolist()
 
 
+def _relu_inplace(lm, prompt) -> list[int]:
+    """An edit written as a function called in place: nothing is assigned, yet layer 0's
+    output changes (a writer as much as ``x[:] = relu(x)``)."""
+    with lm.generate(prompt, max_new_tokens=NEW, ignore_eos=True) as tracer:
+        with tracer.all():
+            torch.nn.functional.relu(lm.model.layers[0].output, inplace=True)
+    return tracer.result[0].tolist()
+
+
 def _capture(lm, prompt, how: str | None = None) -> dict[str, torch.Tensor]:
     """Prompt-forward values (optionally steered as in :func:`_steered`)."""
     with lm.trace(prompt):
@@ -140,6 +149,17 @@ def test_writer_then_reader(cached, hf, how):
     want = _solo(cached, _plain, cont)
     _steered(cached, prompt, how)
     assert _plain(cached, cont) == want
+
+
+def test_an_inplace_function_is_a_writer(cached, hf):
+    """``F.relu(x, inplace=True)`` changes the prompt's KV: a plain request must not reuse
+    it. (Its graph holds no assignment, and the backend once left it unsalted.)"""
+    prompt = _prompt(6)
+    plain = _solo(cached, _plain, prompt)
+    edited = _solo(cached, _relu_inplace, prompt)
+    assert edited != plain and edited == _relu_inplace(hf, prompt)
+    _relu_inplace(cached, prompt)
+    assert _plain(cached, prompt) == plain
 
 
 @pytest.mark.parametrize("how", ["steer", "idiom"])

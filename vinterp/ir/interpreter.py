@@ -321,7 +321,7 @@ class GraphRunner:
         target: tuple[str, str] | None = None
         if node.op == "write":
             target = (node.kwargs["module"], node.kwargs["kind"])
-        elif ops.is_edit(node.op, node.kwargs.get("name")) and node.args \
+        elif ops.is_edit(node) and node.args \
                 and isinstance(node.args[0], Ref):
             src = self._node(node.args[0].ref)
             while src.op != "read" and src.args and isinstance(src.args[0], Ref) \

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vinterp.ir.schema import DictV, Ref
+from vinterp.ir.schema import DictV, Node, Ref
 
 POINT_OPS = frozenset({"read", "write"})
 POINT_KINDS = frozenset({"output", "input", "inputs"})
@@ -172,12 +172,36 @@ def is_view(op: str, method_name: Any = None) -> bool:
     return op in ("getitem", "save") or (op == "method" and method_name in VIEW_METHODS)
 
 
-def is_edit(op: str, method_name: str | None = None) -> bool:
-    """Whether a node changes its first argument in place."""
-    return (
-        op in ("setitem", "write") or op in INPLACE_OPS or op in STEERING_OPS
-        or (op == "method" and isinstance(method_name, str) and method_name.endswith("_"))
-    )
+#: allowlisted functions with an ``inplace`` parameter, and its position
+INPLACE_PARAM: dict[str, int] = {
+    "torch.nn.functional.relu": 1, "torch.nn.functional.silu": 1,
+}
+
+
+def is_edit(node: Node) -> bool:
+    """Whether ``node`` changes its first argument in place: assignment, in-place operators
+    and methods (``x += v``, ``x.mul_(2)``), steering ops, and allowlisted functions called
+    with ``inplace=True`` (``F.relu(x, inplace=True)``, or ``F.relu(x, True)``).
+
+    The one rule for what counts as an edit: the tracer, the interpreter and the prefix
+    cache's isolation of writers (``backends/vllm/requests.py``) all ask it.
+
+    >>> from vinterp.ir.schema import Node, Ref
+    >>> is_edit(Node(id=1, op="call", args=(Ref(ref=0),),
+    ...              kwargs={"fn": "torch.nn.functional.relu", "inplace": True}))
+    True
+    """
+    op = node.op
+    if op in ("setitem", "write") or op in INPLACE_OPS or op in STEERING_OPS:
+        return True
+    if op == "method":
+        name = node.kwargs.get("name")
+        return isinstance(name, str) and name.endswith("_")
+    if op == "call":
+        pos = INPLACE_PARAM.get(node.kwargs.get("fn"))  # type: ignore[arg-type]
+        return pos is not None and (node.kwargs.get("inplace") is True
+                                    or len(node.args) > pos and node.args[pos] is True)
+    return False
 
 
 def known_op(op: str) -> bool:
@@ -191,6 +215,9 @@ def known_op(op: str) -> bool:
 
 def check_call(node_op: str, kwargs: dict[str, Any]) -> str | None:
     """Return an error message if a ``method``/``call``/``getattr``/point node is not allowed."""
+    if node_op in ("method", "call") and "out" in kwargs:
+        return ("'out=' is not supported in graphs (a graph's writes must name what they "
+                "change): assign the result instead, e.g. y[:] = torch.f(x)")
     if node_op == "method":
         name = kwargs.get("name")
         if name not in TENSOR_METHODS:

@@ -153,14 +153,14 @@ class Tracer:
         )
         target = node.args[0] if node.args else None
         if isinstance(target, Ref) and target.ref in self._samples_views:
-            if ops.is_edit(op, node.kwargs.get("name")):
+            if ops.is_edit(node):
                 from vinterp.tracing.generated import _NO_SAMPLE_WRITES
 
                 raise TracingError(_NO_SAMPLE_WRITES)
             if op == "getitem":
                 self._samples_views.add(node_id)
         if self._post and any(r in self._post for r in node_refs(node)):
-            if op in ("write", "backward") or ops.is_edit(op, node.kwargs.get("name")) and \
+            if op in ("write", "backward") or ops.is_edit(node) and \
                     self._edits_model(node):
                 raise TracingError(
                     "the generated token ids (tracer.result / model.generator.output) exist "

@@ -131,12 +131,7 @@ def nodes_by_invoke(graph: Graph) -> dict[int, list[Node]]:
 
 def writes(nodes: list[Node]) -> bool:
     """True if an invoke's nodes may change activations (then the KV cache is theirs alone)."""
-    for n in nodes:
-        if n.op in ops.STEERING_OPS or n.op in ops.INPLACE_OPS or n.op in ("write", "setitem"):
-            return True
-        if n.op == "method" and str(n.kwargs.get("name", "")).endswith("_"):
-            return True
-    return False
+    return any(ops.is_edit(n) for n in nodes)
 
 
 def reads_prompt(nodes: list[Node]) -> bool:
