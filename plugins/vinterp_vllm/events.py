@@ -172,13 +172,16 @@ class RowsEvent:
 
     def _before(self) -> torch.Tensor:
         """This request's rows as vLLM still holds them (nothing is written before
-        :meth:`write_back`); at a fused layer, the stream ``hidden + residual`` (a fresh
-        tensor)."""
+        :meth:`write_back`); at a fused layer, the stream ``hidden + residual``. Always a
+        fresh tensor: the graph edits what it gets in place, and an edit must reach vLLM's
+        tensors only through :meth:`write_back`, which refuses inf and NaN (at the first
+        layer's input vLLM has no residual yet, and a view of ``hidden`` let an in-place
+        ``x[:] = x / 0`` through)."""
         if self._p.value != "residual":
             return self._rows
         a, b = self._span.start, self._span.stop
         h, r = _pair(self._args, self._kwargs, self._out)
-        return h[a:b] if r is None else h[a:b] + r[a:b]
+        return h[a:b].clone() if r is None else h[a:b] + r[a:b]
 
     def write_back(self) -> None:
         """Store the value (edited in place or replaced) into vLLM's tensors."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vinterp.ir import Graph, load
+from vinterp.ir import Graph, load, ops
 from vinterp.ir.interpreter import GraphRunner
 from vinterp.ir.run_state import RunState, snapshot
 from vinterp.ir.tensors import decode_tensor
@@ -49,6 +49,8 @@ class Parsed:
     logit_rows: dict[tuple[str, str], frozenset[int] | None]
     #: the plan by the worker's point key ``(vLLM module, side, value kind)``
     fast_plan: tuple[tuple[tuple[str, str, str], ActionList], ...] = ()
+    #: whether the graph may change activations (``ops.is_edit``): its output is watched
+    writes: bool = False
 
 
 class ParsedGraphs:
@@ -104,7 +106,8 @@ class ParsedGraphs:
                   if p.value in LOGIT_VALUES}
         fast = tuple(((points[k].vllm_module, points[k].side, points[k].value), actions)
                      for k, actions in (plan or {}).items())
-        return Parsed(graph, points, plan, logits, fast)
+        writes = any(ops.is_edit(n) for n in graph.nodes if n.invoke in (invoke, -1))
+        return Parsed(graph, points, plan, logits, fast, writes)
 
 
 class RequestState:
@@ -127,10 +130,12 @@ class RequestState:
         self.max_pos_seen = -1
         self.first_step = 0
         self.open_step: int | None = None
+        self.writes = False
         try:
             parsed = graphs.get(payload)
             self.graph, self.points, self.plan = parsed.graph, parsed.points, parsed.plan
             self.fast_plan = parsed.fast_plan
+            self.writes = parsed.writes
             self.logit_rows = parsed.logit_rows
             if self.plan is None:
                 state = RunState()

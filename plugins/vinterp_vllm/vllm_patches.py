@@ -10,8 +10,9 @@
   after the inputs are prepared, with this step's ``positions``. It sets the per-step state
   (which rows belong to which request) before the forward and closes it after, and runs the
   step eagerly when it needs a point the compiled graph does not call the op from
-  (``graph_points``). Dummy, profile and warm-up runs call the model directly: the op finds no
-  step open and does nothing.
+  (``graph_points``); after the forward it checks the output rows of requests that edit
+  (``finite.OutputWatch``). Dummy, profile and warm-up runs call the model directly: the op
+  finds no step open and does nothing.
 * ``EngineCore.shutdown``: several engines in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``:
   a script holding two ``LanguageModel(..., backend="vllm")``, tests) share vLLM's
   process-wide parallel groups, and shutting one down destroyed them for all: the next forward
@@ -106,8 +107,11 @@ def apply() -> None:
                 import torch
 
                 with torch.compiler.set_stance("force_eager"):
-                    return model_forward(self, *args, **kwargs)
-            return model_forward(self, *args, **kwargs)
+                    out = model_forward(self, *args, **kwargs)
+            else:
+                out = model_forward(self, *args, **kwargs)
+            hooks.after_forward(out)
+            return out
         finally:
             hooks.end_step()
 

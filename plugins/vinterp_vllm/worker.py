@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from vinterp_vllm.events import RowsEvent, _tensor, point_rows
-from vinterp_vllm.finite import finite_rows
+from vinterp_vllm.finite import OutputWatch, finite_rows
 from vinterp_vllm.groups import Group, TensorCache, build_groups
 from vinterp_vllm.graph_op import PointIds, install_point_hooks
 from vinterp_vllm.layout import RowSpan, batch_spans
@@ -116,7 +116,8 @@ class VinterpWorkerExtension:
         ``graph_points`` (points the compiled graph calls the op from), ``eager_steps``
         (steps run eagerly because they needed another point), ``table_points`` and
         ``table_steps`` (points with the table op in the graph, steps served by the tables
-        alone, see ``tables.py``)."""
+        alone, see ``tables.py``), ``kv_clears`` (times the KV cache's inf/NaN values were
+        zeroed after a request overflowed, see ``finite.OutputWatch``)."""
         h = self._vinterp
         cc = self.vllm_config.compilation_config  # type: ignore[attr-defined]
         mode, graphs = cc.mode, getattr(cc, "cudagraph_mode", None)
@@ -126,7 +127,8 @@ class VinterpWorkerExtension:
                 "cudagraph_mode": getattr(graphs, "name", str(graphs)),
                 "points": len(h.points), "point_calls": h.point_calls,
                 "graph_points": len(h.in_graph), "eager_steps": h.eager_steps,
-                "table_points": len(h.table_index), "table_steps": h.table_steps}
+                "table_points": len(h.table_index), "table_steps": h.table_steps,
+                "kv_clears": h.watch.cleared}
 
     def vinterp_set_max_undrained(self, cap: int) -> None:
         """Cap the states kept for finished requests nobody drained (see ``Retention``)."""
@@ -188,6 +190,9 @@ class _Hooks:
         #: this step's steering groups and which of their rows came out non-finite (read in
         #: end_step, so the forward needs no sync; see ``finite_rows``)
         self.step_nonfinite: list[tuple[tuple[str, str], Group, torch.Tensor]] = []
+        #: this step's requests whose graphs edit, and the check of their output rows
+        self.step_writers: list[tuple[RequestState, RowSpan]] = []
+        self.watch = OutputWatch()
         self._install()
 
     # ------------------------------------------------------------------ hooks
@@ -265,15 +270,17 @@ class _Hooks:
         """Map this step's rows to requests and prepare their interventions (called by the
         model runner's ``_model_forward`` with the step's absolute ``positions``)."""
         self.step_fast, self.step_general, self.general_points = {}, [], {}
-        self.step_nonfinite = []
+        self.step_nonfinite, self.step_writers = [], []
         self.active_hooks = set()
         self.eager_step = False
         self.blame_tables()
+        self.watch.resolve(self.dtype)
         batch = self.runner.input_batch
         if len(self.by_req) > 8192:  # forget request ids vLLM no longer knows (plain ones)
             self.by_req = {r: s for r, s in self.by_req.items() if r in self.runner.requests}
         self.retention.enforce(self.by_key, self.by_req, self.runner.requests)
         ids = [r for r in batch.req_ids[:batch.num_reqs] if r is not None]
+        self.watch.clear_if_gone(ids, self.runner.requests.__contains__, self.runner.kv_caches)
         wanted = {r for r in ids if self._state(r) is not None}
         if not wanted:
             if self.tables is not None:
@@ -285,6 +292,8 @@ class _Hooks:
         layouts: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
         for i, span in enumerate(spans):
             st = self.by_req[span.req_id]
+            if st is not None and st.writes and span.req_id not in self.watch.poisoned:
+                self.step_writers.append((st, span))
             if st is None or st.failed:
                 continue
             st.mask_cache = {}
@@ -322,6 +331,13 @@ class _Hooks:
             lst.sort(key=lambda e: _ORDER[e[2].value])
         self.eager_step = not self.active_hooks <= self.in_graph
         self.eager_steps += self.eager_step
+
+    def after_forward(self, out: Any) -> None:
+        """Check the model's output rows of the requests that edit (see ``OutputWatch``)."""
+        if self.step_writers:
+            device = out.device if isinstance(out, torch.Tensor) else None
+            self.watch.watch(out, self.step_writers,
+                             lambda rows: self.tensors.index(rows, device))
 
     def _fill_tables(self, fast: dict, n_rows: int) -> bool:
         """Serve this step from the tables when they can hold all of it (no general graph,
@@ -446,6 +462,7 @@ class _Hooks:
     def drain(self, keys: list[str], steps: dict[str, int] | None = None
               ) -> dict[str, Outcome]:
         self.blame_tables(wait=True)
+        self.watch.resolve(self.dtype)
         out: dict[str, Outcome] = {}
         for key in keys:
             st = self.by_key.pop(key, None)

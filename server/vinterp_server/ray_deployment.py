@@ -301,7 +301,7 @@ class RayEngineHost:
 
 #: the stats that add up over replicas (the rest are settings, the same on each)
 _COUNTS = frozenset({"states", "tracked_ids", "evicted", "parsed_graphs", "point_calls",
-                     "eager_steps", "table_steps", "requests"})
+                     "eager_steps", "table_steps", "kv_clears", "requests"})
 
 
 #: how long the ingress retries a request whose replica is gone or whose engine died before

@@ -1,4 +1,6 @@
-"""The inf/NaN guard of the vectorized path (``finite.finite_rows``), without an engine.
+"""The inf/NaN guards (``finite.py``), without an engine: the vectorized path's
+``finite_rows``, and ``OutputWatch``, which fails a writing request whose output went
+non-finite and clears the KV cache once that request stops running.
 
 On the CPU a finite total short-cuts the per-row checks; these cases pin that the shortcut
 never hides a bad row and that its fallback is the per-row rule: rows an edit made
@@ -9,7 +11,8 @@ and a total that overflows while every row is finite flags nothing.
 from __future__ import annotations
 
 import torch
-from vinterp_vllm.finite import finite_rows
+from vinterp_vllm.finite import OutputWatch, finite_rows
+from vinterp_vllm.layout import RowSpan
 
 
 def test_all_finite_returns_the_edit_and_no_flags() -> None:
@@ -48,3 +51,49 @@ def test_a_total_that_overflows_with_every_row_finite_flags_nothing() -> None:
     out, bad = finite_rows(x, new)
     assert bad is not None and not bool(bad.any())
     assert torch.equal(out, new)
+
+
+class _State:
+    def __init__(self) -> None:
+        self.error: str | None = None
+
+    def fail(self, message: str) -> None:
+        self.error = self.error or message
+
+
+def _span(req_id: str, start: int, stop: int) -> RowSpan:
+    return RowSpan(req_index=0, req_id=req_id, start=start, stop=stop, first_pos=0,
+                   prompt_len=stop - start)
+
+
+def test_a_non_finite_output_fails_its_request_only() -> None:
+    watch = OutputWatch()
+    a, b = _State(), _State()
+    out = torch.randn(5, 4)
+    out[3, 1] = float("nan")                 # b's second row; row 4 belongs to no writer
+    out[4] = float("inf")
+    watch.watch(out, [(a, _span("a", 0, 2)), (b, _span("b", 2, 4))],
+                lambda rows: torch.tensor(rows))
+    watch.resolve(torch.float32)
+    assert a.error is None and "became inf or NaN" in (b.error or "")
+    assert watch.poisoned == {"b": True}
+
+
+def test_the_kv_cache_is_cleared_once_the_poisoned_request_stops_running() -> None:
+    watch = OutputWatch()
+    watch.poisoned = {"b": True}
+    kv = torch.randn(2, 3, 4)
+    kept = kv.clone()
+    kv[1, 2, 0], kv[0, 0, 3] = float("nan"), float("-inf")
+    kept[1, 2, 0] = kept[0, 0, 3] = 0.0
+    alive = {"b"}
+    watch.clear_if_gone(["a", "b"], alive.__contains__, [kv])    # b still runs: not yet
+    assert watch.cleared == 0 and bool(kv.isnan().any())
+    watch.clear_if_gone(["a"], alive.__contains__, [kv])         # preempted: its blocks go
+    assert watch.cleared == 1 and torch.equal(kv, kept)           # finite values untouched
+    watch.clear_if_gone(["a"], alive.__contains__, [kv])         # nothing new written
+    assert watch.cleared == 1 and watch.poisoned == {"b": False}
+    watch.clear_if_gone(["b"], alive.__contains__, [kv])         # runs again, then ends
+    alive.clear()
+    watch.clear_if_gone([], alive.__contains__, [kv])
+    assert watch.cleared == 2 and watch.poisoned == {}
