@@ -190,10 +190,12 @@ class RequestState:
         per_step = self._chunks.setdefault(sid, {})
         first, start, prompt_len = span.first_pos, span.start, span.prompt_len
         # rows are consecutive positions within one step except across the prompt's end
+        kept = 0
         for i, r in enumerate(rows):
             pos = first + (r - start)
             if pos < nxt:
                 continue
+            kept += 1
             step = pos - prompt_len + 1 if pos >= prompt_len else 0
             chunk = per_step.get(step)
             if chunk is None:
@@ -202,7 +204,8 @@ class RequestState:
             nxt = pos + 1
         self._prompt_len = prompt_len
         self._next_pos[sid] = nxt
-        self._add_bytes(values.numel() * values.element_size())
+        if kept:   # (recomputed rows were charged when first captured)
+            self._add_bytes(kept * values[0].numel() * values.element_size())
 
     def take_steps(self, before: int | None = None) -> dict[int, list[tuple[int, Any]]]:
         """Fast captures of the steps already complete, as ``save id -> [(step, value)]``,
