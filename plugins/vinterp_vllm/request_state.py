@@ -131,6 +131,7 @@ class RequestState:
         self.first_step = 0
         self.open_step: int | None = None
         self.writes = False
+        self.req_id: str | None = None   # the vLLM request it belongs to (set by the worker)
         try:
             parsed = graphs.get(payload)
             self.graph, self.points, self.plan = parsed.graph, parsed.points, parsed.plan

@@ -145,12 +145,23 @@ def attach_hooks(worker: Any) -> None:
     if not hasattr(runner, "input_batch"):
         raise RuntimeError("vinterp needs vLLM's V1 model runner; set "
                            "VLLM_USE_V2_MODEL_RUNNER=0")
+    if getattr(runner.vllm_config, "speculative_config", None) is not None:
+        from vinterp.backends.vllm.engine import SPECULATIVE_REFUSED
+
+        raise ValueError(SPECULATIVE_REFUSED)
     arch = for_model_type(runner.model_config.hf_config.model_type)
     # the mapping that fits how this vLLM version built the model
     arch = arch.in_vllm(name for name, _ in runner.model.named_modules())
     hooks = _Hooks(runner, arch, graph_points(runner.vllm_config))
     worker._vinterp = hooks
     runner._vinterp_hooks = hooks
+
+
+#: why two vLLM requests carrying one payload fail (see ``_Hooks._state``)
+PARALLEL_SAMPLING_REFUSED = (
+    "two vLLM requests carry this intervention's key: parallel sampling (SamplingParams n > "
+    "1) gives every sample the same payload, and their rows cannot be told apart; send n "
+    "requests with n=1, each with its own key (vinterp's library and server do)")
 
 
 class _Hooks:
@@ -262,7 +273,12 @@ class _Hooks:
             st = self.by_key.get(payload.key)
             if st is None:
                 st = RequestState(payload, self.graphs)
+                st.req_id = req_id
                 self.by_key[payload.key] = st
+            elif st.req_id != req_id:
+                # vLLM's parallel sampling (n > 1) gives each sample the parent's extra_args:
+                # one key, two requests' rows, which one state cannot tell apart
+                st.fail(PARALLEL_SAMPLING_REFUSED)
         self.by_req[req_id] = st
         return st
 

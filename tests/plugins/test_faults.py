@@ -57,6 +57,23 @@ def test_bad_requests_fail_alone(tiny_vllm):
     assert tiny_vllm.run(graph).saves[saves[0]].shape == (1, 5, 64)
 
 
+def test_parallel_sampling_of_one_payload_fails_with_the_reason(tiny_vllm):
+    """vLLM's ``n > 1`` gives each sample the parent's payload: one key, two requests' rows.
+    The worker cannot tell them apart (the second sample went unsteered and its captures were
+    dropped, silently): it fails the request and says what to send instead."""
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    graph = steer_graph([prompt], [{"layer": 0, "vector": torch.ones(64), "scale": 2.0}],
+                        max_new_tokens=4)
+    run = GraphRun(graph, "faults-n2")
+    (job,) = next(run.phases())
+    prompt_in, params = run.request(job)
+    params.n, params.temperature, params.top_k = 2, 1.0, 1
+    tiny_vllm.llm.generate([prompt_in], [params], use_tqdm=False)
+    drained = outcomes_from_wire(tiny_vllm.llm.collective_rpc(
+        "vinterp_drain", args=([job.payload.key],))[0])
+    assert "parallel sampling (SamplingParams n > 1)" in drained[job.payload.key].error
+
+
 def test_refusals_at_trace_time(tiny_vllm):
     graph, _ = capture_graph([[5, 6, 7]], ["model.layers.0.self_attn.q_proj"])
     with pytest.raises(ValueError, match="not available on the vllm backend"):

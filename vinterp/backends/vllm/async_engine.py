@@ -146,6 +146,10 @@ class AsyncEngine:
         its final output is yielded (a missing outcome becomes an ``Outcome`` with an error).
         """
         payload = Payload.from_extra_args(params.extra_args)
+        if payload is not None and int(getattr(params, "n", 1) or 1) > 1:
+            from vinterp_vllm.worker import PARALLEL_SAMPLING_REFUSED
+
+            raise ValueError(PARALLEL_SAMPLING_REFUSED)
         done = False
         generated = 0
         try:

@@ -83,6 +83,13 @@ def hf_classes_untouched(model_path: pathlib.Path) -> Iterator[None]:
                     setattr(c, name, value)
 
 
+#: why speculative decoding is refused (here, and by the worker for engines built directly)
+SPECULATIVE_REFUSED = (
+    "speculative decoding (speculative_config) is not supported with vinterp's hooks: a "
+    "step's rows of a request would hold draft tokens that vLLM may then reject, and their "
+    "activations would be captured and steered as the request's; start the engine without it")
+
+
 def engine_kwargs(model_path: pathlib.Path, *, dtype: str | None = None,
                   **overrides: Any) -> dict[str, Any]:
     """The engine arguments vinterp runs a model with: checked, with vinterp's defaults.
@@ -102,6 +109,8 @@ def engine_kwargs(model_path: pathlib.Path, *, dtype: str | None = None,
         raise ValueError("the vllm backend supports tensor_parallel_size=1 and "
                          "pipeline_parallel_size=1 only for now (per-request hooks are not "
                          "sharded yet); use one device per replica")
+    if overrides.get("speculative_config"):
+        raise ValueError(SPECULATIVE_REFUSED)
     mtype = model_type(model_path)
     arch = for_model_type(mtype)
     if arch.vllm is None:
