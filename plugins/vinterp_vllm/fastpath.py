@@ -36,6 +36,14 @@ def _const(graph: Graph, v: Value) -> Any:
     return v
 
 
+def _scalar(v: Any) -> float:
+    """A factor, scale or bound as one number; a tensor of several (a per-dimension
+    ``scale(factor=t)``) is the general path's, which runs the same kernels as HF."""
+    if isinstance(v, torch.Tensor) and v.numel() != 1:
+        raise NotFast
+    return float(v)
+
+
 def _unit(v: torch.Tensor) -> torch.Tensor:
     norm = v.norm(dim=-1, keepdim=True)
     if bool((norm == 0).any()):
@@ -50,17 +58,17 @@ def _make_action(graph: Graph, node: Node, dtype: torch.dtype) -> Action:
     a.spec_key = repr(a.positions)
     a.vec_key = repr(sorted((k, v) for k, v in node.kwargs.items() if k != "positions"))
     if node.op == "steer":
-        a.vector = float(kw.get("scale", 1.0)) * torch.as_tensor(kw["vector"]).to(dtype)
+        a.vector = _scalar(kw.get("scale", 1.0)) * torch.as_tensor(kw["vector"]).to(dtype)
     elif node.op == "replace":
         a.vector = torch.as_tensor(kw["vector"]).to(dtype)
     elif node.op in ("ablate", "clamp"):
         a.vector = _unit(torch.as_tensor(kw["direction"]).to(dtype))
         if kw.get("min") is not None:
-            a.lo = float(kw["min"])
+            a.lo = _scalar(kw["min"])
         if kw.get("max") is not None:
-            a.hi = float(kw["max"])
+            a.hi = _scalar(kw["max"])
     elif node.op == "scale":
-        a.factor = float(kw.get("factor", 1.0))
+        a.factor = _scalar(kw.get("factor", 1.0))
     if a.vector is not None and a.vector.dim() != 1:
         raise NotFast  # per-row vectors: the general path handles (and checks) them
     return a

@@ -261,3 +261,19 @@ def test_row_wise_code_in_an_invoke_of_several_prompts_equals_hf(models):
         got[name] = (a, b, c, d)
     for v, r in zip(got["vllm"], got["hf"], strict=True):
         assert v.shape == r.shape and _rel(v, r) < 1e-4
+
+
+def test_per_dimension_steering_factors_equal_hf(models):
+    """A factor or bound given per hidden dimension is not the vectorized path's (it takes
+    one number): it runs on the general path, with the same kernels as HF, instead of
+    failing the request ("only one element tensors can be converted")."""
+    f = torch.linspace(0.5, 1.5, 576)
+
+    def run(model):
+        with model.trace("The Eiffel Tower is in the city of"):
+            model.model.layers[3].output.scale(f)
+            model.model.layers[5].output.clamp(torch.ones(576), min=-f, max=f)
+            h = model.model.layers[8].output.save()
+        return h
+
+    assert _rel(run(models["vllm"]), run(models["hf"])) < 1e-4

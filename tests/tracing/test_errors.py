@@ -181,3 +181,14 @@ def test_unsupported_value_in_graph(model):
     with pytest.raises(TracingError, match="cannot be part of an intervention graph"):
         with model.trace(PROMPT):
             model.layers[0].output + object()
+
+
+def test_a_saved_value_returned_from_inside_the_block_says_so(model):
+    """``return x.save()`` inside the ``with`` hands out the proxy before the trace runs: the
+    message must not claim the value was never saved."""
+    def last_layer():
+        with model.trace(PROMPT):
+            return model.model.layers[-1].output.save()
+
+    with pytest.raises(TracingError, match=r"saved value .* left the block.*assign it there"):
+        last_layer() + 1

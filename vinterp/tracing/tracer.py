@@ -540,6 +540,12 @@ class Tracer:
                 f"this value (graph node {node_id}) belongs to generation step "
                 f"{node.steps.start}, which never ran: the generation ended earlier (an EOS "
                 "token, or a smaller max_new_tokens for its invoke)")
+        if self.nodes[node_id].op == "save":
+            return TracingError(
+                f"this saved value (graph node {node_id}) left the block before the trace ran "
+                "(e.g. `return x.save()` inside the `with`): saved values are bound to the "
+                "names assigned inside the block when it ends; assign it there "
+                "(h = ....save()) and use h after the block")
         return not_saved(node_id)
 
     # ------------------------------------------------------------------ the with block
