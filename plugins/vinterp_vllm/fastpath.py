@@ -176,7 +176,7 @@ class _Item:
 
     node: Node
     point: tuple[str, str]
-    actions_before: int        # the point's action count then: no edit may come in between
+    edits_before: int          # the point's edit count then: no edit may come in between
 
 
 def _item(n: Node, alias: dict[int, tuple[str, str]],
@@ -189,7 +189,16 @@ def _item(n: Node, alias: dict[int, tuple[str, str]],
     point = alias[src.ref]
     if point_value[point] == "attn":
         raise NotFast  # HF attention is a tuple: indexing it is the general path's business
-    return _Item(n, point, len(plan.setdefault(point, [])))
+    return _Item(n, point, _edits(plan.setdefault(point, []), n))
+
+
+def _edits(actions: list[Action], at: Node) -> int:
+    """How many of a point's actions change its value at ``at``'s steps. Captures do not,
+    nor do edits of other steps: ``tracer.all()`` with ``steps.append(x[:, -1])`` records
+    every step's read and edit before the list's saves."""
+    stop = float("inf") if at.steps.stop is None else at.steps.stop
+    return sum(a.op != "capture" and a.start < stop and at.steps.start < a.stop
+               for a in actions)
 
 
 def _selected_capture(graph: Graph, invoke: int, save: Node, item: _Item,
@@ -199,7 +208,8 @@ def _selected_capture(graph: Graph, invoke: int, save: Node, item: _Item,
     The key's indexing is a view in HF, so an edit of ``x`` between the ``getitem`` and the
     ``save`` would show in the saved value: such graphs keep the general path.
     """
-    if len(plan[item.point]) != item.actions_before or save.steps != item.node.steps:
+    if _edits(plan[item.point], item.node) != item.edits_before \
+            or save.steps != item.node.steps:
         raise NotFast
     prompts = graph.invokes[invoke].prompts
     if len(prompts) != 1:

@@ -245,6 +245,26 @@ def test_last_position_every_step_is_the_shortcut_pair(models, vecs):
         assert torch.equal(x, y)
 
 
+def test_appended_last_positions_in_all_steps_are_planned(models, vecs):
+    """``steps.append(x[:, -1])`` in ``tracer.all()`` (no ``.save()``: the list is saved)
+    records every step's read before the saves; those saves are captures, not edits, so the
+    vectorized path serves it as it serves ``x[:, -1].save()`` (it used to fall back to the
+    general path, which refuses prompts longer than one forward's chunk). Values equal HF."""
+    got = {}
+    for name, model in models.items():
+        with model.generate(PROMPTS[0], max_new_tokens=NEW) as tracer:
+            steps = list().save()
+            with tracer.all():
+                model.model.layers[1].output.steer(vecs["v"])
+                steps.append(model.model.layers[1].output[:, -1])
+        if name == "vllm":
+            assert all(p is not None for p in _plans(model, tracer))
+        got[name] = list(steps)
+    assert len(got["vllm"]) == len(got["hf"]) == NEW
+    for x, y in zip(got["vllm"], got["hf"], strict=True):
+        assert rel_err(x, y) < 1e-4
+
+
 # ------------------------------------------------------------------ near misses
 # each edits layer 1 of ``model`` (``L`` = model.model.layers)
 def _times_two_plus(L, t):
