@@ -7,7 +7,7 @@ import json
 import torch
 
 from vinterp import ir
-from vinterp.backends.vllm.requests import GraphSplitter, writes
+from vinterp.backends.vllm.requests import GraphSplitter, acts_on_prompt, fingerprint, writes
 from vinterp.ir.tensors import decode_tensor, encode_tensor
 
 
@@ -126,3 +126,15 @@ def test_what_counts_as_a_write():
     assert writes([ir.Node(id=1, op="method", args=(ir.Ref(ref=0), 2.0),
                            kwargs={"name": "mul_"})])
     assert writes([ir.Node(id=1, op="iadd", args=(ir.Ref(ref=0), 1.0))])
+
+
+def test_a_prompt_write_skips_the_cache_and_imports_salt_it():
+    """A write at step 0 needs the prompt computed by its own request, even with nothing
+    read there; the values patched in from other invokes are part of the salt."""
+    write = ir.Node(id=1, op="write", args=(ir.Ref(ref=0),),
+                    kwargs={"module": "model.layers.0", "kind": "output"})
+    later = write.model_copy(update={"steps": ir.Steps(start=1, stop=2)})
+    assert acts_on_prompt([write]) and not acts_on_prompt([later])
+    one, two = ({"0": encode_tensor(torch.full((2,), v)).model_dump()} for v in (1.0, 2.0))
+    assert len({fingerprint("g"), fingerprint("g", one), fingerprint("g", two)}) == 3
+    assert fingerprint("g", {}) == fingerprint("g")

@@ -207,6 +207,32 @@ def test_writer_then_other_writer(cached):
     assert _steered(cached, prompt, "steer", other) == want
 
 
+def _patched(lm, src: list[int], dst: list[int]):
+    """Generate from ``dst`` with its layer-0 output at the prompt replaced by ``src``'s
+    (another invoke's value): a write at step 0 that reads nothing there itself."""
+    with lm.generate(max_new_tokens=6, ignore_eos=True) as tracer:
+        with tracer.invoke(src):
+            h = lm.model.layers[0].output
+        with tracer.invoke(dst):
+            lm.model.layers[0].output = h
+            tracer.next()
+            out = lm.model.layers[1].output.save()
+    return tracer.result[1].tolist(), out
+
+
+def test_a_patch_of_the_prompt_from_another_invoke(cached, hf):
+    """The patched request runs its whole prompt itself, every time (it once read its own
+    cached blocks on a rerun, then failed as 'split across forward chunks'), and a patch
+    from another source prompt is another edit (the salt holds the patched-in value)."""
+    a1, a2, b = _prompt(7), _prompt(8), _prompt(9)
+    _empty(cached)
+    for src in (a1, a1, a2):
+        tokens, out = _patched(cached, src, b)
+        want_tokens, want = _patched(hf, src, b)
+        assert tokens == want_tokens
+        assert rel_err(out, want) < 1e-4
+
+
 def _step1_graph(prompt: list[int]):
     """``tracer.next()`` then ``layers[0].output[:] += v`` and a last-row save of layer 1:
     a general graph (no vectorized plan) acting on generated step 1 only."""

@@ -134,25 +134,31 @@ def writes(nodes: list[Node]) -> bool:
     return any(ops.is_edit(n) for n in nodes)
 
 
-def reads_prompt(nodes: list[Node]) -> bool:
-    """True if an invoke reads any point during the prompt's forward (step 0)."""
-    return any(n.op == "read" and n.steps.start == 0 for n in nodes)
+def acts_on_prompt(nodes: list[Node]) -> bool:
+    """True if an invoke reads or edits any point during the prompt's forward (step 0)."""
+    return any(n.steps.start == 0 and (n.op == "read" or ops.is_edit(n)) for n in nodes)
 
 
-def fingerprint(graph_json: str) -> str:
-    """A short stable hash of a request's intervention (its cache salt)."""
-    return hashlib.sha256(graph_json.encode()).hexdigest()[:32]
+def fingerprint(graph_json: str, imports: dict[str, Any] | None = None) -> str:
+    """A short stable hash of a request's intervention (its cache salt): its graph and the
+    values it takes from other invokes (a patch from another prompt is part of the edit)."""
+    h = hashlib.sha256(graph_json.encode())
+    if imports:
+        h.update(pydantic_core.to_json(imports, inf_nan_mode="constants"))
+    return h.hexdigest()[:32]
 
 
 def isolate_prefix_cache(nodes: list[Node], graph_json: str, prompt: dict[str, Any],
-                         params: Any) -> None:
-    """Apply the prefix-cache rules for a request running ``nodes`` (its invoke's): a writer
-    gets a ``cache_salt`` from its intervention (never share KV computed under another one);
-    a reader of prompt positions skips reading the cache (it needs them computed here).
+                         params: Any, imports: dict[str, Any] | None = None) -> None:
+    """Apply the prefix-cache rules for a request running ``nodes`` (its invoke's) with
+    ``imports`` (other invokes' values): a writer gets a ``cache_salt`` from its
+    intervention (never share KV computed under another one); a request that reads or
+    edits prompt positions skips reading the cache (they must be computed here, by it: a
+    patch of the prompt that read its own cached blocks ran on part of the prompt only).
     The one rule for the offline backend and the server."""
     if writes(nodes):
-        prompt["cache_salt"] = fingerprint(graph_json)
-    if reads_prompt(nodes):
+        prompt["cache_salt"] = fingerprint(graph_json, imports)
+    if acts_on_prompt(nodes):
         params.skip_reading_prefix_cache = True
 
 

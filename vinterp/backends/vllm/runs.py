@@ -136,7 +136,7 @@ class GraphRun:
         params = sampling_params(generation, mode=self.graph.mode,
                                  extra_args=job.payload.to_extra_args())
         rq.isolate_prefix_cache(self._by_invoke[job.invoke], job.payload.graph_json, prompt,
-                                params)
+                                params, job.payload.imports)
         return prompt, params
 
     # ------------------------------------------------------------------ outcomes
