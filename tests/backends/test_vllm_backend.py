@@ -134,6 +134,38 @@ def test_steered_generation_tokens_and_step_logits(models):
 NOT_HERE = "not available on the vllm backend; use backend='hf'"
 
 
+def test_a_prompt_that_ends_early_keeps_its_row(models):
+    """One invoke, two prompts; the first emits EOS after two tokens, the second goes on.
+    vLLM computes nothing for a prompt that ended: its rows are NaN, so row 1 stays the
+    second prompt at every step (a value holding the running prompt's row alone put it at
+    row 0, and a save over all steps kept only the shorter prompt's steps)."""
+    a, b = "The capital of France is", "Once upon a time there"
+    with models["hf"].generate([a, b], max_new_tokens=8, ignore_eos=True) as tracer:
+        pass
+    n_a, n_b = (len(models["hf"].tokenizer(p)["input_ids"]) for p in (a, b))
+    tokens_a, tokens_b = tracer.result[0].tolist()[n_a:], tracer.result[1].tolist()[n_b:]
+    eos = next(t for t in tokens_a[1:] if t not in tokens_b)   # ends a at step 2, never b
+    out = {}
+    for name, model in models.items():
+        with model.generate(max_new_tokens=8, eos_token_id=eos) as tracer:
+            with tracer.invoke([a, b]):
+                steps = list().save()
+                with tracer.all():
+                    steps.append(model.model.layers[3].output[:, -1].save())
+        out[name] = list(steps)
+    with models["vllm"].generate(max_new_tokens=8, eos_token_id=eos) as tracer:
+        with tracer.invoke([b]):
+            alone = list().save()
+            with tracer.all():
+                alone.append(models["vllm"].model.layers[3].output[:, -1].save())
+    assert len(out["vllm"]) == len(out["hf"]) == len(alone) == 8
+    ended = tokens_a.index(eos) + 1
+    for k, (v, h, b_alone) in enumerate(zip(out["vllm"], out["hf"], alone, strict=True)):
+        assert v.shape == h.shape == (2, 576)
+        assert _rel(v[1], b_alone[0]) < 1e-4 and _rel(v[1], h[1]) < 1e-4
+        assert bool(v[0].isnan().all()) == (k >= ended)
+
+
 def test_refusals_with_their_messages(models):
     model = models["vllm"]
     with pytest.raises(Exception, match="q_proj.output is " + NOT_HERE + r" \(vLLM fuses"):

@@ -49,11 +49,22 @@ class Job(NamedTuple):
 
 
 def _cat(values: list[Any]) -> Any:
-    """Join one invoke's per-prompt values along the batch dimension (lists: per step)."""
+    """Join one invoke's per-prompt values along the batch dimension (lists: per step).
+
+    ``None`` marks a prompt with no value: it ended (EOS) while the invoke's other prompts
+    went on, and vLLM, unlike batched HF generation, computes no rows for it. Its rows are
+    NaN, so that row ``i`` stays prompt ``i`` (a value with only the running prompts' rows
+    shifted them silently).
+    """
     if len(values) == 1:
         return values[0]
-    if all(isinstance(v, list) for v in values):
-        return [_cat(list(vs)) for vs in zip(*values, strict=False)]
+    if all(isinstance(v, list) or v is None for v in values):
+        steps = max(len(v) for v in values if v is not None)
+        padded = [(v or []) + [None] * (steps - len(v or [])) for v in values]
+        return [_cat(list(vs)) for vs in zip(*padded, strict=True)]
+    like = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    if like is not None and like.is_floating_point():
+        values = [torch.full_like(like, float("nan")) if v is None else v for v in values]
     if all(isinstance(v, torch.Tensor) for v in values):
         try:
             return torch.cat(values, dim=0)
@@ -168,10 +179,9 @@ class GraphRun:
             if n.op != "save" or n.invoke < 0:
                 continue  # (saves outside any invoke come from run_globals)
             inv = n.invoke
-            per_prompt = [self.outcomes[(inv, j)].saves[n.id]
-                          for j in range(len(graph.invokes[inv].prompts))
-                          if n.id in self.outcomes[(inv, j)].saves]
-            if per_prompt:
+            per_prompt = [self.outcomes[(inv, j)].saves.get(n.id)
+                          for j in range(len(graph.invokes[inv].prompts))]
+            if any(v is not None for v in per_prompt):
                 saves[n.id] = _cat(per_prompt)
         saves.update(run_globals(graph, self.export_values))
         result = RunResult(saves=saves)
