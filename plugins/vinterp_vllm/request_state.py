@@ -51,6 +51,8 @@ class Parsed:
     fast_plan: tuple[tuple[tuple[str, str, str], ActionList], ...] = ()
     #: whether the graph may change activations (``ops.is_edit``): its output is watched
     writes: bool = False
+    #: whether it reads or edits the prompt's forward (it needs every prompt position run)
+    acts_on_prompt: bool = False
 
 
 class ParsedGraphs:
@@ -106,8 +108,9 @@ class ParsedGraphs:
                   if p.value in LOGIT_VALUES}
         fast = tuple(((points[k].vllm_module, points[k].side, points[k].value), actions)
                      for k, actions in (plan or {}).items())
-        writes = any(ops.is_edit(n) for n in graph.nodes if n.invoke in (invoke, -1))
-        return Parsed(graph, points, plan, logits, fast, writes)
+        mine = [n for n in graph.nodes if n.invoke in (invoke, -1)]
+        return Parsed(graph, points, plan, logits, fast, any(ops.is_edit(n) for n in mine),
+                      ops.acts_on_prompt(mine))
 
 
 class RequestState:
@@ -130,13 +133,13 @@ class RequestState:
         self.max_pos_seen = -1
         self.first_step = 0
         self.open_step: int | None = None
-        self.writes = False
+        self.writes = self.acts_on_prompt = False
         self.req_id: str | None = None   # the vLLM request it belongs to (set by the worker)
         try:
             parsed = graphs.get(payload)
             self.graph, self.points, self.plan = parsed.graph, parsed.points, parsed.plan
             self.fast_plan = parsed.fast_plan
-            self.writes = parsed.writes
+            self.writes, self.acts_on_prompt = parsed.writes, parsed.acts_on_prompt
             self.logit_rows = parsed.logit_rows
             if self.plan is None:
                 state = RunState()
@@ -254,11 +257,26 @@ class RequestState:
                     out[a.node.id] = vals[-1]
         return out
 
+    def check_prompt_start(self, span: RowSpan) -> bool:
+        """False (and the request failed) when its first rows start past position 0 although
+        its graph acts on the prompt: vLLM served the positions before from its prefix
+        cache, where nothing of this request ran (no capture, no edit). vinterp's library and
+        server never send such requests (``isolate_prefix_cache``); a caller of the plugin's
+        own must do as they do."""
+        if self.max_pos_seen >= 0 or span.first_pos == 0 or not self.acts_on_prompt:
+            return True
+        self.fail(f"vLLM's prefix cache served this request's first {span.first_pos} prompt "
+                  f"tokens, so its intervention never ran on them; send a request that "
+                  f"reads or edits the prompt with SamplingParams(skip_reading_prefix_cache="
+                  f"True), and one that edits with a cache_salt of its own (see vinterp."
+                  f"backends.vllm.requests.isolate_prefix_cache)")
+        return False
+
     # ------------------------------------------------------------------ general path
     def begin(self, span: RowSpan) -> bool:
         """Start this request's step for the general runner; False if nothing to run."""
         runner = self.runner
-        if runner is None:
+        if runner is None or not self.check_prompt_start(span):
             return False
         if span.first_pos <= self.max_pos_seen:
             # vLLM preempted the request and now recomputes positions this graph already ran

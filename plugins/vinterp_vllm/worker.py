@@ -22,7 +22,9 @@ Example::
 
     llm = LLM(**engine_kwargs(model_path))   # vinterp.backends.vllm.engine
     llm.collective_rpc("vinterp_install", args=("llama",))
-    llm.generate(prompts, [SamplingParams(extra_args=payload.to_extra_args()), ...])
+    prompt, params = {"prompt_token_ids": ids}, SamplingParams(extra_args=payload.to_extra_args())
+    isolate_prefix_cache(nodes, payload.graph_json, prompt, params)   # cache rules, see README
+    llm.generate([prompt], [params])
     outcomes = outcomes_from_wire(llm.collective_rpc("vinterp_drain", args=(keys,))[0])
 """
 
@@ -314,6 +316,9 @@ class _Hooks:
                 continue
             st.mask_cache = {}
             if st.plan is not None:
+                if not st.check_prompt_start(span):
+                    continue
+                st.max_pos_seen = max(st.max_pos_seen, span.last_pos)
                 for point, actions in st.fast_plan:
                     entries = fast.get(point)
                     if entries is None:

@@ -7,7 +7,8 @@ import json
 import torch
 
 from vinterp import ir
-from vinterp.backends.vllm.requests import GraphSplitter, acts_on_prompt, fingerprint, writes
+from vinterp.backends.vllm.requests import GraphSplitter, fingerprint, writes
+from vinterp.ir.ops import acts_on_prompt
 from vinterp.ir.tensors import decode_tensor, encode_tensor
 
 

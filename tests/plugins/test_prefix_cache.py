@@ -233,6 +233,34 @@ def test_a_patch_of_the_prompt_from_another_invoke(cached, hf):
         assert rel_err(out, want) < 1e-4
 
 
+@pytest.mark.parametrize("what", ["capture", "steer"])
+def test_a_raw_request_served_from_the_cache_fails_with_what_to_set(cached, what):
+    """The worker's own guard, for callers of the plugin that skip the library's rules: a
+    request acting on the prompt whose first positions came from the cache never ran there
+    (a capture came back with 14 of 110 rows, no error); it fails and says what to set."""
+    from helpers import capture_graph, steer_graph
+
+    from vinterp.backends.vllm.runs import GraphRun
+    from vinterp_vllm.payload import outcomes_from_wire
+
+    prompt = _prompt(10)
+    _empty(cached)
+    _plain(cached, prompt)                        # its blocks are in the cache now
+    graph = capture_graph([prompt], ["model.layers.1"])[0] if what == "capture" else \
+        steer_graph([prompt], [{"layer": 0, "vector": VEC}], max_new_tokens=2)
+    run = GraphRun(graph, f"raw-{what}")
+    (job,) = next(run.phases())
+    _, params = run.request(job)
+    params.skip_reading_prefix_cache = False      # as a caller without the rules sends it
+    llm = cached._backend.llm
+    out = llm.generate([{"prompt_token_ids": prompt}], [params], use_tqdm=False)[0]
+    assert out.num_cached_tokens == 3 * BLOCK
+    outcome = outcomes_from_wire(llm.collective_rpc(
+        "vinterp_drain", args=([job.payload.key],))[0])[job.payload.key]
+    assert f"served this request's first {3 * BLOCK} prompt tokens" in outcome.error
+    assert "skip_reading_prefix_cache=True" in outcome.error
+
+
 def _step1_graph(prompt: list[int]):
     """``tracer.next()`` then ``layers[0].output[:] += v`` and a last-row save of layer 1:
     a general graph (no vectorized plan) acting on generated step 1 only."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -202,6 +202,13 @@ def is_edit(node: Node) -> bool:
         return pos is not None and (node.kwargs.get("inplace") is True
                                     or len(node.args) > pos and node.args[pos] is True)
     return False
+
+
+def acts_on_prompt(nodes: Iterable[Node]) -> bool:
+    """True if any of ``nodes`` reads or edits a value in the prompt's forward (step 0): the
+    request needs every prompt position run by itself (not served from vLLM's prefix cache).
+    """
+    return any(n.steps.start == 0 and (n.op == "read" or is_edit(n)) for n in nodes)
 
 
 def known_op(op: str) -> bool:

@@ -134,11 +134,6 @@ def writes(nodes: list[Node]) -> bool:
     return any(ops.is_edit(n) for n in nodes)
 
 
-def acts_on_prompt(nodes: list[Node]) -> bool:
-    """True if an invoke reads or edits any point during the prompt's forward (step 0)."""
-    return any(n.steps.start == 0 and (n.op == "read" or ops.is_edit(n)) for n in nodes)
-
-
 def fingerprint(graph_json: str, imports: dict[str, Any] | None = None) -> str:
     """A short stable hash of a request's intervention (its cache salt): its graph and the
     values it takes from other invokes (a patch from another prompt is part of the edit)."""
@@ -158,7 +153,7 @@ def isolate_prefix_cache(nodes: list[Node], graph_json: str, prompt: dict[str, A
     The one rule for the offline backend and the server."""
     if writes(nodes):
         prompt["cache_salt"] = fingerprint(graph_json, imports)
-    if acts_on_prompt(nodes):
+    if ops.acts_on_prompt(nodes):
         params.skip_reading_prefix_cache = True
 
 
