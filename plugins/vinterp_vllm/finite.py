@@ -69,13 +69,16 @@ class OutputWatch:
     """Checks writing requests' rows of the model's output each step, and clears the KV
     cache of the ones that went non-finite once they stop running (see the module doc).
 
-    The check leaves a flag per row on the device; :meth:`resolve` reads them at the next
-    step's start (or when outcomes are drained), so the forward needs no sync.
+    The check leaves a flag per row; on a GPU they reach the host without a sync (a copy
+    queued after the forward), and :meth:`resolve` reads the ones already there at the next
+    step's start. It waits only for flags of requests leaving the batch (their blocks may go
+    to others) and when outcomes are drained, as ``StepTables.blame`` does.
     """
 
     def __init__(self) -> None:
-        #: this step's checks: per-row flags and, per request, (state, request id, rows)
-        self._pending: list[tuple[torch.Tensor, list[tuple[Any, str, int]]]] = []
+        #: checks not read yet: per-row flags (on the host), the copy's event (GPU), and per
+        #: request (state, request id, rows)
+        self._pending: list[tuple[torch.Tensor, Any, list[tuple[Any, str, int]]]] = []
         #: requests whose output went non-finite → whether they ran since the last clearing
         self.poisoned: dict[str, bool] = {}
         self.cleared = 0   # how many times the KV cache was cleared (for stats and tests)
@@ -93,19 +96,33 @@ class OutputWatch:
             x = out[: spans[-1].stop]
         else:
             x = out[index([r for sp in spans for r in range(sp.start, sp.stop)])]
-        if x.device.type == "cpu" and math.isfinite(float(x.sum(dtype=torch.float32))):
-            return   # (as in finite_rows: one total decides the common case)
-        self._pending.append((rows_finite(x), [(st, span.req_id, span.n)
-                                               for st, span in writers]))
+        owners = [(st, span.req_id, span.n) for st, span in writers]
+        if not x.is_cuda:
+            if math.isfinite(float(x.sum(dtype=torch.float32))):
+                return   # (as in finite_rows: one total decides the common case)
+            self._pending.append((rows_finite(x), None, owners))
+            return
+        host = torch.empty(x.shape[0], dtype=torch.bool, pin_memory=True)
+        host.copy_(rows_finite(x), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((host, event, owners))
 
-    def resolve(self, dtype: torch.dtype) -> None:
-        """Fail the requests whose output rows came out non-finite (one host read a step)."""
-        pending, self._pending = self._pending, []
-        for ok, owners in pending:
-            flags = ok.tolist()
+    def resolve(self, dtype: torch.dtype, *, scheduled: set[str] | None = None) -> None:
+        """Fail the requests whose output rows came out non-finite. Reads the flags already
+        on the host; waits for the others only when one of their requests is not in
+        ``scheduled`` (this step's requests), and for all when ``scheduled`` is None."""
+        while self._pending:
+            flags, event, owners = self._pending[0]
+            if event is not None and not event.query():
+                if scheduled is not None and all(r in scheduled for _, r, _ in owners):
+                    return
+                event.synchronize()
+            self._pending.pop(0)
+            ok = flags.tolist()
             at = 0
             for st, req_id, n in owners:
-                if not all(flags[at:at + n]):
+                if not all(ok[at:at + n]):
                     st.fail(OVERFLOW_DOWNSTREAM.format(dtype=dtype))
                     self.poisoned[req_id] = True
                 at += n

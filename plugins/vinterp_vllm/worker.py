@@ -292,13 +292,15 @@ class _Hooks:
         self.active_hooks = set()
         self.eager_step = False
         self.blame_tables()
-        self.watch.resolve(self.dtype)
         batch = self.runner.input_batch
         if len(self.by_req) > 8192:  # forget request ids vLLM no longer knows (plain ones)
             self.by_req = {r: s for r, s in self.by_req.items() if r in self.runner.requests}
         self.retention.enforce(self.by_key, self.by_req, self.runner.requests)
         ids = [r for r in batch.req_ids[:batch.num_reqs] if r is not None]
-        self.watch.clear_if_gone(ids, self.runner.requests.__contains__, self.runner.kv_caches)
+        scheduled = set(ids)
+        self.watch.resolve(self.dtype, scheduled=scheduled)
+        self.watch.clear_if_gone(scheduled, self.runner.requests.__contains__,
+                                 self.runner.kv_caches)
         wanted = {r for r in ids if self._state(r) is not None}
         if not wanted:
             if self.tables is not None:

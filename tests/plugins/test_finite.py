@@ -97,3 +97,29 @@ def test_the_kv_cache_is_cleared_once_the_poisoned_request_stops_running() -> No
     alive.clear()
     watch.clear_if_gone([], alive.__contains__, [kv])
     assert watch.cleared == 2 and watch.poisoned == {}
+
+
+class _Event:
+    """A GPU copy's event, still running until synchronized."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = True
+
+
+def test_flags_still_on_their_way_are_waited_for_only_when_their_request_leaves() -> None:
+    """On a GPU the flags reach the host after the forward; the next step reads them without
+    waiting unless a request they cover is leaving the batch (its blocks may go to others)."""
+    watch = OutputWatch()
+    st, event = _State(), _Event()
+    watch._pending.append((torch.tensor([True, False]), event, [(st, "b", 2)]))
+    watch.resolve(torch.float32, scheduled={"a", "b"})       # b still runs: no wait
+    assert not event.done and st.error is None and watch._pending
+    watch.resolve(torch.float32, scheduled={"a"})            # b left: wait, then fail it
+    assert event.done and "became inf or NaN" in (st.error or "")
+    assert watch.poisoned == {"b": True} and not watch._pending
