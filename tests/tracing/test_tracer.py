@@ -192,6 +192,45 @@ def test_gradients_match_torch_autograd(model, roundtrip):
     model._model.zero_grad(set_to_none=True)
 
 
+def test_the_callers_own_tensors_and_modules_get_their_gradients(model):
+    """A steering vector being trained and a user's probe (an nn.Linear called on a value):
+    autograd reaches those very tensors, as raw hooks give. The graph holds copies of
+    constants (data), and their .grad stayed None, so an optimiser silently did nothing."""
+    target = 42
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(64, 3)
+    raw_vec, vec = torch.zeros(64, requires_grad=True), torch.zeros(64, requires_grad=True)
+
+    def edit(mod, args, out):
+        out = out.clone()
+        out[:, -1] = out[:, -1] + raw_vec
+        return out
+
+    ids = torch.tensor([model.tokenizer(PROMPT)["input_ids"]])
+    layers = model._model.model.layers
+    kept = {}
+    hooks = [layers[0].register_forward_hook(edit),
+             layers[1].register_forward_hook(lambda m, a, o: kept.setdefault("h", o))]
+    try:
+        (-model._model(input_ids=ids).logits[0, -1, target]).backward()
+        probe(kept["h"][:, -1].detach()).sum().backward()
+        raw_probe_grad = probe.weight.grad.clone()
+        probe.zero_grad()
+    finally:
+        for hk in hooks:
+            hk.remove()
+        model._model.zero_grad(set_to_none=True)
+    with model.trace(PROMPT):
+        model.layers[0].output[:, -1] += vec
+        (-model.logits[0, -1, target]).backward()
+    assert vec.grad is not None and torch.allclose(vec.grad, raw_vec.grad, atol=1e-6)
+    with model.trace(PROMPT):
+        probe(model.layers[1].output[:, -1]).sum().backward()
+    model._model.zero_grad(set_to_none=True)
+    assert probe.weight.grad is not None
+    assert torch.allclose(probe.weight.grad, raw_probe_grad, atol=1e-6)
+
+
 def test_requires_grad_and_grad_saved_inside(model):
     with model.trace(PROMPT):
         emb = model.embed.output

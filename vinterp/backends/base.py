@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,8 +40,13 @@ class Backend(ABC):
     name: str = "abstract"
 
     @abstractmethod
-    def run(self, graph: Graph) -> RunResult:
-        """Execute ``graph`` (already validated) and return its saves."""
+    def run(self, graph: Graph, *, live: Mapping[int, torch.Tensor] | None = None
+            ) -> RunResult:
+        """Execute ``graph`` (already validated) and return its saves.
+
+        ``live``: the caller's own tensors for some of the graph's constants (by tensor-table
+        index), which a backend computing gradients uses instead of the graph's copies, so
+        that autograd reaches them; backends without gradients ignore it."""
 
     def check(self, graph: Graph) -> None:  # noqa: B027 - optional hook
         """Raise a clear error at trace time for points or ops this backend cannot run."""

@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from vinterp.backends.base import Backend, RunResult
 from vinterp.ir import IR_VERSION, Graph
 from vinterp.ir.results import decode_results
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,8 @@ class RemoteBackend(Backend):
                               503) from None
         return _checked(resp)
 
-    def run(self, graph: Graph) -> RunResult:
+    def run(self, graph: Graph, *, live: Mapping[int, torch.Tensor] | None = None
+            ) -> RunResult:
         """Run ``graph`` on the server and wait for its saves."""
         return _result(self._post(graph, True))
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -121,7 +121,8 @@ class GraphRunner:
 
     def __init__(self, graph: Graph, *, state: RunState | None = None,
                  active_invokes: Iterable[int] | None = None,
-                 modules: Callable[[str], Callable[..., Any]] | None = None) -> None:
+                 modules: Callable[[str], Callable[..., Any]] | None = None,
+                 live: Mapping[int, torch.Tensor] | None = None) -> None:
         self.graph = graph
         #: HF module path -> a callable running that module (``call_module`` nodes); set by
         #: backends that can call the model's modules on values
@@ -133,8 +134,10 @@ class GraphRunner:
         n_inv = max(1, len(graph.invokes))
         self.active = sorted(active_invokes) if active_invokes is not None else list(range(n_inv))
         self._phased = len(self.active) < n_inv
-        self._constants: dict[int, torch.Tensor] = {}
-        self.wants_grad = any(
+        #: constants by tensor-table index; ``live`` ones are the caller's own tensors (they
+        #: require grad: autograd must reach them, see ``Backend.run``)
+        self._constants: dict[int, torch.Tensor] = dict(live or {})
+        self.wants_grad = bool(live) or any(
             n.op in ("backward", "retain_grad", "requires_grad")
             or (n.op == "getattr" and n.kwargs.get("name") == "grad")
             for n in graph.nodes

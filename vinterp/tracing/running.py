@@ -49,7 +49,7 @@ def run(tracer: Tracer) -> None:
         if tracer.remote is not None and not tracer.remote.blocking:
             tracer.handle = tracer.remote.submit(tracer._graph)   # results: tracer.wait()
             return
-        result = backend.run(tracer._graph)
+        result = backend.run(tracer._graph, live=tracer.live_tensors)
     finally:
         tracer.finished = True
     apply_result(tracer, result)

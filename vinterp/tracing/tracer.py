@@ -93,6 +93,10 @@ class Tracer:
         self.nodes: list[Node] = []
         self.tensors: list[ir.TensorData] = []
         self._const_ids: dict[int, tuple[torch.Tensor, int]] = {}
+        #: constants that require grad, by tensor-table index: a local backend uses these very
+        #: tensors, so a steering vector or probe being trained gets its .grad (the graph
+        #: holds copies; data, not the caller's objects)
+        self.live_tensors: dict[int, torch.Tensor] = {}
         self.invokes: list[tuple[tuple[int, ...], ...]] = []
         self.invoke_generation: dict[int, dict[str, Any]] = {}
         self.saved: list[Proxy] = []

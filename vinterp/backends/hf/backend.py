@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -332,8 +332,10 @@ class HfBackend(Backend):
                 h.remove()
 
     # ------------------------------------------------------------------ running
-    def run(self, graph: Graph) -> RunResult:
+    def run(self, graph: Graph, *, live: Mapping[int, torch.Tensor] | None = None
+            ) -> RunResult:
         state = RunState()
+        self._live = live or {}
         try:
             generated = self._run_phase(graph, state, None)
         except NeedsPhases:
@@ -367,7 +369,7 @@ class HfBackend(Backend):
 
     def _run_phase(self, graph: Graph, state: RunState, invokes: list[int] | None
                    ) -> list[torch.Tensor] | None:
-        runner = GraphRunner(graph, state=state, active_invokes=invokes)
+        runner = GraphRunner(graph, state=state, active_invokes=invokes, live=self._live)
         prompts = [inv.prompts for inv in graph.invokes]
         layout = BatchLayout.build(prompts, self.pad_id, invokes,
                                    right=self.encoder and graph.mode == "trace")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -159,7 +160,8 @@ class VllmBackend(Backend):
         return device if isinstance(device, torch.device) else torch.device(cfg.device_type)
 
     # ------------------------------------------------------------------ run
-    def run(self, graph: Graph) -> RunResult:
+    def run(self, graph: Graph, *, live: Mapping[int, torch.Tensor] | None = None
+            ) -> RunResult:
         """Run ``graph``: one request per prompt, phases for cross-invoke values."""
         run = GraphRun(graph, str(next(_run_ids)))
         for jobs in run.phases():
