@@ -323,3 +323,31 @@ def test_per_invoke_settings_other_than_budget_need_vllm(hf_model):
         with model.trace() as tracer:
             with tracer.invoke("Hi", max_new_tokens=3):
                 pass
+
+
+def test_inputs_assignment_replaces_keyword_arguments_of_any_structure(hf_model):
+    """``.inputs = (args, kwargs)`` with a new ``position_embeddings`` (a tuple of tensors)
+    equals a raw pre-hook's edit. Only keys holding a tensor used to be written: the tuple
+    was ignored, silently (the logits equalled the unedited model's)."""
+    model = hf_model("tiny-llama")
+    attn = model._model.model.layers[0].self_attn
+    ids = torch.tensor([model.tokenizer("A dog ran fast")["input_ids"]])
+
+    def no_rotation(mod, args, kwargs):
+        cos, sin = kwargs["position_embeddings"]
+        return args, {**kwargs, "position_embeddings": (torch.ones_like(cos),
+                                                         torch.zeros_like(sin))}
+
+    hook = attn.register_forward_pre_hook(no_rotation, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            want = model._model(input_ids=ids).logits
+    finally:
+        hook.remove()
+    with model.trace("A dog ran fast"):
+        args, kwargs = model.model.layers[0].self_attn.inputs
+        cos, sin = kwargs["position_embeddings"]
+        model.model.layers[0].self_attn.inputs = (
+            args, {"position_embeddings": (torch.ones_like(cos), torch.zeros_like(sin))})
+        got = model.logits.save()
+    assert torch.allclose(got, want, atol=1e-6)

@@ -105,8 +105,9 @@ def assign(full: Any, new: Any, r: Region, where: str, out_of_place: bool) -> An
         if not isinstance(new, dict):
             raise ValueError(f"cannot set {where}: assign a mapping with the same fields")
         for k, v in new.items():
-            if k in full and isinstance(full[k], torch.Tensor) and v is not None:
-                full[k] = assign(full[k], v, r, f"{where}.{k}", out_of_place)
+            if v is full.get(k):
+                continue   # (what the invoke read, handed back unchanged)
+            full[k] = assign(full.get(k), v, r, f"{where}.{k}", out_of_place)
         return full
     if _is_dataclass(full):
         if type(new) is not type(full):
@@ -116,4 +117,11 @@ def assign(full: Any, new: Any, r: Region, where: str, out_of_place: bool) -> An
         return dataclasses.replace(full, **{
             k: assign(v, given[k], r, f"{where}.{k}", out_of_place)
             for k, v in old.items() if given[k] is not None and given[k] is not v})
+    if full is None or isinstance(full, (bool, int, float, str)):
+        # nothing to cut per invoke (a flag, or no value yet): only a trace whose one invoke
+        # is the whole batch may set it
+        if r.rows == slice(0, r.batch) and (r.start, r.stop) == (0, r.key_len):
+            return new
+        raise ValueError(f"cannot set {where} from one of several invokes: its value "
+                         f"({full!r}) is the whole batch's; set it in a trace with one invoke")
     raise ValueError(f"cannot set {where}: its value is a {type(full).__name__}")
