@@ -367,6 +367,19 @@ def test_edit_older_spelling_binds_the_edited_model(hf):
     _same_top(e1, REF["edit"]["edited"], 1e-4)
 
 
+def test_an_edit_reads_shapes_when_it_runs(hf):
+    """An edit body is recorded over a stand-in prompt ("Hello", 1 token): ``x.shape[1]``
+    there must stay the running prompt's length, not become the stand-in's (the edit zeroed
+    position 0 of every later prompt instead of the last)."""
+    with hf.edit() as edited:
+        out = hf.model.layers[0].output
+        hf.model.layers[0].output[:, out.shape[1] - 1] = 0
+    with edited.trace(PROMPT):
+        h = hf.model.layers[0].output.save()
+    zero = (h[0].abs().sum(-1) == 0).nonzero().flatten().tolist()
+    assert zero == [h.shape[1] - 1] and h.shape[1] > 1
+
+
 def test_session_traces_share_saved_values(hf):
     # envoy.py session(): a value saved in one trace is used in the next
     with hf.session():

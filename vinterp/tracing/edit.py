@@ -46,6 +46,12 @@ class EditTracer(Tracer):
             self.target._edits = list(lm._edits)
             # (the tracer stack stays shared: inside `edited.trace()`, code may name either)
 
+    def known_shape(self, node_id: int) -> Any:
+        """Unknown: the body is recorded over a stand-in prompt, and a shape read from it
+        would be a constant in every later trace (``x.shape[1]`` of "Hello" is 1, whatever
+        the prompt). ``.shape`` stays a value the edit reads when it runs."""
+        return None
+
     def __enter__(self) -> Any:  # type: ignore[override]
         super().__enter__()
         if self.inplace:
