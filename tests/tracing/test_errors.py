@@ -184,11 +184,13 @@ def test_unsupported_value_in_graph(model):
 
 
 def test_a_saved_value_returned_from_inside_the_block_says_so(model):
-    """``return x.save()`` inside the ``with`` hands out the proxy before the trace runs: the
-    message must not claim the value was never saved."""
+    """``return x.save()`` inside the ``with`` (or an attribute) holds the proxy, which the
+    block's end does not rebind: the message must not claim the value was never saved, and
+    says where it is."""
     def last_layer():
         with model.trace(PROMPT):
             return model.model.layers[-1].output.save()
 
-    with pytest.raises(TracingError, match=r"saved value .* left the block.*assign it there"):
+    with pytest.raises(TracingError, match=r"saved value .* does not rebind.*`\.value`"):
         last_layer() + 1
+    assert last_layer().value.shape[-1] == 64     # (the proxy holds it)

@@ -546,10 +546,10 @@ class Tracer:
                 "token, or a smaller max_new_tokens for its invoke)")
         if self.nodes[node_id].op == "save":
             return TracingError(
-                f"this saved value (graph node {node_id}) left the block before the trace ran "
-                "(e.g. `return x.save()` inside the `with`): saved values are bound to the "
-                "names assigned inside the block when it ends; assign it there "
-                "(h = ....save()) and use h after the block")
+                f"this saved value (graph node {node_id}) is held somewhere the block's end "
+                "does not rebind (an attribute, `return x.save()` inside the `with`): its "
+                "value is `.value` (e.g. obj.h.value), or assign it to a local name inside "
+                "the block (h = ....save()) and use h after it")
         return not_saved(node_id)
 
     # ------------------------------------------------------------------ the with block
