@@ -22,6 +22,7 @@ import torch
 
 from vinterp.ir import ops
 from vinterp.tracing.errors import TracingError, data_dependent
+from vinterp.tracing.shapes import Keys
 
 if TYPE_CHECKING:
     from vinterp.tracing.tracer import Tracer
@@ -153,6 +154,12 @@ class Proxy:
             raise AttributeError(name)
         if self._tracer.finished:
             raise self._tracer.unavailable(self._id)
+        if name in ("keys", "items"):
+            keys = self._tracer.known_shape(self._id)
+            if isinstance(keys, Keys):   # a mapping's (dict(kwargs), kwargs.items())
+                if name == "keys":
+                    return lambda: list(keys)
+                return lambda: [(k, self[k]) for k in keys]
         if name in ("shape", "ndim"):
             # a real torch.Size when a meta pass of the trace so far can tell (see
             # Tracer.known_shape), so `B, S, _ = x.shape` and `x.view(B, S, H, D)` work
@@ -234,6 +241,8 @@ class Proxy:
 
     def __len__(self) -> int:
         shape = self._shape()
+        if isinstance(shape, Keys):
+            return len(shape)
         if isinstance(shape, torch.Size) and len(shape) > 0:
             return int(shape[0])
         if isinstance(shape, int):   # a tuple or list value (e.g. an attention's output)
@@ -242,9 +251,19 @@ class Proxy:
 
     def __iter__(self) -> Any:
         # unpacking (`attn_out, weights = model.layers[0].self_attn.output`) and loops over
-        # the first dimension work when the length is known at trace time
+        # the first dimension work when the length is known at trace time; a mapping's
+        # (keyword arguments: `args, kwargs = module.inputs`) iterate over its keys
+        shape = self._shape()
+        if isinstance(shape, Keys):
+            return iter(shape)
         n = len(self)
         return (self[i] for i in range(n))
+
+    def __contains__(self, item: Any) -> bool:
+        shape = self._shape()
+        if isinstance(shape, Keys):   # `"hidden_states" in kwargs`
+            return item in shape
+        raise data_dependent("`in`")
 
     def __index__(self) -> int:
         raise data_dependent("using a proxy as a Python index")

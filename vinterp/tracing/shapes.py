@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from vinterp.tracing.tracer import Tracer
 
 
+class Keys(tuple):
+    """The known keys of a mapping value (a module's keyword arguments, ``.inputs[1]``)."""
+
+
 def known_shape(tracer: Tracer, node_id: int) -> Any:
     """``Tracer.known_shape``: the meta pass over what ``node_id`` depends on, cached in
     ``tracer._shapes``."""
@@ -65,6 +69,8 @@ def known_shape(tracer: Tracer, node_id: int) -> Any:
             tracer._shapes[o] = v.shape
         elif isinstance(v, (tuple, list)) and not hasattr(v, "keys"):
             tracer._shapes[o] = len(v)
+        elif isinstance(v, dict):
+            tracer._shapes[o] = Keys(v.keys())
         else:
             tracer._shapes.setdefault(o, None)
     return tracer._shapes.get(node_id)

@@ -204,9 +204,10 @@ class Tracer:
 
         A meta pass (the model on the meta device, as ``model.scan``) runs the nodes the value
         depends on over this trace's prompts; every tensor among them gets its shape cached.
-        Returns a ``torch.Size``, the length of a tuple/list value, or ``None`` when the
-        value belongs to a generation step after the first (its sequence length differs
-        from step to step), depends on the generated ids, or the meta pass cannot run it.
+        Returns a ``torch.Size``, the length of a tuple/list value, a mapping's keys
+        (``shapes.Keys``), or ``None`` when the value belongs to a generation step after the
+        first (its sequence length differs from step to step), depends on the generated ids,
+        or the meta pass cannot run it.
         """
         return shapes.known_shape(self, node_id)
 

@@ -328,7 +328,8 @@ def test_per_invoke_settings_other_than_budget_need_vllm(hf_model):
 def test_inputs_assignment_replaces_keyword_arguments_of_any_structure(hf_model):
     """``.inputs = (args, kwargs)`` with a new ``position_embeddings`` (a tuple of tensors)
     equals a raw pre-hook's edit. Only keys holding a tensor used to be written: the tuple
-    was ignored, silently (the logits equalled the unedited model's)."""
+    was ignored, silently (the logits equalled the unedited model's). The keyword arguments
+    answer ``in``, ``len``, ``keys()`` and ``dict(...)`` (they raised allowlist errors)."""
     model = hf_model("tiny-llama")
     attn = model._model.model.layers[0].self_attn
     ids = torch.tensor([model.tokenizer("A dog ran fast")["input_ids"]])
@@ -349,5 +350,16 @@ def test_inputs_assignment_replaces_keyword_arguments_of_any_structure(hf_model)
         cos, sin = kwargs["position_embeddings"]
         model.model.layers[0].self_attn.inputs = (
             args, {"position_embeddings": (torch.ones_like(cos), torch.zeros_like(sin))})
+        got = model.logits.save()
+    assert torch.allclose(got, want, atol=1e-6)
+    # the keyword arguments as a mapping, as nnsight users handle them
+    with model.trace("A dog ran fast"):
+        args, kwargs = model.model.layers[0].self_attn.inputs
+        assert "position_embeddings" in kwargs and "no such" not in kwargs
+        new = dict(kwargs)
+        assert set(new) == set(kwargs.keys()) and len(new) == len(kwargs)
+        cos, sin = new["position_embeddings"]
+        new["position_embeddings"] = (cos * 0 + 1, sin * 0)
+        model.model.layers[0].self_attn.inputs = (args, new)
         got = model.logits.save()
     assert torch.allclose(got, want, atol=1e-6)
