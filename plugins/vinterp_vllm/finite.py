@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,6 +56,20 @@ def finite_rows(x: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch
         return (torch.where(bad.unsqueeze(-1), x, new) if bool(bad.any()) else new), bad
     bad = ~rows_finite(new) & rows_finite(x)
     return torch.where(bad.unsqueeze(-1), x, new), bad
+
+
+def to_host(flags: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """A host copy of ``flags`` that leaves the device without a sync: on a GPU a copy into
+    pinned memory queued after the forward, and the CUDA event that marks it done (``None``
+    elsewhere, where the copy is done on return). Read it once ``event.query()`` says so."""
+    cuda = flags.is_cuda
+    host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=cuda)
+    host.copy_(flags, non_blocking=True)
+    event = None
+    if cuda:
+        event = torch.cuda.Event()
+        event.record()
+    return host, event
 
 
 #: why a request failed when its output went inf or NaN (see :class:`OutputWatch`)
@@ -96,17 +110,10 @@ class OutputWatch:
             x = out[: spans[-1].stop]
         else:
             x = out[index([r for sp in spans for r in range(sp.start, sp.stop)])]
-        owners = [(st, span.req_id, span.n) for st, span in writers]
-        if not x.is_cuda:
-            if math.isfinite(float(x.sum(dtype=torch.float32))):
-                return   # (as in finite_rows: one total decides the common case)
-            self._pending.append((rows_finite(x), None, owners))
-            return
-        host = torch.empty(x.shape[0], dtype=torch.bool, pin_memory=True)
-        host.copy_(rows_finite(x), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._pending.append((host, event, owners))
+        if not x.is_cuda and math.isfinite(float(x.sum(dtype=torch.float32))):
+            return   # (as in finite_rows: one total decides the common case)
+        self._pending.append((*to_host(rows_finite(x)),
+                              [(st, span.req_id, span.n) for st, span in writers]))
 
     def resolve(self, dtype: torch.dtype, *, scheduled: set[str] | None = None) -> None:
         """Fail the requests whose output rows came out non-finite. Reads the flags already
@@ -127,21 +134,20 @@ class OutputWatch:
                     self.poisoned[req_id] = True
                 at += n
 
-    def clear_if_gone(self, scheduled: Iterable[str], alive: Callable[[str], bool],
+    def clear_if_gone(self, scheduled: set[str], alive: Callable[[str], bool],
                       kv_caches: list[torch.Tensor]) -> None:
         """Before a forward: if a poisoned request that ran since the last clearing is not
         scheduled now (finished, aborted or preempted: its blocks may go to others), zero
         the KV cache's inf/NaN values; forget the requests vLLM no longer knows."""
         if not self.poisoned:
             return
-        now = set(scheduled)
-        if any(dirty and r not in now for r, dirty in self.poisoned.items()):
+        cleared = any(dirty and r not in scheduled for r, dirty in self.poisoned.items())
+        if cleared:
             clear_non_finite(kv_caches)
             self.cleared += 1
-            self.poisoned = dict.fromkeys(self.poisoned, False)
         # a poisoned request running now writes more inf/NaN: clear again once it stops
-        self.poisoned = {r: dirty or r in now for r, dirty in self.poisoned.items()
-                         if r in now or alive(r)}
+        self.poisoned = {r: (dirty and not cleared) or r in scheduled
+                         for r, dirty in self.poisoned.items() if r in scheduled or alive(r)}
 
 
 def clear_non_finite(tensors: list[torch.Tensor]) -> None:

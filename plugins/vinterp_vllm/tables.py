@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from vinterp_vllm.actions import Action
-from vinterp_vllm.finite import rows_finite
+from vinterp_vllm.finite import rows_finite, to_host
 from vinterp_vllm.groups import row_mask
 from vinterp_vllm.layout import RowSpan
 
@@ -293,13 +293,8 @@ class StepTables:
             # the flags leave without a sync: the copy is queued after the forward and read
             # once done (blame), normally at the next step: vLLM has read the step's tokens
             n = plan.rowmap.shape[0]
-            host = torch.empty(n, dtype=torch.bool, pin_memory=self._pin)
-            host.copy_(self.flags[:n], non_blocking=True)
+            host, event = to_host(self.flags[:n])
             self.flags[:n].zero_()
-            event = None
-            if self._pin:
-                event = torch.cuda.Event()
-                event.record()
             self._flagged.append((plan.edited, host, event))
         if not plan.captures:
             return

@@ -87,15 +87,15 @@ def test_the_kv_cache_is_cleared_once_the_poisoned_request_stops_running() -> No
     kv[1, 2, 0], kv[0, 0, 3] = float("nan"), float("-inf")
     kept[1, 2, 0] = kept[0, 0, 3] = 0.0
     alive = {"b"}
-    watch.clear_if_gone(["a", "b"], alive.__contains__, [kv])    # b still runs: not yet
+    watch.clear_if_gone({"a", "b"}, alive.__contains__, [kv])    # b still runs: not yet
     assert watch.cleared == 0 and bool(kv.isnan().any())
-    watch.clear_if_gone(["a"], alive.__contains__, [kv])         # preempted: its blocks go
+    watch.clear_if_gone({"a"}, alive.__contains__, [kv])         # preempted: its blocks go
     assert watch.cleared == 1 and torch.equal(kv, kept)           # finite values untouched
-    watch.clear_if_gone(["a"], alive.__contains__, [kv])         # nothing new written
+    watch.clear_if_gone({"a"}, alive.__contains__, [kv])         # nothing new written
     assert watch.cleared == 1 and watch.poisoned == {"b": False}
-    watch.clear_if_gone(["b"], alive.__contains__, [kv])         # runs again, then ends
+    watch.clear_if_gone({"b"}, alive.__contains__, [kv])         # runs again, then ends
     alive.clear()
-    watch.clear_if_gone([], alive.__contains__, [kv])
+    watch.clear_if_gone(set(), alive.__contains__, [kv])
     assert watch.cleared == 2 and watch.poisoned == {}
 
 
