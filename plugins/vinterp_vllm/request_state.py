@@ -49,7 +49,7 @@ class Parsed:
     logit_rows: dict[tuple[str, str], frozenset[int] | None]
     #: the plan by the worker's point key ``(vLLM module, side, value kind)``
     fast_plan: tuple[tuple[tuple[str, str, str], ActionList], ...] = ()
-    #: whether the graph may change activations (``ops.is_edit``): its output is watched
+    #: whether the graph may change activations (``ops.writes``): its output is watched
     writes: bool = False
     #: whether it reads or edits the prompt's forward (it needs every prompt position run)
     acts_on_prompt: bool = False
@@ -109,7 +109,7 @@ class ParsedGraphs:
         fast = tuple(((points[k].vllm_module, points[k].side, points[k].value), actions)
                      for k, actions in (plan or {}).items())
         mine = [n for n in graph.nodes if n.invoke in (invoke, -1)]
-        return Parsed(graph, points, plan, logits, fast, any(ops.is_edit(n) for n in mine),
+        return Parsed(graph, points, plan, logits, fast, ops.writes(mine),
                       ops.acts_on_prompt(mine))
 
 

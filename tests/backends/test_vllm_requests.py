@@ -7,8 +7,8 @@ import json
 import torch
 
 from vinterp import ir
-from vinterp.backends.vllm.requests import GraphSplitter, fingerprint, writes
-from vinterp.ir.ops import acts_on_prompt
+from vinterp.backends.vllm.requests import GraphSplitter, fingerprint
+from vinterp.ir.ops import acts_on_prompt, writes
 from vinterp.ir.tensors import decode_tensor, encode_tensor
 
 

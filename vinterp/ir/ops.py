@@ -204,6 +204,12 @@ def is_edit(node: Node) -> bool:
     return False
 
 
+def writes(nodes: Iterable[Node]) -> bool:
+    """True if any of ``nodes`` may change activations (:func:`is_edit`): the prefix cache
+    keeps such a request's KV to itself, and the vLLM plugin watches its output."""
+    return any(is_edit(n) for n in nodes)
+
+
 def acts_on_prompt(nodes: Iterable[Node]) -> bool:
     """True if any of ``nodes`` reads or edits a value in the prompt's forward (step 0): the
     request needs every prompt position run by itself (not served from vLLM's prefix cache).

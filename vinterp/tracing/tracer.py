@@ -93,10 +93,6 @@ class Tracer:
         self.nodes: list[Node] = []
         self.tensors: list[ir.TensorData] = []
         self._const_ids: dict[int, tuple[torch.Tensor, int]] = {}
-        #: constants that require grad, by tensor-table index: a local backend uses these very
-        #: tensors, so a steering vector or probe being trained gets its .grad (the graph
-        #: holds copies; data, not the caller's objects)
-        self.live_tensors: dict[int, torch.Tensor] = {}
         self.invokes: list[tuple[tuple[int, ...], ...]] = []
         self.invoke_generation: dict[int, dict[str, Any]] = {}
         self.saved: list[Proxy] = []
@@ -198,6 +194,13 @@ class Tracer:
                                "another trace")
         extra = {"kwargs": dict(kwargs)} if kwargs else {}
         return self.add("call_module", *args, module=module, **extra)
+
+    @property
+    def live_tensors(self) -> dict[int, torch.Tensor]:
+        """The caller's constants that require grad, by tensor-table index: a local backend
+        computes with these very tensors, so a steering vector or probe being trained gets
+        its .grad (the graph holds copies: data, not the caller's objects)."""
+        return {i: t for t, i in self._const_ids.values() if t.requires_grad}
 
     def known_shape(self, node_id: int) -> Any:
         """The shape of a node's value, known at trace time without running the weights.

@@ -108,11 +108,8 @@ def _constant(tracer: Tracer, t: torch.Tensor) -> int:
     if hit is not None and hit[0] is t:
         return hit[1]
     tracer.tensors.append(encode_tensor(t))
-    idx = len(tracer.tensors) - 1
-    tracer._const_ids[key] = (t, idx)
-    if t.requires_grad:
-        tracer.live_tensors[idx] = t
-    return idx
+    tracer._const_ids[key] = (t, len(tracer.tensors) - 1)
+    return len(tracer.tensors) - 1
 
 
 def _session_value(tracer: Tracer, v: Proxy) -> int:

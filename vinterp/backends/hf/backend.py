@@ -335,9 +335,8 @@ class HfBackend(Backend):
     def run(self, graph: Graph, *, live: Mapping[int, torch.Tensor] | None = None
             ) -> RunResult:
         state = RunState()
-        self._live = live or {}
         try:
-            generated = self._run_phase(graph, state, None)
+            generated = self._run_phase(graph, state, None, live)
         except NeedsPhases:
             if any(not inv.prompts for inv in graph.invokes):
                 raise ValueError(
@@ -347,7 +346,7 @@ class HfBackend(Backend):
             state = RunState()
             generated = [None] * sum(len(inv.prompts) for inv in graph.invokes)
             for group in invoke_phases(graph):
-                out = self._run_phase(graph, state, group)
+                out = self._run_phase(graph, state, group, live)
                 if out is not None:
                     layout_rows = _rows_of(graph, group)
                     for row, ids in zip(layout_rows, out, strict=True):
@@ -367,9 +366,10 @@ class HfBackend(Backend):
             trim_steps(graph, saves, steps)
         return RunResult(saves=saves, generated=generated)
 
-    def _run_phase(self, graph: Graph, state: RunState, invokes: list[int] | None
+    def _run_phase(self, graph: Graph, state: RunState, invokes: list[int] | None,
+                   live: Mapping[int, torch.Tensor] | None = None
                    ) -> list[torch.Tensor] | None:
-        runner = GraphRunner(graph, state=state, active_invokes=invokes, live=self._live)
+        runner = GraphRunner(graph, state=state, active_invokes=invokes, live=live)
         prompts = [inv.prompts for inv in graph.invokes]
         layout = BatchLayout.build(prompts, self.pad_id, invokes,
                                    right=self.encoder and graph.mode == "trace")

@@ -27,6 +27,7 @@ from vinterp.backends.vllm import requests as rq
 from vinterp.backends.vllm.engine import build_engine, model_type
 from vinterp.backends.vllm.prompt_batches import check_prompt_batches
 from vinterp.backends.vllm.runs import GraphRun, Job
+from vinterp.ir import ops
 from vinterp.ir.index import graph_index
 from vinterp.ir.phases import cross_refs
 from vinterp.ir.schema import Graph, Ref
@@ -64,7 +65,7 @@ def check_graph(graph: Graph, arch: Architecture, dtype: torch.dtype,
         if target in logit_views:
             if n.op in ("getitem", "getattr"):
                 logit_views.add(n.id)
-            elif rq.writes([n]):   # logits[...] = v, logits += v: vLLM samples without them
+            elif ops.is_edit(n):   # logits[...] = v, logits += v: vLLM samples without them
                 raise UnsupportedPoint(f"writing logits is {NOT_ON_VLLM}{where}")
         if n.invoke < 0 and (n.steps.start, n.steps.stop) != (0, 1):
             raise ValueError(

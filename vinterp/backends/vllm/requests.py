@@ -129,11 +129,6 @@ def nodes_by_invoke(graph: Graph) -> dict[int, list[Node]]:
     return out
 
 
-def writes(nodes: list[Node]) -> bool:
-    """True if an invoke's nodes may change activations (then the KV cache is theirs alone)."""
-    return any(ops.is_edit(n) for n in nodes)
-
-
 def fingerprint(graph_json: str, imports: dict[str, Any] | None = None) -> str:
     """A short stable hash of a request's intervention (its cache salt): its graph and the
     values it takes from other invokes (a patch from another prompt is part of the edit)."""
@@ -151,7 +146,7 @@ def isolate_prefix_cache(nodes: list[Node], graph_json: str, prompt: dict[str, A
     edits prompt positions skips reading the cache (they must be computed here, by it: a
     patch of the prompt that read its own cached blocks ran on part of the prompt only).
     The one rule for the offline backend and the server."""
-    if writes(nodes):
+    if ops.writes(nodes):
         prompt["cache_salt"] = fingerprint(graph_json, imports)
     if ops.acts_on_prompt(nodes):
         params.skip_reading_prefix_cache = True
