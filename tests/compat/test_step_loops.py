@@ -170,6 +170,40 @@ def test_with_all_scope_runs_its_body_once_per_step(model):
     assert sorted(saves) == [(0, 1), (0, 1), (1, 2), (1, 2), (2, 3), (2, 3)]
 
 
+def test_shapes_unpack_at_every_step(model):
+    # nnsight users write `B, S, H = x.shape` in step loops. At step 0 the sizes are ints;
+    # later steps have a different sequence length, so each size is a value of the graph
+    # (the rank is the same at every step), and a tuple output unpacks at every step too.
+    attn = f"model.layers.{READ_LAYER}.self_attn"
+    with model.generate(PROMPT, max_new_tokens=N_NEW, ignore_eos=True) as tracer:
+        heads, sizes = list().save(), list().save()
+        for _ in tracer.iter[:]:
+            h = model.model.layers[EDIT_LAYER].output
+            B, S, H = h.shape
+            h[:, S - 1] = h[:, S - 1] * 0.5
+            out, _weights = model.model.layers[READ_LAYER].self_attn.output
+            B2, S2, H2 = out.shape
+            heads.append(out.view(B2, S2, 4, H2 // 4)[:, -1])
+            sizes.append(h.dim())
+
+    def halve_last(step, o):
+        o = o.clone()
+        o[:, -1] *= 0.5
+        return o
+
+    ref = raw_generate(model._model, _ids(model), N_NEW, model._pad_id,
+                       edits={f"model.layers.{EDIT_LAYER}": halve_last},
+                       capture={attn: lambda o: o[0][:, -1].view(1, 4, -1)})
+    assert sizes == [3] * N_NEW and len(heads) == N_NEW
+    for got, want in zip(heads, ref.captured[attn], strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert torch.equal(tracer.result[0], ref.ids)
+    with pytest.raises(TracingError, match=r"len\(\)"):
+        with model.generate(PROMPT, max_new_tokens=N_NEW) as tracer:
+            for _ in tracer.iter[1:]:
+                len(model.model.layers[0].output)
+
+
 def test_step_loop_misuse_is_refused_clearly(model):
     # nnsight raises ValueError for negative steps (iter-all-next.md "Gotchas"); vinterp also
     # refuses steps past the budget instead of silently never running them.

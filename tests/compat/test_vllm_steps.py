@@ -38,6 +38,33 @@ def test_per_invoke_loops_and_results_equal_raw_hooks(compat_vllm, hf_model):
         assert torch.equal(result[0], ref.ids)
 
 
+def test_shapes_unpack_at_later_steps(compat_vllm, hf_model):
+    # `B, S, H = x.shape` at a later step: sizes are values of the graph (see
+    # tests/compat/test_step_loops.py), and on vLLM they are the request's own rows
+    model, hf = compat_vllm, hf_model("tiny-llama")
+    prompt = "The quick brown fox"
+    with model.generate(prompt, max_tokens=3, ignore_eos=True) as tracer:
+        seen = list().save()
+        for _ in tracer.iter[:]:
+            h = model.model.layers[0].output
+            B, S, H = h.shape
+            h[:, S - 1] = h[:, S - 1] * 0.5
+            seen.append(model.model.layers[1].output[:, -1])
+
+    def halve_last(step, o):
+        o = o.clone()
+        o[:, -1] *= 0.5
+        return o
+
+    ref = raw_generate(hf._model, hf.tokenizer(prompt)["input_ids"], 3, hf._pad_id,
+                       edits={"model.layers.0": halve_last},
+                       capture={"model.layers.1": lambda o: o[:, -1]})
+    assert len(seen) == 3
+    for got, want in zip(seen, ref.captured["model.layers.1"], strict=True):
+        assert torch.allclose(got.cpu(), want, atol=1e-3, rtol=0)
+    assert torch.equal(tracer.result[0], ref.ids)
+
+
 # nnsight's vLLM docs (docs/usage/vllm.md; nnsight 0.8.1 src/nnsight/modeling/vllm/vllm.py,
 # https://github.com/ndif-team/nnsight/blob/main/src/nnsight/modeling/vllm/vllm.py):
 #   with model.trace(prompt, max_tokens=3) as tracer:

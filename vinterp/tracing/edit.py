@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from vinterp import ir
 from vinterp.ir.schema import Node
+from vinterp.tracing import shapes
 from vinterp.tracing.errors import TracingError
 from vinterp.tracing.tracer import Tracer
 
@@ -47,10 +48,10 @@ class EditTracer(Tracer):
             # (the tracer stack stays shared: inside `edited.trace()`, code may name either)
 
     def known_shape(self, node_id: int) -> Any:
-        """Unknown: the body is recorded over a stand-in prompt, and a shape read from it
-        would be a constant in every later trace (``x.shape[1]`` of "Hello" is 1, whatever
-        the prompt). ``.shape`` stays a value the edit reads when it runs."""
-        return None
+        """The structure only (a tensor's rank): the body is recorded over a stand-in prompt,
+        and a size read from it would be a constant in every later trace (``x.shape[1]`` of
+        "Hello" is 1, whatever the prompt). Sizes stay values the edit reads when it runs."""
+        return shapes.known_shape(self, node_id, exact=False)
 
     def __enter__(self) -> Any:  # type: ignore[override]
         super().__enter__()

@@ -22,7 +22,7 @@ import torch
 
 from vinterp.ir import ops
 from vinterp.tracing.errors import TracingError, data_dependent
-from vinterp.tracing.shapes import Keys
+from vinterp.tracing.shapes import Keys, Rank
 
 if TYPE_CHECKING:
     from vinterp.tracing.tracer import Tracer
@@ -112,6 +112,8 @@ class Proxy:
         shape = self._shape()
         if isinstance(shape, torch.Size):
             return len(shape)
+        if isinstance(shape, Rank):
+            return shape.dims
         return self._add("method", self, name="dim")
 
     # ------------------------------------------------------------------ steering shortcuts
@@ -166,6 +168,11 @@ class Proxy:
             shape = self._tracer.known_shape(self._id)
             if isinstance(shape, torch.Size):
                 return shape if name == "shape" else len(shape)
+            if isinstance(shape, Rank):
+                # sizes known only when it runs (a later generation step, an edit body):
+                # each is a value of the graph, so `B, S, H = x.shape` still unpacks
+                return (tuple(self.size(d) for d in range(shape.dims)) if name == "shape"
+                        else shape.dims)
         if name == "grad" and self._tracer.backward_blocks:
             # inside `with loss.backward():` the gradient of that backward (nnsight 0.5+)
             return self._add("getattr", self, name=name,

@@ -8,6 +8,7 @@ part of the recording as a graph of its own, it records nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,11 +26,28 @@ class Keys(tuple):
     """The known keys of a mapping value (a module's keyword arguments, ``.inputs[1]``)."""
 
 
-def known_shape(tracer: Tracer, node_id: int) -> Any:
-    """``Tracer.known_shape``: the meta pass over what ``node_id`` depends on, cached in
-    ``tracer._shapes``."""
-    if node_id in tracer._shapes:
-        return tracer._shapes[node_id]
+@dataclass(frozen=True)
+class Rank:
+    """The number of dimensions of a tensor whose sizes are known only when it runs: a value
+    of a generation step after the first (its sequence length differs from step to step) or
+    of an edit body (recorded over a stand-in prompt). Its rank is the same at every step, so
+    ``B, S, H = x.shape`` unpacks into values of the graph. (Not an ``int``: a tuple's
+    length is one.)"""
+
+    dims: int
+
+
+def known_shape(tracer: Tracer, node_id: int, exact: bool = True) -> Any:
+    """``Tracer.known_shape``: the meta pass over what ``node_id`` depends on, cached on the
+    tracer.
+
+    ``exact``: sizes are known for values of the prompt's forward (step 0). A value of a later
+    step gets its structure only, which no step changes: a tensor's ``Rank``, a tuple's
+    length, a mapping's ``Keys``. ``exact=False`` gives the structure for every value.
+    """
+    cache = tracer._shapes if exact else tracer._structures
+    if node_id in cache:
+        return cache[node_id]
     need: set[int] = set()
     stack = [node_id]
     while stack:
@@ -39,11 +57,26 @@ def known_shape(tracer: Tracer, node_id: int) -> Any:
         need.add(n)
         stack.extend(node_refs(tracer.nodes[n]))
     if not tracer.invokes or any(
-            n in tracer._post or (tracer.nodes[n].steps.start, tracer.nodes[n].steps.stop)
-            != (0, 1) or tracer.nodes[n].op in ("backward", "stop") for n in need):
-        tracer._shapes[node_id] = None
+            n in tracer._post or tracer.nodes[n].op in ("backward", "stop") for n in need):
+        cache[node_id] = None
         return None
-    order = sorted(need)
+    if exact and any((tracer.nodes[n].steps.start, tracer.nodes[n].steps.stop) != (0, 1)
+                     for n in need):
+        return known_shape(tracer, node_id, exact=False)
+    saves = _meta_pass(tracer, sorted(need))
+    for o, v in saves.items():
+        if isinstance(v, torch.Tensor):
+            cache[o] = v.shape if exact else Rank(v.dim())
+        elif isinstance(v, (tuple, list)) and not hasattr(v, "keys"):
+            cache[o] = len(v)
+        elif isinstance(v, dict):
+            cache[o] = Keys(v.keys())
+    return cache.setdefault(node_id, None)
+
+
+def _meta_pass(tracer: Tracer, order: list[int]) -> dict[int, Any]:
+    """The values of nodes ``order`` (and what they need) in one forward on the meta device,
+    every node as if at the first step; empty when the meta pass cannot run them."""
     ids = {old: new for new, old in enumerate(order)}
     nodes = [tracer.nodes[o].model_copy(update={
         "id": ids[o], "args": _remap(tracer.nodes[o].args, ids),
@@ -61,16 +94,5 @@ def known_shape(tracer: Tracer, node_id: int) -> Any:
         backend.check(graph)
         saves = backend.run(graph).saves
     except Exception:
-        tracer._shapes[node_id] = None
-        return None
-    for o in order:
-        v = saves.get(len(order) + ids[o])
-        if isinstance(v, torch.Tensor):
-            tracer._shapes[o] = v.shape
-        elif isinstance(v, (tuple, list)) and not hasattr(v, "keys"):
-            tracer._shapes[o] = len(v)
-        elif isinstance(v, dict):
-            tracer._shapes[o] = Keys(v.keys())
-        else:
-            tracer._shapes.setdefault(o, None)
-    return tracer._shapes.get(node_id)
+        return {}
+    return {o: saves.get(len(order) + ids[o]) for o in order}

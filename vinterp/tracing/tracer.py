@@ -125,6 +125,8 @@ class Tracer:
         #: trace-time shapes from meta passes: node id -> torch.Size (tensor) or int (length
         #: of a tuple/list value); None: unknown (see known_shape)
         self._shapes: dict[int, Any] = {}
+        #: the same, structure only (shapes.Rank for a tensor): for values of later steps
+        self._structures: dict[int, Any] = {}
         #: tracer.log(...) calls: printed after the run
         self._logs: list[list[Any]] = []
         #: tracer.cache() results: filled in after the run
@@ -208,9 +210,9 @@ class Tracer:
         A meta pass (the model on the meta device, as ``model.scan``) runs the nodes the value
         depends on over this trace's prompts; every tensor among them gets its shape cached.
         Returns a ``torch.Size``, the length of a tuple/list value, a mapping's keys
-        (``shapes.Keys``), or ``None`` when the value belongs to a generation step after the
-        first (its sequence length differs from step to step), depends on the generated ids,
-        or the meta pass cannot run it.
+        (``shapes.Keys``), or ``None`` when the value depends on the generated ids or the
+        meta pass cannot run it. A tensor of a generation step after the first (its sequence
+        length differs from step to step) gets its rank only (``shapes.Rank``).
         """
         return shapes.known_shape(self, node_id)
 
