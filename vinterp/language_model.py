@@ -133,7 +133,22 @@ class LanguageModel:
         else:
             raise ValueError(f"unknown backend {backend!r}; use 'hf', 'vllm' or 'remote'")
         self._rename = _check_rename(self._model, rename or {})
+        self._configure_tokenizer()
         self._ran_modules: set[str] | None = None
+
+    def _configure_tokenizer(self) -> None:
+        """As nnsight does: pad with EOS where the tokenizer has no pad token, and pad on the
+        left for a decoder (the right for an encoder), so ``model.tokenizer(prompts,
+        padding=True)`` builds the layout a batch runs in and positions the caller reads off
+        its attention mask index the same tokens."""
+        from vinterp.backends.hf.backend import attends_both_ways
+
+        tok = self.tokenizer
+        if getattr(tok, "pad_token", "") is None and getattr(tok, "eos_token", None):
+            tok.pad_token = tok.eos_token
+        self._pads_right = attends_both_ways(self._model)
+        if hasattr(tok, "padding_side"):
+            tok.padding_side = "right" if self._pads_right else "left"
 
     # ------------------------------------------------------------------ loading
     def _load_hf(self, device_map: Any, dtype: Any, extra: dict[str, Any]) -> nn.Module:
@@ -461,6 +476,13 @@ class LanguageModel:
             ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
             if mask is not None:
                 mask = mask.tolist() if isinstance(mask, torch.Tensor) else mask
+                if not self._pads_right and any(_padded_right(row) for row in mask):
+                    warnings.warn(
+                        "this encoding is padded on the right; vinterp runs each prompt's own "
+                        "tokens, and a batch is padded on the left for this model (as "
+                        "model.tokenizer pads), so a position read off this attention mask "
+                        "indexes a different token. Build it with model.tokenizer(..., "
+                        "padding=True), or index from the end (x[:, -1])", stacklevel=4)
                 ids = [[t for t, m in zip(r, mr, strict=True) if m] for r, mr in zip(ids, mask,
                                                                                      strict=True)]
             inputs = ids
@@ -487,6 +509,11 @@ class LanguageModel:
             raise TracingError(f"{what} is only available inside `with model.trace(...)` or "
                                "`with model.generate(...)`")
         return self._tracers[-1]
+
+
+def _padded_right(mask_row: list[int]) -> bool:
+    """Whether an attention-mask row has padding after a token."""
+    return any(a and not b for a, b in zip(mask_row, mask_row[1:]))
 
 
 def meta_copy(module: nn.Module) -> nn.Module:

@@ -124,3 +124,32 @@ def test_unsaved_value_after_the_trace_says_save_it(hf):
                 lambda: h.value):
         with pytest.raises(TracingError, match=r"was not saved.*\.save\(\)"):
             use()
+
+
+def test_model_tokenizer_pads_the_way_a_batch_runs(hf_model):
+    # nnsight left-pads a decoder's tokenizer, so a position read off the caller's own
+    # attention mask indexes the same token in the batch that runs. Reference: the HF forward
+    # of that very encoding, with positions counted from each row's first token.
+    lm = hf_model("tiny-gpt2")
+    assert lm.tokenizer.padding_side == "left" and lm.tokenizer.pad_token is not None
+    enc = lm.tokenizer([PROMPT, "Hi"], padding=True, return_tensors="pt")
+    first = (enc["attention_mask"] == 0).sum(1)            # each row's first real token
+    rows = torch.arange(2)
+    with lm.trace(enc):
+        at_first = lm.transformer.h[0].output[rows, first].save()
+    got = {}
+    hook = lm._model.transformer.h[0].register_forward_hook(
+        lambda m, a, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            lm._model(**enc, position_ids=(enc["attention_mask"].cumsum(-1) - 1).clamp(min=0))
+    finally:
+        hook.remove()
+    assert torch.allclose(at_first, got["h"][rows, first], atol=1e-6, rtol=0)
+
+    # an encoding padded on the right is re-laid out: the caller is told, not left to guess
+    right = lm.tokenizer.__class__.from_pretrained(lm.path, padding_side="right")
+    right.pad_token = right.eos_token
+    with pytest.warns(UserWarning, match="padded on the right"):
+        with lm.trace(right([PROMPT, "Hi"], padding=True, return_tensors="pt")):
+            pass
