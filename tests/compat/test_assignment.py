@@ -191,3 +191,61 @@ def test_an_in_place_edit_reaches_every_reference_with_or_without_autograd():
 @pytest.fixture(scope="module")
 def hf(hf_model):
     return hf_model("tiny-llama")
+
+
+def test_a_prompt_less_invoke_edits_after_the_invokes_before_it_with_autograd(hf):
+    """Invokes run in order over one batch: a prompt-less invoke (all rows) sees invoke 0's
+    in-place edit and its own edit stands on invoke 0's rows, whether or not the trace records
+    gradients. With ``.backward()`` the batch was rebuilt from invoke 0's copy afterwards: the
+    prompt-less edit was undone on its rows and it read the unedited value. Reference: one
+    PyTorch hook doing the same edits in the same order, and its gradients."""
+    prompts = ("The quick brown fox", "Hi")
+    got = {}
+    for backward in (False, True):
+        with hf.trace() as tracer:
+            with tracer.invoke(prompts[0]):
+                h0 = hf.model.layers[0].output.save()
+                if backward:
+                    h0.retain_grad()
+                hf.model.layers[0].output[:, 0] = 1.0
+            with tracer.invoke(prompts[1]):
+                pass
+            with tracer.invoke():
+                seen = hf.model.layers[0].output.clone().save()
+                hf.model.layers[0].output[:, -1] = 2.0
+                after = hf.model.layers[1].output.save()
+                if backward:
+                    hf.model.layers[1].output.sum().backward()
+        got[backward] = (seen.detach(), after.detach(), h0.grad if backward else None)
+
+    rows = [hf.tokenizer(p)["input_ids"] for p in prompts]
+    ids = torch.tensor([rows[0], [hf._pad_id] * (len(rows[0]) - len(rows[1])) + rows[1]])
+    mask = (torch.arange(ids.shape[1]) >= ids.shape[1] - torch.tensor([[len(r)] for r in rows]))
+    ref = {}
+
+    def hook(m, args, out):
+        first = out[0:1].clone()
+        first.retain_grad()
+        ref["h0"] = first
+        first[:, 0] = 1.0
+        new = out.clone()
+        new[0:1] = first
+        ref["seen"] = new.detach().clone()
+        new[:, -1] = 2.0
+        return new
+    handles = [hf._model.model.layers[0].register_forward_hook(hook),
+               hf._model.model.layers[1].register_forward_hook(
+                   lambda m, a, o: ref.__setitem__("after", o))]
+    try:
+        hf._model(input_ids=ids, attention_mask=mask.long(),
+                  position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0))
+        ref["after"].sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    for backward in (False, True):
+        seen, after, grad = got[backward]
+        assert torch.allclose(seen, ref["seen"], atol=1e-6, rtol=0), backward
+        assert torch.allclose(after, ref["after"].detach(), atol=1e-5, rtol=0), backward
+    assert torch.allclose(got[True][2], ref["h0"].grad, atol=1e-6, rtol=0)
+    assert got[True][2].norm() > 0

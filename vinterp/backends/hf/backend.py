@@ -86,8 +86,13 @@ class _Event:
     def get(self, invoke: int, kind: str = "output") -> Any:
         if invoke in self.handed and kind != "inputs":
             return self.handed[invoke]
-        target = self._target(kind)
         dims = self._dims(invoke)
+        if self.handed:
+            # invokes run in order: one whose rows overlap copies handed out before (a
+            # prompt-less invoke spans the batch) reads the batch after their edits, and
+            # their copies go back now, so none is later written over its edits
+            self.commit(lambda i: _overlap(self._dims(i).rows, dims.rows))
+        target = self._target(kind)
         view = cut(target, dims)
         if torch.is_grad_enabled() and isinstance(view, torch.Tensor) and view is not target:
             view = self.handed[invoke] = view.clone()
@@ -95,6 +100,24 @@ class _Event:
         else:
             self._exposed.append(dims.rows)
         return view
+
+    def commit(self, which: Callable[[int], bool] = lambda invoke: True) -> None:
+        """Route the copies handed out under autograd (those of invokes ``which`` picks) back
+        into the batch, and forget them."""
+        where = "input" if self.kind == "inputs" else self.kind
+        handed = [(i, view) for i, view in self.handed.items() if which(i)]
+        edited = {i for i, view in handed if view._version != self.versions[i]}
+        for invoke, view in handed:
+            if invoke in edited:
+                # edited in place: back in place, as a hook's in-place edit would land, so
+                # every reference to this value sees it (a residual its caller keeps), with
+                # or without autograd recording
+                self.set(invoke, view, where, in_place=True)
+        for invoke, view in handed:
+            if invoke not in edited:
+                # make the batch depend on each invoke's view, so view.grad is filled on
+                # backward (values unchanged: out of place, as nothing needs to see it)
+                self.set(invoke, view, where)
 
     def set(self, invoke: int, new: Any, kind: str = "output", *,
             in_place: bool = False) -> None:
@@ -167,20 +190,7 @@ class _Run:
         self._reached.add(reached)
         ev = _Event(self, module, kind, value)
         self.runner.on_event(ev)
-        where = "input" if kind == "inputs" else kind
-        handed = list(ev.handed.items())
-        edited = {i for i, view in handed if view._version != ev.versions[i]}
-        for invoke, view in handed:
-            if invoke in edited:
-                # edited in place: back in place, as a hook's in-place edit would land, so
-                # every reference to this value sees it (a residual its caller keeps), with
-                # or without autograd recording
-                ev.set(invoke, view, where, in_place=True)
-        for invoke, view in handed:
-            if invoke not in edited:
-                # make the batch depend on each invoke's view, so view.grad is filled on
-                # backward (values unchanged: out of place, as nothing needs to see it)
-                ev.set(invoke, view, where)
+        ev.commit()
         return ev
 
 
