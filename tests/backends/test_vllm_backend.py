@@ -309,3 +309,25 @@ def test_per_dimension_steering_factors_equal_hf(models):
         return h
 
     assert _rel(run(models["vllm"]), run(models["hf"])) < 1e-4
+
+
+def test_prompts_of_different_lengths_in_one_invoke_are_laid_out_as_hf(models):
+    """One invoke of prompts of different lengths gives one tensor in ``hf``'s layout (padded
+    on the left), with NaN where ``hf`` has padding: vLLM runs none. It was a list."""
+    long, short = "The quick brown fox jumps over the lazy dog", "Hi"
+    got = {}
+    for name, model in models.items():
+        with model.trace([long, short]):
+            h = model.model.layers[3].output.save()
+            last = model.model.layers[3].output[:, -1].save()
+            logits = model.logits.save()
+        got[name] = (h, last, logits)
+    n_short = len(models["hf"].tokenizer(short)["input_ids"])
+    for v, r in zip(got["vllm"], got["hf"], strict=True):
+        assert isinstance(v, torch.Tensor) and v.shape == r.shape
+        assert _rel(v[0], r[0]) < 1e-4
+        if v.dim() == 3:
+            assert _rel(v[1, -n_short:], r[1, -n_short:]) < 1e-4
+            assert bool(v[1, :-n_short].isnan().all())
+        else:
+            assert _rel(v[1], r[1]) < 1e-4

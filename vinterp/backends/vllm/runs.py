@@ -65,12 +65,28 @@ def _cat(values: list[Any]) -> Any:
     like = next((v for v in values if isinstance(v, torch.Tensor)), None)
     if like is not None and like.is_floating_point():
         values = [torch.full_like(like, float("nan")) if v is None else v for v in values]
+        if all(isinstance(v, torch.Tensor) and v.dim() == like.dim() for v in values):
+            values = _pad_left(values)
     if all(isinstance(v, torch.Tensor) for v in values):
         try:
             return torch.cat(values, dim=0)
         except RuntimeError:
-            return values  # different lengths: one value per prompt
+            return values  # no common layout (an int value of different lengths): a list
     return values
+
+
+def _pad_left(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Prompts of different lengths laid out as ``hf`` batches them: each value padded on
+    the left of every dim after the batch's to the longest, with NaN (vLLM runs no padding,
+    so there is no value there), so ``h[:, -1]`` is each prompt's last token on both."""
+    width = [max(v.shape[d] for v in values) for d in range(1, values[0].dim())]
+    out = []
+    for v in values:
+        pad: list[int] = []
+        for d in reversed(range(1, v.dim())):
+            pad += [width[d - 1] - v.shape[d], 0]
+        out.append(torch.nn.functional.pad(v, pad, value=float("nan")) if any(pad) else v)
+    return out
 
 
 def run_globals(graph: Graph, values: dict[int, Any]) -> dict[int, Any]:
