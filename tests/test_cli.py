@@ -79,3 +79,31 @@ def test_serve_refuses_a_store_path_it_would_misread(tmp_path, capsys):
         assert time.monotonic() - start < 5
     finally:
         signal.signal(signal.SIGTERM, sigterm)
+
+
+def test_serve_refuses_vllms_api_key_option_without_echoing_it():
+    """vLLM's ``--api-key KEY`` was expanded to vinterp's ``--api-keys FILE`` (an argparse
+    abbreviation), so the key was read as a file name and printed in a traceback. Refused
+    before anything starts, saying what vinterp takes instead."""
+    for argv in (["--api-key", "sk-secret-1234"], ["--api-key=sk-secret-1234"]):
+        start = time.monotonic()
+        proc = subprocess.run([*CLI, "serve", *argv], capture_output=True, text=True,
+                              timeout=60)
+        assert time.monotonic() - start < 30      # no engine was started
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert lines[0].startswith("vinterp serve: --api-key is vLLM's option")
+        assert "--api-keys FILE" in lines[0] and "VINTERP_API_KEYS" in lines[0]
+        assert "sk-secret" not in proc.stderr + proc.stdout
+
+
+def test_serve_takes_no_abbreviation_of_its_options():
+    """Options vinterp does not know go to vLLM, so a prefix of one of vinterp's must go
+    there too, not be taken as vinterp's (``--ingress 2`` was ``--ingress-replicas 2``)."""
+    from vinterp.cli import build_parser
+
+    args, rest = build_parser().parse_known_args(["serve", "--ingress", "2", "--api-key",
+                                                   "sk-x-12345678"])
+    assert args.ingress_replicas == 1 and args.api_keys is None
+    assert rest == ["--ingress", "2", "--api-key", "sk-x-12345678"]

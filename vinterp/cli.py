@@ -61,6 +61,13 @@ def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from vinterp_server.serve import main as serve_main
 
+    # vLLM's --api-key KEY does not protect vinterp's routes, and vLLM users type it out of
+    # habit: refuse it rather than pass a secret on to vLLM (and never echo the key)
+    if any(a == "--api-key" or a.startswith("--api-key=") for a in args.vllm_args):
+        print("vinterp serve: --api-key is vLLM's option; vinterp takes its keys from "
+              "--api-keys FILE (one key a line) or VINTERP_API_KEYS (comma-separated keys)",
+              file=sys.stderr)
+        return 2
     return serve_main(args, args.vllm_args)
 
 
@@ -69,8 +76,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     go to vLLM's engine, e.g. ``--max-model-len 2048``)."""
     from vinterp_server.serve import add_arguments
 
+    # allow_abbrev=False: unknown options go to vLLM, so a prefix of one of ours must not be
+    # taken as ours (vLLM's --api-key KEY became --api-keys, reading the key as a file name)
     p = subparsers.add_parser(
-        "serve", help="run the OpenAI-compatible intervention server",
+        "serve", help="run the OpenAI-compatible intervention server", allow_abbrev=False,
         description="Run vinterp's server: one AsyncLLM engine with the plugin. Options not "
                     "listed below go to vLLM (engine and front end), e.g. --max-model-len.")
     add_arguments(p)

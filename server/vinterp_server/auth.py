@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -57,7 +58,8 @@ class ApiKeys:
     def add(self, key: str, name: str | None = None, **limits: int) -> KeyInfo:
         """Register a key (kept hashed)."""
         if len(key) < 8:
-            raise ValueError("API keys must be at least 8 characters")
+            raise ValueError(f"an API key must be at least 8 characters (this one has "
+                             f"{len(key)})")
         h = _hash(key)
         info = KeyInfo(id=name or f"key-{h[:12]}", limits=replace(self.defaults, **limits))
         self._by_hash[h] = info
@@ -74,33 +76,49 @@ class ApiKeys:
         return None
 
     @classmethod
-    def parse(cls, text: str, defaults: Limits | None = None) -> ApiKeys:
-        """Keys from key-file text (format in the module docstring)."""
+    def parse(cls, text: str, defaults: Limits | None = None, *,
+              source: str = "key file") -> ApiKeys:
+        """Keys from key-file text (format in the module docstring); a bad line raises
+        ``ValueError`` naming ``source`` and the line number."""
         keys = cls(defaults)
+        keys._add_lines(enumerate(text.splitlines(), 1), f"{source}, line")
+        return keys
+
+    @classmethod
+    def load(cls, path: str | Path | None, defaults: Limits | None = None) -> ApiKeys:
+        """Keys from ``path`` (if given) and ``VINTERP_API_KEYS``; a bad entry raises
+        ``ValueError`` naming the file and line (or the variable and the key's position)."""
+        keys = cls(defaults)
+        if path:
+            text = Path(path).read_text()
+            keys._add_lines(enumerate(text.splitlines(), 1), f"key file {path}, line")
+        # numbered by position in the variable (blanks counted), so "key 3" is the third
+        # comma-separated entry as the user typed it
+        env = os.environ.get("VINTERP_API_KEYS", "")
+        keys._add_lines(enumerate(env.split(","), 1), "VINTERP_API_KEYS, key")
+        return keys
+
+    def _add_lines(self, lines: Iterable[tuple[int, str]], where: str) -> None:
         names = {f.name for f in fields(Limits)}
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for number, line in lines:
             words = line.split("#", 1)[0].split()
             if not words:
                 continue
             key, rest = words[0], words[1:]
             name = None
             limits: dict[str, int] = {}
-            for w in rest:
-                if "=" in w:
-                    k, _, v = w.partition("=")
-                    if k not in names or not v.isdigit():
-                        raise ValueError(f"key file line {lineno}: bad limit {w!r}; use "
-                                         f"{'/'.join(sorted(names))}=<integer>")
-                    limits[k] = int(v)
-                else:
-                    name = w
-            keys.add(key, name, **limits)
-        return keys
-
-    @classmethod
-    def load(cls, path: str | Path | None, defaults: Limits | None = None) -> ApiKeys:
-        """Keys from ``path`` (if given) and ``VINTERP_API_KEYS``."""
-        text = Path(path).read_text() if path else ""
-        env = os.environ.get("VINTERP_API_KEYS", "")
-        text += "\n" + "\n".join(k.strip() for k in env.split(",") if k.strip())
-        return cls.parse(text, defaults)
+            try:
+                for w in rest:
+                    if "=" in w:
+                        k, _, v = w.partition("=")
+                        if k not in names or not v.isdigit():
+                            raise ValueError(f"bad limit {w!r}; use "
+                                             f"{'/'.join(sorted(names))}=<integer>")
+                        limits[k] = int(v)
+                    else:
+                        name = w
+                self.add(key, name, **limits)
+            except ValueError as exc:
+                # where the bad entry is, so a long key file can be fixed without bisecting it
+                # (the message never repeats the key: it is a secret, even a bad one)
+                raise ValueError(f"{where} {number}: {exc}") from None

@@ -268,3 +268,32 @@ def test_openapi_documents_the_fields(served):
     schemas = spec["components"]["schemas"]
     assert {"Intervention", "Capture", "VectorSpec", "TraceRequest"} <= set(schemas)
     assert "interventions" in schemas["VinterpCompletionRequest"]["properties"]
+
+
+def test_a_bad_key_file_entry_is_named_by_file_and_line(tmp_path, monkeypatch):
+    """`vinterp serve` reports these as one line: the message alone must say where the bad
+    entry is (a short key gave no line at all) and must not repeat the key."""
+    from vinterp_server.auth import ApiKeys
+
+    monkeypatch.delenv("VINTERP_API_KEYS", raising=False)
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-alice-0123456789 alice\n# a comment\n\nshort bob\n")
+    with pytest.raises(ValueError) as err:
+        ApiKeys.load(keys)
+    assert str(err.value) == (f"key file {keys}, line 4: an API key must be at least 8 "
+                              f"characters (this one has 5)")
+    keys.write_text("sk-alice-0123456789 alice\nsk-bob-0123456789 bob concurrent=two\n")
+    with pytest.raises(ValueError, match=rf"^key file {keys}, line 2: bad limit "
+                                         r"'concurrent=two'; use .*concurrent"):
+        ApiKeys.load(keys)
+    # the environment's keys are numbered by their place in the variable, not appended to
+    # the file's lines
+    keys.write_text("sk-alice-0123456789 alice\n")
+    monkeypatch.setenv("VINTERP_API_KEYS", "sk-carol-0123456789, sk-d")
+    with pytest.raises(ValueError, match=r"^VINTERP_API_KEYS, key 2: an API key must be at "
+                                         r"least 8 characters \(this one has 4\)$"):
+        ApiKeys.load(keys)
+    monkeypatch.setenv("VINTERP_API_KEYS", "sk-carol-0123456789")
+    loaded = ApiKeys.load(keys)
+    assert len(loaded) == 2 and loaded.lookup("sk-carol-0123456789") is not None
+    assert loaded.lookup("sk-alice-0123456789").id == "alice"
