@@ -191,11 +191,18 @@ def _steer_show(args: argparse.Namespace) -> int:
 
 def _steer_errors(func: Callable[[argparse.Namespace], int]
                   ) -> Callable[[argparse.Namespace], int]:
-    """Bad input (files, sizes, layers) becomes one error line and exit code 2."""
+    """Bad input (files, sizes, layers) and a server that is down or refuses (``--server``)
+    become one error line and exit code 2."""
     def run(args: argparse.Namespace) -> int:
+        import httpx
+
+        from vinterp.backends.remote import RemoteError
+
         try:
             return func(args)
-        except (ValueError, FileNotFoundError, KeyError) as e:
+        # RemoteError already says which server and what it answered (401, 429, 5xx, down);
+        # httpx.HTTPError: a request made without the remote backend's wrapping
+        except (ValueError, FileNotFoundError, KeyError, RemoteError, httpx.HTTPError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             print(f"vinterp steer: error: {msg}", file=sys.stderr)
             return 2

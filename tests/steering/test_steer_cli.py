@@ -191,3 +191,21 @@ def test_bad_input_errors_and_writes_nothing(files, vector, tmp_path, capsys):
         if path is not None:
             assert not path.exists(), path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wrong.safetensors"]
+
+
+def test_a_server_that_cannot_be_reached_is_one_error_line(files, vector, tmp_path, capsys):
+    """``--server URL`` with the server down: the CLI's one error line and exit code 2, not
+    the remote backend's RemoteError as a traceback (train skips the /health check, as
+    --model has a default; so does eval given --model)."""
+    down = "http://127.0.0.1:1"     # nothing listens on port 1
+    runs = [["steer", "train", "--server", down, "--pos", str(files / "pos.txt"), "--neg",
+             str(files / "neg.txt"), "--layers", "0:2", "--model", MODEL, "-o",
+             str(tmp_path / "v.safetensors")],
+            _eval_args(files, vector, tmp_path / "sweep", "--server", down, "--model", MODEL)]
+    for argv in runs:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"vinterp steer: error: cannot reach the vinterp server at {down}: "
+                       f"[Errno 111] Connection refused"], err
+    assert not (tmp_path / "v.safetensors").exists()
