@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -87,16 +88,24 @@ class RemoteBackend(Backend):
             body["session"] = [g.model_dump(mode="json") for g in graph]
         else:
             body["graph"] = graph.model_dump(mode="json")
+        return _checked(self._request("POST", "/v1/traces", json=body,
+                                      hint="; raise timeout= or use blocking=False"))
+
+    def _request(self, method: str, path: str, *, timeout: float | None = None,
+                 hint: str = "", **kw: Any) -> httpx.Response:
+        """One request to the server; httpx's errors become :class:`RemoteError` (504: no
+        answer within ``timeout``, default the backend's; 503: unreachable), so callers see
+        one exception type for every way the server can fail them."""
+        timeout = self.timeout if timeout is None else timeout
         try:
             with self._client() as client:
-                resp = client.post("/v1/traces", json=body)
+                return client.request(method, path, timeout=timeout, **kw)
         except httpx.TimeoutException:
-            raise RemoteError(f"the server at {self.url} did not answer within {self.timeout} "
-                              f"s; raise timeout= or use blocking=False", 504) from None
+            raise RemoteError(f"the server at {self.url} did not answer within {timeout:g} "
+                              f"s{hint}", 504) from None
         except httpx.HTTPError as exc:
             raise RemoteError(f"cannot reach the vinterp server at {self.url}: {exc}",
                               503) from None
-        return _checked(resp)
 
     def run(self, graph: Graph, *, live: Mapping[int, torch.Tensor] | None = None
             ) -> RunResult:
@@ -126,6 +135,14 @@ class RemoteBackend(Backend):
         return RemoteTrace(self, self._post(graph, False)["id"])
 
 
+# Answers a proxy or a restarting server gives while the trace may still be running (or
+# be kept in a store that outlives the restart): a poll that gets one is tried again.
+_TRANSIENT = frozenset({502, 503, 504})
+_FIRST_BACKOFF = 0.25       # seconds before the first retry, doubling up to _MAX_BACKOFF
+_MAX_BACKOFF = 4.0
+_MIN_POLL_TIMEOUT = 1.0     # a poll near the deadline still gets this long to answer
+
+
 class RemoteTrace:
     """A trace running on the server (``blocking=False``)."""
 
@@ -133,16 +150,54 @@ class RemoteTrace:
         self.backend = backend
         self.id = trace_id
 
-    def status(self) -> dict[str, Any]:
-        """The server's status object (``queued``/``running``/``done``/``failed``)."""
-        with self.backend._client() as client:
-            return _checked(client.get(f"/v1/traces/{self.id}"))
+    def status(self, timeout: float | None = None) -> dict[str, Any]:
+        """The server's status object (``queued``/``running``/``done``/``failed``); raises
+        :class:`RemoteError` when the server cannot be reached (503), does not answer within
+        ``timeout`` (default the backend's; 504) or no longer knows the trace (404)."""
+        resp = self.backend._request("GET", f"/v1/traces/{self.id}", timeout=timeout)
+        try:
+            return _checked(resp)
+        except RemoteError as exc:
+            if exc.status != 404:
+                raise
+            # polling again cannot help: the result is gone (or was never this key's)
+            raise RemoteError(f"the server at {self.backend.url} no longer knows trace "
+                              f"{self.id}: it was restarted without --store-path, the "
+                              f"result expired, or the trace is another key's ({exc})",
+                              404) from None
 
     def wait(self, timeout: float | None = None, poll: float = 0.2) -> RunResult:
-        """Poll until done; the saves (raises :class:`RemoteError` if the trace failed)."""
+        """Poll until done; the saves. Raises :class:`RemoteError` if the trace failed, at
+        once if the server no longer knows it (404), and after ``timeout`` seconds (default:
+        no limit) if the server stayed unreachable or answered 502/503/504 (those are
+        retried with backoff, so a restarting server or a dropped poll does not end the
+        wait); :class:`TimeoutError` if it is still queued or running after ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        backoff = _FIRST_BACKOFF
+        warned = False
         while True:
-            st = self.status()
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                # one poll never waits past the deadline (the backend's timeout is minutes)
+                st = self.status(None if left is None
+                                 else max(_MIN_POLL_TIMEOUT, min(self.backend.timeout, left)))
+            except RemoteError as exc:
+                if exc.status not in _TRANSIENT:
+                    raise
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise RemoteError(f"trace {self.id}: gave up after {timeout:g} s without "
+                                      f"a status; last: {exc}", exc.status) from None
+                if not warned and deadline is None:
+                    # with no timeout this can last as long as the outage: say so once
+                    warnings.warn(f"trace {self.id}: {exc}; retrying until the server "
+                                  f"answers (pass wait(timeout=...) to give up)",
+                                  RuntimeWarning, stacklevel=2)
+                    warned = True
+                time.sleep(backoff if left is None else min(backoff, left))
+                backoff = min(2 * backoff, _MAX_BACKOFF)
+                continue
+            backoff = _FIRST_BACKOFF
             if st["status"] in ("done", "failed"):
                 return _result(st)
             if deadline is not None and time.monotonic() > deadline:

@@ -1,0 +1,32 @@
+"""The remote backend's client side when the server cannot be reached: every call raises
+:class:`RemoteError`, never a raw ``httpx`` exception (tests against the real server:
+tests/server/test_remote_wait.py)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from vinterp.backends.remote import RemoteBackend, RemoteError, RemoteTrace
+
+DOWN = "http://127.0.0.1:1"       # nothing listens on port 1: connection refused
+
+
+def test_status_of_an_unreachable_server_is_a_remote_error():
+    with pytest.raises(RemoteError, match=f"cannot reach the vinterp server at {DOWN}") as err:
+        RemoteTrace(RemoteBackend(DOWN), "trace-0").status()
+    assert err.value.status == 503
+
+
+def test_wait_retries_an_unreachable_server_until_its_timeout():
+    """One refused poll no longer ends the wait (a restarting server refuses for a while):
+    it keeps trying, then gives up at the timeout saying what it last saw."""
+    start = time.monotonic()
+    with pytest.raises(RemoteError) as err:
+        RemoteTrace(RemoteBackend(DOWN), "trace-0").wait(timeout=1.5)
+    took = time.monotonic() - start
+    assert 1.5 <= took < 6, took
+    assert err.value.status == 503
+    assert str(err.value).startswith("trace trace-0: gave up after 1.5 s without a status; "
+                                     f"last: cannot reach the vinterp server at {DOWN}")
