@@ -30,3 +30,15 @@ def test_wait_retries_an_unreachable_server_until_its_timeout():
     assert err.value.status == 503
     assert str(err.value).startswith("trace trace-0: gave up after 1.5 s without a status; "
                                      f"last: cannot reach the vinterp server at {DOWN}")
+
+
+def test_a_failed_trace_keeps_the_servers_status():
+    """A failed trace's status object carries its HTTP status (``code``: 413 too large, 429
+    a limit, 503 the server stopped); RemoteError.status is that, not always 500. A server
+    that sends no code still gives 500."""
+    from vinterp.backends.remote import _result
+
+    for code, want in ((413, 413), (503, 503), (None, 500)):
+        with pytest.raises(RemoteError, match="the trace failed on the server: why") as err:
+            _result({"status": "failed", "error": "why", "code": code})
+        assert err.value.status == want

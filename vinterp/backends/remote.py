@@ -123,7 +123,8 @@ class RemoteBackend(Backend):
         """
         status = self._post(graphs, True)
         if status["status"] == "failed":
-            raise RemoteError(f"the session failed on the server: {status.get('error')}", 500)
+            raise RemoteError(f"the session failed on the server: {status.get('error')}",
+                              int(status.get("code") or 500))
         out = []
         for res in status["result"]["traces"]:
             saves, generated = decode_results(res)
@@ -224,6 +225,9 @@ def _checked(resp: httpx.Response) -> dict[str, Any]:
 
 def _result(status: dict[str, Any]) -> RunResult:
     if status["status"] == "failed":
-        raise RemoteError(f"the trace failed on the server: {status.get('error')}", 500)
+        # the server's status for why (429 a limit, 413 too large, 503 it stopped; servers
+        # before TraceStatus.code gave none: 500)
+        raise RemoteError(f"the trace failed on the server: {status.get('error')}",
+                          int(status.get("code") or 500))
     saves, generated = decode_results(status["result"])
     return RunResult(saves=saves, generated=generated)
