@@ -58,6 +58,21 @@ def is_client_error(exc: Any) -> bool:
     return isinstance(exc, VLLMClientError)
 
 
+def status_for(exc: BaseException) -> int:
+    """The HTTP status an exception answers with."""
+    if isinstance(exc, FieldError):
+        return 400
+    if isinstance(exc, TooLarge):
+        return 413
+    if isinstance(exc, LimitExceeded):
+        return 429
+    if isinstance(exc, EngineUnavailable):
+        return 503
+    if isinstance(exc, ValueError) or is_client_error(exc):
+        return 400
+    return 500
+
+
 def error_response(exc: Any, retry_after: int | None = None) -> JSONResponse:
     """An exception, a vLLM ``ErrorResponse`` or an error dict as a JSON response."""
     headers: dict[str, str] = {}
@@ -68,18 +83,9 @@ def error_response(exc: Any, retry_after: int | None = None) -> JSONResponse:
     elif hasattr(exc, "error") and hasattr(exc, "model_dump"):   # vLLM's ErrorResponse
         status = int(exc.error.code)
         body = exc.model_dump()
-    elif isinstance(exc, FieldError):
-        status, body = 400, error_body(str(exc), 400, exc.field)
-    elif isinstance(exc, TooLarge):
-        status, body = 413, error_body(str(exc), 413)
-    elif isinstance(exc, LimitExceeded):
-        status, body = 429, error_body(str(exc), 429)
-    elif isinstance(exc, EngineUnavailable):
-        status, body = 503, error_body(str(exc), 503)
-    elif isinstance(exc, ValueError) or is_client_error(exc):
-        status, body = 400, error_body(str(exc), 400)
     else:
-        status, body = 500, error_body(str(exc), 500)
+        status = status_for(exc)
+        body = error_body(str(exc), status, exc.field if isinstance(exc, FieldError) else None)
     retry = retry_after or getattr(exc, "retry_after", None)
     if status in (429, 503):
         headers["Retry-After"] = str(retry or 1)

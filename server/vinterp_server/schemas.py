@@ -225,3 +225,8 @@ class TraceStatus(BaseModel):
     ir_version: int = IR_VERSION
     result: dict[str, Any] | None = None
     error: str | None = None
+    code: int | None = Field(None, description="a failed trace's HTTP status (429: a "
+                                                "limit, 413: too large, 503: the server "
+                                                "stopped, 500: the intervention failed)")
+    updated: float | None = Field(None, description="when a queued or running trace was "
+                                                    "last seen alive (Unix time)")

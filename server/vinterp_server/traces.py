@@ -6,6 +6,13 @@ prompts join the same continuous batch as every OpenAI request. Results (saves, 
 travel as JSON plus one safetensors blob (:mod:`vinterp.ir.results`): no pickle either way.
 With ``blocking: false`` the answer is an id to poll; results are kept for ``trace_ttl``.
 
+A request is admitted once (one of the key's concurrent slots, one token-budget check) before
+anything runs or a ``202`` is sent, so a trace over a limit gets its 429 either way; the tokens
+of all its graphs are charged when it ends. A background trace's status is refreshed every
+``HEARTBEAT_S`` while it runs: a status left ``running`` by a server that stopped (or an
+ingress replica that was replaced) reads as failed once it is ``STALE_S`` old, so a poller is
+told to send it again instead of waiting out the TTL.
+
 A session (``session: [graph, ...]``, ``model.session(remote=True)``) is one request: its
 graphs are all validated and checked first, then run in order, each one's
 :class:`~vinterp.ir.SessionValue` tensors filled in from the saves of the earlier graphs it
@@ -15,6 +22,8 @@ names; the result is ``{"traces": [result, ...]}``, one per graph.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 import uuid
 from typing import Any
 
@@ -31,12 +40,17 @@ from vinterp_server import metrics
 from vinterp_server.auth import KeyInfo
 from vinterp_server.compile import FieldError, resolve_named, vector_names
 from vinterp_server.context import Server, require_key, server
-from vinterp_server.errors import error_response
-from vinterp_server.limits import LimitExceeded, TooLarge
+from vinterp_server.errors import error_response, status_for
+from vinterp_server.limits import LimitExceeded, Slot, TooLarge
 from vinterp_server.schemas import TraceRequest, TraceStatus
 from vinterp_server.vectors import stored_vectors
 
 router = APIRouter()
+
+#: seconds between refreshes of a background trace's status, and the age past which a status
+#: still ``queued``/``running`` belongs to a server that stopped
+HEARTBEAT_S = 10.0
+STALE_S = 45.0
 
 
 def _check(graph: Graph, key: KeyInfo, srv: Server) -> None:
@@ -122,31 +136,37 @@ def _fill_session(graph: Graph, results: list[RunResult], j: int) -> Graph:
     return graph.model_copy(update={"tensors": tuple(tensors)})
 
 
-async def _execute(graph: Graph, key: KeyInfo, srv: Server) -> RunResult:
-    slot = await srv.limiter.acquire(key)
+async def _run(graphs: list[Graph], key: KeyInfo, srv: Server, slot: Slot,
+               session: bool = False) -> dict[str, Any]:
+    """Run the request's graph(s) in order on its one slot; release it, charging every
+    graph's tokens (prompts, or prompts and generated ids), however it ends."""
     tokens = 0
+    results: list[RunResult] = []
     try:
-        result = await srv.host.run(graph, capture_cap=key.limits.capture_bytes)
-        tokens = sum(len(p) for inv in graph.invokes for p in inv.prompts)
-        if result.generated is not None:
-            tokens = sum(len(g) for g in result.generated)
+        for j, graph in enumerate(graphs):
+            graph = _fill_session(graph, results, j)
+            results.append(await srv.host.run(graph, capture_cap=key.limits.capture_bytes))
+            tokens += (sum(len(g) for g in results[-1].generated)
+                       if results[-1].generated is not None
+                       else sum(len(p) for inv in graph.invokes for p in inv.prompts))
     except Exception:
         await srv.host.check_health()   # the engine died: its 503, not the trace's failure
         raise
     finally:
         await slot.release(tokens)
-    return result
-
-
-async def _run(graphs: list[Graph], key: KeyInfo, srv: Server,
-               session: bool = False) -> dict[str, Any]:
     if not session:
-        result = await _execute(graphs[0], key, srv)
-        return encode_results(result.saves, result.generated)
-    results: list[RunResult] = []
-    for j, graph in enumerate(graphs):
-        results.append(await _execute(_fill_session(graph, results, j), key, srv))
+        return encode_results(results[0].saves, results[0].generated)
     return {"traces": [encode_results(r.saves, r.generated) for r in results]}
+
+
+def _failure(exc: Exception) -> Exception:
+    """What a trace that raised ``exc`` answers: an intervention that failed says so (413 if
+    it captured more than its key may), other errors (limits, a dead engine) are their own."""
+    if isinstance(exc, CaptureLimitError):
+        return TooLarge(f"intervention failed: {exc}")
+    if isinstance(exc, (InterventionError, RuntimeError)):
+        return RuntimeError(f"intervention failed: {exc}")
+    return exc
 
 
 @router.post("/v1/traces", response_model=TraceStatus)
@@ -156,40 +176,70 @@ async def create_trace(body: TraceRequest, key: KeyInfo = Depends(require_key),
     session = body.session is not None
     try:
         graphs = await _load_all(body, key, srv)
+        slot = await srv.limiter.acquire(key)
     except (FieldError, LimitExceeded) as exc:
         return error_response(exc)
     tid = f"trace-{uuid.uuid4().hex}"
     if body.blocking:
         try:
-            result = await _run(graphs, key, srv, session)
-        except CaptureLimitError as exc:   # the caller asked for too much: 413
+            result = await _run(graphs, key, srv, slot, session)
+        except (InterventionError, RuntimeError, LimitExceeded) as exc:
             metrics.TRACES.labels(status="failed").inc()
-            return error_response(TooLarge(f"intervention failed: {exc}"))
-        except (InterventionError, RuntimeError) as exc:
-            metrics.TRACES.labels(status="failed").inc()
-            return error_response(RuntimeError(f"intervention failed: {exc}"))
-        except LimitExceeded as exc:
-            return error_response(exc)
+            return error_response(_failure(exc))
         metrics.TRACES.labels(status="done").inc()
         return JSONResponse(TraceStatus(id=tid, status="done", result=result).model_dump())
     ttl = srv.settings.trace_ttl
-    await srv.store.put(key.id, "trace", tid, TraceStatus(id=tid, status="queued"), ttl)
+
+    async def put(status: TraceStatus) -> None:
+        await srv.store.put(key.id, "trace", tid, status, ttl)
+
+    queued = TraceStatus(id=tid, status="queued", updated=time.time())
+    await put(queued)
+
+    async def heartbeat() -> None:
+        while True:
+            await put(TraceStatus(id=tid, status="running", updated=time.time()))
+            await asyncio.sleep(HEARTBEAT_S)
 
     async def background() -> None:
+        beat = asyncio.create_task(heartbeat())
+        stopped: BaseException | None = None
         try:
-            await srv.store.put(key.id, "trace", tid, TraceStatus(id=tid, status="running"),
-                                ttl)
-            result = await _run(graphs, key, srv, session)
+            result = await _run(graphs, key, srv, slot, session)
             status = TraceStatus(id=tid, status="done", result=result)
+        except asyncio.CancelledError as exc:   # the server is stopping (finish_background)
+            stopped = exc
+            status = TraceStatus(id=tid, status="failed", code=503, error=(
+                "the server stopped before the trace finished; send it again"))
         except Exception as exc:  # noqa: BLE001 - the poller reads why
-            status = TraceStatus(id=tid, status="failed", error=f"{exc}")
+            failure = _failure(exc)
+            status = TraceStatus(id=tid, status="failed", error=f"{failure}",
+                                 code=status_for(failure))
+        beat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beat   # (its last put lands before the final status)
         metrics.TRACES.labels(status=status.status).inc()
-        await srv.store.put(key.id, "trace", tid, status, ttl)
+        await put(status)
+        if stopped is not None:
+            raise stopped
 
     task = asyncio.create_task(background())
     srv.tasks.add(task)
     task.add_done_callback(srv.tasks.discard)
-    return JSONResponse(TraceStatus(id=tid, status="queued").model_dump(), status_code=202)
+    return JSONResponse(queued.model_dump(), status_code=202)
+
+
+async def finish_background(srv: Server, timeout: float) -> None:
+    """At shutdown: let background traces finish for up to ``timeout`` seconds, then stop the
+    rest, which record that they failed because the server stopped (their pollers are told to
+    send them again) before the engine goes away."""
+    pending = set(srv.tasks)
+    if pending:
+        _, pending = await asyncio.wait(pending, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=10)
 
 
 @router.get("/v1/traces/{trace_id}", response_model=TraceStatus)
@@ -200,4 +250,9 @@ async def get_trace(trace_id: str, key: KeyInfo = Depends(require_key),
     if status is None:
         raise HTTPException(404, f"no trace {trace_id!r} for this key (results are kept "
                                  f"{int(srv.settings.trace_ttl)} s)")
+    if status.status in ("queued", "running") and (
+            status.updated is not None and time.time() - status.updated > STALE_S):
+        status = TraceStatus(id=trace_id, status="failed", code=503, error=(
+            f"the server running this trace stopped before it finished (no news of it for "
+            f"{int(time.time() - status.updated)} s); send it again"))
     return status.model_dump()

@@ -65,6 +65,9 @@ def test_remote_traces_and_sessions(ray_served, local_vllm, monkeypatch):
     traces.test_a_trace_failing_at_run_time_says_why(ray_served, local_vllm)
     sessions.test_remote_session_is_one_request_with_local_values(ray_served, local_vllm,
                                                                   monkeypatch)
+    # admission and charges live in the ingresses and their shared store, as in one process
+    traces.test_a_non_blocking_trace_is_admitted_before_its_202(ray_served, local_vllm)
+    sessions.test_a_session_is_admitted_and_charged_once(ray_served, local_vllm)
 
 
 def test_keys_limits_and_bad_input(ray_served):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from server_helpers import KEYS
 
-from vinterp.backends.remote import RemoteBackend
+from vinterp.backends.remote import RemoteBackend, RemoteError
 from vinterp.tracing.errors import TracingError
 
 EIFFEL = "The Eiffel Tower is in the city of"
@@ -71,3 +71,19 @@ def test_session_value_outside_a_session_request_is_400(served, local_vllm):
         assert alone.status_code == 400 and "needs a session request" in alone.text
         ahead = c.post("/v1/traces", json={"session": [second._graph.model_dump(mode="json")]})
         assert ahead.status_code == 400 and "does not run before this one" in ahead.text
+
+
+def test_a_session_is_admitted_and_charged_once(served, local_vllm):
+    """A session is one request: one slot and one budget check, and all its tokens charged
+    when it ends. It was admitted per trace: with a budget its first trace spends (9 tokens),
+    the second trace got a 429 and the first one's result was thrown away, so a retry paid
+    for it again."""
+    remote = {"remote": served.url, "api_key": KEYS["sessions"]}
+    r_whole, r_last = _session_patch(local_vllm, **remote)
+    l_whole, l_last = _session_patch(local_vllm)
+    assert torch.allclose(r_whole, l_whole, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(r_last, l_last, rtol=1e-4, atol=1e-6)
+    with pytest.raises(RemoteError) as spent:      # its three 9-token prompts were charged
+        with local_vllm.trace(EIFFEL, **remote):
+            local_vllm.layers[1].output.save()
+    assert spent.value.status == 429 and "used 27 tokens" in str(spent.value)

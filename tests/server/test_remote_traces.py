@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from server_helpers import KEYS
+from server_helpers import KEYS, wait_until
 
 from vinterp.backends.remote import RemoteError
 
@@ -124,3 +124,39 @@ def test_a_trace_failing_at_run_time_says_why(served, local_vllm):
     message = str(err.value)
     assert "intervention failed" in message and "index 500 is out of bounds" in message
     assert "ray::" not in message and "Traceback" not in message, message
+
+
+def test_a_non_blocking_trace_is_admitted_before_its_202(served, local_vllm):
+    """``blocking=False`` gets the key's limits at submission, as a blocking trace does: a
+    429 while the key's one slot is taken (it was accepted, then failed as a 500), and a
+    trace that fails at run time reports its own status (413: it captured past the key's
+    cap) when it is waited on."""
+    import threading
+
+    opts = {"remote": served.url, "api_key": KEYS["queued"], "blocking": False}
+    done: list[int] = []
+
+    def hold_the_slot() -> None:
+        with served.client("queued") as c:
+            done.append(c.post("/v1/completions", json={
+                "model": "smollm2-135m", "prompt": "Hi", "max_tokens": 200,
+                "ignore_eos": True,   # (a capture, so the worker lists it in its stats)
+                "capture": [{"point": "layers.1.output", "positions": "last"}]}).status_code)
+
+    t = threading.Thread(target=hold_the_slot)
+    t.start()
+    wait_until(lambda: served.stats()["states"] >= 1 or done, "the slot taken")
+    try:
+        with pytest.raises(RemoteError) as refused:
+            with local_vllm.trace(EIFFEL, **opts):
+                local_vllm.layers[1].output.save()
+    finally:
+        t.join(120)
+    assert done == [200]
+    assert refused.value.status == 429 and "in flight" in str(refused.value)
+
+    with local_vllm.trace("word " * 40, **opts) as tracer:   # 41 rows x 576 floats > 20000 B
+        local_vllm.layers[3].output.save()
+    with pytest.raises(RemoteError, match="exceeded this request's cap") as failed:
+        tracer.wait(timeout=120)
+    assert failed.value.status == 413
