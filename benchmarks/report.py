@@ -240,12 +240,82 @@ def overhead_table(result: dict[str, Any]) -> list[str]:
     return out if len(out) > 2 else []
 
 
+def checked(row: dict[str, Any]) -> bool:
+    """Whether ``benchmarks/verify.py`` checks rows of this kind (token counts, steering,
+    captures); patch sweeps, trace overhead and plain vLLM's prefill it does not."""
+    w = row["workload"]
+    return w in ("steer_generate", "concurrency", "many_users") or (
+        w == "capture" and row["case"] != "prefill")
+
+
+# Commits whose changes a run's JSON does not record in older runs (git log of benchmarks/).
+VERIFY_COMMIT = "ed15835 (2026-11-27 11:40)"     # verification, rotation, steer_scale 4 -> 64
+COMPILED_COMMIT = "0a6ab96 (2026-11-27 13:43)"   # the vLLM plugin's compiled mode
+_COMPILED_DATE = "2026-11-27T13:43"
+
+
+def engine_mode(info: dict[str, Any]) -> str | None:
+    """A vLLM-side system's engine mode from its worker's info (None: not a vLLM engine, or
+    not recorded)."""
+    if "enforce_eager" not in info or info.get("backend", "vllm") != "vllm":
+        return None
+    return ("eager" if info["enforce_eager"] else "compiled") + (
+        f", graph_points {info['graph_points']}" if info.get("graph_points") else "")
+
+
+def provenance(result: dict[str, Any]) -> list[str]:
+    """What the run checked and ran with: verified rows out of all, the steering norm, the
+    engine modes; and, for runs from before these were recorded, what the code was then."""
+    rows, out = result["rows"], []
+    n, k = len(rows), sum(1 for r in rows if r.get("verified"))
+    n_checked = sum(1 for r in rows if checked(r))
+    unchecked = n - n_checked
+    before_verify = "system_order" not in result   # rotation and verification came together
+    steers = bool({"steer_generate", "concurrency", "many_users"} & set(result["workloads"]))
+    if before_verify:
+        out.append(
+            f"- **verified 0/{n} rows: run before verification existed** (commit "
+            f"{VERIFY_COMMIT}): no repetition's output was checked"
+            + (", steering strength 4 (steer_scale 4.0, which the first verified run found "
+               "changed no token of 8 requests: its steering rows may not have steered at all)"
+               if steers else "")
+            + ", and the same system order in every repetition")
+    else:
+        out.append(f"- verified {k}/{n} rows (every repetition of a verified row passed "
+                   f"benchmarks/verify.py)" + (
+                       f"; {unchecked} rows are of kinds verify.py does not check (patch "
+                       f"sweeps, trace overhead, plain vLLM's prefill)" if unchecked else ""))
+        scale = result.get("steer_scale")
+        if steers:
+            out.append(f"- steering vectors of norm {scale if scale is not None else 64.0}, "
+                       f"seed {result.get('seed', 0)}"
+                       + ("" if scale is not None else
+                          " (not recorded in this JSON: 64 since commit "
+                          f"{VERIFY_COMMIT})"))
+    modes = dict(result.get("engine_modes") or {})
+    for s, i in result["systems"].items():
+        if s not in modes and engine_mode(i):
+            modes[s] = engine_mode(i)
+    old_plugin = [s for s, i in result["systems"].items()
+                  if s.startswith("vinterp_vllm") and "enforce_eager" not in i
+                  and result["date"] < _COMPILED_DATE]
+    for s in old_plugin:
+        modes[s] = (f"**eager** (the eager-only plugin; not recorded in this JSON: the plugin "
+                    f"had no compiled mode before commit {COMPILED_COMMIT})")
+    if modes:
+        out.append("- vLLM engine modes: " + "; ".join(f"{s} {m}" for s, m in modes.items()))
+    return out
+
+
 _RATIO_NOTE = (
     "Ratios are speed ratios within one run (> 1 = faster than the baseline): tokens/s over "
     "the baseline's tokens/s, or the baseline's wall time over this row's. Plain vLLM cannot "
     "intervene, so its baseline is the same engine on the same prompts with no intervention "
     "(prefill only for capture). \"× own plain fwd\" is a trace's time over a plain "
-    "`model(ids)` forward in the same process (lower is better).")
+    "`model(ids)` forward in the same process (lower is better). The table's ratio columns "
+    "are ratios of medians (a row's median over its baseline's); targets and the "
+    "trace-overhead table are paired: the median of each repetition's ratio to the baseline "
+    "in the same repetition. The two can differ by a few percent.")
 
 
 def section(result: dict[str, Any], h: str = "##") -> list[str]:
@@ -264,6 +334,7 @@ def section(result: dict[str, Any], h: str = "##") -> list[str]:
         "untimed warm-up each on tiny inputs"
         + (" — **--quick run: smaller sizes and fewer repetitions**" if result["quick"] else ""),
         f"- threads per worker: {result.get('threads')}; sizes: {result['sizes']}",
+        *provenance(result),
         *([f"- note: {result['note']}"] if result.get("note") else []),
         "",
         f"{h} Versions",
@@ -340,7 +411,8 @@ def concurrency_curves(rows: list[dict]) -> dict[tuple[str, str], dict[int, dict
     """(system, variant) -> requests in flight -> row, for the throughput-vs-concurrency plot.
 
     Points: the concurrency sweep (``c1``, ``c4``, ...), its top level from steered generation
-    (1c, or plain vLLM's unsteered run), and nnsight one request at a time as concurrency 1.
+    (1c, or plain vLLM's unsteered run), and nnsight one request at a time as concurrency 1 of
+    its own curve (variant ``serial``: nnsight's ``c1`` invokes row is another point at 1).
     """
     curves: dict[tuple[str, str], dict[int, dict]] = {}
     for r in rows:
@@ -352,7 +424,7 @@ def concurrency_curves(rows: list[dict]) -> dict[tuple[str, str], dict[int, dict
             if r["case"] == "none" and not r["system"].startswith("vllm_"):
                 continue
             n = 1 if r["variant"] == "one_at_a_time" else r["items"]
-            variant = "invokes" if r["variant"] == "one_at_a_time" else r["variant"]
+            variant = "serial" if r["variant"] == "one_at_a_time" else r["variant"]
         else:
             continue
         curves.setdefault((r["system"], variant), {})[n] = r

@@ -3,9 +3,11 @@
 Each system runs in its own process (vLLM engines, the nnsight venv and HF never share one)
 and loads the model once; the driver then walks repetitions round-robin across systems, so
 slow drift of the machine (thermal, other load) spreads over all systems instead of biasing one.
-The order of the systems rotates from one repetition to the next (no system always runs
-first, right after another's warm caches or memory churn), and every repetition's output is
-checked (``benchmarks/verify.py``) before its time counts.
+The order of the systems rotates by one place from one repetition to the next, so no system
+always runs first; a rotation keeps who follows whom, so each system runs right after the same
+predecessor in every repetition (except the one where it runs first), and whatever that
+predecessor leaves behind (warm caches, memory churn) always comes from the same system. Every
+repetition's output is checked (``benchmarks/verify.py``) before its time counts.
 
 A run writes only into its own directory under the results directory; the curated
 ``benchmarks/RESULTS.md`` changes only through ``python -m benchmarks report RUN.json ...``.
@@ -27,6 +29,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, TextIO
 
+from benchmarks import report
 from benchmarks.systems import (
     BENCH_VENV_SYSTEMS,
     PLAIN_VLLM_SYSTEMS,
@@ -193,7 +196,8 @@ def summarize(task: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any
 
 def rotated(items: list[Any], rep: int) -> list[Any]:
     """``items`` starting at position ``rep`` (mod their number): each repetition of a
-    workload runs the systems in another order."""
+    workload starts with another system. A cyclic shift: every system keeps its predecessor
+    (but for the repetition it runs first)."""
     if not items:
         return []
     k = rep % len(items)
@@ -354,6 +358,10 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
         "threads": threads or "library default",
         "workloads": workloads,
         "systems": info,
+        # what the rows ran with, so a JSON alone says it (older runs left these out)
+        "steer_scale": cfg.steer_scale,
+        "seed": cfg.seed,
+        "engine_modes": {s: m for s, i in info.items() if (m := report.engine_mode(i))},
         "skipped": skipped,
         "rows": rows,
         "system_order": orders,
@@ -361,8 +369,6 @@ def run(quick: bool, only: list[str] | None, systems: list[str] | None, reps: in
     }
     out = run_dir / f"{name}.json"
     out.write_text(json.dumps(result, indent=1))
-    from benchmarks import report
-
     report.write_report(result, run_dir)
     print(f"bench: wrote {out} and {run_dir / 'RESULTS.md'} in {result['wall_s']:.0f} s "
           f"(benchmarks/RESULTS.md is unchanged: `python -m benchmarks report` makes it)")

@@ -1,5 +1,6 @@
 """The ``server`` workload: 32 concurrent streaming clients on loopback, vinterp's server
-against ``vllm serve`` on the same model and engine settings (eager, float32).
+against ``vllm serve`` on the same model and engine settings (float32; both in vLLM's compiled
+mode, vinterp's default, or both eager with ``--eager``; the JSON's ``modes`` records which).
 
 Both servers run at once (child processes; ``vllm serve`` without the vinterp plugin) and the
 repetitions interleave (the order of the cases rotates each repetition), so load drifts hit
@@ -8,7 +9,8 @@ the streams' ``usage``, not assumed), TTFT p50/p99. Each repetition checks its o
 steered streams differ from unsteered ones, captures have the expected shape. It also times
 the seed's patching example through ``remote=True`` against the local vLLM backend.
 
-Run: ``.venv/bin/python -m benchmarks.server_load [--reps 5] [--clients 32] [--tokens 64]``;
+Run: ``.venv/bin/python -m benchmarks.server_load [--reps 5] [--clients 32] [--tokens 64]
+[--eager]``;
 the JSON goes to ``benchmarks/results/server/`` and a Markdown table is printed.
 """
 
@@ -105,10 +107,13 @@ def verify_round(case: str, res: dict[str, Any], plain: dict[str, Any] | None, c
             assert o["captures"] == {0: 1, 1: 1, 2: 1, 3: 1}, o["captures"]
 
 
-def _patch_times(url: str, key: str | None, reps: int) -> dict[str, list[float]]:
+def _patch_times(url: str, key: str | None, reps: int, eager: bool
+                 ) -> dict[str, list[float]]:
     from vinterp import LanguageModel
 
-    lm = LanguageModel(MODEL, backend="vllm", max_model_len=MAX_MODEL_LEN)
+    # the local backend in the servers' mode (explicit: VINTERP_VLLM_EAGER would change it)
+    lm = LanguageModel(MODEL, backend="vllm", max_model_len=MAX_MODEL_LEN,
+                       enforce_eager=eager)
 
     def once(**remote: Any) -> float:
         t0 = time.perf_counter()
@@ -127,14 +132,33 @@ def _patch_times(url: str, key: str | None, reps: int) -> dict[str, list[float]]
     return out
 
 
+#: what a server JSON without ``modes`` ran: vllm serve had --enforce-eager, and vinterp's vllm
+#: backend ran eager only until its compiled default (commit 0a6ab96, 2026-11-27 13:43)
+_MODES_BEFORE_RECORDED = ("both servers eager float32 (the JSON records no mode: vllm serve "
+                          "ran with --enforce-eager, and vinterp's vllm backend had only eager "
+                          "mode before commit 0a6ab96)")
+
+
+def modes_text(result: dict[str, Any]) -> str:
+    """Which vLLM mode each server ran in, from the JSON's ``modes``."""
+    modes = result.get("modes")
+    if not modes:
+        return _MODES_BEFORE_RECORDED
+    servers = {k: v for k, v in modes.items() if k in ("vllm_serve", "vinterp")}
+    if len(set(servers.values())) == 1:
+        return f"both servers {next(iter(servers.values()))} float32"
+    return ("**servers in different modes**: "
+            + ", ".join(f"{k} {v}" for k, v in servers.items()) + "; float32")
+
+
 def server_section(result: dict[str, Any]) -> list[str]:
     """A server run as Markdown: the table, the targets (issue 10) and the patching time."""
     rows, med, paired = result["rows"], result["median_tok_s"], result["paired_ratios"]
     lines = [f"- date: {result['date']}; {result['cpus']} CPUs; load average at end "
              f"{[round(x, 2) for x in result['load']]}; {result['clients']} concurrent "
              f"streaming clients x {result['tokens']} tokens (greedy, ignore_eos), "
-             f"{result['reps']} interleaved repetitions with the case order rotated; both "
-             f"servers eager float32, same engine settings, up at once; every repetition "
+             f"{result['reps']} interleaved repetitions with the case order rotated; "
+             f"{modes_text(result)}, same engine settings, up at once; every repetition "
              f"verified (measured token counts, steered text changed, capture rows)", "",
              "| case | tok/s (median) | TTFT p50 s | TTFT p99 s | paired ratio (min–max) |",
              "|---|---|---|---|---|"]
@@ -176,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--out", default="benchmarks/results/server")
+    ap.add_argument("--eager", action="store_true",
+                    help="both servers (and the local backend) in eager mode; default: both "
+                         "in vLLM's compiled mode, vinterp's default")
     a = ap.parse_args(argv)
     from vinterp.backends.vllm.engine import default_kv_cache_bytes
     from vinterp.models.registry import resolve_model
@@ -184,12 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="vinterp-server-bench-"))
     env = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
     common = ["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "64"]
+    # Like for like: both servers compiled (vinterp's default), or both eager with --eager.
+    # vinterp's mode is set explicitly (VINTERP_VLLM_EAGER in the caller's environment would
+    # otherwise make it eager against a compiled vllm serve).
+    mode = "eager" if a.eager else "compiled"
+    # compiled start-up runs torch.compile, minutes on 2 CPU cores (both servers at once)
+    start_s = 240 if a.eager else 900
     plain = launch(vllm_serve_command(
         path, "--served-model-name", MODEL, "--host", "127.0.0.1", "--dtype", "float32",
-        "--enforce-eager", "--seed", "0", "--kv-cache-memory-bytes",
+        *(["--enforce-eager"] if a.eager else []), "--seed", "0", "--kv-cache-memory-bytes",
         str(default_kv_cache_bytes()), *common), log=tmp / "vllm.log",
-        env={**env, "VLLM_PLUGINS": ""})   # plain vLLM: no vinterp plugin loaded
-    ours = launch(serve_command(MODEL, *common), log=tmp / "vinterp.log", env=env)
+        env={**env, "VLLM_PLUGINS": ""}, timeout=start_s)   # plain vLLM: no vinterp plugin
+    ours = launch(serve_command(MODEL, *common), log=tmp / "vinterp.log",
+                  env={**env, "VINTERP_VLLM_EAGER": "1" if a.eager else "0"}, timeout=start_s)
     vllm_url, vi_url = plain.url, ours.url
     cases = [("vllm_serve", vllm_url, "plain", False), ("vinterp", vi_url, "plain", False),
              ("vinterp_steer", vi_url, "steer", False),
@@ -214,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             rows["vinterp_one_at_a_time"].append({k: v for k, v in seq.items() if k != "outs"})
             print(f"rep {rep + 1}/{a.reps}: " + ", ".join(
                 f"{k} {v[-1]['tok_s']:.0f} tok/s" for k, v in rows.items()), flush=True)
-        patch = _patch_times(vi_url, None, a.reps)
+        patch = _patch_times(vi_url, None, a.reps, a.eager)
     finally:
         plain.stop()
         ours.stop()
@@ -227,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
               "cpus": os.cpu_count(), "load": os.getloadavg(), "clients": a.clients,
               "tokens": a.tokens, "reps": a.reps, "rows": rows, "median_tok_s": med,
-              "paired_ratios": paired, "patch_seconds": patch}
+              "paired_ratios": paired, "patch_seconds": patch,
+              # each server's vLLM mode (and the local backend's, for the patching time)
+              "modes": {"vllm_serve": mode, "vinterp": mode, "local_vllm_backend": mode}}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{time.strftime('%Y-%m-%d')}-{platform.node()}.json").write_text(

@@ -127,8 +127,13 @@ def test_concurrency_curve_points() -> None:
     curves = report.concurrency_curves(ROWS)
     assert sorted(curves[("vinterp_vllm", "batched")]) == [4, 64]
     assert sorted(curves[("vllm_eager", "batched")]) == [4, 64]  # unsteered top point
-    # nnsight one at a time is its curve's concurrency-1 point
-    assert curves[("nnsight", "invokes")][1]["variant"] == "one_at_a_time"
+    # nnsight one at a time is the concurrency-1 point of its own curve: nnsight's c1 invokes
+    # row, also at 1, must not replace it (nor it the c1 row)
+    c1 = row("nnsight", "concurrency", "c1", "invokes", 13.0, items=1)
+    both = report.concurrency_curves([*ROWS, c1])
+    assert both[("nnsight", "serial")][1]["variant"] == "one_at_a_time"
+    assert both[("nnsight", "invokes")][1] is c1
+    assert curves[("nnsight", "serial")][1]["variant"] == "one_at_a_time"
 
 
 def test_table_gives_per_request_time_for_one_at_a_time_rows_only() -> None:
@@ -168,3 +173,38 @@ def test_combined_report_keeps_each_runs_ratios_to_itself(tmp_path: Path) -> Non
     assert f"{eager} | 0.95× (0.95–0.95, 5 reps) | yes |" in run1
     assert f"{eager} | 0.47× (0.47–0.47, 5 reps) | no |" in run2
     assert "| 3 ≥ 4× nnsight seed loop" not in text  # no patch_sweep in these runs
+
+
+def test_sections_say_what_was_verified_and_what_older_runs_ran_with() -> None:
+    steer = [r for r in ROWS if r["workload"] == "steer_generate"]
+    # a run from before verification existed: no system_order, no verified fields, the plugin
+    # recorded no engine mode (it had only eager mode then)
+    old = fake_run(["steer_generate"], steer)
+    old["systems"]["vllm_eager"]["enforce_eager"] = True
+    text = "\n".join(report.provenance(old))
+    assert f"verified 0/{len(steer)} rows: run before verification existed" in text
+    assert "steering strength 4" in text and "same system order" in text
+    assert "vllm_eager eager" in text and "vinterp_vllm **eager** (the eager-only plugin" in text
+    # a run with verification: k of n rows, the steering norm and modes as recorded
+    rows = [dict(r, verified=5) if r["system"] == "vinterp_vllm" else r for r in steer]
+    new = dict(fake_run(["steer_generate"], rows), system_order={}, steer_scale=64.0, seed=0,
+               engine_modes={"vinterp_vllm": "compiled"}, date="2026-12-07T00:00:00")
+    lines = report.provenance(new)
+    assert lines[0].startswith(f"- verified 2/{len(rows)} rows")
+    assert "steering vectors of norm 64.0, seed 0" in lines[1]
+    assert lines[2] == "- vLLM engine modes: vinterp_vllm compiled"
+    assert "verified 2/" in "\n".join(report.section(new))
+    # patch sweeps are not checked by verify.py: said, not counted as failures
+    sweep = dict(fake_run(["patch_sweep"], [r for r in ROWS if r["workload"] == "patch_sweep"]),
+                 system_order={})
+    assert "3 rows are of kinds verify.py does not check" in report.provenance(sweep)[0]
+
+
+def test_server_section_says_each_servers_mode() -> None:
+    from benchmarks.server_load import modes_text
+
+    assert modes_text({"modes": {"vllm_serve": "compiled", "vinterp": "compiled"}}) \
+        == "both servers compiled float32"
+    assert "different modes" in modes_text({"modes": {"vllm_serve": "eager",
+                                                      "vinterp": "compiled"}})
+    assert modes_text({}).startswith("both servers eager float32 (the JSON records no mode")

@@ -2,10 +2,10 @@
 
 Runs ``python -m benchmarks run --quick --only trace_overhead`` (the HF-side systems) and a
 small vLLM run (plain vLLM eager and vinterp on vLLM, steered generation and capture, 2
-repetitions) into temporary directories. Systems that cannot run here (nnsight without
-``make bench-setup``) must appear in ``skipped`` with a reason; every row of the vLLM run must
-have passed its per-repetition verification, and the curated benchmarks/RESULTS.md must be
-left as it was.
+repetitions) into temporary directories. Only nnsight may be skipped (without ``make
+bench-setup``), with a reason; vinterp HF and raw hooks must measure every trace_overhead
+task; every row of the vLLM run must have passed its per-repetition verification, and the
+curated benchmarks/RESULTS.md must be left as it was.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def test_vllm_systems_measured_and_verified(vllm_run: dict) -> None:
 def test_json_structure(result: tuple[dict, Path]) -> None:
     data, _ = result
     for key in ("schema", "date", "quick", "model", "machine", "sizes", "reps", "systems",
-                "skipped", "rows", "workloads"):
+                "skipped", "rows", "workloads", "steer_scale", "seed", "engine_modes"):
         assert key in data, key
     assert data["quick"] is True
     assert data["workloads"] == ["trace_overhead"]
@@ -120,8 +120,20 @@ def test_every_system_measured_or_skipped_with_reason(result: tuple[dict, Path])
             assert whole_skips[system].strip()
     for s in data["skipped"]:
         assert s["reason"].strip(), s
-    # Plain HF needs nothing but the main venv: its rows must exist.
-    assert {r["case"] for r in data["rows"] if r["system"] == "hf_hooks"} >= {"plain_forward"}
+    # Only nnsight may be skipped (its .bench-venv comes from `make bench-setup` and may be
+    # absent): a vinterp HF or raw-hooks worker that fails setup, or a task of theirs that
+    # fails or does not verify, is an entry in `skipped` and must fail this test.
+    assert [s for s in data["skipped"] if s["system"] != "nnsight"] == []
+    # vinterp HF and plain HF need nothing but the main venv: every trace_overhead task of
+    # theirs must have a row (a lost task would otherwise leave the other rows passing).
+    cases = {system: {r["case"] for r in data["rows"] if r["system"] == system}
+             for system in measured}
+    assert cases.get("vinterp_hf") == {"plain_forward", "empty", "save_1", "save_12"}, cases
+    assert cases.get("hf_hooks") == {"plain_forward", "save_1", "save_12"}, cases
+    if "nnsight" in measured:   # measured: all four tasks, or the missing ones skipped
+        lost = {s["what"].split("/")[1] for s in data["skipped"]
+                if s["system"] == "nnsight" and s["what"] != "*"}
+        assert cases["nnsight"] | lost == {"plain_forward", "empty", "save_1", "save_12"}
 
 
 def test_report_written(result: tuple[dict, Path]) -> None:
