@@ -107,3 +107,20 @@ def test_serve_takes_no_abbreviation_of_its_options():
                                                    "sk-x-12345678"])
     assert args.ingress_replicas == 1 and args.api_keys is None
     assert rest == ["--ingress", "2", "--api-key", "sk-x-12345678"]
+
+
+def test_serve_refuses_a_bad_key_file_in_one_line(tmp_path):
+    """A key file's mistake (a key too short, a missing file) is one line naming the file and
+    line, and exit code 2, before any engine starts (it was a traceback)."""
+    bad = tmp_path / "keys.txt"
+    bad.write_text("sk-ok-123456789 alice\nshort bob\n")
+    for path, expect in ((bad, f"key file {bad}, line 2"),
+                         (tmp_path / "missing.txt", "No such file")):
+        start = time.monotonic()
+        proc = subprocess.run([*CLI, "serve", "--api-keys", str(path)], capture_output=True,
+                              text=True, timeout=60)
+        assert time.monotonic() - start < 30
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("vinterp serve: "), proc.stderr
+        assert expect in lines[0] and "short" not in lines[0]

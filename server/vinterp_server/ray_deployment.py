@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import pickle
@@ -118,8 +119,12 @@ class EngineReplica:
                     return
                 first = False
                 steps = {}
-                for index in ctx.keys:   # running prompts' completed steps (streamed captures)
-                    if index not in ctx.outcomes:
+                # the completed steps of the choices this chunk continues (streamed captures),
+                # as one process takes them: steps taken for a choice that gets no chunk
+                # before its last (vLLM sends none where a tool or reasoning parser holds
+                # text back) would be missing from its final captures
+                for index in _running_choices(chunk):
+                    if index in ctx.keys and index not in ctx.outcomes:
                         parts = await ctx.take_steps(index)
                         if parts:
                             steps[index] = parts
@@ -162,6 +167,18 @@ class _Sent:
 
     outcomes: set[int] = field(default_factory=set)
     tokens: int = 0
+
+
+def _running_choices(chunk: str) -> list[int]:
+    """The indices of the choices an SSE chunk continues (not those it finishes)."""
+    if not chunk.startswith("data: {"):
+        return []
+    try:
+        data = json.loads(chunk[len("data: "):])
+    except ValueError:
+        return []
+    return [c.get("index", 0) for c in data.get("choices") or ()
+            if c.get("finish_reason") is None]
 
 
 def _news(ctx: RequestContext, sent: _Sent, piece: Piece) -> Piece:
@@ -408,8 +425,18 @@ class Ingress:
 
         # one ingress keeps per-key state in its memory; several share the store's actors
         store = MemoryStore() if not self._store_actors else shared_store(self._store_actors)
-        return build_app(self._host, self._keys, store, self._settings,
-                         app_metrics=self._all_ingress_metrics)
+        self._app = build_app(self._host, self._keys, store, self._settings,
+                              app_metrics=self._all_ingress_metrics)
+        return self._app
+
+    async def __del__(self) -> None:
+        # Serve stops a replica (scale-down, shutdown): its background traces finish or say
+        # they were stopped, as in one process
+        from vinterp_server.traces import finish_background
+
+        app = getattr(self, "_app", None)
+        if app is not None:
+            await finish_background(app.state.vinterp, timeout=20)
 
 
 def build_ray_app(model: str, vllm_argv: list[str], *, replicas: int = 1,
@@ -429,6 +456,6 @@ def build_ray_app(model: str, vllm_argv: list[str], *, replicas: int = 1,
         graceful_shutdown_timeout_s=30)
     ingress = serve.deployment(Ingress, name="ingress").options(
         num_replicas=ingress_replicas, max_ongoing_requests=MAX_ONGOING,
-        ray_actor_options={"num_cpus": 0})
+        ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=30)
     return ingress.bind(engine.bind(model, list(vllm_argv)), keys or ApiKeys(),
                         settings or Settings(), store_actors)

@@ -119,8 +119,8 @@ class Outcome:
         return 1 if self.engine_died else 0
 
 
-async def serve(args: argparse.Namespace, vllm_argv: Sequence[str],
-                outcome: Outcome | None = None) -> int:
+async def serve(args: argparse.Namespace, vllm_argv: Sequence[str], keys: ApiKeys,
+                host_addr: str, outcome: Outcome | None = None) -> int:
     """Start the engine, then serve HTTP until SIGINT/SIGTERM (in-flight requests finish) or
     the engine dies; returns the exit code (1: the engine died)."""
     outcome = outcome or Outcome()
@@ -129,9 +129,9 @@ async def serve(args: argparse.Namespace, vllm_argv: Sequence[str],
     from vinterp_server.app import build_app
     from vinterp_server.engine import LocalEngineHost
     from vinterp_server.sqlite_store import SqliteStore
+    from vinterp_server.traces import finish_background
     from vinterp_server.store import MemoryStore, ShardedStore, Store
 
-    keys, host_addr = _keys_and_address(args)
     on_disk = [SqliteStore(f) for f in args.store_files or ()]
     store: Store = (MemoryStore() if not on_disk else on_disk[0] if len(on_disk) == 1
                     else ShardedStore(on_disk))
@@ -149,6 +149,8 @@ async def serve(args: argparse.Namespace, vllm_argv: Sequence[str],
         await server.serve()
     finally:
         watchdog.cancel()
+        # background traces (blocking=false) hold no connection uvicorn waits for
+        await finish_background(app.state.vinterp, timeout=30)
         await host.shutdown()
         for shard in on_disk:
             shard.close()
@@ -175,16 +177,29 @@ async def _exit_when_engine_dies(host: EngineHost, server: Any, outcome: Outcome
     server.should_exit = True
 
 
-def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
+def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str], keys: ApiKeys,
+              host_addr: str) -> int:
     """The same app on Ray Serve, in front of ``--replicas`` engine replicas, until
-    SIGINT/SIGTERM (then the deployments and, if this process started it, Ray stop)."""
+    SIGINT/SIGTERM (then its own app and, if this process started the cluster, Ray stop);
+    returns the exit code.
+
+    Without ``--ray-address`` it starts a cluster of its own (``address="local"``: an
+    existing local cluster is left alone). On a shared cluster it refuses, rather than
+    surprise anyone, to run where Serve already answers on another host or port than
+    ``--host``/``--port`` (the app would answer there) or where an app named ``vinterp``
+    runs; and it deletes only its own app when it stops.
+    """
     import ray
     from ray import serve as ray_serve
 
+    from vinterp.models.registry import resolve_model
+    from vinterp_server.engine import vllm_serve_args
     from vinterp_server.ray_deployment import build_ray_app
     from vinterp_server.ray_store import start_store_actors
 
-    keys, host_addr = _keys_and_address(args)
+    # what the one-process server refuses in seconds is refused here too, before Ray starts
+    # (a replica's own error would surface only as "failed to update the deployments")
+    vllm_serve_args(str(resolve_model(args.model)), args.model, list(vllm_argv))
     gpus = args.replica_gpus
     if gpus is None:
         import torch
@@ -192,14 +207,21 @@ def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
         gpus = 1 if torch.cuda.is_available() else 0
     # the engine core runs in a child process of each replica, as in `vinterp serve`
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_HOST_IP": "127.0.0.1"}
-    ray.init(address=args.ray_address, runtime_env={"env_vars": env},
+    own_cluster = args.ray_address is None
+    ray.init(address=args.ray_address or "local", runtime_env={"env_vars": env},
              include_dashboard=False, log_to_driver=False)
     # ray.init installs a SIGTERM handler that only logs and dies: take it back, so SIGTERM
     # stops the deployments and the local cluster below (else Ray's agents outlive us)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     stores: dict[str, Any] = {}
+    deployed = False
+    serve_was_up = own_cluster or _serve_running()
     try:
         ray_serve.start(http_options={"host": host_addr, "port": args.port})
+        refusal = _shared_cluster_refusal(ray_serve, host_addr, args.port)
+        if refusal:
+            print(f"vinterp serve: {refusal}", file=sys.stderr, flush=True)
+            return 2
         print(f"vinterp serve: starting {args.replicas} engine replica(s) for {args.model} "
               f"on Ray Serve ...", file=sys.stderr, flush=True)
         # several ingresses share the store's actors; a store kept on disk is an actor too,
@@ -213,7 +235,13 @@ def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
                                                    "num_gpus": gpus},
                             ingress_replicas=args.ingress_replicas,
                             store_actors=list(stores) or None)
-        ray_serve.run(app, name="vinterp", route_prefix="/")
+        deployed = True
+        try:
+            ray_serve.run(app, name=RAY_APP, route_prefix="/")
+        except RuntimeError as exc:
+            print(f"vinterp serve: the app did not start on Ray Serve: "
+                  f"{_deploy_failure(ray_serve) or exc}", file=sys.stderr, flush=True)
+            return 1
         print(f"vinterp serve: ready on http://{host_addr}:{args.port} (model {args.model}; "
               f"OpenAI API at /v1; {args.replicas} engine and {args.ingress_replicas} ingress "
               f"replica(s) on Ray Serve)",
@@ -221,12 +249,55 @@ def serve_ray(args: argparse.Namespace, vllm_argv: Sequence[str]) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        return 0
     finally:
-        ray_serve.shutdown()
+        if deployed and not own_cluster:
+            ray_serve.delete(RAY_APP)   # (shutdown() would delete every app on the cluster)
+        if own_cluster or not serve_was_up:
+            ray_serve.shutdown()        # (Serve started here; on a shared cluster, idle)
         for store in stores.values():   # detached: they would outlive us on a shared cluster
             ray.kill(store)
         ray.shutdown()
+
+
+#: the Serve application's name on the cluster
+RAY_APP = "vinterp"
+
+
+def _serve_running() -> bool:
+    """Whether Ray Serve already runs on the cluster this process joined."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client(raise_if_no_controller_running=False) is not None
+
+
+def _shared_cluster_refusal(ray_serve: Any, host: str, port: int) -> str | None:
+    """Why this app must not be deployed on the cluster as it is, or ``None``."""
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    if (http.host, http.port) != (host, port):
+        return (f"Ray Serve on this cluster already answers HTTP on {http.host}:{http.port}, "
+                f"so the app would answer there, not on {host}:{port}; pass --host "
+                f"{http.host} --port {http.port} to serve there (with --api-keys unless that "
+                f"is loopback), or use a cluster of its own (leave out --ray-address)")
+    if RAY_APP in ray_serve.status().applications:
+        return (f"an app named {RAY_APP!r} already runs on this Ray cluster (another vinterp "
+                "serve?); stop it first, or use a cluster of its own")
+    return None
+
+
+def _deploy_failure(ray_serve: Any) -> str | None:
+    """The replicas' own error when the app failed to deploy (Serve's says only that the
+    deployments failed to update), e.g. vLLM refusing its settings."""
+    try:
+        app = ray_serve.status().applications.get(RAY_APP)
+    except Exception:   # (the controller is gone: nothing more to say)
+        return None
+    if app is None:
+        return None
+    messages = [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
+    return "; ".join(messages) or app.message or None
 
 
 def _shards(args: argparse.Namespace) -> int:
@@ -258,11 +329,15 @@ def main(args: argparse.Namespace, vllm_argv: Sequence[str]) -> int:
         except (ValueError, OSError, sqlite3.DatabaseError) as exc:
             print(f"vinterp serve: --store-path {args.store_path}: {exc}", file=sys.stderr)
             return 2
+    try:   # a key file's mistakes are refused before anything starts, in one line
+        keys, host_addr = _keys_and_address(args)
+    except (OSError, ValueError) as exc:
+        print(f"vinterp serve: {exc}", file=sys.stderr)
+        return 2
     if args.replicas > 1 or args.ingress_replicas > 1 or args.ray or args.ray_address:
-        serve_ray(args, vllm_argv)
-        return 0
+        return serve_ray(args, vllm_argv, keys, host_addr)
     outcome = Outcome()
     try:
-        return asyncio.run(serve(args, vllm_argv, outcome))
+        return asyncio.run(serve(args, vllm_argv, keys, host_addr, outcome))
     except KeyboardInterrupt:
         return outcome.exit_code
