@@ -32,6 +32,19 @@ def test_wait_retries_an_unreachable_server_until_its_timeout():
                                      f"last: cannot reach the vinterp server at {DOWN}")
 
 
+def test_wait_without_a_timeout_ends_when_the_server_stays_away(monkeypatch):
+    """With no timeout a wait rides out a restart, but not a server that never comes back
+    (``vinterp steer eval --server`` would hang for good): after MAX_OUTAGE_S it gives up."""
+    import vinterp.backends.remote as remote
+
+    monkeypatch.setattr(remote, "MAX_OUTAGE_S", 1.0)
+    start = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="retrying until the server answers"):
+        with pytest.raises(RemoteError, match="no status for 1 s, giving up") as err:
+            RemoteTrace(RemoteBackend(DOWN), "trace-0").wait()
+    assert err.value.status == 503 and time.monotonic() - start < 10
+
+
 def test_a_failed_trace_keeps_the_servers_status():
     """A failed trace's status object carries its HTTP status (``code``: 413 too large, 429
     a limit, 503 the server stopped); RemoteError.status is that, not always 500. A server

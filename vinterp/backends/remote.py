@@ -142,6 +142,9 @@ _TRANSIENT = frozenset({502, 503, 504})
 _FIRST_BACKOFF = 0.25       # seconds before the first retry, doubling up to _MAX_BACKOFF
 _MAX_BACKOFF = 4.0
 _MIN_POLL_TIMEOUT = 1.0     # a poll near the deadline still gets this long to answer
+#: seconds a wait with no timeout goes on while the server stays unreachable: a restart takes
+#: a minute or two; a server that does not come back must not hang the caller for good
+MAX_OUTAGE_S = 600.0
 
 
 class RemoteTrace:
@@ -172,10 +175,12 @@ class RemoteTrace:
         once if the server no longer knows it (404), and after ``timeout`` seconds (default:
         no limit) if the server stayed unreachable or answered 502/503/504 (those are
         retried with backoff, so a restarting server or a dropped poll does not end the
-        wait); :class:`TimeoutError` if it is still queued or running after ``timeout``."""
+        wait; with no ``timeout``, an outage ends it after ``MAX_OUTAGE_S``);
+        :class:`TimeoutError` if it is still queued or running after ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         backoff = _FIRST_BACKOFF
         warned = False
+        outage: float | None = None   # when the polls started failing
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             try:
@@ -189,6 +194,10 @@ class RemoteTrace:
                 if left is not None and left <= 0:
                     raise RemoteError(f"trace {self.id}: gave up after {timeout:g} s without "
                                       f"a status; last: {exc}", exc.status) from None
+                outage = time.monotonic() if outage is None else outage
+                if left is None and time.monotonic() - outage > MAX_OUTAGE_S:
+                    raise RemoteError(f"trace {self.id}: no status for {MAX_OUTAGE_S:g} s, "
+                                      f"giving up; last: {exc}", exc.status) from None
                 if not warned and deadline is None:
                     # with no timeout this can last as long as the outage: say so once
                     warnings.warn(f"trace {self.id}: {exc}; retrying until the server "
@@ -198,7 +207,7 @@ class RemoteTrace:
                 time.sleep(backoff if left is None else min(backoff, left))
                 backoff = min(2 * backoff, _MAX_BACKOFF)
                 continue
-            backoff = _FIRST_BACKOFF
+            backoff, outage = _FIRST_BACKOFF, None
             if st["status"] in ("done", "failed"):
                 return _result(st)
             if deadline is not None and time.monotonic() > deadline:
