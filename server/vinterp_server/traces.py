@@ -8,10 +8,11 @@ With ``blocking: false`` the answer is an id to poll; results are kept for ``tra
 
 A request is admitted once (one of the key's concurrent slots, one token-budget check) before
 anything runs or a ``202`` is sent, so a trace over a limit gets its 429 either way; the tokens
-of all its graphs are charged when it ends. A background trace's status is refreshed every
-``HEARTBEAT_S`` while it runs: a status left ``running`` by a server that stopped (or an
-ingress replica that was replaced) reads as failed once it is ``STALE_S`` old, so a poller is
-told to send it again instead of waiting out the TTL.
+of all its graphs are charged when it ends (a graph that fails is charged its prompts: the
+engine read them). A background trace's status is refreshed every ``HEARTBEAT_S`` while it
+runs: a status left ``running`` by a server that stopped (or an ingress replica that was
+replaced) reads as failed once it is ``STALE_S`` old, so a poller is told to send it again
+instead of waiting out the TTL.
 
 A session (``session: [graph, ...]``, ``model.session(remote=True)``) is one request: its
 graphs are all validated and checked first, then run in order, each one's
@@ -145,10 +146,14 @@ async def _run(graphs: list[Graph], key: KeyInfo, srv: Server, slot: Slot,
     try:
         for j, graph in enumerate(graphs):
             graph = _fill_session(graph, results, j)
-            results.append(await srv.host.run(graph, capture_cap=key.limits.capture_bytes))
+            prompts = sum(len(p) for inv in graph.invokes for p in inv.prompts)
+            try:
+                results.append(await srv.host.run(graph, capture_cap=key.limits.capture_bytes))
+            except Exception:
+                tokens += prompts   # it failed after the engine read its prompts: they count
+                raise
             tokens += (sum(len(g) for g in results[-1].generated)
-                       if results[-1].generated is not None
-                       else sum(len(p) for inv in graph.invokes for p in inv.prompts))
+                       if results[-1].generated is not None else prompts)
     except Exception:
         await srv.host.check_health()   # the engine died: its 503, not the trace's failure
         raise

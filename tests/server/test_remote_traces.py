@@ -160,3 +160,18 @@ def test_a_non_blocking_trace_is_admitted_before_its_202(served, local_vllm):
     with pytest.raises(RemoteError, match="exceeded this request's cap") as failed:
         tracer.wait(timeout=120)
     assert failed.value.status == 413
+
+
+def test_a_trace_that_fails_is_charged_its_prompts(served, local_vllm):
+    """A trace that fails on the engine used it: its prompts count against the key's budget,
+    as a failed OpenAI request's tokens do (it was charged nothing)."""
+    opts = {"remote": served.url, "api_key": KEYS["charged"]}
+    n = len(local_vllm.tokenizer("word " * 40)["input_ids"])
+    with pytest.raises(RemoteError, match="exceeded this request's cap") as failed:
+        with local_vllm.trace("word " * 40, **opts):   # 41 rows x 576 floats > 20000 B
+            local_vllm.layers[3].output.save()
+    assert failed.value.status == 413
+    with pytest.raises(RemoteError) as spent:
+        with local_vllm.trace(EIFFEL, **opts):
+            local_vllm.layers[1].output.save()
+    assert spent.value.status == 429 and f"used {n} tokens" in str(spent.value)
