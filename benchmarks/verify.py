@@ -4,7 +4,8 @@ A handler returns, next to its time, a ``verify`` dict of what it measured in th
 
 - ``new_tokens``: tokens each request really generated (from the outputs, not the request);
 - ``changed`` / ``compared``: of the first ``compared`` requests, how many generated other
-  tokens than the same requests unsteered (an untimed reference run of that system);
+  tokens than the same requests unsteered (an untimed reference run of that system); most
+  of them must;
 - ``captures``: ``{"count": n, "bad_shapes": [...]}``: saved tensors, and those whose shape is
   not ``[1, tokens of its prompt, hidden]`` (full) or ``[1, hidden]`` (last token).
 
@@ -91,6 +92,12 @@ def check(task: dict[str, Any], system: str, result: dict[str, Any], *,
             if not v.get("changed"):
                 return (f"steering changed no token: all {v['compared']} requests compared "
                         f"equal the unsteered run")
+            if 2 * v["changed"] <= v["compared"]:
+                # vectors this strong change most requests (7-8 of 8 on file); a few changed
+                # ones can come from batching noise alone, or from one request in the wrong
+                # place while the others went unsteered
+                return (f"steering changed only {v['changed']} of {v['compared']} requests "
+                        f"compared with the unsteered run (a majority must change)")
     if capture_count is not None:
         cap = v.get("captures") or {}
         if cap.get("count") != capture_count:

@@ -20,7 +20,7 @@ def test_generation_needs_measured_counts_and_steering_that_changes_tokens() -> 
     task = {"workload": "steer_generate", "case": "distinct_1layer", "variant": "batched"}
     want = verify.requested_tokens(c, task)
     assert want == [c.sizes.gen_new_tokens] * len(c.gen_prompts)
-    good = {"tokens": sum(want), "verify": {"new_tokens": want, "changed": 3, "compared": 8}}
+    good = {"tokens": sum(want), "verify": {"new_tokens": want, "changed": 7, "compared": 8}}
 
     def why(result, system="vinterp_vllm", t=task):
         return verify.check(t, system, result, requested=verify.requested_tokens(c, t),
@@ -36,6 +36,8 @@ def test_generation_needs_measured_counts_and_steering_that_changes_tokens() -> 
     assert "reported" in why(dict(good, tokens=sum(want) + 1))
     same = dict(good, verify=dict(good["verify"], changed=0))
     assert "steering changed no token" in why(same)
+    few = dict(good, verify=dict(good["verify"], changed=4))   # half is not a majority
+    assert "changed only 4 of 8 requests" in why(few)
     # unsteered runs and plain vLLM need no change
     none = dict(task, case="none")
     assert why(dict(same, verify={"new_tokens": want}), t=none) is None
@@ -47,7 +49,7 @@ def test_batches_generated_to_the_longest_count_only_asked_tokens() -> None:
     task = {"workload": "many_users", "case": "steered", "variant": "invokes_to_longest"}
     want = verify.requested_tokens(c, task)
     longest = [max(want)] * len(want)
-    ok = {"tokens": sum(want), "verify": {"new_tokens": longest, "changed": 1, "compared": 8}}
+    ok = {"tokens": sum(want), "verify": {"new_tokens": longest, "changed": 8, "compared": 8}}
     assert verify.check(task, "nnsight", ok, requested=want, capture_count=None) is None
     bad = dict(ok, tokens=sum(longest))
     assert "reported" in verify.check(task, "nnsight", bad, requested=want, capture_count=None)
