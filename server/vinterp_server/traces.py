@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from typing import Any
@@ -47,6 +48,7 @@ from vinterp_server.schemas import TraceRequest, TraceStatus
 from vinterp_server.vectors import stored_vectors
 
 router = APIRouter()
+log = logging.getLogger("vinterp.server")
 
 #: seconds between refreshes of a background trace's status, and the age past which a status
 #: still ``queued``/``running`` belongs to a server that stopped
@@ -199,11 +201,18 @@ async def create_trace(body: TraceRequest, key: KeyInfo = Depends(require_key),
         await srv.store.put(key.id, "trace", tid, status, ttl)
 
     queued = TraceStatus(id=tid, status="queued", updated=time.time())
-    await put(queued)
+    try:
+        await put(queued)
+    except BaseException:
+        await slot.release()   # (the trace never started: its slot back, nothing charged)
+        raise
 
     async def heartbeat() -> None:
         while True:
-            await put(TraceStatus(id=tid, status="running", updated=time.time()))
+            try:
+                await put(TraceStatus(id=tid, status="running", updated=time.time()))
+            except Exception:   # a store hiccup: the next beat (or the final status) tries again
+                log.warning("could not refresh the status of %s", tid, exc_info=True)
             await asyncio.sleep(HEARTBEAT_S)
 
     async def background() -> None:
