@@ -88,10 +88,8 @@ class ApiKeys:
     def load(cls, path: str | Path | None, defaults: Limits | None = None) -> ApiKeys:
         """Keys from ``path`` (if given) and ``VINTERP_API_KEYS``; a bad entry raises
         ``ValueError`` naming the file and line (or the variable and the key's position)."""
-        keys = cls(defaults)
-        if path:
-            text = Path(path).read_text()
-            keys._add_lines(enumerate(text.splitlines(), 1), f"key file {path}, line")
+        keys = cls.parse(Path(path).read_text(), defaults, source=f"key file {path}") \
+            if path else cls(defaults)
         # numbered by position in the variable (blanks counted), so "key 3" is the third
         # comma-separated entry as the user typed it
         env = os.environ.get("VINTERP_API_KEYS", "")

@@ -31,14 +31,22 @@ class EngineUnavailable(Exception):
         return (type(self), (str(self), self.retry_after))
 
 
-def error_event(chunk: str | None) -> dict[str, Any] | None:
-    """The error in an SSE chunk of vLLM's stream (``data: {"error": ...}``), else ``None``."""
-    if chunk is None or not chunk.startswith("data: {\"error\""):
+def sse_json(chunk: str | None) -> dict[str, Any] | None:
+    """The JSON object an SSE chunk of vLLM's stream carries (``data: {...}``), else ``None``
+    (``data: [DONE]``, a comment, a chunk that is not JSON)."""
+    if chunk is None or not chunk.startswith("data: {"):
         return None
     try:
         return json.loads(chunk[len("data: "):])
     except ValueError:
         return None
+
+
+def error_event(chunk: str | None) -> dict[str, Any] | None:
+    """The error in an SSE chunk of vLLM's stream (``data: {"error": ...}``), else ``None``."""
+    if chunk is None or not chunk.startswith("data: {\"error\""):
+        return None
+    return sse_json(chunk)
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:

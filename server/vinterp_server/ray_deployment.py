@@ -25,7 +25,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import pickle
@@ -42,7 +41,7 @@ from vinterp_server.auth import ApiKeys
 from vinterp_server.compile import CompiledRequest
 from vinterp_server.context import Settings
 from vinterp_server.engine import LocalEngineHost, RequestContext, engine_down, http_error
-from vinterp_server.errors import EngineUnavailable, error_event
+from vinterp_server.errors import EngineUnavailable, error_event, sse_json
 from vinterp_server.metrics import RETRIES, families, merge_replicas
 
 T = TypeVar("T")
@@ -171,12 +170,7 @@ class _Sent:
 
 def _running_choices(chunk: str) -> list[int]:
     """The indices of the choices an SSE chunk continues (not those it finishes)."""
-    if not chunk.startswith("data: {"):
-        return []
-    try:
-        data = json.loads(chunk[len("data: "):])
-    except ValueError:
-        return []
+    data = sse_json(chunk) or {}
     return [c.get("index", 0) for c in data.get("choices") or ()
             if c.get("finish_reason") is None]
 
