@@ -131,32 +131,35 @@ def test_a_non_blocking_trace_is_admitted_before_its_202(served, local_vllm):
     429 while the key's one slot is taken (it was accepted, then failed as a 500), and a
     trace that fails at run time reports its own status (413: it captured past the key's
     cap) when it is waited on."""
-    import threading
-
     opts = {"remote": served.url, "api_key": KEYS["queued"], "blocking": False}
-    done: list[int] = []
-
-    def hold_the_slot() -> None:
-        with served.client("queued") as c:
-            done.append(c.post("/v1/completions", json={
-                "model": "smollm2-135m", "prompt": "Hi", "max_tokens": 200,
-                "ignore_eos": True,   # (a capture, so the worker lists it in its stats)
-                "capture": [{"point": "layers.1.output", "positions": "last"}]}).status_code)
-
-    t = threading.Thread(target=hold_the_slot)
-    t.start()
-    wait_until(lambda: served.stats()["states"] >= 1 or done, "the slot taken")
-    try:
-        with pytest.raises(RemoteError) as refused:
-            with local_vllm.trace(EIFFEL, **opts):
-                local_vllm.layers[1].output.save()
-    finally:
-        t.join(120)
-    assert done == [200]
+    # The slot is held by a stream that has sent a token: admitted and running for certain
+    # (the worker's state count is no such proof, as an earlier test's state may linger),
+    # and held until this client hangs up, however fast the machine generates.
+    with served.client("queued") as c:
+        with c.stream("POST", "/v1/completions", json={
+                "model": "smollm2-135m", "prompt": "Count:", "max_tokens": 480,
+                "ignore_eos": True, "stream": True}) as held:
+            assert held.status_code == 200
+            lines = held.iter_lines()   # (kept: a dropped iterator closes the stream)
+            assert next(lines).startswith("data: {")
+            with pytest.raises(RemoteError) as refused:
+                with local_vllm.trace(EIFFEL, **opts):
+                    local_vllm.layers[1].output.save()
     assert refused.value.status == 429 and "in flight" in str(refused.value)
 
-    with local_vllm.trace("word " * 40, **opts) as tracer:   # 41 rows x 576 floats > 20000 B
-        local_vllm.layers[3].output.save()
+    def submitted():
+        """A trace capturing 41 rows x 576 floats > 20000 B, once the hung-up stream's slot
+        is given back (the server notices the hang-up within a step or two)."""
+        try:
+            with local_vllm.trace("word " * 40, **opts) as tracer:
+                local_vllm.layers[3].output.save()
+        except RemoteError as err:
+            if err.status != 429:
+                raise
+            return None
+        return tracer
+
+    tracer = wait_until(submitted, "the stream's slot given back", every=0.5)
     with pytest.raises(RemoteError, match="exceeded this request's cap") as failed:
         tracer.wait(timeout=120)
     assert failed.value.status == 413
