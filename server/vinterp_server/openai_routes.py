@@ -188,6 +188,11 @@ async def _stream(gen: AsyncIterator[str], ctx: RequestContext, key: KeyInfo, sr
             if first is not None:
                 yield await _with_captures(first, ctx, writer)
             async for chunk in gen:
+                if chunk.startswith("data: [DONE]"):
+                    # the slot back and the tokens charged before the client reads the end:
+                    # the request it sends next must find them (close() comes after the
+                    # last byte is sent, which the client does not wait for)
+                    await slot.release(ctx.tokens)
                 yield await _with_captures(chunk, ctx, writer)
         except Exception as exc:  # the body has begun: the status is sent, say it in an event
             # (an exception escaping here would drop the connection mid-body, which clients

@@ -84,17 +84,27 @@ def launch(cmd: list[str], *, log: Path, env: dict[str, str] | None = None,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
     srv = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        _wait_healthy(srv, cmd, timeout)
+    except BaseException:
+        # (a caller's own time limit or Ctrl-C as well: a server left running would hold its
+        # port, memory and, under Ray, a cluster that later starts trip over)
+        srv.stop()
+        raise
+    return srv
+
+
+def _wait_healthy(srv: ServerProcess, cmd: list[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{' '.join(cmd[:4])} exited ({proc.returncode}):\n"
+        if srv.proc.poll() is not None:
+            raise RuntimeError(f"{' '.join(cmd[:4])} exited ({srv.proc.returncode}):\n"
                                f"{srv.log_tail()}")
         try:
             if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
-                return srv
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    srv.stop()
     raise RuntimeError(f"{' '.join(cmd[:4])} did not answer in {timeout:.0f} s:\n"
                        f"{srv.log_tail()}")

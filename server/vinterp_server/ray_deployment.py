@@ -351,7 +351,8 @@ def _replica_id() -> str:
 
 async def _ask_every_replica(handle: Any, method: str, timeout_s: float) -> list[Any]:
     """Each replica's answer to ``method`` (its exception if it failed); ``[]`` when there
-    is no replica to ask or none answered in time."""
+    is no replica to ask or not all answered in time (Ray's broadcast has one deadline for
+    all of them: a scrape then lacks this side's samples, and the next one has them)."""
     try:
         return await handle.broadcast(method).results_async(timeout_s=timeout_s,
                                                             return_exceptions=True)
@@ -361,7 +362,8 @@ async def _ask_every_replica(handle: Any, method: str, timeout_s: float) -> list
 
 async def _gather_metrics(handle: Any, label: str) -> bytes:
     """Every replica's ``metrics()`` behind ``handle``, merged, each sample labelled with
-    its replica's id (those that fail to answer are left out)."""
+    its replica's id (a replica that fails is left out; see :func:`_ask_every_replica` for
+    one that is slow)."""
     # (5 s: well within a Prometheus scrape's default 10 s)
     each = await _ask_every_replica(handle, "metrics", timeout_s=5)
     return merge_replicas(dict(m for m in each if isinstance(m, tuple)), label)
