@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import httpx
 import numpy as np
 import torch
 
@@ -32,6 +35,64 @@ def wait_until(check: Callable[[], object], what: str, timeout: float = 60.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not after {timeout:.0f} s")
         time.sleep(every)
+
+
+def settled(served: Any, timeout: float = 30.0) -> dict:
+    """The server's ``/v1/stats`` once the worker holds no request state. A request's state
+    is dropped when the worker drains its outcome, which can come a step after its answer;
+    state that stays (a leak) fails here after ``timeout`` seconds."""
+    def empty() -> dict | None:
+        stats = served.stats()
+        return stats if stats["states"] == 0 else None
+    try:
+        return dict(wait_until(empty, "no request state left in the worker", timeout=timeout,
+                               every=0.2))
+    except AssertionError as err:
+        raise AssertionError(f"{err}: {served.stats()}") from None
+
+
+def scrape(url: str, timeout: float = 60.0) -> str:
+    """The server's ``/metrics``, with both the engine's samples (``vllm:``) and the front
+    end's (``vinterp_``). Under Ray Serve the ingress gathers each side from every replica
+    and leaves out a side whose replicas did not all answer within 5 s, so a scrape on a
+    loaded machine can lack one: it is taken again."""
+    def complete() -> str | None:
+        text = httpx.get(url + "/metrics", timeout=30).text
+        return text if "vllm:" in text and "vinterp_capture_bytes_total" in text else None
+    return str(wait_until(complete, "a /metrics scrape with every replica's samples",
+                          timeout=timeout, every=0.5))
+
+
+@contextlib.contextmanager
+def running_stream(client: httpx.Client, body: dict) -> Iterator[Iterator[str]]:
+    """A streamed ``/v1/completions`` that has sent its first token: admitted (its key's slot
+    is taken) and generating, for certain. Yields the rest of its lines; the slot is held until
+    the stream ends or the block exits (the server aborts the request on the hang-up).
+
+    Waiting on a proxy instead (the worker's state count, a sleep) let the request under test
+    take the slot first on a loaded machine. The iterator is kept: a dropped one closes the
+    stream."""
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        lines = r.iter_lines()
+        first = next(lines)
+        assert first.startswith("data: {"), first
+        yield lines
+
+
+def engine_cores(pid: int) -> list:
+    """The vLLM engine core processes under process ``pid`` (``psutil.Process`` objects);
+    a child that exits while it is looked at is skipped."""
+    import psutil
+
+    cores = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "EngineCore" in child.name() + " ".join(child.cmdline()):
+                cores.append(child)
+        except psutil.Error:
+            pass
+    return cores
 
 
 def npy(item: dict) -> torch.Tensor:

@@ -11,7 +11,7 @@ import asyncio
 
 import httpx
 import torch
-from server_helpers import KEYS, MODEL, fetch, rel, values, wait_until
+from server_helpers import KEYS, MODEL, fetch, rel, settled, values, wait_until
 
 PROMPTS = ["The capital of France is", "My favourite food is", "Once upon a time",
            "The best way to learn is", "In the year 2050,", "Dogs are"]
@@ -74,7 +74,7 @@ def test_32_concurrent_clients_each_equal_their_solo_run(served):
              if k % 4 == 3}
     steered = [k for k in range(0, 32, 4) if k + 3 < 32]
     assert any(_summary(served, together[k])[0] != plain.get(k + 3) for k in steered)
-    assert served.stats()["states"] == 0
+    settled(served)   # (no state left behind)
 
 
 def test_a_failing_intervention_fails_alone(served):
@@ -103,7 +103,7 @@ def test_a_failing_intervention_fails_alone(served):
             a, b = _summary(served, r.json()), _summary(served, solo)
             assert a[0] == b[0]   # identical tokens; activations to rounding (see above)
             assert all(rel(x, y) <= 1e-4 for x, y in zip(a[1], b[1], strict=True))
-    assert served.stats()["states"] == 0
+    settled(served)   # (no state left behind)
 
 
 def test_disconnect_mid_stream_frees_worker_state(served):

@@ -5,13 +5,11 @@ server exits 1 so that its supervisor restarts it."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
-from server_helpers import KEYS, MODEL, wait_until
+from server_helpers import KEYS, MODEL, engine_cores, wait_until
 
 from vinterp.backends.remote import RemoteError
 from vinterp_server.process import ServerProcess, launch, serve_command
@@ -28,19 +26,26 @@ def _start(tmp: Path, env: dict[str, str] | None = None) -> ServerProcess:
 
 
 def _kill_engine_core(srv: ServerProcess) -> None:
-    cores = [c for c in psutil.Process(srv.proc.pid).children(recursive=True)
-             if "EngineCore" in c.name() + " ".join(c.cmdline())]
+    cores = engine_cores(srv.proc.pid)
     assert cores, "the server's engine core process was not found"
     for c in cores:
         c.kill()
 
 
-def _in_flight(srv: ServerProcess, results: dict, name: str, body: dict) -> threading.Thread:
+def _in_flight(srv: ServerProcess, results: dict, name: str, body: dict,
+               streaming: threading.Event | None = None) -> threading.Thread:
+    """``body`` sent from a thread; its (status, text) lands in ``results[name]``. A stream
+    sets ``streaming`` once its first token has arrived (its 200 is sent then)."""
     def run() -> None:
         with httpx.Client(timeout=120) as c:
             if body.get("stream"):
                 with c.stream("POST", srv.url + "/v1/completions", json=body) as r:
-                    results[name] = (r.status_code, "".join(r.iter_text()))
+                    text = []
+                    for part in r.iter_text():
+                        text.append(part)
+                        if streaming is not None and "data: {" in part:
+                            streaming.set()
+                    results[name] = (r.status_code, "".join(text))
             else:
                 r = c.post(srv.url + "/v1/completions", json=body)
                 results[name] = (r.status_code, r.text)
@@ -70,10 +75,11 @@ def test_a_dead_engine_gets_503s_with_the_reason(tmp_path):
     srv = _start(tmp_path, {"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
     try:
         results: dict = {}
+        streaming = threading.Event()
         threads = [_in_flight(srv, results, "whole", {**LONG, "interventions": STEER}),
-                   _in_flight(srv, results, "stream", {**LONG, "stream": True})]
-        _wait_running(srv, 1, results, len(threads))
-        time.sleep(0.5)               # (both are generating)
+                   _in_flight(srv, results, "stream", {**LONG, "stream": True}, streaming)]
+        _wait_running(srv, 1, results, len(threads))   # (the steered one: it has state)
+        assert streaming.wait(120), results            # (the stream: its first token is out)
         _kill_engine_core(srv)
         for t in threads:
             t.join(60)

@@ -17,7 +17,6 @@ import re
 import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 import test_auth_limits as auth
 import test_openai_fields as fields
@@ -26,7 +25,7 @@ import test_remote_traces as traces
 import test_samples as samples
 import torch
 from conftest import Served, start_server
-from server_helpers import KEYS, MODEL, values
+from server_helpers import KEYS, MODEL, engine_cores, rel, scrape, settled, values
 
 pytest.importorskip("ray.serve")
 
@@ -37,11 +36,14 @@ def ray_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     after it)."""
     process = start_server(tmp_path_factory.mktemp("ray-server"), "--replicas", "2",
                            "--ingress-replicas", "2",
-                           "--kv-cache-memory-bytes", str(256 * 2**20), timeout=900)
+                           "--kv-cache-memory-bytes", str(256 * 2**20), timeout=780)
+    # (the start stays under pytest's 900 s per test, which counts this fixture's setup: a
+    # start cut short by pytest would leave the cluster running)
     try:
         yield Served(process)
     finally:
-        assert process.stop() == 0, process.log_tail()
+        # (replicas get 30 s to finish their requests, then Ray tears the cluster down)
+        assert process.stop(timeout=180) == 0, process.log_tail()
         assert "Traceback" not in process.log.read_text(), process.log_tail()
 
 
@@ -106,7 +108,7 @@ def test_concurrent_requests_spread_over_both_replicas(ray_served, local_vllm, t
         n = len(tokenizer.encode(prompts[i]))
         assert texts[i] == tokenizer.decode(tr.result[0][n:]), i
     assert len(set(texts)) > 1
-    after = _settled(ray_served)
+    after = settled(ray_served)
     assert after["replicas"] == 2 and len(after["per_replica"]) == 2
     took = {r["replica_id"]: r["requests"] for r in after["per_replica"]}
     for r in before:
@@ -114,7 +116,7 @@ def test_concurrent_requests_spread_over_both_replicas(ray_served, local_vllm, t
     served = list(took.values())
     assert sum(served) == 16 and all(n > 0 for n in served), served
     assert after["compilation"] != "NONE"   # the replicas run vLLM compiled, as by default
-    metrics = httpx.get(ray_served.url + "/metrics").text
+    metrics = scrape(ray_served.url)
     assert "vllm:generation_tokens_total" in metrics
     assert set(took) == set(re.findall(r'replica="([^"]+)"', metrics))
     # every ingress's counters, whichever ingress the scrape reaches
@@ -123,30 +125,18 @@ def test_concurrent_requests_spread_over_both_replicas(ray_served, local_vllm, t
         assert _metric(ray_served, "vinterp_requests_total") - requests_before == 16
 
 
-def _settled(served: Served, timeout: float = 30) -> dict:
-    """Stats once no request state is held (finished requests are drained right away)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = served.stats()
-        if stats["states"] == 0 or time.monotonic() > deadline:
-            assert stats["states"] == 0, stats
-            return stats
-        time.sleep(0.5)
-
-
 def test_client_gone_mid_stream_stops_the_request_on_its_replica(ray_served):
     """A streaming client that hangs up: the ingress cancels the replica's call, and the
     engine aborts the request instead of generating its remaining ~470 tokens."""
     before = _generated(ray_served)
-    with httpx.Client(base_url=ray_served.url, timeout=120,
-                      headers={"Authorization": f"Bearer {KEYS['alice']}"}) as c:
+    with ray_served.client("alice") as c:
         with c.stream("POST", "/v1/completions", json={
                 "model": MODEL, "prompt": "Count:", "max_tokens": 480, "ignore_eos": True,
                 "stream": True, "capture": [{"point": "layers.3.output", "steps": "all"}]}) as r:
             assert r.status_code == 200
             for _ in zip(range(4), r.iter_lines()):
                 pass
-    _settled(ray_served)
+    settled(ray_served)
     deadline = time.monotonic() + 30
     while _running(ray_served) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -157,7 +147,7 @@ def test_client_gone_mid_stream_stops_the_request_on_its_replica(ray_served):
 def _metric(served: Served, name: str) -> float:
     """A metric's sum over its samples (every replica's) in ``/metrics``."""
     total = 0.0
-    for line in httpx.get(served.url + "/metrics").text.splitlines():
+    for line in scrape(served.url).splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
             total += float(line.rsplit(" ", 1)[1])
     return total
@@ -204,8 +194,9 @@ def test_the_shared_store_comes_back_after_its_process_dies(ray_served):
                      ).status_code == 201
         assert [c.get("/v1/vectors/again").status_code for _ in range(8)] == [200] * 8
     with ray_served.client("tight") as c:   # a limit still holds (tokens_per_minute=400)
-        codes = [c.post("/v1/completions", json={**body, "max_tokens": 60}).status_code
-                 for _ in range(12)]
+        codes = [c.post("/v1/completions", json={**body, "max_tokens": 60,
+                                                  "ignore_eos": True}).status_code
+                 for _ in range(12)]   # (60 tokens each, whatever is sampled: 400 spent)
     assert 429 in codes and codes[0] == 200, codes
 
 
@@ -215,7 +206,6 @@ def test_a_replica_whose_engine_dies_is_replaced(ray_served):
     health check fails, Ray Serve starts a new replica, and the deployment serves steered
     requests correctly again on two replicas. (Runs last: the other tests need both replicas
     up.)"""
-    import psutil
 
     vec = torch.randn(576, generator=torch.Generator().manual_seed(5)) * 4
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0,
@@ -247,8 +237,7 @@ def test_a_replica_whose_engine_dies_is_replaced(ray_served):
 
     retries = _metric(ray_served, "vinterp_replica_retries_total")
     victim = ray_served.stats()["per_replica"][0]
-    cores = [c for c in psutil.Process(victim["pid"]).children(recursive=True)
-             if "EngineCore" in c.name() + " ".join(c.cmdline())]
+    cores = engine_cores(victim["pid"])
     assert cores, "the replica's engine core process was not found"
     for c in cores:
         c.kill()
@@ -257,7 +246,8 @@ def test_a_replica_whose_engine_dies_is_replaced(ray_served):
         traced = [remote_trace() for _ in range(3)]   # (meanwhile, from here)
         answers = list(answers)
     assert answers == [(200, want)] * 16
-    assert all(torch.allclose(t, want_trace, rtol=1e-5, atol=1e-6) for t in traced)
+    # (run next to other requests: another batch shape, rounding apart by ~1e-6)
+    assert all(rel(t, want_trace) <= 1e-4 for t in traced)
     assert _metric(ray_served, "vinterp_replica_retries_total") > retries   # (some were)
     with ray_served.client("alice") as c:
         assert c.get("/health").status_code == 200   # the other replica serves

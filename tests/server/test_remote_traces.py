@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from server_helpers import KEYS, wait_until
+from server_helpers import KEYS, running_stream, wait_until
 
 from vinterp.backends.remote import RemoteError
 
@@ -132,19 +132,13 @@ def test_a_non_blocking_trace_is_admitted_before_its_202(served, local_vllm):
     trace that fails at run time reports its own status (413: it captured past the key's
     cap) when it is waited on."""
     opts = {"remote": served.url, "api_key": KEYS["queued"], "blocking": False}
-    # The slot is held by a stream that has sent a token: admitted and running for certain
-    # (the worker's state count is no such proof, as an earlier test's state may linger),
-    # and held until this client hangs up, however fast the machine generates.
-    with served.client("queued") as c:
-        with c.stream("POST", "/v1/completions", json={
-                "model": "smollm2-135m", "prompt": "Count:", "max_tokens": 480,
-                "ignore_eos": True, "stream": True}) as held:
-            assert held.status_code == 200
-            lines = held.iter_lines()   # (kept: a dropped iterator closes the stream)
-            assert next(lines).startswith("data: {")
-            with pytest.raises(RemoteError) as refused:
-                with local_vllm.trace(EIFFEL, **opts):
-                    local_vllm.layers[1].output.save()
+    # the slot held by a stream that has sent a token (480 of them take many seconds)
+    with served.client("queued") as c, running_stream(c, {
+            "model": "smollm2-135m", "prompt": "Count:", "max_tokens": 480,
+            "ignore_eos": True}):
+        with pytest.raises(RemoteError) as refused:
+            with local_vllm.trace(EIFFEL, **opts):
+                local_vllm.layers[1].output.save()
     assert refused.value.status == 429 and "in flight" in str(refused.value)
 
     def submitted():

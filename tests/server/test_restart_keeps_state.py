@@ -67,7 +67,7 @@ def test_vectors_captures_and_trace_results_outlive_a_restart(tmp_path):
             model.layers[5].output.save()
         assert gen.handle.status()["status"] in ("queued", "running")
     finally:
-        assert first.process.stop() == 0, first.process.log_tail()
+        assert first.process.stop(timeout=120) == 0, first.process.log_tail()
     assert (state / "store-0-of-1.sqlite").exists()
     # what a server that died mid-trace leaves behind: a status no one refreshes any more
     stale = SqliteStore(state / "store-0-of-1.sqlite")
@@ -97,4 +97,4 @@ def test_vectors_captures_and_trace_results_outlive_a_restart(tmp_path):
             assert c.get(f"/v1/traces/{trace_id}").status_code == 404
         assert _steered(again) == steered
     finally:
-        assert again.process.stop() == 0, again.process.log_tail()
+        assert again.process.stop(timeout=120) == 0, again.process.log_tail()
