@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
-import io
 import contextlib
+import io
 import time
 from collections.abc import Callable, Iterator
 from typing import Any

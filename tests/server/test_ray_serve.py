@@ -206,7 +206,6 @@ def test_a_replica_whose_engine_dies_is_replaced(ray_served):
     health check fails, Ray Serve starts a new replica, and the deployment serves steered
     requests correctly again on two replicas. (Runs last: the other tests need both replicas
     up.)"""
-
     vec = torch.randn(576, generator=torch.Generator().manual_seed(5)) * 4
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0,
             "interventions": [{"op": "steer", "layers": [6], "vector": values(vec)}]}

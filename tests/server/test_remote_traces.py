@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from server_helpers import KEYS, running_stream, wait_until
+from server_helpers import KEYS, MODEL, running_stream, wait_until
 
 from vinterp.backends.remote import RemoteError
 
@@ -108,7 +108,7 @@ def test_remote_backend_loads_no_weights(served, local_vllm):
     """``backend="remote"``: the module tree on the meta device, every trace on the server."""
     from vinterp import LanguageModel
 
-    lm = LanguageModel("smollm2-135m", backend="remote", host=served.url, api_key=KEYS["bob"])
+    lm = LanguageModel(MODEL, backend="remote", host=served.url, api_key=KEYS["bob"])
     assert all(p.device.type == "meta" for p in lm._model.parameters())
     assert _patch(lm) == pytest.approx(_patch(local_vllm), rel=1e-4)
 
@@ -134,7 +134,7 @@ def test_a_non_blocking_trace_is_admitted_before_its_202(served, local_vllm):
     opts = {"remote": served.url, "api_key": KEYS["queued"], "blocking": False}
     # the slot held by a stream that has sent a token (480 of them take many seconds)
     with served.client("queued") as c, running_stream(c, {
-            "model": "smollm2-135m", "prompt": "Count:", "max_tokens": 480,
+            "model": MODEL, "prompt": "Count:", "max_tokens": 480,
             "ignore_eos": True}):
         with pytest.raises(RemoteError) as refused:
             with local_vllm.trace(EIFFEL, **opts):
