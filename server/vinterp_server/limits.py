@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 from collections.abc import Coroutine
@@ -116,8 +117,11 @@ class Limiter:
                           key.id, tokens)
 
     def _spawn(self, update: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """``update`` as a task the limiter keeps (the loop holds only a weak reference)."""
-        task = asyncio.ensure_future(update)
+        """``update`` as a task the limiter keeps (the loop holds only a weak reference), in a
+        context of its own: not the request's. On Ray Serve a hung-up request's task is
+        cancelled with the calls it made, found through its context, so a shared store's
+        actor call made in that context was cancelled too and the slot stayed taken."""
+        task = asyncio.get_running_loop().create_task(update, context=contextvars.Context())
         self._updates.add(task)
         task.add_done_callback(self._updates.discard)
         return task

@@ -2,11 +2,14 @@
 process dies is started again by Ray, empty when it was in memory and with its objects when
 it keeps them in its file (``--store-path``). The Ray Serve tests (``test_ray_serve.py``) run
 the in-memory actors behind two ingresses; this runs both kinds on their own, cheaper than a
-second Serve deployment."""
+second Serve deployment. A request that Ray cancels (a client hung up) gives its slot back
+through these actors all the same."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 import time
 from collections.abc import Iterator
 
@@ -14,11 +17,22 @@ import psutil
 import pytest
 import torch
 
+from vinterp_server.auth import KeyInfo, Limits
+from vinterp_server.limits import Limiter
 from vinterp_server.sqlite_store import shard_files
+from vinterp_server.store import MemoryStore
 
 ray = pytest.importorskip("ray")
 
-from vinterp_server.ray_store import shared_store, start_store_actors  # noqa: E402
+from vinterp_server.ray_store import (  # noqa: E402
+    NAMESPACE,
+    ActorStore,
+    shared_store,
+    start_store_actors,
+)
+
+# (the actor classes below travel by value: Ray's workers cannot import this test module)
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +106,64 @@ def test_an_in_memory_store_actor_comes_back_empty(local_ray):
 def test_files_must_match_the_shards(local_ray, tmp_path):
     with pytest.raises(ValueError, match="1 store files for 2 shards"):
         start_store_actors("test-bad", 2, shard_files(tmp_path, 1))
+
+
+class _SlowStore(MemoryStore):
+    """A store actor whose token counts take a second: a give-back is in flight long enough
+    for a cancel to find it."""
+
+    async def add(self, owner: str, counter: str, amount: float, window: float) -> float:
+        if amount:
+            await asyncio.sleep(1.0)
+        return await super().add(owner, counter, amount, window)
+
+
+class _Request:
+    """An ingress replica's request on Ray Serve: it takes a slot, gives it back when its
+    client hangs up (as Starlette does on the disconnect), and is then cancelled by Ray (as
+    Serve's proxy does on the same hang-up)."""
+
+    def __init__(self, store: str) -> None:
+        self.limiter = Limiter(ActorStore(store))
+        self.hung_up = asyncio.Event()
+
+    async def run(self) -> None:
+        slot = await self.limiter.acquire(KeyInfo(id="alice", limits=Limits(concurrent=1)))
+        try:
+            await self.hung_up.wait()
+        finally:
+            await slot.release(tokens=5)
+
+    def hang_up(self) -> None:
+        self.hung_up.set()
+
+
+def test_a_request_ray_cancels_while_giving_back_its_slot_still_gives_it_back(local_ray):
+    """Ray cancels a cancelled task's calls with it, found through the context they were
+    made in: the store call giving back the slot was cancelled, so the key's slot stayed
+    taken (a Ray Serve key with ``concurrent=1`` was refused for good after one hang-up)."""
+    slow = ray.remote(_SlowStore).options(name="test-slow", namespace=NAMESPACE).remote()
+    ray.get(slow.__ray_ready__.remote())
+    store = shared_store(["test-slow"])
+
+    def counts() -> tuple[int, float]:
+        async def read() -> tuple[int, float]:
+            return (await store.incr("alice", "inflight", 0),
+                    await store.add("alice", "tokens", 0, 60))
+        return asyncio.run(read())
+
+    request = ray.remote(_Request).remote("test-slow")
+    running = request.run.remote()
+    deadline = time.monotonic() + 30
+    while counts()[0] != 1:
+        assert time.monotonic() < deadline, "the request never took its slot"
+        time.sleep(0.1)
+    ray.get(request.hang_up.remote())
+    time.sleep(0.3)                # the give-back's store call is in flight (it takes 1 s)
+    ray.cancel(running)            # recursive, as Serve's proxy cancels a hung-up request
+    with contextlib.suppress(ray.exceptions.TaskCancelledError):
+        ray.get(running, timeout=30)
+    deadline = time.monotonic() + 10
+    while counts() != (0, 5):
+        assert time.monotonic() < deadline, f"(slots taken, tokens) = {counts()}, not (0, 5)"
+        time.sleep(0.1)
