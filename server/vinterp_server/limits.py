@@ -108,13 +108,17 @@ class Limiter:
     async def _give_back(self, key: KeyInfo, tokens: int) -> None:
         """One of ``key``'s slots back; ``tokens`` counted against its per-minute budget first
         (the request that gets the slot must see them)."""
-        try:
-            if tokens > 0:
+        # (the request is done: its answer stands, a store's fault is logged; the slot is
+        # given back even when the charge failed, else the key would lose it for good)
+        if tokens > 0:
+            try:
                 await self.store.add(key.id, "tokens", tokens, _WINDOW)
+            except Exception:
+                log.exception("could not charge key %r %d tokens in the store", key.id, tokens)
+        try:
             await self.store.incr(key.id, "inflight", -1)
-        except Exception:   # the request is done: its answer stands, the store's fault is logged
-            log.exception("could not give back a slot of key %r (%d tokens) to the store",
-                          key.id, tokens)
+        except Exception:
+            log.exception("could not give back a slot of key %r to the store", key.id)
 
     def _spawn(self, update: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """``update`` as a task the limiter keeps (the loop holds only a weak reference), in a

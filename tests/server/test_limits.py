@@ -99,6 +99,8 @@ class FailingStore(MemoryStore):
 
     async def incr(self, owner: str, counter: str, delta: int) -> int:
         self.calls.append(f"incr {delta}")
+        if self.down:
+            raise TimeoutError("store actor unreachable")
         return await super().incr(owner, counter, delta)
 
 
@@ -116,4 +118,23 @@ def test_tokens_are_counted_before_the_slot_is_freed_and_a_failing_store_is_logg
         store.down = True
         await slot.release(tokens=5)
     asyncio.run(main())
+    assert "could not charge key 'alice' 5 tokens" in caplog.text
     assert "could not give back a slot of key 'alice'" in caplog.text
+
+
+def test_a_charge_that_fails_still_gives_the_slot_back(caplog):
+    """A store that cannot take the charge (an actor restarting, a timeout) must not keep the
+    slot: the key would lose it for good (a ``concurrent=1`` key refused from then on)."""
+    class ChargeFails(MemoryStore):
+        async def add(self, owner: str, counter: str, amount: float, window: float) -> float:
+            if amount:
+                raise TimeoutError("store actor unreachable")
+            return await super().add(owner, counter, amount, window)
+
+    async def main() -> None:
+        store = ChargeFails()
+        limiter = Limiter(store)
+        await (await limiter.acquire(KEY)).release(tokens=5)
+        assert await store.incr("alice", "inflight", 0) == 0
+    asyncio.run(main())
+    assert "could not charge key 'alice' 5 tokens" in caplog.text
