@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 import uuid
@@ -237,7 +238,9 @@ async def create_trace(body: TraceRequest, key: KeyInfo = Depends(require_key),
         if stopped is not None:
             raise stopped
 
-    task = asyncio.create_task(background())
+    # (a context of its own, not the request's: on Ray Serve a request cancelled around its
+    # 202 would take the calls made in its context with it, the trace's among them)
+    task = asyncio.get_running_loop().create_task(background(), context=contextvars.Context())
     srv.tasks.add(task)
     task.add_done_callback(srv.tasks.discard)
     return JSONResponse(queued.model_dump(), status_code=202)
