@@ -31,6 +31,7 @@ class Settings:
     capture_ttl: float = 3600.0             # seconds a stored capture is kept
     trace_ttl: float = 3600.0               # seconds a trace's result is kept
     max_body_bytes: int = 64 * 2**20        # larger request bodies get 413
+    shutdown_timeout: float = 30.0          # seconds requests in flight get to finish at stop
 
 
 @dataclass

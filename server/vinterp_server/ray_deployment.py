@@ -431,8 +431,9 @@ class Ingress:
         from vinterp_server.traces import finish_background
 
         app = getattr(self, "_app", None)
-        if app is not None:
-            await finish_background(app.state.vinterp, timeout=20)
+        if app is not None:   # (10 s of Serve's grace left to record what was stopped)
+            await finish_background(app.state.vinterp,
+                                    timeout=max(1.0, self._settings.shutdown_timeout - 10))
 
 
 def build_ray_app(model: str, vllm_argv: list[str], *, replicas: int = 1,
@@ -445,13 +446,15 @@ def build_ray_app(model: str, vllm_argv: list[str], *, replicas: int = 1,
     if ingress_replicas > 1 and not store_actors:
         raise ValueError("several ingress replicas need a shared store: pass store_actors "
                          "(vinterp_server.ray_store.start_store_actors)")
+    settings = settings or Settings()
     engine = serve.deployment(EngineReplica, name="engine").options(
         num_replicas=replicas, max_ongoing_requests=MAX_ONGOING,
         ray_actor_options=replica_actor_options or {"num_cpus": 0},
         health_check_period_s=2, health_check_timeout_s=60,
-        graceful_shutdown_timeout_s=30)
+        graceful_shutdown_timeout_s=settings.shutdown_timeout)
     ingress = serve.deployment(Ingress, name="ingress").options(
         num_replicas=ingress_replicas, max_ongoing_requests=MAX_ONGOING,
-        ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=30)
-    return ingress.bind(engine.bind(model, list(vllm_argv)), keys or ApiKeys(),
-                        settings or Settings(), store_actors)
+        ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=settings.shutdown_timeout)
+    return ingress.bind(engine.bind(model, list(vllm_argv)), keys or ApiKeys(), settings,
+                        store_actors)

@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="larger request bodies get 413")
     p.add_argument("--result-ttl", type=float, default=st.capture_ttl,
                    help="seconds stored captures and trace results are kept")
+    p.add_argument("--shutdown-timeout", type=float, default=st.shutdown_timeout,
+                   metavar="S", help="on SIGTERM, seconds requests in flight and background "
+                   "traces get to finish before they are stopped (default %(default)s)")
     p.add_argument("--store-path", metavar="DIR",
                    help="keep named vectors, stored captures and trace results in SQLite files "
                         "in DIR, so they outlive a restart (default: in memory)")
@@ -104,7 +107,8 @@ def _keys_and_address(args: argparse.Namespace) -> tuple[ApiKeys, str]:
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings(inline_capture_bytes=args.inline_capture_bytes,
                     capture_ttl=args.result_ttl, trace_ttl=args.result_ttl,
-                    max_body_bytes=args.max_body_bytes)
+                    max_body_bytes=args.max_body_bytes,
+                    shutdown_timeout=args.shutdown_timeout)
 
 
 @dataclass
@@ -138,9 +142,11 @@ async def serve(args: argparse.Namespace, vllm_argv: Sequence[str], keys: ApiKey
     print(f"vinterp serve: starting the engine for {args.model} ...", file=sys.stderr,
           flush=True)
     host = await LocalEngineHost.start(args.model, list(vllm_argv))
-    app = build_app(host, keys, store, _settings(args))
+    settings = _settings(args)
+    app = build_app(host, keys, store, settings)
     config = uvicorn.Config(app, host=host_addr, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=30, lifespan="off")
+                            timeout_graceful_shutdown=settings.shutdown_timeout,
+                            lifespan="off")
     server = uvicorn.Server(config)
     watchdog = asyncio.create_task(_exit_when_engine_dies(host, server, outcome))
     try:
@@ -150,7 +156,7 @@ async def serve(args: argparse.Namespace, vllm_argv: Sequence[str], keys: ApiKey
     finally:
         watchdog.cancel()
         # background traces (blocking=false) hold no connection uvicorn waits for
-        await finish_background(app.state.vinterp, timeout=30)
+        await finish_background(app.state.vinterp, timeout=settings.shutdown_timeout)
         await host.shutdown()
         for shard in on_disk:
             shard.close()
@@ -334,6 +340,10 @@ def main(args: argparse.Namespace, vllm_argv: Sequence[str]) -> int:
     except (OSError, ValueError) as exc:
         print(f"vinterp serve: {exc}", file=sys.stderr)
         return 2
+    from vinterp.models.registry import resolve_model
+
+    # an unknown model is refused here, in about a second: before vLLM, torch or Ray load
+    resolve_model(args.model)
     if args.replicas > 1 or args.ingress_replicas > 1 or args.ray or args.ray_address:
         return serve_ray(args, vllm_argv, keys, host_addr)
     outcome = Outcome()

@@ -10,12 +10,13 @@ from vinterp_server.process import launch, serve_command
 
 
 def test_sigterm_lets_in_flight_requests_finish(tmp_path):
-    srv = launch(serve_command("smollm2-135m", "--max-model-len", "512"),
-                 log=tmp_path / "server.log")
+    # (120 s to finish: the default 30 s is ~4x this request on an idle machine)
+    srv = launch(serve_command("smollm2-135m", "--max-model-len", "512",
+                               "--shutdown-timeout", "120"), log=tmp_path / "server.log")
     result: dict = {}
 
     def long_request() -> None:
-        r = httpx.post(srv.url + "/v1/completions", timeout=120, json={
+        r = httpx.post(srv.url + "/v1/completions", timeout=300, json={
             "model": "smollm2-135m", "prompt": "Hello", "max_tokens": 200, "ignore_eos": True,
             "capture": [{"point": "layers.1.output", "positions": "last", "steps": "all"}]})
         result["response"] = r
@@ -26,11 +27,11 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
 
         def running() -> bool:
             assert t.is_alive(), f"the request ended before it ran: {result}"
-            return httpx.get(srv.url + "/v1/stats").json()["states"] == 1
+            return httpx.get(srv.url + "/v1/stats", timeout=60).json()["states"] == 1
 
-        wait_until(running, "the request running in the worker")
-        code = srv.stop(timeout=90)
-        t.join(120)
+        wait_until(running, "the request running in the worker", timeout=180)
+        code = srv.stop(timeout=180)
+        t.join(180)
     finally:
         srv.stop()
     r = result["response"]
