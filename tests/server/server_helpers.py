@@ -26,10 +26,14 @@ def wait_until(check: Callable[[], object], what: str, timeout: float = 60.0,
                every: float = 0.05) -> object:
     """Poll ``check`` until it returns something truthy and return that; fail naming
     ``what`` after ``timeout`` seconds. A deadline, not a count of polls: a loaded CI
-    machine can take seconds to get a request to the worker."""
+    machine can take seconds to get a request to the worker (or to answer one: a check's
+    HTTP timeout or dropped connection counts as not yet)."""
     deadline = time.monotonic() + timeout
     while True:
-        got = check()
+        try:
+            got = check()
+        except httpx.TransportError:   # (a slow or dropped answer: not yet)
+            got = None
         if got:
             return got
         if time.monotonic() > deadline:

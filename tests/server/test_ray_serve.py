@@ -25,7 +25,8 @@ import test_remote_traces as traces
 import test_samples as samples
 import torch
 from conftest import Served, start_server
-from server_helpers import KEYS, MODEL, engine_cores, rel, scrape, settled, values
+from server_helpers import (KEYS, MODEL, engine_cores, rel, scrape, settled, values,
+                            wait_until)
 
 pytest.importorskip("ray.serve")
 
@@ -187,6 +188,16 @@ def test_the_shared_store_comes_back_after_its_process_dies(ray_served):
     assert len(stores) == 2, "the two store shards' processes were not found"
     for store in stores:
         store.kill()
+
+    def back() -> bool:   # (each key's shard answers: Ray restarted both actors)
+        for who in ("alice", "tight"):
+            with ray_served.client(who) as c:
+                if c.get("/v1/vectors", timeout=30).status_code != 200:
+                    return False
+        return True
+
+    # (a loaded machine can take longer to restart an actor than one store call may wait)
+    wait_until(back, "the store actors restarted", timeout=120, every=0.5)
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
     with ray_served.client("alice") as c:
         assert c.post("/v1/completions", json=body).status_code == 200
