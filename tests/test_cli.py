@@ -48,7 +48,7 @@ def test_pull_known_model_is_quick_when_present(smollm2_path, capsys):
 
 
 def test_serve_refuses_replica_and_shard_counts_below_one(capsys):
-    """Checked before anything starts (no engine, no Ray)."""
+    """Checked before anything starts (no engine, no Ray); a negative shutdown grace too."""
     sigterm = signal.getsignal(signal.SIGTERM)   # (serve takes SIGTERM over)
     try:
         for flag in ("--replicas", "--ingress-replicas", "--store-shards"):
@@ -56,6 +56,8 @@ def test_serve_refuses_replica_and_shard_counts_below_one(capsys):
             assert main(["serve", flag, "0"]) == 2
             assert time.monotonic() - start < 5
             assert f"vinterp serve: {flag} 0: use 1 or more" in capsys.readouterr().err
+        assert main(["serve", "--shutdown-timeout", "-5"]) == 2
+        assert "--shutdown-timeout -5: use 0 or more seconds" in capsys.readouterr().err
     finally:
         signal.signal(signal.SIGTERM, sigterm)
 

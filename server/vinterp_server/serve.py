@@ -322,6 +322,10 @@ def main(args: argparse.Namespace, vllm_argv: Sequence[str]) -> int:
             print(f"vinterp serve: --{flag.replace('_', '-')} {getattr(args, flag)}: use 1 or "
                   f"more", file=sys.stderr)
             return 2
+    if args.shutdown_timeout < 0:
+        print(f"vinterp serve: --shutdown-timeout {args.shutdown_timeout:g}: use 0 or more "
+              f"seconds", file=sys.stderr)
+        return 2
     args.store_files = None
     if args.store_path:
         import sqlite3
