@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 import torch
+from server_helpers import wait_until
 
 from vinterp_server.auth import KeyInfo, Limits
 from vinterp_server.limits import Limiter
@@ -154,16 +155,11 @@ def test_a_request_ray_cancels_while_giving_back_its_slot_still_gives_it_back(lo
 
     request = ray.remote(_Request).remote("test-slow")
     running = request.run.remote()
-    deadline = time.monotonic() + 30
-    while counts()[0] != 1:
-        assert time.monotonic() < deadline, "the request never took its slot"
-        time.sleep(0.1)
+    wait_until(lambda: counts()[0] == 1, "the request taking its slot", timeout=30, every=0.1)
     ray.get(request.hang_up.remote())
     time.sleep(0.3)                # the give-back's store call is in flight (it takes 1 s)
     ray.cancel(running)            # recursive, as Serve's proxy cancels a hung-up request
     with contextlib.suppress(ray.exceptions.TaskCancelledError):
         ray.get(running, timeout=30)
-    deadline = time.monotonic() + 10
-    while counts() != (0, 5):
-        assert time.monotonic() < deadline, f"(slots taken, tokens) = {counts()}, not (0, 5)"
-        time.sleep(0.1)
+    wait_until(lambda: counts() == (0, 5), "(slots taken, tokens) = (0, 5)", timeout=10,
+               every=0.1)
