@@ -31,7 +31,7 @@ from vinterp_server.engine import EngineHost, engine_down
 from vinterp_server.errors import (
     EngineUnavailable, error_body, error_response, is_client_error,
 )
-from vinterp_server.store import MemoryStore, Store
+from vinterp_server.store import MemoryStore, Store, StoreUnavailable
 
 DESCRIPTION = """vinterp: an OpenAI-compatible server whose requests can read and change the
 model's activations. `interventions`, `capture` and `graph` are top-level request fields
@@ -148,7 +148,8 @@ def build_app(host: EngineHost, keys: ApiKeys | None = None, store: Store | None
         return JSONResponse(error_body(f"{field}: {msg}{more}", 400, field), status_code=400)
 
     @app.exception_handler(EngineUnavailable)
-    async def unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
+    @app.exception_handler(StoreUnavailable)
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
         return error_response(exc)
 
     @app.exception_handler(Exception)

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 
 from vinterp_server.compile import FieldError
 from vinterp_server.limits import LimitExceeded, TooLarge
+from vinterp_server.store import StoreUnavailable
 
 
 class EngineUnavailable(Exception):
@@ -74,7 +75,7 @@ def status_for(exc: BaseException) -> int:
         return 413
     if isinstance(exc, LimitExceeded):
         return 429
-    if isinstance(exc, EngineUnavailable):
+    if isinstance(exc, (EngineUnavailable, StoreUnavailable)):
         return 503
     if isinstance(exc, ValueError) or is_client_error(exc):
         return 400

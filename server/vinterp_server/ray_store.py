@@ -32,7 +32,7 @@ from typing import Any
 
 import ray
 
-from vinterp_server.store import MemoryStore, ShardedStore, Store
+from vinterp_server.store import MemoryStore, ShardedStore, Store, StoreUnavailable
 
 NAMESPACE = "vinterp"
 #: the longest one store call may take (a restarting actor answers within a few seconds)
@@ -83,12 +83,21 @@ class ActorStore:
     :func:`start_store_actors`."""
 
     def __init__(self, name: str) -> None:
+        self.name = name
         self._actor = ray.get_actor(name, namespace=NAMESPACE)
 
     async def _call(self, method: str, *args: Any) -> Any:
-        # bounded: an actor that cannot come back must fail requests, not hang them
-        return await asyncio.wait_for(getattr(self._actor, method).remote(*args),
-                                      CALL_TIMEOUT_S)
+        # bounded: an actor that cannot come back must fail requests (503), not hang them
+        try:
+            return await asyncio.wait_for(getattr(self._actor, method).remote(*args),
+                                          CALL_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"the shared store {self.name!r} did not answer "
+                                   f"{method!r} within {CALL_TIMEOUT_S:g} s; retry "
+                                   "shortly") from exc
+        except ray.exceptions.RayActorError as exc:
+            raise StoreUnavailable(f"the shared store {self.name!r} is unreachable "
+                                   f"({type(exc).__name__}); retry shortly") from exc
 
     async def put(self, owner: str, kind: str, name: str, value: Any, ttl: float | None) -> None:
         await self._call("put", owner, kind, name, value, ttl)

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vinterp_server.store import MemoryStore
+from vinterp_server.store import MemoryStore, StoreUnavailable
 
 log = logging.getLogger("vinterp.server")
 
@@ -115,7 +115,11 @@ class SqliteStore:
             self._db.close()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.to_thread(self._locked, fn, *args)
+        try:
+            return await asyncio.to_thread(self._locked, fn, *args)
+        except sqlite3.OperationalError as exc:   # locked past busy_timeout, disk full, I/O
+            raise StoreUnavailable(f"the store file {self.path} cannot be used now ({exc}); "
+                                   "retry shortly") from exc
 
     def _locked(self, fn: Any, *args: Any) -> Any:
         with self._lock:

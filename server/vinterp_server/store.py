@@ -29,8 +29,29 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 
+class StoreUnavailable(Exception):
+    """A shared store could not answer (a timeout, an actor that cannot come back): the
+    server answers 503 with ``Retry-After``, as for an engine that is down, since the same
+    request may succeed once the store is back. A store raises it for failures of its own,
+    never for a bad request.
+
+    Example::
+
+        raise StoreUnavailable("the shared store 'vinterp-store-0' did not answer 'add' "
+                               "within 20 s", retry_after=5)
+    """
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))
+
+    def __reduce__(self) -> tuple[Any, ...]:   # (keeps its wait when pickled, as by Ray)
+        return (type(self), (str(self), self.retry_after))
+
+
 class Store(Protocol):
-    """What the app needs of per-key state (every method a coroutine)."""
+    """What the app needs of per-key state (every method a coroutine). A store that cannot
+    answer raises :class:`StoreUnavailable`."""
 
     async def put(self, owner: str, kind: str, name: str, value: Any, ttl: float | None) -> None:
         """Keep ``value`` (``ttl`` seconds; ``None``: until deleted)."""

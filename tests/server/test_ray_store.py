@@ -163,3 +163,51 @@ def test_a_request_ray_cancels_while_giving_back_its_slot_still_gives_it_back(lo
         ray.get(running, timeout=30)
     wait_until(lambda: counts() == (0, 5), "(slots taken, tokens) = (0, 5)", timeout=10,
                every=0.1)
+
+
+class _Stuck(MemoryStore):
+    """A store actor that never answers a listing (a wedged or overloaded process)."""
+
+    async def names(self, owner: str, kind: str) -> list[str]:
+        await asyncio.sleep(3600)
+        return []
+
+
+def test_a_store_that_cannot_answer_makes_the_server_answer_503(local_ray, monkeypatch):
+    """A store call that times out, or finds its actor gone for good, is the store being
+    unavailable: the request answers 503 with ``Retry-After`` (it was a 500 that blamed
+    nobody), naming the store and the call."""
+    import httpx
+
+    from vinterp_server import ray_store
+    from vinterp_server.app import build_app
+    from vinterp_server.store import StoreUnavailable
+
+    monkeypatch.setattr(ray_store, "CALL_TIMEOUT_S", 0.5)
+    stuck = ray.remote(_Stuck).options(name="test-stuck", namespace=NAMESPACE).remote()
+    gone = ray.remote(MemoryStore).options(name="test-gone", namespace=NAMESPACE).remote()
+    ray.get([stuck.__ray_ready__.remote(), gone.__ray_ready__.remote()])
+    try:
+        store, dead = shared_store(["test-stuck"]), shared_store(["test-gone"])
+        ray.kill(gone, no_restart=True)
+
+        async def main() -> list[httpx.Response]:
+            with pytest.raises(StoreUnavailable, match=(
+                    "'test-stuck' did not answer 'names' within 0.5 s")):
+                await store.names("alice", "vector")
+            with pytest.raises(StoreUnavailable, match="'test-gone' is unreachable"):
+                await dead.names("alice", "vector")
+            out = []
+            for s in (store, dead):
+                app = build_app(host=None, store=s)   # (the route never reaches the engine)
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                             base_url="http://test") as client:
+                    out.append(await client.get("/v1/vectors"))
+            return out
+
+        for response in asyncio.run(main()):
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "5"
+            assert "retry shortly" in response.json()["error"]["message"]
+    finally:
+        ray.kill(stuck)

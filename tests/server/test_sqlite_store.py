@@ -15,6 +15,7 @@ from test_store import Clock, run
 
 from vinterp_server.schemas import TraceStatus
 from vinterp_server.sqlite_store import SCHEMA_VERSION, SqliteStore, shard_files
+from vinterp_server.store import StoreUnavailable
 
 
 def test_objects_outlive_the_store_and_their_ttl_holds(tmp_path):
@@ -143,3 +144,21 @@ def test_wall_clock_is_the_default_clock(tmp_path):
     with sqlite3.connect(tmp_path / "store.sqlite") as db:
         expires = db.execute("SELECT expires FROM objects").fetchone()[0]
     assert abs(expires - (time.time() + 100)) < 5
+
+
+def test_a_file_locked_by_another_writer_is_unavailable_not_a_bug(tmp_path):
+    """A file another process keeps locked past the busy timeout (or a full disk) is the store
+    being unavailable (the server's 503, retry later), not an error of the request (500)."""
+    store = SqliteStore(tmp_path / "store.sqlite")
+    store._db.execute("PRAGMA busy_timeout=100")   # (10 s in use: too long for a test)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreUnavailable, match="cannot be used now .*locked.*retry"):
+            run(store.put("alice", "vector", "v", b"x", ttl=None))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    run(store.put("alice", "vector", "v", b"x", ttl=None))   # and it works again once free
+    assert run(store.get("alice", "vector", "v")) == b"x"
+    store.close()
