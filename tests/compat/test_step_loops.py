@@ -92,6 +92,50 @@ def test_iter_slice_int_and_list_select_those_steps(model):
         assert torch.allclose(got, want, atol=1e-5, rtol=0)
 
 
+def test_next_moves_its_own_invoke_only(model):
+    """nnsight keeps a step counter per invoke: after ``tracer.next()`` in one invoke, the
+    next invoke's first read is its prompt's forward (step 0). vinterp used to carry the step
+    over, so the second invoke silently read (and would have edited) step 1."""
+    read = f"model.layers.{READ_LAYER}"
+    other = "Hi there"
+    with model.generate(max_new_tokens=3, ignore_eos=True) as tracer:
+        with tracer.invoke(PROMPT):
+            a0 = model.model.layers[READ_LAYER].output.save()
+            tracer.next()
+            a1 = model.model.layers[READ_LAYER].output.save()
+        with tracer.invoke(other):
+            b0 = model.model.layers[READ_LAYER].output.save()
+            model.model.layers[EDIT_LAYER].output[:] = 0     # at B's step 0, not step 1
+    ref_a = raw_generate(model._model, _ids(model), 3, model._pad_id,
+                         capture={read: lambda o: o}).captured[read]
+    ref_b = raw_generate(model._model, _ids(model, other), 3, model._pad_id,
+                         edits={f"model.layers.{EDIT_LAYER}": _zero_at({0})},
+                         capture={read: lambda o: o}).captured[read]
+    for got, want in ((a0, ref_a[0]), (a1, ref_a[1]), (b0, ref_b[0])):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_step_lists_run_in_step_order_and_open_starts_follow_next(model):
+    """nnsight sorts ``tracer.iter[[2, 0]]`` (the model reaches step 0 first) and starts an
+    open ``iter[:]`` / ``all()`` at the invoke's current step (after ``tracer.next()``)."""
+    read = f"model.layers.{READ_LAYER}"
+    with model.generate(PROMPT, max_new_tokens=4, ignore_eos=True) as tracer:
+        listed, listed_steps = [].save(), [].save()
+        for step in tracer.iter[[2, 0]]:
+            listed_steps.append(step)
+            listed.append(model.model.layers[READ_LAYER].output)
+        tracer.next()
+        rest, rest_steps = [].save(), [].save()
+        for step in tracer.all():
+            rest_steps.append(step)
+            rest.append(model.model.layers[READ_LAYER].output)
+    ref = raw_generate(model._model, _ids(model), 4, model._pad_id,
+                       capture={read: lambda o: o}).captured[read]
+    assert listed_steps == [0, 2] and rest_steps == [1, 2, 3]
+    for got, want in zip(listed + rest, [ref[0], ref[2], ref[1], ref[2], ref[3]], strict=True):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
 def test_for_step_in_all_edits_every_step(model):
     # nnsight: iter-all-next.md "`tracer.all()` — every step" (for step in tracer.all()).
     n_new = 3

@@ -49,7 +49,9 @@ class _StepIter:
                                   for k in key):
                 raise TracingError(f"tracer.iter[{list(key)!r}]: a list of steps must hold "
                                    "non-negative ints")
-            return _StepScope(self._tracer, min(key), max(key) + 1, indices=list(key))
+            # in step order, as nnsight runs them (the model reaches step 0 before step 2)
+            steps = sorted(set(key))
+            return _StepScope(self._tracer, steps[0], steps[-1] + 1, indices=steps)
         if not isinstance(key, slice) or (key.step not in (None, 1)):
             raise TracingError("tracer.iter takes a step index, a slice like [a:b] or a list "
                                "of steps like [[0, 2]]")
@@ -57,7 +59,8 @@ class _StepIter:
                    for v in (key.start, key.stop)):
             raise TracingError(f"tracer.iter[{key.start}:{key.stop}]: the bounds must be "
                                "ints (steps are known while tracing, not values of the model)")
-        start = key.start or 0
+        # an open start is the current step: 0, or where `tracer.next()` moved this invoke
+        start = self._tracer._steps.start if key.start is None else key.start
         if start < 0 or (key.stop is not None and key.stop <= start):
             raise TracingError(f"tracer.iter[{key.start}:{key.stop}] selects no steps")
         return _StepScope(self._tracer, start, key.stop)
@@ -102,11 +105,13 @@ class _StepScope:
             # string) it cannot run per step: refused at the end if it saved anything.
             self._saved.append((tracer._steps, None, len(tracer.nodes), body is None))
             tracer._steps = Steps(start=self._start, stop=self._stop)
+            tracer._step_scopes += 1
             return self
         steps = tracer._unrolled_steps(self._start, self._stop, None)
         self._saved.append((tracer._steps, (frame, body, steps), len(tracer.nodes), False))
         tracer._steps = Steps(start=steps[0], stop=steps[0] + 1)
         tracer._loop_step = steps[0]
+        tracer._step_scopes += 1
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
@@ -130,6 +135,7 @@ class _StepScope:
         finally:
             tracer._steps = outer
             tracer._loop_step = None
+            tracer._step_scopes -= 1
 
     def _check_sourceless(self, first: int) -> None:
         """A body recorded once for all steps because its source could not be read must not
@@ -159,6 +165,7 @@ class _StepScope:
         # last step that ran when generation stops early, as nnsight's loop ends there
         frame = sys._getframe(1)
         bound = dict(frame.f_locals)
+        tracer._step_scopes += 1
         try:
             for step in steps:
                 # Everything the body records now belongs to this step only.
@@ -172,6 +179,7 @@ class _StepScope:
         finally:
             tracer._steps = outer
             tracer._loop_step = None
+            tracer._step_scopes -= 1
 
 
 def _holds_proxy_from(obj: Any, tracer: Tracer, first: int, depth: int) -> bool:

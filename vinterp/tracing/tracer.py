@@ -104,6 +104,8 @@ class Tracer:
         self._steps = Steps()
         #: the step of the `for step in tracer.iter[...]` iteration being recorded, if any
         self._loop_step: int | None = None
+        #: step scopes (`with tracer.all()`, step loops) open now
+        self._step_scopes = 0
         #: plain objects (``list().save()``) whose proxies are saved and realized after the run
         self._kept: list[Any] = []
         #: nodes computed from the generated ids: run here, after the backend (see running.py)
@@ -337,12 +339,19 @@ class Tracer:
         self.invoke_generation[len(self.invokes) - 1] = dict(generation)
         self._invoke = len(self.invokes) - 1
         self._invoke_open = True
+        # Each invoke counts its own steps from the prompt, as nnsight's per-invoke mediators
+        # do: a `tracer.next()` in one invoke must not move the next one (an invoke opened
+        # inside a step scope keeps the scope's steps)
+        outer = self._steps
+        if not self._step_scopes:
+            self._steps = Steps()
         try:
             yield self
         finally:
             # Between and after invoke blocks, code combines invokes' values (global nodes).
             self._invoke_open = False
             self._invoke = None
+            self._steps = outer
 
     def barrier(self, n: int) -> _Barrier:
         """nnsight's ``tracer.barrier(n)``: accepted, and calling it does nothing. vinterp needs
@@ -390,10 +399,11 @@ class Tracer:
         only edits module values (``.steer(v)``, ``x[:] += v``) is recorded once for all
         steps, which is the same thing with one graph node per edit.
         """
-        return _StepScope(self, 0, None)
+        return _StepScope(self, self._steps.start, None)
 
     def next(self, n: int = 1) -> None:
-        """Move following interventions to the next generation step."""
+        """Move following interventions to the next generation step (of this invoke only: the
+        next invoke starts again at the prompt, step 0, as in nnsight)."""
         if self._loop_step is not None:
             raise TracingError(
                 "tracer.next() inside `for step in tracer.iter[...]`: the loop sets the step "
