@@ -121,6 +121,29 @@ def test_pure_edits_are_recorded_once_for_every_step(backend):
     assert tracer.result[0].tolist() == unrolled.result[0].tolist()
 
 
+def test_a_body_drawing_random_numbers_draws_fresh_ones_each_step(hf_model):
+    """``torch.randn`` in a body that only edits looked pure, so it was recorded once and the
+    same noise went in at every step; nnsight runs the body per step, drawing anew. The
+    reference adds fresh noise per step with a raw hook, drawn from the same seed."""
+    model = hf_model("tiny-llama")
+    torch.manual_seed(1)
+    with model.generate(PROMPT, max_new_tokens=3, ignore_eos=True) as tracer:
+        with tracer.all():
+            model.model.layers[0].output[:, -1] += torch.randn(64) * 5
+    torch.manual_seed(1)
+    noise = [torch.randn(64) * 5 for _ in range(3)]
+
+    def add(step, out):
+        out = out.clone()
+        out[:, -1] += noise[step]
+        return out
+
+    ref = raw_generate(model._model, model.tokenizer(PROMPT)["input_ids"], 3, model._pad_id,
+                       edits={"model.layers.0": add})
+    assert len(tracer.graph.tensors) == 3                     # one draw per step
+    assert tracer.result[0].tolist() == ref.ids.tolist()
+
+
 def test_saved_name_holds_the_last_step_its_invoke_ran(hf_model):
     # nnsight's loop ends with the generation: the name keeps the last step that ran. Here the
     # invoke's own budget (2) ends it while the batch runs 4 steps.

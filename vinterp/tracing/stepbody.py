@@ -42,6 +42,14 @@ _PURE_METHODS = frozenset({
 _PURE_FUNCTIONS = frozenset({"float", "int", "bool", "abs", "min", "max", "round", "range",
                              "len", "slice", "tuple", "enumerate", "zip", "reversed"})
 _PURE_MODULES = frozenset({"torch", "F", "math"})
+#: functions of those modules that draw random numbers: a different value at every call, so a
+#: body calling them must run once per step (fresh noise each step, as in nnsight)
+_RANDOM = frozenset({
+    "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm",
+    "normal", "bernoulli", "multinomial", "poisson", "binomial", "dropout", "dropout1d",
+    "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "rrelu",
+    "gumbel_softmax", "random",
+})
 #: the attributes of a module envoy that name one of its values (a write target)
 _POINTS = frozenset({"output", "input", "inputs"})
 
@@ -171,8 +179,8 @@ def _calls_pure(expr: ast.AST) -> bool:
             root = func.value
             while isinstance(root, ast.Attribute):
                 root = root.value
-            if func.attr not in _PURE_METHODS and not (
-                    isinstance(root, ast.Name) and root.id in _PURE_MODULES):
+            if func.attr in _RANDOM or (func.attr not in _PURE_METHODS and not (
+                    isinstance(root, ast.Name) and root.id in _PURE_MODULES)):
                 return False
         else:
             return False
