@@ -313,6 +313,24 @@ def test_empty_invoke_sees_the_whole_batch(hf):
     assert torch.allclose(batch[:, -1], torch.tensor(REF["empty_invoke"]["last"]), atol=1e-5)
 
 
+def test_empty_invoke_written_before_other_invokes_uses_the_whole_batch_shape(hf):
+    """A prompt-less invoke's value spans every invoke, also those written after it: its
+    ``.shape`` must not be the batch recorded so far (it was ``[1, ...]`` here, so
+    ``x.sum(0) / x.shape[0]`` came out twice the mean). Its sizes are values of the run."""
+    with hf.trace() as tracer:
+        with tracer.invoke(OTHER):
+            pass
+        with tracer.invoke():
+            x = hf.model.layers[1].output
+            rows = x.shape[0]
+            mean = (x.sum(dim=0) / rows).save()
+            batch = x.save()
+        with tracer.invoke(PROMPT):
+            pass
+    assert batch.shape[0] == 2
+    assert torch.allclose(mean, batch.mean(dim=0), atol=1e-6)
+
+
 def test_empty_invoke_on_vllm_is_refused(compat_vllm):
     with pytest.raises(ValueError, match="prompt-less"):
         with compat_vllm.trace() as tracer:

@@ -42,8 +42,9 @@ def known_shape(tracer: Tracer, node_id: int, exact: bool = True) -> Any:
     tracer.
 
     ``exact``: sizes are known for values of the prompt's forward (step 0). A value of a later
-    step gets its structure only, which no step changes: a tensor's ``Rank``, a tuple's
-    length, a mapping's ``Keys``. ``exact=False`` gives the structure for every value.
+    step, or of a prompt-less invoke (whose batch later invokes still grow), gets its
+    structure only, which neither changes: a tensor's ``Rank``, a tuple's length, a mapping's
+    ``Keys``. ``exact=False`` gives the structure for every value.
     """
     cache = tracer._shapes if exact else tracer._structures
     if node_id in cache:
@@ -60,8 +61,10 @@ def known_shape(tracer: Tracer, node_id: int, exact: bool = True) -> Any:
             n in tracer._post or tracer.nodes[n].op in ("backward", "stop") for n in need):
         cache[node_id] = None
         return None
+    # A later step's sizes differ from step to step; a prompt-less invoke's value spans the
+    # whole batch, which invokes written after this point still grow: structure only
     if exact and any((tracer.nodes[n].steps.start, tracer.nodes[n].steps.stop) != (0, 1)
-                     for n in need):
+                     or _whole_batch(tracer, tracer.nodes[n].invoke) for n in need):
         return known_shape(tracer, node_id, exact=False)
     saves = _meta_pass(tracer, sorted(need))
     for o, v in saves.items():
@@ -72,6 +75,11 @@ def known_shape(tracer: Tracer, node_id: int, exact: bool = True) -> Any:
         elif isinstance(v, dict):
             cache[o] = Keys(v.keys())
     return cache.setdefault(node_id, None)
+
+
+def _whole_batch(tracer: Tracer, invoke: int) -> bool:
+    """Whether ``invoke`` is a prompt-less ``tracer.invoke()`` (it sees every invoke's rows)."""
+    return 0 <= invoke < len(tracer.invokes) and not tracer.invokes[invoke]
 
 
 def _meta_pass(tracer: Tracer, order: list[int]) -> dict[int, Any]:
