@@ -355,6 +355,36 @@ def test_barrier_accepted_and_correct(backend):
     _same_top(moved, REF["barrier"]["logits"], ATOL[name])
 
 
+def test_a_value_combined_between_invokes_edits_an_earlier_layer(backend, hf):
+    """``diff = a - b`` written between invokes, from two invokes' layer-1 values, edits layer
+    0 of a third: the third must run after the other two (a later phase). The planner did not
+    look through values computed between invokes and raised its internal NeedsPhases with an
+    empty message. Reference: raw hooks, each prompt alone."""
+    name, model = backend
+    third = "One two three"
+    with model.trace() as tracer:
+        with tracer.invoke(PROMPT):
+            a = model.model.layers[1].output[:, -1]
+        with tracer.invoke(OTHER):
+            b = model.model.layers[1].output[:, -1]
+        diff = a - b
+        with tracer.invoke(third):
+            model.model.layers[0].output[:, -1] += diff
+            logits = model.lm_head.output.save()
+    late = {}
+    for prompt in (PROMPT, OTHER):
+        _raw_forward(hf, prompt, hooks={"model.layers.1": lambda m, a, o, p=prompt: late.update(
+            {p: o[:, -1].clone()})})
+
+    def add(m, args, out):
+        out = out.clone()
+        out[:, -1] += late[PROMPT] - late[OTHER]
+        return out
+
+    want = _raw_forward(hf, third, hooks={"model.layers.0": add}).logits
+    assert torch.allclose(logits.cpu(), want, atol=ATOL[name] * 10)
+
+
 def test_edit_copy_and_inplace_match_nnsight(backend):
     # envoy.py edit(): `with model.edit() as (tracer, edited)`, inplace=True, clear_edits()
     name, model = backend

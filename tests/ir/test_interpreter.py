@@ -8,7 +8,7 @@ import torch
 from vinterp import ir
 from vinterp.ir.errors import InterventionError
 from vinterp.ir.interpreter import GraphRunner
-from vinterp.ir.phases import invoke_phases
+from vinterp.ir.phases import cross_refs, invoke_phases
 
 
 class FakeEvent:
@@ -76,6 +76,20 @@ def test_invoke_phases_orders_dependencies():
                  "nodes": [_read(0, invoke=2), _read(1, invoke=1),
                            {"id": 2, "op": "add", "invoke": 0, "args": [{"ref": 0}, {"ref": 1}]}]})
     assert invoke_phases(g) == [[1, 2], [0]]
+
+
+def test_invoke_phases_see_through_values_computed_between_invokes():
+    """Invoke 2 edits with ``n4 = n0 - n1`` computed between invokes (invoke -1) from the
+    other two: it depends on both of them, whichever node it names."""
+    g = ir.load({"invokes": [{"prompts": [[1]]}, {"prompts": [[2]]}, {"prompts": [[3]]}],
+                 "nodes": [_read(0, invoke=0), _read(1, invoke=1),
+                           {"id": 2, "op": "sub", "invoke": -1,
+                            "args": [{"ref": 0}, {"ref": 1}]},
+                           {"id": 3, "op": "mul", "invoke": -1, "args": [{"ref": 2}, 2.0]},
+                           _read(4, invoke=2),
+                           {"id": 5, "op": "add", "invoke": 2, "args": [{"ref": 4}, {"ref": 3}]}]})
+    assert cross_refs(g) == {2: {0, 1}}
+    assert invoke_phases(g) == [[0, 1], [2]]
 
 
 def test_steering_node_runs_kernel():

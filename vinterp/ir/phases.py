@@ -10,16 +10,25 @@ from vinterp.ir.schema import Graph
 
 
 def cross_refs(graph: Graph) -> dict[int, set[int]]:
-    """invoke → ids of other invokes' nodes it uses directly."""
+    """invoke → ids of other invokes' nodes it uses, directly or through values computed
+    between invokes (``diff = a - b`` written outside any invoke, then used in a third)."""
     index = graph_index(graph)
     owner = index.owner
+    # what each node between invokes needs of the invokes, through other such nodes
+    via: dict[int, set[int]] = {}
+    for n, refs in zip(graph.nodes, index.refs, strict=True):
+        if n.invoke < 0:
+            via[n.id] = set().union(*(via.get(r, set()) if owner[r] < 0 else {r}
+                                      for r in refs))
     out: dict[int, set[int]] = {}
     for n, refs in zip(graph.nodes, index.refs, strict=True):
         if n.invoke < 0:
             continue
         for r in refs:
-            if owner[r] >= 0 and owner[r] != n.invoke:
-                out.setdefault(n.invoke, set()).add(r)
+            used = via.get(r, set()) if owner[r] < 0 else {r}
+            for u in used:
+                if owner[u] != n.invoke:
+                    out.setdefault(n.invoke, set()).add(u)
     return out
 
 
