@@ -32,3 +32,23 @@ def test_tensor_on_the_left(hf_model, name):
         logits = model.logits.save()
     ids = torch.tensor([model.tokenizer(PROMPT)["input_ids"]])
     torch.testing.assert_close(logits, _raw_hook_logits(model._model, ids, 0, fn))
+
+
+@pytest.mark.parametrize("name", ["pow", "floordiv", "mod", "and", "or", "xor"])
+def test_more_operators_with_a_tensor_on_the_left(hf_model, name):
+    """``v ** x``, ``v // x``, ``mask & (x > 0)``: torch hands these over as the tensor's own
+    dunder (``Tensor.__pow__``, ``TensorBase.__and__``), which was refused as not allowlisted
+    while ``x ** v`` and ``x & m`` worked. Values against the same arithmetic on a raw hook's
+    output."""
+    model = hf_model("tiny-llama")
+    v = torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(0)) + 1
+    mask = v > 1.5
+    fn = {"pow": lambda x: v ** x, "floordiv": lambda x: v // x, "mod": lambda x: v % x,
+          "and": lambda x: mask & (x > 0), "or": lambda x: mask | (x > 0),
+          "xor": lambda x: mask ^ (x > 0)}[name]
+    with model.trace(PROMPT):
+        got = fn(model.layers[0].output).save()
+    seen = {}
+    ids = torch.tensor([model.tokenizer(PROMPT)["input_ids"]])
+    _raw_hook_logits(model._model, ids, 0, lambda out: seen.update(out=out))
+    torch.testing.assert_close(got, fn(seen["out"]), equal_nan=True)

@@ -325,6 +325,15 @@ for _fn, _op in (("add", "add"), ("sub", "sub"), ("mul", "mul"), ("div", "truedi
     _TENSOR_OPERATORS[getattr(torch._C.TensorBase, _fn)] = _op
     if _fn not in ("matmul",):   # (torch.matmul is an allowlisted call already)
         _TENSOR_OPERATORS[getattr(torch, _fn)] = _op
+# what torch hands over for an operator written with a tensor on the left (`v ** x`, `v // x`,
+# `mask & (x > 0)`): the tensor's own dunder (a Python wrapper for some, the C method for
+# others), not the named function
+for _dunder, _op in (("add", "add"), ("sub", "sub"), ("mul", "mul"), ("truediv", "truediv"),
+                     ("floordiv", "floordiv"), ("mod", "mod"), ("pow", "pow"),
+                     ("matmul", "matmul"), ("and", "and_"), ("or", "or_"), ("xor", "xor")):
+    for _cls in (torch.Tensor, torch._C.TensorBase):
+        if hasattr(_cls, f"__{_dunder}__"):
+            _TENSOR_OPERATORS[getattr(_cls, f"__{_dunder}__")] = _op
 
 
 def _binary(op: str, reflected: bool = False) -> Any:
