@@ -52,15 +52,69 @@ class Payload:
 
     @classmethod
     def from_extra_args(cls, extra: dict[str, Any] | None) -> Payload | None:
-        """The payload in ``extra_args``, or ``None`` for a plain request."""
-        if not extra or EXTRA_ARGS_KEY not in extra:
+        """The payload in ``extra_args``, or ``None`` for a plain request.
+
+        Raises :class:`PayloadError` when the entry is malformed: anyone who can reach a
+        ``vllm serve`` built with the plugin can send ``vllm_xargs={"vinterp": ...}``, and the
+        worker must fail that request alone, not index into a string inside the forward."""
+        if not isinstance(extra, dict) or EXTRA_ARGS_KEY not in extra:
             return None
         d = extra[EXTRA_ARGS_KEY]
-        return cls(key=str(d["key"]), graph_json=d["graph"], invoke=int(d.get("invoke", 0)),
-                   mode=d.get("mode", "trace"),
-                   capture_cap=int(d.get("capture_cap", DEFAULT_CAPTURE_CAP)),
-                   imports=dict(d.get("imports") or {}),
-                   exports=tuple(int(x) for x in d.get("exports") or ()))
+        where = f"SamplingParams.extra_args[{EXTRA_ARGS_KEY!r}]"
+        if not isinstance(d, dict):
+            raise PayloadError(f"{where} must be a dict (Payload.to_extra_args() makes one), "
+                               f"not {type(d).__name__}")
+        key = d.get("key")
+        if not isinstance(key, str) or not key:
+            raise PayloadError(f"{where}['key'] must be a non-empty string (the caller's "
+                               f"request key), not {key!r}")
+
+        def bad(what: str, value: Any) -> PayloadError:
+            return PayloadError(f"{where}[{what!r}] must be {_EXPECTED[what]}, not "
+                                f"{value!r:.80}; build the entry with Payload(...)."
+                                f"to_extra_args()", key)
+
+        graph = d.get("graph")
+        if not isinstance(graph, str):
+            raise bad("graph", graph)
+        invoke = d.get("invoke", 0)
+        if not _is_int(invoke) or invoke < 0:
+            raise bad("invoke", invoke)
+        mode = d.get("mode", "trace")
+        if not isinstance(mode, str):
+            raise bad("mode", mode)
+        cap = d.get("capture_cap", DEFAULT_CAPTURE_CAP)
+        if not _is_int(cap) or cap < 0:
+            raise bad("capture_cap", cap)
+        imports = d.get("imports") or {}
+        if not isinstance(imports, dict):
+            raise bad("imports", imports)
+        exports = d.get("exports") or ()
+        if not isinstance(exports, (list, tuple)) or not all(_is_int(x) for x in exports):
+            raise bad("exports", exports)
+        return cls(key=key, graph_json=graph, invoke=invoke, mode=mode, capture_cap=cap,
+                   imports=dict(imports), exports=tuple(exports))
+
+
+class PayloadError(ValueError):
+    """A malformed ``extra_args["vinterp"]`` entry; ``key`` is its request key when that part
+    could be read (the worker then reports the failure under it)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+_EXPECTED = {"graph": "the graph's IR JSON text (a string)",
+             "invoke": "a non-negative int (the invoke whose nodes are this request's)",
+             "mode": "a string ('trace' or 'generate')",
+             "capture_cap": "a non-negative int (bytes)",
+             "imports": "a dict of node id to IR tensor dict",
+             "exports": "a list of int node ids"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass

@@ -116,7 +116,10 @@ class ParsedGraphs:
 class RequestState:
     """Everything the worker keeps for one request until the caller drains it."""
 
-    def __init__(self, payload: Payload, graphs: ParsedGraphs) -> None:
+    def __init__(self, payload: Payload, graphs: ParsedGraphs | None,
+                 error: str | None = None) -> None:
+        """``error``: the request is refused before anything runs (a malformed payload, see
+        ``worker._Hooks._state``); ``graphs`` is then not consulted."""
         self.payload = payload
         self.outcome = Outcome()
         self.mask_cache: dict[tuple[Any, ...], list[int]] = {}
@@ -135,6 +138,9 @@ class RequestState:
         self.open_step: int | None = None
         self.writes = self.acts_on_prompt = False
         self.req_id: str | None = None   # the vLLM request it belongs to (set by the worker)
+        if error is not None or graphs is None:
+            self.fail(error or "no graph")
+            return
         try:
             parsed = graphs.get(payload)
             self.graph, self.points, self.plan = parsed.graph, parsed.points, parsed.plan

@@ -159,6 +159,9 @@ def attach_hooks(worker: Any) -> None:
     runner._vinterp_hooks = hooks
 
 
+#: the outcome key of a request whose payload is malformed beyond reading its key
+UNKEYED_PREFIX = "vllm-request:"
+
 #: why two vLLM requests carrying one payload fail (see ``_Hooks._state``)
 PARALLEL_SAMPLING_REFUSED = (
     "two vLLM requests carry this intervention's key: parallel sampling (SamplingParams n > "
@@ -268,13 +271,23 @@ class _Hooks:
         if req_id in self.by_req:
             return self.by_req[req_id]
         req = self.runner.requests.get(req_id)
-        payload = None if req is None or req.sampling_params is None else \
-            Payload.from_extra_args(req.sampling_params.extra_args)
+        error = None
+        try:
+            payload = None if req is None or req.sampling_params is None else \
+                Payload.from_extra_args(req.sampling_params.extra_args)
+        except Exception as exc:
+            # a malformed payload fails this request alone (raising here, inside the
+            # forward, would take the whole batch and the engine down); its outcome goes
+            # under its key when that could be read, else under its vLLM request id
+            key = getattr(exc, "key", None) or f"{UNKEYED_PREFIX}{req_id}"
+            error = f"malformed vinterp payload: {exc}"
+            payload = Payload(key=key, graph_json="")
+            log.warning("vinterp: request %s: %s", req_id, error)
         st = None
         if payload is not None:
             st = self.by_key.get(payload.key)
             if st is None:
-                st = RequestState(payload, self.graphs)
+                st = RequestState(payload, self.graphs, error)
                 st.req_id = req_id
                 self.by_key[payload.key] = st
             elif st.req_id != req_id:

@@ -57,6 +57,55 @@ def test_bad_requests_fail_alone(tiny_vllm):
     assert tiny_vllm.run(graph).saves[saves[0]].shape == (1, 5, 64)
 
 
+@pytest.mark.parametrize("entry,message", [
+    ("x", "must be a dict"),
+    ({"graph": "{}"}, "['key'] must be a non-empty string"),
+    ({"key": "faults-bad", "graph": "{}", "invoke": "x"}, "['invoke'] must be a non-negative int"),
+    ({"key": "faults-bad", "graph": "{}", "capture_cap": 1.5}, "['capture_cap'] must be"),
+    ({"key": "faults-bad", "graph": "{}", "exports": ["a"]}, "['exports'] must be a list of int"),
+    ({"key": "faults-bad"}, "['graph'] must be"),
+])
+def test_a_malformed_payload_fails_alone(tiny_vllm, entry, message):
+    """A malformed ``extra_args["vinterp"]`` (any client of a ``vllm serve`` built with the
+    plugin can send one) fails its own request with what was wrong; the steered and plain
+    requests of its batch finish as they would alone, and the engine keeps serving. It used to
+    raise inside the forward: the batch was lost and the in-process engine hung."""
+    from vllm import SamplingParams
+
+    from vinterp_vllm.worker import UNKEYED_PREFIX
+
+    good = steer_graph([[5, 6, 7, 8, 9]], [{"layer": 1, "vector": torch.ones(64), "scale": 2.0}],
+                       max_new_tokens=4)
+    run = GraphRun(good, f"faults-malformed-{message[:8]}")
+    (job,) = next(run.phases())
+    good_prompt, good_params = run.request(job)
+    plain = ({"prompt_token_ids": [10, 11, 12, 13]},
+             SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    bad = ({"prompt_token_ids": [20, 21, 22]},
+           SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
+                          extra_args={"vinterp": entry}))
+    outs = tiny_vllm.llm.generate([good_prompt, plain[0], bad[0]],
+                                  [good_params, plain[1], bad[1]], use_tqdm=False)
+    keyed = isinstance(entry, dict) and "key" in entry
+    if keyed:
+        keys = ["faults-bad"]
+    else:   # no key to report under: the worker's own request id
+        keys = [k for k in tiny_vllm.llm.collective_rpc(
+            lambda worker: list(worker._vinterp.by_key))[0] if k.startswith(UNKEYED_PREFIX)]
+        assert len(keys) == 1
+    drained = outcomes_from_wire(tiny_vllm.llm.collective_rpc(
+        "vinterp_drain", args=([job.payload.key, *keys],))[0])
+    assert message in drained[keys[0]].error
+    assert "malformed vinterp payload" in drained[keys[0]].error
+    run.record(job, drained.get(job.payload.key), outs[0].outputs[0].token_ids)
+    assert run.outcomes[(0, 0)].error is None
+    assert [t.tolist() for t in run.result().generated] == \
+        [t.tolist() for t in tiny_vllm.run(good).generated]
+    alone = tiny_vllm.llm.generate([plain[0]], [plain[1]], use_tqdm=False)
+    assert list(outs[1].outputs[0].token_ids) == list(alone[0].outputs[0].token_ids)
+    assert len(outs[2].outputs[0].token_ids) == 4   # the request itself still ran
+
+
 def test_parallel_sampling_of_one_payload_fails_with_the_reason(tiny_vllm):
     """vLLM's ``n > 1`` gives each sample the parent's payload: one key, two requests' rows.
     The worker cannot tell them apart (the second sample went unsteered and its captures were
