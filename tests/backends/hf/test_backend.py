@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vinterp.ir.errors import InterventionError
 from vinterp.tracing.errors import TracingError
 
 TINY = ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gptneox"]
@@ -363,3 +364,18 @@ def test_inputs_assignment_replaces_keyword_arguments_of_any_structure(hf_model)
         model.model.layers[0].self_attn.inputs = (args, new)
         got = model.logits.save()
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_assigning_a_tuple_to_a_tensor_point_says_to_assign_the_tensor(hf_model):
+    """The transformers 4 idiom ``layer.output = (new,)``: in transformers 5 a decoder layer
+    returns a tensor, and the error says so (it used to be torch's 'only one element tensors
+    can be converted to Python scalars')."""
+    model = hf_model("tiny-llama")
+    with pytest.raises(InterventionError) as caught:
+        with model.trace(PROMPT):
+            new = model.model.layers[0].output * 2
+            model.model.layers[0].output = (new,)
+    message = str(caught.value)
+    assert "model.layers.0.output" in message
+    assert "holds a tensor" in message and "assign a tensor" in message
+    assert "Python scalars" not in message

@@ -79,6 +79,15 @@ def assign(full: Any, new: Any, r: Region, where: str, out_of_place: bool) -> An
     saved for backward are never modified.
     """
     if isinstance(full, torch.Tensor):
+        if isinstance(new, (tuple, list)) and any(
+                isinstance(item, torch.Tensor) and item.dim() > 0 for item in new):
+            # the transformers 4 idiom ``layer.output = (new,) + ...``: since transformers 5
+            # a decoder layer returns a tensor, and torch.as_tensor would fail with a message
+            # about Python scalars
+            raise ValueError(
+                f"cannot set {where} to a {type(new).__name__} of tensors: this point holds "
+                "a tensor (in transformers 5 a decoder layer returns its hidden states as a "
+                "tensor, not a tuple); assign a tensor: `... = new`, not `... = (new,)`")
         if not isinstance(new, torch.Tensor):
             new = torch.as_tensor(new, dtype=full.dtype, device=full.device)
         target = full.clone() if out_of_place else full
