@@ -19,7 +19,7 @@ import contextlib
 import inspect
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -27,7 +27,15 @@ from torch import nn
 from vinterp.backends.base import Backend, RunResult
 from vinterp.backends.hf import attention
 from vinterp.backends.hf.batching import BatchLayout
-from vinterp.backends.hf.views import Region, assign, cut
+from vinterp.backends.hf.views import (
+    LeafPath,
+    Region,
+    assign_at,
+    cut,
+    cut_tensor,
+    leaf_at,
+    map_tensors,
+)
 from vinterp.ir import Graph
 from vinterp.ir.errors import NeedsPhases, StopForward
 from vinterp.ir.interpreter import GraphRunner
@@ -43,6 +51,14 @@ _HF_GENERATE_KEYS = {
 }
 
 
+class _Copy(NamedTuple):
+    """A tensor handed to one invoke under autograd: its own copy of the invoke's rows, and
+    the copy's version counter when handed out (a different one later: edited in place)."""
+
+    tensor: torch.Tensor
+    version: int
+
+
 class _Event:
     """A point reached during the forward: per-invoke views of the batched value."""
 
@@ -55,13 +71,15 @@ class _Event:
         self.step = run.step
         self.value = value
         self.replaced = False
-        # while autograd records, each invoke gets its own copy of its rows (a view of the
-        # batch would tie it to the other invokes' views: an in-place edit through one rebuilds
-        # the others' autograd history, and a gradient retained on them is lost). They are
-        # routed back into the batch afterwards, so edits land and gradients reach them (see
-        # _Run.event); ``versions``: each copy's version counter when handed out (edited?)
-        self.handed: dict[int, torch.Tensor] = {}
-        self.versions: dict[int, int] = {}
+        # While autograd records, each invoke gets its own copy of its rows of every tensor in
+        # the value (a bare tensor, or each one inside a tuple, dict, ModelOutput or a module's
+        # (args, kwargs)). A view of the batch would tie it to the other invokes' views (an
+        # in-place edit through one rebuilds the others' autograd history), and it is a side
+        # branch of the graph: the model goes on with the batch tensor, so a gradient retained
+        # on the view is never filled. The copies are routed back into the batch afterwards
+        # (see commit), so edits land and gradients reach them. By invoke, then by the
+        # tensor's path in ``value`` (one copy whether read as .input or through .inputs).
+        self.handed: dict[int, dict[LeafPath, _Copy]] = {}
         # Without autograd, reads are views of the batch (in-place edits land, for free). An
         # assignment (``.output = new``) must then leave the value those views show alone, as
         # in PyTorch, where a hook returning a new tensor leaves the old one as it was: it
@@ -78,64 +96,99 @@ class _Event:
         return Region(layout.rows(invoke), start, stop if layout.right else key_len, key_len,
                       layout.input_ids.shape[0])
 
-    def _target(self, kind: str) -> Any:
+    def _base(self, kind: str) -> LeafPath:
+        """Where the value read as ``kind`` lies in ``self.value``."""
         if kind == "input":
-            return self.run.backend.first_arg(self.module, self.value)
-        return self.value
+            return self.run.backend.first_arg_path(self.module, self.value)
+        return ()
 
     def get(self, invoke: int, kind: str = "output") -> Any:
-        if invoke in self.handed and kind != "inputs":
-            return self.handed[invoke]
+        """The value read as ``kind`` (``output``, ``input``, ``inputs``), cut to ``invoke``."""
         dims = self._dims(invoke)
-        if self.handed:
+        base = self._base(kind)
+        if not torch.is_grad_enabled():
+            self._exposed.append(dims.rows)
+            return cut(leaf_at(self.value, base), dims)
+        if any(i != invoke for i in self.handed):
             # invokes run in order: one whose rows overlap copies handed out before (a
             # prompt-less invoke spans the batch) reads the batch after their edits, and
             # their copies go back now, so none is later written over its edits
-            self.commit(lambda i: _overlap(self._dims(i).rows, dims.rows))
-        target = self._target(kind)
-        view = cut(target, dims)
-        if torch.is_grad_enabled() and isinstance(view, torch.Tensor) and view is not target:
-            view = self.handed[invoke] = view.clone()
-            self.versions[invoke] = view._version
-        else:
+            self.commit(lambda i: i != invoke and _overlap(self._dims(i).rows, dims.rows))
+        target = leaf_at(self.value, base)   # (after the commit: it may replace tensors)
+        copies = self.handed.setdefault(invoke, {})
+        shared = False
+
+        def own(path: LeafPath, leaf: torch.Tensor) -> torch.Tensor:
+            nonlocal shared
+            view = cut_tensor(leaf, dims)
+            if view is leaf or not (leaf.is_floating_point() or leaf.is_complex()):
+                # not per example, or the invoke is the whole batch: the tensor itself, which
+                # the model goes on with (so it is in the graph already); or one that cannot
+                # carry a gradient (token ids, masks, positions): a view has no autograd
+                # history to tangle, and edits through it land as without autograd
+                shared = True
+                return view
+            path = (*base, *path)
+            copy = copies.get(path)
+            if copy is None:
+                tensor = view.clone()
+                copy = copies[path] = _Copy(tensor, tensor._version)
+            return copy.tensor
+
+        value = map_tensors(target, own)
+        if shared or not isinstance(value, torch.Tensor):
             self._exposed.append(dims.rows)
-        return view
+        return value
 
     def commit(self, which: Callable[[int], bool] = lambda invoke: True) -> None:
         """Route the copies handed out under autograd (those of invokes ``which`` picks) back
         into the batch, and forget them."""
-        where = "input" if self.kind == "inputs" else self.kind
-        handed = [(i, view) for i, view in self.handed.items() if which(i)]
-        edited = {i for i, view in handed if view._version != self.versions[i]}
-        for invoke, view in handed:
-            if invoke in edited:
-                # edited in place: back in place, as a hook's in-place edit would land, so
-                # every reference to this value sees it (a residual its caller keeps), with
-                # or without autograd recording
-                self.set(invoke, view, where, in_place=True)
-        for invoke, view in handed:
-            if invoke not in edited:
-                # make the batch depend on each invoke's view, so view.grad is filled on
-                # backward (values unchanged: out of place, as nothing needs to see it)
-                self.set(invoke, view, where)
+        if not self.handed:
+            return
+        handed = [(i, path, copy) for i in [i for i in self.handed if which(i)]
+                  for path, copy in self.handed.pop(i).items()]
+        edited = [(i, path, copy.tensor) for i, path, copy in handed
+                  if copy.tensor._version != copy.version]
+        kept = [(i, path, copy.tensor) for i, path, copy in handed
+                if copy.tensor._version == copy.version]
+        # edited in place: back in place, as a hook's in-place edit would land, so every
+        # reference to this value sees it (a residual its caller keeps), with or without
+        # autograd recording. First, so the out-of-place copies below are made after them.
+        for invoke, path, tensor in edited:
+            self._route(invoke, path, tensor, in_place=True)
+        # the others: make the batch depend on each invoke's copy, so copy.grad is filled on
+        # backward (values unchanged: out of place, as nothing needs to see it)
+        for invoke, path, tensor in kept:
+            self._route(invoke, path, tensor, in_place=False)
+
+    def _route(self, invoke: int, path: LeafPath, tensor: torch.Tensor, *,
+               in_place: bool) -> None:
+        where = f"{self.module or 'model'}.{self.kind}"
+        self.value = assign_at(self.value, path, tensor, self._dims(invoke), where,
+                               not in_place)
+        self.replaced = True
 
     def set(self, invoke: int, new: Any, kind: str = "output", *,
             in_place: bool = False) -> None:
+        """Assign ``new`` to ``invoke``'s part of the value read as ``kind``."""
         where = f"{self.module or 'model'}.{kind}"
-        rows = self._dims(invoke).rows
+        dims = self._dims(invoke)
         out_of_place = not in_place and (
             torch.is_grad_enabled() or not self._copied
-            or any(_overlap(rows, seen) for seen in self._exposed))
+            or any(_overlap(dims.rows, seen) for seen in self._exposed))
         if out_of_place:
             self._copied, self._exposed = True, []
-        self.handed.pop(invoke, None)
-        if kind == "input":
-            backend = self.run.backend
-            first = assign(backend.first_arg(self.module, self.value), new, self._dims(invoke),
-                           where, out_of_place)
-            self.value = backend.with_first_arg(self.module, self.value, first)
-        else:
-            self.value = assign(self.value, new, self._dims(invoke), where, out_of_place)
+        copies = self.handed.get(invoke)
+        before = {path: leaf_at(self.value, path) for path in copies} if copies else {}
+        self.value = assign_at(self.value, self._base(kind), new, dims, where, out_of_place)
+        for path, old in before.items():
+            # the assignment replaced this tensor: its copy no longer goes back (as with a
+            # hook returning a new value, the old one is out of the graph unless the new one
+            # was computed from it). Tensors the assignment left alone (an item given as
+            # None, a keyword argument not named, .inputs around an .input assignment) keep
+            # theirs, routed back in commit.
+            if leaf_at(self.value, path) is not old:
+                del copies[path]
         self.replaced = True
 
     def row_positions(self, invoke: int) -> torch.Tensor | None:
@@ -229,20 +282,12 @@ class HfBackend(Backend):
             name = self._first_params[module] = params[0] if params else ""
         return name
 
-    def first_arg(self, module: str, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
-        """A module's ``.input``: its forward's first argument, positional or keyword."""
-        args, kwargs = inputs
-        if args:
-            return args[0]
-        return kwargs.get(self._first_param(module))
-
-    def with_first_arg(self, module: str, inputs: tuple[tuple[Any, ...], dict[str, Any]],
-                       first: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """``inputs`` with the first argument replaced (where the module received it)."""
-        args, kwargs = inputs
-        if args:
-            return (first, *args[1:]), kwargs
-        return args, {**kwargs, self._first_param(module): first}
+    def first_arg_path(self, module: str, inputs: tuple[tuple[Any, ...], dict[str, Any]]
+                       ) -> LeafPath:
+        """Where a module's ``.input`` (its forward's first argument, positional or keyword)
+        lies in its ``(args, kwargs)``."""
+        args, _ = inputs
+        return (0, 0) if args else (1, self._first_param(module))
 
     @property
     def device(self) -> torch.device:

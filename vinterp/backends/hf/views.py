@@ -15,6 +15,7 @@ cannot be cut: every invoke sees, and edits, the whole batch's value, as in nnsi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -36,31 +37,92 @@ class Region(NamedTuple):
 def cut(value: Any, r: Region) -> Any:
     """The view of ``value`` for region ``r``: its rows, and its window of sequence dims."""
     if isinstance(value, torch.Tensor):
-        if value.dim() == 0 or value.shape[0] != r.batch:
-            return value
-        narrow = (r.start, r.stop) != (0, r.key_len)
-        if not narrow and r.rows.start == 0 and r.rows.stop == r.batch:
-            return value  # the invoke is the whole batch: the tensor itself (keeps autograd)
-        out = value[r.rows]
-        if narrow and not (value.dim() == 2 and value.is_floating_point()):
-            for d in _SEQ_DIMS.get(value.dim(), ()):
-                if out.shape[d] == r.key_len:
-                    out = out.narrow(d, r.start, r.stop - r.start)
-        return out
+        return cut_tensor(value, r)
+    return map_tensors(value, lambda _path, leaf: cut_tensor(leaf, r))
+
+
+def cut_tensor(value: torch.Tensor, r: Region) -> torch.Tensor:
+    """One tensor's view for region ``r`` (``value`` itself where it is not per example, or
+    where the region is all of it)."""
+    if value.dim() == 0 or value.shape[0] != r.batch:
+        return value
+    narrow = (r.start, r.stop) != (0, r.key_len)
+    if not narrow and r.rows.start == 0 and r.rows.stop == r.batch:
+        return value  # the invoke is the whole batch: the tensor itself (keeps autograd)
+    out = value[r.rows]
+    if narrow and not (value.dim() == 2 and value.is_floating_point()):
+        for d in _SEQ_DIMS.get(value.dim(), ()):
+            if out.shape[d] == r.key_len:
+                out = out.narrow(d, r.start, r.stop - r.start)
+    return out
+
+
+#: a tensor's place in a structured value: tuple/list indices, dict keys and field names
+LeafPath = tuple[int | str, ...]
+
+
+def map_tensors(value: Any, fn: Callable[[LeafPath, torch.Tensor], Any],
+                path: LeafPath = ()) -> Any:
+    """``value`` rebuilt with each tensor in it replaced by ``fn(path, tensor)``.
+
+    The one walk over point values (tuples, named tuples, lists, dicts and HF ``ModelOutput``s,
+    dataclasses; anything else is kept as it is): :func:`cut`, the HF backend's per-invoke
+    copies and :func:`assign_at` must agree on the structure and on the paths.
+    """
+    if isinstance(value, torch.Tensor):
+        return fn(path, value)
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(cut(v, r) for v in value))
+        return type(value)(*(map_tensors(v, fn, (*path, i)) for i, v in enumerate(value)))
     if isinstance(value, (list, tuple)):
-        return type(value)(cut(v, r) for v in value)
+        return type(value)(map_tensors(v, fn, (*path, i)) for i, v in enumerate(value))
     if isinstance(value, dict):
         # every entry (a module's kwargs hold tuples, caches, flags, None too)
-        fields = {k: cut(v, r) for k, v in value.items()}
+        fields = {k: map_tensors(v, fn, (*path, k)) for k, v in value.items()}
         try:
             return type(value)(**fields)
         except TypeError:
             return fields
     if _is_dataclass(value):   # (an HF ModelOutput is a dict, above)
-        return dataclasses.replace(value, **{k: cut(v, r) for k, v in _fields(value).items()})
+        return dataclasses.replace(value, **{k: map_tensors(v, fn, (*path, k))
+                                             for k, v in _fields(value).items()})
     return value
+
+
+def leaf_at(value: Any, path: LeafPath) -> Any:
+    """The item of ``value`` at ``path`` (see :func:`map_tensors`); ``None`` where there is
+    none (a keyword argument the caller left out)."""
+    for key in path:
+        if isinstance(value, (list, tuple)):
+            value = value[key] if isinstance(key, int) and key < len(value) else None
+        elif isinstance(value, dict):
+            value = value.get(key)
+        elif _is_dataclass(value):
+            value = getattr(value, str(key), None)
+        else:
+            return None
+    return value
+
+
+def assign_at(full: Any, path: LeafPath, new: Any, r: Region, where: str,
+              out_of_place: bool) -> Any:
+    """:func:`assign` of ``new`` to the item of ``full`` at ``path``; returns the (maybe new)
+    full value, its other items kept as they are."""
+    if not path:
+        return assign(full, new, r, where, out_of_place)
+    key, rest = path[0], path[1:]
+    if isinstance(full, (list, tuple)):
+        items = list(full)
+        items[key] = assign_at(items[key], rest, new, r, f"{where}[{key}]", out_of_place)
+        return type(full)(*items) if hasattr(full, "_fields") else type(full)(items)
+    if isinstance(full, dict):
+        # in place, as assign does with mappings (the caller keeps the same object)
+        full[key] = assign_at(full.get(key), rest, new, r, f"{where}.{key}", out_of_place)
+        return full
+    if _is_dataclass(full):
+        item = assign_at(getattr(full, str(key)), rest, new, r, f"{where}.{key}", out_of_place)
+        return dataclasses.replace(full, **{str(key): item})
+    raise ValueError(f"cannot set {where}: its value is a {type(full).__name__}, not a "
+                     "structure with items")
 
 
 def _is_dataclass(value: Any) -> bool:
