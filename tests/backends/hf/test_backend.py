@@ -366,6 +366,29 @@ def test_inputs_assignment_replaces_keyword_arguments_of_any_structure(hf_model)
     assert torch.allclose(got, want, atol=1e-6)
 
 
+def test_a_dependency_the_phase_planner_missed_is_a_clear_error(hf_model, monkeypatch):
+    """If the phase planner puts an invoke in the same forward as one whose later-layer value
+    it needs (a dependency it did not see), the internal NeedsPhases must not reach the user
+    empty: a ValueError says which edit cannot run and how to rewrite it. (A planner that
+    groups every invoke into one phase stands in for such a gap.)"""
+    from vinterp.backends.hf import backend as hf_backend
+
+    monkeypatch.setattr(hf_backend, "invoke_phases",
+                        lambda graph, needs=None: [list(range(len(graph.invokes)))])
+    model = hf_model("tiny-llama")
+    with pytest.raises(ValueError) as caught:
+        with model.trace() as tracer:
+            with tracer.invoke("The cat sat on the"):
+                late = model.layers[1].output[:, -1]
+            with tracer.invoke("A dog"):
+                model.layers[0].output[:, -1] += late
+                model.logits.save()
+    message = str(caught.value)
+    assert "the edit of model.layers.0.output" in message
+    assert "later in the same forward" in message
+    assert "inside the invoke that uses it" in message
+
+
 def test_assigning_a_tuple_to_a_tensor_point_says_to_assign_the_tensor(hf_model):
     """The transformers 4 idiom ``layer.output = (new,)``: in transformers 5 a decoder layer
     returns a tensor, and the error says so (it used to be torch's 'only one element tensors

@@ -219,6 +219,8 @@ class _Run:
         #: at its first call only, and says so (``_warned``)
         self._reached: set[tuple[str, str, int]] = set()
         self._warned: set[str] = set()
+        #: the point the forward is at (module, kind); None at the end of a step
+        self.point: tuple[str, str] | None = None
 
     def call_module(self, path: str) -> Any:
         """``path``'s module as a callable for ``call_module`` nodes (hooks muted inside)."""
@@ -242,6 +244,7 @@ class _Run:
                 stacklevel=2)
         self._reached.add(reached)
         ev = _Event(self, module, kind, value)
+        self.point = (module, kind)
         self.runner.on_event(ev)
         ev.commit()
         return ev
@@ -343,6 +346,7 @@ class HfBackend(Backend):
                     return None
                 ev = run.event(path, "output", output)
                 if path == "":
+                    run.point = None
                     run.runner.end_step()
                     run.step += 1
                 return ev.value if ev.replaced else None
@@ -401,7 +405,13 @@ class HfBackend(Backend):
             state = RunState()
             generated = [None] * sum(len(inv.prompts) for inv in graph.invokes)
             for group in invoke_phases(graph):
-                out = self._run_phase(graph, state, group, live)
+                try:
+                    out = self._run_phase(graph, state, group, live)
+                except NeedsPhases as exc:
+                    # the planner put an invoke in this phase with one whose value it needs
+                    # later in the forward (a dependency it did not see): rerunning cannot
+                    # help, and NeedsPhases is control flow, empty for the user
+                    raise _unphased_error(group, exc) from None
                 if out is not None:
                     layout_rows = _rows_of(graph, group)
                     for row, ids in zip(layout_rows, out, strict=True):
@@ -449,6 +459,9 @@ class HfBackend(Backend):
                            **(self._first_step_kwargs() if graph.mode == "generate" else {}))
             except StopForward:
                 pass
+            except NeedsPhases as exc:
+                exc.args = (run.point,)   # where the forward was, for the user's message
+                raise
         return None
 
     def _first_step_kwargs(self) -> dict[str, Any]:
@@ -503,6 +516,24 @@ def attends_both_ways(model: nn.Module) -> bool:
     flags = {m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None),
                                                                  bool)}
     return flags == {False}
+
+
+def _unphased_error(group: list[int], exc: NeedsPhases) -> ValueError:
+    """The user's error for a cross-invoke dependency that phases could not serve."""
+    point = exc.args[0] if exc.args else None
+    if point is not None:
+        module, kind = point
+        what = f"the edit of {module or 'model'}.{'input' if kind == 'inputs' else kind}"
+    else:
+        what = "a value"
+    return ValueError(
+        f"this trace cannot run: {what} (in invokes {group}, counted from 0 as written) needs "
+        "a value that another invoke computes later in the same forward, and vinterp could "
+        "not order the invokes into forwards (phases) that compute it first. This happens "
+        "when a value combining invokes is computed between invokes (outside any `with "
+        "tracer.invoke(...)`) from values at later layers and used to edit an earlier "
+        "layer. Compute the cross-invoke value inside the invoke that uses it: move e.g. "
+        "`diff = a - b` into the `with tracer.invoke(...)` block that makes the edit.")
 
 
 def _rows_of(graph: Graph, group: list[int]) -> list[int]:
