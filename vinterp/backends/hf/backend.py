@@ -168,12 +168,11 @@ class _Event:
                                not in_place)
         self.replaced = True
 
-    def set(self, invoke: int, new: Any, kind: str = "output", *,
-            in_place: bool = False) -> None:
+    def set(self, invoke: int, new: Any, kind: str = "output") -> None:
         """Assign ``new`` to ``invoke``'s part of the value read as ``kind``."""
         where = f"{self.module or 'model'}.{kind}"
         dims = self._dims(invoke)
-        out_of_place = not in_place and (
+        out_of_place = (
             torch.is_grad_enabled() or not self._copied
             or any(_overlap(dims.rows, seen) for seen in self._exposed))
         if out_of_place:
