@@ -458,12 +458,14 @@ class _Hooks:
             now = [(st, span, p) for st, span, p in self.general_points.get(key, ())
                    if (p.value in LOGIT_VALUES) == phase
                    and not (st.failed or st.runner is None or st.open_step is None)]
-            logits = self._logits(now, out) if phase else {}
+            logits = self._logits_each(now, out) if phase else {}
             for st, span, p in now:
-                ev = RowsEvent(p, span, st.open_step, args, kwargs, out, self.model,
-                               trace=st.payload.mode == "trace",
-                               logits=logits.get((id(st), p.key)))
+                if st.failed:   # (its logits failed)
+                    continue
                 try:
+                    ev = RowsEvent(p, span, st.open_step, args, kwargs, out, self.model,
+                                   trace=st.payload.mode == "trace",
+                                   logits=logits.get((id(st), p.key)))
                     st.runner.on_event(ev)
                     ev.write_back()
                 except Exception as exc:
@@ -473,6 +475,27 @@ class _Hooks:
                         continue
                     st.fail(f"{type(exc).__name__}: {exc}" if not str(exc).startswith(
                         "intervention") else str(exc))
+
+    def _logits_each(self, entries: list[tuple[RequestState, RowSpan, VllmPoint]],
+                     out: Any) -> dict[tuple[int, tuple[str, str]], torch.Tensor]:
+        """:meth:`_logits` for all ``entries`` at once; when that raises (e.g. one request's
+        whole-prompt logits run the GPU out of memory), again one request at a time, failing
+        only those whose own logits raise. An exception here would leave the op and fail the
+        forward: every request of the batch, and the engine. The common path pays nothing."""
+        try:
+            return self._logits(entries, out)
+        except Exception as exc:
+            log.warning("vinterp: batched logits failed (%s: %s); retrying per request",
+                        type(exc).__name__, exc)
+        got: dict[tuple[int, tuple[str, str]], torch.Tensor] = {}
+        for entry in entries:
+            try:
+                got.update(self._logits([entry], out))
+            except Exception as exc:
+                entry[0].fail(f"computing this request's logits failed: {type(exc).__name__}: "
+                              f"{exc} (out of memory? read the logits at fewer positions, e.g. "
+                              f"model.logits[:, -1])")
+        return got
 
     def _logits(self, entries: list[tuple[RequestState, RowSpan, VllmPoint]],
                 out: Any) -> dict[tuple[int, tuple[str, str]], torch.Tensor]:

@@ -224,3 +224,54 @@ def test_an_overflow_anywhere_poisons_nobody(few_blocks, overflow, message):
         overflow(few_blocks, torch.randint(3, 5000, (100,), generator=g).tolist())
     for a, b in zip(logits(), before, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("where", ["logits", "event"])
+def test_a_failure_at_the_logits_point_fails_only_its_request(tiny_vllm, monkeypatch, where):
+    """An exception while computing one request's logits (a large whole-prompt logits read
+    can run a GPU out of memory) or building its event at the final norm fails that request
+    alone; the other logits trace of the batch, a steered request and a plain one finish as
+    they would alone. Both sat outside the per-request guard: the whole batch failed."""
+    import vinterp_vllm.worker as worker
+
+    victim_len = 11   # the victim's rows are told apart by their prompt length
+
+    def mine(span) -> bool:
+        return span.prompt_len == victim_len
+
+    if where == "logits":
+        real = worker.batched_logits
+
+        def batched_logits(model, normed, wants):
+            if any(mine(span) for span, _, _ in wants):
+                raise RuntimeError("simulated: CUDA out of memory in compute_logits")
+            return real(model, normed, wants)
+        monkeypatch.setattr(worker, "batched_logits", batched_logits)
+    else:
+        real_event = worker.RowsEvent
+
+        def rows_event(p, span, *args, **kwargs):
+            if mine(span):
+                raise RuntimeError("simulated: CUDA out of memory in RowsEvent")
+            return real_event(p, span, *args, **kwargs)
+        monkeypatch.setattr(worker, "RowsEvent", rows_event)
+
+    other = [5, 6, 7, 8, 9, 10, 11]
+    victim = list(range(20, 20 + victim_len))
+    logits_graph, saves = capture_graph([other], ["lm_head"])
+    victim_graph, _ = capture_graph([victim], ["lm_head"])
+    steered = steer_graph([[30, 31, 32, 33, 34]],
+                          [{"layer": 1, "vector": torch.ones(64), "scale": 2.0}],
+                          max_new_tokens=4)
+    plain = steer_graph([[40, 41, 42, 43]], [None], max_new_tokens=4)
+    runs = _one_batch(tiny_vllm, {"victim": victim_graph, "logits": logits_graph,
+                                  "steered": steered, "plain": plain})
+    assert "simulated: CUDA out of memory" in runs["victim"].outcomes[(0, 0)].error
+    assert runs["logits"].outcomes[(0, 0)].error is None
+    assert runs["steered"].outcomes[(0, 0)].error is None
+    monkeypatch.undo()
+    alone = tiny_vllm.run(logits_graph).saves[saves[0]]
+    assert torch.allclose(runs["logits"].result().saves[saves[0]], alone, rtol=1e-5, atol=1e-5)
+    for tag, graph in (("steered", steered), ("plain", plain)):
+        assert [t.tolist() for t in runs[tag].result().generated] == \
+            [t.tolist() for t in tiny_vllm.run(graph).generated]
