@@ -58,42 +58,35 @@ POINTS = {
 }
 
 
+@pytest.mark.parametrize("how", ["retain_grad", "backward_block"])
 @pytest.mark.parametrize("point", list(POINTS))
-def test_retain_grad_with_two_invokes_equals_raw_hooks(hf_model, point):
+def test_gradients_with_two_invokes_equal_raw_hooks(hf_model, point, how):
+    """``x.retain_grad()`` then ``loss.backward()``, and ``with loss.backward(): x.grad.save()``
+    (nnsight >= 0.5): each invoke's gradient is its prompt's alone."""
     lm = hf_model("tiny-llama")
     path, pick, read = POINTS[point]
     xs, losses = [], []
     with lm.trace() as tracer:
         for prompt in PROMPTS:
             with tracer.invoke(prompt):
-                x = read(lm).save()
-                x.retain_grad()
+                x = read(lm)
+                if how == "retain_grad":
+                    x = x.save()
+                    x.retain_grad()
                 xs.append(x)
                 losses.append(lm.lm_head.output[:, -1, TOKEN].sum())
-        (losses[0] + losses[1]).backward()
-    for prompt, x in zip(PROMPTS, xs, strict=True):
-        ref, _ = _raw_grad(lm, prompt, path, pick)
-        assert x.grad is not None, f"{point}: no gradient for {prompt!r}"
-        assert x.grad.shape == ref.shape
-        assert torch.allclose(x.grad, ref, atol=1e-5)
-
-
-@pytest.mark.parametrize("point", list(POINTS))
-def test_grad_saved_in_a_backward_block_with_two_invokes_equals_raw_hooks(hf_model, point):
-    lm = hf_model("tiny-llama")
-    path, pick, read = POINTS[point]
-    xs, losses = [], []
-    with lm.trace() as tracer:
-        for prompt in PROMPTS:
-            with tracer.invoke(prompt):
-                xs.append(read(lm))
-                losses.append(lm.lm_head.output[:, -1, TOKEN].sum())
         loss = losses[0] + losses[1]
-        with loss.backward():
-            grads = [x.grad.save() for x in xs]
+        if how == "retain_grad":
+            loss.backward()
+        else:
+            with loss.backward():
+                grads = [x.grad.save() for x in xs]
+    if how == "retain_grad":
+        grads = [x.grad for x in xs]
     for prompt, g in zip(PROMPTS, grads, strict=True):
         ref, _ = _raw_grad(lm, prompt, path, pick)
         assert g is not None, f"{point}: no gradient for {prompt!r}"
+        assert g.shape == ref.shape
         assert torch.allclose(g, ref, atol=1e-5)
 
 
