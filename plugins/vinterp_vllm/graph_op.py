@@ -51,7 +51,7 @@ def _point_fake(x: torch.Tensor, y: torch.Tensor | None, pid: torch.Tensor) -> N
 
 def _slots_fake(capbuf: torch.Tensor, pre: torch.Tensor, before: torch.Tensor,
                 post: torch.Tensor, after: torch.Tensor, flags: torch.Tensor,
-                bad: torch.Tensor) -> None:
+                bad: torch.Tensor, reached: torch.Tensor, tid: torch.Tensor) -> None:
     return None
 
 
@@ -72,7 +72,7 @@ def register_op() -> None:
     lib = Library("vinterp", "FRAGMENT")
     direct_register_custom_op("point", _point, mutates_args=["x", "y"], fake_impl=_point_fake,
                               target_lib=lib)
-    direct_register_custom_op("slots", write_slots, mutates_args=["capbuf", "flags"],
+    direct_register_custom_op("slots", write_slots, mutates_args=["capbuf", "flags", "reached"],
                               fake_impl=_slots_fake, target_lib=lib)
     _LIB = lib
 
@@ -153,7 +153,7 @@ def install_point_hooks(model: torch.nn.Module, points: Sequence[tuple[str, str,
                         getattr(mod, tbuf), mod._vinterp_rowmap, mod._vinterp_vec,
                         mod._vinterp_coef)
                     slots_op(mod._vinterp_capbuf, pre, before, post, after,
-                             mod._vinterp_flags, bad)
+                             mod._vinterp_flags, bad, mod._vinterp_reached, getattr(mod, tbuf))
                     if batch:
                         new_x = new_x.unsqueeze(0)
                         new_y = None if new_y is None else new_y.unsqueeze(0)

@@ -17,7 +17,12 @@ tables allocated when the hooks go in:
   slot 0 is where every other row's copy goes;
 * ``flags[row]``: set where the update would have made the row inf or NaN (it then keeps its
   value); read after the step without a sync of its own, and its requests fail
-  (:meth:`StepTables.blame`).
+  (:meth:`StepTables.blame`);
+* ``reached[point]``: set by each point's capture write, so a point the forward never ran
+  (vLLM embedding the tokens outside the model's forward, say) is known after the step: its
+  requests fail instead of taking whatever an earlier step left in their capture slots, and
+  the slots a step uses are NaN until written (:meth:`StepTables.fill`), so not even a stream
+  that reads them before the check lands can see another request's rows.
 
 :meth:`StepTables.plan` turns a step's vectorized actions into tables (or answers ``None``
 when they cannot be expressed: the step then runs eagerly with the Python hooks), :meth:`fill`
@@ -93,14 +98,16 @@ def table_rows(x: torch.Tensor, y: torch.Tensor | None, tid: torch.Tensor,
 
 def write_slots(capbuf: torch.Tensor, pre: torch.Tensor, before: torch.Tensor,
                 post: torch.Tensor, after: torch.Tensor, flags: torch.Tensor,
-                bad: torch.Tensor) -> None:
+                bad: torch.Tensor, reached: torch.Tensor, tid: torch.Tensor) -> None:
     """Copy each row's stream before / after the update into its capture slot (slot 0 takes
-    every row nobody captures), and mark the ``bad`` rows in ``flags``. The op
-    ``vinterp::slots``: writes into persistent buffers, like vLLM's KV-cache update, so the
-    graph keeps them in place and a CUDA graph replays them."""
+    every row nobody captures), mark the ``bad`` rows in ``flags`` and this point's column
+    ``tid`` in ``reached``. The op ``vinterp::slots``: writes into persistent buffers, like
+    vLLM's KV-cache update, so the graph keeps them in place and a CUDA graph replays them."""
     capbuf.index_copy_(0, pre, before.to(capbuf.dtype))
     capbuf.index_copy_(0, post, after.to(capbuf.dtype))
     flags[:bad.shape[0]].logical_or_(bad)
+    # the point's proof that it ran this step (one tiny kernel; StepTables.blame reads it)
+    reached.index_fill_(0, tid, True)
 
 
 def _coef(a: Action) -> tuple[float, float, float, float, float]:
@@ -136,6 +143,9 @@ class TablePlan:
     edited: list[tuple[Any, RowSpan]] = field(default_factory=list)
     slots: int = 1                            # slots used, the trash slot 0 included
     points: set[tuple[str, str]] = field(default_factory=set)
+    #: (request state, table column) for every request with rows to edit or capture there:
+    #: each fails if the forward never reached that column's point
+    needs: list[tuple[Any, int]] = field(default_factory=list)
 
 
 class _TooMuch(Exception):  # noqa: N818 - control flow: the step runs eagerly
@@ -146,16 +156,22 @@ class StepTables:
     """The device tables of one engine and the per-step work around them."""
 
     def __init__(self, *, points: int, rows: int, hidden: int, dtype: torch.dtype,
-                 device: torch.device, entries: int, slots: int) -> None:
+                 device: torch.device, entries: int, slots: int,
+                 names: list[str] | None = None) -> None:
         self.points, self.rows, self.entries, self.slots = points, rows, entries, slots
+        #: each column's point, for error messages
+        self.names = names or [f"table column {i}" for i in range(points)]
         self.rowmap = torch.zeros(rows, points, 3, dtype=torch.long, device=device)
         self.vec = torch.zeros(entries, hidden, dtype=dtype, device=device)
         self.coef = torch.zeros(entries, 5, dtype=dtype, device=device)
         self.coef[0] = torch.tensor([1.0, 0.0, 0.0, float("-inf"), float("inf")])
         self.capbuf = torch.zeros(slots, hidden, dtype=dtype, device=device)
         self.flags = torch.zeros(rows, dtype=torch.bool, device=device)
-        #: table steps' flags on their way to the host: (edited, host copy, CUDA event)
-        self._flagged: list[tuple[list[tuple[Any, RowSpan]], torch.Tensor, Any]] = []
+        self.reached = torch.zeros(points, dtype=torch.bool, device=device)
+        #: table steps' flags on their way to the host: (edited, host flags or None, needs,
+        #: host reached, CUDA event)
+        self._flagged: list[tuple[list[tuple[Any, RowSpan]], torch.Tensor | None,
+                                  list[tuple[Any, int]], torch.Tensor, Any]] = []
         self._dirty = 0              # rows of ``rowmap`` the last fill may have set
         #: the actions whose vectors the device tables hold (kept alive, so that an equal
         #: list is the same actions, not new ones at recycled addresses)
@@ -166,7 +182,7 @@ class StepTables:
     def shared(self) -> dict[str, torch.Tensor]:
         """The tables every point's op reads (registered as buffers on the hooked modules)."""
         return {"rowmap": self.rowmap, "vec": self.vec, "coef": self.coef,
-                "capbuf": self.capbuf, "flags": self.flags}
+                "capbuf": self.capbuf, "flags": self.flags, "reached": self.reached}
 
     # ------------------------------------------------------------------ planning
     def plan(self, fast: dict[tuple[str, str, str], list[tuple[Any, RowSpan, list[Action]]]],
@@ -206,6 +222,8 @@ class StepTables:
             return
         edits = [i for i, (a, r) in enumerate(zip(actions, rows, strict=True))
                  if r and a.op != "capture"]
+        if any(rows):
+            plan.needs.append((st, t))
         # (vectors were checked against the hidden size when the request's graph was parsed)
         width = 3 * self.points
         touched: set[int] = set()
@@ -264,7 +282,14 @@ class StepTables:
                 self.vec[1:k + 1].copy_(self._staged(vec), non_blocking=True)
                 self.coef[1:k + 1].copy_(self._staged(coef), non_blocking=True)
             self._held = list(plan.entries)
-        self._pending = plan if plan.captures or plan.edited else None
+        if plan.needs:
+            # (captures and edits only; on the device, no sync) the points mark themselves
+            # as the forward runs them, and the slots this step hands out hold NaN until a
+            # point writes them: a slot nothing wrote can never pass an earlier step's rows
+            self.reached.zero_()
+            if plan.slots > 1:
+                self.capbuf[1:plan.slots].fill_(float("nan"))
+        self._pending = plan if plan.needs else None
 
     def _vector(self, a: Action) -> torch.Tensor:
         if a.vector is None:    # scale: the coefficients say it all
@@ -289,13 +314,16 @@ class StepTables:
         plan, self._pending = self._pending, None
         if plan is None:
             return
+        # the flags and the reached points leave without a sync: the copies are queued after
+        # the forward and read once done (blame), normally at the next step: vLLM has read
+        # the step's tokens
+        host = None
         if plan.edited:
-            # the flags leave without a sync: the copy is queued after the forward and read
-            # once done (blame), normally at the next step: vLLM has read the step's tokens
             n = plan.rowmap.shape[0]
-            host, event = to_host(self.flags[:n])
+            host, _ = to_host(self.flags[:n])
             self.flags[:n].zero_()
-            self._flagged.append((plan.edited, host, event))
+        reached, event = to_host(self.reached)   # (queued last: its event covers both)
+        self._flagged.append((plan.edited, host, plan.needs, reached, event))
         if not plan.captures:
             return
         used = self.capbuf[:plan.slots].clone()
@@ -319,13 +347,21 @@ class StepTables:
         scheduling the last step may still run, and waiting would stall the next one; a
         stream's take does the same), and before outcomes are drained (``wait=True``)."""
         while self._flagged:
-            edited, host, event = self._flagged[0]
+            edited, host, needs, reached, event = self._flagged[0]
             if event is not None and not event.query():
                 if not wait:
                     return
                 event.synchronize()
             self._flagged.pop(0)
-            if not bool(host.any()):
+            if not bool(reached.all()):
+                for st, t in needs:
+                    if not reached[t]:
+                        st.fail(f"the forward never reached {self.names[t]}, so this "
+                                f"request's intervention there did not run (vLLM ran that "
+                                f"module outside the model's compiled forward: an engine "
+                                f"option such as enable_prompt_embeds=True, which vinterp "
+                                f"refuses); please report it with the engine's settings")
+            if host is None or not bool(host.any()):
                 continue
             bad = host.nonzero().flatten().tolist()
             for st, span in edited:

@@ -33,7 +33,7 @@ from typing import Any
 
 #: the ``additional_config`` key that asks for the plugin's hooks (and its value's version)
 CONFIG_KEY = "vinterp"
-HOOKS_VERSION = 1
+HOOKS_VERSION = 2   # 2: vinterp::slots marks the point reached
 #: which hooked points call the op from the compiled graph (``graph_points`` in the config):
 #: ``all``, or ``residual`` (embeddings, each layer's output, the final norm). A step that
 #: needs any other point runs eagerly, with every hook (see :func:`graph_points`).

@@ -151,6 +151,10 @@ def attach_hooks(worker: Any) -> None:
         from vinterp.backends.vllm.engine import SPECULATIVE_REFUSED
 
         raise ValueError(SPECULATIVE_REFUSED)
+    if getattr(runner.model_config, "enable_prompt_embeds", False):
+        from vinterp.backends.vllm.engine import PROMPT_EMBEDS_REFUSED
+
+        raise ValueError(PROMPT_EMBEDS_REFUSED)
     arch = for_model_type(runner.model_config.hf_config.model_type)
     # the mapping that fits how this vLLM version built the model
     arch = arch.in_vllm(name for name, _ in runner.model.named_modules())
@@ -233,7 +237,7 @@ class _Hooks:
             self.in_graph = set()
             keys = [key for key, _ in self.points if key in residual]
             self.table_index = {key: i for i, key in enumerate(keys)}
-            self.tables = self._make_tables(len(keys))
+            self.tables = self._make_tables([f"{m}.{side}" for m, side in keys])
         ids = PointIds()
         ids.bind(self)
         install_point_hooks(self.model, [(m, side, pair) for (m, side), pair in self.points],
@@ -242,7 +246,7 @@ class _Hooks:
                             None if self.tables is None else self.tables.shared(),
                             lambda i: self.table_index.get(self.points[i][0]))
 
-    def _make_tables(self, points: int) -> StepTables:
+    def _make_tables(self, names: list[str]) -> StepTables:
         """The table path's device tables, sized from the engine's limits (rows: the most
         tokens one forward holds, CUDA-graph padding included) and the config's
         ``table_entries`` / ``capture_slots``."""
@@ -252,8 +256,8 @@ class _Hooks:
         ours = (cfg.additional_config or {}).get(CONFIG_KEY) or {}
         tokens = int(cfg.scheduler_config.max_num_batched_tokens)
         rows = max(tokens, int(cfg.compilation_config.max_cudagraph_capture_size or 0))
-        return StepTables(points=points, rows=rows, hidden=self.hidden, dtype=self.dtype,
-                          device=next(self.model.parameters()).device,
+        return StepTables(points=len(names), names=names, rows=rows, hidden=self.hidden,
+                          dtype=self.dtype, device=next(self.model.parameters()).device,
                           entries=int(ours.get("table_entries", 4096)),
                           slots=int(ours.get("capture_slots", tokens)))
 

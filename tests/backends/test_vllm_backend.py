@@ -205,6 +205,7 @@ def test_refusals_with_their_messages(models):
     ({"pipeline_parallel_size": 2}, "supports tensor_parallel_size=1 and pipeline_parallel_size"),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}},
      r"speculative decoding \(speculative_config\) is not supported"),
+    ({"enable_prompt_embeds": True}, "enable_prompt_embeds=True is not supported"),
 ])
 def test_engine_settings_refused(kwargs, message):
     # refused before any engine starts (this takes no vLLM start-up time)

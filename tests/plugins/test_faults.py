@@ -275,3 +275,32 @@ def test_a_failure_at_the_logits_point_fails_only_its_request(tiny_vllm, monkeyp
     for tag, graph in (("steered", steered), ("plain", plain)):
         assert [t.tolist() for t in runs[tag].result().generated] == \
             [t.tolist() for t in tiny_vllm.run(graph).generated]
+
+
+def _fake_worker(**settings):
+    """What ``attach_hooks`` reads of a vLLM worker before it touches the model."""
+    from types import SimpleNamespace as NS
+
+    parallel = NS(data_parallel_size=settings.get("data_parallel_size", 1),
+                  enable_dbo=settings.get("enable_dbo", False),
+                  ubatch_size=settings.get("ubatch_size", 0))
+    runner = NS(input_batch=None,
+                vllm_config=NS(speculative_config=None, parallel_config=parallel),
+                model_config=NS(enable_prompt_embeds=settings.get("enable_prompt_embeds",
+                                                                  False)))
+    return NS(model_runner=runner)
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"enable_prompt_embeds": True}, "enable_prompt_embeds=True is not supported"),
+])
+def test_the_worker_refuses_engine_settings_the_hooks_cannot_serve(settings, message):
+    """``vllm serve --worker-extension-cls ...`` builds the engine without vinterp's
+    engine_kwargs checks: the worker refuses the same settings, with the same words, when the
+    hooks go in. (With enable_prompt_embeds the embedding point never ran in the step: a
+    capture there returned another request's rows in tables mode, and "internal error"
+    elsewhere.)"""
+    from vinterp_vllm.worker import attach_hooks
+
+    with pytest.raises(ValueError, match=message):
+        attach_hooks(_fake_worker(**settings))

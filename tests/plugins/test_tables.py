@@ -107,7 +107,8 @@ def _apply(tables: StepTables, x, y) -> None:
     """What the hook traces into the graph: the update, the capture write, the new output."""
     new_x, new_y, before, after, pre, post, bad = table_rows(
         x, y, torch.tensor([0]), tables.rowmap, tables.vec, tables.coef)
-    write_slots(tables.capbuf, pre, before, post, after, tables.flags, bad)
+    write_slots(tables.capbuf, pre, before, post, after, tables.flags, bad, tables.reached,
+                torch.tensor([0]))
     x.copy_(new_x)
     if y is not None:
         y.copy_(new_y)
@@ -203,6 +204,36 @@ def test_rows_an_edit_makes_inf_keep_their_values_and_fail_their_request():
     assert not tables.flags.any()                 # cleared for the next step
 
 
+def test_a_point_the_forward_never_reached_fails_its_request_not_stale_rows():
+    """A table point whose op never runs in a step (vLLM embedding the tokens outside the
+    forward did that to model.embed_tokens) writes no capture slot: the slots still held an
+    earlier step's rows, another request's, and were handed out as this one's. Now the slots
+    a step uses are NaN until written, and the request fails with the point's name."""
+    cap = Action("capture", None, 0, INF)
+    tables = _tables(names=["model.embed_tokens.output"])
+    # an earlier step captures a request's rows at the point
+    plan, x, _, (first,) = _point([[cap]], 4, tables, pair=False)
+    tables.fill(plan)
+    _apply(tables, x, None)
+    tables.collect()
+    tables.blame(torch.float32)
+    assert not first.failed and torch.equal(first.captures[0][2], x)
+    # the next step plans the same slots for another request, and the point does not run
+    plan, _, _, (st,) = _point([[cap]], 4, tables, pair=False)
+    tables.fill(plan)
+    tables.collect()
+    assert torch.isnan(st.captures[0][2]).all()     # never the earlier request's rows
+    tables.blame(torch.float32)
+    assert st.failed and "never reached model.embed_tokens.output" in st.error
+    # a step whose point runs again is served
+    plan, x, _, (again,) = _point([[cap]], 4, tables, pair=False)
+    tables.fill(plan)
+    _apply(tables, x, None)
+    tables.collect()
+    tables.blame(torch.float32)
+    assert not again.failed and torch.equal(again.captures[0][2], x)
+
+
 def test_the_plan_refuses_what_the_tables_cannot_hold():
     g = torch.Generator().manual_seed(2)
     steer, scale = _actions(g)[:2]
@@ -229,19 +260,19 @@ def test_the_op_traces_without_reading_values_on_the_host():
 
     tables = _tables()
     args = (torch.randn(5, H), torch.randn(5, H), torch.tensor([0]), tables.rowmap,
-            tables.vec, tables.coef, tables.capbuf, tables.flags)
+            tables.vec, tables.coef, tables.capbuf, tables.flags, tables.reached)
 
-    def step(x, y, tid, rowmap, vec, coef, capbuf, flags):
+    def step(x, y, tid, rowmap, vec, coef, capbuf, flags, reached):
         new_x, new_y, before, after, pre, post, bad = table_rows(x, y, tid, rowmap, vec, coef)
-        write_slots(capbuf, pre, before, post, after, flags, bad)
+        write_slots(capbuf, pre, before, post, after, flags, bad, reached, tid)
         return new_x, new_y
 
     make_fx(step, tracing_mode="symbolic")(*args)
 
-    def host_read(x, y, tid, rowmap, vec, coef, capbuf, flags):
+    def host_read(x, y, tid, rowmap, vec, coef, capbuf, flags, reached):
         if int(rowmap[0, 0, 0]) != 0:   # what the table path must never do
             x = x + 1
-        return step(x, y, tid, rowmap, vec, coef, capbuf, flags)
+        return step(x, y, tid, rowmap, vec, coef, capbuf, flags, reached)
 
     with pytest.raises(Exception, match="(?i)data.dependent"):
         make_fx(host_read, tracing_mode="symbolic")(*args)
@@ -380,6 +411,34 @@ def test_a_steer_that_overflows_fails_alone_and_poisons_nobody(models, vecs):
         assert after["table_steps"] > before["table_steps"]
         assert after["eager_steps"] == before["eager_steps"]
     _equal(_steer_all(vl, vecs), _steer_all(hf, vecs))
+
+
+@pytest.mark.skipif(not compiled_pass(), reason="the tables serve compiled engines only")
+def test_a_needed_point_the_step_never_reached_fails_its_request(models, monkeypatch):
+    """Simulated: layer 0's table point is marked as not run this step (as vLLM's
+    enable_prompt_embeds does to the embedding, which is now refused up front). Its request
+    fails saying so, instead of taking whatever its capture slots held; a request at another
+    point is served and equals HF."""
+    from vinterp.ir.errors import InterventionError
+
+    hf, vl = models
+    real = StepTables.collect
+
+    def collect(self):
+        column = self.names.index("model.layers.0.output")
+        self.reached[column] = False     # the op at layer 0's output "never ran"
+        real(self)
+    monkeypatch.setattr(StepTables, "collect", collect)
+    before = worker_stats(vl._backend.llm)["table_steps"]
+    with pytest.raises(InterventionError, match="never reached model.layers.0.output"):
+        with vl.trace(PROMPTS[0]):
+            vl.model.layers[0].output.save()
+    assert worker_stats(vl._backend.llm)["table_steps"] > before
+    got = {}
+    for name, m in (("vllm", vl), ("hf", hf)):
+        with m.trace(PROMPTS[0]):
+            got[name] = m.model.layers[1].output.save()
+    assert rel_err(got["vllm"], got["hf"]) < VS_HF
 
 
 def _eager_delta(vl, run) -> tuple[int, object]:

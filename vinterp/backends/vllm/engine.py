@@ -90,6 +90,14 @@ SPECULATIVE_REFUSED = (
     "activations would be captured and steered as the request's; start the engine without it")
 
 
+#: why ``enable_prompt_embeds`` is refused (here, and by the worker for engines built directly)
+PROMPT_EMBEDS_REFUSED = (
+    "enable_prompt_embeds=True is not supported with vinterp's hooks: vLLM then embeds every "
+    "token before the model's forward, outside the step the hooks serve, so nothing at "
+    "model.embed_tokens (or model.wte) would be read or edited (and a capture there could "
+    "return another step's rows); start the engine without enable_prompt_embeds")
+
+
 def engine_kwargs(model_path: pathlib.Path, *, dtype: str | None = None,
                   **overrides: Any) -> dict[str, Any]:
     """The engine arguments vinterp runs a model with: checked, with vinterp's defaults.
@@ -111,6 +119,8 @@ def engine_kwargs(model_path: pathlib.Path, *, dtype: str | None = None,
                          "sharded yet); use one device per replica")
     if overrides.get("speculative_config"):
         raise ValueError(SPECULATIVE_REFUSED)
+    if overrides.get("enable_prompt_embeds"):
+        raise ValueError(PROMPT_EMBEDS_REFUSED)
     mtype = model_type(model_path)
     arch = for_model_type(mtype)
     if arch.vllm is None:
