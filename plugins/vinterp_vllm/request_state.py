@@ -138,6 +138,9 @@ class RequestState:
         self.open_step: int | None = None
         self.writes = self.acts_on_prompt = False
         self.req_id: str | None = None   # the vLLM request it belongs to (set by the worker)
+        #: the prompt lengths the graph's invoke has (one per prompt); checked against vLLM's
+        #: on the request's first span, then emptied (see :meth:`check_prompt_len`)
+        self.prompt_lens: frozenset[int] = frozenset()
         if error is not None or graphs is None:
             self.fail(error or "no graph")
             return
@@ -147,6 +150,9 @@ class RequestState:
             self.fast_plan = parsed.fast_plan
             self.writes, self.acts_on_prompt = parsed.writes, parsed.acts_on_prompt
             self.logit_rows = parsed.logit_rows
+            invokes = self.graph.invokes
+            if 0 <= payload.invoke < len(invokes):
+                self.prompt_lens = frozenset(len(p) for p in invokes[payload.invoke].prompts)
             if self.plan is None:
                 state = RunState()
                 for nid, td in payload.imports.items():
@@ -262,6 +268,22 @@ class RequestState:
                 elif vals:
                     out[a.node.id] = vals[-1]
         return out
+
+    def check_prompt_len(self, span: RowSpan) -> bool:
+        """False (and the request failed) when vLLM's prompt is not as long as the graph's:
+        positions (``x[:, -1]``, ``positions=[...]``) resolve against the graph's prompt, so
+        the wrong rows would be read or edited, silently. vinterp's library and server send
+        the graph's own tokens; a direct caller whose chat template or BOS token changed
+        them would not. Checked once, on the request's first span."""
+        lens, self.prompt_lens = self.prompt_lens, frozenset()
+        if not lens or span.prompt_len in lens:
+            return True
+        want = " or ".join(str(n) for n in sorted(lens))
+        self.fail(f"vLLM runs this request with a {span.prompt_len}-token prompt but its "
+                  f"graph's invoke {self.payload.invoke} has a {want}-token prompt, so its "
+                  f"positions would pick the wrong rows; send the graph's own prompt tokens as "
+                  f"prompt_token_ids (a chat template or an added BOS token changes them)")
+        return False
 
     def check_prompt_start(self, span: RowSpan) -> bool:
         """False (and the request failed) when its first rows start past position 0 although

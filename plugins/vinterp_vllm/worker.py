@@ -333,6 +333,8 @@ class _Hooks:
                 self.step_writers.append((st, span))
             if st is None or st.failed:
                 continue
+            if st.prompt_lens and not st.check_prompt_len(span):   # (first span only)
+                continue
             st.mask_cache = {}
             if st.plan is not None:
                 if not st.check_prompt_start(span):

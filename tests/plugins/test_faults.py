@@ -7,7 +7,7 @@ import torch
 from helpers import capture_graph, steer_graph
 
 from vinterp.backends.vllm.runs import GraphRun
-from vinterp.ir import Graph, Invoke, Node, Ref, TensorRef, TupleV, encode_tensor
+from vinterp.ir import Graph, Invoke, Node, Ref, SliceV, TensorRef, TupleV, encode_tensor
 from vinterp.ir.errors import InterventionError
 from vinterp_vllm.payload import outcomes_from_wire
 
@@ -304,3 +304,25 @@ def test_the_worker_refuses_engine_settings_the_hooks_cannot_serve(settings, mes
 
     with pytest.raises(ValueError, match=message):
         attach_hooks(_fake_worker(**settings))
+
+
+def test_a_prompt_other_than_the_graphs_fails_with_the_reason(tiny_vllm):
+    """A direct caller whose vLLM prompt is longer than the graph's (a chat template, a BOS
+    token): ``x[:, -1]`` resolved against the graph's 3 tokens captured row 2 of 6, silently.
+    The request now fails saying why; a request sending the graph's own tokens is served."""
+    graph = Graph(invokes=(Invoke(prompts=((5, 6, 7),)),), nodes=(
+        Node(id=0, op="read", kwargs={"module": "model.layers.1", "kind": "output"}),
+        Node(id=1, op="getitem", args=(Ref(ref=0), TupleV(tuple=(SliceV(slice=(None, None,
+                                                                         None)), -1)))),
+        Node(id=2, op="save", args=(Ref(ref=1),)),
+    ))
+    run = GraphRun(graph, "faults-prompt-len")
+    (job,) = next(run.phases())
+    prompt, params = run.request(job)
+    prompt["prompt_token_ids"] = [1, 2, 3, 5, 6, 7]
+    tiny_vllm.llm.generate([prompt], [params], use_tqdm=False)
+    drained = outcomes_from_wire(tiny_vllm.llm.collective_rpc(
+        "vinterp_drain", args=([job.payload.key],))[0])
+    assert "vLLM runs this request with a 6-token prompt but its graph's invoke 0 has a " \
+        "3-token prompt" in drained[job.payload.key].error
+    assert tiny_vllm.run(graph).saves[2].shape == (1, 64)
