@@ -138,6 +138,7 @@ class RequestState:
         self.open_step: int | None = None
         self.writes = self.acts_on_prompt = False
         self.req_id: str | None = None   # the vLLM request it belongs to (set by the worker)
+        self.vllm_request: Any = None     # and the model runner's object for it
         #: the prompt lengths the graph's invoke has (one per prompt); checked against vLLM's
         #: on the request's first span, then emptied (see :meth:`check_prompt_len`)
         self.prompt_lens: frozenset[int] = frozenset()

@@ -182,6 +182,10 @@ class _Hooks:
         self.dtype = next(self.model.parameters()).dtype
         self.hidden = int(runner.model_config.get_hidden_size())
         self.by_req: dict[str, RequestState | None] = {}
+        #: per id in ``by_req``, the runner's request object it was resolved for: vLLM lets an
+        #: id come back as a new request (aborted and resubmitted), which must not inherit
+        #: the old one's state (or its lack of one)
+        self.req_seen: dict[str, Any] = {}
         self.by_key: dict[str, RequestState] = {}
         self.retention = Retention()
         self.step_fast: dict[tuple[str, str], list[Group]] = {}   # vLLM hook → groups
@@ -272,9 +276,9 @@ class _Hooks:
 
     # ------------------------------------------------------------------ per forward
     def _state(self, req_id: str) -> RequestState | None:
-        if req_id in self.by_req:
-            return self.by_req[req_id]
         req = self.runner.requests.get(req_id)
+        if req_id in self.by_req and self.req_seen.get(req_id) is req:
+            return self.by_req[req_id]
         error = None
         try:
             payload = None if req is None or req.sampling_params is None else \
@@ -292,14 +296,20 @@ class _Hooks:
             st = self.by_key.get(payload.key)
             if st is None:
                 st = RequestState(payload, self.graphs, error)
-                st.req_id = req_id
+                st.req_id, st.vllm_request = req_id, req
                 self.by_key[payload.key] = st
-            elif st.req_id != req_id:
+            elif st.req_id != req_id or st.vllm_request is not req:
                 # vLLM's parallel sampling (n > 1) gives each sample the parent's extra_args:
                 # one key, two requests' rows, which one state cannot tell apart
                 st.fail(PARALLEL_SAMPLING_REFUSED)
         self.by_req[req_id] = st
+        self.req_seen[req_id] = req
         return st
+
+    def _forget_ids(self, keep: Any) -> None:
+        """Keep only the request ids ``keep(id, state)`` accepts in ``by_req``."""
+        self.by_req = {r: s for r, s in self.by_req.items() if keep(r, s)}
+        self.req_seen = {r: o for r, o in self.req_seen.items() if r in self.by_req}
 
     def begin_step(self, positions: torch.Tensor) -> None:
         """Map this step's rows to requests and prepare their interventions (called by the
@@ -311,7 +321,7 @@ class _Hooks:
         self.blame_tables()
         batch = self.runner.input_batch
         if len(self.by_req) > 8192:  # forget request ids vLLM no longer knows (plain ones)
-            self.by_req = {r: s for r, s in self.by_req.items() if r in self.runner.requests}
+            self._forget_ids(lambda r, s: r in self.runner.requests)
         self.retention.enforce(self.by_key, self.by_req, self.runner.requests)
         ids = [r for r in batch.req_ids[:batch.num_reqs] if r is not None]
         scheduled = set(ids)
@@ -535,9 +545,7 @@ class _Hooks:
                 continue
             out[key] = st.finish((steps or {}).get(key))
         live = set(self.by_key.values())
-        self.by_req = {r: s for r, s in self.by_req.items() if s is None or s in live}
         # plain request ids leave the cache once vLLM forgets them
-        self.by_req = {r: s for r, s in self.by_req.items()
-                       if s is not None or r in self.runner.requests}
+        self._forget_ids(lambda r, s: s in live if s is not None else r in self.runner.requests)
         return out
 

@@ -31,3 +31,44 @@ def test_recomputed_rows_are_charged_once() -> None:
     st.add_capture(action, again, list(range(12)), torch.randn(12, 64))
     assert st.captured_bytes == 12 * row_bytes
     assert not st.failed, st.outcome.error
+
+
+def _hooks(requests: dict):
+    """The worker's request bookkeeping (``_Hooks._state``) over a fake model runner."""
+    from types import SimpleNamespace as NS
+
+    from vinterp_vllm.worker import _Hooks
+
+    h = _Hooks.__new__(_Hooks)
+    h.runner = NS(requests=requests)
+    h.by_req, h.req_seen, h.by_key = {}, {}, {}
+    h.graphs = ParsedGraphs(for_model_type("llama"), torch.float32, 64)
+    return h
+
+
+def _request(key: str | None):
+    """A model runner's request object: a payload under ``key``, or a plain request."""
+    from types import SimpleNamespace as NS
+
+    graph, _ = capture_graph([[3, 4, 5]], ["model.layers.0"])
+    extra = None if key is None else Payload(key=key, graph_json=dumps(graph)).to_extra_args()
+    return NS(sampling_params=NS(extra_args=extra))
+
+
+def test_a_request_id_that_comes_back_is_a_new_request() -> None:
+    """vLLM lets an aborted request's id come back as a new request (with
+    VLLM_DISABLE_REQUEST_ID_RANDOMIZATION=1 the caller's own ids are used). The worker's
+    id cache handed the old request's state to it: a plain request was steered and captured
+    with someone else's payload, or a payload request ran with none."""
+    requests = {"r": _request("a")}
+    h = _hooks(requests)
+    a = h._state("r")
+    assert a is not None and a.payload.key == "a" and h._state("r") is a   # cached
+    requests["r"] = _request(None)        # the same id, now a plain request
+    assert h._state("r") is None
+    requests["r"] = _request("b")         # and now another payload's
+    b = h._state("r")
+    assert b is not None and b.payload.key == "b" and not b.failed
+    assert h.by_key["a"] is a and not a.failed   # the old outcome is still there to drain
+    requests["r"] = _request("b")         # a key reused before it was drained
+    assert h._state("r") is b and b.failed
