@@ -155,6 +155,16 @@ def attach_hooks(worker: Any) -> None:
         from vinterp.backends.vllm.engine import PROMPT_EMBEDS_REFUSED
 
         raise ValueError(PROMPT_EMBEDS_REFUSED)
+    parallel = getattr(runner.vllm_config, "parallel_config", None)
+    if int(getattr(parallel, "data_parallel_size", 1) or 1) > 1:
+        from vinterp.backends.vllm.engine import DATA_PARALLEL_REFUSED
+
+        raise ValueError(DATA_PARALLEL_REFUSED)
+    if getattr(parallel, "enable_dbo", False) or \
+            int(getattr(parallel, "ubatch_size", 0) or 0) > 1:
+        from vinterp.backends.vllm.engine import MICROBATCHING_REFUSED
+
+        raise ValueError(MICROBATCHING_REFUSED)
     arch = for_model_type(runner.model_config.hf_config.model_type)
     # the mapping that fits how this vLLM version built the model
     arch = arch.in_vllm(name for name, _ in runner.model.named_modules())
@@ -166,11 +176,13 @@ def attach_hooks(worker: Any) -> None:
 #: the outcome key of a request whose payload is malformed beyond reading its key
 UNKEYED_PREFIX = "vllm-request:"
 
-#: why two vLLM requests carrying one payload fail (see ``_Hooks._state``)
+#: why two vLLM requests carrying one payload key fail (see ``_Hooks._state``)
 PARALLEL_SAMPLING_REFUSED = (
-    "two vLLM requests carry this intervention's key: parallel sampling (SamplingParams n > "
-    "1) gives every sample the same payload, and their rows cannot be told apart; send n "
-    "requests with n=1, each with its own key (vinterp's library and server do)")
+    "two vLLM requests carry this intervention's key, and one state cannot tell their rows "
+    "apart: either parallel sampling (SamplingParams n > 1), which gives every sample the "
+    "same payload, or a key reused before its outcome was drained; send n requests with "
+    "n=1, each with its own key, and drain a key (vinterp_drain) before reusing it "
+    "(vinterp's library and server do both)")
 
 
 class _Hooks:
@@ -299,9 +311,10 @@ class _Hooks:
                 st.req_id, st.vllm_request = req_id, req
                 self.by_key[payload.key] = st
             elif st.req_id != req_id or st.vllm_request is not req:
-                # vLLM's parallel sampling (n > 1) gives each sample the parent's extra_args:
-                # one key, two requests' rows, which one state cannot tell apart
-                st.fail(PARALLEL_SAMPLING_REFUSED)
+                # vLLM's parallel sampling (n > 1) gives each sample the parent's extra_args,
+                # and a caller may reuse a key it has not drained: one key, two requests'
+                # rows, which one state cannot tell apart
+                st.fail(f"{PARALLEL_SAMPLING_REFUSED} (key {payload.key!r})")
         self.by_req[req_id] = st
         self.req_seen[req_id] = req
         return st

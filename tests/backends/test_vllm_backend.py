@@ -206,6 +206,9 @@ def test_refusals_with_their_messages(models):
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}},
      r"speculative decoding \(speculative_config\) is not supported"),
     ({"enable_prompt_embeds": True}, "enable_prompt_embeds=True is not supported"),
+    ({"data_parallel_size": 2}, r"data_parallel_size > 1 is not supported"),
+    ({"enable_dbo": True}, r"enable_dbo / ubatch_size > 1 \(micro-batching\) is not supported"),
+    ({"ubatch_size": 2}, r"enable_dbo / ubatch_size > 1 \(micro-batching\) is not supported"),
 ])
 def test_engine_settings_refused(kwargs, message):
     # refused before any engine starts (this takes no vLLM start-up time)

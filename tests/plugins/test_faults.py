@@ -120,7 +120,9 @@ def test_parallel_sampling_of_one_payload_fails_with_the_reason(tiny_vllm):
     tiny_vllm.llm.generate([prompt_in], [params], use_tqdm=False)
     drained = outcomes_from_wire(tiny_vllm.llm.collective_rpc(
         "vinterp_drain", args=([job.payload.key],))[0])
-    assert "parallel sampling (SamplingParams n > 1)" in drained[job.payload.key].error
+    error = drained[job.payload.key].error
+    assert "parallel sampling (SamplingParams n > 1)" in error
+    assert "or a key reused before its outcome was drained" in error and job.payload.key in error
 
 
 def test_refusals_at_trace_time(tiny_vllm):
@@ -293,6 +295,9 @@ def _fake_worker(**settings):
 
 @pytest.mark.parametrize("settings,message", [
     ({"enable_prompt_embeds": True}, "enable_prompt_embeds=True is not supported"),
+    ({"data_parallel_size": 2}, r"data_parallel_size > 1 is not supported"),
+    ({"enable_dbo": True}, r"enable_dbo / ubatch_size > 1 \(micro-batching\) is not supported"),
+    ({"ubatch_size": 2}, r"enable_dbo / ubatch_size > 1 \(micro-batching\) is not supported"),
 ])
 def test_the_worker_refuses_engine_settings_the_hooks_cannot_serve(settings, message):
     """``vllm serve --worker-extension-cls ...`` builds the engine without vinterp's

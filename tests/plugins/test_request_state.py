@@ -71,4 +71,6 @@ def test_a_request_id_that_comes_back_is_a_new_request() -> None:
     assert b is not None and b.payload.key == "b" and not b.failed
     assert h.by_key["a"] is a and not a.failed   # the old outcome is still there to drain
     requests["r"] = _request("b")         # a key reused before it was drained
-    assert h._state("r") is b and b.failed
+    assert h._state("r") is b
+    assert "a key reused before its outcome was drained" in b.outcome.error
+    assert "(key 'b')" in b.outcome.error

@@ -98,6 +98,19 @@ PROMPT_EMBEDS_REFUSED = (
     "return another step's rows); start the engine without enable_prompt_embeds")
 
 
+#: why data parallelism and micro-batching are refused (here, and by the worker)
+DATA_PARALLEL_REFUSED = (
+    "data_parallel_size > 1 is not supported with vinterp's hooks: vLLM then splits a step "
+    "into micro-batches (and runs dummy batches on idle ranks) that the hooks' row layout "
+    "does not follow, so rows could be steered or captured as another request's; use "
+    "data_parallel_size=1 and one engine per replica")
+MICROBATCHING_REFUSED = (
+    "enable_dbo / ubatch_size > 1 (micro-batching) is not supported with vinterp's hooks: "
+    "each micro-batch's forward sees only its own rows, while the hooks lay out the step's "
+    "rows as one batch, so rows could be steered or captured as another request's; start the "
+    "engine without enable_dbo and ubatch_size")
+
+
 def engine_kwargs(model_path: pathlib.Path, *, dtype: str | None = None,
                   **overrides: Any) -> dict[str, Any]:
     """The engine arguments vinterp runs a model with: checked, with vinterp's defaults.
@@ -121,6 +134,10 @@ def engine_kwargs(model_path: pathlib.Path, *, dtype: str | None = None,
         raise ValueError(SPECULATIVE_REFUSED)
     if overrides.get("enable_prompt_embeds"):
         raise ValueError(PROMPT_EMBEDS_REFUSED)
+    if int(overrides.get("data_parallel_size", 1) or 1) > 1:
+        raise ValueError(DATA_PARALLEL_REFUSED)
+    if overrides.get("enable_dbo") or int(overrides.get("ubatch_size", 0) or 0) > 1:
+        raise ValueError(MICROBATCHING_REFUSED)
     mtype = model_type(model_path)
     arch = for_model_type(mtype)
     if arch.vllm is None:
