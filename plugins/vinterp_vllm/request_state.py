@@ -129,6 +129,8 @@ class RequestState:
         self.points: dict[tuple[str, str], VllmPoint] = {}
         self.logit_rows: dict[tuple[str, str], frozenset[int] | None] = {}
         self.captured_bytes = 0
+        #: general-path saves already counted in ``captured_bytes``: save node -> how many
+        self._saves_counted: dict[int, int] = {}
         # fast captures: save id -> step -> [(first position, rows tensor)]
         self._chunks: dict[int, dict[int, list[tuple[int, torch.Tensor]]]] = {}
         self._next_pos: dict[int, int] = {}
@@ -186,9 +188,6 @@ class RequestState:
         self.fail(f"{what} made this request's activations inf or NaN (a vector or scale too "
                   f"large for {dtype}?); the request was stopped and its rows kept their "
                   f"values there, so no other request can see them")
-
-    def _account(self, value: Any) -> None:
-        self._add_bytes(_nbytes(value))
 
     def _add_bytes(self, n: int) -> None:
         self.captured_bytes += n
@@ -349,9 +348,22 @@ class RequestState:
         except Exception as exc:
             self.fail(str(exc))
             return
+        self._count_new_saves(runner)
+        if self.failed:
+            return
         for nid in self.payload.exports:
             if nid in runner.state.env:
                 self.outcome.exports[nid] = snapshot(runner.state.env[nid])
+
+    def _count_new_saves(self, runner: GraphRunner) -> None:
+        """Charge the saves this step made against the cap as they are made, as the fast
+        path does: a generation saving a large value every step must fail once past its cap,
+        not hold worker (GPU) memory without bound until it is drained."""
+        for nid, saved in runner.state.saves.items():
+            done = self._saves_counted.get(nid, 0)
+            if len(saved) > done:
+                self._add_bytes(sum(_nbytes(s.snapshot) for s in saved[done:]))
+                self._saves_counted[nid] = len(saved)
 
     def finish(self, steps: int | None = None) -> Outcome:
         """The outcome to hand back (saves assembled).
@@ -366,9 +378,8 @@ class RequestState:
             try:
                 if self.plan is not None:
                     self.outcome.saves = self.fast_saves(steps)
-                elif self.runner is not None:
+                elif self.runner is not None:   # (its saves were counted step by step)
                     self.outcome.saves = self.runner.results(steps)
-                    self._account(self.outcome.saves)
             except Exception as exc:
                 self.fail(f"{type(exc).__name__}: {exc}")
         if self.failed:

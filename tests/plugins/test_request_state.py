@@ -74,3 +74,54 @@ def test_a_request_id_that_comes_back_is_a_new_request() -> None:
     assert h._state("r") is b
     assert "a key reused before its outcome was drained" in b.outcome.error
     assert "(key 'b')" in b.outcome.error
+
+
+class _Rows:
+    """One request's rows at a point, as the worker hands them to the general runner."""
+
+    def __init__(self, module: str, rows: torch.Tensor, step: int) -> None:
+        self.module, self.kind, self.step, self.rows = module, "output", step, rows
+
+    def get(self, invoke: int) -> torch.Tensor:
+        return self.rows
+
+    def set(self, invoke: int, value: torch.Tensor) -> None:
+        self.rows = value
+
+    def row_positions(self, invoke: int) -> torch.Tensor:
+        return torch.arange(self.rows.shape[-2]).unsqueeze(0)
+
+    def prompt_lens(self, invoke: int) -> torch.Tensor:
+        return torch.tensor([[3]])
+
+
+def test_general_saves_count_against_the_cap_step_by_step() -> None:
+    """A general-path graph (``x * 2``, not a fast-path capture) saving every step fails as
+    soon as its saves pass the cap, and lets them go; they were charged only when the request
+    was drained, so a long generation held worker (GPU) memory without bound."""
+    from vinterp.ir import Graph, Invoke, Node, Ref, Steps
+
+    steps = Steps(start=0, stop=None)
+    graph = Graph(mode="generate", invokes=(Invoke(prompts=((3, 4, 5),)),), nodes=(
+        Node(id=0, op="read", kwargs={"module": "model.layers.0", "kind": "output"},
+             steps=steps),
+        Node(id=1, op="mul", args=(Ref(ref=0), 2.0), steps=steps),
+        Node(id=2, op="save", args=(Ref(ref=1),), steps=steps)))
+    row_bytes = 64 * 4
+    payload = Payload(key="k", graph_json=dumps(graph), invoke=0, mode="generate",
+                      capture_cap=9 * row_bytes)   # the prompt's 3 rows, then 6 steps of one
+    st = RequestState(payload, ParsedGraphs(for_model_type("llama"), torch.float32, 64))
+    assert st.plan is None and st.runner is not None     # the general path runs it
+    prompt = RowSpan(req_index=0, req_id="r", start=0, stop=3, first_pos=0, prompt_len=3)
+    spans = [prompt] + [RowSpan(req_index=0, req_id="r", start=0, stop=1, first_pos=2 + s,
+                                prompt_len=3) for s in range(1, 10)]
+    for step, span in enumerate(spans):
+        if not st.begin(span):
+            break
+        st.runner.on_event(_Rows("model.layers.0", torch.randn(1, span.n, 64), step))
+        st.end()
+        if st.failed:
+            break
+    assert step == 7 and st.failed and st.outcome.too_large, (step, st.outcome.error)
+    assert "exceeded this request's cap" in st.outcome.error
+    assert st.runner is None                             # its saves are let go at once
