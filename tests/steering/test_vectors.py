@@ -125,3 +125,38 @@ def test_checks_and_interventions():
     assert [i["layers"] for i in inline] == [[1], [3]]
     assert inline[1]["vector"]["values"] == pytest.approx(v[3].tolist())
     json.dumps(inline)
+
+
+def test_layer_keys_name_the_layer_after_the_layer_list():
+    """A key's layer is the integer after a layer-list name (or a bare integer), not the last
+    integer in it: 'model.layers.8.mlp.fc2' is layer 8, not 2 (audit finding 1)."""
+    a, b = torch.ones(4), torch.zeros(4)
+    v = SteeringVector.from_dict({"model.layers.8.mlp.fc2": a, "model.layers.3.mlp.fc2": b})
+    assert v.layers == [3, 8] and torch.equal(v[8], a) and torch.equal(v[3], b)
+    assert SteeringVector.from_dict({"transformer.h.8.ln_2": a}).layers == [8]
+    # every documented spelling still works
+    for key, layer in [(8, 8), ("8", 8), ("layers.8", 8), ("direction.8", 8),
+                       ("model.layers.4", 4), ("gpt_neox.layers.5.mlp", 5),
+                       ("transformer.blocks.2", 2), ("encoder.layer.1.output", 1),
+                       ("layer_7", 7), (torch.tensor(6), 6), (np.int64(9), 9)]:
+        assert SteeringVector.from_dict({key: a}).layers == [layer], key
+
+
+@pytest.mark.parametrize("key", ["fc2", "mlp.c_fc2", "layers.8.sub.layers.2", "weight"])
+def test_layer_key_that_cannot_be_settled_is_refused(key):
+    with pytest.raises(ValueError, match=r"cannot tell which layer.*rename the key") as e:
+        SteeringVector.from_dict({key: torch.ones(4)})
+    assert repr(key) in str(e.value)
+
+
+@pytest.mark.parametrize("keys", [("8", "layers.8"), (8, "model.layers.8.mlp.fc2")])
+def test_two_keys_for_one_layer_are_refused(keys, tmp_path):
+    with pytest.raises(ValueError, match="both name layer 8") as e:
+        SteeringVector.from_dict({keys[0]: torch.ones(4), keys[1]: torch.zeros(4)})
+    assert repr(keys[0]) in str(e.value) and repr(keys[1]) in str(e.value)
+    with pytest.raises(ValueError, match="both name layer 8"):
+        SteeringVector({keys[0]: torch.ones(4), keys[1]: torch.zeros(4)})
+    # and through a foreign safetensors file
+    save_file({str(k): torch.ones(4) for k in keys}, str(tmp_path / "d.safetensors"))
+    with pytest.raises(ValueError, match="both name layer 8"):
+        SteeringVector.load(tmp_path / "d.safetensors")

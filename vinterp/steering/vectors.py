@@ -40,19 +40,54 @@ def prompts_hash(*groups: Iterable[str]) -> str:
     return h.hexdigest()[:16]
 
 
-_LAYER_RE = re.compile(r"(-?\d+)(?!.*\d)")   # the last integer in a key
+# Names of the module lists that hold decoder layers (``model.layers``, ``gpt_neox.layers``,
+# GPT-2's ``transformer.h``, MPT's ``transformer.blocks``, BERT's ``encoder.layer``) and
+# repeng's ``direction.N``. A key's layer is the integer right after one of these, never just
+# any integer in it: module paths end in names such as ``fc2`` or ``ln_2`` whose digit is not
+# a layer, and reading it as one would steer the wrong layer without a word.
+_LAYER_LISTS = frozenset({"layers", "layer", "h", "blocks", "block", "direction",
+                          "directions"})
+_INT_RE = re.compile(r"-?\d+")
+_SEP_RE = re.compile(r"[./_:]")   # ``model.layers.8``, ``layer_8``, ``layers/8``
 
 
 def _layer_of(key: Any) -> int:
+    """The layer a per-layer tensor's key names: an int, a bare integer (``8``, ``"8"``), or
+    the integer after a layer-list component (``"layers.8"``, ``"model.layers.8.mlp.fc2"``,
+    ``"transformer.h.8"``, ``"direction.8"``). Raises ``ValueError`` for any other key."""
     if isinstance(key, int):
         return key
     if isinstance(key, torch.Tensor) and key.dim() == 0:
         return int(key)
-    m = _LAYER_RE.search(str(key))
-    if m is None:
-        raise ValueError(f"cannot read a layer index from key {key!r}; expected a layer "
-                         "number such as 8, '8', 'layers.8' or 'direction.8'")
-    return int(m.group(1))
+    text = str(key).strip()
+    if _INT_RE.fullmatch(text):
+        return int(text)
+    parts = [p for p in _SEP_RE.split(text) if p]
+    found = {int(parts[i + 1]) for i in range(len(parts) - 1)
+             if parts[i].lower() in _LAYER_LISTS and _INT_RE.fullmatch(parts[i + 1])}
+    if len(found) == 1:
+        return found.pop()
+    ints = [int(x) for x in _INT_RE.findall(text)]
+    why = (f"it names several layers {sorted(found)}" if found else
+           f"its integers {ints} follow no layer-list name (layers, h, blocks, layer, "
+           "direction)" if ints else "it holds no layer number")
+    raise ValueError(f"cannot tell which layer the tensor under key {key!r} is for: {why}; "
+                     "rename the key to the layer's index, e.g. '8' or 'layers.8' (or "
+                     "'model.layers.8.mlp' for a module path)")
+
+
+def _by_layer(items: Iterable[tuple[Any, Any]]) -> dict[int, Any]:
+    """``{layer: value}`` from ``(key, value)`` pairs; two keys for one layer raise instead
+    of one silently replacing the other."""
+    out: dict[int, Any] = {}
+    keys: dict[int, Any] = {}
+    for k, v in items:
+        layer = _layer_of(k)
+        if layer in out:
+            raise ValueError(f"keys {keys[layer]!r} and {k!r} both name layer {layer}; keep "
+                             "one tensor per layer (drop or rename one of them)")
+        out[layer], keys[layer] = v, k
+    return out
 
 
 @dataclass
@@ -72,14 +107,14 @@ class SteeringVector:
         if not self.vectors:
             raise ValueError("a steering vector needs at least one layer")
         clean: dict[int, torch.Tensor] = {}
-        for k, v in self.vectors.items():
+        for k, v in _by_layer(self.vectors.items()).items():
             t = torch.as_tensor(v).detach().to("cpu", torch.float32)
             if t.dim() == 2 and t.shape[0] == 1:
                 t = t[0]
             if t.dim() != 1:
                 raise ValueError(f"layer {k}: a steering vector is one [hidden] tensor per "
                                  f"layer, got shape {list(t.shape)}")
-            clean[_layer_of(k)] = t.contiguous()
+            clean[k] = t.contiguous()
         sizes = {t.shape[0] for t in clean.values()}
         if len(sizes) != 1:
             raise ValueError(f"layers have different hidden sizes: {sorted(sizes)}")
@@ -204,12 +239,13 @@ class SteeringVector:
     def from_dict(cls, vectors: Mapping[Any, Any], **meta: Any) -> SteeringVector:
         """From a ``layer -> tensor`` dict, as repeng (``ControlVector.directions``) and
         steering-vectors (``SteeringVector.layer_activations``) keep them; numpy arrays work."""
-        return cls({_layer_of(k): torch.as_tensor(v) for k, v in vectors.items()}, **meta)
+        return cls(_by_layer(vectors.items()), **meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SteeringVector:
         """Read a vector: our safetensors file, a safetensors file of per-layer tensors
-        (keys holding the layer number: ``8``, ``layers.8``, ...), a ``torch.save``d dict
+        (keys naming the layer: ``8``, ``layers.8``, ``model.layers.8.mlp``,
+        ``transformer.h.8``, ``direction.8``), a ``torch.save``d dict
         of layer -> tensor (steering-vectors' ``layer_activations``, repeng's
         ``directions``), a steering-vectors/repeng object with those attributes, or
         repeng's ``.gguf`` export."""
@@ -240,7 +276,7 @@ class SteeringVector:
             raise ValueError(f"{path} holds no tensor")
         if META_KEY in header:
             meta = json.loads(header[META_KEY])
-            return cls({int(k): v for k, v in tensors.items()}, model=meta.get("model"),
+            return cls(tensors, model=meta.get("model"),
                        method=meta.get("method"), position=meta.get("position"),
                        prompts_hash=meta.get("prompts_hash"), extra=meta.get("extra") or {})
         return cls.from_dict(tensors, extra={"source": str(path)})
