@@ -131,17 +131,34 @@ def _steer_model(args: argparse.Namespace) -> object:
     return LanguageModel(args.model, backend=args.backend, **kw)
 
 
+TRAIN_MODEL = "smollm2-135m"   # ``steer train``'s model when neither --model nor --server
+
+
+def _train_model_name(args: argparse.Namespace) -> str:
+    """``steer train``'s model: ``--model``, else the one ``--server`` serves, else
+    :data:`TRAIN_MODEL`. ``--model`` has no parser default because a default would hide the
+    server's model: the client would then tokenize with another model's tokenizer and label
+    the vector with that model's name."""
+    if args.model:
+        return str(args.model)
+    if args.server:
+        from vinterp.evals.sweep import server_model
+
+        return server_model(args.server, args.api_key)
+    return TRAIN_MODEL
+
+
 def _steer_train(args: argparse.Namespace) -> int:
     from vinterp.steering.datasets import data_path, read_prompts
     from vinterp.steering.train import train_vector
 
     pos = read_prompts(args.pos or data_path("sentiment_positive.txt"))
     neg = read_prompts(args.neg or data_path("sentiment_negative.txt"))
+    args.model = _train_model_name(args)
     if args.server:
-        from vinterp.evals.sweep import remote_language_model, server_model
+        from vinterp.evals.sweep import remote_language_model
 
-        model = remote_language_model(args.model or server_model(args.server, args.api_key),
-                                      args.server, args.api_key)
+        model = remote_language_model(args.model, args.server, args.api_key)
         kw = {"remote": args.server, **({"api_key": args.api_key} if args.api_key else {})}
     else:
         model, kw = _steer_model(args), {}
@@ -216,10 +233,11 @@ def add_steer_parser(subparsers: argparse._SubParsersAction) -> None:
     steer = subparsers.add_parser("steer", help="train steering vectors and sweep them")
     sub = steer.add_subparsers(dest="steer_command", required=True)
 
-    def target_args(p: argparse.ArgumentParser, model_default: str | None) -> None:
-        default = model_default or "the vector's"
-        p.add_argument("--model", default=model_default,
-                       help=f"model name or HF directory (default: {default}; with "
+    def target_args(p: argparse.ArgumentParser, shown_default: str) -> None:
+        # no parser default: with --server the default is the served model, which only the
+        # server knows (each subcommand resolves it: _train_model_name, sweep's _target)
+        p.add_argument("--model", default=None,
+                       help=f"model name or HF directory (default: {shown_default}; with "
                             "--server: the server's)")
         p.add_argument("--backend", choices=["hf", "vllm"], default="vllm",
                        help="local backend (default vllm)")
@@ -237,7 +255,7 @@ def add_steer_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--method", choices=["mean_diff", "pca", "logistic"], default="mean_diff")
     t.add_argument("--position", choices=["last", "mean"], default="last")
     t.add_argument("-o", "--output", required=True, metavar="FILE.safetensors")
-    target_args(t, "smollm2-135m")
+    target_args(t, TRAIN_MODEL)
     t.set_defaults(func=_steer_errors(_steer_train))
 
     e = sub.add_parser("eval", help="sweep a vector over layers x scales")
@@ -261,7 +279,7 @@ def add_steer_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="cells per batch (default: the whole grid at once)")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.add_argument("-o", "--output", required=True, metavar="DIR")
-    target_args(e, None)
+    target_args(e, "the vector's")
     e.set_defaults(func=_steer_errors(_steer_eval))
 
     s = sub.add_parser("show", help="best cell per metric and the effect/fluency Pareto front")

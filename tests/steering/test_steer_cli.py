@@ -195,8 +195,8 @@ def test_bad_input_errors_and_writes_nothing(files, vector, tmp_path, capsys):
 
 def test_a_server_that_cannot_be_reached_is_one_error_line(files, vector, tmp_path, capsys):
     """``--server URL`` with the server down: the CLI's one error line and exit code 2, not
-    the remote backend's RemoteError as a traceback (train skips the /health check, as
-    --model has a default; so does eval given --model)."""
+    the remote backend's RemoteError as a traceback (train and eval given --model skip the
+    /health check)."""
     down = "http://127.0.0.1:1"     # nothing listens on port 1
     runs = [["steer", "train", "--server", down, "--pos", str(files / "pos.txt"), "--neg",
              str(files / "neg.txt"), "--layers", "0:2", "--model", MODEL, "-o",
@@ -208,4 +208,44 @@ def test_a_server_that_cannot_be_reached_is_one_error_line(files, vector, tmp_pa
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"vinterp steer: error: cannot reach the vinterp server at {down}: "
                        f"[Errno 111] Connection refused"], err
+    assert not (tmp_path / "v.safetensors").exists()
+
+
+def test_train_with_server_uses_the_served_model(files, tmp_path, monkeypatch, capsys):
+    """``steer train --server URL`` without --model asks the server which model it serves
+    (its tokenizer and config build the remote model, its name labels the vector); it used
+    smollm2-135m, --model's parser default (audit finding 4)."""
+    from vinterp import cli
+
+    sweep_mod = importlib.import_module("vinterp.evals.sweep")
+    asked, built = [], []
+    monkeypatch.setattr(sweep_mod, "server_model", lambda url, key=None: asked.append(url)
+                        or MODEL)
+
+    def remote_lm(name, url, key=None):
+        built.append(name)
+        raise ValueError("stop here: no server in this test")
+
+    monkeypatch.setattr(sweep_mod, "remote_language_model", remote_lm)
+    url = "http://127.0.0.1:1"
+    argv = ["steer", "train", "--server", url, "--pos", str(files / "pos.txt"), "--neg",
+            str(files / "neg.txt"), "-o", str(tmp_path / "v.safetensors")]
+    assert main(argv) == 2
+    assert asked == [url] and built == [MODEL]
+    # the resolution itself: --model wins; no --server and no --model is smollm2-135m
+    args = cli.build_parser().parse_args(argv)
+    assert args.model is None and cli._train_model_name(args) == MODEL
+    args = cli.build_parser().parse_args([*argv, "--model", "tiny-gpt2"])
+    assert cli._train_model_name(args) == "tiny-gpt2" and asked == [url, url]
+    args = cli.build_parser().parse_args(["steer", "train", "-o", "v.safetensors"])
+    assert cli._train_model_name(args) == "smollm2-135m"
+
+
+def test_train_with_server_down_and_no_model_is_one_error_line(files, tmp_path, capsys):
+    down = "http://127.0.0.1:1"     # nothing listens on port 1
+    assert main(["steer", "train", "--server", down, "--pos", str(files / "pos.txt"), "--neg",
+                 str(files / "neg.txt"), "-o", str(tmp_path / "v.safetensors")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"vinterp steer: error: cannot reach the vinterp server at {down}: "
+        "[Errno 111] Connection refused"]
     assert not (tmp_path / "v.safetensors").exists()
