@@ -244,6 +244,32 @@ def _text_positions(positions: Any, stem: int, answer: int) -> Any:
     return [i for i, k in enumerate(keep.tolist()) if k]
 
 
+def _positions_setting(positions: Any) -> Any:
+    """``positions`` checked up front (a bad one would otherwise fail inside the first
+    batch's trace), as JSON for the sweep file's settings, which tell a resumed sweep's cells
+    from another's: a slice as ``{"slice": [start, stop, step]}``, the graph's form."""
+    accepted = ("None, 'all', 'prompt', 'generated', an int, a list of ints or a slice of "
+                "ints such as slice(0, 4)")
+    try:
+        position_mask(positions, torch.arange(1), 1)   # the kernels' own check
+        if isinstance(positions, slice):
+            bounds = [positions.start, positions.stop, positions.step]
+            if not all(b is None or (isinstance(b, int) and not isinstance(b, bool))
+                       for b in bounds):
+                raise ValueError(f"slice bounds must be ints or None, got {positions!r}")
+            return {"slice": bounds}
+        if isinstance(positions, (list, tuple)):
+            if not positions or not all(isinstance(p, int) and not isinstance(p, bool)
+                                        for p in positions):
+                raise ValueError(f"a positions list needs one int or more, got {positions!r}")
+            return list(positions)
+        if positions is None or isinstance(positions, (str, int)):
+            return positions
+        raise ValueError(f"got {type(positions).__name__} {positions!r}")
+    except (ValueError, TypeError) as exc:
+        raise SweepError(f"bad positions {positions!r} ({exc}); use {accepted}") from None
+
+
 def _generated(plan: _Plan, prompt_ids: list[int], ids: Any) -> list[int]:
     out = []
     for t in [int(x) for x in list(ids)[len(prompt_ids):]]:
@@ -365,6 +391,9 @@ def sweep(target: Any, vector: SteeringVector | str | os.PathLike[str],
     the answers' text; default) or ``"letter"`` (next token A vs B). ``batch_cells``: cells per
     batch (default: the whole grid in one batch; smaller batches show progress sooner and
     lose less to an interruption). Cells already in ``out_dir`` are skipped.
+    ``positions``: where to steer, as the kernels take it (``"all"``, ``"prompt"``,
+    ``"generated"``, an int, a list of ints or a slice; absolute, negatives from the prompt's
+    end).
     """
     metrics = _parse_metrics(metrics)
     if ab_mode not in AB_MODES:
@@ -376,6 +405,7 @@ def sweep(target: Any, vector: SteeringVector | str | os.PathLike[str],
         raise SweepError("no scales given")
     if int(max_tokens) < 1:
         raise SweepError(f"max_tokens must be at least 1, got {max_tokens}")
+    positions_setting = _positions_setting(positions)
     want_gen = "behavior" in metrics or "fluency" in metrics
     want_ab = "ab" in metrics
     prompts = list(neutral_prompts() if prompts is None else prompts)
@@ -395,8 +425,7 @@ def sweep(target: Any, vector: SteeringVector | str | os.PathLike[str],
                  ab_mode)
     settings = {"vector": vector_hash(vector), "model": Path(str(tgt.lm.path)).name,
                 "max_tokens": int(max_tokens), "metrics": metrics,
-                "positions": positions if isinstance(positions, (str, int)) or positions is None
-                else list(positions), "labels": list(labels),
+                "positions": positions_setting, "labels": list(labels),
                 "prompts": _hash(plan.prompts), "ab_questions": _hash(plan.questions)}
     if want_ab:
         settings["ab_mode"] = ab_mode
