@@ -108,7 +108,14 @@ def parse_point(text: str, model: ModelInfo) -> tuple[str, str]:
     else:
         prefix = arch.layers + "."
         if module.startswith(prefix):
-            _layer(int(module[len(prefix):].split(".")[0]), model)
+            # checked as the short form is above: int() would answer with Python's own
+            # "invalid literal for int()" message, which does not say what a point looks like
+            idx = module[len(prefix):].split(".")[0]
+            if not idx.lstrip("-").isdigit():
+                raise ValueError(f"point {text!r}: expected {prefix}<index>... with a layer "
+                                 f"number after {prefix!r} (e.g. {prefix}8.output or "
+                                 f"layers.8.output), got {idx!r}")
+            _layer(int(idx), model)
     missing = unknown_module(module, model.modules, arch.layers)
     if missing is not None:
         raise ValueError(f"point {text!r}: {missing}")

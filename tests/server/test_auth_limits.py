@@ -293,3 +293,21 @@ def test_a_bad_key_file_entry_is_named_by_file_and_line(tmp_path, monkeypatch):
     loaded = ApiKeys.load(keys)
     assert len(loaded) == 2 and loaded.lookup("sk-carol-0123456789") is not None
     assert loaded.lookup("sk-alice-0123456789").id == "alice"
+
+
+@pytest.mark.parametrize("point", ["model.layers.x.output", "model.layers..output",
+                                   "layers.x.output"])
+def test_a_layer_point_without_a_layer_number_says_what_a_point_looks_like(point):
+    """``model.layers.x.output`` was Python's own "invalid literal for int()" message;
+    checked without a server, on compile's point parser."""
+    from vinterp_server.compile import ModelInfo, parse_point
+
+    from vinterp.models.architectures import for_model_type
+
+    m = ModelInfo(for_model_type("llama"), 30, 576, torch.float32)
+    with pytest.raises(ValueError) as e:
+        parse_point(point, m)
+    msg = str(e.value)
+    assert msg.startswith(f"point {point!r}: expected ") and "layers.<index>" in msg, msg
+    assert "invalid literal" not in msg
+    assert parse_point("model.layers.8.output", m) == ("model.layers.8", "output")
