@@ -182,3 +182,26 @@ def test_field_reads_run_only_on_structured_values():
         read_attribute({"a": t}, "a")
     with pytest.raises(AttributeError, match="a Linear has no field 'weight'"):
         read_attribute(torch.nn.Linear(2, 2), "weight")
+
+
+@pytest.mark.parametrize("mode,positions,ok", [
+    ("trace", [-3, 0, 2], True), ("trace", -4, False), ("trace", [3], False),
+    ("generate", [4], True), ("generate", [5], False), ("generate", [-4], False),
+    ("trace", "generated", True), ("trace", {"slice": [-50, None, None]}, True),
+    ("trace", [-50, 1], True),   # (a list may name positions only some prompts have)
+])
+def test_steering_positions_the_invoke_does_not_have(mode, positions, ok):
+    """Steering positions that name no token of the invoke (the prompt's 3, then 3 new tokens
+    of which the last never runs through the model) select no row: the op silently did
+    nothing in the library, where the server refused the same positions."""
+    steer = {"id": 1, "op": "scale", "args": [{"ref": 0}],
+             "kwargs": {"factor": 2.0, "positions": {"list": positions}
+                        if isinstance(positions, list) else positions}}
+    graph = {"mode": mode, "invokes": [{"prompts": [[1, 2, 3]]}], "nodes": [_read(), steer],
+             "generation": {"max_new_tokens": 3} if mode == "generate" else {}}
+    if ok:
+        ir.load(graph)
+    else:
+        with pytest.raises(GraphError, match=r"node 1: steering positions \[-?\d+\] name no token "
+                                             r"of this invoke .*would change nothing"):
+            ir.load(graph)

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from vinterp.ir import ops
 from vinterp.ir.index import graph_index, node_uses
-from vinterp.ir.schema import Graph, NamedTensor, Node, SessionValue
+from vinterp.ir.schema import Graph, ListV, NamedTensor, Node, SessionValue
 from vinterp.ir.tensors import nbytes
 
 #: default limits; servers may pass stricter ones.
@@ -160,11 +160,52 @@ def _node_problem(graph: Graph, node: Node, refs: tuple[int, ...], tensors: tupl
     for t in tensors:
         if not 0 <= t < n_tensors:
             return f"tensor constant {t} does not exist"
+    if node.op in ops.STEERING_OPS:
+        problem = _positions_problem(graph, node)
+        if problem:
+            return problem
     back = node.kwargs.get("backward") if node.op == "getattr" else None
     if back is not None and not any(n.id == back.ref and n.op == "backward"
                                     for n in graph.nodes):
         return f"'backward' refers to node {back.ref}, which is not a backward"
     return None
+
+
+def _positions_problem(graph: Graph, node: Node) -> str | None:
+    """A steering op whose positions name no token its invoke has: it would select no row
+    and silently change nothing (the server refuses such positions too). Negatives count
+    back from the prompt's end; a generation's last position that runs through the model is
+    the prompt's length plus the new tokens, less one. A list may name positions only some
+    of an invoke's prompts have (absolute positions across prompts of several lengths)."""
+    positions = node.kwargs.get("positions")
+    if isinstance(positions, ListV):
+        positions = positions.list
+    elif isinstance(positions, int) and not isinstance(positions, bool):
+        positions = (positions,)
+    else:   # all, "prompt", "generated", a slice, a value of the run: nothing to check
+        return None
+    if not positions or not all(isinstance(p, int) and not isinstance(p, bool)
+                                for p in positions) or not 0 <= node.invoke < len(graph.invokes):
+        return None
+    invoke = graph.invokes[node.invoke]
+    settings = {**graph.generation, **invoke.generation}
+    new = 1 if graph.mode == "trace" else next(
+        (settings[k] for k in ("max_new_tokens", "max_tokens") if isinstance(settings.get(k), int)),
+        None)
+    lens = [len(p) for p in invoke.prompts if p]
+    if not lens or new is None:
+        return None
+
+    def has(n: int, p: int) -> bool:
+        return -n <= p < n + new - 1
+
+    if any(has(n, p) for n in lens for p in positions):
+        return None
+    n = max(lens)
+    more = "" if graph.mode == "trace" else f", then {new} new ones"
+    return (f"steering positions {list(positions)} name no token of this invoke (its longest "
+            f"prompt has {n} tokens{more}: positions 0..{n + new - 2}, or -{n}..-1 from the "
+            f"prompt's end), so the {node.op} would change nothing; fix the positions")
 
 
 def dumps(graph: Graph, *, indent: int | None = None) -> str:
