@@ -8,10 +8,14 @@ the rest are kept per key for ``capture_ttl`` seconds and fetched with
 A streamed response carries captures chunk by chunk: each chunk the rows of the steps
 completed since the previous one (the prompt's rows first, then one row per generated token),
 the chunk that finishes the choice the rest. Concatenating one capture's pieces (same
-``index``) in order gives the non-streamed array. A graph's save at one step comes whole in
-the chunk after that step (a save over several steps in pieces, like a capture); a save at a
-generation step that never ran (the request stopped earlier: EOS, a stop string,
-``max_tokens``) is left out, as a step loop in the library keeps only the steps that ran.
+``index``) in order gives the non-streamed array.
+
+A graph's save comes as one item per step it ran at, each with its ``step`` and the value as
+the library has it at that step (a step's shape may differ from the next one's: the prompt's
+forward holds every prompt row, a generated step one), streamed or not: a streamed item comes
+whole in the chunk after its step. A save at a generation step that never ran (the request
+stopped earlier: EOS, a stop string, ``max_tokens``) is left out, as a step loop in the
+library keeps only the steps that ran.
 
 Example (one capture in a response)::
 
@@ -47,17 +51,16 @@ def rows(value: Any, hidden: int = 0) -> torch.Tensor:
     return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts], dim=0)
 
 
-def _graph_value(value: Any) -> torch.Tensor:
-    """A graph save as one array: per-step lists are stacked (or joined on dim 1)."""
-    if not isinstance(value, list):
-        return torch.as_tensor(value)
-    if not value:
-        return torch.zeros(0)
-    parts = [torch.as_tensor(v) for v in value]
-    try:
-        return torch.stack(parts)
-    except RuntimeError:
-        return torch.cat(parts, dim=1)
+def _graph_steps(spec: CompiledRequest, save_id: int, value: Any) -> list[tuple[int, Any]]:
+    """A graph save's ``(step, value)`` per step it ran at: a stream hands over such pairs;
+    a finished request's save over several steps is the list of the steps that ran, from
+    its first (they run in order, and only the last ones can be missing)."""
+    if isinstance(value, list) and value and isinstance(value[0], tuple):
+        return value
+    steps = spec.graph_save_steps(save_id)
+    if steps.stop is None or steps.stop - steps.start > 1:
+        return [(steps.start + i, v) for i, v in enumerate(value)]
+    return [(steps.start, value)]
 
 
 class CaptureWriter:
@@ -75,24 +78,24 @@ class CaptureWriter:
         out = []
         for index, (save_id, cap, label) in enumerate(spec.capture_points()):
             value = saves.get(save_id)
-            if cap is None and value is None and not fragment:
-                continue     # a graph's save at a step that never ran (generation ended first)
+            if cap is None:
+                # a graph's save: one item per step that ran (none for a step that never ran:
+                # generation ended first; nothing new in this stream chunk)
+                for step, v in ([] if value is None else _graph_steps(spec, save_id, value)):
+                    out.append(await self._item(index, label, None, torch.as_tensor(v), step))
+                continue
             if value is None or (isinstance(value, list) and not value):
                 if fragment:
                     continue
-                value = []   # every row was streamed already (or a graph's empty list)
-            if cap is None and isinstance(value, list) and value and isinstance(value[0], tuple):
-                # a stream's (step, value) pairs of a graph's save: its steps' values
-                value = [v for _, v in value]
-                if not spec.graph_save_is_per_step(save_id):
-                    (value,) = value
-            t = rows(value, spec.model.hidden_size) if cap is not None else _graph_value(value)
+                value = []   # every row was streamed already
+            t = rows(value, spec.model.hidden_size)
             if fragment and t.shape[0] == 0:
                 continue
             out.append(await self._item(index, label, cap, t))
         return out
 
-    async def _item(self, index: int, label: str, cap: Any, t: torch.Tensor) -> dict[str, Any]:
+    async def _item(self, index: int, label: str, cap: Any, t: torch.Tensor,
+                    step: int | None = None) -> dict[str, Any]:
         data = npy_bytes(t)
         metrics.CAPTURE_BYTES.inc(len(data))
         item: dict[str, Any] = {
@@ -100,6 +103,8 @@ class CaptureWriter:
             "steps": None if cap is None else cap.steps,
             "dtype": "float32" if t.dtype in (torch.bfloat16, torch.float16)
             else str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        if step is not None:
+            item["step"] = step
         if len(data) <= self.inline_left:
             self.inline_left -= len(data)
             item["data"] = base64.b64encode(data).decode("ascii")

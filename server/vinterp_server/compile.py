@@ -349,13 +349,12 @@ class CompiledRequest:
                      for n in self.user_graph.nodes if n.op == "save"]
         return self.captures + extra
 
-    def graph_save_is_per_step(self, save_id: int) -> bool:
-        """Whether the graph's save ``save_id`` (its id in :meth:`graph_for`) runs at more than
-        one step, so that its value is a list, one item per step."""
+    def graph_save_steps(self, save_id: int) -> Steps:
+        """The steps the graph's save ``save_id`` (its id in :meth:`graph_for`) runs at: more
+        than one, and its value is a list, one item per step that ran."""
         assert self.user_graph is not None
         own = save_id - len(self.nodes)
-        steps = next(n.steps for n in self.user_graph.nodes if n.id == own)
-        return steps.stop is None or steps.stop - steps.start > 1
+        return next(n.steps for n in self.user_graph.nodes if n.id == own)
 
     def estimate_capture_bytes(self, prompt_len: int, max_tokens: int) -> int:
         """An upper bound of what the shortcut captures hold (float32 rows, hidden-wide or,

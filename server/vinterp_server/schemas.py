@@ -180,6 +180,8 @@ class CaptureOut(BaseModel):
     point: str
     positions: Any = None
     steps: str | None = None
+    step: int | None = Field(None, description="a graph's save: the generation step of this "
+                                                "value (0: the prompt's forward)")
     dtype: str
     shape: list[int]
     data: str | None = Field(None, description="base64 of an .npy file (inline captures)")

@@ -188,6 +188,36 @@ def test_graph_field_runs_the_library_ir(served, local_vllm):
     assert rel(npy(cap).reshape(-1), h.reshape(-1)) <= 1e-4
 
 
+def test_a_graph_save_over_every_step_comes_one_item_per_step(served, local_vllm):
+    """A graph save whose steps span the generation (``.output[0]``, the pasted-nnsight idiom:
+    ``[prompt, hidden]`` at the prompt's forward, ``[1, hidden]`` after): one item per step,
+    with its ``step`` and the library's value, the same streamed. It answered a 500 after the
+    engine ran (the steps could not be stacked), and where they could, the array's layout
+    depended on the prompt's length and streamed pieces could not be joined."""
+    with local_vllm.generate(PARIS_PROMPT, max_new_tokens=3, temperature=0) as tr:
+        hs = list().save()
+        for _ in tr.iter[:]:
+            hs.append(local_vllm.layers[6].output[0])
+    with local_vllm.trace(PARIS_PROMPT) as one:
+        local_vllm.layers[6].output[0].save()
+    graph = json.loads(one.to_json())
+    graph["invokes"] = []
+    for n in graph["nodes"]:
+        n["steps"] = {"start": 0, "stop": None}
+    kw = {"model": MODEL, "prompt": PARIS_PROMPT, "temperature": 0, "max_tokens": 3,
+          "extra_body": {"graph": graph}}
+    caps = served.openai().completions.create(**kw).choices[0].model_extra["captures"]
+    assert [c["step"] for c in caps] == [0, 1, 2] and len({c["index"] for c in caps}) == 1
+    for cap, ref in zip(caps, hs, strict=True):
+        assert cap["shape"] == list(ref.shape) and rel(npy(cap), ref) <= 1e-4
+    chunks = list(served.openai().completions.create(stream=True, **kw))
+    streamed = [item for c in chunks if c.choices
+                for item in c.choices[0].model_extra.get("captures") or []]
+    assert [c["step"] for c in streamed] == [0, 1, 2]
+    for piece, cap in zip(streamed, caps, strict=True):
+        assert piece["shape"] == cap["shape"] and rel(npy(piece), npy(cap)) <= 1e-5
+
+
 def test_large_captures_are_stored_and_fetched_by_their_owner_only(served):
     client = served.openai()
     resp = client.completions.create(
