@@ -24,6 +24,7 @@ from fastapi.responses import Response
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from vinterp.steering.vectors import by_layer, layer_of
 from vinterp_server.auth import KeyInfo
 from vinterp_server.compile import FieldError, check_vector
 from vinterp_server.context import Server, require_key, server
@@ -42,16 +43,24 @@ def parse_vectors(data: bytes, hidden: int, num_layers: int) -> dict[int | None,
         raise ValueError(f"the body is not a safetensors file: {exc}") from None
     if not tensors:
         raise ValueError("the safetensors file holds no tensor")
-    if len(tensors) == 1 and not next(iter(tensors)).lstrip("-").isdigit():
-        (t,) = tensors.values()
-        return {None: check_vector(t.reshape(-1) if t.dim() == 2 and t.shape[0] == 1 else t,
-                                   hidden)}
+    if len(tensors) == 1:
+        ((name, t),) = tensors.items()
+        try:
+            layer_of(name)
+        except ValueError:   # a name that is no layer's: the vector for every layer
+            return {None: check_vector(t.reshape(-1) if t.dim() == 2 and t.shape[0] == 1
+                                       else t, hidden)}
+    # keys name layers as the library reads them (``8``, ``layers.8``, ``model.layers.8.mlp``),
+    # so one file means the same vectors to both
+    try:
+        by_name = {name: layer_of(name) for name in tensors}
+        by_layer(by_name.items())   # (two names of one layer: refused, naming both)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (with several tensors, name each by its layer: 0.."
+                         f"{num_layers - 1})") from None
     out: dict[int | None, torch.Tensor] = {}
     for name, t in tensors.items():
-        if not name.lstrip("-").isdigit():
-            raise ValueError(f"tensor {name!r}: with several tensors, name each by its layer "
-                             f"index (0..{num_layers - 1})")
-        layer = int(name)
+        layer = by_name[name]
         if not 0 <= layer < num_layers:
             raise ValueError(f"tensor {name!r}: layer {layer} is out of range (the model has "
                              f"{num_layers} layers)")

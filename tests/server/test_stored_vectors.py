@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 
 from vinterp_server.auth import KeyInfo, Limits
 from vinterp_server.limits import LimitExceeded
@@ -57,3 +58,29 @@ def test_more_names_than_the_graph_may_have_nodes_is_refused_before_any_read():
     names = [f"v{i}" for i in range(101)]
     with pytest.raises(LimitExceeded, match="names 101 stored vectors"):
         fetch(names, set())
+
+
+def test_an_upload_means_what_the_library_reads_from_the_same_file():
+    """One tensor named ``layers.8`` is layer 8's, as ``SteeringVector.load`` reads it (the
+    server applied it at every layer); several tensors may be named as module paths; two
+    names of one layer are refused. A single tensor whose name names no layer stays the
+    vector for every layer."""
+    from safetensors.torch import save
+
+    from vinterp.steering import SteeringVector
+    from vinterp_server.vectors import parse_vectors
+
+    v, w = torch.randn(8), torch.randn(8)
+    got = parse_vectors(save({"layers.3": v}), 8, 4)
+    assert list(got) == [3] and torch.equal(got[3], v)
+    assert list(SteeringVector.from_dict({"layers.3": v}).layers) == [3]
+    got = parse_vectors(save({"model.layers.1.mlp.fc2": v, "model.layers.2.mlp.fc2": w}), 8, 4)
+    assert torch.equal(got[1], v) and torch.equal(got[2], w)
+    assert list(parse_vectors(save({"happy": v}), 8, 4)) == [None]
+    with pytest.raises(ValueError, match="both name layer 2"):
+        parse_vectors(save({"2": v, "layers.2": w}), 8, 4)
+    with pytest.raises(ValueError, match=r"cannot tell which layer .*'fc2'.*name each by its "
+                                         r"layer: 0\.\.3"):
+        parse_vectors(save({"fc2": v, "layers.1": w}), 8, 4)
+    with pytest.raises(ValueError, match="layer 7 is out of range"):
+        parse_vectors(save({"layers.7": v}), 8, 4)

@@ -51,10 +51,16 @@ _INT_RE = re.compile(r"-?\d+")
 _SEP_RE = re.compile(r"[./_:]")   # ``model.layers.8``, ``layer_8``, ``layers/8``
 
 
-def _layer_of(key: Any) -> int:
+def layer_of(key: Any) -> int:
     """The layer a per-layer tensor's key names: an int, a bare integer (``8``, ``"8"``), or
     the integer after a layer-list component (``"layers.8"``, ``"model.layers.8.mlp.fc2"``,
-    ``"transformer.h.8"``, ``"direction.8"``). Raises ``ValueError`` for any other key."""
+    ``"transformer.h.8"``, ``"direction.8"``). Raises ``ValueError`` for any other key.
+
+    Example::
+
+        >>> layer_of("model.layers.8.mlp.fc2")
+        8
+    """
     if isinstance(key, int):
         return key
     if isinstance(key, torch.Tensor) and key.dim() == 0:
@@ -76,13 +82,13 @@ def _layer_of(key: Any) -> int:
                      "'model.layers.8.mlp' for a module path)")
 
 
-def _by_layer(items: Iterable[tuple[Any, Any]]) -> dict[int, Any]:
+def by_layer(items: Iterable[tuple[Any, Any]]) -> dict[int, Any]:
     """``{layer: value}`` from ``(key, value)`` pairs; two keys for one layer raise instead
     of one silently replacing the other."""
     out: dict[int, Any] = {}
     keys: dict[int, Any] = {}
     for k, v in items:
-        layer = _layer_of(k)
+        layer = layer_of(k)
         if layer in out:
             raise ValueError(f"keys {keys[layer]!r} and {k!r} both name layer {layer}; keep "
                              "one tensor per layer (drop or rename one of them)")
@@ -107,7 +113,7 @@ class SteeringVector:
         if not self.vectors:
             raise ValueError("a steering vector needs at least one layer")
         clean: dict[int, torch.Tensor] = {}
-        for k, v in _by_layer(self.vectors.items()).items():
+        for k, v in by_layer(self.vectors.items()).items():
             t = torch.as_tensor(v).detach().to("cpu", torch.float32)
             if t.dim() == 2 and t.shape[0] == 1:
                 t = t[0]
@@ -239,7 +245,7 @@ class SteeringVector:
     def from_dict(cls, vectors: Mapping[Any, Any], **meta: Any) -> SteeringVector:
         """From a ``layer -> tensor`` dict, as repeng (``ControlVector.directions``) and
         steering-vectors (``SteeringVector.layer_activations``) keep them; numpy arrays work."""
-        return cls(_by_layer(vectors.items()), **meta)
+        return cls(by_layer(vectors.items()), **meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SteeringVector:
