@@ -211,25 +211,24 @@ def test_a_point_the_forward_never_reached_fails_its_request_not_stale_rows():
     a step uses are NaN until written, and the request fails with the point's name."""
     cap = Action("capture", None, 0, INF)
     tables = _tables(names=["model.embed_tokens.output"])
-    # an earlier step captures a request's rows at the point
-    plan, x, _, (first,) = _point([[cap]], 4, tables, pair=False)
-    tables.fill(plan)
-    _apply(tables, x, None)
-    tables.collect()
+
+    def step(runs: bool):
+        """One step capturing a request's rows at the point; ``runs``: the point's op ran."""
+        plan, x, _, (st,) = _point([[cap]], 4, tables, pair=False)
+        tables.fill(plan)
+        if runs:
+            _apply(tables, x, None)
+        tables.collect()
+        return st, x
+
+    first, x = step(runs=True)              # an earlier request's rows at the point
     tables.blame(torch.float32)
     assert not first.failed and torch.equal(first.captures[0][2], x)
-    # the next step plans the same slots for another request, and the point does not run
-    plan, _, _, (st,) = _point([[cap]], 4, tables, pair=False)
-    tables.fill(plan)
-    tables.collect()
+    st, _ = step(runs=False)                # the same slots, and the point does not run
     assert torch.isnan(st.captures[0][2]).all()     # never the earlier request's rows
     tables.blame(torch.float32)
     assert st.failed and "never reached model.embed_tokens.output" in st.error
-    # a step whose point runs again is served
-    plan, x, _, (again,) = _point([[cap]], 4, tables, pair=False)
-    tables.fill(plan)
-    _apply(tables, x, None)
-    tables.collect()
+    again, x = step(runs=True)              # a step whose point runs again is served
     tables.blame(torch.float32)
     assert not again.failed and torch.equal(again.captures[0][2], x)
 
