@@ -72,7 +72,10 @@ class Group:
         if self.op == "steer":
             return x + self._rows_of(self.table).to(x.dtype)  # type: ignore[arg-type]
         if self.op == "scale":
-            return x * self._rows_of(self.factor).unsqueeze(-1).to(x.dtype)  # type: ignore
+            # in float32, rounded once (as the library's rows * factor does): a bfloat16
+            # factor is already off (0.3 is 0.30078), which moved about half the values
+            factor = self._rows_of(self.factor).unsqueeze(-1)  # type: ignore[arg-type]
+            return (x * factor).to(x.dtype)
         if self.op == "replace":
             return self._rows_of(self.table).to(x.dtype)   # type: ignore[arg-type]
         d = self._rows_of(self.table).to(x.dtype)          # type: ignore[arg-type]

@@ -96,3 +96,21 @@ def test_a_request_failing_at_one_point_is_left_out_of_the_later_ones() -> None:
     assert len(good[0].owners) == 2
     assert [id(o) for o in later[0].owners] == [id(states[0])]
     assert later[0].rows.tolist() == [0, 1, 2, 3]
+
+
+def test_scale_in_bfloat16_rounds_as_the_library_does() -> None:
+    """A scale group multiplies in float32 and rounds once, as the library's kernel's
+    ``rows * factor`` does: rounding the factor to bfloat16 first (0.3 -> 0.30078) moved
+    about half the values of a bfloat16 model by one unit in the last place."""
+    from vinterp.steering.kernels import apply_steering
+
+    x = torch.randn(1, 4, H, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    states = [_State()]
+    spans = [RowSpan(0, "r0", 0, 4, 0, 4)]
+    a = Action("scale", Node(id=1, op="scale"), 0, float("inf"), factor=0.3)
+    a.spec_key = repr(None)
+    (group,) = _build([(states[0], spans[0], ActionList([a]))], TensorCache())
+    got = group.apply(x[0])
+    want = x.clone()
+    apply_steering("scale", want, torch.arange(4).unsqueeze(0), 4, factor=0.3)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want[0])
