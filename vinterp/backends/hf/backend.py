@@ -581,6 +581,13 @@ def _generation_kwargs(graph: Graph) -> dict[str, Any]:
         kwargs.pop("temperature")
         kwargs["do_sample"] = False
     if not kwargs.get("do_sample", False):
+        if kwargs.get("temperature") is not None and "do_sample" not in kwargs:
+            # HF generate ignores it without do_sample=True (greedy), where vLLM samples at
+            # that temperature: the same trace would give other tokens on the two backends
+            warnings.warn(
+                f"temperature={kwargs['temperature']} without do_sample=True is greedy on the "
+                "hf backend (as in HF generate) but samples on the vllm backend; pass "
+                "do_sample=True to sample on both, or drop temperature", stacklevel=2)
         kwargs["do_sample"] = False
         kwargs.setdefault("temperature", None)
         kwargs.setdefault("top_p", None)

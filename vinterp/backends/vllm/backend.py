@@ -96,6 +96,7 @@ def check_graph(graph: Graph, arch: Architecture, dtype: torch.dtype,
                     raise UnsupportedPoint(f"writing logits is {NOT_ON_VLLM}{where}")
                 logit_views.add(n.id)
     check_prompt_batches(graph, kinds)
+    _check_cross_invoke(graph)
     # Only prompts longer than one forward's token budget can be split across chunks.
     long = [i for i, inv in enumerate(graph.invokes)
             if max((len(p) for p in inv.prompts), default=0) > max_batched_tokens]
@@ -114,6 +115,44 @@ def check_graph(graph: Graph, arch: Architecture, dtype: torch.dtype,
             f"{max_batched_tokens}; this graph indexes or mixes positions, so the "
             f"vllm backend needs the whole prompt in one forward. Raise "
             f"max_num_batched_tokens, or use steering ops and whole-value saves only")
+
+
+def _check_cross_invoke(graph: Graph) -> None:
+    """What an invoke may do with another invoke's values here: each invoke runs as its own
+    requests, and a value another invoke uses is handed over as a copy, after the invoke
+    that computes it has finished (its last value, when it runs at several steps). So an
+    edit of another invoke's value would change only the copy, and a value of several steps
+    would be the last one at every step: both refused, where the HF backend runs them."""
+    owner = graph_index(graph).owner
+    by_id = {n.id: n for n in graph.nodes}
+    for n in graph.nodes:
+        # (a ``write`` assigns its first argument to the invoke's own point: not an edit of it)
+        if n.invoke < 0 or n.op == "write" or not ops.is_edit(n) or not n.args or \
+                not isinstance(n.args[0], Ref):
+            continue
+        ref: int | None = n.args[0].ref
+        while ref is not None:   # the edited value and what it is a view of
+            if owner[ref] >= 0 and owner[ref] != n.invoke:
+                where = f" (at {n.line})" if n.line else ""
+                raise ValueError(
+                    f"invoke {n.invoke} edits a value of invoke {owner[ref]}{where}: on the "
+                    f"vllm backend each invoke runs as its own requests, and the edit would "
+                    f"reach only a copy; make the edit inside invoke {owner[ref]}")
+            src = by_id[ref]
+            view = ops.is_view(src.op, src.kwargs.get("name")) and src.args and \
+                isinstance(src.args[0], Ref)
+            ref = src.args[0].ref if view else None
+    for i, refs in cross_refs(graph).items():
+        for r in sorted(refs):
+            steps = by_id[r].steps
+            if steps.stop is None or steps.stop - steps.start > 1:
+                where = f" (at {by_id[r].line})" if by_id[r].line else ""
+                raise ValueError(
+                    f"invoke {i} uses a value invoke {owner[r]} computes at every generation "
+                    f"step{where}: on the vllm backend invoke {owner[r]} runs first and only "
+                    f"its last step's value would reach invoke {i}; share a value of one "
+                    f"step (e.g. the prompt's, outside `tracer.all()`), or save each invoke's "
+                    f"values and combine them after the block")
 
 
 class VllmBackend(Backend):

@@ -134,6 +134,8 @@ class GraphRun:
                     continue
                 jobs.extend(self._jobs(i))
             yield jobs
+            if any(self.outcomes[job.key].error for job in jobs):
+                return   # (nothing to hand over: result() raises the requests' own errors)
             for i in phase:
                 for r in self.exported.get(i, ()):
                     n_prompts = len(graph.invokes[i].prompts)
@@ -160,11 +162,21 @@ class GraphRun:
         """The job's vLLM prompt (token ids, and a cache salt when it writes) and params."""
         prompt: dict[str, Any] = {"prompt_token_ids": job.prompt_ids}
         generation = {**self.graph.generation, **self.graph.invokes[job.invoke].generation}
+        if isinstance(generation.get("seed"), int):
+            # vLLM gives each seeded request a generator of its own: one seed for all would
+            # sample every copy of a prompt alike. Row k gets seed + k (HF seeds the batch
+            # once; the server's n > 1 samples take seed + j the same way)
+            generation["seed"] += self._row(job.key)
         params = sampling_params(generation, mode=self.graph.mode,
                                  extra_args=job.payload.to_extra_args())
         rq.isolate_prefix_cache(self._by_invoke[job.invoke], job.payload.graph_json, prompt,
                                 params, job.payload.imports)
         return prompt, params
+
+    def _row(self, key: tuple[int, int]) -> int:
+        """The batch row of prompt ``j`` of invoke ``i`` (invokes in order, then prompts)."""
+        i, j = key
+        return sum(len(inv.prompts) for inv in self.graph.invokes[:i]) + j
 
     # ------------------------------------------------------------------ outcomes
     def record(self, job: Job, outcome: Outcome | None, new_tokens: list[int]) -> None:
