@@ -151,20 +151,13 @@ def attach_hooks(worker: Any) -> None:
         from vinterp.backends.vllm.engine import SPECULATIVE_REFUSED
 
         raise ValueError(SPECULATIVE_REFUSED)
-    if getattr(runner.model_config, "enable_prompt_embeds", False):
-        from vinterp.backends.vllm.engine import PROMPT_EMBEDS_REFUSED
+    from vinterp.backends.vllm.engine import refused_setting
 
-        raise ValueError(PROMPT_EMBEDS_REFUSED)
     parallel = getattr(runner.vllm_config, "parallel_config", None)
-    if int(getattr(parallel, "data_parallel_size", 1) or 1) > 1:
-        from vinterp.backends.vllm.engine import DATA_PARALLEL_REFUSED
-
-        raise ValueError(DATA_PARALLEL_REFUSED)
-    if getattr(parallel, "enable_dbo", False) or \
-            int(getattr(parallel, "ubatch_size", 0) or 0) > 1:
-        from vinterp.backends.vllm.engine import MICROBATCHING_REFUSED
-
-        raise ValueError(MICROBATCHING_REFUSED)
+    refusal = refused_setting(lambda name: getattr(
+        runner.model_config if name == "enable_prompt_embeds" else parallel, name, None))
+    if refusal:
+        raise ValueError(refusal)
     arch = for_model_type(runner.model_config.hf_config.model_type)
     # the mapping that fits how this vLLM version built the model
     arch = arch.in_vllm(name for name, _ in runner.model.named_modules())

@@ -19,7 +19,7 @@ import json
 import os
 import pathlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 #: set to 1 to make eager mode the default (the test suite's eager pass uses it)
@@ -111,6 +111,25 @@ MICROBATCHING_REFUSED = (
     "engine without enable_dbo and ubatch_size")
 
 
+def refused_setting(setting: Callable[[str], Any]) -> str | None:
+    """Why an engine with these settings cannot run vinterp's hooks (``None``: it can).
+    ``setting(name)``: an engine argument's value, ``None`` when unset; the one rule for
+    :func:`engine_kwargs` (the arguments given) and the worker (an engine built directly).
+
+    Example::
+
+        >>> refused_setting({"data_parallel_size": 2}.get) == DATA_PARALLEL_REFUSED
+        True
+    """
+    if setting("enable_prompt_embeds"):
+        return PROMPT_EMBEDS_REFUSED
+    if int(setting("data_parallel_size") or 1) > 1:
+        return DATA_PARALLEL_REFUSED
+    if setting("enable_dbo") or int(setting("ubatch_size") or 0) > 1:
+        return MICROBATCHING_REFUSED
+    return None
+
+
 def engine_kwargs(model_path: pathlib.Path, *, dtype: str | None = None,
                   **overrides: Any) -> dict[str, Any]:
     """The engine arguments vinterp runs a model with: checked, with vinterp's defaults.
@@ -132,12 +151,9 @@ def engine_kwargs(model_path: pathlib.Path, *, dtype: str | None = None,
                          "sharded yet); use one device per replica")
     if overrides.get("speculative_config"):
         raise ValueError(SPECULATIVE_REFUSED)
-    if overrides.get("enable_prompt_embeds"):
-        raise ValueError(PROMPT_EMBEDS_REFUSED)
-    if int(overrides.get("data_parallel_size", 1) or 1) > 1:
-        raise ValueError(DATA_PARALLEL_REFUSED)
-    if overrides.get("enable_dbo") or int(overrides.get("ubatch_size", 0) or 0) > 1:
-        raise ValueError(MICROBATCHING_REFUSED)
+    refusal = refused_setting(overrides.get)
+    if refusal:
+        raise ValueError(refusal)
     mtype = model_type(model_path)
     arch = for_model_type(mtype)
     if arch.vllm is None:
