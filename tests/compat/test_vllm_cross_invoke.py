@@ -93,3 +93,38 @@ def test_temperature_without_do_sample_warns_on_hf(hf_model):
     with pytest.warns(UserWarning, match="without do_sample=True is greedy on the hf backend"):
         with model.generate(PROMPT, max_new_tokens=2, temperature=0.7):
             pass
+
+
+def test_sampling_draws_from_what_hf_generate_would(compat_vllm, hf_model):
+    """``do_sample=True`` samples as HF ``generate``: from the top 50 (HF's default ``top_k``),
+    on both backends. vLLM's own default is the whole vocabulary: tiny-llama's near-flat
+    49152 logits gave tokens outside the top 50 almost every step, in silence."""
+    def draws(model):
+        with model.generate([PROMPT] * 4, max_new_tokens=8, do_sample=True, seed=1,
+                            ignore_eos=True) as tracer:
+            logits = [model.lm_head.output[:, -1].save() for _ in tracer.iter[:]]
+            ids = tracer.result.save()
+        return torch.stack(logits, 1), ids[:, -8:]
+
+    for model in (hf_model("tiny-llama"), compat_vllm):
+        logits, ids = draws(model)
+        rank = (logits > logits.gather(-1, ids[..., None])).sum(-1)   # 0: the top token
+        assert int(rank.max()) < 50, rank
+        assert int(rank.max()) > 0    # sampled, not greedy
+
+
+def test_sampling_defaults_are_the_models_generation_config(tmp_path):
+    """The model's ``generation_config.json`` over HF's global defaults, as HF merges them."""
+    from vinterp.backends.vllm.sampling import hf_sampling_defaults, sampling_params
+
+    assert hf_sampling_defaults(tmp_path) == {"temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                                              "repetition_penalty": 1.0}
+    (tmp_path / "generation_config.json").write_text(
+        '{"top_k": 7, "top_p": 0.9, "repetition_penalty": 1.3, "temperature": 0.6}')
+    defaults = hf_sampling_defaults(tmp_path)
+    sampled = sampling_params({"do_sample": True, "top_p": 0.5}, defaults=defaults)
+    assert (sampled.top_k, sampled.top_p, sampled.temperature, sampled.repetition_penalty) \
+        == (7, 0.5, 0.6, 1.3)
+    greedy = sampling_params({"max_new_tokens": 2}, defaults=defaults)
+    # HF applies repetition_penalty to greedy decoding too; the sampling fields it ignores
+    assert (greedy.temperature, greedy.top_k, greedy.repetition_penalty) == (0.0, 0, 1.3)

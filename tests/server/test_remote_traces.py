@@ -172,3 +172,17 @@ def test_a_trace_that_fails_is_charged_its_prompts(served, local_vllm):
         with local_vllm.trace(EIFFEL, **opts):
             local_vllm.layers[1].output.save()
     assert spent.value.status == 429 and f"used {n} tokens" in str(spent.value)
+
+
+def test_a_remote_sampled_generation_draws_as_hf_would(served, local_vllm):
+    """``do_sample=True`` remotely samples from the top 50, as HF ``generate`` and the local
+    backends do (vLLM's own default, the whole vocabulary, is what the server used to send).
+    At temperature 2 smollm2's distribution is flat enough that the whole vocabulary gives
+    tokens outside the top 50 at most steps."""
+    with local_vllm.generate([EIFFEL] * 3, max_new_tokens=6, do_sample=True, temperature=2.0,
+                             ignore_eos=True, remote=served.url, api_key=KEYS["bob"]) as tr:
+        logits = [local_vllm.lm_head.output[:, -1].save() for _ in tr.iter[:]]
+        ids = tr.result.save()
+    logits = torch.stack(logits, 1)
+    rank = (logits > logits.gather(-1, ids[:, -6:, None])).sum(-1)
+    assert 0 < int(rank.max()) < 50, rank

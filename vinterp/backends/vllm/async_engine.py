@@ -30,6 +30,7 @@ from vinterp.backends.base import RunResult
 from vinterp.backends.vllm.backend import check_graph
 from vinterp.backends.vllm.engine import engine_kwargs, hf_classes_untouched, model_type
 from vinterp.backends.vllm.runs import GraphRun, Job
+from vinterp.backends.vllm.sampling import hf_sampling_defaults
 from vinterp.ir.schema import Graph
 from vinterp.models.architectures import Architecture, for_model_type
 from vinterp.models.meta import module_names
@@ -101,6 +102,7 @@ class AsyncEngine:
         self.llm = llm
         self.model_path = pathlib.Path(model_path)
         self.model_type = model_type(self.model_path)
+        self.sampling_defaults = hf_sampling_defaults(self.model_path)
         self.arch: Architecture = for_model_type(self.model_type)
         cfg = llm.vllm_config
         self.dtype = cfg.model_config.dtype
@@ -220,7 +222,8 @@ class AsyncEngine:
 
     async def run(self, graph: Graph, *, capture_cap: int | None = None) -> RunResult:
         """Run a whole graph (validated and checked): every prompt one request."""
-        run = GraphRun(graph, uuid.uuid4().hex[:12], capture_cap=capture_cap)
+        run = GraphRun(graph, uuid.uuid4().hex[:12], capture_cap=capture_cap,
+                       sampling_defaults=self.sampling_defaults)
         for jobs in run.phases():
             await self._run_jobs(run, jobs)
             for job in run.retries(jobs):

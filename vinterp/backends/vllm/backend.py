@@ -27,6 +27,7 @@ from vinterp.backends.vllm import requests as rq
 from vinterp.backends.vllm.engine import build_engine, model_type
 from vinterp.backends.vllm.prompt_batches import check_prompt_batches
 from vinterp.backends.vllm.runs import GraphRun, Job
+from vinterp.backends.vllm.sampling import hf_sampling_defaults
 from vinterp.ir import ops
 from vinterp.ir.index import graph_index
 from vinterp.ir.phases import cross_refs
@@ -169,6 +170,7 @@ class VllmBackend(Backend):
                  **engine_kwargs: Any) -> None:
         self.model_path = pathlib.Path(model_path)
         self.arch = for_model_type(model_type(self.model_path))
+        self.sampling_defaults = hf_sampling_defaults(self.model_path)
         self.llm = build_engine(self.model_path, dtype=dtype, **engine_kwargs)
         sched = self.llm.llm_engine.vllm_config.scheduler_config
         self.max_batched_tokens = int(sched.max_num_batched_tokens)
@@ -203,7 +205,7 @@ class VllmBackend(Backend):
     def run(self, graph: Graph, *, live: Mapping[int, torch.Tensor] | None = None
             ) -> RunResult:
         """Run ``graph``: one request per prompt, phases for cross-invoke values."""
-        run = GraphRun(graph, str(next(_run_ids)))
+        run = GraphRun(graph, str(next(_run_ids)), sampling_defaults=self.sampling_defaults)
         for jobs in run.phases():
             self._generate(run, jobs)
             for job in run.retries(jobs):

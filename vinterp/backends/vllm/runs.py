@@ -104,11 +104,15 @@ class GraphRun:
     """The requests of one graph and what came back for them (see the module docstring).
 
     ``run_id`` makes payload keys unique among everything in flight on one engine.
-    ``capture_cap`` bounds what each request may capture (bytes).
+    ``capture_cap`` bounds what each request may capture (bytes). ``sampling_defaults``
+    (:func:`~vinterp.backends.vllm.sampling.hf_sampling_defaults` of the engine's model) fill
+    what the graph's generation arguments leave unset, as HF ``generate`` would.
     """
 
-    def __init__(self, graph: Graph, run_id: str, *, capture_cap: int | None = None) -> None:
+    def __init__(self, graph: Graph, run_id: str, *, capture_cap: int | None = None,
+                 sampling_defaults: dict[str, Any] | None = None) -> None:
         self.graph = graph
+        self.sampling_defaults = sampling_defaults
         self.run_id = run_id
         self.capture_cap = capture_cap
         self.needs = cross_refs(graph)
@@ -168,7 +172,8 @@ class GraphRun:
             # once; the server's n > 1 samples take seed + j the same way)
             generation["seed"] += self._row(job.key)
         params = sampling_params(generation, mode=self.graph.mode,
-                                 extra_args=job.payload.to_extra_args())
+                                 extra_args=job.payload.to_extra_args(),
+                                 defaults=self.sampling_defaults)
         rq.isolate_prefix_cache(self._by_invoke[job.invoke], job.payload.graph_json, prompt,
                                 params, job.payload.imports)
         return prompt, params
