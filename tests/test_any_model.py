@@ -121,6 +121,51 @@ def test_mlp_gradient_and_scan() -> None:
     assert tuple(shape) == (5, 3)
 
 
+class _Residual(nn.Module):
+    """``h + fc(norm(h))``: ``norm``'s input is also the residual (a pre-norm block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre(x)
+        return h + self.fc(self.norm(h))
+
+
+def test_input_grad_with_two_invokes_includes_the_residual_share() -> None:
+    """``norm.input.grad`` of each invoke is raw PyTorch's (a pre-hook's ``retain_grad`` on the
+    prompt alone), with the share through the residual. Before: with two invokes each was
+    missing exactly that share (off by 1.0 everywhere for ``output.sum()``)."""
+    torch.manual_seed(0)
+    net = _Residual()
+    model = vinterp.NNsight(net)
+    xs = [torch.randn(2, 4), torch.randn(3, 4)]
+    grads = []
+    with model.trace() as tracer:
+        for x in xs:
+            with tracer.invoke(x):
+                grads.append(model.norm.input.grad.save())
+        with tracer.invoke():
+            model.output.sum().backward()
+    for x, got in zip(xs, grads, strict=True):
+        seen = {}
+
+        def pre(mod: nn.Module, args: Any) -> None:
+            args[0].retain_grad()
+            seen["h"] = args[0]
+
+        handle = net.norm.register_forward_pre_hook(pre)
+        try:
+            net(x).sum().backward()
+        finally:
+            handle.remove()
+        net.zero_grad()
+        torch.testing.assert_close(got, seen["h"].grad)
+
+
 def test_mlp_keyword_inputs_and_errors() -> None:
     net = _mlp()
     model = vinterp.NNsight(net)

@@ -5,7 +5,8 @@ alone, with the same loss.
 
 Found by an audit: with two or more invokes these gradients were ``None`` with no error (each
 invoke got a view of the batch tensor, a side branch of the graph the model never used); a
-plain-tensor point, or a single invoke, was right.
+plain-tensor point, or a single invoke, was right. A later audit: a module input that its
+caller also uses elsewhere (a residual) lacked that use's share of the gradient.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ POINTS = {
                             lambda lm: lm.model.layers[0].self_attn.output[0]),
     "layer.inputs[0][0]": ("model.layers.1", _layer_in,
                            lambda lm: lm.model.layers[1].inputs[0][0]),
+    # the layer also adds this tensor as its residual: that share of the gradient reaches
+    # the batch tensor, not the invoke's copy (audit: off by ~1.2 of a max |grad| of 1.3)
+    "post_attention_layernorm.input": (
+        "model.layers.0.post_attention_layernorm", _layer_in,
+        lambda lm: lm.model.layers[0].post_attention_layernorm.input),
 }
 
 

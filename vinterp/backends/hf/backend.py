@@ -52,11 +52,13 @@ _HF_GENERATE_KEYS = {
 
 
 class _Copy(NamedTuple):
-    """A tensor handed to one invoke under autograd: its own copy of the invoke's rows, and
-    the copy's version counter when handed out (a different one later: edited in place)."""
+    """A tensor handed to one invoke under autograd: its own copy of the invoke's rows, the
+    copy's version counter when handed out (a different one later: edited in place), and the
+    batch tensor it was cut from."""
 
     tensor: torch.Tensor
     version: int
+    source: torch.Tensor
 
 
 class _Event:
@@ -132,7 +134,7 @@ class _Event:
             copy = copies.get(path)
             if copy is None:
                 tensor = view.clone()
-                copy = copies[path] = _Copy(tensor, tensor._version)
+                copy = copies[path] = _Copy(tensor, tensor._version, leaf)
             return copy.tensor
 
         value = map_tensors(target, own)
@@ -149,7 +151,7 @@ class _Event:
                   for path, copy in self.handed.pop(i).items()]
         edited = [(i, path, copy.tensor) for i, path, copy in handed
                   if copy.tensor._version != copy.version]
-        kept = [(i, path, copy.tensor) for i, path, copy in handed
+        kept = [(i, path, copy) for i, path, copy in handed
                 if copy.tensor._version == copy.version]
         # edited in place: back in place, as a hook's in-place edit would land, so every
         # reference to this value sees it (a residual its caller keeps), with or without
@@ -157,9 +159,13 @@ class _Event:
         for invoke, path, tensor in edited:
             self._route(invoke, path, tensor, in_place=True)
         # the others: make the batch depend on each invoke's copy, so copy.grad is filled on
-        # backward (values unchanged: out of place, as nothing needs to see it)
-        for invoke, path, tensor in kept:
-            self._route(invoke, path, tensor, in_place=False)
+        # backward (values unchanged: out of place, as nothing needs to see it). Only what
+        # this point's consumer computes from the value reaches the copy that way; the batch
+        # tensor's other uses (a pre-hook's argument is also the residual its caller adds)
+        # reach the batch tensor alone, so the copy's gradient is completed from it.
+        for invoke, path, copy in kept:
+            self._route(invoke, path, copy.tensor, in_place=False)
+            _follow_source_grad(copy, self._dims(invoke))
 
     def _route(self, invoke: int, path: LeafPath, tensor: torch.Tensor, *,
                in_place: bool) -> None:
@@ -201,6 +207,38 @@ class _Event:
 
 def _overlap(a: slice, b: slice) -> bool:
     return a.start < b.stop and b.start < a.stop
+
+
+def _follow_source_grad(copy: _Copy, dims: Region) -> None:
+    """Make ``copy.tensor.grad`` (when it is retained) the gradient of the batch tensor it was
+    cut from, at its region: raw PyTorch's gradient of that value.
+
+    The copy reaches the loss only through the value routed back to the point's consumer
+    (``_Event.commit``); the batch tensor also reaches it through every other use, such as
+    the residual a decoder layer adds to its ``post_attention_layernorm`` input, so the
+    copy's own gradient misses those shares. The batch tensor's gradient is complete once
+    computed, which is after the copy's (the copy is computed from it): a hook on it replaces
+    what this backward added to the copy's ``.grad`` with the region of the full gradient.
+    """
+    tensor, source = copy.tensor, copy.source
+    if not source.requires_grad:
+        return
+    before: dict[str, torch.Tensor | None] = {}
+
+    def on_copy(grad: torch.Tensor) -> None:
+        # runs before retain_grad adds this backward's share: what earlier backwards left
+        before["grad"] = tensor.grad
+
+    def on_source(grad: torch.Tensor) -> None:
+        prior = before.pop("grad", tensor.grad)
+        if not tensor.retains_grad:
+            return
+        own = cut_tensor(grad, dims).detach()
+        tensor.grad = own.clone() if prior is None else prior + own
+
+    if tensor.requires_grad:
+        tensor.register_hook(on_copy)
+    source.register_hook(on_source)
 
 
 class _Run:
