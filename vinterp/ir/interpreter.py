@@ -486,7 +486,7 @@ class GraphRunner:
             return args[0][args[1]]
         if op == "setitem":
             target, key, val = args
-            self._setitem(node, target, key, val)
+            self._setitem(node, target, key, val, ev)
             return target
         if op == "getattr":
             return ops.read_attribute(args[0], kwargs["name"])
@@ -530,7 +530,13 @@ class GraphRunner:
             return None
         raise ValueError(f"op {op!r} cannot run here")
 
-    def _setitem(self, node: Node, target: Any, key: Any, val: Any) -> None:
+    def _setitem(self, node: Node, target: Any, key: Any, val: Any,
+                 ev: PointEvent | None) -> None:
+        if isinstance(target, (dict, list, tuple)):
+            read = self._item_path(node)
+            if read is not None:
+                self._set_structure_item(node, target, key, val, ev, *read)
+                return
         try:
             target[key] = val
         except RuntimeError as exc:
@@ -541,6 +547,57 @@ class GraphRunner:
                     f"{list(region.shape)} of {self._origin(node)} "
                     f"(full shape {list(target.shape)})") from exc
             raise
+
+    def _item_path(self, node: Node) -> tuple[Node, tuple[Any, ...]] | None:
+        """For a ``setitem`` whose target is (an item of) a structure read from a point: the
+        read node and the keys from the point's value down to the target; ``None`` for a
+        target that no point's value holds (a list the graph built)."""
+        keys: list[Any] = []
+        src = node.args[0]
+        while isinstance(src, Ref):
+            seen = self._node(src.ref)
+            if seen.op == "read":
+                return seen, tuple(reversed(keys))
+            if seen.op == "getitem":
+                keys.append(self._resolve(seen.args[1], None))
+            elif seen.op != "save":
+                return None
+            src = seen.args[0]
+        return None
+
+    def _set_structure_item(self, node: Node, target: Any, key: Any, val: Any,
+                            ev: PointEvent | None, read: Node, keys: tuple[Any, ...]) -> None:
+        """``out["h"] = new`` on a structured value read from a point (a dict, an HF
+        ``ModelOutput``, a list or tuple, or an item of one): an assignment of that item of
+        the point's value, as a PyTorch hook doing ``out["h"] = new`` makes it.
+
+        Why not ``target[key] = val``: an invoke reads its own copy of the structure (its
+        rows of each tensor, in a container built for it), so setting an item of that copy
+        changed nothing the model uses. The assignment goes to the event as a structure that
+        names only this item (``None`` / absent elsewhere: left as they are), and the copy
+        the graph holds gets the item too, so later reads of it agree.
+        """
+        point = (read.kwargs["module"], read.kwargs["kind"])
+        if ev is None or not _at_point(ev, read):
+            raise ValueError(
+                f"cannot assign an item of {_point_name(point)}: the model is no longer at "
+                "that point (assign items in the same step the value was read)")
+        if val is None:
+            raise ValueError(
+                f"cannot set an item of {_point_name(point)} to None; assign a value of the "
+                "item's shape, or assign the whole structure (module.output = ...)")
+        # the containers from the point's value down to the target, outermost first
+        chain = [self.state.env[read.id]]
+        for k in keys:
+            chain.append(chain[-1][k])
+        chain[-1] = target
+        path = (*keys, key)
+        sparse: Any = val
+        for container, k in zip(reversed(chain), reversed(path), strict=True):
+            sparse = _sparse_item(container, k, sparse, _point_name(point))
+        ev.set(node.invoke, sparse, **_kind_arg(ev, read))
+        if not isinstance(target, tuple):
+            target[key] = val   # (what later reads of this copy see; a tuple cannot change)
 
     def _origin(self, node: Node) -> str:
         """The module point a value came from, for error messages."""
@@ -578,6 +635,30 @@ class GraphRunner:
         """Saved values by save-node id: one value, or a list (one per step) in scopes.
         ``before_step``: leave out what steps from that one on saved."""
         return collect_results(self.graph, self.state, before_step)
+
+
+def _sparse_item(container: Any, key: Any, item: Any, where: str) -> Any:
+    """A structure like ``container`` that holds ``item`` at ``key`` and nothing else: what
+    an event's ``set`` assigns as "this item, the others as they are" (a mapping with that
+    key alone, a list or tuple of the same length with ``None`` elsewhere)."""
+    if isinstance(container, dict):
+        return {key: item}
+    n = len(container)
+    if isinstance(key, slice):
+        indices = range(n)[key]
+        items = list(item) if isinstance(item, (list, tuple)) else None
+        if items is None or len(items) != len(indices):
+            raise ValueError(f"cannot assign {where}[{key.start}:{key.stop}]: give a list of "
+                             f"{len(indices)} values")
+    elif isinstance(key, int) and -n <= key < n:
+        indices, items = range(key % n, key % n + 1), [item]
+    else:
+        raise ValueError(f"cannot set item {key!r} of {where}: it is a "
+                         f"{type(container).__name__} of {n} items")
+    out: list[Any] = [None] * n
+    for i, v in zip(indices, items, strict=True):
+        out[i] = v
+    return tuple(out) if isinstance(container, tuple) else out
 
 
 def _lazy_positions(ev: PointEvent, invoke: int
