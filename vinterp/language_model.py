@@ -326,8 +326,48 @@ class LanguageModel:
 
     @property
     def output(self) -> Proxy:
-        """The model's HF output (``.logits``, ...) inside a trace."""
+        """The model's HF output (``.logits``, ...) inside a trace; assigning it replaces the
+        output (nnsight's root ``model.output = value``)."""
         return self._root.output
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        self._root.output = value
+
+    @property
+    def input(self) -> Proxy:
+        """The model's first input inside a trace (as ``module.input``); assigning it
+        replaces that input."""
+        return self._root.input
+
+    @input.setter
+    def input(self, value: Any) -> None:
+        self._root.input = value
+
+    @property
+    def inputs(self) -> Proxy:
+        """``(args, kwargs)`` the model is called with inside a trace; assigning replaces
+        them."""
+        return self._root.inputs
+
+    @inputs.setter
+    def inputs(self, value: Any) -> None:
+        self._root.inputs = value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A module's name (``model.model``, ``net.fc1``, ``model.layers``) set on this object
+        # would hide the module from every later trace, which then reads the value instead,
+        # silently; the points (output, input, inputs) have setters of their own above.
+        model = self.__dict__.get("_model")
+        prop = getattr(type(self), name, None)
+        if model is not None and not name.startswith("_") and name not in self.__dict__ \
+                and (name in model._modules or name in _ALIAS_NAMES) \
+                and not (isinstance(prop, property) and prop.fset is not None):
+            raise TracingError(
+                f"cannot set model.{name}: it names a module of the model, and a value set "
+                f"here would hide it from later traces. Inside a trace, assign its value: "
+                f"model.{name}.output = ... (or .input / .inputs)")
+        super().__setattr__(name, value)
 
     @property
     def logits(self) -> StepValue:

@@ -101,11 +101,6 @@ class NNsight(LanguageModel):
         return EditTracer(self, _call_of(args, {}) or _Call((), {}), inplace=inplace)
 
     # ------------------------------------------------------------------ module tree
-    @property
-    def output(self) -> Any:
-        """The module's output inside a trace."""
-        return self._root.output
-
     def _alias_envoy(self, alias: str) -> Envoy:
         # no architecture table: `layers`, `embed`... are the module's own children, if any
         if alias in self._model._modules:
