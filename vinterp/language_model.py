@@ -481,6 +481,12 @@ class LanguageModel:
         has = getattr(self._backend, "has_point", None)
         return has is None or bool(has(module, kind))
 
+    def _cacheable_paths(self, tracer: Tracer) -> list[str] | None:
+        """The modules ``tracer.cache()`` caches by default: those that run in a forward and
+        have an output point (``None``: not known yet, see ``NNsight``)."""
+        return [p for p, _ in self._model.named_modules()
+                if self._backend_has_point(p, "output")]
+
     def _modules_that_run(self) -> set[str]:
         """Paths of the modules a forward calls (found with hooks on the meta model)."""
         backend = self._scan_backend()

@@ -66,6 +66,9 @@ class NNsight(LanguageModel):
         self._tracers: list[Tracer] = []
         self._meta_backend: Backend | None = None
         self._ran_modules: set[str] | None = None
+        #: modules a forward calls, by the inputs (their keys) it last ran on
+        #: (see _cacheable_paths)
+        self._ran_by_inputs: dict[tuple[int, ...], set[str]] = {}
         self._from_object = True
         self.path = None  # type: ignore[assignment]
         self.config = getattr(module, "config", None)
@@ -152,6 +155,38 @@ class NNsight(LanguageModel):
 
     def _modules_that_run(self) -> set[str]:
         return {p for p, _ in self._model.named_modules()}
+
+    def _cacheable_paths(self, tracer: Tracer) -> list[str] | None:
+        """The modules ``forward`` calls on this trace's inputs (as nnsight's cache,
+        which keeps whatever runs): a wrapped module may hold modules its forward does not
+        call (an unused head, a branch chosen by an argument), whose reads would fail with
+        "never reached". ``None`` while no invoke has inputs yet."""
+        keys = tuple(p[0][0] for p in tracer.invokes if p)
+        if not keys:
+            return None
+        ran = self._ran_by_inputs.get(keys)
+        if ran is None:
+            ran = self._modules_run_on(tracer.invokes)
+            self._ran_by_inputs = {keys: ran}   # (one trace's: keys are never reused)
+        return [p for p, _ in self._model.named_modules() if p in ran]
+
+    def _modules_run_on(self, prompts: Sequence[tuple[tuple[int, ...], ...]]) -> set[str]:
+        """Paths of the modules a forward over these invokes' inputs calls (hooks on the meta
+        copy: no weights run); every module where the meta pass cannot run."""
+        model: nn.Module = self._scan_backend().model  # type: ignore[attr-defined]
+        ran: set[str] = set()
+        handles = [m.register_forward_hook(lambda *a, p=p: ran.add(p))
+                   for p, m in model.named_modules()]
+        try:
+            args, kwargs = self._feed(prompts, None, torch.device("meta"))
+            with torch.no_grad():
+                model(*args, **kwargs)
+        except Exception:
+            ran = {p for p, _ in model.named_modules()}
+        finally:
+            for h in handles:
+                h.remove()
+        return ran
 
     def __repr__(self) -> str:
         return repr(self._model)

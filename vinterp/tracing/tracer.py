@@ -133,6 +133,8 @@ class Tracer:
         self._logs: list[list[Any]] = []
         #: tracer.cache() results: filled in after the run
         self._caches: list[Cache] = []
+        #: caches whose modules are found when the block ends (see cache())
+        self._deferred_caches: list[tuple[Cache, int | None, Steps, bool, bool]] = []
         #: the ``with loss.backward():`` blocks open now (innermost last)
         self.backward_blocks: list[Proxy] = []
         self.iter = _StepIter(self)
@@ -481,9 +483,19 @@ class Tracer:
                 return self.cache(modules, positions, include_output=include_output,
                                   include_inputs=include_inputs)
         if modules is None:
-            paths = [name for name, _ in self.lm._model.named_modules()]
-            paths = [p for p in paths if self.lm._backend_has_point(p, "output")] \
-                if positions is None else [e._path for e in self.lm.layers]
+            if positions is None:
+                found = self.lm._cacheable_paths(self)
+                if found is None:
+                    # which modules run shows only once the inputs are known (a wrapped
+                    # module called before its invokes): filled in when the block ends
+                    cache = Cache(self.lm)
+                    self._deferred_caches.append((cache, self._invoke, self._steps,
+                                                  include_inputs, include_output))
+                    self._caches.append(cache)
+                    return cache
+                paths = found
+            else:
+                paths = [e._path for e in self.lm.layers]
         else:
             paths = [m if isinstance(m, str) else m._path for m in modules]
             paths = [p[len("model."):] if p.startswith("model.") and p not in
@@ -496,6 +508,13 @@ class Tracer:
                 out[path] = self.read(path, "output")[:, index].save()
             return out
         cache = Cache(self.lm)
+        self._fill_cache(cache, paths, include_inputs, include_output)
+        self._caches.append(cache)
+        return cache
+
+    def _fill_cache(self, cache: Cache, paths: list[str], include_inputs: bool,
+                    include_output: bool) -> None:
+        """Record the reads of ``cache``'s modules (in the invoke being recorded)."""
         for path in paths:
             entry = _CacheEntry()
             if include_inputs:
@@ -503,8 +522,22 @@ class Tracer:
             if include_output:
                 entry.output = self.read(path, "output").save()
             cache[f"model.{path}" if path else "model"] = entry
-        self._caches.append(cache)
-        return cache
+
+    def _fill_deferred_caches(self) -> None:
+        """The block ended: record the reads of each ``tracer.cache()`` whose modules were
+        not known when it was called, in the invoke and steps it was called in (nodes run
+        by dataflow, so reads recorded last still run where the model reaches them)."""
+        invoke, steps = self._invoke, self._steps
+        try:
+            for cache, at, at_steps, inputs, output in self._deferred_caches:
+                self._invoke, self._steps = at, at_steps
+                found = self.lm._cacheable_paths(self)
+                paths = found if found is not None else \
+                    [name for name, _ in self.lm._model.named_modules()]
+                self._fill_cache(cache, paths, inputs, output)
+        finally:
+            self._invoke, self._steps = invoke, steps
+            self._deferred_caches = []
 
     # ------------------------------------------------------------------ the graph
     @property
@@ -587,6 +620,7 @@ class Tracer:
             if exc_type is not None:
                 self.finished = True
                 return
+            self._fill_deferred_caches()
             self._save_kept()
             self._run()
         finally:
