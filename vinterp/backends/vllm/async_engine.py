@@ -231,7 +231,22 @@ class AsyncEngine:
         return run.result()
 
     async def _run_jobs(self, run: GraphRun, jobs: list[Job]) -> None:
-        await asyncio.gather(*(self._run_job(run, job) for job in jobs))
+        """Run ``jobs`` concurrently; when one fails (or the caller is cancelled), cancel
+        the others and wait for them before raising the first error.
+
+        A bare ``gather`` raised at the first failure and left its siblings generating: the
+        caller answered and gave its slot back while the engine went on with requests
+        nobody held or was charged for. Cancelling a job's ``generate`` aborts its vLLM
+        request and frees its worker state, so nothing of the run outlives it."""
+        tasks = [asyncio.ensure_future(self._run_job(run, job)) for job in jobs]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            # (their own errors or cancellations are this failure's consequences)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     async def _run_job(self, run: GraphRun, job: Job) -> None:
         from vllm.sampling_params import RequestOutputKind
