@@ -518,3 +518,79 @@ def test_dataclass_outputs_are_cut_per_invoke_and_their_fields_read() -> None:
     with pytest.raises(AttributeError, match="'meen' is not available on a vinterp proxy"):
         with model.trace(x1):
             model.sub.output.a.meen()
+
+
+def _tiny_encoder(tok: Any, family: str) -> Any:
+    """A tiny random sequence classifier of ``family`` (3 labels, 64 wide, 2 layers)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, intermediate_size=128, num_labels=3)
+    if family == "roberta":   # numbers positions from padding_idx + 1 (= 2)
+        return T.RobertaForSequenceClassification(T.RobertaConfig(
+            **shape, pad_token_id=1, max_position_embeddings=64)).eval()
+    return T.MPNetForSequenceClassification(T.MPNetConfig(   # padding_idx + 1 too
+        **shape, pad_token_id=tok.eos_token_id)).eval()
+
+
+def _first(value: Any) -> Any:
+    """A layer's hidden states (MPNet's layers return a tuple)."""
+    return value[0] if isinstance(value, tuple) else value
+
+
+@pytest.mark.parametrize("family", ["roberta", "mpnet"])
+def test_roberta_family_positions_equal_the_model_run_alone(tiny_model_path: Any,
+                                                            family: str) -> None:
+    """RoBERTa-style embeddings number a prompt's positions from ``padding_idx + 1`` when
+    given no ``position_ids``, and use given ones verbatim. Given ids counting from 0, one
+    prompt's layer-0 output was 2.3 off and its logits 0.015 (RoBERTa; MPNet's 0.038): an
+    encoder's forward now gets no position ids, and its values equal ``net(ids)``."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path("tiny-llama"))
+    net = _tiny_encoder(tok, family)
+    lm = vinterp.LanguageModel(net, tokenizer=tok)
+    prompt = "The Eiffel Tower is in the city of Paris, which is in France"
+    layer = net.base_model.encoder.layer[0]
+    with lm.trace(prompt):
+        hidden = getattr(lm, net.base_model_prefix).encoder.layer[0].output.save()
+        logits = lm.output.logits.save()
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda m, a, o: seen.append(_first(o).clone()))
+    try:
+        with torch.no_grad():
+            ref = net(tok(prompt, return_tensors="pt").input_ids)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(_first(hidden), seen[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, ref.logits, rtol=0, atol=1e-5)
+
+
+def test_a_left_padded_roberta_decoder_counts_positions_by_its_own_rule(
+        tiny_model_path: Any) -> None:
+    """A RoBERTa decoder (left-padded: it generates) given position ids counting from 0
+    would be off for every prompt; they follow the model's ``padding_idx + 1`` rule, so two
+    invokes of different lengths equal each prompt run alone."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForCausalLM
+
+    from vinterp.backends.hf.backend import attends_both_ways
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path("tiny-llama"))
+    torch.manual_seed(0)
+    net = RobertaForCausalLM(RobertaConfig(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, pad_token_id=1, max_position_embeddings=64,
+        is_decoder=True)).eval()
+    assert not attends_both_ways(net)
+    lm = vinterp.LanguageModel(net, tokenizer=tok)
+    prompts = ["The Eiffel Tower is in the city of", "Hello there"]
+    got = []
+    with lm.trace() as tracer:
+        for p in prompts:
+            with tracer.invoke(p):
+                got.append(lm.output.logits.save())
+    for p, logits in zip(prompts, got, strict=True):
+        with torch.no_grad():
+            ref = net(tok(p, return_tensors="pt").input_ids).logits
+        torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)

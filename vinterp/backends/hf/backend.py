@@ -312,6 +312,8 @@ class HfBackend(Backend):
         #: the model attends both ways (BERT and the like): traces pad its prompts on the
         #: right (see :mod:`.batching`)
         self.encoder = attends_both_ways(model)
+        #: a model numbering positions from its padding_idx + 1 (RoBERTa): that index
+        self._padding_idx = padding_idx_positions(model)
 
     # ------------------------------------------------------------------ .input
     def _first_param(self, module: str) -> str:
@@ -491,15 +493,35 @@ class HfBackend(Backend):
                     self.model(*args, **kwargs)
                     return None
                 mask = None if self.scan else layout.attention_mask.to(device)
+                extra = self._first_step_kwargs() if graph.mode == "generate" else {}
+                positions = self._position_ids(layout)
+                if positions is not None:
+                    extra["position_ids"] = positions.to(device)
                 self.model(input_ids=layout.input_ids.to(device), attention_mask=mask,
-                           position_ids=layout.position_ids.to(device),
-                           **(self._first_step_kwargs() if graph.mode == "generate" else {}))
+                           **extra)
             except StopForward:
                 pass
             except NeedsPhases as exc:
                 exc.args = (run.point,)   # where the forward was, for the user's message
                 raise
         return None
+
+    def _position_ids(self, layout: BatchLayout) -> torch.Tensor | None:
+        """The ``position_ids`` a forward gets: ``None`` (the model's own) with pads on the
+        right, where a row's positions are those of its prompt alone in every model; with
+        pads on the left, each row's own count from its first real token, by the model's
+        rule (see :func:`padding_idx_positions`), as the model would number the prompt
+        alone."""
+        if layout.right:
+            return None
+        if self._padding_idx is None:
+            return layout.position_ids
+        # the model's own rule (create_position_ids_from_input_ids), which also skips a real
+        # token whose id is padding_idx, on each row's real tokens: the left pads (whatever
+        # their id) add nothing to the count, as in the prompt alone
+        idx = self._padding_idx
+        counted = (layout.attention_mask.bool() & (layout.input_ids != idx)).long()
+        return counted.cumsum(-1) * counted + idx
 
     def _first_step_kwargs(self) -> dict[str, Any]:
         """A generation's first forward as HF generate makes it (the scan backend runs only
@@ -553,6 +575,21 @@ def attends_both_ways(model: nn.Module) -> bool:
     flags = {m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None),
                                                                  bool)}
     return flags == {False}
+
+
+def padding_idx_positions(model: nn.Module) -> int | None:
+    """``padding_idx`` of a model that numbers positions from ``padding_idx + 1`` (RoBERTa,
+    XLM-R, CamemBERT, MPNet, ESM...: their embeddings compute ``padding_idx + 1 + k`` for the
+    k-th real token, ``padding_idx`` for pads, when no ``position_ids`` are given); ``None``
+    for a model that counts from 0. Recognised by an embeddings module whose
+    ``position_embeddings`` table has that module's ``padding_idx``."""
+    for module in model.modules():
+        idx = getattr(module, "padding_idx", None)
+        table = getattr(module, "position_embeddings", None)
+        if isinstance(idx, int) and isinstance(table, nn.Embedding) \
+                and table.padding_idx == idx:
+            return idx
+    return None
 
 
 def _unphased_error(group: list[int], exc: NeedsPhases) -> ValueError:
