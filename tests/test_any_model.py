@@ -530,7 +530,10 @@ def _tiny_encoder(tok: Any, family: str) -> Any:
     if family == "roberta":   # numbers positions from padding_idx + 1 (= 2)
         return T.RobertaForSequenceClassification(T.RobertaConfig(
             **shape, pad_token_id=1, max_position_embeddings=64)).eval()
-    return T.MPNetForSequenceClassification(T.MPNetConfig(   # padding_idx + 1 too
+    if family == "mpnet":     # padding_idx + 1 too, and no is_causal flag
+        return T.MPNetForSequenceClassification(T.MPNetConfig(
+            **shape, pad_token_id=tok.eos_token_id)).eval()
+    return T.DebertaV2ForSequenceClassification(T.DebertaV2Config(   # no is_causal flag
         **shape, pad_token_id=tok.eos_token_id)).eval()
 
 
@@ -594,3 +597,54 @@ def test_a_left_padded_roberta_decoder_counts_positions_by_its_own_rule(
         with torch.no_grad():
             ref = net(tok(p, return_tensors="pt").input_ids).logits
         torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["deberta", "mpnet"])
+def test_encoders_without_a_causal_flag_are_padded_right(tiny_model_path: Any,
+                                                         family: str) -> None:
+    """DeBERTa-v2 and MPNet attention modules carry no ``is_causal`` flag; they were taken
+    for decoders and padded on the left, so the shorter invoke's classifier read a pad at
+    column 0 ([CLS]; DeBERTa's logits 0.028 off). A model that cannot generate is an
+    encoder: two invokes of different lengths equal each prompt run alone."""
+    from transformers import AutoTokenizer
+
+    from vinterp.backends.hf.backend import attends_both_ways
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path("tiny-llama"))
+    net = _tiny_encoder(tok, family)
+    assert attends_both_ways(net)
+    lm = vinterp.LanguageModel(net, tokenizer=tok)
+    prompts = ["The Eiffel Tower is in the city of", "Hello there"]
+    got = []
+    with lm.trace() as tracer:
+        for p in prompts:
+            with tracer.invoke(p):
+                got.append(lm.output.logits.save())
+    for p, logits in zip(prompts, got, strict=True):
+        with torch.no_grad():
+            ref = net(tok(p, return_tensors="pt").input_ids).logits
+        torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)
+
+
+def test_a_base_mamba_taken_for_an_encoder_still_equals_each_prompt_alone(
+        tiny_model_path: Any) -> None:
+    """A causal model with no attention flag that cannot generate (a base ``MambaModel``)
+    is padded on the right by that rule; its prompts' values are still their own."""
+    from transformers import AutoTokenizer
+
+    from vinterp.backends.hf.backend import attends_both_ways
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path("tiny-llama"))
+    net = _tiny_mamba().backbone
+    assert attends_both_ways(net)
+    lm = vinterp.LanguageModel(net, tokenizer=tok)
+    prompts = ["The Eiffel Tower is in the city of", "Hello there"]
+    got = []
+    with lm.trace() as tracer:
+        for p in prompts:
+            with tracer.invoke(p):
+                got.append(lm.output.last_hidden_state.save())
+    for p, hidden in zip(prompts, got, strict=True):
+        with torch.no_grad():
+            ref = net(tok(p, return_tensors="pt").input_ids).last_hidden_state
+        torch.testing.assert_close(hidden, ref, rtol=0, atol=1e-5)

@@ -569,12 +569,25 @@ class HfBackend(Backend):
 
 
 def attends_both_ways(model: nn.Module) -> bool:
-    """Whether ``model`` is an encoder: its attention modules all say ``is_causal = False``
-    (BERT, RoBERTa...). A model with no attention (Mamba) or with any causal attention (a
-    decoder, also one with a vision tower) is not."""
+    """Whether ``model`` is an encoder (traces pad it on the right).
+
+    Its attention modules all say ``is_causal = False`` (BERT, RoBERTa...); a model with any
+    causal attention (a decoder, also one with a vision tower) is not. Where no module says
+    (DeBERTa-v2 and MPNet have no such flag, Mamba has no attention), a model that cannot
+    generate and is not configured as a decoder is taken for an encoder: left padding would
+    put a pad where it reads ``[CLS]`` (column 0). A causal model taken for one by this rule
+    (a base Mamba) still gives each prompt's own values: its real tokens never see the pads
+    on their right.
+    """
     flags = {m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None),
                                                                  bool)}
-    return flags == {False}
+    if flags:
+        return flags == {False}
+    config = getattr(model, "config", None)
+    can_generate = getattr(model, "can_generate", None)
+    if config is None or not callable(can_generate):
+        return False   # not an HF model: nothing says it is an encoder
+    return not can_generate() and not getattr(config, "is_decoder", False)
 
 
 def padding_idx_positions(model: nn.Module) -> int | None:
