@@ -481,6 +481,18 @@ class LanguageModel:
         has = getattr(self._backend, "has_point", None)
         return has is None or bool(has(module, kind))
 
+    def _invoke_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]
+                       ) -> tuple[Any, dict[str, Any]]:
+        """``tracer.invoke(...)``'s arguments: (the invoke's input, its generation settings).
+        A language model's invoke takes one input (a prompt, a list of prompts, token ids)."""
+        if "inputs" in kwargs and not args:
+            args = (kwargs.pop("inputs"),)
+        if len(args) > 1:
+            raise TypeError(
+                f"tracer.invoke() takes one input (a prompt, a list of prompts or token ids), "
+                f"got {len(args)} positional arguments; put several prompts in a list")
+        return (args[0] if args else None), kwargs
+
     def _cacheable_paths(self, tracer: Tracer) -> list[str] | None:
         """The modules ``tracer.cache()`` caches by default: those that run in a forward and
         have an output point (``None``: not known yet, see ``NNsight``)."""

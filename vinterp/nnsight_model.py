@@ -15,10 +15,11 @@ Example::
         out = net.output.save()
 
 Inputs: ``trace(x)`` / ``tracer.invoke(x)`` call ``forward(x)``; ``trace(x, y, flag=True)``
-calls ``forward(x, y, flag=True)``; in ``invoke``, a tuple is positional arguments and a dict
-keyword arguments. Invokes are joined with ``torch.cat`` along dim 0, argument by argument
-(other values must be equal across invokes); pass ``batch=`` (a function from a list of
-``(args, kwargs)`` pairs to one pair) where that does not fit.
+and ``tracer.invoke(x, y, flag=True)`` call ``forward(x, y, flag=True)`` (nnsight's
+``invoke(*args, **kwargs)``; a dict or tuple is one argument in both). Invokes are joined
+with ``torch.cat`` along dim 0, argument by argument (other values must be equal across
+invokes); pass ``batch=`` (a function from a list of ``(args, kwargs)`` pairs to one pair)
+where that does not fit.
 """
 
 from __future__ import annotations
@@ -115,9 +116,15 @@ class NNsight(LanguageModel):
         return self._root[index]
 
     # ------------------------------------------------------------------ inputs
+    def _invoke_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]
+                       ) -> tuple[Any, dict[str, Any]]:
+        """``tracer.invoke(*args, **kwargs)``: the module's arguments, as ``trace`` takes
+        them (a wrapped module has no generation settings)."""
+        return _call_of(args, kwargs), {}
+
     def _tokenize(self, inputs: Any) -> tuple[tuple[int, ...], ...]:
         """Store an invoke's inputs; its rows in the IR are placeholders ``(key, row)``."""
-        call = inputs if isinstance(inputs, _Call) else _invoke_call(inputs)
+        call = inputs if isinstance(inputs, _Call) else _Call((inputs,), {})
         rows = batch_size(call.args, call.kwargs)
         key = next(self._keys)
         self._inputs[key] = (call.args, call.kwargs)
@@ -196,15 +203,6 @@ def _call_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call | None:
     if not args and not kwargs:
         return None
     return _Call(tuple(args), dict(kwargs))
-
-
-def _invoke_call(inputs: Any) -> _Call:
-    """``tracer.invoke(x)``: a tuple is positional arguments, a dict keyword arguments."""
-    if isinstance(inputs, tuple) and not hasattr(inputs, "_fields"):
-        return _Call(inputs, {})
-    if isinstance(inputs, dict):
-        return _Call((), dict(inputs))
-    return _Call((inputs,), {})
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

@@ -314,8 +314,12 @@ class Tracer:
 
     # ------------------------------------------------------------------ user API
     @contextmanager
-    def invoke(self, inputs: Any = None, **generation: Any) -> Iterator[Tracer]:
+    def invoke(self, *inputs: Any, **generation: Any) -> Iterator[Tracer]:
         """Add a prompt (or list of prompts, or token ids) to the batch as its own invoke.
+
+        On ``NNsight`` (nnsight's ``invoke(*args, **kwargs)``) the arguments are the wrapped
+        module's, as in ``model.trace(*args, **kwargs)``: ``tracer.invoke(x, mask=m)`` calls
+        ``forward(x, mask=m)`` for this invoke's rows.
 
         Each invoke's values equal running it alone; later invokes may use earlier ones'.
         In ``generate``, keyword arguments override the generation settings for this invoke
@@ -328,6 +332,7 @@ class Tracer:
         """
         if self._invoke_open:
             raise TracingError("tracer.invoke blocks cannot be nested")
+        given, generation = self.lm._invoke_inputs(inputs, generation)
         if generation and self.mode != "generate":
             if self.lm.backend_name != "vllm" and self.remote is None:
                 raise TracingError(
@@ -337,7 +342,7 @@ class Tracer:
             self.mode = "generate"
             if not any(k in self.generation for k in ("max_new_tokens", "max_tokens")):
                 self.generation["max_new_tokens"] = 1   # a trace is one forward
-        self.invokes.append(() if inputs is None else self.lm._tokenize(inputs))
+        self.invokes.append(() if given is None else self.lm._tokenize(given))
         self.invoke_generation[len(self.invokes) - 1] = dict(generation)
         self._invoke = len(self.invokes) - 1
         self._invoke_open = True
