@@ -402,3 +402,53 @@ def test_assigning_a_tuple_to_a_tensor_point_says_to_assign_the_tensor(hf_model)
     assert "model.layers.0.output" in message
     assert "holds a tensor" in message and "assign a tensor" in message
     assert "Python scalars" not in message
+
+
+def test_beam_search_invokes_each_get_their_own_beams(hf_model):
+    """``generate(num_beams=2)`` runs each prompt as two rows. Every invoke read all four rows
+    and an edit in one landed in the other (its tokens turned to those of the edit); each
+    invoke now reads and edits its own beams: tokens, reads and a steer at a position equal
+    raw HF generate of the prompt alone with hooks doing the same."""
+    model = hf_model("tiny-llama")
+    net = model._model
+    a, b = "The Eiffel Tower is in the city of", "Hello there my friend, how"
+    vector = torch.randn(64, generator=torch.Generator("cpu").manual_seed(0), device="cpu")
+    n = 4
+    with model.generate(max_new_tokens=n, num_beams=2, ignore_eos=True) as tracer:
+        with tracer.invoke(a):
+            model.layers[0].output[:] = 0
+            ha = model.layers[1].output.save()
+        with tracer.invoke(b):
+            model.layers[0].output.steer(vector, positions=-1)   # the prompt's last token
+            hb = model.layers[1].output.save()
+    tokens = tracer.result
+
+    def alone(prompt, edit):
+        """Tokens and the first step's layer-1 output, ``edit`` made at the first step."""
+        ids = model.tokenizer(prompt, return_tensors="pt").input_ids
+        seen = []
+        handles = [net.model.layers[0].register_forward_hook(
+                       lambda m, i, o: None if seen else edit(o)),
+                   net.model.layers[1].register_forward_hook(
+                       lambda m, i, o: seen.append(o.clone()))]
+        try:
+            with torch.no_grad():
+                out = net.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   max_new_tokens=n, num_beams=2, do_sample=False,
+                                   eos_token_id=None, pad_token_id=model._pad_id)
+        finally:
+            for h in handles:
+                h.remove()
+        return out[0].tolist(), seen[0]
+
+    def steer(o):
+        o = o.clone()
+        o[:, -1] += vector
+        return o
+
+    for prompt, edit, got_tokens, got_h in ((a, torch.zeros_like, tokens[0], ha),
+                                            (b, steer, tokens[1], hb)):
+        ref_tokens, ref_h = alone(prompt, edit)
+        assert got_tokens.tolist() == ref_tokens
+        assert got_h.shape == ref_h.shape   # [beams, the prompt's tokens, hidden]
+        torch.testing.assert_close(got_h, ref_h, rtol=0, atol=1e-5)

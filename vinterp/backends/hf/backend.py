@@ -94,9 +94,13 @@ class _Event:
         layout = self.run.layout
         key_len = layout.width + self.step
         start, stop = layout.window(invoke)
+        rows, beams = layout.rows(invoke), self.run.beams
+        # beam search runs each layout row as `beams` consecutive rows (HF repeat_interleaves
+        # the batch, and reorders beams only within a prompt's rows): the invoke's are those
+        rows = slice(rows.start * beams, rows.stop * beams)
         # left padding: the window grows with each generated token
-        return Region(layout.rows(invoke), start, stop if layout.right else key_len, key_len,
-                      layout.input_ids.shape[0])
+        return Region(rows, start, stop if layout.right else key_len, key_len,
+                      layout.input_ids.shape[0] * beams)
 
     def _base(self, kind: str) -> LeafPath:
         """Where the value read as ``kind`` lies in ``self.value``."""
@@ -199,10 +203,10 @@ class _Event:
     def row_positions(self, invoke: int) -> torch.Tensor | None:
         if self.run.backend.feed is not None:
             return None   # the layout's "prompts" are placeholders for the fed inputs
-        return self.run.layout.row_positions(invoke, self.step)
+        return self.run.per_beam(self.run.layout.row_positions(invoke, self.step))
 
     def prompt_lens(self, invoke: int) -> torch.Tensor:
-        return self.run.layout.prompt_lens(invoke)
+        return self.run.per_beam(self.run.layout.prompt_lens(invoke))
 
 
 def _overlap(a: slice, b: slice) -> bool:
@@ -244,10 +248,13 @@ def _follow_source_grad(copy: _Copy, dims: Region) -> None:
 class _Run:
     """One forward (or one generate call) of one phase."""
 
-    def __init__(self, backend: HfBackend, runner: GraphRunner, layout: BatchLayout) -> None:
+    def __init__(self, backend: HfBackend, runner: GraphRunner, layout: BatchLayout,
+                 beams: int = 1) -> None:
         self.backend = backend
         self.runner = runner
         self.layout = layout
+        #: rows the model runs per layout row (``num_beams`` of a beam-search generate)
+        self.beams = beams
         self.step = 0
         #: while a graph calls one of the model's modules on values (``call_module``), the
         #: hooks stay silent: that call is not the forward reaching the module
@@ -258,6 +265,11 @@ class _Run:
         self._warned: set[str] = set()
         #: the point the forward is at (module, kind); None at the end of a step
         self.point: tuple[str, str] | None = None
+
+    def per_beam(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-row values of the layout (positions, prompt lengths) for the rows the model
+        runs: each repeated for its beams."""
+        return rows.repeat_interleave(self.beams, dim=0) if self.beams > 1 else rows
 
     def call_module(self, path: str) -> Any:
         """``path``'s module as a callable for ``call_module`` nodes (hooks muted inside)."""
@@ -477,7 +489,10 @@ class HfBackend(Backend):
         prompts = [inv.prompts for inv in graph.invokes]
         layout = BatchLayout.build(prompts, self.pad_id, invokes,
                                    right=self.encoder and graph.mode == "trace")
-        run = _Run(self, runner, layout)
+        beams = 1
+        if graph.mode == "generate" and not self.scan:
+            beams = max(1, int(graph.generation.get("num_beams") or 1))
+        run = _Run(self, runner, layout, beams)
         runner.modules = run.call_module
         device = self.device
         grad = torch.enable_grad() if runner.wants_grad else torch.no_grad()
