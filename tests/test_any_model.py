@@ -166,6 +166,82 @@ def test_input_grad_with_two_invokes_includes_the_residual_share() -> None:
         torch.testing.assert_close(got, seen["h"].grad)
 
 
+class _KeywordCalls(nn.Module):
+    """Submodules called with keyword arguments only: ``sub``'s first parameter (``mask``) is
+    not passed, ``star`` takes ``*args, **kwargs``."""
+
+    class Sub(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, mask: Any = None, hidden: Any = None) -> torch.Tensor:
+            h = self.lin(hidden)
+            return h if mask is None else h * mask
+
+    class Star(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return self.lin(kwargs["hidden"])
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sub = self.Sub()
+        self.star = self.Star()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.star(hidden=self.sub(hidden=x))
+
+
+def test_input_of_a_module_called_with_keywords_only_is_the_first_passed() -> None:
+    """``.input`` is the first argument passed (nnsight's rule): here the keyword
+    ``hidden``, where the signature's first parameter (``mask``, ``*args``) is not passed.
+    Before: ``.input`` was None, ``sub.input[:] = 0`` a TypeError and ``star.input = v`` a
+    no-op (0.67 off). Reads and edits equal raw pre-hooks on ``kwargs["hidden"]``."""
+    torch.manual_seed(0)
+    net = _KeywordCalls()
+    model = vinterp.NNsight(net)
+    x = torch.randn(2, 4)
+    seen: dict[str, torch.Tensor] = {}
+
+    def raw(edit: Any = None) -> torch.Tensor:
+        def pre(name: str) -> Any:
+            def hook(mod: nn.Module, args: Any, kwargs: Any) -> Any:
+                seen[name] = kwargs["hidden"].clone()
+                if edit is not None and edit[0] == name:
+                    return args, {**kwargs, "hidden": edit[1](kwargs["hidden"])}
+                return None
+            return hook
+        handles = [getattr(net, n).register_forward_pre_hook(pre(n), with_kwargs=True)
+                   for n in ("sub", "star")]
+        try:
+            with torch.no_grad():
+                return net(x)
+        finally:
+            for h in handles:
+                h.remove()
+
+    with model.trace(x):
+        sub_in = model.sub.input.save()
+        star_in = model.star.input.save()
+    ref = raw()
+    torch.testing.assert_close(sub_in, seen["sub"], rtol=0, atol=0)
+    torch.testing.assert_close(star_in, seen["star"], rtol=0, atol=0)
+    with model.trace(x):
+        model.sub.input[:, :2] = 0
+        out = model.output.save()
+    ref = raw(("sub", lambda h: torch.cat([torch.zeros_like(h[:, :2]), h[:, 2:]], 1)))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    with model.trace(x):
+        model.star.input = torch.ones(2, 4)
+        out = model.output.save()
+    ref = raw(("star", lambda h: torch.ones(2, 4)))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
 def test_mlp_keyword_inputs_and_errors() -> None:
     net = _mlp()
     model = vinterp.NNsight(net)

@@ -338,10 +338,20 @@ class HfBackend(Backend):
 
     def first_arg_path(self, module: str, inputs: tuple[tuple[Any, ...], dict[str, Any]]
                        ) -> LeafPath:
-        """Where a module's ``.input`` (its forward's first argument, positional or keyword)
-        lies in its ``(args, kwargs)``."""
-        args, _ = inputs
-        return (0, 0) if args else (1, self._first_param(module))
+        """Where a module's ``.input`` lies in its ``(args, kwargs)``: the first positional
+        argument, else its forward's first parameter when passed by keyword (HF layers get
+        ``hidden_states=`` first anyway), else the first keyword argument passed (nnsight's
+        rule: the first argument given, whatever the signature says first)."""
+        args, kwargs = inputs
+        if args:
+            return (0, 0)
+        name = self._first_param(module)
+        if name not in kwargs and kwargs:
+            # the signature's first parameter was left out (``forward(self, mask=None,
+            # hidden=None)`` called as ``sub(hidden=x)``) or is ``*args``: reading it would
+            # give None, and assigning it would add an argument the forward ignores
+            name = next(iter(kwargs))
+        return (1, name)
 
     @property
     def device(self) -> torch.device:
