@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -105,3 +107,78 @@ def test_steering_node_runs_kernel():
     runner.on_event(FakeEvent("m", "output", {0: x}))
     runner.end_step()
     assert runner.results()[2].tolist() == [[[1.0] * 3, [3.0] * 3]]
+
+
+def _run_on(nodes, value, tensors=()):
+    """Run ``nodes`` (after a read, node 0) on ``value``; the results by save id."""
+    g = ir.load({"invokes": [{"prompts": [[1, 2]]}], "nodes": [_read(0), *nodes],
+                 "tensors": [ir.encode_tensor(t) for t in tensors]})
+    runner = GraphRunner(g)
+    runner.begin_step(0)
+    runner.on_event(FakeEvent("m", "output", {0: value}))
+    runner.end_step()
+    return runner.results()
+
+
+_LIMIT = 64 * 2**20
+_H = torch.ones(1, 6, 64)   # a layer's value: 384 elements
+_ABOVE = _LIMIT // 384 + 1  # a factor that makes 384 elements more than the limit
+_GROWING = {
+    "method repeat": [{"id": 1, "op": "method", "args": [{"ref": 0}, 1, 1, _ABOVE],
+                "kwargs": {"name": "repeat"}}],
+    "method contiguous": [   # of an expanded view (the view alone allocates nothing)
+        {"id": 1, "op": "method", "args": [{"ref": 0}, _ABOVE, -1, -1],
+         "kwargs": {"name": "expand"}},
+        {"id": 2, "op": "method", "args": [{"ref": 1}], "kwargs": {"name": "contiguous"}}],
+    "torch.outer": [
+        {"id": 1, "op": "method", "args": [{"ref": 0}], "kwargs": {"name": "flatten"}},
+        {"id": 2, "op": "call", "args": [{"ref": 1}, {"tensor": 0}],
+         "kwargs": {"fn": "torch.outer"}}],
+    "torch.nn.functional.pad": [
+        {"id": 1, "op": "call", "args": [{"ref": 0}, {"list": [0, _ABOVE * 64]}],
+         "kwargs": {"fn": "torch.nn.functional.pad"}}],
+    "torch.nn.functional.one_hot": [
+        {"id": 1, "op": "method", "args": [{"ref": 0}, {"dtype": "int64"}],
+         "kwargs": {"name": "to"}},
+        {"id": 2, "op": "call", "args": [{"ref": 1}, _ABOVE],
+         "kwargs": {"fn": "torch.nn.functional.one_hot"}}],
+    "mul": [   # a broadcast: [384, 1] * [1, n]
+        {"id": 1, "op": "method", "args": [{"ref": 0}, -1, 1], "kwargs": {"name": "reshape"}},
+        {"id": 2, "op": "mul", "args": [{"ref": 1}, {"tensor": 1}]}],
+    "matmul": [
+        {"id": 1, "op": "method", "args": [{"ref": 0}, -1, 1], "kwargs": {"name": "reshape"}},
+        {"id": 2, "op": "matmul", "args": [{"ref": 1}, {"tensor": 1}]}],
+    "indexing": [{"id": 1, "op": "getitem", "args": [{"ref": 0}, {"tensor": 2}]}],
+}
+
+
+@pytest.mark.parametrize("what", list(_GROWING))
+def test_ops_that_allocate_from_their_arguments_are_bounded(what):
+    """Ops whose result can outgrow their arguments (auditB: a graph's ``h.repeat(1, 1, n)``
+    allocated any size inside the vLLM worker) are refused before they allocate, with the
+    op and the size; constructors had this limit already."""
+    tensors = [torch.ones(_ABOVE), torch.ones(1, _ABOVE),
+               torch.zeros(_ABOVE, dtype=torch.long)]
+    with pytest.raises(InterventionError, match=rf"\]: ValueError: {re.escape(what)} would "
+                       rf"make a tensor of \d+ elements; the limit is {_LIMIT}"):
+        _run_on(_GROWING[what], _H.clone(), tensors)
+
+
+def test_bounded_ops_below_the_limit_and_on_large_model_values_run():
+    """The same ops within the limit give torch's values; a model value larger than the limit
+    (long logits) may still be computed with at its own size."""
+    out = _run_on([{"id": 1, "op": "method", "args": [{"ref": 0}, 1, 1, 3],
+                    "kwargs": {"name": "repeat"}},
+                   {"id": 2, "op": "save", "args": [{"ref": 1}]},
+                   {"id": 3, "op": "method", "args": [{"ref": 0}, 4, -1, -1],
+                    "kwargs": {"name": "expand"}},
+                   {"id": 4, "op": "method", "args": [{"ref": 3}],
+                    "kwargs": {"name": "contiguous"}},
+                   {"id": 5, "op": "save", "args": [{"ref": 4}]}], _H * 2)
+    assert torch.equal(out[2], (_H * 2).repeat(1, 1, 3))
+    assert torch.equal(out[5], (_H * 2).expand(4, -1, -1))
+    big = torch.zeros(_LIMIT + 10, dtype=torch.uint8)
+    out = _run_on([{"id": 1, "op": "add", "args": [{"ref": 0}, 1]},
+                   {"id": 2, "op": "method", "args": [{"ref": 1}], "kwargs": {"name": "sum"}},
+                   {"id": 3, "op": "save", "args": [{"ref": 2}]}], big)
+    assert int(out[3]) == _LIMIT + 10

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from vinterp.ir import ops
+from vinterp.ir import ops, sizes
 from vinterp.ir.errors import InterventionError, NeedsPhases, StopForward
 from vinterp.ir.index import graph_index
 from vinterp.ir.run_state import RunState, Saved, collect_results, snapshot
@@ -39,8 +40,9 @@ from vinterp.ir.schema import (
 from vinterp.ir.tensors import decode_tensor, torch_dtype
 from vinterp.steering import apply_steering
 
-#: largest tensor a graph may allocate with torch.zeros & co. (elements)
-MAX_CONSTRUCTED_NUMEL = 64 * 2**20
+#: largest tensor a graph may allocate with torch.zeros & co. (elements); other ops that
+#: can allocate from their arguments' sizes have the same limit (see :mod:`.sizes`)
+MAX_CONSTRUCTED_NUMEL = sizes.MAX_NUMEL
 
 
 class PointEvent(Protocol):
@@ -444,6 +446,11 @@ class GraphRunner:
             value = self._execute(node, ev)
         except (StopForward, NeedsPhases, InterventionError):
             raise
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            # this request's failure alone: the value it asked for is dropped with the error
+            raise self._error(node, (
+                f"ran out of memory computing this value ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); make it smaller (fewer positions or repeats)")) from exc
         except Exception as exc:  # any failure is reported against the user's line
             raise self._error(node, f"{type(exc).__name__}: {exc}") from exc
         if node.id in self._grad_targets and isinstance(value, torch.Tensor) \
@@ -474,15 +481,20 @@ class GraphRunner:
                 self.state.positions[node.id] = self.state.positions[src.ref]
             return args[0]
         if op in ops.BINARY_OPS:
-            return ops.BINARY_OPS[op](args[0], args[1])
+            a, b = args[0], args[1]
+            # two tensors may broadcast (a[:, None] * b) or multiply out (a @ b)
+            both = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            return _sized(op, ops.BINARY_OPS[op], [a, b], {}, growing=both)
         if op in ops.UNARY_OPS:
-            return ops.UNARY_OPS[op](args[0])
+            return _sized(op, ops.UNARY_OPS[op], [args[0]], {}, growing=False)
         if op in ops.INPLACE_OPS:
             target = args[0]
             if isinstance(target, torch.Tensor):
                 return getattr(target, ops.INPLACE_OPS[op])(args[1])
             return ops.BINARY_OPS[op[1:]](target, args[1])
         if op == "getitem":
+            if _advanced_index(args[1]):   # h[idx]: as many rows as the index has
+                return _sized("indexing", operator.getitem, args, {})
             return args[0][args[1]]
         if op == "setitem":
             target, key, val = args
@@ -492,7 +504,10 @@ class GraphRunner:
             return ops.read_attribute(args[0], kwargs["name"])
         if op == "method":
             name = kwargs.pop("name")
-            return getattr(args[0], name)(*args[1:], **kwargs)
+            if name in sizes.PURE_VIEWS or not isinstance(args[0], torch.Tensor):
+                return getattr(args[0], name)(*args[1:], **kwargs)
+            return _sized(f"method {name}", _method(name), args, kwargs,
+                          growing=name in sizes.GROWING_METHODS)
         if op == "call":
             fn = kwargs.pop("fn")
             if fn in ops.CONSTRUCTORS:
@@ -500,7 +515,9 @@ class GraphRunner:
                 if numel > MAX_CONSTRUCTED_NUMEL:
                     raise ValueError(f"{fn} would allocate {numel} elements; the limit is "
                                      f"{MAX_CONSTRUCTED_NUMEL}")
-            return ops.TORCH_FUNCTIONS[fn](*args, **kwargs)
+                return ops.TORCH_FUNCTIONS[fn](*args, **kwargs)
+            return _sized(fn, ops.TORCH_FUNCTIONS[fn], args, kwargs,
+                          growing=fn in sizes.GROWING_FUNCTIONS)
         if op in ops.STEERING_OPS:
             return self._steer(node, args[0], kwargs)
         if op == "call_module":
@@ -635,6 +652,32 @@ class GraphRunner:
         """Saved values by save-node id: one value, or a list (one per step) in scopes.
         ``before_step``: leave out what steps from that one on saved."""
         return collect_results(self.graph, self.state, before_step)
+
+
+def _sized(what: str, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], *,
+           growing: bool = True) -> Any:
+    """``fn(*args, **kwargs)`` if what it makes stays within the allocation limit (see
+    :mod:`vinterp.ir.sizes`): checked before it runs where its size can be computed, else
+    after."""
+    known = sizes.check_result_size(what, fn, args, kwargs, growing=growing)
+    result = fn(*args, **kwargs)
+    if not known:
+        sizes.check_result(what, result, args, kwargs)
+    return result
+
+
+def _method(name: str) -> Callable[..., Any]:
+    def call(target: Any, *args: Any, **kwargs: Any) -> Any:
+        return getattr(target, name)(*args, **kwargs)
+    return call
+
+
+def _advanced_index(key: Any) -> bool:
+    """Whether an index key holds a tensor or a list (advanced indexing: the result may be
+    larger than the value indexed)."""
+    if isinstance(key, (torch.Tensor, list)):
+        return True
+    return isinstance(key, tuple) and any(isinstance(k, (torch.Tensor, list)) for k in key)
 
 
 def _sparse_item(container: Any, key: Any, item: Any, where: str) -> Any:
