@@ -34,8 +34,10 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import JSONResponse, Response
 
 import torch
+from vllm.exceptions import VLLMClientError
 
 from vinterp.backends.base import RunResult
+from vinterp.backends.vllm.sampling import sampling_params
 from vinterp.ir import Graph, GraphError, SessionValue, encode_tensor, load
 from vinterp.ir.errors import CaptureLimitError, InterventionError
 from vinterp.ir.results import encode_results
@@ -57,21 +59,61 @@ HEARTBEAT_S = 10.0
 STALE_S = 45.0
 
 
-def _check(graph: Graph, key: KeyInfo, srv: Server) -> None:
+def _check(graph: Graph, key: KeyInfo, srv: Server, name: str = "graph") -> None:
+    """Refuse (``FieldError`` naming the field) what the engine would refuse at run time:
+    before any of the trace's requests starts, so none is left running for a sibling's
+    error, and the answer is a 400 that says which field, not a 500."""
     srv.limiter.check_graph(key, len(graph.nodes))
     limit = srv.host.max_model_len
+    vocab = srv.host.model.vocab_size
     for i, inv in enumerate(graph.invokes):
+        _check_generation(graph, i, name)
         for j, prompt in enumerate(inv.prompts):
             if not prompt:
-                raise FieldError(f"graph.invokes[{i}].prompts[{j}]", "the prompt is empty")
+                raise FieldError(f"{name}.invokes[{i}].prompts[{j}]", "the prompt is empty")
             if len(prompt) >= limit:
-                raise FieldError(f"graph.invokes[{i}].prompts[{j}]",
+                raise FieldError(f"{name}.invokes[{i}].prompts[{j}]",
                                  f"the prompt has {len(prompt)} tokens; the model's context "
                                  f"is {limit} (max_model_len)")
+            bad = next((t for t in prompt if t < 0 or (vocab and t >= vocab)), None)
+            if bad is not None:
+                raise FieldError(f"{name}.invokes[{i}].prompts[{j}]",
+                                 f"token id {bad} is outside the model's vocabulary "
+                                 f"(0 to {vocab - 1})")
     try:
         srv.host.check(graph)
     except ValueError as exc:
-        raise FieldError("graph", str(exc)) from None
+        raise FieldError(name, str(exc)) from None
+
+
+#: what building ``SamplingParams`` raises for arguments it refuses (vLLM's own checks raise
+#: its ``VLLMValidationError``, not a ``ValueError``)
+_REFUSED = (ValueError, TypeError, VLLMClientError)
+
+
+def _check_generation(graph: Graph, i: int, name: str) -> None:
+    """Invoke ``i``'s generation arguments (the graph's, overridden by the invoke's) as the
+    engine will build them (:func:`sampling_params`, once per invoke); a ``FieldError``
+    naming the argument at fault: ``graph.generation.foo`` or
+    ``graph.invokes[i].generation.foo``."""
+    if graph.mode != "generate":
+        return   # (a trace is one greedy forward: its generation arguments are not used)
+    own = graph.invokes[i].generation
+    merged = {**graph.generation, **own}
+    try:
+        sampling_params(merged, mode=graph.mode)
+    except _REFUSED as exc:
+        message = str(exc)
+    else:
+        return
+    # the first argument that is wrong on its own; else the invoke's arguments together
+    for arg, value in merged.items():
+        try:
+            sampling_params({arg: value}, mode=graph.mode)
+        except _REFUSED:
+            where = f"invokes[{i}].generation" if arg in own else "generation"
+            raise FieldError(f"{name}.{where}.{arg}", message) from None
+    raise FieldError(f"{name}.invokes[{i}].generation", message)
 
 
 def _check_session_refs(graph: Graph, earlier: list[Graph], name: str,
@@ -110,7 +152,7 @@ async def _load_all(body: TraceRequest, key: KeyInfo, srv: Server) -> list[Graph
         found = await stored_vectors(srv, key, vector_names(graph))
         graph = resolve_named(graph, found.get, name)
         _check_session_refs(graph, graphs, name, not single)
-        _check(graph, key, srv)
+        _check(graph, key, srv, name)
         graphs.append(graph)
     return graphs
 
@@ -191,7 +233,10 @@ async def create_trace(body: TraceRequest, key: KeyInfo = Depends(require_key),
     if body.blocking:
         try:
             result = await _run(graphs, key, srv, slot, session)
-        except (InterventionError, RuntimeError, LimitExceeded) as exc:
+        except (InterventionError, RuntimeError, LimitExceeded, ValueError,
+                VLLMClientError) as exc:
+            # (ValueError, VLLMClientError: what the engine refused at run time, a check
+            # _check does not repeat: the request's fault, a 400)
             metrics.TRACES.labels(status="failed").inc()
             return error_response(_failure(exc))
         metrics.TRACES.labels(status="done").inc()
