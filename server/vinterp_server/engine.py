@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from vinterp.backends.base import RunResult
 from vinterp.backends.vllm import requests as rq
 from vinterp.backends.vllm.async_engine import AsyncEngine, generated_so_far
+from vinterp.backends.vllm.runs import over_cap_error, saved_bytes
 from vinterp.ir.schema import Graph
 from vinterp.models.registry import resolve_model
 from vinterp_server.compile import CompiledRequest, FieldError, ModelInfo
@@ -41,6 +42,13 @@ class RequestContext:
     """One HTTP request's interventions, limits and outcomes (one per rendered prompt).
 
     ``spec`` is ``None`` for a plain request: only its tokens are counted.
+
+    ``capture_cap`` (a key's ``capture_bytes``) holds for the whole HTTP request, however many
+    prompts and samples (engine requests) it has: up front, the captures' estimates of all
+    its prompts add up (413 before the engine runs); at run time, the bytes each engine
+    request hands back (streamed steps, final outcomes) add up as they arrive, and once past
+    the cap the request's remaining outcomes fail (413). Each payload also carries the whole
+    cap, so the worker stops one engine request that alone passes it.
     """
 
     def __init__(self, spec: CompiledRequest | None, *, capture_cap: int) -> None:
@@ -55,6 +63,12 @@ class RequestContext:
         self.generated: dict[int, int] = {}
         self._engine: AsyncEngine | None = None
         self._prompts = 0
+        #: the capture estimates of the prompts checked so far, and the bytes captured so far
+        #: (both held against ``capture_cap``: it is the whole request's)
+        self._estimated = 0
+        self.captured = 0
+        #: why the request failed once its captures passed the cap (None: not passed)
+        self._over_cap: str | None = None
         #: step captures computed where the engine runs, not yet taken (a remote host)
         self._received: dict[int, dict[int, list[tuple[int, Any]]]] = {}
 
@@ -133,7 +147,7 @@ class RequestContext:
         # counts what it generated
         counted = None   # generated tokens counted so far (None: not even the prompt yet)
         async for out in engine.generate(prompt, params, request_id,
-                                         on_outcome=lambda o: self.outcomes.__setitem__(index, o),
+                                         on_outcome=lambda o: self._outcome_in(index, o),
                                          **kwargs):
             if counted is None:
                 if count_prompt:
@@ -144,6 +158,21 @@ class RequestContext:
             counted = self.generated[index] = now
             yield out
 
+    def _outcome_in(self, index: int, outcome: Outcome) -> None:
+        """Keep rendered prompt ``index``'s outcome, its captures counted against the
+        request's cap (past it, the outcome fails: the request is too large)."""
+        if outcome.error is None:
+            self._count(saved_bytes(outcome.saves))
+            if self._over_cap is not None:
+                outcome.error, outcome.too_large, outcome.saves = self._over_cap, True, {}
+        self.outcomes[index] = outcome
+
+    def _count(self, n_bytes: int) -> None:
+        self.captured += n_bytes
+        if self._over_cap is None and self.captured > self.capture_cap:
+            self._over_cap = over_cap_error(self.capture_cap, self.captured,
+                                            "prompts" if self._prompts > 1 else "samples")
+
     def _checked_graph(self, engine: AsyncEngine, prompt: Any, params: Any,
                        samples: int = 1) -> tuple[Graph, str]:
         """The request's graph on this prompt (and its JSON), once its captures' bound, its
@@ -151,11 +180,16 @@ class RequestContext:
         assert self.spec is not None
         ids = list(prompt["prompt_token_ids"])
         need = samples * self.spec.estimate_capture_bytes(len(ids), int(params.max_tokens or 1))
+        # the estimates of the request's earlier prompts count: the cap is the request's
+        where = " for this prompt" if self._prompts <= 1 else (
+            f" for the request's first {self._prompts} prompts")
         try:
-            Limiter.check_capture(self.capture_cap, need, " for this prompt" + (
-                f" ({samples} samples)" if samples > 1 else ""))
+            Limiter.check_capture(self.capture_cap, self._estimated + need, where + (
+                f" ({samples} samples{' each' if self._prompts > 1 else ''})"
+                if samples > 1 else ""))
         except TooLarge as exc:
             raise http_error(exc, 413) from None
+        self._estimated += need
         try:
             self.spec.check_prompt(len(ids), int(params.max_tokens or 1))
         except FieldError as exc:
@@ -184,7 +218,10 @@ class RequestContext:
             return {}
         # only the steps before the newest token's forward: it is not part of the generation
         # if that token turns out to be the last (a stop string, noticed later)
-        return await self._engine.take_steps(key, self.generated.get(index, 0))
+        steps = await self._engine.take_steps(key, self.generated.get(index, 0))
+        self._count(saved_bytes(steps))
+        # past the request's cap: none sent, and the choice's outcome fails when it comes
+        return {} if self._over_cap is not None else steps
 
     def outcome(self, index: int) -> Outcome | None:
         """The worker's outcome for rendered prompt ``index`` (once it finished)."""

@@ -37,6 +37,7 @@ import torch
 from vllm.exceptions import VLLMClientError
 
 from vinterp.backends.base import RunResult
+from vinterp.backends.vllm.runs import saved_bytes
 from vinterp.backends.vllm.sampling import sampling_params
 from vinterp.ir import Graph, GraphError, SessionValue, encode_tensor, load
 from vinterp.ir.errors import CaptureLimitError, InterventionError
@@ -188,12 +189,22 @@ async def _run(graphs: list[Graph], key: KeyInfo, srv: Server, slot: Slot,
     graph's tokens (prompts, or prompts and generated ids), however it ends."""
     tokens = 0
     results: list[RunResult] = []
+    cap = key.limits.capture_bytes
     try:
         for j, graph in enumerate(graphs):
             graph = _fill_session(graph, results, j)
             prompts = sum(len(p) for inv in graph.invokes for p in inv.prompts)
+            # the key's capture_bytes is the whole request's: a session's graph may capture
+            # what the earlier ones left (each run holds all its prompts to what it is given)
+            left = cap - sum(saved_bytes(r.saves) for r in results)
             try:
-                results.append(await srv.host.run(graph, capture_cap=key.limits.capture_bytes))
+                results.append(await srv.host.run(graph, capture_cap=max(0, left)))
+            except CaptureLimitError as exc:
+                tokens += prompts
+                if not results:
+                    raise
+                raise CaptureLimitError(f"{exc} (session[{j}] could capture the {left} bytes "
+                                        f"of the key's {cap} the earlier traces left)") from None
             except Exception:
                 tokens += prompts   # it failed after the engine read its prompts: they count
                 raise

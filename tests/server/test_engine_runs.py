@@ -1,7 +1,9 @@
 """Whole graphs on the server's shared engine (:meth:`AsyncEngine.run`), a real ``AsyncLLM``.
 
 What a remote trace does to the engine everyone shares: a failing invoke stops its sibling
-requests (none is left generating with no slot held).
+requests (none is left generating with no slot held), the run's captures are held to one
+cap together, and a general graph whose prompt another caller's request split is rerun.
+The reference for values is the same graph run alone, with no cap.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import torch
 
 from vinterp.backends.vllm.async_engine import AsyncEngine
+from vinterp.ir.errors import CaptureLimitError
 from vinterp.ir.schema import Graph, Invoke, Node, Ref
 from vinterp.models.registry import resolve_model
 
@@ -85,3 +89,19 @@ def test_a_failing_invoke_stops_its_siblings_before_the_run_raises(engine):
     ok = loop.run_until_complete(eng.run(graph.model_copy(
         update={"invokes": graph.invokes[:1], "generation": {"max_new_tokens": 4}})))
     assert ok.generated[0].tolist()[:3] == [1, 2, 3] and len(ok.generated[0]) == 7
+
+
+def test_a_runs_captures_are_held_to_one_cap_together(engine):
+    """Four invokes each save 6 x 256 = 1536 bytes. Before: each request had the whole cap,
+    so 4000 bytes let 6144 through; now the run's saves add up against it."""
+    loop, eng = engine
+    prompts = [[10 + k, 11, 12, 13, 14, 15] for k in range(4)]
+    graph = _saving_graph(prompts)
+    alone = loop.run_until_complete(eng.run(graph))
+    each = [int(v.numel() * v.element_size()) for v in alone.saves.values()]
+    assert each == [6 * HIDDEN_BYTES] * 4
+    with pytest.raises(CaptureLimitError, match="cap of 4000 bytes.*together"):
+        loop.run_until_complete(eng.run(graph, capture_cap=4000))
+    fits = loop.run_until_complete(eng.run(graph, capture_cap=sum(each)))
+    assert fits.saves.keys() == alone.saves.keys()
+    assert all(torch.equal(fits.saves[k], alone.saves[k]) for k in alone.saves)

@@ -89,6 +89,28 @@ def _pad_left(values: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def saved_bytes(value: Any) -> int:
+    """The bytes of the tensors in ``value`` (a save's value, a list of steps, a dict of
+    saves), as the worker counts them against a payload's ``capture_cap``."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(saved_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(saved_bytes(v) for v in value.values())
+    return 0
+
+
+def over_cap_error(cap: int, total: int, what: str = "prompts") -> str:
+    """Why a request whose ``what`` (its prompts, samples) captured ``total`` bytes together
+    failed: more than ``cap``, the cap of the whole request."""
+    return (f"captures exceeded this request's cap of {cap} bytes: its {what} captured "
+            f"{total} bytes together (the cap holds for the whole request, not for each "
+            f"prompt); save fewer points, positions (e.g. x[:, -1]) or steps, send fewer "
+            f"prompts per request, or ask for a larger cap (capture_cap= in the library; a "
+            f"server key's capture_bytes limit)")
+
+
 def run_globals(graph: Graph, values: dict[int, Any]) -> dict[int, Any]:
     """Run the nodes outside any invoke (they combine invokes' values) on the caller's side."""
     if not any(n.invoke < 0 for n in graph.nodes):
@@ -104,7 +126,9 @@ class GraphRun:
     """The requests of one graph and what came back for them (see the module docstring).
 
     ``run_id`` makes payload keys unique among everything in flight on one engine.
-    ``capture_cap`` bounds what each request may capture (bytes). ``sampling_defaults``
+    ``capture_cap`` bounds what the whole run may capture (bytes, all its requests together:
+    each request's payload carries the cap, so the worker stops one request past it, and
+    :meth:`record` fails the run once its requests' saves add up past it). ``sampling_defaults``
     (:func:`~vinterp.backends.vllm.sampling.hf_sampling_defaults` of the engine's model) fill
     what the graph's generation arguments leave unset, as HF ``generate`` would.
     """
@@ -122,6 +146,8 @@ class GraphRun:
             for r in refs:
                 self.exported.setdefault(owner[r], set()).add(r)
         self.outcomes: dict[tuple[int, int], Outcome] = {}
+        #: bytes of the saves recorded so far (held against ``capture_cap``)
+        self.captured_bytes = 0
         self.generated: dict[tuple[int, int], torch.Tensor] = {}
         self.export_values: dict[int, Any] = {}
         self._splitter = rq.GraphSplitter(graph)
@@ -189,6 +215,14 @@ class GraphRun:
         o = outcome or Outcome(error="the worker never saw this request (no forward ran for it)")
         if job.node_ids is not None:  # compact request graph: back to the trace's node ids
             o.saves = {job.node_ids[k]: v for k, v in o.saves.items()}
+        if o.error is None and self.capture_cap is not None:
+            # the cap is the whole run's (a server key's capture_bytes is per HTTP request):
+            # each payload alone may hold up to it, so add them up here
+            self.captured_bytes += saved_bytes(o.saves)
+            if self.captured_bytes > self.capture_cap:
+                o.error = over_cap_error(self.capture_cap, self.captured_bytes)
+                o.too_large = True
+                o.saves = {}
         self.outcomes[job.key] = o
         self.generated[job.key] = torch.tensor(job.prompt_ids + list(new_tokens),
                                                dtype=torch.long)
