@@ -724,3 +724,53 @@ def test_a_base_mamba_taken_for_an_encoder_still_equals_each_prompt_alone(
         with torch.no_grad():
             ref = net(tok(p, return_tensors="pt").input_ids).last_hidden_state
         torch.testing.assert_close(hidden, ref, rtol=0, atol=1e-5)
+
+
+def test_token_type_ids_of_an_encoding_reach_the_model(tiny_model_path: Any) -> None:
+    """A sentence-pair encoding's ``token_type_ids`` were dropped: logits equalled the run
+    without them (7e-4 off the real run on a tiny random BERT). Each prompt now runs with its
+    own: a padded batch of two pairs in one trace, and in two invokes the same tokens with and
+    without segment ids (then a trace without them: none left over), equal the raw model."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path("tiny-llama"))
+    net = _tiny_bert(tok)
+    lm = vinterp.LanguageModel(net, tokenizer=tok)
+
+    def pair(a: str, b: str) -> tuple[list[int], list[int]]:
+        first = tok(a, add_special_tokens=False)["input_ids"]
+        second = tok(b, add_special_tokens=False)["input_ids"]
+        return first + second, [0] * len(first) + [1] * len(second)
+
+    def raw(ids: list[int], types: list[int] | None) -> torch.Tensor:
+        with torch.no_grad():
+            return net(input_ids=torch.tensor([ids]), token_type_ids=None if types is None
+                       else torch.tensor([types])).logits
+
+    (ids_a, tt_a), (ids_b, tt_b) = pair("The cat sat on the mat", "A feline rested"), \
+        pair("Hi", "Hello there friend")
+    width = max(len(ids_a), len(ids_b))
+    pad = tok.pad_token_id
+
+    def right(row: list[int], value: int) -> list[int]:
+        return row + [value] * (width - len(row))
+
+    batch = {"input_ids": torch.tensor([right(ids_a, pad), right(ids_b, pad)]),
+             "attention_mask": torch.tensor([right([1] * len(ids_a), 0),
+                                             right([1] * len(ids_b), 0)]),
+             "token_type_ids": torch.tensor([right(tt_a, 0), right(tt_b, 0)])}
+    with lm.trace(batch):
+        logits = lm.output.logits.save()
+    torch.testing.assert_close(logits[0:1], raw(ids_a, tt_a), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits[1:2], raw(ids_b, tt_b), rtol=0, atol=1e-6)
+    assert (raw(ids_a, tt_a) - raw(ids_a, None)).abs().max() > 1e-4   # the ids matter
+    with lm.trace() as tracer:
+        with tracer.invoke({"input_ids": [ids_a], "token_type_ids": [tt_a]}):
+            typed = lm.output.logits.save()
+        with tracer.invoke([ids_a]):
+            plain = lm.output.logits.save()
+    torch.testing.assert_close(typed, raw(ids_a, tt_a), rtol=0, atol=1e-6)
+    torch.testing.assert_close(plain, raw(ids_a, None), rtol=0, atol=1e-6)
+    with lm.trace([ids_a]):
+        later = lm.output.logits.save()
+    torch.testing.assert_close(later, raw(ids_a, None), rtol=0, atol=1e-6)

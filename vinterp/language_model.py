@@ -524,16 +524,23 @@ class LanguageModel:
         return self._is_layer(path[: -len(arch.attn) - 1])
 
     def _tokenize(self, inputs: Any) -> tuple[tuple[int, ...], ...]:
+        """An input's prompts as token ids. A tokenizer output's other per-token inputs of
+        the model (``token_type_ids`` of a sentence pair...) go to the backend, which runs
+        each prompt with its own (see ``HfBackend.note_token_fields``)."""
+        fields: list[Any] | None = None
         if isinstance(inputs, str):
-            return (tuple(self.tokenizer(inputs)["input_ids"]),)
+            return self._note_fields((tuple(self.tokenizer(inputs)["input_ids"]),), None)
         if isinstance(inputs, torch.Tensor):
             inputs = inputs.tolist()
         if hasattr(type(inputs), "keys") and "input_ids" in inputs:   # (a proxy answers any name)
             ids = inputs["input_ids"]
             mask = inputs.get("attention_mask")
             ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+            flat = bool(ids) and isinstance(ids[0], int)   # one prompt: tok(text)
             if mask is not None:
                 mask = mask.tolist() if isinstance(mask, torch.Tensor) else mask
+                if flat:
+                    mask = [mask]
                 if not self._pads_right and any(_padded_right(row) for row in mask):
                     warnings.warn(
                         "this encoding is padded on the right; vinterp runs each prompt's own "
@@ -541,19 +548,67 @@ class LanguageModel:
                         "model.tokenizer pads), so a position read off this attention mask "
                         "indexes a different token. Build it with model.tokenizer(..., "
                         "padding=True), or index from the end (x[:, -1])", stacklevel=4)
-                ids = [[t for t, m in zip(r, mr, strict=True) if m] for r, mr in zip(ids, mask,
-                                                                                     strict=True)]
-            inputs = ids
+            rows = [ids] if flat else ids
+            fields = self._token_fields(inputs, rows, mask, flat)
+            if mask is not None:
+                rows = [[t for t, m in zip(r, mr, strict=True) if m]
+                        for r, mr in zip(rows, mask, strict=True)]
+            inputs = rows
         if isinstance(inputs, (list, tuple)) and inputs:
             if all(isinstance(x, str) for x in inputs):
-                return tuple(tuple(self.tokenizer(x)["input_ids"]) for x in inputs)
+                return self._note_fields(
+                    tuple(tuple(self.tokenizer(x)["input_ids"]) for x in inputs), None)
             if all(isinstance(x, int) for x in inputs):
-                return (tuple(inputs),)
+                return self._note_fields((tuple(inputs),), None)
             if all(isinstance(x, (list, tuple)) for x in inputs):
-                return tuple(tuple(int(t) for t in x) for x in inputs)
+                return self._note_fields(tuple(tuple(int(t) for t in x) for x in inputs),
+                                         fields)
         raise TracingError(
             f"cannot use {type(inputs).__name__} as model input; pass a string, a list of "
             "strings, token ids (list of ints or a tensor) or a tokenizer output")
+
+    def _token_fields(self, encoding: Any, rows: list[Any], mask: list[Any] | None,
+                      flat: bool) -> list[Any] | None:
+        """A tokenizer output's per-token inputs besides the ids and the mask that the model's
+        forward takes (``token_type_ids``, LayoutLM's ``bbox``...), per prompt: each a
+        ``{name: values of its real tokens}``, ``None`` where all are 0 (the model's default
+        type ids, as for a prompt given as text). ``None``: no prompt has any."""
+        params = _forward_params(self._model)
+        out: list[dict[str, torch.Tensor] | None] = [None] * len(rows)
+        for name in encoding.keys():
+            if name in _NOT_CARRIED or name not in params:
+                continue   # not an input of this model's forward: nothing it could change
+            given = [encoding[name]] if flat else list(encoding[name])
+            values = [torch.as_tensor(v) for v in given]
+            if len(values) != len(rows) or any(
+                    v.dim() == 0 or v.shape[0] != len(r) for v, r in zip(values, rows)):
+                raise TracingError(
+                    f"this encoding's {name} is not one value per token of input_ids (prompts "
+                    f"of {[len(r) for r in rows]} tokens); pass model.tokenizer(...)'s output "
+                    "as it is")
+            for b, row in enumerate(values):
+                if mask is not None:
+                    row = row[torch.as_tensor(mask[b]).bool()]
+                if bool(row.any()):
+                    out[b] = {**(out[b] or {}), name: row}
+        if all(f is None for f in out):
+            return None
+        note = getattr(self._backend, "note_token_fields", None)
+        if note is None:
+            names = sorted({n for f in out if f for n in f})
+            raise TracingError(
+                f"this encoding's {', '.join(names)} (not all 0) cannot be passed to the model "
+                f"on the {self.backend_name} backend, which takes token ids only; run it with "
+                "backend='hf', or leave them out where the model does not need them")
+        return out
+
+    def _note_fields(self, rows: tuple[tuple[int, ...], ...], fields: list[Any] | None
+                     ) -> tuple[tuple[int, ...], ...]:
+        """``rows``, after telling the backend which per-token inputs each came with."""
+        note = getattr(self._backend, "note_token_fields", None)
+        if note is not None:
+            note(rows, fields if fields is not None else [None] * len(rows))
+        return rows
 
     def _push_tracer(self, tracer: Tracer) -> None:
         self._tracers.append(tracer)
@@ -567,6 +622,22 @@ class LanguageModel:
             raise TracingError(f"{what} is only available inside `with model.trace(...)` or "
                                "`with model.generate(...)`")
         return self._tracers[-1]
+
+
+#: tokenizer outputs that are not per-token inputs to carry: the ids and mask are the layout's,
+#: positions the backend's own, and labels would be padded with 0 (not -100) into a loss
+_NOT_CARRIED = frozenset({"input_ids", "attention_mask", "position_ids", "labels"})
+
+
+def _forward_params(model: nn.Module) -> set[str]:
+    """The names ``model.forward`` takes explicitly (not through ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
 def _padded_right(mask_row: list[int]) -> bool:

@@ -61,3 +61,14 @@ def test_encoders_pad_on_the_right():
     assert layout.row_positions(1, 0).tolist() == [[0, -1], [0, 1]]
     left = BatchLayout.build([((1, 2, 3),), ((4,), (5, 6))], pad_id=0)
     assert left.window(1) == (1, 3)
+
+
+def test_token_fields_are_padded_like_the_ids():
+    """Per-token inputs (``token_type_ids``) sit in their prompt's columns, 0 elsewhere and in
+    rows of prompts without them, on either side."""
+    types = {"token_type_ids": torch.tensor([0, 1])}
+    for right, want in ((False, [[0, 0, 0], [0, 0, 1]]), (True, [[0, 0, 0], [0, 1, 0]])):
+        layout = BatchLayout.build([((1, 2, 3),), ((4, 5),)], pad_id=0, right=right,
+                                   fields_by_invoke=[[None], [types]])
+        assert layout.fields["token_type_ids"].tolist() == want
+    assert BatchLayout.build([((1, 2),)], pad_id=0).fields == {}

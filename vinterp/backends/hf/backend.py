@@ -26,7 +26,7 @@ from torch import nn
 
 from vinterp.backends.base import Backend, RunResult
 from vinterp.backends.hf import attention
-from vinterp.backends.hf.batching import BatchLayout
+from vinterp.backends.hf.batching import BatchLayout, TokenFields
 from vinterp.backends.hf.views import (
     LeafPath,
     Region,
@@ -326,6 +326,41 @@ class HfBackend(Backend):
         self.encoder = attends_both_ways(model)
         #: a model numbering positions from its padding_idx + 1 (RoBERTa): that index
         self._padding_idx = padding_idx_positions(model)
+        #: per-token inputs besides the ids (``token_type_ids``...) that prompts came with
+        #: (see note_token_fields), by prompt: one entry per time it was given since the
+        #: last run, oldest first
+        self._token_fields: dict[tuple[int, ...], list[TokenFields]] = {}
+
+    # ------------------------------------------------------------------ token fields
+    def note_token_fields(self, rows: tuple[tuple[int, ...], ...],
+                          fields: list[TokenFields]) -> None:
+        """Record the per-token inputs (``token_type_ids``...) each of ``rows`` was given
+        with (``None``: none), as ``LanguageModel`` turns an input into prompts.
+
+        A graph carries prompts as token ids only: the run finds each prompt's fields here
+        (:meth:`_fields_of`). Every prompt of a trace is turned into ids while the trace is
+        written, so its fields are the latest ones noted for its ids; a prompt given without
+        fields is noted only where the same ids came with some before (nothing to keep
+        otherwise).
+        """
+        for row, given in zip(rows, fields, strict=True):
+            if given is not None or row in self._token_fields:
+                self._token_fields.setdefault(row, []).append(given)
+
+    def _fields_of(self, graph: Graph) -> list[list[TokenFields]] | None:
+        """Each invoke's prompts' per-token inputs (see :meth:`note_token_fields`), or
+        ``None`` where no prompt has any; forgets what was noted."""
+        noted, self._token_fields = self._token_fields, {}
+        if not noted:
+            return None
+        # a prompt given k times in this graph: its last k notes, in the order given
+        count: dict[tuple[int, ...], int] = {}
+        for inv in graph.invokes:
+            for row in inv.prompts:
+                count[row] = count.get(row, 0) + 1
+        left = {row: ([None] * n + noted.get(row, []))[-n:] for row, n in count.items()}
+        out = [[left[row].pop(0) for row in inv.prompts] for inv in graph.invokes]
+        return out if any(f is not None for rows in out for f in rows) else None
 
     # ------------------------------------------------------------------ .input
     def _first_param(self, module: str) -> str:
@@ -455,8 +490,9 @@ class HfBackend(Backend):
     def run(self, graph: Graph, *, live: Mapping[int, torch.Tensor] | None = None
             ) -> RunResult:
         state = RunState()
+        fields = self._fields_of(graph)
         try:
-            generated = self._run_phase(graph, state, None, live)
+            generated = self._run_phase(graph, state, None, live, fields)
         except NeedsPhases:
             if any(not inv.prompts for inv in graph.invokes):
                 raise ValueError(
@@ -467,7 +503,7 @@ class HfBackend(Backend):
             generated = [None] * sum(len(inv.prompts) for inv in graph.invokes)
             for group in invoke_phases(graph):
                 try:
-                    out = self._run_phase(graph, state, group, live)
+                    out = self._run_phase(graph, state, group, live, fields)
                 except NeedsPhases as exc:
                     # the planner put an invoke in this phase with one whose value it needs
                     # later in the forward (a dependency it did not see): rerunning cannot
@@ -493,12 +529,14 @@ class HfBackend(Backend):
         return RunResult(saves=saves, generated=generated)
 
     def _run_phase(self, graph: Graph, state: RunState, invokes: list[int] | None,
-                   live: Mapping[int, torch.Tensor] | None = None
+                   live: Mapping[int, torch.Tensor] | None = None,
+                   fields: list[list[TokenFields]] | None = None
                    ) -> list[torch.Tensor] | None:
         runner = GraphRunner(graph, state=state, active_invokes=invokes, live=live)
         prompts = [inv.prompts for inv in graph.invokes]
         layout = BatchLayout.build(prompts, self.pad_id, invokes,
-                                   right=self.encoder and graph.mode == "trace")
+                                   right=self.encoder and graph.mode == "trace",
+                                   fields_by_invoke=fields)
         beams = 1
         if graph.mode == "generate" and not self.scan:
             beams = max(1, int(graph.generation.get("num_beams") or 1))
@@ -519,6 +557,7 @@ class HfBackend(Backend):
                     return None
                 mask = None if self.scan else layout.attention_mask.to(device)
                 extra = self._first_step_kwargs() if graph.mode == "generate" else {}
+                extra.update({k: v.to(device) for k, v in layout.fields.items()})
                 positions = self._position_ids(layout)
                 if positions is not None:
                     extra["position_ids"] = positions.to(device)
@@ -572,10 +611,11 @@ class HfBackend(Backend):
             torch.manual_seed(int(seed))
         if kwargs.pop("ignore_eos", False):
             kwargs["eos_token_id"] = None
+        fields = {k: v.to(device) for k, v in layout.fields.items()}
         out = self.model.generate(
             input_ids=layout.input_ids.to(device),
             attention_mask=layout.attention_mask.to(device),
-            pad_token_id=self.pad_id, **kwargs,
+            pad_token_id=self.pad_id, **fields, **kwargs,
         )
         eos = kwargs["eos_token_id"] if "eos_token_id" in kwargs else self.eos_id
         if eos is not None:

@@ -18,10 +18,14 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
+
+#: a prompt's other per-token model inputs (``token_type_ids``...), by name: one value per
+#: token (first dim), ``None`` for a prompt given without any
+TokenFields = Mapping[str, torch.Tensor] | None
 
 
 @dataclass
@@ -34,18 +38,26 @@ class BatchLayout:
     lengths: torch.Tensor          # [B] prompt length per row
     invoke_rows: dict[int, slice]  # invoke index -> its rows
     right: bool = False            # padded on the right (encoders; see the module doc)
+    #: other per-token inputs (``token_type_ids``...) some prompts came with, padded like
+    #: ``input_ids`` with 0, also in the rows of prompts without them (0: BERT's default type)
+    fields: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def build(cls, prompts_by_invoke: Sequence[tuple[tuple[int, ...], ...]], pad_id: int,
-              invokes: Sequence[int] | None = None, *, right: bool = False) -> BatchLayout:
+              invokes: Sequence[int] | None = None, *, right: bool = False,
+              fields_by_invoke: Sequence[Sequence[TokenFields]] | None = None
+              ) -> BatchLayout:
         """Pack the given invokes (all by default) in order, left-padded (``right``: on the
-        right)."""
+        right); ``fields_by_invoke``: each prompt's :data:`TokenFields`, as the prompts."""
         chosen = list(range(len(prompts_by_invoke))) if invokes is None else list(invokes)
         rows: list[tuple[int, ...]] = []
+        row_fields: list[TokenFields] = []
         invoke_rows: dict[int, slice] = {}
         for i in chosen:
             start = len(rows)
             rows.extend(prompts_by_invoke[i])
+            row_fields.extend(fields_by_invoke[i] if fields_by_invoke is not None
+                              else [None] * len(prompts_by_invoke[i]))
             invoke_rows[i] = slice(start, len(rows))
         for i in chosen:
             if not prompts_by_invoke[i]:   # a prompt-less invoke: the whole batch
@@ -63,7 +75,15 @@ class BatchLayout:
             mask[b, cols] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-        return cls(ids, mask, positions, lengths, invoke_rows, right)
+        fields: dict[str, torch.Tensor] = {}
+        for b, given in enumerate(row_fields):
+            for name, values in (given or {}).items():
+                if name not in fields:
+                    fields[name] = torch.zeros((len(rows), width, *values.shape[1:]),
+                                               dtype=values.dtype)
+                r = len(rows[b])
+                fields[name][b, slice(0, r) if right else slice(width - r, width)] = values
+        return cls(ids, mask, positions, lengths, invoke_rows, right, fields)
 
     @property
     def width(self) -> int:
