@@ -105,3 +105,54 @@ def test_a_runs_captures_are_held_to_one_cap_together(engine):
     fits = loop.run_until_complete(eng.run(graph, capture_cap=sum(each)))
     assert fits.saves.keys() == alone.saves.keys()
     assert all(torch.equal(fits.saves[k], alone.saves[k]) for k in alone.saves)
+
+
+def _mixing_graph(prompt: list[int]) -> Graph:
+    """A general graph (its value mixes positions: it needs the whole prompt in one forward):
+    layer 0's output summed along the positions, saved."""
+    return Graph(mode="trace", invokes=(Invoke(prompts=(tuple(prompt),)),), nodes=(
+        Node(id=0, op="read", kwargs={"module": "model.layers.0", "kind": "output"}),
+        Node(id=1, op="method", args=(Ref(ref=0), 1), kwargs={"name": "cumsum"}),
+        Node(id=2, op="save", args=(Ref(ref=1),))))
+
+
+def test_a_general_graph_split_by_another_callers_prompt_is_rerun(engine):
+    """A 244-token plain prompt (another user's) is prefilled 32 tokens a forward; the
+    trace's 20-token prompt, alone in its phase, gets the 12 tokens its last chunk leaves:
+    split. Before: the trace failed with "the prompt was split ... needs the whole prompt in
+    one forward" (GraphRun.retries sent nothing again for a phase of one job: offline it ran
+    alone, on the shared engine it did not). Now it is sent again and equals the run alone."""
+    loop, eng = engine
+    from vllm import SamplingParams
+
+    prompt = list(range(300, 320))
+    graph = _mixing_graph(prompt)
+    alone = loop.run_until_complete(eng.run(graph))
+    sent: list[tuple[int, int]] = []
+    real = eng._run_job
+
+    async def counting(run: Any, job: Any) -> None:
+        sent.append(job.key)
+        await real(run, job)
+
+    async def beside_a_long_prompt() -> Any:
+        async def plain() -> None:
+            params = SamplingParams(max_tokens=4, ignore_eos=True)
+            async for _ in eng.generate({"prompt_token_ids": list(range(1000, 1244))},
+                                        params, "other-user"):
+                pass
+
+        other = asyncio.ensure_future(plain())
+        await asyncio.sleep(0)   # (its request goes first)
+        try:
+            return await eng.run(graph)
+        finally:
+            await other
+
+    eng._run_job = counting
+    try:
+        got = loop.run_until_complete(beside_a_long_prompt())
+    finally:
+        del eng._run_job
+    assert len(sent) >= 2, "the trace's prompt was not split: nothing was tested"
+    assert torch.equal(got.saves[2], alone.saves[2])

@@ -38,6 +38,11 @@ from vinterp_vllm.payload import Outcome, Payload, outcomes_from_wire
 from vinterp_vllm.request_state import DEFAULT_MAX_UNDRAINED
 from vllm.sampling_params import RequestOutputKind
 
+#: how many more times :meth:`AsyncEngine.run` sends a job that failed because other requests
+#: shared its forwards (its prompt split by chunked prefill, or preempted)
+SHARED_RETRIES = 3
+
+
 def generated_so_far(params: Any, before: int, out: Any) -> int:
     """The tokens a request's sequences hold after output ``out``, ``before`` being the count
     after the previous one: a stream of deltas (``RequestOutputKind.DELTA``) carries only the
@@ -226,8 +231,19 @@ class AsyncEngine:
                        sampling_defaults=self.sampling_defaults)
         for jobs in run.phases():
             await self._run_jobs(run, jobs)
-            for job in run.retries(jobs):
-                await self._run_jobs(run, [job])
+            # other callers' requests share this engine's forwards: a general graph's prompt
+            # can be split (or preempted) even when sent alone, and may fit the next time
+            again = run.retries(jobs, shared=True)
+            for _ in range(SHARED_RETRIES):
+                for job in again:
+                    await self._run_jobs(run, [job])
+                again = run.retries(again, shared=True)
+                if not again:
+                    break
+            for job in again:
+                run.outcomes[job.key].error += (
+                    f" (sent {1 + SHARED_RETRIES} times: the engine was busy with other "
+                    f"requests every time; send it again later)")
         return run.result()
 
     async def _run_jobs(self, run: GraphRun, jobs: list[Job]) -> None:

@@ -227,11 +227,14 @@ class GraphRun:
         self.generated[job.key] = torch.tensor(job.prompt_ids + list(new_tokens),
                                                dtype=torch.long)
 
-    def retries(self, jobs: list[Job]) -> list[Job]:
+    def retries(self, jobs: list[Job], *, shared: bool = False) -> list[Job]:
         """Jobs to send again, each alone: their general graph's prompt was split by chunked
-        prefill (or preempted), which running alone fixes. None when alone already."""
+        prefill (or preempted), which running alone fixes. Offline, none when the phase had
+        one job: it ran alone already. ``shared``: the engine serves other callers too (the
+        server's), so even a job alone in its phase shared its forwards with their requests
+        and may fit when sent again."""
         retry = [job for job in jobs if self.outcomes[job.key].retry_alone]
-        return [] if len(jobs) == 1 else retry
+        return retry if shared or len(jobs) > 1 else []
 
     def result(self) -> RunResult:
         """Saves (and generated ids) of the whole graph; raises if any request failed."""
