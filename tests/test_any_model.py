@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import vinterp
+from vinterp import ir
 from vinterp.tracing.errors import TracingError
 
 
@@ -775,3 +776,13 @@ def test_token_type_ids_of_an_encoding_reach_the_model(tiny_model_path: Any) -> 
     with lm.trace([ids_a]):
         later = lm.output.logits.save()
     torch.testing.assert_close(later, raw(ids_a, None), rtol=0, atol=1e-6)
+    # they travel in the graph, as data (remote traces get them), and an engine that runs
+    # token ids only refuses them rather than running without
+    graph = ir.load(ir.dumps(tracer.graph))
+    assert [list(given) for given in graph.invokes[0].token_inputs] == [["token_type_ids"]]
+    assert graph.invokes[1].token_inputs == ()
+    from vinterp.backends.vllm.backend import check_graph
+    from vinterp.models.architectures import for_model_type
+
+    with pytest.raises(ValueError, match="invoke 0's prompts come with token_type_ids"):
+        check_graph(graph, for_model_type("llama"), torch.float32, 2048)

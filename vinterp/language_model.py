@@ -524,12 +524,16 @@ class LanguageModel:
         return self._is_layer(path[: -len(arch.attn) - 1])
 
     def _tokenize(self, inputs: Any) -> tuple[tuple[int, ...], ...]:
-        """An input's prompts as token ids. A tokenizer output's other per-token inputs of
-        the model (``token_type_ids`` of a sentence pair...) go to the backend, which runs
-        each prompt with its own (see ``HfBackend.note_token_fields``)."""
-        fields: list[Any] | None = None
+        """An input's prompts as token ids."""
+        return self._prompts(inputs)[0]
+
+    def _prompts(self, inputs: Any) -> tuple[tuple[tuple[int, ...], ...], TokenInputs]:
+        """An input's prompts as token ids, and the model's other per-token inputs each came
+        with (a tokenizer output's ``token_type_ids`` of a sentence pair...; ``None`` when no
+        prompt has any). The graph carries both (``ir.Invoke.token_inputs``)."""
+        fields: TokenInputs = None
         if isinstance(inputs, str):
-            return self._note_fields((tuple(self.tokenizer(inputs)["input_ids"]),), None)
+            return (tuple(self.tokenizer(inputs)["input_ids"]),), None
         if isinstance(inputs, torch.Tensor):
             inputs = inputs.tolist()
         if hasattr(type(inputs), "keys") and "input_ids" in inputs:   # (a proxy answers any name)
@@ -556,23 +560,22 @@ class LanguageModel:
             inputs = rows
         if isinstance(inputs, (list, tuple)) and inputs:
             if all(isinstance(x, str) for x in inputs):
-                return self._note_fields(
-                    tuple(tuple(self.tokenizer(x)["input_ids"]) for x in inputs), None)
+                return tuple(tuple(self.tokenizer(x)["input_ids"]) for x in inputs), None
             if all(isinstance(x, int) for x in inputs):
-                return self._note_fields((tuple(inputs),), None)
+                return (tuple(inputs),), None
             if all(isinstance(x, (list, tuple)) for x in inputs):
-                return self._note_fields(tuple(tuple(int(t) for t in x) for x in inputs),
-                                         fields)
+                return tuple(tuple(int(t) for t in x) for x in inputs), fields
         raise TracingError(
             f"cannot use {type(inputs).__name__} as model input; pass a string, a list of "
             "strings, token ids (list of ints or a tensor) or a tokenizer output")
 
     def _token_fields(self, encoding: Any, rows: list[Any], mask: list[Any] | None,
-                      flat: bool) -> list[Any] | None:
+                      flat: bool) -> TokenInputs:
         """A tokenizer output's per-token inputs besides the ids and the mask that the model's
         forward takes (``token_type_ids``, LayoutLM's ``bbox``...), per prompt: each a
         ``{name: values of its real tokens}``, ``None`` where all are 0 (the model's default
-        type ids, as for a prompt given as text). ``None``: no prompt has any."""
+        type ids, as for a prompt given as text). ``None``: no prompt has any. Backends that
+        take token ids only (vllm) refuse a graph carrying them (``check_graph``)."""
         params = _forward_params(self._model)
         out: list[dict[str, torch.Tensor] | None] = [None] * len(rows)
         for name in encoding.keys():
@@ -591,24 +594,7 @@ class LanguageModel:
                     row = row[torch.as_tensor(mask[b]).bool()]
                 if bool(row.any()):
                     out[b] = {**(out[b] or {}), name: row}
-        if all(f is None for f in out):
-            return None
-        note = getattr(self._backend, "note_token_fields", None)
-        if note is None:
-            names = sorted({n for f in out if f for n in f})
-            raise TracingError(
-                f"this encoding's {', '.join(names)} (not all 0) cannot be passed to the model "
-                f"on the {self.backend_name} backend, which takes token ids only; run it with "
-                "backend='hf', or leave them out where the model does not need them")
-        return out
-
-    def _note_fields(self, rows: tuple[tuple[int, ...], ...], fields: list[Any] | None
-                     ) -> tuple[tuple[int, ...], ...]:
-        """``rows``, after telling the backend which per-token inputs each came with."""
-        note = getattr(self._backend, "note_token_fields", None)
-        if note is not None:
-            note(rows, fields if fields is not None else [None] * len(rows))
-        return rows
+        return None if all(f is None for f in out) else out
 
     def _push_tracer(self, tracer: Tracer) -> None:
         self._tracers.append(tracer)
@@ -623,6 +609,10 @@ class LanguageModel:
                                "`with model.generate(...)`")
         return self._tracers[-1]
 
+
+#: each prompt's other per-token model inputs, by name (one entry per token), ``None`` for a
+#: prompt without any; ``None`` as a whole when no prompt has any
+TokenInputs = list[dict[str, torch.Tensor] | None] | None
 
 #: tokenizer outputs that are not per-token inputs to carry: the ids and mask are the layout's,
 #: positions the backend's own, and labels would be padded with 0 (not -100) into a loss

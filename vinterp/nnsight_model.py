@@ -122,6 +122,10 @@ class NNsight(LanguageModel):
         them (a wrapped module has no generation settings)."""
         return _call_of(args, kwargs), {}
 
+    def _prompts(self, inputs: Any) -> tuple[tuple[tuple[int, ...], ...], None]:
+        """An invoke's placeholder rows (:meth:`_tokenize`); its inputs stay here, whole."""
+        return self._tokenize(inputs), None
+
     def _tokenize(self, inputs: Any) -> tuple[tuple[int, ...], ...]:
         """Store an invoke's inputs; its rows in the IR are placeholders ``(key, row)``."""
         call = inputs if isinstance(inputs, _Call) else _Call((inputs,), {})

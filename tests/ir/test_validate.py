@@ -205,3 +205,25 @@ def test_steering_positions_the_invoke_does_not_have(mode, positions, ok):
         with pytest.raises(GraphError, match=r"node 1: steering positions \[-?\d+\] name no token "
                                              r"of this invoke .*would change nothing"):
             ir.load(graph)
+
+
+def test_token_inputs_need_one_entry_per_token_of_each_prompt():
+    """An invoke's per-token inputs (``token_type_ids``...) must fit its prompts: the hf
+    backend pads them with the ids, so a wrong length would shift every segment id."""
+    import torch
+
+    from vinterp.ir.tensors import encode_tensor
+
+    def graph(token_inputs, types):
+        return {"invokes": [{"prompts": [[5, 6, 7]], "token_inputs": token_inputs}],
+                "tensors": [encode_tensor(types).model_dump()], "nodes": [_read()]}
+
+    ok = ir.load(graph([{"token_type_ids": {"tensor": 0}}], torch.tensor([0, 1, 1])))
+    assert ok.invokes[0].token_inputs[0]["token_type_ids"].tensor == 0
+    with pytest.raises(GraphError, match=r"invoke 0: token_inputs\[0\].token_type_ids has "
+                                         r"shape \[2\]; it needs one entry per token"):
+        ir.load(graph([{"token_type_ids": {"tensor": 0}}], torch.tensor([0, 1])))
+    with pytest.raises(GraphError, match="token_inputs has 2 entries for 1 prompts"):
+        ir.load(graph([{}, {}], torch.tensor([0, 1, 1])))
+    with pytest.raises(GraphError, match="refers to missing tensor 3"):
+        ir.load(graph([{"token_type_ids": {"tensor": 3}}], torch.tensor([0, 1, 1])))

@@ -219,6 +219,11 @@ class Invoke(_Strict):
 
     prompts: tuple[tuple[int, ...], ...]
     generation: dict[str, Value] = Field(default_factory=dict)
+    #: the model's other per-token inputs each prompt came with (a tokenizer output's
+    #: ``token_type_ids``, LayoutLM's ``bbox``...): per prompt, name → a constant of
+    #: :attr:`Graph.tensors` with one entry per token (first dim); ``{}`` for none. Empty when
+    #: no prompt has any. Only the hf backend can feed them to the model
+    token_inputs: tuple[dict[str, TensorRef], ...] = ()
 
 
 class Graph(_Strict):

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from vinterp.ir import ops
 from vinterp.ir.index import graph_index, node_uses
-from vinterp.ir.schema import Graph, ListV, NamedTensor, Node, SessionValue
+from vinterp.ir.schema import Graph, Invoke, ListV, NamedTensor, Node, SessionValue
 from vinterp.ir.tensors import nbytes
 
 #: default limits; servers may pass stricter ones.
@@ -125,6 +125,10 @@ def validate(
         )
     n_invokes = len(graph.invokes)
     n_tensors = len(graph.tensors)
+    for i, inv in enumerate(graph.invokes):
+        problem = _token_inputs_problem(graph, inv)
+        if problem:
+            raise GraphError(f"invoke {i}: {problem}")
     index = graph_index(graph)
     seen: set[int] = set()
     for node, refs, tensors in zip(graph.nodes, index.refs, index.tensors, strict=True):
@@ -168,6 +172,25 @@ def _node_problem(graph: Graph, node: Node, refs: tuple[int, ...], tensors: tupl
     if back is not None and not any(n.id == back.ref and n.op == "backward"
                                     for n in graph.nodes):
         return f"'backward' refers to node {back.ref}, which is not a backward"
+    return None
+
+
+def _token_inputs_problem(graph: Graph, inv: Invoke) -> str | None:
+    """What is wrong with an invoke's ``token_inputs`` (one entry per token of each prompt)."""
+    if not inv.token_inputs:
+        return None
+    if len(inv.token_inputs) != len(inv.prompts):
+        return (f"token_inputs has {len(inv.token_inputs)} entries for {len(inv.prompts)} "
+                f"prompts; give one per prompt ({{}} for none)")
+    for j, (prompt, given) in enumerate(zip(inv.prompts, inv.token_inputs, strict=True)):
+        for name, ref in given.items():
+            if not 0 <= ref.tensor < len(graph.tensors):
+                return f"token_inputs[{j}].{name} refers to missing tensor {ref.tensor}"
+            td = graph.tensors[ref.tensor]
+            shape = getattr(td, "shape", None)
+            if shape is None or not shape or shape[0] != len(prompt):
+                return (f"token_inputs[{j}].{name} has shape {list(shape or ())}; it needs "
+                        f"one entry per token of the prompt ({len(prompt)} tokens)")
     return None
 
 

@@ -37,7 +37,10 @@ def build_graph(tracer: Tracer) -> ir.Graph:
     # generation settings may add tensor constants: before the edits' tensors, which go last
     invokes = tuple(
         ir.Invoke(prompts=p, generation={
-            k: ir_value(tracer, v) for k, v in tracer.invoke_generation.get(i, {}).items()})
+            k: ir_value(tracer, v) for k, v in tracer.invoke_generation.get(i, {}).items()},
+            token_inputs=tuple(
+                {k: ir_value(tracer, v) for k, v in (given or {}).items()}
+                for given in tracer.invoke_token_inputs.get(i, ())))
         for i, p in enumerate(tracer.invokes))
     generation = {k: ir_value(tracer, v) for k, v in tracer.generation.items()}
     edits, edit_tensors = _edit_nodes(tracer)

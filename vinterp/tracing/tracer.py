@@ -95,6 +95,8 @@ class Tracer:
         self._const_ids: dict[int, tuple[torch.Tensor, int]] = {}
         self.invokes: list[tuple[tuple[int, ...], ...]] = []
         self.invoke_generation: dict[int, dict[str, Any]] = {}
+        #: invoke index -> each prompt's other per-token model inputs (token_type_ids...)
+        self.invoke_token_inputs: dict[int, list[dict[str, torch.Tensor] | None]] = {}
         self.saved: list[Proxy] = []
         self.generation = dict(generation or {})
         self._result: list[torch.Tensor] | None = None
@@ -139,8 +141,15 @@ class Tracer:
         self.backward_blocks: list[Proxy] = []
         self.iter = _StepIter(self)
         if inputs is not None:
-            self.invokes.append(lm._tokenize(inputs))
+            self._add_prompts(inputs)
             self._invoke = 0
+
+    def _add_prompts(self, inputs: Any) -> None:
+        """A new invoke's prompts (and the per-token inputs they came with)."""
+        rows, token_inputs = self.lm._prompts(inputs)
+        if token_inputs is not None:
+            self.invoke_token_inputs[len(self.invokes)] = token_inputs
+        self.invokes.append(rows)
 
     # ------------------------------------------------------------------ recording
     def add(self, op: str, *args: Any, **kwargs: Any) -> Proxy:
@@ -342,7 +351,10 @@ class Tracer:
             self.mode = "generate"
             if not any(k in self.generation for k in ("max_new_tokens", "max_tokens")):
                 self.generation["max_new_tokens"] = 1   # a trace is one forward
-        self.invokes.append(() if given is None else self.lm._tokenize(given))
+        if given is None:
+            self.invokes.append(())
+        else:
+            self._add_prompts(given)
         self.invoke_generation[len(self.invokes) - 1] = dict(generation)
         self._invoke = len(self.invokes) - 1
         self._invoke_open = True

@@ -41,6 +41,7 @@ from vinterp.ir.errors import NeedsPhases, StopForward
 from vinterp.ir.interpreter import GraphRunner
 from vinterp.ir.phases import invoke_phases
 from vinterp.ir.run_state import RunState, collect_results
+from vinterp.ir.tensors import decode_tensor
 from vinterp.models.architectures import Architecture
 
 #: generate() names accepted besides HF's own: vLLM SamplingParams spellings.
@@ -326,41 +327,24 @@ class HfBackend(Backend):
         self.encoder = attends_both_ways(model)
         #: a model numbering positions from its padding_idx + 1 (RoBERTa): that index
         self._padding_idx = padding_idx_positions(model)
-        #: per-token inputs besides the ids (``token_type_ids``...) that prompts came with
-        #: (see note_token_fields), by prompt: one entry per time it was given since the
-        #: last run, oldest first
-        self._token_fields: dict[tuple[int, ...], list[TokenFields]] = {}
 
-    # ------------------------------------------------------------------ token fields
-    def note_token_fields(self, rows: tuple[tuple[int, ...], ...],
-                          fields: list[TokenFields]) -> None:
-        """Record the per-token inputs (``token_type_ids``...) each of ``rows`` was given
-        with (``None``: none), as ``LanguageModel`` turns an input into prompts.
-
-        A graph carries prompts as token ids only: the run finds each prompt's fields here
-        (:meth:`_fields_of`). Every prompt of a trace is turned into ids while the trace is
-        written, so its fields are the latest ones noted for its ids; a prompt given without
-        fields is noted only where the same ids came with some before (nothing to keep
-        otherwise).
-        """
-        for row, given in zip(rows, fields, strict=True):
-            if given is not None or row in self._token_fields:
-                self._token_fields.setdefault(row, []).append(given)
-
-    def _fields_of(self, graph: Graph) -> list[list[TokenFields]] | None:
-        """Each invoke's prompts' per-token inputs (see :meth:`note_token_fields`), or
-        ``None`` where no prompt has any; forgets what was noted."""
-        noted, self._token_fields = self._token_fields, {}
-        if not noted:
+    # ------------------------------------------------------------------ token inputs
+    @staticmethod
+    def _fields_of(graph: Graph) -> list[list[TokenFields]] | None:
+        """Each invoke's prompts' other per-token inputs (``ir.Invoke.token_inputs``), or
+        ``None`` where no prompt has any."""
+        if not any(inv.token_inputs for inv in graph.invokes):
             return None
-        # a prompt given k times in this graph: its last k notes, in the order given
-        count: dict[tuple[int, ...], int] = {}
-        for inv in graph.invokes:
-            for row in inv.prompts:
-                count[row] = count.get(row, 0) + 1
-        left = {row: ([None] * n + noted.get(row, []))[-n:] for row, n in count.items()}
-        out = [[left[row].pop(0) for row in inv.prompts] for inv in graph.invokes]
-        return out if any(f is not None for rows in out for f in rows) else None
+        tensors: dict[int, torch.Tensor] = {}
+
+        def value(ref: int) -> torch.Tensor:
+            if ref not in tensors:
+                tensors[ref] = decode_tensor(graph.tensors[ref])
+            return tensors[ref]
+
+        return [[{k: value(r.tensor) for k, r in given.items()} or None
+                 for given in (inv.token_inputs or ({},) * len(inv.prompts))]
+                for inv in graph.invokes]
 
     # ------------------------------------------------------------------ .input
     def _first_param(self, module: str) -> str:

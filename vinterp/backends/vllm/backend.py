@@ -58,6 +58,13 @@ def check_graph(graph: Graph, arch: Architecture, dtype: torch.dtype,
             "a prompt-less tracer.invoke() (the whole batch) is not available on the vllm "
             "backend, where every prompt is its own request; write its code in each invoke "
             "(or use backend='hf')")
+    for i, inv in enumerate(graph.invokes):
+        names = sorted({name for given in inv.token_inputs for name in given})
+        if names:
+            raise ValueError(
+                f"invoke {i}'s prompts come with {', '.join(names)} (a tokenizer output's "
+                f"other per-token inputs), which a vLLM engine cannot take: it runs token ids "
+                f"only. Use backend='hf', or pass the prompts without them")
     kinds: dict[tuple[str, str], str] = {}   # point -> value kind (each resolved once)
     logit_views: set[int] = set()   # nodes that are the logits or a view of them
     for n in graph.nodes:
