@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,6 +33,8 @@ from vinterp_server.errors import (
     EngineUnavailable, error_body, error_response, is_client_error,
 )
 from vinterp_server.store import MemoryStore, Store, StoreUnavailable
+
+_log = logging.getLogger(__name__)
 
 DESCRIPTION = """vinterp: an OpenAI-compatible server whose requests can read and change the
 model's activations. `interventions`, `capture` and `graph` are top-level request fields
@@ -82,6 +85,49 @@ class BodyLimit:
         except Exception:
             if not refused:
                 raise
+
+
+class Unexpected:
+    """Answer what no route handled (``/v1/stats`` on a dead engine, vLLM refusing an empty
+    prompt in its request validators, a bug) with an OpenAI-shaped error, and keep the
+    connection open.
+
+    Not ``@app.exception_handler(Exception)``: Starlette runs that handler in its outermost
+    middleware, which re-raises after answering, so uvicorn logged every such 4xx as a crash
+    and closed the keep-alive connection (the client's next request on it was reset)."""
+
+    def __init__(self, app: ASGIApp, host: EngineHost) -> None:
+        self.app = app
+        self.host = host
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if started:   # the status is sent: nothing to answer with but a dropped body
+                raise
+            response = await self.answer(exc)
+            await response(scope, receive, send)
+
+    async def answer(self, exc: Exception) -> JSONResponse:
+        """``exc`` as a response: a vLLM client error as its 4xx, else the engine's 503
+        when it is down, else a 500 naming the error (logged: it is the server's fault)."""
+        if is_client_error(exc):
+            return error_response(exc)
+        if down := await engine_down(self.host):
+            return error_response(down)
+        _log.error("request failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        return error_response(RuntimeError(f"{type(exc).__name__}: {exc}"))
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
@@ -152,19 +198,12 @@ def build_app(host: EngineHost, keys: ApiKeys | None = None, store: Store | None
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
         return error_response(exc)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # what no route handled (e.g. /v1/stats on a dead engine): the engine's 503 when it
-        # is down, else an OpenAI-shaped 500 naming the error
-        if is_client_error(exc):   # e.g. vLLM refusing an empty prompt in its validators
-            return error_response(exc)
-        return error_response(await engine_down(host) or
-                              RuntimeError(f"{type(exc).__name__}: {exc}"))
-
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(str(exc.detail), exc.status_code),
                             status_code=exc.status_code, headers=exc.headers)
 
+    # (added first, so it runs inside BodyLimit: an answer after a 413 is dropped there)
+    app.add_middleware(Unexpected, host=host)
     app.add_middleware(BodyLimit, limit=app.state.vinterp.settings.max_body_bytes)
     return app

@@ -94,7 +94,9 @@ def error_response(exc: Any, retry_after: int | None = None) -> JSONResponse:
         body = exc.model_dump()
     else:
         status = status_for(exc)
-        body = error_body(str(exc), status, exc.field if isinstance(exc, FieldError) else None)
+        # (vLLM's validation errors, e.g. from its request validators, name theirs too)
+        param = exc.field if isinstance(exc, FieldError) else getattr(exc, "parameter", None)
+        body = error_body(str(exc), status, param if isinstance(param, str) else None)
     retry = retry_after or getattr(exc, "retry_after", None)
     if status in (429, 503):
         headers["Retry-After"] = str(retry or 1)
