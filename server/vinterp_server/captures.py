@@ -15,7 +15,11 @@ the library has it at that step (a step's shape may differ from the next one's: 
 forward holds every prompt row, a generated step one), streamed or not: a streamed item comes
 whole in the chunk after its step. A save at a generation step that never ran (the request
 stopped earlier: EOS, a stop string, ``max_tokens``) is left out, as a step loop in the
-library keeps only the steps that ran.
+library keeps only the steps that ran. A save holding a tuple or list of tensors
+(``topk``'s values and indices, ``split``'s chunks) comes as one item per element and step,
+its place in the tuple in ``part`` (``POST /v1/traces`` returns the same tuple); a save
+holding something that is neither a tensor nor a number (a ``dtype``, a ``device``) is a
+400 naming the save node.
 
 Example (one capture in a response)::
 
@@ -35,7 +39,7 @@ from fastapi.responses import Response
 
 from vinterp_server import metrics
 from vinterp_server.auth import KeyInfo
-from vinterp_server.compile import CompiledRequest, npy_bytes
+from vinterp_server.compile import CompiledRequest, FieldError, npy_bytes
 from vinterp_server.context import Server, require_key, server
 
 router = APIRouter()
@@ -51,16 +55,53 @@ def rows(value: Any, hidden: int = 0) -> torch.Tensor:
     return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts], dim=0)
 
 
-def _graph_steps(spec: CompiledRequest, save_id: int, value: Any) -> list[tuple[int, Any]]:
-    """A graph save's ``(step, value)`` per step it ran at: a stream hands over such pairs;
-    a finished request's save over several steps is the list of the steps that ran, from
-    its first (they run in order, and only the last ones can be missing)."""
-    if isinstance(value, list) and value and isinstance(value[0], tuple):
+def _graph_steps(spec: CompiledRequest, save_id: int, value: Any,
+                 streamed: bool = False) -> list[tuple[int, Any]]:
+    """A graph save's ``(step, value)`` per step it ran at: a stream hands over such pairs
+    (``streamed``); a finished request's save over several steps is the list of the steps
+    that ran, from its first (they run in order, and only the last ones can be missing).
+    (Told, not guessed from the value: a list of tuples may be one save's ``topk`` per
+    step.)"""
+    if streamed:
         return value
     steps = spec.graph_save_steps(save_id)
     if steps.stop is None or steps.stop - steps.start > 1:
         return [(steps.start + i, v) for i, v in enumerate(value)]
     return [(steps.start, value)]
+
+
+def _graph_arrays(spec: CompiledRequest, save_id: int, value: Any
+                  ) -> list[tuple[int | None, torch.Tensor]]:
+    """A graph save's value at one step as ``(part, array)``: a tensor, a number or a
+    sequence of numbers (a shape) is one array (part ``None``); a tuple or list holding
+    tensors (``topk``'s values and indices, ``split``'s chunks) is one array per element,
+    ``part`` its place in it, as ``POST /v1/traces`` returns the same save as a tuple (a
+    ``None`` element, such as an attention module's missing weights, is left out). Anything
+    else is a :class:`FieldError` naming the save node and what to save instead."""
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        return [(i, _array(spec, save_id, v)) for i, v in enumerate(value) if v is not None]
+    return [(None, _array(spec, save_id, value))]
+
+
+def _array(spec: CompiledRequest, save_id: int, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if not isinstance(value, (str, bytes)):   # (numbers; as_tensor would split strings)
+        try:
+            return torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    assert spec.user_graph is not None
+    own = save_id - len(spec.nodes)   # the user's node id (see CompiledRequest.graph_for)
+    k, node = next((k, n) for k, n in enumerate(spec.user_graph.nodes) if n.id == own)
+    kind = type(value)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else (
+        f"{kind.__module__}.{kind.__qualname__}")
+    raise FieldError(f"graph.nodes[{k}]", f"save node {node.id} holds a {name}, which a "
+                                          f"response cannot carry; save a tensor, a number, "
+                                          f"or a tuple or list of tensors (a capture names its "
+                                          f"array's dtype and shape already; for another "
+                                          f"object, save a tensor or number computed from it)")
 
 
 class CaptureWriter:
@@ -81,8 +122,10 @@ class CaptureWriter:
             if cap is None:
                 # a graph's save: one item per step that ran (none for a step that never ran:
                 # generation ended first; nothing new in this stream chunk)
-                for step, v in ([] if value is None else _graph_steps(spec, save_id, value)):
-                    out.append(await self._item(index, label, None, torch.as_tensor(v), step))
+                steps = [] if value is None else _graph_steps(spec, save_id, value, fragment)
+                for step, v in steps:
+                    for part, t in _graph_arrays(spec, save_id, v):
+                        out.append(await self._item(index, label, None, t, step, part))
                 continue
             if value is None or (isinstance(value, list) and not value):
                 if fragment:
@@ -95,7 +138,7 @@ class CaptureWriter:
         return out
 
     async def _item(self, index: int, label: str, cap: Any, t: torch.Tensor,
-                    step: int | None = None) -> dict[str, Any]:
+                    step: int | None = None, part: int | None = None) -> dict[str, Any]:
         data = npy_bytes(t)
         metrics.CAPTURE_BYTES.inc(len(data))
         item: dict[str, Any] = {
@@ -105,6 +148,8 @@ class CaptureWriter:
             else str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
         if step is not None:
             item["step"] = step
+        if part is not None:
+            item["part"] = part
         if len(data) <= self.inline_left:
             self.inline_left -= len(data)
             item["data"] = base64.b64encode(data).decode("ascii")

@@ -108,7 +108,10 @@ async def _serve(request: Any, raw_request: Request, key: KeyInfo, srv: Server,
                 outcome = ctx.outcome(choice["index"])
                 if outcome is None or outcome.error:
                     return await _error(srv, _failed(outcome))
-                choice["captures"] = await writer.encode(spec, outcome.saves)
+                try:
+                    choice["captures"] = await writer.encode(spec, outcome.saves)
+                except FieldError as exc:   # a graph save no response can carry
+                    return error_response(exc)
         return JSONResponse(body)
     finally:
         if not streaming:
@@ -197,7 +200,9 @@ async def _stream(gen: AsyncIterator[str], ctx: RequestContext, key: KeyInfo, sr
         except Exception as exc:  # the body has begun: the status is sent, say it in an event
             # (an exception escaping here would drop the connection mid-body, which clients
             # report as a network error, with no reason)
-            yield f"data: {json.dumps(error_body(f'{type(exc).__name__}: {exc}', 500))}\n\n"
+            err = (error_body(str(exc), 400, exc.field) if isinstance(exc, FieldError)
+                   else error_body(f"{type(exc).__name__}: {exc}", 500))
+            yield f"data: {json.dumps(err)}\n\n"
             yield "data: [DONE]\n\n"
 
     return _SlotStream(events(), close)
