@@ -35,7 +35,7 @@ from vinterp.models.registry import resolve_model
 from vinterp_server.compile import CompiledRequest, FieldError, ModelInfo
 from vinterp_server.errors import EngineUnavailable
 from vinterp_server.limits import Limiter, TooLarge
-from vinterp_server.schemas import CONTEXT_KEY
+from vinterp_server.schemas import CONTEXT_KEY, CURRENT_CONTEXT
 from vinterp_vllm.payload import EXTRA_ARGS_KEY, Outcome, Payload
 
 class RequestContext:
@@ -57,6 +57,9 @@ class RequestContext:
         #: prompt + generated tokens so far (the key's budget counts them when the request
         #: gives its slot back)
         self.tokens = 0
+        #: the prompts of engine requests vLLM made on its own that were counted (see
+        #: :meth:`counted`)
+        self._own_prompts: list[tuple[int, ...]] = []
         self.outcomes: dict[int, Outcome] = {}
         self.keys: dict[int, str] = {}
         #: generated tokens each rendered prompt's output has shown so far
@@ -239,6 +242,24 @@ class RequestContext:
         self.outcomes.update(outcomes)
         self.tokens += tokens
 
+    async def counted(self, engine: AsyncEngine, prompt: Any, params: Any, request_id: str,
+                      **kwargs: Any) -> AsyncIterator[Any]:
+        """An engine request vLLM makes on its own while serving this HTTP request, with
+        sampling params of its making (beam search: one per beam and step), run as it is
+        and counted into :attr:`tokens`: what it generates, and its prompt unless that
+        extends a prompt counted already (a beam's prompt is the request's prompt plus the
+        tokens earlier steps generated, counted then; the prefix cache serves it)."""
+        ids = tuple(prompt.get("prompt_token_ids") or ()) if isinstance(prompt, dict) else ()
+        if not any(ids[:len(seen)] == seen for seen in self._own_prompts):
+            self._own_prompts.append(ids)
+            self.tokens += len(ids)
+        counted = 0
+        async for out in engine.llm.generate(prompt, params, request_id, **kwargs):
+            now = generated_so_far(params, counted, out)
+            self.tokens += now - counted
+            counted = now
+            yield out
+
 
 def http_error(exc: Exception, status: int) -> Exception:
     """``exc`` as the error vLLM's serving layer turns into an HTTP status (and SSE error)."""
@@ -269,7 +290,12 @@ class InterventionClient:
             raise http_error(FieldError("vllm_xargs", f"the key {EXTRA_ARGS_KEY!r} is reserved; "
                                                  "use interventions/capture/graph"), 400)
         if ctx is None:
-            return self._engine.llm.generate(prompt, sampling_params, request_id, **kwargs)
+            # not a request of the HTTP request's own prompts: one vLLM makes on its own
+            # while serving it (beam search), charged to that request's key all the same
+            ctx = CURRENT_CONTEXT.get()
+            if ctx is None:   # (no HTTP request: the warm-up)
+                return self._engine.llm.generate(prompt, sampling_params, request_id, **kwargs)
+            return ctx.counted(self._engine, prompt, sampling_params, request_id, **kwargs)
         return ctx.generate(self._engine, prompt, sampling_params, request_id, **kwargs)
 
 

@@ -20,6 +20,7 @@ Example (JSON body of ``POST /v1/chat/completions``)::
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from typing import Any, Literal
 
 from pydantic import (
@@ -33,6 +34,11 @@ from vinterp.ir import IR_VERSION
 #: where a request's context rides in ``SamplingParams.extra_args`` between vLLM's serving code
 #: and the server's engine client (popped there, before the params reach the engine)
 CONTEXT_KEY = "vinterp_context"
+
+#: the context of the HTTP request being served, for the engine requests vLLM makes on its own
+#: while serving it, with sampling params of its own making that carry no ``CONTEXT_KEY``
+#: (beam search: one request per beam and step); set by ``attach``, read by the engine client
+CURRENT_CONTEXT: ContextVar[Any] = ContextVar("vinterp_request_context", default=None)
 
 #: dtypes a vector may be sent in (base64 of little-endian bytes)
 VectorDType = Literal["float32", "float16", "bfloat16", "float64"]
@@ -139,8 +145,11 @@ class InterventionFields(BaseModel):
 
 
     def attach(self, context: Any) -> None:
-        """Hand ``context`` to the engine client with every prompt's sampling params."""
+        """Hand ``context`` to the engine client with every prompt's sampling params, and as
+        :data:`CURRENT_CONTEXT` of the task serving this request (and the tasks it starts),
+        so the engine requests vLLM makes on its own are counted too."""
         self._vinterp_context = context
+        CURRENT_CONTEXT.set(context)
 
     def attached(self) -> Any:
         """The context :meth:`attach` gave (``None`` if none)."""

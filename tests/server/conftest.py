@@ -1,10 +1,11 @@
 """One real ``vinterp serve`` (smollm2-135m) on a loopback port for all server tests.
 
-It runs as a child process, exactly as users start it, with four API keys: ``alice`` and
+It runs as a child process, exactly as users start it, with these API keys: ``alice`` and
 ``bob`` (default limits), ``tight`` (small limits, for the 429 tests), ``streamer`` (a small
 token budget, spent by one stream), ``queued`` (one request at a time, small captures: remote
 traces that do not block), ``sessions`` (a budget of one 9-token prompt) and ``charged``
-(the same budget, small captures: a trace that fails is charged). Tests reach it with
+(the same budget, small captures: a trace that fails is charged) and ``beams`` (60 tokens a
+minute, spent by one beam search). Tests reach it with
 httpx and the official ``openai`` client. A local vLLM backend on the same model is the
 reference for values.
 """
@@ -53,7 +54,8 @@ def start_server(tmp: Path, *extra: str, timeout: float = 240) -> ServerProcess:
                     f"{KEYS['streamer']} streamer tokens_per_minute=200\n"
                     f"{KEYS['queued']} queued concurrent=1 capture_bytes=20000\n"
                     f"{KEYS['sessions']} sessions tokens_per_minute=9\n"
-                    f"{KEYS['charged']} charged tokens_per_minute=9 capture_bytes=20000\n")
+                    f"{KEYS['charged']} charged tokens_per_minute=9 capture_bytes=20000\n"
+                    f"{KEYS['beams']} beams tokens_per_minute=60\n")
     return launch(serve_command(MODEL, "--api-keys", str(keys), "--max-model-len",
                                 str(MAX_MODEL_LEN), "--max-body-bytes", str(MAX_BODY),
                                 "--inline-capture-bytes", "65536", *extra),

@@ -16,7 +16,7 @@ import torch
 KEYS = {"alice": "sk-alice-0123456789", "bob": "sk-bob-0123456789",
         "tight": "sk-tight-0123456789", "streamer": "sk-streamer-0123456789",
         "queued": "sk-queued-0123456789", "sessions": "sk-sessions-0123456789",
-        "charged": "sk-charged-0123456789"}
+        "charged": "sk-charged-0123456789", "beams": "sk-beams-0123456789"}
 MODEL = "smollm2-135m"
 MAX_MODEL_LEN = 512
 MAX_BODY = 2 * 2**20

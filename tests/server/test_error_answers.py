@@ -5,6 +5,7 @@ charged against its key's ``tokens_per_minute``; vector names."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -147,3 +148,24 @@ def test_a_graph_save_no_response_can_carry_is_a_400_naming_the_node(served):
                                                  "tensors": [], "invokes": [{"prompts": [IDS]}],
                                                  **_graph(DTYPE)}})
         assert r.status_code != 200 and "dtype" in r.text
+
+
+def test_beam_search_is_charged_against_tokens_per_minute(served):
+    """Beam search (vLLM makes one engine request per beam and step, with sampling params of
+    its own) was never charged: a key with 60 tokens a minute ran any number of them. Now
+    its engine requests count (the prompt once, every token they generate), so the next
+    request is refused, and the count is the request's usage but for the first step's
+    single beam."""
+    width, new = 2, 40
+    with served.client("beams") as c:
+        r = c.post("/v1/completions", json={
+            "model": MODEL, "prompt": "The capital of France is", "max_tokens": new,
+            "use_beam_search": True, "n": width, "ignore_eos": True, "temperature": 0})
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["completion_tokens"] == width * new
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+    assert r.status_code == 429, r.text
+    used = int(re.search(r"used (\d+) tokens", r.json()["error"]["message"]).group(1))
+    # the first step runs the prompt alone (one beam), every later step one per beam
+    assert used == usage["prompt_tokens"] + 1 + (new - 1) * width, (used, usage)
