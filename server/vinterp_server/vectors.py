@@ -32,7 +32,7 @@ from vinterp_server.errors import error_response
 from vinterp_server.limits import TooLarge
 
 router = APIRouter()
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")   # (fullmatch: "$" would let a final "\n" in)
 
 
 def parse_vectors(data: bytes, hidden: int, num_layers: int) -> dict[int | None, torch.Tensor]:
@@ -94,7 +94,7 @@ async def stored_vectors(srv: Server, key: KeyInfo,
 
 
 def _check_name(name: str) -> None:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise HTTPException(400, f"vector name {name!r}: use 1-128 letters, digits, '_', '-', "
                                  f"'.'")
 

@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import save as st_save
 from server_helpers import MODEL, npy
 
 from vinterp.ir.results import decode_results
@@ -169,3 +170,15 @@ def test_beam_search_is_charged_against_tokens_per_minute(served):
     used = int(re.search(r"used (\d+) tokens", r.json()["error"]["message"]).group(1))
     # the first step runs the prompt alone (one beam), every later step one per beam
     assert used == usage["prompt_tokens"] + 1 + (new - 1) * width, (used, usage)
+
+
+def test_a_vector_name_with_a_trailing_newline_is_refused(served):
+    """``$`` matched before a final newline: ``bad\\n`` was stored and listed."""
+    body = st_save({"vector": torch.zeros(576)})
+    with served.client("alice") as c:
+        r = c.put("/v1/vectors/nl-bad%0A", content=body)
+        assert r.status_code == 400 and "vector name 'nl-bad\\n'" in r.json()["error"]["message"]
+        assert "nl-bad\n" not in c.get("/v1/vectors").json()["vectors"]
+        r = c.put("/v1/vectors/nl-ok.1_a-b", content=body)
+        assert r.status_code == 201, r.text
+        assert c.delete("/v1/vectors/nl-ok.1_a-b").status_code == 200
