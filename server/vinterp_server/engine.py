@@ -33,7 +33,7 @@ from vinterp.backends.vllm.runs import over_cap_error, saved_bytes
 from vinterp.ir.schema import Graph
 from vinterp.models.registry import resolve_model
 from vinterp_server.compile import CompiledRequest, FieldError, ModelInfo
-from vinterp_server.errors import EngineUnavailable
+from vinterp_server.errors import EngineUnavailable, FieldRefused
 from vinterp_server.limits import Limiter, TooLarge
 from vinterp_server.schemas import CONTEXT_KEY, CURRENT_CONTEXT
 from vinterp_vllm.payload import EXTRA_ARGS_KEY, Outcome, Payload
@@ -267,6 +267,8 @@ def http_error(exc: Exception, status: int) -> Exception:
 
     from vllm.exceptions import GracefulHTTPError
 
+    if status == 400 and isinstance(exc, FieldError):
+        return FieldRefused.of(exc)   # (answered with the field in ``param``)
     err = GracefulHTTPError(str(exc), HTTPStatus(status))
     err.retry_after = getattr(exc, "retry_after", None)  # type: ignore[attr-defined]
     return err

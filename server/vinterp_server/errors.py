@@ -14,6 +14,7 @@ from http import HTTPStatus
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from vllm.exceptions import VLLMValidationError
 
 from vinterp_server.compile import FieldError
 from vinterp_server.limits import LimitExceeded, TooLarge
@@ -30,6 +31,27 @@ class EngineUnavailable(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:   # (crosses from a Ray replica with its wait)
         return (type(self), (str(self), self.retry_after))
+
+
+class FieldRefused(VLLMValidationError):
+    """A :class:`FieldError` raised where vLLM's serving layer answers it (inside the engine
+    client: per-prompt checks): vLLM answers a validation error with a 400 whose ``param`` is
+    the field, as the server's own 400s do (its ``GracefulHTTPError`` would leave ``param``
+    empty). The message is the ``FieldError``'s own, which names the field already."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message, parameter=field)
+
+    @classmethod
+    def of(cls, exc: FieldError) -> FieldRefused:
+        """``exc`` as vLLM's validation error."""
+        return cls(str(exc), exc.field)
+
+    def __str__(self) -> str:   # (vLLM's adds "(parameter=...)": the message has it first)
+        return str(self.args[0])
+
+    def __reduce__(self) -> tuple[Any, ...]:   # (crosses from a Ray replica)
+        return (type(self), (str(self), self.parameter))
 
 
 def sse_json(chunk: str | None) -> dict[str, Any] | None:
@@ -82,6 +104,13 @@ def status_for(exc: BaseException) -> int:
     return 500
 
 
+def _phrase(status: int) -> str | None:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return None
+
+
 def error_response(exc: Any, retry_after: int | None = None) -> JSONResponse:
     """An exception, a vLLM ``ErrorResponse`` or an error dict as a JSON response."""
     headers: dict[str, str] = {}
@@ -97,6 +126,11 @@ def error_response(exc: Any, retry_after: int | None = None) -> JSONResponse:
         # (vLLM's validation errors, e.g. from its request validators, name theirs too)
         param = exc.field if isinstance(exc, FieldError) else getattr(exc, "parameter", None)
         body = error_body(str(exc), status, param if isinstance(param, str) else None)
+    err = body["error"]
+    if isinstance(err, dict) and err.get("type") == _phrase(status):
+        # vLLM names a GracefulHTTPError's type by its bare phrase ("Request Entity Too
+        # Large"); the server's own errors and vLLM's others say "...Error"
+        err["type"] = error_body("", status)["error"]["type"]
     retry = retry_after or getattr(exc, "retry_after", None)
     if status in (429, 503):
         headers["Retry-After"] = str(retry or 1)

@@ -182,3 +182,23 @@ def test_a_vector_name_with_a_trailing_newline_is_refused(served):
         r = c.put("/v1/vectors/nl-ok.1_a-b", content=body)
         assert r.status_code == 201, r.text
         assert c.delete("/v1/vectors/nl-ok.1_a-b").status_code == 200
+
+
+def test_a_field_refused_inside_the_engine_client_names_it_in_param(served):
+    """The per-prompt checks (positions, the captures' bound) run where vLLM's serving layer
+    answers them: they said "Bad Request" / "Request Entity Too Large" with ``param: null``,
+    unlike every other 400 and 413."""
+    with served.client("alice") as c:
+        r = c.post("/v1/completions", json={
+            "model": MODEL, "prompt": IDS, "max_tokens": 1,
+            "capture": [{"point": "layers.3.output", "positions": [1000]}]})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "capture[0].positions" and err["type"] == "BadRequestError"
+    assert err["message"].startswith("capture[0].positions: position 1000 is outside")
+    with served.client("queued") as c:   # (captures up to 20000 bytes)
+        r = c.post("/v1/completions", json={
+            "model": MODEL, "prompt": IDS, "max_tokens": 10,
+            "capture": [{"point": "layers.3.output", "positions": "all", "steps": "all"}]})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["type"] == "RequestEntityTooLargeError"
