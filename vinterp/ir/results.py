@@ -2,15 +2,16 @@
 
 What ``POST /v1/traces`` returns and ``remote=True`` reads. Tensors go into a single
 safetensors file (any dtype, bfloat16 too; no pickle on either side); the JSON keeps the
-shape of each save (a tensor, a list per generation step, a tuple, a number).
+shape of each save (a tensor, a list per generation step, a tuple, a number, a dtype or a
+device, as a local run returns them).
 
 Example::
 
     >>> import torch
-    >>> wire = encode_results({3: torch.ones(2), 4: [torch.zeros(1), 7]}, None)
+    >>> wire = encode_results({3: torch.ones(2), 4: [torch.zeros(1), 7], 5: torch.int8}, None)
     >>> saves, generated = decode_results(wire)
-    >>> saves[3].tolist(), saves[4][1], generated
-    ([1.0, 1.0], 7, None)
+    >>> saves[3].tolist(), saves[4][1], saves[5], generated
+    ([1.0, 1.0], 7, torch.int8, None)
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from vinterp.ir.tensors import dtype_name, torch_dtype
 
 _SCALARS = (type(None), bool, int, float, str)
 
@@ -36,8 +39,12 @@ def _pack(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return {"tuple": [_pack(v, tensors) for v in value]}
     if isinstance(value, _SCALARS):
         return {"value": value}
+    if isinstance(value, torch.dtype):   # x.dtype.save(): what a local run gives back
+        return {"dtype": dtype_name(value)}
+    if isinstance(value, torch.device):  # the server's device, as the server ran it
+        return {"device": str(value)}
     raise TypeError(f"cannot send a saved {type(value).__name__} in results; save tensors, "
-                    f"numbers, or lists/tuples of them")
+                    f"numbers, dtypes, or lists/tuples of them")
 
 
 def _unpack(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -52,6 +59,10 @@ def _unpack(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return tuple(_unpack(v, tensors) for v in inner)
     if kind == "value":
         return inner
+    if kind == "dtype":
+        return torch_dtype(inner)
+    if kind == "device":
+        return torch.device(inner)
     raise ValueError(f"malformed result value {node!r}")
 
 
@@ -59,7 +70,12 @@ def encode_results(saves: dict[int, Any], generated: list[torch.Tensor] | None
                    ) -> dict[str, Any]:
     """``{"saves": {node id: shape}, "generated": [[ids], ...] | None, "tensors": base64}``."""
     tensors: dict[str, torch.Tensor] = {}
-    tree = {str(k): _pack(v, tensors) for k, v in saves.items()}
+    tree = {}
+    for k, v in saves.items():
+        try:
+            tree[str(k)] = _pack(v, tensors)
+        except TypeError as exc:   # a bad save is the caller's: a 400 naming it, not a 500
+            raise ValueError(f"the save of node {k}: {exc}") from None
     blob = st_save(tensors) if tensors else b""
     return {"saves": tree,
             "generated": None if generated is None else [g.tolist() for g in generated],
