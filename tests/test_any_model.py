@@ -664,17 +664,7 @@ def test_a_left_padded_roberta_decoder_counts_positions_by_its_own_rule(
         intermediate_size=128, pad_token_id=1, max_position_embeddings=64,
         is_decoder=True)).eval()
     assert not attends_both_ways(net)
-    lm = vinterp.LanguageModel(net, tokenizer=tok)
-    prompts = ["The Eiffel Tower is in the city of", "Hello there"]
-    got = []
-    with lm.trace() as tracer:
-        for p in prompts:
-            with tracer.invoke(p):
-                got.append(lm.output.logits.save())
-    for p, logits in zip(prompts, got, strict=True):
-        with torch.no_grad():
-            ref = net(tok(p, return_tensors="pt").input_ids).logits
-        torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)
+    _assert_invokes_equal_each_alone(net, tok, "logits")
 
 
 @pytest.mark.parametrize("family", ["deberta", "mpnet"])
@@ -691,17 +681,23 @@ def test_encoders_without_a_causal_flag_are_padded_right(tiny_model_path: Any,
     tok = AutoTokenizer.from_pretrained(tiny_model_path("tiny-llama"))
     net = _tiny_encoder(tok, family)
     assert attends_both_ways(net)
+    _assert_invokes_equal_each_alone(net, tok, "logits")
+
+
+def _assert_invokes_equal_each_alone(net: nn.Module, tok: Any, field: str) -> None:
+    """Two prompts of different lengths in two invokes: the output's ``field`` of each
+    equals the model run on that prompt alone."""
     lm = vinterp.LanguageModel(net, tokenizer=tok)
     prompts = ["The Eiffel Tower is in the city of", "Hello there"]
     got = []
     with lm.trace() as tracer:
         for p in prompts:
             with tracer.invoke(p):
-                got.append(lm.output.logits.save())
-    for p, logits in zip(prompts, got, strict=True):
+                got.append(getattr(lm.output, field).save())
+    for p, value in zip(prompts, got, strict=True):
         with torch.no_grad():
-            ref = net(tok(p, return_tensors="pt").input_ids).logits
-        torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)
+            ref = getattr(net(tok(p, return_tensors="pt").input_ids), field)
+        torch.testing.assert_close(value, ref, rtol=0, atol=1e-5)
 
 
 def test_a_base_mamba_taken_for_an_encoder_still_equals_each_prompt_alone(
@@ -715,17 +711,7 @@ def test_a_base_mamba_taken_for_an_encoder_still_equals_each_prompt_alone(
     tok = AutoTokenizer.from_pretrained(tiny_model_path("tiny-llama"))
     net = _tiny_mamba().backbone
     assert attends_both_ways(net)
-    lm = vinterp.LanguageModel(net, tokenizer=tok)
-    prompts = ["The Eiffel Tower is in the city of", "Hello there"]
-    got = []
-    with lm.trace() as tracer:
-        for p in prompts:
-            with tracer.invoke(p):
-                got.append(lm.output.last_hidden_state.save())
-    for p, hidden in zip(prompts, got, strict=True):
-        with torch.no_grad():
-            ref = net(tok(p, return_tensors="pt").input_ids).last_hidden_state
-        torch.testing.assert_close(hidden, ref, rtol=0, atol=1e-5)
+    _assert_invokes_equal_each_alone(net, tok, "last_hidden_state")
 
 
 def test_token_type_ids_of_an_encoding_reach_the_model(tiny_model_path: Any) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -501,15 +501,21 @@ class LanguageModel:
 
     def _modules_that_run(self) -> set[str]:
         """Paths of the modules a forward calls (found with hooks on the meta model)."""
-        backend = self._scan_backend()
-        model: nn.Module = backend.model  # type: ignore[attr-defined]
+        def forward(model: nn.Module) -> None:
+            model(input_ids=torch.tensor([self._tokenize("Hello world")[0]], device="meta"))
+
+        return self._modules_run_by(forward)
+
+    def _modules_run_by(self, forward: Callable[[nn.Module], Any]) -> set[str]:
+        """Paths of the modules ``forward(meta_model)`` calls (hooks on the meta copy: no
+        weights run); every module where the meta pass cannot run."""
+        model: nn.Module = self._scan_backend().model  # type: ignore[attr-defined]
         ran: set[str] = set()
         handles = [m.register_forward_hook(lambda *a, p=p: ran.add(p))
                    for p, m in model.named_modules()]
         try:
-            ids = torch.tensor([self._tokenize("Hello world")[0]], device="meta")
             with torch.no_grad():
-                model(input_ids=ids)
+                forward(model)
         except Exception:
             ran = {p for p, _ in model.named_modules()}
         finally:

@@ -182,22 +182,12 @@ class NNsight(LanguageModel):
         return [p for p, _ in self._model.named_modules() if p in ran]
 
     def _modules_run_on(self, prompts: Sequence[tuple[tuple[int, ...], ...]]) -> set[str]:
-        """Paths of the modules a forward over these invokes' inputs calls (hooks on the meta
-        copy: no weights run); every module where the meta pass cannot run."""
-        model: nn.Module = self._scan_backend().model  # type: ignore[attr-defined]
-        ran: set[str] = set()
-        handles = [m.register_forward_hook(lambda *a, p=p: ran.add(p))
-                   for p, m in model.named_modules()]
-        try:
+        """Paths of the modules a forward over these invokes' inputs calls."""
+        def forward(model: nn.Module) -> None:
             args, kwargs = self._feed(prompts, None, torch.device("meta"))
-            with torch.no_grad():
-                model(*args, **kwargs)
-        except Exception:
-            ran = {p for p, _ in model.named_modules()}
-        finally:
-            for h in handles:
-                h.remove()
-        return ran
+            model(*args, **kwargs)
+
+        return self._modules_run_by(forward)
 
     def __repr__(self) -> str:
         return repr(self._model)

@@ -20,6 +20,23 @@ KEYS = {"alice": "sk-alice-0123456789", "bob": "sk-bob-0123456789",
 MODEL = "smollm2-135m"
 MAX_MODEL_LEN = 512
 MAX_BODY = 2 * 2**20
+#: six tokens of smollm2's vocabulary (any ids do for a trace)
+PROMPT6 = [504, 3458, 282, 260, 2260, 314]
+
+
+def layer3_trace(n_invokes: int, mode: str = "trace", generation: dict | None = None,
+                 invoke_generation: list[dict] | None = None) -> dict[str, Any]:
+    """A ``POST /v1/traces`` graph: ``n_invokes`` invokes of :data:`PROMPT6`, each saving
+    layers.3's output (``invoke_generation``: each invoke's own generation arguments)."""
+    nodes: list[dict[str, Any]] = []
+    for i in range(n_invokes):
+        nodes += [{"id": 2 * i, "op": "read", "invoke": i,
+                   "kwargs": {"module": "model.layers.3", "kind": "output"}},
+                  {"id": 2 * i + 1, "op": "save", "args": [{"ref": 2 * i}], "invoke": i}]
+    gens = invoke_generation or [{}] * n_invokes
+    return {"version": 1, "mode": mode, "nodes": nodes, "tensors": [],
+            "generation": generation or {},
+            "invokes": [{"prompts": [PROMPT6], "generation": g} for g in gens]}
 
 
 def wait_until(check: Callable[[], object], what: str, timeout: float = 60.0,

@@ -8,24 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from server_helpers import settled
+from server_helpers import PROMPT6, layer3_trace, settled
 
-#: six tokens of smollm2's vocabulary (any ids do for a trace)
-PROMPT = [504, 3458, 282, 260, 2260, 314]
-
-
-def _trace(n_invokes: int, mode: str = "trace", generation: dict | None = None,
-           invoke_generation: list[dict] | None = None) -> dict[str, Any]:
-    """A graph: ``n_invokes`` invokes of PROMPT, each saving layers.3's output."""
-    nodes = []
-    for i in range(n_invokes):
-        nodes += [{"id": 2 * i, "op": "read", "invoke": i,
-                   "kwargs": {"module": "model.layers.3", "kind": "output"}},
-                  {"id": 2 * i + 1, "op": "save", "args": [{"ref": 2 * i}], "invoke": i}]
-    gens = invoke_generation or [{}] * n_invokes
-    return {"version": 1, "mode": mode, "nodes": nodes, "tensors": [],
-            "generation": generation or {},
-            "invokes": [{"prompts": [PROMPT], "generation": g} for g in gens]}
+PROMPT, _trace = PROMPT6, layer3_trace
 
 
 def _error(r: Any) -> dict:
