@@ -27,13 +27,16 @@ from vinterp_vllm.payload import Outcome, Payload
 from vinterp_vllm.points import LOGIT_VALUES, VllmPoint, resolve_point
 
 
-def _nbytes(v: Any) -> int:
+def saved_bytes(v: Any) -> int:
+    """The bytes of the tensors in ``v`` (a save's value, a list of steps, a dict of saves):
+    what counts against a payload's ``capture_cap`` here, and against a whole request's on
+    the client side (``vinterp.backends.vllm.runs``, the server)."""
     if isinstance(v, torch.Tensor):
         return v.numel() * v.element_size()
     if isinstance(v, (list, tuple)):
-        return sum(_nbytes(x) for x in v)
+        return sum(saved_bytes(x) for x in v)
     if isinstance(v, dict):
-        return sum(_nbytes(x) for x in v.values())
+        return sum(saved_bytes(x) for x in v.values())
     return 0
 
 
@@ -362,7 +365,7 @@ class RequestState:
         for nid, saved in runner.state.saves.items():
             done = self._saves_counted.get(nid, 0)
             if len(saved) > done:
-                self._add_bytes(sum(_nbytes(s.snapshot) for s in saved[done:]))
+                self._add_bytes(sum(saved_bytes(s.snapshot) for s in saved[done:]))
                 self._saves_counted[nid] = len(saved)
 
     def finish(self, steps: int | None = None) -> Outcome:

@@ -36,6 +36,7 @@ from vinterp.ir.index import graph_index
 from vinterp.ir.schema import Graph
 from vinterp.ir.tensors import encode_tensor
 from vinterp_vllm.payload import Outcome, Payload
+from vinterp_vllm.request_state import saved_bytes
 
 
 class Job(NamedTuple):
@@ -87,18 +88,6 @@ def _pad_left(values: list[torch.Tensor]) -> list[torch.Tensor]:
             pad += [width[d - 1] - v.shape[d], 0]
         out.append(torch.nn.functional.pad(v, pad, value=float("nan")) if any(pad) else v)
     return out
-
-
-def saved_bytes(value: Any) -> int:
-    """The bytes of the tensors in ``value`` (a save's value, a list of steps, a dict of
-    saves), as the worker counts them against a payload's ``capture_cap``."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (list, tuple)):
-        return sum(saved_bytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(saved_bytes(v) for v in value.values())
-    return 0
 
 
 def over_cap_error(cap: int, total: int, what: str = "prompts") -> str:
